@@ -1,0 +1,1 @@
+"""tune-losses: memory-efficient losses for large-vocabulary language models."""
