@@ -1,0 +1,260 @@
+"""torchtune-API losses over lists of per-chunk logits (drop-in for torchtune 0.6.1).
+
+Class names and constructor / ``forward`` signatures are torchtune's, so YAML configs and recipes
+that name ``CEWithChunkedOutputLoss`` keep working. What differs (../shared/design.md, section 4):
+
+* labels are split by the sizes of the chunks actually given, not re-chunked by a count;
+* a batch with no valid token gives 0 with zero gradients, never NaN;
+* each chunk's loss is checkpointed: only the chunk itself is saved for backward and its fp32
+  upcast is recomputed there, so eager mode keeps one fp32 chunk alive, not all of them;
+* every loss also reports ``(sum, num_tokens)`` via :meth:`sum_and_count`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from tune_losses.accounting import LossSum
+from tune_losses.chunking import split_like
+from tune_losses.divergences import cross_entropy, kd_divergence
+from tune_losses.options import CEOptions, KDOptions
+from tune_losses.validation import (
+    check_chunk_list,
+    check_label_range,
+    check_labels_dtype,
+    check_paired_chunks,
+)
+
+Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _as_chunks(name: str, logits: Logits, labels: torch.Tensor) -> List[torch.Tensor]:
+    """A single ``[B, S, V]`` tensor becomes a one-chunk list; a ``[N, V]`` tensor pairs with ``[N]`` labels."""
+    if isinstance(logits, torch.Tensor):
+        if logits.dim() == 2 and labels.dim() == 1:
+            return [logits.unsqueeze(0)]
+        return [logits]
+    if not isinstance(logits, (list, tuple)):
+        raise ValueError(f"{name}: expected a list of [B, S_i, V] tensors or one tensor, got {type(logits).__name__}")
+    return list(logits)
+
+
+def _as_2d_labels(labels: torch.Tensor) -> torch.Tensor:
+    check_labels_dtype(labels)
+    if labels.dim() == 1:
+        return labels.unsqueeze(0)
+    if labels.dim() != 2:
+        raise ValueError(f"labels: expected shape [B, S] (or [N]), got {tuple(labels.shape)}")
+    return labels
+
+
+def _chunk_sum(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """Run a per-chunk loss, checkpointed when it needs a graph so its fp32 work is not kept."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return checkpoint(fn, *tensors, use_reentrant=False)
+    return fn(*tensors)
+
+
+class _ChunkedLossBase(torch.nn.Module):
+    """Shared loop: split labels like the chunks, sum per-chunk losses, count valid tokens."""
+
+    def __init__(self, num_output_chunks: int, ignore_index: int):
+        super().__init__()
+        if not isinstance(num_output_chunks, int) or num_output_chunks < 1:
+            raise ValueError(f"num_output_chunks: expected an int >= 1, got {num_output_chunks!r}")
+        self.num_output_chunks = num_output_chunks
+        self.ignore_index = ignore_index
+
+    def _reduce(self, total: torch.Tensor, labels: torch.Tensor, normalize: bool) -> torch.Tensor:
+        result = LossSum(total, (labels != self.ignore_index).sum())
+        return result.mean() if normalize else result.total
+
+
+class CEWithChunkedOutputLoss(_ChunkedLossBase):
+    """Cross-entropy over a list of logit chunks, one fp32 chunk at a time.
+
+    Args:
+        num_output_chunks: how many chunks the model is asked to emit (read by recipes; the loss
+            itself accepts whatever chunks it is given).
+        ignore_index: label value left out of the loss and of the token count.
+        label_smoothing, z_loss, softcap: see :class:`tune_losses.options.CEOptions` (not in torchtune).
+        validate: check the label range once per call (one host sync); off for speed.
+    """
+
+    def __init__(
+        self,
+        num_output_chunks: int = 8,
+        ignore_index: int = -100,
+        *,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        validate: bool = True,
+    ):
+        super().__init__(num_output_chunks, ignore_index)
+        self.opts = CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate)
+
+    def compute_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Summed cross-entropy of one flattened chunk ``[n, V]`` / ``[n]`` (torchtune's hook name)."""
+        return cross_entropy(logits, labels, self.opts).sum()
+
+    def sum_and_count(self, logits: Logits, labels: torch.Tensor) -> LossSum:
+        """``(sum of per-token CE over valid tokens, valid-token count)``.
+
+        Args:
+            logits: list of ``[B, S_i, V]`` chunks (sum of S_i = S), or one ``[B, S, V]`` tensor.
+            labels: ``[B, S]``, already shifted.
+        """
+        labels = _as_2d_labels(labels)
+        chunks = _as_chunks("logits", logits, labels)
+        vocab = check_chunk_list("logits", chunks, labels)
+        if self.opts.validate:
+            check_label_range(labels, vocab, self.ignore_index)
+        total = torch.zeros((), dtype=torch.float32, device=labels.device)
+        for chunk, lab in zip(chunks, split_like(labels, chunks)):
+            total = total + _chunk_sum(self._flat_ce, chunk, lab)
+        return LossSum(total, (labels != self.ignore_index).sum())
+
+    def _flat_ce(self, chunk: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        return self.compute_cross_entropy(chunk.reshape(-1, chunk.shape[-1]), lab.reshape(-1))
+
+    def forward(self, logits: Logits, labels: torch.Tensor) -> torch.Tensor:
+        """Mean CE over valid tokens, a 0-dim fp32 tensor (0 when no token is valid).
+
+        Args:
+            logits: list of ``[B, S_i, V]`` chunks or one ``[B, S, V]`` tensor, any float dtype.
+            labels: ``[B, S]``.
+        """
+        return self.sum_and_count(logits, labels).mean()
+
+
+class _KDLoss(_ChunkedLossBase):
+    """A distillation divergence over chunk lists (or single tensors); one fp32 chunk pair at a time."""
+
+    def __init__(self, num_output_chunks: int, opts: KDOptions):
+        super().__init__(num_output_chunks, opts.ignore_index)
+        self.opts = opts
+
+    def _flat_kd(self, s: torch.Tensor, t: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        per_token = kd_divergence(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), self.opts)
+        return torch.where(lab.reshape(-1) != self.ignore_index, per_token, 0.0).sum()
+
+    def sum_and_count(self, student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor) -> LossSum:
+        """``(sum of per-token divergence over valid tokens, valid-token count)``.
+
+        Args:
+            student_logits, teacher_logits: lists of ``[B, S_i, V]`` chunks of equal shapes, or one
+                ``[B, S, V]`` (or ``[N, V]``) tensor each. The teacher needs no grad.
+            labels: ``[B, S]`` (or ``[N]``); only their ignore mask is used.
+        """
+        labels = _as_2d_labels(labels)
+        student = _as_chunks("student_logits", student_logits, labels)
+        teacher = _as_chunks("teacher_logits", teacher_logits, labels)
+        check_chunk_list("student_logits", student, labels)
+        check_chunk_list("teacher_logits", teacher, labels)
+        check_paired_chunks(student, teacher)
+        total = torch.zeros((), dtype=torch.float32, device=labels.device)
+        for s, t, lab in zip(student, teacher, split_like(labels, student)):
+            total = total + _chunk_sum(self._flat_kd, s, t, lab)
+        return LossSum(total, (labels != self.ignore_index).sum())
+
+    def forward(
+        self, student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """Mean divergence over valid tokens (0-dim fp32; 0 when none is valid), or the sum if not ``normalize``."""
+        result = self.sum_and_count(student_logits, teacher_logits, labels)
+        return result.mean() if normalize else result.total
+
+
+# --- torchtune's chunked KD classes (same names, positional orders and defaults) plus ours -----------
+# Extras, keyword-only everywhere: temperature, scale_by_temperature_squared (see KDOptions).
+# Forward KL defaults to torchtune's logged value (-sum p log q); true_kl=True gives the KL itself.
+
+
+class ForwardKLWithChunkedOutputLoss(_KDLoss):
+    """Forward KL(p || q) over chunk lists. Default value is torchtune's ``-sum p log q``; ``true_kl=True`` for KL."""
+
+    def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *, true_kl: bool = False,
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+        super().__init__(num_output_chunks, KDOptions("forward_kl", temperature, scale_by_temperature_squared,
+                                                      true_kl=true_kl, ignore_index=ignore_index))
+
+
+class ReverseKLWithChunkedOutputLoss(_KDLoss):
+    """Reverse KL(q || p) over chunk lists."""
+
+    def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+        super().__init__(num_output_chunks, KDOptions("reverse_kl", temperature, scale_by_temperature_squared,
+                                                      ignore_index=ignore_index))
+
+
+class SymmetricKLWithChunkedOutputLoss(_KDLoss):
+    """``r * FKL + (1 - r) * RKL`` over chunk lists; FKL is torchtune's value unless ``true_kl=True``."""
+
+    def __init__(self, num_output_chunks: int = 8, sym_kd_ratio: float = 0.5, ignore_index: int = -100, *,
+                 true_kl: bool = False, temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+        super().__init__(num_output_chunks, KDOptions("symmetric_kl", temperature, scale_by_temperature_squared,
+                                                      sym_kd_ratio=sym_kd_ratio, true_kl=true_kl,
+                                                      ignore_index=ignore_index))
+        self.sym_kd_ratio = sym_kd_ratio
+
+
+class JSDWithChunkedOutputLoss(_KDLoss):
+    """Generalized JSD(beta) over chunk lists; beta 0 / 1 are forward / reverse KL (TRL's limits)."""
+
+    def __init__(self, num_output_chunks: int = 8, beta: float = 0.5, ignore_index: int = -100, *,
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+        super().__init__(num_output_chunks, KDOptions("jsd", temperature, scale_by_temperature_squared,
+                                                      beta=beta, ignore_index=ignore_index))
+        self.beta = beta
+
+
+class TVDWithChunkedOutputLoss(_KDLoss):
+    """Total variation distance ``0.5 sum |p - q|`` over chunk lists."""
+
+    def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+        super().__init__(num_output_chunks, KDOptions("tvd", temperature, scale_by_temperature_squared,
+                                                      ignore_index=ignore_index))
+
+
+# --- torchtune's unchunked classes: one [N, V] / [B, S, V] tensor per side, forward(..., normalize) -------
+
+
+class ForwardKLLoss(ForwardKLWithChunkedOutputLoss):
+    """Unchunked forward KL, torchtune's ``ForwardKLLoss(ignore_index)``; value as torchtune unless ``true_kl``."""
+
+    def __init__(self, ignore_index: int = -100, **kwargs):
+        super().__init__(1, ignore_index, **kwargs)
+
+
+class ReverseKLLoss(ReverseKLWithChunkedOutputLoss):
+    """Unchunked reverse KL, torchtune's ``ReverseKLLoss(ignore_index)``."""
+
+    def __init__(self, ignore_index: int = -100, **kwargs):
+        super().__init__(1, ignore_index, **kwargs)
+
+
+class SymmetricKLLoss(SymmetricKLWithChunkedOutputLoss):
+    """Unchunked symmetric KL, torchtune's ``SymmetricKLLoss(sym_kd_ratio, ignore_index)``."""
+
+    def __init__(self, sym_kd_ratio: float = 0.5, ignore_index: int = -100, **kwargs):
+        super().__init__(1, sym_kd_ratio, ignore_index, **kwargs)
+
+
+class JSDLoss(JSDWithChunkedOutputLoss):
+    """Unchunked generalized JSD(beta)."""
+
+    def __init__(self, beta: float = 0.5, ignore_index: int = -100, **kwargs):
+        super().__init__(1, beta, ignore_index, **kwargs)
+
+
+class TVDLoss(TVDWithChunkedOutputLoss):
+    """Unchunked total variation distance."""
+
+    def __init__(self, ignore_index: int = -100, **kwargs):
+        super().__init__(1, ignore_index, **kwargs)

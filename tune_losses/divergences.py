@@ -1,0 +1,167 @@
+"""Per-chunk loss math on fp32, knowing nothing of modules, chunk lists or reductions.
+
+Every function takes one chunk of flattened logits ``[n, V]`` (any float dtype; upcast here) and
+returns per-token values ``[n]``. Masking ignored tokens and summing is the caller's job, so the same
+math serves the chunked-output classes, the fused linear losses and the tests' references.
+
+Notation (per token, over the vocabulary): p = teacher distribution, q = student distribution.
+"""
+
+from __future__ import annotations
+
+import math
+
+from typing import Optional, Tuple
+
+import torch
+
+from tune_losses.options import CEOptions, KDOptions
+
+
+def _softcap(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, opts: CEOptions = CEOptions()) -> torch.Tensor:
+    """Token-level cross-entropy with optional label smoothing, z-loss and softcap.
+
+    Args:
+        logits: ``[n, V]`` raw logits of one chunk.
+        labels: ``[n]`` class ids; ``opts.ignore_index`` marks tokens left out.
+        opts: see :class:`CEOptions`.
+
+    Returns:
+        ``[n]`` fp32 per-token loss, exactly 0 (with 0 gradient) at ignored tokens.
+    """
+    z = _softcap(logits.float(), opts.softcap)
+    valid = labels != opts.ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    lse = torch.logsumexp(z, dim=-1)
+    loss = lse - z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    if opts.label_smoothing > 0:
+        eps = opts.label_smoothing
+        loss = (1 - eps) * loss + eps * (lse - z.mean(dim=-1))
+    if opts.z_loss > 0:
+        loss = loss + opts.z_loss * lse.square()
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def cross_entropy_with_grad(
+    logits: torch.Tensor, labels: torch.Tensor, opts: CEOptions = CEOptions()
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and its gradient with respect to the raw logits, in closed form.
+
+    The gradient is written into ``logits`` in place when it is already an fp32 tensor that
+    nothing else needs (the fused losses hand over their fresh chunk buffer), so a chunk costs one
+    ``[n, V]`` fp32 buffer, not three.
+
+    Args:
+        logits: ``[n, V]`` raw logits (a fresh buffer the caller gives up).
+        labels: ``[n]`` class ids.
+
+    Returns:
+        ``(loss [n], grad [n, V])``: fp32; both are 0 at ignored tokens. ``grad`` is
+        d loss_i / d logits_i for a unit weight per token.
+    """
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    n, vocab = z.shape
+    valid = labels != opts.ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    if opts.softcap is not None:
+        z = _softcap(z, opts.softcap) if z is not logits else z.div_(opts.softcap).tanh_().mul_(opts.softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    z_y = z.gather(-1, safe).squeeze(-1)
+    loss = lse - z_y
+    if opts.label_smoothing > 0:
+        eps = opts.label_smoothing
+        loss = (1 - eps) * loss + eps * (lse - z.mean(dim=-1))
+    if opts.z_loss > 0:
+        loss = loss + opts.z_loss * lse.square()
+    # softcap's chain rule needs tanh = z / s, read before z is overwritten by the softmax.
+    dcap = None if opts.softcap is None else 1 - (z / opts.softcap).square()
+    # d/dz: softmax * (1 + 2 c lse) - (1 - eps) onehot - eps / V
+    g = z.sub_(lse.unsqueeze(-1)).exp_()
+    if opts.z_loss > 0:
+        g.mul_((1 + 2 * opts.z_loss * lse).unsqueeze(-1))
+    g.scatter_add_(-1, safe, torch.full_like(z_y, -(1 - opts.label_smoothing)).unsqueeze(-1))
+    if opts.label_smoothing > 0:
+        g.sub_(opts.label_smoothing / vocab)
+    if dcap is not None:
+        g.mul_(dcap)
+    g.mul_(valid.unsqueeze(-1))
+    return torch.where(valid, loss, torch.zeros_like(loss)), g
+
+
+def _masked_log_softmax(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log_softmax with -inf replaced by 0, probabilities, mask of infinite logits)``.
+
+    Logits of -inf mark vocabulary entries a model masks out; their terms are taken as 0 (as
+    torchtune does) and the log-probabilities are made finite so no 0 * inf reaches autograd.
+    """
+    inf = torch.isinf(z)
+    logp = torch.log_softmax(z, dim=-1)
+    prob = logp.exp()
+    return logp.masked_fill(inf, 0.0), prob, inf
+
+
+def kd_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, opts: KDOptions = KDOptions()
+) -> torch.Tensor:
+    """Distillation divergence between teacher and student, per token.
+
+    Args:
+        student_logits: ``[n, V]`` student logits (q).
+        teacher_logits: ``[n, V]`` teacher logits (p).
+        opts: divergence, temperature (both sides divided by T, result times T^2 if enabled), ...
+
+    Returns:
+        ``[n]`` fp32 divergence per token (no ignore mask applied).
+    """
+    t = opts.temperature
+    zs = student_logits.float()
+    zt = teacher_logits.float()
+    if t != 1.0:
+        zs, zt = zs / t, zt / t
+    log_q, q, inf_s = _masked_log_softmax(zs)
+    log_p, p, inf_t = _masked_log_softmax(zt)
+
+    def forward_kl(true_kl: bool) -> torch.Tensor:
+        # torchtune zeroes the terms where the student's logit is infinite; so do we.
+        cross = (p * log_q).masked_fill(inf_s, 0.0)
+        if not true_kl:
+            return -cross.sum(-1)
+        return ((p * log_p).masked_fill(inf_s, 0.0) - cross).sum(-1)
+
+    def reverse_kl() -> torch.Tensor:
+        return (q * (log_q - log_p)).masked_fill(inf_s | inf_t, 0.0).sum(-1)
+
+    def jsd() -> torch.Tensor:
+        beta = opts.beta
+        if beta == 0.0:
+            return forward_kl(True)
+        if beta == 1.0:
+            return reverse_kl()
+        # log m = logaddexp(log p + log beta, log q + log(1 - beta)), from the unmasked log-probs.
+        log_m = torch.logaddexp(
+            torch.log_softmax(zt, -1) + math.log(beta), torch.log_softmax(zs, -1) + math.log(1 - beta)
+        )
+        log_m = log_m.masked_fill(torch.isinf(log_m), 0.0)
+        kl_p = (p * (log_p - log_m)).masked_fill(inf_t, 0.0).sum(-1)
+        kl_q = (q * (log_q - log_m)).masked_fill(inf_s, 0.0).sum(-1)
+        return beta * kl_p + (1 - beta) * kl_q
+
+    def tvd() -> torch.Tensor:
+        return 0.5 * (p - q).abs().sum(-1)
+
+    if opts.divergence == "forward_kl":
+        out = forward_kl(opts.true_kl)
+    elif opts.divergence == "reverse_kl":
+        out = reverse_kl()
+    elif opts.divergence == "symmetric_kl":
+        r = opts.sym_kd_ratio
+        out = r * forward_kl(opts.true_kl) + (1 - r) * reverse_kl()
+    elif opts.divergence == "jsd":
+        out = jsd()
+    else:
+        out = tvd()
+    return out * opts.loss_scale if opts.loss_scale != 1.0 else out
