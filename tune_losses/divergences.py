@@ -165,3 +165,44 @@ def kd_divergence(
     else:
         out = tvd()
     return out * opts.loss_scale if opts.loss_scale != 1.0 else out
+
+
+def kd_divergence_with_grad(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, opts: KDOptions, need_grad: bool = True
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Divergence per token and its gradient with respect to the raw student logits.
+
+    Used by the fused losses on fresh fp32 chunk buffers, which it may overwrite. Forward KL (the
+    usual distillation loss) has a closed form using three ``[n, V]`` buffers; the other divergences
+    differentiate :func:`kd_divergence` with autograd on the chunk.
+
+    Args:
+        student_logits: ``[n, V]`` fp32 raw student logits (buffer given up by the caller).
+        teacher_logits: ``[n, V]`` fp32 raw teacher logits (buffer given up by the caller).
+        need_grad: False skips the gradient (returns None for it).
+
+    Returns:
+        ``(divergence [n], grad [n, V] or None)`` for a unit weight per token, fp32.
+    """
+    if opts.divergence != "forward_kl" or not student_logits.dtype == teacher_logits.dtype == torch.float32:
+        if not need_grad:
+            return kd_divergence(student_logits, teacher_logits, opts), None
+        with torch.enable_grad():
+            zs = student_logits.detach().requires_grad_(True)
+            per_token = kd_divergence(zs, teacher_logits, opts)
+            (grad,) = torch.autograd.grad(per_token.sum(), zs)
+        return per_token.detach(), grad
+    # Forward KL, closed form: d/dz_raw [T^2 KL(p || q)] = T (q - p), with z = z_raw / T.
+    t = opts.temperature
+    log_q = student_logits.div_(t) if t != 1.0 else student_logits
+    log_p = teacher_logits.div_(t) if t != 1.0 else teacher_logits
+    log_q.sub_(torch.logsumexp(log_q, -1, keepdim=True))
+    log_p.sub_(torch.logsumexp(log_p, -1, keepdim=True))
+    p = log_p.exp()
+    # value: true KL = sum p (log p - log q), or torchtune's cross-entropy -sum p log q.
+    diff = log_p.sub_(log_q) if opts.true_kl else log_p.copy_(log_q).neg_()
+    per_token = torch.nan_to_num(diff.mul_(p), nan=0.0).sum(-1) * opts.loss_scale
+    if not need_grad:
+        return per_token, None
+    grad = log_q.exp_().sub_(p).mul_(opts.loss_scale / t)
+    return per_token, grad
