@@ -1,1 +1,55 @@
-"""tune-losses: memory-efficient losses for large-vocabulary language models."""
+"""tune-losses: memory-efficient losses for training and distilling large-vocabulary language models.
+
+Public API only; see the README for the map of modules.
+"""
+
+from tune_losses.accounting import (
+    LossSum,
+    all_reduce_token_count,
+    count_step_tokens,
+    count_valid_tokens,
+    megatron_loss_func,
+    normalize,
+)
+from tune_losses.chunked_output import (
+    CEWithChunkedOutputLoss,
+    ForwardKLLoss,
+    ForwardKLWithChunkedOutputLoss,
+    JSDLoss,
+    JSDWithChunkedOutputLoss,
+    ReverseKLLoss,
+    ReverseKLWithChunkedOutputLoss,
+    SymmetricKLLoss,
+    SymmetricKLWithChunkedOutputLoss,
+    TVDLoss,
+    TVDWithChunkedOutputLoss,
+)
+from tune_losses.chunking import split_like, split_tokens
+from tune_losses.fused import (
+    FusedOutput,
+    LinearCrossEntropyLoss,
+    LinearDistillationLoss,
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_kd_loss,
+)
+from tune_losses.heads import OutputProjection, configure_model_for_loss, output_projection, set_output_mode
+from tune_losses.options import CEOptions, KDOptions
+
+__all__ = [
+    # chunked-output losses (torchtune API)
+    "CEWithChunkedOutputLoss", "ForwardKLWithChunkedOutputLoss", "ReverseKLWithChunkedOutputLoss",
+    "SymmetricKLWithChunkedOutputLoss", "JSDWithChunkedOutputLoss", "TVDWithChunkedOutputLoss",
+    "ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss", "JSDLoss", "TVDLoss",
+    # fused linear losses
+    "linear_cross_entropy", "linear_kd_loss", "linear_distillation_loss", "FusedOutput",
+    "LinearCrossEntropyLoss", "LinearDistillationLoss",
+    # model side
+    "OutputProjection", "output_projection", "set_output_mode", "configure_model_for_loss",
+    "split_tokens", "split_like",
+    # accounting
+    "LossSum", "normalize", "count_valid_tokens", "count_step_tokens", "all_reduce_token_count",
+    "megatron_loss_func",
+    # options
+    "CEOptions", "KDOptions",
+]

@@ -16,10 +16,14 @@ import torch.distributed as dist
 
 
 class LossSum(NamedTuple):
-    """A loss's sum over valid tokens (0-dim fp32, in the autograd graph) and their count (0-dim int64)."""
+    """A loss's sum over valid tokens (0-dim fp32, in the autograd graph) and their count (0-dim int64).
+
+    ``parts`` optionally names detached partial sums for logging (distillation: class_loss, kd_loss).
+    """
 
     total: torch.Tensor
     num_tokens: torch.Tensor
+    parts: Optional[Dict[str, torch.Tensor]] = None
 
     def mean(self) -> torch.Tensor:
         """``total / num_tokens``; 0 (with zero gradients) when there is no valid token."""

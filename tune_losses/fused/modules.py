@@ -1,0 +1,110 @@
+"""``nn.Module`` wrappers of the fused linear losses, for recipes and YAML ``_component_``s.
+
+Both follow torchtune's SFTLoss protocol: ``set_model_output(model)`` takes the model's output
+projection and switches the model to return hidden states; ``forward`` then takes hidden states.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from tune_losses.accounting import LossSum
+from tune_losses.fused.functional import FusedOutput, linear_cross_entropy, linear_distillation_loss
+from tune_losses.heads import OutputProjection, set_output_mode
+
+
+def _require(proj: Optional[OutputProjection], who: str) -> OutputProjection:
+    if proj is None:
+        raise ValueError(f"{who}: no output projection; call set_model_output(model) first (or pass weight=)")
+    return proj
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Fused linear cross-entropy as a module.
+
+    Args:
+        ignore_index, label_smoothing, z_loss, softcap, chunk_size, algorithm, validate: as
+            :func:`tune_losses.linear_cross_entropy`.
+
+    Usage::
+
+        loss_fn = LinearCrossEntropyLoss()
+        loss_fn.set_model_output(model)          # model now returns hidden states [B, S, H]
+        loss = loss_fn(model(tokens), labels)     # mean over valid tokens
+    """
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, chunk_size: Optional[int] = None, algorithm: str = "auto",
+                 validate: bool = True):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                           softcap=softcap, chunk_size=chunk_size, algorithm=algorithm, validate=validate)
+        self.projection: Optional[OutputProjection] = None
+
+    def set_model_output(self, model: nn.Module) -> None:
+        """Take ``model``'s output projection and make the model return hidden states."""
+        self.projection = set_output_mode(model, "hidden")
+
+    def sum_and_count(self, hidden: torch.Tensor, labels: torch.Tensor) -> LossSum:
+        """``(summed CE over valid tokens, valid-token count)``. hidden ``[B, S, H]``, labels ``[B, S]``."""
+        proj = _require(self.projection, type(self).__name__)
+        total = linear_cross_entropy(hidden, proj.weight, labels, bias=proj.bias, reduction="sum", **self.kwargs)
+        return LossSum(total, (labels != self.ignore_index).sum())
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean CE over valid tokens (0-dim fp32; 0 when none)."""
+        return self.sum_and_count(hidden, labels).mean()
+
+
+class LinearDistillationLoss(nn.Module):
+    """``(1 - kd_ratio) * CE + kd_ratio * KD`` from student and teacher hidden states, fused.
+
+    Args:
+        kd_ratio: weight of the distillation term, in [0, 1].
+        divergence, temperature, beta, sym_kd_ratio, scale_by_temperature_squared: see
+            :class:`tune_losses.options.KDOptions` (true divergences).
+        ignore_index, label_smoothing, chunk_size, algorithm, validate: as the CE loss.
+
+    ``sum_and_count`` reports the parts (detached sums) as ``parts={"class_loss", "kd_loss"}`` for logging.
+    """
+
+    def __init__(self, kd_ratio: float = 0.5, divergence: str = "forward_kl", temperature: float = 1.0,
+                 beta: float = 0.5, sym_kd_ratio: float = 0.5, scale_by_temperature_squared: bool = True,
+                 ignore_index: int = -100, label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
+                 algorithm: str = "auto", validate: bool = True):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.kd_ratio = kd_ratio
+        self.kwargs = dict(kd_ratio=kd_ratio, divergence=divergence, temperature=temperature, beta=beta,
+                           sym_kd_ratio=sym_kd_ratio, scale_by_temperature_squared=scale_by_temperature_squared,
+                           ignore_index=ignore_index, label_smoothing=label_smoothing, chunk_size=chunk_size,
+                           algorithm=algorithm, validate=validate)
+        self.projection: Optional[OutputProjection] = None
+        self.teacher_projection: Optional[OutputProjection] = None
+
+    def set_model_output(self, model: nn.Module) -> None:
+        """Take the student's output projection and make it return hidden states."""
+        self.projection = set_output_mode(model, "hidden")
+
+    def set_teacher_output(self, teacher: nn.Module) -> None:
+        """Take the teacher's output projection and make it return hidden states."""
+        self.teacher_projection = set_output_mode(teacher, "hidden")
+
+    def fused(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
+              reduction: str = "mean") -> FusedOutput:
+        s = _require(self.projection, type(self).__name__)
+        t = _require(self.teacher_projection, type(self).__name__ + " (teacher)")
+        return linear_distillation_loss(student_hidden, s.weight, teacher_hidden, t.weight, labels,
+                                        student_bias=s.bias, teacher_bias=t.bias, reduction=reduction, **self.kwargs)
+
+    def sum_and_count(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor) -> LossSum:
+        out = self.fused(student_hidden, teacher_hidden, labels, reduction="sum")
+        return LossSum(out.loss, out.num_tokens, {"class_loss": out.ce, "kd_loss": out.kd})
+
+    def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean total loss over valid tokens. student ``[B, S, Hs]``, teacher ``[B, S, Ht]``, labels ``[B, S]``."""
+        return self.fused(student_hidden, teacher_hidden, labels).loss

@@ -1,0 +1,155 @@
+"""Model side: make any LM's output projection emit logit chunks or hand over its hidden states.
+
+Modes (:func:`set_output_mode`):
+
+* ``"logits"``: the model as built.
+* ``"chunks"``: the final hidden states are split with :func:`tune_losses.chunking.split_tokens` and
+  projected chunk by chunk: the model returns a list of ``[B, S_i, V]`` logits for the
+  chunked-output losses.
+* ``"hidden"``: the model returns its final (normed) hidden states ``[B, S, H]`` and the fused
+  linear losses apply the projection themselves (:class:`OutputProjection` gives them its weight).
+
+Works on a torchtune ``TransformerDecoder`` (its ``unembed`` is overridden on the instance, so the
+split is ours, not torchtune 0.6.1's ``.chunk``), on any module with an ``lm_head`` or ``output``
+projection (Hugging Face style or plain PyTorch; its ``forward`` is overridden on the instance), with
+tied embeddings (torchtune's ``TiedLinear``, or an ``lm_head`` sharing the embedding's parameter) and
+with FSDP2-sharded weights. Module names and ``state_dict`` keys never change, so checkpoints load
+and save as before.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+
+from tune_losses.chunking import split_tokens
+
+MODES = ("logits", "chunks", "hidden")
+_HEAD_NAMES = ("lm_head", "output")
+
+
+class OutputProjection:
+    """A live handle on a model's output projection ``logits = h @ weight.T + bias``.
+
+    ``weight`` is looked up on every access, so it follows tied embeddings and FSDP2's swapping of
+    sharded and unsharded parameters. Under FSDP2, outside the model's forward it is a sharded
+    DTensor; the fused losses gather it once per call.
+    """
+
+    def __init__(self, head):
+        self.head = head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        tied = getattr(self.head, "tied_module", None)  # torchtune's TiedLinear
+        return tied.weight if tied is not None else self.head.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        if getattr(self.head, "tied_module", None) is not None:
+            return None
+        return getattr(self.head, "bias", None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+
+def _is_torchtune_decoder(model: nn.Module) -> bool:
+    try:
+        from torchtune.modules import TransformerDecoder
+    except ImportError:  # torchtune is optional for plain PyTorch users
+        return False
+    return isinstance(model, TransformerDecoder)
+
+
+def _find_head(model: nn.Module):
+    for name in _HEAD_NAMES:
+        head = getattr(model, name, None)
+        if head is not None and (hasattr(head, "weight") or hasattr(head, "tied_module")):
+            return head
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise ValueError(
+            f"model: expected a torchtune TransformerDecoder or a module with an `lm_head` / `output` projection "
+            f"(or get_output_embeddings()), got {type(model).__name__} with none"
+        )
+    return head
+
+
+def output_projection(model: nn.Module) -> OutputProjection:
+    """The model's output projection as an :class:`OutputProjection`."""
+    return OutputProjection(model.output if _is_torchtune_decoder(model) else _find_head(model))
+
+
+def set_output_mode(model: nn.Module, mode: str, num_output_chunks: int = 0) -> OutputProjection:
+    """Switch what ``model(...)`` returns at its output: full logits, logit chunks or hidden states.
+
+    Args:
+        model: torchtune ``TransformerDecoder``, or a module with an ``lm_head`` / ``output`` head.
+        mode: ``"logits"``, ``"chunks"`` (needs ``num_output_chunks >= 1``) or ``"hidden"``.
+        num_output_chunks: chunk count for ``"chunks"``.
+
+    Returns:
+        The model's :class:`OutputProjection` (the fused losses read its weight and bias).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if mode == "chunks" and (not isinstance(num_output_chunks, int) or num_output_chunks < 1):
+        raise ValueError(f"num_output_chunks: expected an int >= 1 for mode='chunks', got {num_output_chunks!r}")
+    proj = output_projection(model)
+    if _is_torchtune_decoder(model):
+        _set_decoder_mode(model, mode, num_output_chunks)
+    else:
+        _set_head_mode(proj.head, mode, num_output_chunks)
+    return proj
+
+
+def _set_decoder_mode(model: nn.Module, mode: str, n: int) -> None:
+    # Instance attributes shadow TransformerDecoder.unembed; deleting them restores torchtune's.
+    model.__dict__.pop("unembed", None)
+    model.num_output_chunks = n if mode == "chunks" else 0
+    if mode == "chunks":
+        def unembed(h: torch.Tensor) -> List[torch.Tensor]:
+            return [model.output(c) for c in split_tokens(model.norm(h), n)]
+        model.unembed = unembed
+    elif mode == "hidden":
+        model.unembed = lambda h: model.norm(h)
+
+
+def _set_head_mode(head, mode: str, n: int) -> None:
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"model: its output head must be an nn.Module to switch modes, got {type(head).__name__}")
+    head.__dict__.pop("forward", None)
+    original = head.forward
+    if mode == "chunks":
+        head.forward = lambda h: [original(c) for c in split_tokens(h, n)]
+    elif mode == "hidden":
+        head.forward = lambda h: h
+
+
+def configure_model_for_loss(model: nn.Module, loss: nn.Module) -> str:
+    """Put ``model`` in the output mode ``loss`` consumes, judged by what the loss is, not its name.
+
+    * a loss with ``set_model_output(model)`` (fused linear losses; torchtune's SFTLoss protocol)
+      takes the projection and switches the model to hidden states;
+    * a loss with ``num_output_chunks >= 1`` (chunked-output losses, ours or torchtune's) gets chunks;
+    * anything else gets full logits.
+
+    Returns:
+        The mode chosen.
+    """
+    if callable(getattr(loss, "set_model_output", None)):
+        loss.set_model_output(model)
+        return "hidden"
+    n = getattr(loss, "num_output_chunks", 0)
+    if isinstance(n, int) and n >= 1:
+        set_output_mode(model, "chunks", n)
+        return "chunks"
+    set_output_mode(model, "logits")
+    return "logits"
+
+
+Output = Union[torch.Tensor, List[torch.Tensor]]
