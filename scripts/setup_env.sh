@@ -10,5 +10,15 @@ fi
 # torch==2.13.0 is pinned in pyproject.toml; pip takes the local CPU wheel for it.
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 \
   | grep -v -E "is ignored: it is neither a file nor a directory" || true
+# `tune run recipes/x.py` imports our recipes as `recipes.x`, but torchtune ships its own top-level
+# `recipes` package: put the repository root first on the import path whenever this venv is active,
+# and keep Hugging Face libraries offline (nothing here downloads).
+if ! grep -q "tune-losses" .venv/bin/activate; then
+  cat >> .venv/bin/activate <<ACT
+# tune-losses: repository root first on the import path; no hub access
+export PYTHONPATH="$PWD\${PYTHONPATH:+:\$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+ACT
+fi
 .venv/bin/python -c "import torch, torchtune, tune_losses" 2>/dev/null \
   || { echo "setup_env: install failed" >&2; exit 1; }

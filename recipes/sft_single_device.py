@@ -1,0 +1,34 @@
+"""Supervised fine-tuning, single device: a thin entry point over recipes/train_loop.py.
+
+    tune run recipes/sft_single_device.py --config configs/tiny/sft.yaml
+
+Any loss is chosen by YAML `loss._component_`; see train_loop.LossRecipe for the config keys.
+"""
+
+import os
+import sys
+
+# `tune run` executes this file by path; make its sibling modules importable (torchtune ships its own
+# top-level `recipes` package, so we import our modules by their own names, not as recipes.*).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from omegaconf import DictConfig  # noqa: E402
+from torchtune import config  # noqa: E402
+
+from train_loop import LossRecipe, run  # noqa: E402
+
+
+class SFTRecipeSingleDevice(LossRecipe):
+    """Supervised fine-tuning recipe (single device): setup / train / save_checkpoint / cleanup from LossRecipe."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__(cfg, task="sft", distributed=False)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    run(SFTRecipeSingleDevice, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
