@@ -1,0 +1,102 @@
+"""The four recipes end to end on the tiny offline default, launched as users launch them (`tune run`).
+
+Marked slow (each run pays torchtune's ~10 s import); the 2-rank ones also distributed. CI runs both.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNE = str(Path(sys.executable).with_name("tune"))
+
+pytestmark = pytest.mark.slow
+
+
+def tune_run(recipe: str, config: str, out: Path, *overrides: str, nproc: int = 1) -> dict:
+    """Run a recipe; return {step: {metric: value}} parsed from the DiskLogger file."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+    dist = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = [TUNE, "run", *dist, f"recipes/{recipe}.py", "--config", f"configs/tiny/{config}.yaml",
+           f"output_dir={out}", "log_loss_memory=false", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return read_metrics(out / "logs" / "metrics.txt")
+
+
+def read_metrics(path: Path) -> dict:
+    steps = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"Step (\d+) \| (.*)", line)
+        if m:
+            steps.setdefault(int(m.group(1)), {}).update(
+                {k: float(v) for k, v in (kv.split(":") for kv in m.group(2).split())})
+    return steps
+
+
+SHORT = ["shuffle=false", "max_steps_per_epoch=2", "epochs=1", "clip_grad_norm=1000.0",
+         "lr_scheduler.num_warmup_steps=0", "tokenizer.max_seq_len=64"]
+
+
+def _assert_same_first_steps(runs: dict, keys=("loss", "grad_norm")):
+    ref_name, ref = next(iter(runs.items()))
+    for name, run in runs.items():
+        for step in (1, 2):
+            for k in keys:
+                a, b = ref[step][k], run[step][k]
+                assert abs(a - b) <= 1e-4 * abs(a), f"step {step} {k}: {ref_name}={a} vs {name}={b}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("task", ["sft", "kd"])
+def test_exact_normalization_across_accumulation_and_ranks(task, tmp_path, tiny_assets):
+    """batch 4 == batch 2 x 2 accumulation == 2 ranks x batch 2: same loss and grad_norm, steps 1-2."""
+    single, dist_ = f"{task}_single_device", f"{task}_distributed"
+    runs = {
+        "batch4": tune_run(single, task, tmp_path / "a", *SHORT, "batch_size=4"),
+        "batch2x2": tune_run(single, task, tmp_path / "b", *SHORT, "batch_size=2", "gradient_accumulation_steps=2"),
+        "2ranks": tune_run(dist_, task, tmp_path / "c", *SHORT, "batch_size=2", nproc=2),
+    }
+    keys = ("loss", "grad_norm") + (("class_loss", "kd_loss") if task == "kd" else ())
+    _assert_same_first_steps(runs, keys)
+
+
+def test_sft_loss_goes_down(tmp_path, tiny_assets):
+    m = tune_run("sft_single_device", "sft", tmp_path, "max_steps_per_epoch=12", "epochs=1",
+                 "tokenizer.max_seq_len=64", "optimizer.lr=1e-2", "lr_scheduler.num_warmup_steps=0")
+    first, last = m[1]["loss"], min(m[s]["loss"] for s in (10, 11, 12))
+    assert last < first - 0.5, (first, last)
+    assert all(k in m[1] for k in ("loss", "grad_norm", "lr", "tokens_per_second_per_rank"))
+
+
+def test_kd_chunked_losses_and_lora_student(tmp_path, tiny_assets):
+    """KD with torchtune-style chunked losses, a LoRA student and temperature: runs, logs both parts."""
+    m = tune_run("kd_single_device", "kd", tmp_path, "max_steps_per_epoch=8", "epochs=1",
+                 "tokenizer.max_seq_len=64", "optimizer.lr=1e-2", "lr_scheduler.num_warmup_steps=0",
+                 "loss._component_=tune_losses.CEWithChunkedOutputLoss", "~loss.kd_ratio", "~loss.divergence",
+                 "~loss.temperature", "+loss.num_output_chunks=4", "kd_loss.temperature=2.0",
+                 "model._component_=tune_losses.tiny.lora_tiny_student", "+model.lora_attn_modules=[q_proj,v_proj]",
+                 "+model.lora_rank=8", "+model.lora_alpha=16")
+    assert m[8]["loss"] < m[1]["loss"]
+    for step in m.values():
+        if "loss" in step:
+            expect = 0.5 * step["class_loss"] + 0.5 * step["kd_loss"]
+            assert abs(step["loss"] - expect) < 1e-4 * abs(expect)
+    assert (tmp_path / "epoch_0" / "model-00001-of-00001.bin").exists()
+
+
+@pytest.mark.parametrize("task", ["sft", "kd"])
+def test_resume_matches_uninterrupted_run(task, tmp_path, tiny_assets):
+    common = ["max_steps_per_epoch=3", "epochs=2", "tokenizer.max_seq_len=64", "save_every_n_steps=2"]
+    full = tune_run(f"{task}_single_device", task, tmp_path / "full", *common)
+    tune_run(f"{task}_single_device", task, tmp_path / "cut", *common, "stop_after_steps=4")
+    cut = tune_run(f"{task}_single_device", task, tmp_path / "cut", *common, "resume_from_checkpoint=true")
+    assert sorted(s for s in cut if s > 0) == list(range(1, 7))
+    for step in (5, 6):
+        for k in ("loss", "grad_norm"):
+            assert abs(full[step][k] - cut[step][k]) <= 1e-5 * abs(full[step][k]), (step, k, full[step], cut[step])
