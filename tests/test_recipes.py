@@ -79,9 +79,9 @@ def test_kd_chunked_losses_and_lora_student(tmp_path, tiny_assets):
     m = tune_run("kd_single_device", "kd", tmp_path, "max_steps_per_epoch=8", "epochs=1",
                  "tokenizer.max_seq_len=64", "optimizer.lr=1e-2", "lr_scheduler.num_warmup_steps=0",
                  "loss._component_=tune_losses.CEWithChunkedOutputLoss", "~loss.kd_ratio", "~loss.divergence",
-                 "~loss.temperature", "+loss.num_output_chunks=4", "kd_loss.temperature=2.0",
-                 "model._component_=tune_losses.tiny.lora_tiny_student", "+model.lora_attn_modules=[q_proj,v_proj]",
-                 "+model.lora_rank=8", "+model.lora_alpha=16")
+                 "~loss.temperature", "loss.num_output_chunks=4", "kd_loss.temperature=2.0",
+                 "model._component_=tune_losses.tiny.lora_tiny_student", "model.lora_attn_modules=[q_proj,v_proj]",
+                 "model.lora_rank=8", "model.lora_alpha=16")
     assert m[8]["loss"] < m[1]["loss"]
     for step in m.values():
         if "loss" in step:
