@@ -32,9 +32,15 @@ Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def _as_chunks(name: str, logits: Logits, labels: torch.Tensor) -> List[torch.Tensor]:
-    """A single ``[B, S, V]`` tensor becomes a one-chunk list; a ``[N, V]`` tensor pairs with ``[N]`` labels."""
+    """A single ``[B, S, V]`` tensor becomes a one-chunk list; a ``[N, V]`` tensor a ``[1, N, V]`` chunk.
+
+    ``labels`` have been through :func:`_as_2d_labels` (with ``logits`` as ``like``) already, so
+    ``[N, V]`` logits meet ``[1, N]`` labels here.
+    """
     if isinstance(logits, torch.Tensor):
-        if logits.dim() == 2 and labels.dim() == 1:
+        # Fix: the old test ``labels.dim() == 1`` never held (labels are made 2-D before this call),
+        # so the unchunked torchtune calling convention ([N, V] logits, [N] labels) raised.
+        if logits.dim() == 2:
             return [logits.unsqueeze(0)]
         return [logits]
     if not isinstance(logits, (list, tuple)):
@@ -42,8 +48,12 @@ def _as_chunks(name: str, logits: Logits, labels: torch.Tensor) -> List[torch.Te
     return list(logits)
 
 
-def _as_2d_labels(labels: torch.Tensor) -> torch.Tensor:
+def _as_2d_labels(labels: torch.Tensor, like: Optional[Logits] = None) -> torch.Tensor:
     check_labels_dtype(labels)
+    if isinstance(like, torch.Tensor) and like.dim() == 2 and labels.numel() == like.shape[0]:
+        # [N, V] logits pair with the N labels in any shape: [N], or the [B, S] (B * S = N) that
+        # torchtune 0.6.1's unchunked KD losses document and flatten.
+        return labels.reshape(1, -1)
     if labels.dim() == 1:
         return labels.unsqueeze(0)
     if labels.dim() != 2:
@@ -108,7 +118,7 @@ class CEWithChunkedOutputLoss(_ChunkedLossBase):
             logits: list of ``[B, S_i, V]`` chunks (sum of S_i = S), or one ``[B, S, V]`` tensor.
             labels: ``[B, S]``, already shifted.
         """
-        labels = _as_2d_labels(labels)
+        labels = _as_2d_labels(labels, like=logits)
         chunks = _as_chunks("logits", logits, labels)
         vocab = check_chunk_list("logits", chunks, labels)
         if self.opts.validate:
@@ -150,14 +160,14 @@ class _KDLoss(_ChunkedLossBase):
                 ``[B, S, V]`` (or ``[N, V]``) tensor each. The teacher needs no grad.
             labels: ``[B, S]`` (or ``[N]``); only their ignore mask is used.
         """
-        labels = _as_2d_labels(labels)
+        labels = _as_2d_labels(labels, like=student_logits)
         student = _as_chunks("student_logits", student_logits, labels)
         teacher = _as_chunks("teacher_logits", teacher_logits, labels)
         check_chunk_list("student_logits", student, labels)
         check_chunk_list("teacher_logits", teacher, labels)
         check_paired_chunks(student, teacher)
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
-        for s, t, lab in zip(student, teacher, split_like(labels, student)):
+        for s, t, lab in zip(student, teacher, split_like(labels, student, name="student_logits")):
             total = total + _chunk_sum(self._flat_kd, s, t, lab)
         return LossSum(total, (labels != self.ignore_index).sum())
 

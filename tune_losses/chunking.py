@@ -37,16 +37,23 @@ def chunk_sizes(chunks: Sequence[torch.Tensor], dim: int = 1) -> List[int]:
     return [int(c.shape[dim]) for c in chunks]
 
 
-def split_like(x: torch.Tensor, chunks: Sequence[torch.Tensor], dim: int = 1) -> List[torch.Tensor]:
+def split_like(
+    x: torch.Tensor, chunks: Sequence[torch.Tensor], dim: int = 1, *, name: str = "logits"
+) -> List[torch.Tensor]:
     """Split ``x`` along ``dim`` into pieces the sizes of ``chunks`` along the same ``dim``.
+
+    Args:
+        name: the caller's argument that holds ``chunks``, for the error message
+            (e.g. ``"student_logits"``).
 
     Raises:
         ValueError: if the chunk sizes do not add up to ``x.size(dim)``.
     """
     sizes = chunk_sizes(chunks, dim)
     if sum(sizes) != x.shape[dim]:
+        # Fix: the message used to say "logits chunks" for every caller; it now names the argument.
         raise ValueError(
-            f"logits chunks: expected sizes along dim {dim} adding up to labels' {x.shape[dim]} "
+            f"{name}: expected chunk sizes along dim {dim} adding up to labels' {x.shape[dim]} "
             f"tokens, got chunk sizes {sizes} (sum {sum(sizes)})"
         )
     return list(torch.split(x, sizes, dim=dim))

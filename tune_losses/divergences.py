@@ -142,10 +142,13 @@ def kd_divergence(
         if beta == 1.0:
             return reverse_kl()
         # log m = logaddexp(log p + log beta, log q + log(1 - beta)), from the unmasked log-probs.
-        log_m = torch.logaddexp(
-            torch.log_softmax(zt, -1) + math.log(beta), torch.log_softmax(zs, -1) + math.log(1 - beta)
-        )
-        log_m = log_m.masked_fill(torch.isinf(log_m), 0.0)
+        a = torch.log_softmax(zt, -1) + math.log(beta)
+        b = torch.log_softmax(zs, -1) + math.log(1 - beta)
+        # Fix: where both sides are -inf (a masked vocabulary entry), logaddexp's backward is
+        # exp(-inf - (-inf)) = NaN, and masking its output afterwards does not stop that NaN
+        # (0 * NaN). Feed it finite stand-ins there and mask the result.
+        both = torch.isinf(a) & torch.isinf(b)
+        log_m = torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)).masked_fill(both, 0.0)
         kl_p = (p * (log_p - log_m)).masked_fill(inf_t, 0.0).sum(-1)
         kl_q = (q * (log_q - log_m)).masked_fill(inf_s, 0.0).sum(-1)
         return beta * kl_p + (1 - beta) * kl_q
