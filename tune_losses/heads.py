@@ -19,6 +19,7 @@ and save as before.
 
 from __future__ import annotations
 
+import types
 from typing import List, Optional, Union
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from tune_losses.chunking import split_tokens
 
 MODES = ("logits", "chunks", "hidden")
+SPLITS = ("tensor_split", "chunk")
 _HEAD_NAMES = ("lm_head", "output")
 
 
@@ -84,13 +86,17 @@ def output_projection(model: nn.Module) -> OutputProjection:
     return OutputProjection(model.output if _is_torchtune_decoder(model) else _find_head(model))
 
 
-def set_output_mode(model: nn.Module, mode: str, num_output_chunks: int = 0) -> OutputProjection:
+def set_output_mode(model: nn.Module, mode: str, num_output_chunks: int = 0, *,
+                    split: str = "tensor_split") -> OutputProjection:
     """Switch what ``model(...)`` returns at its output: full logits, logit chunks or hidden states.
 
     Args:
         model: torchtune ``TransformerDecoder``, or a module with an ``lm_head`` / ``output`` head.
         mode: ``"logits"``, ``"chunks"`` (needs ``num_output_chunks >= 1``) or ``"hidden"``.
         num_output_chunks: chunk count for ``"chunks"``.
+        split: how ``"chunks"`` cuts the tokens: ``"tensor_split"`` (:func:`split_tokens`; our losses
+            accept any split) or ``"chunk"`` (``Tensor.chunk``, torchtune 0.6.1's own split, which
+            torchtune's chunked-output losses assume when they re-split the labels).
 
     Returns:
         The model's :class:`OutputProjection` (the fused losses read its weight and bias).
@@ -99,35 +105,60 @@ def set_output_mode(model: nn.Module, mode: str, num_output_chunks: int = 0) -> 
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if mode == "chunks" and (not isinstance(num_output_chunks, int) or num_output_chunks < 1):
         raise ValueError(f"num_output_chunks: expected an int >= 1 for mode='chunks', got {num_output_chunks!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     proj = output_projection(model)
     if _is_torchtune_decoder(model):
-        _set_decoder_mode(model, mode, num_output_chunks)
+        _set_decoder_mode(model, mode, num_output_chunks, split)
     else:
-        _set_head_mode(proj.head, mode, num_output_chunks)
+        _set_head_mode(proj.head, mode, num_output_chunks, split)
     return proj
 
 
-def _set_decoder_mode(model: nn.Module, mode: str, n: int) -> None:
+# Fix: the overrides used to be closures over the model / head, so ``copy.deepcopy(model)`` (an EMA,
+# reference or frozen copy) gave a copy whose output still ran the *original* model's norm and
+# projection, silently. Bound methods (types.MethodType) are rebound to the copy by deepcopy.
+def _decoder_unembed_chunks(self, h: torch.Tensor) -> List[torch.Tensor]:
+    return [self.output(c) for c in split_tokens(self.norm(h), self.num_output_chunks)]
+
+
+def _decoder_unembed_hidden(self, h: torch.Tensor) -> torch.Tensor:
+    return self.norm(h)
+
+
+def _head_forward_chunks(self, h: torch.Tensor) -> List[torch.Tensor]:
+    forward = type(self).forward
+    n = self._tune_losses_num_output_chunks
+    parts = h.chunk(n, dim=1) if self._tune_losses_split == "chunk" else split_tokens(h, n)
+    return [forward(self, c) for c in parts]
+
+
+def _head_forward_hidden(self, h: torch.Tensor) -> torch.Tensor:
+    return h
+
+
+def _set_decoder_mode(model: nn.Module, mode: str, n: int, split: str = "tensor_split") -> None:
     # Instance attributes shadow TransformerDecoder.unembed; deleting them restores torchtune's.
     model.__dict__.pop("unembed", None)
     model.num_output_chunks = n if mode == "chunks" else 0
+    if mode == "chunks" and split == "chunk":
+        return  # torchtune's own unembed: chunked_output with .chunk
     if mode == "chunks":
-        def unembed(h: torch.Tensor) -> List[torch.Tensor]:
-            return [model.output(c) for c in split_tokens(model.norm(h), n)]
-        model.unembed = unembed
+        model.unembed = types.MethodType(_decoder_unembed_chunks, model)
     elif mode == "hidden":
-        model.unembed = lambda h: model.norm(h)
+        model.unembed = types.MethodType(_decoder_unembed_hidden, model)
 
 
-def _set_head_mode(head, mode: str, n: int) -> None:
+def _set_head_mode(head, mode: str, n: int, split: str = "tensor_split") -> None:
     if not isinstance(head, nn.Module):
         raise ValueError(f"model: its output head must be an nn.Module to switch modes, got {type(head).__name__}")
     head.__dict__.pop("forward", None)
-    original = head.forward
     if mode == "chunks":
-        head.forward = lambda h: [original(c) for c in split_tokens(h, n)]
+        head._tune_losses_num_output_chunks = n
+        head._tune_losses_split = split
+        head.forward = types.MethodType(_head_forward_chunks, head)
     elif mode == "hidden":
-        head.forward = lambda h: h
+        head.forward = types.MethodType(_head_forward_hidden, head)
 
 
 def configure_model_for_loss(model: nn.Module, loss: nn.Module) -> str:
@@ -136,6 +167,7 @@ def configure_model_for_loss(model: nn.Module, loss: nn.Module) -> str:
     * a loss with ``set_model_output(model)`` (fused linear losses; torchtune's SFTLoss protocol)
       takes the projection and switches the model to hidden states;
     * a loss with ``num_output_chunks >= 1`` (chunked-output losses, ours or torchtune's) gets chunks;
+      torchtune's own classes get them cut with ``Tensor.chunk``, the split they assume;
     * anything else gets full logits.
 
     Returns:
@@ -146,10 +178,24 @@ def configure_model_for_loss(model: nn.Module, loss: nn.Module) -> str:
         return "hidden"
     n = getattr(loss, "num_output_chunks", 0)
     if isinstance(n, int) and n >= 1:
-        set_output_mode(model, "chunks", n)
+        # Fix: torchtune 0.6.1's chunked-output losses re-split the labels with ``.chunk(n)`` and zip
+        # them with the logit chunks; our tensor_split chunks made them raise a shape error (or, where
+        # ``.chunk`` gives fewer chunks, drop tokens) whenever S % n != 0. Give them their own split.
+        split = "chunk" if _is_torchtune_chunked_loss(loss) else "tensor_split"
+        set_output_mode(model, "chunks", n, split=split)
         return "chunks"
     set_output_mode(model, "logits")
     return "logits"
+
+
+def _is_torchtune_chunked_loss(loss: nn.Module) -> bool:
+    """Whether ``loss`` is (a subclass of) one of torchtune's chunked-output losses."""
+    try:
+        from torchtune.modules import loss as tt_loss
+    except ImportError:  # torchtune is optional
+        return False
+    classes = tuple(getattr(tt_loss, name) for name in dir(tt_loss) if name.endswith("WithChunkedOutputLoss"))
+    return isinstance(loss, classes)
 
 
 Output = Union[torch.Tensor, List[torch.Tensor]]

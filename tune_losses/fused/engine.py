@@ -81,6 +81,7 @@ def chunk_pass(
     spec: FusedSpec,
     token_weight: Optional[torch.Tensor],
     need: Tuple[bool, bool, bool],
+    grad_scale: Optional[torch.Tensor] = None,
 ):
     """One pass over all token chunks.
 
@@ -91,6 +92,8 @@ def chunk_pass(
         token_weight: ``[N]`` fp32 gradient weight per token (``grad_output`` of ``reduction="none"``),
             or None for weight 1.
         need: which of (dx, dw, db) to compute.
+        grad_scale: 0-dim fp32 factor applied to every gradient while still in fp32 (the
+            ``1 / num_tokens`` of ``reduction="mean"``), or None.
 
     Returns:
         ``(ce [N] fp32 or None, kd [N] fp32 or None, dx, dw, db)``; per-token values are 0 at
@@ -132,12 +135,24 @@ def chunk_pass(
             continue
         if token_weight is not None:
             g.mul_(token_weight[start:end].unsqueeze(-1))
+        if grad_scale is not None:
+            # Fix (precision): scale in fp32 *before* the low-precision cast, as eager autograd does
+            # (grad of mean = g / N, then one rounding). Scaling the bf16 dX afterwards rounded twice
+            # and made dX ~1.2x less accurate than eager bf16 PyTorch (tests/test_fused.py).
+            g.mul_(grad_scale)
         g_lp = g if g.dtype == x.dtype else g.to(x.dtype)
         if need_dx:
             torch.mm(g_lp, w, out=dx[start:end])
         if need_dw:
             if g_lp.dtype == torch.float32 and xc.dtype == torch.float32:
                 dw.addmm_(g_lp.t(), xc)
+            elif xc.device.type == "cpu":
+                # Fix (precision): a low-precision product per chunk is rounded to bf16 before the
+                # fp32 accumulation, so with many chunks dW was up to ~1.4x less accurate than eager
+                # (one rounding). CPU has no mixed-dtype matmul (mm out_dtype is CUDA-only), so take
+                # the chunk's product in fp32 (a chunk-sized upcast; on CPUs without native bf16 this
+                # is also the faster matmul).
+                dw.addmm_(g.t(), xc.float())
             else:  # low precision: matmul in the input dtype, accumulate in fp32
                 dw.add_(g_lp.t() @ xc)
         if need_db:
@@ -167,19 +182,24 @@ def _zero_part(x: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
 class GradInForward(torch.autograd.Function):
     """Sum-reduced fused loss whose gradients are computed during forward.
 
-    Outputs ``(total_sum, ce_sum, kd_sum)``, 0-dim fp32; only ``total_sum`` is differentiable
-    (the parts are for logging). Backward scales the stored dX, dW, db by ``grad_output``; it can
-    run once (the stored gradients are handed over, not copied).
+    Outputs ``(total_sum, ce_sum, kd_sum)``, 0-dim fp32, each times ``scale`` when given; only
+    ``total_sum`` is differentiable (the parts are for logging). Backward scales the stored dX, dW,
+    db by ``grad_output``; it can run once (the stored gradients are handed over, not copied).
+
+    ``scale`` (0-dim fp32 or None): ``1 / num_tokens`` for ``reduction="mean"``, folded into the
+    gradients in fp32 during forward so that low-precision dX is rounded once, as in eager PyTorch.
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, tx, tw, tb, spec: FusedSpec):
+    def forward(ctx, x, w, b, labels, tx, tw, tb, spec: FusedSpec, scale=None):
         need = _needs(ctx, x, w, b)
-        ce, kd, dx, dw, db = chunk_pass(x, w, b, labels, tx, tw, tb, spec, None, need)
+        ce, kd, dx, dw, db = chunk_pass(x, w, b, labels, tx, tw, tb, spec, None, need, scale)
         ctx.grads = (dx, dw, db)
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
         ce_sum, kd_sum = _zero_part(x, ce).sum(), _zero_part(x, kd).sum()
         total = _combine(spec, ce, kd).sum()
+        if scale is not None:
+            total, ce_sum, kd_sum = total * scale, ce_sum * scale, kd_sum * scale
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return total, ce_sum, kd_sum
 
@@ -197,7 +217,7 @@ class GradInForward(torch.autograd.Function):
             dw = dw.mul_(grad_total).to(w_dtype)
         if db is not None:
             db = db.mul_(grad_total).to(b_dtype)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class Recompute(torch.autograd.Function):

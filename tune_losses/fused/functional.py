@@ -30,14 +30,40 @@ class FusedOutput(NamedTuple):
     num_tokens: torch.Tensor
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 def materialize_weight(weight: torch.Tensor) -> torch.Tensor:
     """A plain tensor for the loss: an FSDP2 / DTensor weight is gathered once per call (differentiably:
-    its gradient is reduce-scattered back to the shards)."""
+    its gradient is reduce-scattered back to the shards).
+
+    Every mesh dimension is taken as data-parallel (FSDP2's shard dimension, HSDP's replicate
+    dimension): each rank's gradient of the gathered weight comes from its own tokens, so the shards
+    receive the mean over the mesh's ranks, FSDP2's default reduction (sum, then / world size).
+    """
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor, Partial
     except ImportError:  # pragma: no cover - torch without distributed
         return weight
-    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+    if not isinstance(weight, DTensor):
+        return weight
+    # Fix: a bare ``full_tensor()`` declares the gradient Replicate (identical on every rank), so its
+    # backward only sliced each rank's *local* gradient into the shard: no cross-rank reduction, and
+    # a separately sharded output layer (torchtune's ``custom_sharded_layers: [output]``) trained on
+    # one rank's data (tests/test_heads.py, FSDP2 test). Partial: the backward reduce-scatters.
+    mesh = weight.device_mesh
+    full = weight.full_tensor(grad_placements=[Partial("sum")] * mesh.ndim)
+    return _ScaleGrad.apply(full, 1.0 / mesh.size())
 
 
 def _flat(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor):
@@ -59,6 +85,9 @@ def _flat(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
         check_float(name.replace("hidden", "bias"), bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{name.replace('hidden', 'bias')}: expected shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+        # Fix: a bias of another dtype failed later inside F.linear with a RuntimeError naming no argument.
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"{name.replace('hidden', 'bias')}: expected dtype {weight.dtype} (as the weight), got {bias.dtype}")
     return hidden.reshape(-1, hidden.shape[-1])
 
 
@@ -71,7 +100,9 @@ def _run(hidden, weight, bias, labels, t_hidden, t_weight, t_bias, spec: FusedSp
         raise ValueError(f"chunk_size: expected an int >= 1 or None, got {spec.chunk_size!r}")
     check_labels_dtype(labels)
     weight = materialize_weight(weight)
-    x = _flat("hidden", hidden, weight, bias, labels)
+    # Fix: the KD / distillation entry points call these arguments student_hidden / student_weight /
+    # student_bias; errors named them hidden / weight / bias.
+    x = _flat("hidden" if t_hidden is None else "student_hidden", hidden, weight, bias, labels)
     tx = None
     if t_hidden is not None:
         t_weight = materialize_weight(t_weight)
@@ -89,11 +120,20 @@ def _run(hidden, weight, bias, labels, t_hidden, t_weight, t_bias, spec: FusedSp
     flat_labels = labels.reshape(-1)
     num_tokens = (flat_labels != spec.ignore_index).sum()
 
-    use_recompute = reduction == "none" or algorithm == "recompute"
-    fn = Recompute if use_recompute else GradInForward
-    total, ce, kd = fn.apply(x, weight, bias, flat_labels, tx, t_weight, t_bias, spec)
-    if use_recompute and reduction != "none":
-        total, ce, kd = total.sum(), ce.sum(), kd.sum()
+    # Fix: without grad mode (eval, torch.no_grad) GradInForward still computed dX and dW in forward
+    # (its needs_input_grad follows requires_grad, not grad mode): ~3x the work and [N, H] + [V, H]
+    # of memory for nothing. Recompute's forward computes values only.
+    use_recompute = reduction == "none" or algorithm == "recompute" or not torch.is_grad_enabled()
+    if use_recompute:
+        total, ce, kd = Recompute.apply(x, weight, bias, flat_labels, tx, t_weight, t_bias, spec)
+        if reduction != "none":
+            total, ce, kd = total.sum(), ce.sum(), kd.sum()
+    else:
+        # Fix (precision): the mean's 1 / num_tokens goes into the Function, which applies it to the
+        # gradients in fp32 before they are cast to a low-precision input dtype (see GradInForward).
+        scale = 1.0 / num_tokens.clamp(min=1).to(torch.float32) if reduction == "mean" else None
+        total, ce, kd = GradInForward.apply(x, weight, bias, flat_labels, tx, t_weight, t_bias, spec, scale)
+        return FusedOutput(total, ce, kd, num_tokens)
     if reduction == "none":
         shape = labels.shape
         return FusedOutput(total.reshape(shape), ce.reshape(shape), kd.reshape(shape), num_tokens)
