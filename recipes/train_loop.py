@@ -163,8 +163,8 @@ class LossRecipe:
             else:
                 self.kd_loss_fn = config.instantiate(cfg.kd_loss)
                 self.kd_ratio = float(cfg.kd_ratio)
-                n = getattr(self.model, "num_output_chunks", 0)
-                set_output_mode(self.teacher, "chunks" if self.output_mode == "chunks" else "logits", n)
+                # The teacher emits what the student emits (same chunk count and split): the KD loss pairs them.
+                configure_model_for_loss(self.teacher, self.loss_fn)
         log.info(f"rank {self.rank}: {self.task} with {type(self.loss_fn).__name__}, model output mode "
                  f"'{self.output_mode}', world size {self.world_size}")
 

@@ -43,7 +43,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def materialize_weight(weight: torch.Tensor) -> torch.Tensor:
+def materialize_weight(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """A plain tensor for the loss: an FSDP2 / DTensor weight is gathered once per call (differentiably:
     its gradient is reduce-scattered back to the shards).
 
@@ -63,7 +63,10 @@ def materialize_weight(weight: torch.Tensor) -> torch.Tensor:
     # one rank's data (tests/test_heads.py, FSDP2 test). Partial: the backward reduce-scatters.
     mesh = weight.device_mesh
     full = weight.full_tensor(grad_placements=[Partial("sum")] * mesh.ndim)
-    return _ScaleGrad.apply(full, 1.0 / mesh.size())
+    full = _ScaleGrad.apply(full, 1.0 / mesh.size())
+    # FSDP2 with a MixedPrecisionPolicy keeps fp32 shards but computes in param_dtype: outside the
+    # model's forward we see the fp32 shard, so cast the gathered weight to the compute dtype.
+    return full if dtype is None or full.dtype == dtype else full.to(dtype)
 
 
 def _flat(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor):
@@ -99,13 +102,13 @@ def _run(hidden, weight, bias, labels, t_hidden, t_weight, t_bias, spec: FusedSp
     if spec.chunk_size is not None and (not isinstance(spec.chunk_size, int) or spec.chunk_size < 1):
         raise ValueError(f"chunk_size: expected an int >= 1 or None, got {spec.chunk_size!r}")
     check_labels_dtype(labels)
-    weight = materialize_weight(weight)
+    weight = materialize_weight(weight, hidden.dtype)
     # Fix: the KD / distillation entry points call these arguments student_hidden / student_weight /
     # student_bias; errors named them hidden / weight / bias.
     x = _flat("hidden" if t_hidden is None else "student_hidden", hidden, weight, bias, labels)
     tx = None
     if t_hidden is not None:
-        t_weight = materialize_weight(t_weight)
+        t_weight = materialize_weight(t_weight, t_hidden.dtype)
         tx = _flat("teacher_hidden", t_hidden, t_weight, t_bias, labels)
         if t_weight.shape[0] != weight.shape[0]:
             raise ValueError(
