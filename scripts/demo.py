@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -26,6 +25,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+from metrics_log import read_metrics  # noqa: E402
+
 CKPT = "epoch_{}/model-00001-of-00001.bin"
 
 
@@ -49,16 +51,6 @@ def tune_run(recipe: str, config: str, out: Path, *overrides: str) -> dict:
         if proc.wait() != 0:
             sys.exit(f"stage failed: see {log_file}")
     return read_metrics(metrics_file)
-
-
-def read_metrics(path: Path) -> dict:
-    steps = {}
-    for line in path.read_text().splitlines():
-        m = re.match(r"Step (\d+) \| (.*)", line)
-        if m:
-            steps.setdefault(int(m.group(1)), {}).update(
-                {k: float(v) for k, v in (kv.split(":") for kv in m.group(2).split())})
-    return steps
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@ Marked slow (each run pays torchtune's ~10 s import); the 2-rank ones also distr
 """
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+from metrics_log import read_metrics  # noqa: E402
+
 TUNE = str(Path(sys.executable).with_name("tune"))
 
 pytestmark = pytest.mark.slow
@@ -27,16 +29,6 @@ def tune_run(recipe: str, config: str, out: Path, *overrides: str, nproc: int = 
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return read_metrics(out / "logs" / "metrics.txt")
-
-
-def read_metrics(path: Path) -> dict:
-    steps = {}
-    for line in path.read_text().splitlines():
-        m = re.match(r"Step (\d+) \| (.*)", line)
-        if m:
-            steps.setdefault(int(m.group(1)), {}).update(
-                {k: float(v) for k, v in (kv.split(":") for kv in m.group(2).split())})
-    return steps
 
 
 SHORT = ["shuffle=false", "max_steps_per_epoch=2", "epochs=1", "clip_grad_norm=1000.0",
