@@ -104,6 +104,83 @@ def _masked_log_softmax(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, to
     return logp.masked_fill(inf, 0.0), prob, inf
 
 
+def kd_terms(
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    opts: KDOptions,
+    inf_p: Optional[torch.Tensor] = None,
+    inf_q: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Elementwise terms of a divergence: ``kd_divergence = kd_terms(...).sum(-1) * loss_scale``.
+
+    Every divergence here is a sum over the vocabulary of a function of ``(log p_v, log q_v)``, so
+    the terms of a slice of the vocabulary sum to that slice's share of the divergence: the
+    vocabulary-parallel losses (:mod:`tune_losses.fused.vocab_parallel`) add the per-rank partial
+    sums with one all-reduce.
+
+    Args:
+        log_p, log_q: ``[n, V']`` teacher / student log-probabilities (already temperature-scaled
+            and normalized over the *whole* vocabulary), with entries of infinite logits set to 0.
+        p, q: ``[n, V']`` their probabilities (0 at those entries).
+        inf_p, inf_q: ``[n, V']`` bool masks of the teacher's / student's infinite logits (vocabulary
+            entries a model masks out; their terms count as 0, as in torchtune), or None for none.
+
+    Returns:
+        ``[n, V']`` fp32 terms, before the temperature scale ``opts.loss_scale``.
+    """
+
+    def masked(t: torch.Tensor, *masks: Optional[torch.Tensor]) -> torch.Tensor:
+        mask = None
+        for m in masks:
+            if m is not None:
+                mask = m if mask is None else mask | m
+        return t if mask is None else t.masked_fill(mask, 0.0)
+
+    def forward_kl(true_kl: bool) -> torch.Tensor:
+        # torchtune zeroes the terms where the student's logit is infinite; so do we.
+        cross = masked(p * log_q, inf_q)
+        if not true_kl:
+            return -cross
+        return masked(p * log_p, inf_q) - cross
+
+    def reverse_kl() -> torch.Tensor:
+        return masked(q * (log_q - log_p), inf_q, inf_p)
+
+    def jsd() -> torch.Tensor:
+        beta = opts.beta
+        if beta == 0.0:
+            return forward_kl(True)
+        if beta == 1.0:
+            return reverse_kl()
+        # log m = logaddexp(log p + log beta, log q + log(1 - beta)), from the unmasked log-probs.
+        a = (log_p if inf_p is None else log_p.masked_fill(inf_p, -math.inf)) + math.log(beta)
+        b = (log_q if inf_q is None else log_q.masked_fill(inf_q, -math.inf)) + math.log(1 - beta)
+        # Fix: where both sides are -inf (a masked vocabulary entry), logaddexp's backward is
+        # exp(-inf - (-inf)) = NaN, and masking its output afterwards does not stop that NaN
+        # (0 * NaN). Feed it finite stand-ins there and mask the result.
+        both = torch.isinf(a) & torch.isinf(b)
+        log_m = torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)).masked_fill(both, 0.0)
+        kl_p = masked(p * (log_p - log_m), inf_p)
+        kl_q = masked(q * (log_q - log_m), inf_q)
+        return beta * kl_p + (1 - beta) * kl_q
+
+    def tvd() -> torch.Tensor:
+        return 0.5 * (p - q).abs()
+
+    if opts.divergence == "forward_kl":
+        return forward_kl(opts.true_kl)
+    if opts.divergence == "reverse_kl":
+        return reverse_kl()
+    if opts.divergence == "symmetric_kl":
+        r = opts.sym_kd_ratio
+        return r * forward_kl(opts.true_kl) + (1 - r) * reverse_kl()
+    if opts.divergence == "jsd":
+        return jsd()
+    return tvd()
+
+
 def kd_divergence(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, opts: KDOptions = KDOptions()
 ) -> torch.Tensor:
@@ -124,49 +201,7 @@ def kd_divergence(
         zs, zt = zs / t, zt / t
     log_q, q, inf_s = _masked_log_softmax(zs)
     log_p, p, inf_t = _masked_log_softmax(zt)
-
-    def forward_kl(true_kl: bool) -> torch.Tensor:
-        # torchtune zeroes the terms where the student's logit is infinite; so do we.
-        cross = (p * log_q).masked_fill(inf_s, 0.0)
-        if not true_kl:
-            return -cross.sum(-1)
-        return ((p * log_p).masked_fill(inf_s, 0.0) - cross).sum(-1)
-
-    def reverse_kl() -> torch.Tensor:
-        return (q * (log_q - log_p)).masked_fill(inf_s | inf_t, 0.0).sum(-1)
-
-    def jsd() -> torch.Tensor:
-        beta = opts.beta
-        if beta == 0.0:
-            return forward_kl(True)
-        if beta == 1.0:
-            return reverse_kl()
-        # log m = logaddexp(log p + log beta, log q + log(1 - beta)), from the unmasked log-probs.
-        a = torch.log_softmax(zt, -1) + math.log(beta)
-        b = torch.log_softmax(zs, -1) + math.log(1 - beta)
-        # Fix: where both sides are -inf (a masked vocabulary entry), logaddexp's backward is
-        # exp(-inf - (-inf)) = NaN, and masking its output afterwards does not stop that NaN
-        # (0 * NaN). Feed it finite stand-ins there and mask the result.
-        both = torch.isinf(a) & torch.isinf(b)
-        log_m = torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)).masked_fill(both, 0.0)
-        kl_p = (p * (log_p - log_m)).masked_fill(inf_t, 0.0).sum(-1)
-        kl_q = (q * (log_q - log_m)).masked_fill(inf_s, 0.0).sum(-1)
-        return beta * kl_p + (1 - beta) * kl_q
-
-    def tvd() -> torch.Tensor:
-        return 0.5 * (p - q).abs().sum(-1)
-
-    if opts.divergence == "forward_kl":
-        out = forward_kl(opts.true_kl)
-    elif opts.divergence == "reverse_kl":
-        out = reverse_kl()
-    elif opts.divergence == "symmetric_kl":
-        r = opts.sym_kd_ratio
-        out = r * forward_kl(opts.true_kl) + (1 - r) * reverse_kl()
-    elif opts.divergence == "jsd":
-        out = jsd()
-    else:
-        out = tvd()
+    out = kd_terms(log_p, log_q, p, q, opts, inf_t, inf_s).sum(-1)
     return out * opts.loss_scale if opts.loss_scale != 1.0 else out
 
 

@@ -70,6 +70,49 @@ def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
     return z if z.dtype == torch.float32 else z.float()
 
 
+def accumulate_chunk_grads(
+    g: torch.Tensor,
+    xc: torch.Tensor,
+    w: torch.Tensor,
+    rows: slice,
+    dx: Optional[torch.Tensor],
+    dw: Optional[torch.Tensor],
+    db: Optional[torch.Tensor],
+    token_weight: Optional[torch.Tensor],
+    grad_scale: Optional[torch.Tensor],
+) -> None:
+    """Turn one chunk's fp32 logit gradient ``g`` ``[n, V]`` (overwritten) into the parameter gradients.
+
+    ``dx[rows] = g @ w`` (in x's dtype), ``dw += g.T @ xc`` and ``db += g.sum(0)`` (fp32
+    accumulators); a None buffer is skipped. ``token_weight`` (``[N]``, indexed by ``rows``) and
+    ``grad_scale`` (0-dim) multiply ``g`` first.
+    """
+    if token_weight is not None:
+        g.mul_(token_weight[rows].unsqueeze(-1))
+    if grad_scale is not None:
+        # Fix (precision): scale in fp32 *before* the low-precision cast, as eager autograd does
+        # (grad of mean = g / N, then one rounding). Scaling the bf16 dX afterwards rounded twice
+        # and made dX ~1.2x less accurate than eager bf16 PyTorch (tests/test_fused.py).
+        g.mul_(grad_scale)
+    g_lp = g if g.dtype == xc.dtype else g.to(xc.dtype)
+    if dx is not None:
+        torch.mm(g_lp, w, out=dx[rows])
+    if dw is not None:
+        if g_lp.dtype == torch.float32 and xc.dtype == torch.float32:
+            dw.addmm_(g_lp.t(), xc)
+        elif xc.device.type == "cpu":
+            # Fix (precision): a low-precision product per chunk is rounded to bf16 before the
+            # fp32 accumulation, so with many chunks dW was up to ~1.4x less accurate than eager
+            # (one rounding). CPU has no mixed-dtype matmul (mm out_dtype is CUDA-only), so take
+            # the chunk's product in fp32 (a chunk-sized upcast; on CPUs without native bf16 this
+            # is also the faster matmul).
+            dw.addmm_(g.t(), xc.float())
+        else:  # low precision: matmul in the input dtype, accumulate in fp32
+            dw.add_(g_lp.t() @ xc)
+    if db is not None:
+        db.add_(g.sum(0))
+
+
 def chunk_pass(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -133,31 +176,8 @@ def chunk_pass(
             del g_kd
         if not any_grad:
             continue
-        if token_weight is not None:
-            g.mul_(token_weight[start:end].unsqueeze(-1))
-        if grad_scale is not None:
-            # Fix (precision): scale in fp32 *before* the low-precision cast, as eager autograd does
-            # (grad of mean = g / N, then one rounding). Scaling the bf16 dX afterwards rounded twice
-            # and made dX ~1.2x less accurate than eager bf16 PyTorch (tests/test_fused.py).
-            g.mul_(grad_scale)
-        g_lp = g if g.dtype == x.dtype else g.to(x.dtype)
-        if need_dx:
-            torch.mm(g_lp, w, out=dx[start:end])
-        if need_dw:
-            if g_lp.dtype == torch.float32 and xc.dtype == torch.float32:
-                dw.addmm_(g_lp.t(), xc)
-            elif xc.device.type == "cpu":
-                # Fix (precision): a low-precision product per chunk is rounded to bf16 before the
-                # fp32 accumulation, so with many chunks dW was up to ~1.4x less accurate than eager
-                # (one rounding). CPU has no mixed-dtype matmul (mm out_dtype is CUDA-only), so take
-                # the chunk's product in fp32 (a chunk-sized upcast; on CPUs without native bf16 this
-                # is also the faster matmul).
-                dw.addmm_(g.t(), xc.float())
-            else:  # low precision: matmul in the input dtype, accumulate in fp32
-                dw.add_(g_lp.t() @ xc)
-        if need_db:
-            db.add_(g.sum(0))
-        del g, g_lp
+        accumulate_chunk_grads(g, xc, w, slice(start, end), dx, dw, db, token_weight, grad_scale)
+        del g
     return ce_all, kd_all, dx, dw, db
 
 
@@ -188,12 +208,16 @@ class GradInForward(torch.autograd.Function):
 
     ``scale`` (0-dim fp32 or None): ``1 / num_tokens`` for ``reduction="mean"``, folded into the
     gradients in fp32 during forward so that low-precision dX is rounded once, as in eager PyTorch.
+
+    ``pass_fn``: the chunk loop, :func:`chunk_pass` by default; the vocabulary-parallel losses pass
+    their own loop with the same signature and results
+    (:class:`tune_losses.fused.vocab_parallel.VocabParallelPass`).
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, tx, tw, tb, spec: FusedSpec, scale=None):
+    def forward(ctx, x, w, b, labels, tx, tw, tb, spec: FusedSpec, scale=None, pass_fn=None):
         need = _needs(ctx, x, w, b)
-        ce, kd, dx, dw, db = chunk_pass(x, w, b, labels, tx, tw, tb, spec, None, need, scale)
+        ce, kd, dx, dw, db = (pass_fn or chunk_pass)(x, w, b, labels, tx, tw, tb, spec, None, need, scale)
         ctx.grads = (dx, dw, db)
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
         ce_sum, kd_sum = _zero_part(x, ce).sum(), _zero_part(x, kd).sum()
@@ -217,20 +241,23 @@ class GradInForward(torch.autograd.Function):
             dw = dw.mul_(grad_total).to(w_dtype)
         if db is not None:
             db = db.mul_(grad_total).to(b_dtype)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 class Recompute(torch.autograd.Function):
     """Per-token fused loss; backward recomputes each chunk with ``grad_output`` as token weights.
 
-    Outputs ``(total [N], ce [N], kd [N])`` fp32; only ``total`` is differentiable.
+    Outputs ``(total [N], ce [N], kd [N])`` fp32; only ``total`` is differentiable. ``pass_fn`` as
+    :class:`GradInForward`'s.
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, tx, tw, tb, spec: FusedSpec):
-        ce, kd, *_ = chunk_pass(x, w, b, labels, tx, tw, tb, spec, None, (False, False, False))
+    def forward(ctx, x, w, b, labels, tx, tw, tb, spec: FusedSpec, pass_fn=None):
+        pass_fn = pass_fn or chunk_pass
+        ce, kd, *_ = pass_fn(x, w, b, labels, tx, tw, tb, spec, None, (False, False, False))
         ctx.save_for_backward(x, w, b, labels, tx, tw, tb)
         ctx.spec = spec
+        ctx.pass_fn = pass_fn
         total = _combine(spec, ce, kd)
         ce, kd = _zero_part(x, ce), _zero_part(x, kd)
         ctx.mark_non_differentiable(ce, kd)
@@ -240,7 +267,7 @@ class Recompute(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_ce, _grad_kd):
         x, w, b, labels, tx, tw, tb = ctx.saved_tensors
         need = _needs(ctx, x, w, b)
-        *_, dx, dw, db = chunk_pass(x, w, b, labels, tx, tw, tb, ctx.spec, grad_total.float(), need)
+        *_, dx, dw, db = ctx.pass_fn(x, w, b, labels, tx, tw, tb, ctx.spec, grad_total.float(), need)
         dw = None if dw is None else dw.to(w.dtype)
         db = None if db is None else db.to(b.dtype)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None

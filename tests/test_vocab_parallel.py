@@ -1,0 +1,133 @@
+"""Vocabulary-parallel fused losses on 2 gloo ranks (CPU), against the single-rank fused loss and the
+fp64 full-logits reference, to 1e-5 in fp32.
+
+One ``torchrun --nproc_per_node 2`` launch of tests/vocab_parallel_worker.py runs every case (a
+launch costs seconds of imports); each test here checks one suite's lines:
+
+* ``pg``: a local weight shard + ``process_group``: CE (mean / sum / none, both algorithms, several
+  chunk sizes, label smoothing, z-loss, softcap), KD (every divergence, temperature 1 and 2),
+  distillation, V = 257 (uneven shards 129 / 128) and 256, ignored tokens none / some / all, explicit
+  ``vocab_start``, no-grad mode, errors raised on every rank alike;
+* ``dtensor``: DTensor weights ``Shard(0)`` on a ``"tp"`` mesh (gradients come back as DTensors of
+  the same placements, weights never gathered), 2-D ``(dp, tp)`` meshes (dp gathered with FSDP's mean
+  gradient, a dp rank whose tokens are all ignored), ``vocab_parallel=True / False``, and a llama2
+  with its output projection ``ColwiseParallel`` over tp and FSDP2 over dp (the recipe's layout);
+* ``memory``: no op on any rank produces a tensor larger than one chunk of its shard's logits;
+* ``ignored``: data-parallel ranks whose tokens are all ignored on one rank: the step's token count
+  and the sharded weight's collectives still run, gradients exact.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
+# Cases per suite: a suite that silently ran fewer cases fails.
+EXPECTED = {"pg": 85, "dtensor": 15, "memory": 6, "ignored": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_lines():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(WORKER)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    log = proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok ", "FAIL "))]
+    return {"returncode": proc.returncode, "lines": lines, "log": log, "elapsed": elapsed}
+
+
+def _suite(worker_lines, prefixes):
+    lines = [ln for ln in worker_lines["lines"] if ln.split(" ", 1)[1].startswith(prefixes)]
+    failed = [ln for ln in lines if ln.startswith("FAIL")]
+    assert lines, f"no case ran:\n{worker_lines['log'][-4000:]}"
+    assert not failed, "\n".join(failed)
+    return lines
+
+
+@pytest.mark.distributed
+def test_local_shard_and_process_group(worker_lines):
+    assert len(_suite(worker_lines, ("pg ",))) == EXPECTED["pg"]
+
+
+@pytest.mark.distributed
+def test_dtensor_tp_mesh_2d_mesh_and_fsdp2_tp_model(worker_lines):
+    assert len(_suite(worker_lines, ("dtensor ", "fsdp2 "))) == EXPECTED["dtensor"]
+    assert "mixed torch.Tensor and DTensor" not in worker_lines["log"]
+
+
+@pytest.mark.distributed
+def test_no_rank_allocates_more_than_one_chunk_of_its_shard(worker_lines):
+    assert len(_suite(worker_lines, ("memory ",))) == EXPECTED["memory"]
+
+
+@pytest.mark.distributed
+def test_one_rank_all_ignored_runs_every_collective(worker_lines):
+    assert len(_suite(worker_lines, ("ignored:",))) == EXPECTED["ignored"]
+
+
+@pytest.mark.distributed
+def test_worker_exit_status_and_time(worker_lines):
+    assert worker_lines["returncode"] == 0, worker_lines["log"][-6000:]
+    assert len(worker_lines["lines"]) == sum(EXPECTED.values())
+    assert worker_lines["elapsed"] < 90, f"took {worker_lines['elapsed']:.0f} s"
+
+
+# ------------------------------------------------------------------------ single process
+
+
+def test_shard_sizes_follow_torch_shard0():
+    from torch.distributed.tensor import Shard
+
+    from tune_losses.fused.vocab_parallel import even_shard_sizes
+
+    for vocab, ranks in [(257, 2), (256, 2), (10, 4), (5, 4), (7, 3), (4096, 8)]:
+        sizes = even_shard_sizes(vocab, ranks)
+        assert sum(sizes) == vocab and sizes == sorted(sizes, reverse=True)
+        chunks = torch.arange(vocab).chunk(ranks)
+        expected = [len(c) for c in chunks] + [0] * (ranks - len(chunks))
+        assert sizes == expected, (vocab, ranks)
+        for rank in range(ranks):  # torch's own Shard(0) arithmetic
+            size, offset = Shard.local_shard_size_and_offset(vocab, ranks, rank)
+            assert (size, offset if size else sum(sizes[:rank])) == (sizes[rank], sum(sizes[:rank]))
+
+
+@pytest.mark.parametrize("divergence,extra", [("forward_kl", {"true_kl": False}), ("symmetric_kl", {}),
+                                              ("jsd", {"beta": 0.3}), ("reverse_kl", {}), ("tvd", {})])
+def test_kd_terms_of_vocab_slices_add_up_to_the_divergence(divergence, extra):
+    """The split the parallel path relies on: terms over slices of the vocabulary, from log-probs
+    normalized over the whole vocabulary, sum to kd_divergence (with masked -inf entries)."""
+    from tune_losses.divergences import kd_divergence, kd_terms
+    from tune_losses.options import KDOptions
+
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(6, 33, generator=g) * 3, torch.randn(6, 33, generator=g) * 3
+    zs[0, 3] = zt[1, 5] = zs[2, 7] = zt[2, 7] = float("-inf")
+    opts = KDOptions(divergence, temperature=2.0, **extra)
+    expected = kd_divergence(zs, zt, opts)
+    log_q, log_p = torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1)
+    inf_q, inf_p = torch.isinf(log_q), torch.isinf(log_p)
+    q, p = log_q.exp(), log_p.exp()
+    log_q, log_p = log_q.masked_fill(inf_q, 0.0), log_p.masked_fill(inf_p, 0.0)
+    total = sum(kd_terms(log_p[:, sl], log_q[:, sl], p[:, sl], q[:, sl], opts, inf_p[:, sl], inf_q[:, sl]).sum(-1)
+                for sl in (slice(0, 17), slice(17, 33)))
+    torch.testing.assert_close(total * opts.loss_scale, expected, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(expected).all()
