@@ -14,7 +14,9 @@ launch costs seconds of imports); each test here checks one suite's lines:
   with its output projection ``ColwiseParallel`` over tp and FSDP2 over dp (the recipe's layout);
 * ``memory``: no op on any rank produces a tensor larger than one chunk of its shard's logits;
 * ``ignored``: data-parallel ranks whose tokens are all ignored on one rank: the step's token count
-  and the sharded weight's collectives still run, gradients exact.
+  and the sharded weight's collectives still run, gradients exact;
+* ``mesh2x2`` (a second launch, 4 ranks on a (dp=2, tp=2) mesh): FSDP2 data parallelism and
+  vocabulary parallelism together.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
 # Cases per suite: a suite that silently ran fewer cases fails.
-EXPECTED = {"pg": 85, "dtensor": 15, "memory": 6, "ignored": 2}
+EXPECTED = {"pg": 85, "dtensor": 16, "memory": 6, "ignored": 2}
 
 
 def _free_port() -> int:
@@ -41,10 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def worker_lines():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(WORKER)]
+def _launch(nproc: int, *suites: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(WORKER), *suites]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     start = time.perf_counter()
@@ -53,6 +54,11 @@ def worker_lines():
     log = proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok ", "FAIL "))]
     return {"returncode": proc.returncode, "lines": lines, "log": log, "elapsed": elapsed}
+
+
+@pytest.fixture(scope="module")
+def worker_lines():
+    return _launch(2)
 
 
 def _suite(worker_lines, prefixes):
@@ -89,6 +95,17 @@ def test_worker_exit_status_and_time(worker_lines):
     assert worker_lines["returncode"] == 0, worker_lines["log"][-6000:]
     assert len(worker_lines["lines"]) == sum(EXPECTED.values())
     assert worker_lines["elapsed"] < 90, f"took {worker_lines['elapsed']:.0f} s"
+
+
+@pytest.mark.distributed
+def test_fsdp2_over_dp_and_tensor_parallel_over_tp_on_4_ranks():
+    """Mesh (dp=2, tp=2): real data parallelism under FSDP2 and vocabulary parallelism together; the
+    output layer either in the FSDP2 root or its own FSDP2 unit (2-D (_StridedShard, Shard) weight:
+    only this rank's tp rows are gathered over dp)."""
+    result = _launch(4, "mesh2x2")
+    assert result["returncode"] == 0, result["log"][-6000:]
+    assert len(_suite(result, ("mesh2x2 ",))) == 2
+    assert result["elapsed"] < 90, f"took {result['elapsed']:.0f} s"
 
 
 # ------------------------------------------------------------------------ single process

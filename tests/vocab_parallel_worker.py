@@ -10,7 +10,7 @@ either rank is reported); the exit status is 1 when any case failed.
 
 Suites: ``pg`` (local shard + process group), ``dtensor`` (DTensor on a "tp" mesh, 2-D meshes,
 FSDP2 + tensor parallel model), ``memory`` (largest tensor any op produces), ``ignored`` (ranks whose
-tokens are all ignored).
+tokens are all ignored); ``mesh2x2`` (4 ranks: FSDP2 over dp=2 and tensor parallel over tp=2).
 """
 
 from __future__ import annotations
@@ -404,11 +404,15 @@ def suite_dtensor():
     case("dtensor 2-D mesh (dp=2, tp=1): rank 1 all ignored", dp_gathered, True)
 
     case("fsdp2 + tp model (dp=1, tp=2)", fsdp_tp_model)
+    case("fsdp2 + tp model (dp=1, tp=2), output its own FSDP2 unit", fsdp_tp_model, 1, True)
 
 
-def fsdp_tp_model():
+def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
     """A llama2 with its output projection ColwiseParallel over "tp" and FSDP2 over "dp" (the recipe's
-    layout, mesh (1, 2)): the fused loss in hidden-states mode equals the single-process run."""
+    layout, mesh (dp, world / dp)): the fused loss in hidden-states mode equals the single-process run.
+    Each dp rank has its own batch; FSDP2 averages gradients over dp, so the reference is the mean of
+    the dp ranks' losses. ``shard_output``: the output layer is also its own FSDP2 unit (torchtune's
+    ``custom_sharded_layers``), so the loss sees FSDP2's 2-D (_StridedShard, Shard) parameter."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -416,6 +420,7 @@ def fsdp_tp_model():
     from torchtune.models.llama2 import llama2
 
     from tune_losses import LinearCrossEntropyLoss, LinearDistillationLoss
+    from tune_losses.fused import functional
 
     def build(seed):
         torch.manual_seed(seed)
@@ -423,57 +428,84 @@ def fsdp_tp_model():
                       max_seq_len=64)
 
     g = gen(70)
-    tokens = torch.randint(0, V, (B, S), generator=g)
-    labels = make_labels((B, S), V, "some", g)
+    tokens = torch.randint(0, V, (dp, B, S), generator=g)
+    labels = make_labels((dp, B, S), V, "some", g)
+    mesh = init_device_mesh("cpu", (dp, WORLD // dp), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh.get_local_rank("dp")
 
     def grads(model):
         return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
                 for n, p in model.named_parameters() if p.grad is not None}
 
-    for kd in (False, True):
-        model, teacher = build(0), build(1)
-        ref_model, ref_teacher = build(0), build(1)
-        mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
-        for m in (model, teacher):
-            parallelize_module(m.output, mesh["tp"], ColwiseParallel())
-            for layer in m.layers:
-                fully_shard(layer, mesh=mesh["dp"])
-            fully_shard(m, mesh=mesh["dp"])
-        if kd:
-            loss_fn, ref_fn = LinearDistillationLoss(kd_ratio=0.5, chunk_size=5), LinearDistillationLoss(
-                kd_ratio=0.5, chunk_size=5)
-            for fn, s, t in ((loss_fn, model, teacher), (ref_fn, ref_model, ref_teacher)):
-                fn.set_model_output(s)
-                fn.set_teacher_output(t)
-        else:
-            loss_fn, ref_fn = LinearCrossEntropyLoss(chunk_size=5), LinearCrossEntropyLoss(chunk_size=5)
-            loss_fn.set_model_output(model)
-            ref_fn.set_model_output(ref_model)
-        out = model(tokens)
-        # After the forward, FSDP2 keeps the root's parameters unsharded over dp: the loss sees the
-        # output weight as a DTensor Shard(0) on the "tp" mesh, the vocabulary-parallel path.
-        weight = loss_fn.projection.weight
-        assert isinstance(weight, DTensor) and weight.device_mesh.mesh_dim_names == ("tp",), weight
-        if kd:
-            t_weight = loss_fn.teacher_projection.weight
-            assert isinstance(t_weight, DTensor) and "tp" in t_weight.device_mesh.mesh_dim_names, t_weight
-        if kd:
-            with torch.no_grad():
-                t_out = teacher(tokens)
-            loss = loss_fn(out, t_out, labels)
-            with torch.no_grad():
-                ref_t = ref_teacher(tokens)
-            ref = ref_fn(ref_model(tokens), ref_t, labels)
-        else:
-            loss = loss_fn(out, labels)
-            ref = ref_fn(ref_model(tokens), labels)
-        loss.backward()
-        ref.backward()
-        close("loss", loss.detach(), ref.detach(), TOL_SINGLE)
-        got, expected = grads(model), grads(ref_model)
-        assert set(got) == set(expected), set(got) ^ set(expected)
-        for n in got:
-            close(f"grad {n}", got[n], expected[n], dict(rtol=1e-5, atol=1e-5))
+    gathered = []
+    original = functional.materialize_weight
+
+    def spy(t, *a, **k):  # the vocabulary-parallel path never gathers a whole weight
+        if isinstance(t, DTensor):
+            gathered.append(tuple(t.shape))
+        return original(t, *a, **k)
+
+    functional.materialize_weight = spy
+    try:
+        for kd in (False, True):
+            model, teacher = build(0), build(1)
+            ref_model, ref_teacher = build(0), build(1)
+            for m in (model, teacher):
+                parallelize_module(m.output, mesh["tp"], ColwiseParallel())
+                for layer in m.layers:
+                    fully_shard(layer, mesh=mesh["dp"])
+                if shard_output:
+                    fully_shard(m.output, mesh=mesh["dp"])
+                fully_shard(m, mesh=mesh["dp"])
+            if kd:
+                loss_fn = LinearDistillationLoss(kd_ratio=0.5, chunk_size=5, divergence="jsd")
+                ref_fn = LinearDistillationLoss(kd_ratio=0.5, chunk_size=5, divergence="jsd")
+                for fn, st, te in ((loss_fn, model, teacher), (ref_fn, ref_model, ref_teacher)):
+                    fn.set_model_output(st)
+                    fn.set_teacher_output(te)
+            else:
+                loss_fn, ref_fn = LinearCrossEntropyLoss(chunk_size=5), LinearCrossEntropyLoss(chunk_size=5)
+                loss_fn.set_model_output(model)
+                ref_fn.set_model_output(ref_model)
+            out = model(tokens[dp_rank])
+            # Not separately sharded, the output weight is the FSDP2 root's unsharded parameter after the
+            # forward: a DTensor Shard(0) on the "tp" mesh. Separately sharded (and never called in
+            # hidden-states mode), it is FSDP2's 2-D parameter; tp is found by its mesh dimension name.
+            weight = loss_fn.projection.weight
+            assert isinstance(weight, DTensor) and "tp" in weight.device_mesh.mesh_dim_names, weight
+            if not shard_output:
+                assert weight.device_mesh.mesh_dim_names == ("tp",), weight.device_mesh
+            if kd:
+                with torch.no_grad():
+                    t_out = teacher(tokens[dp_rank])
+                loss = loss_fn(out, t_out, labels[dp_rank])
+            else:
+                loss = loss_fn(out, labels[dp_rank])
+            loss.backward()
+            ref_losses = []
+            for r in range(dp):
+                if kd:
+                    with torch.no_grad():
+                        ref_t = ref_teacher(tokens[r])
+                    ref = ref_fn(ref_model(tokens[r]), ref_t, labels[r])
+                else:
+                    ref = ref_fn(ref_model(tokens[r]), labels[r])
+                (ref / dp).backward()
+                ref_losses.append(ref.detach())
+            close("loss", loss.detach(), ref_losses[dp_rank], TOL_SINGLE)
+            got, expected = grads(model), grads(ref_model)
+            assert set(got) == set(expected), set(got) ^ set(expected)
+            for n in got:
+                close(f"grad {n}", got[n], expected[n], dict(rtol=1e-5, atol=1e-5))
+    finally:
+        functional.materialize_weight = original
+    assert not gathered, f"materialize_weight gathered {gathered}"
+
+
+def suite_mesh2x2():
+    """4 ranks, mesh (dp=2, tp=2): FSDP2 over dp with real data parallelism, vocabulary-parallel over tp."""
+    for shard_output in (False, True):
+        case(f"mesh2x2 fsdp2 + tp model shard_output={shard_output}", fsdp_tp_model, 2, shard_output)
 
 
 # -------------------------------------------------------------------------------------- memory
@@ -559,7 +591,9 @@ def suite_ignored():
         case(f"ignored: rank 1 all ignored, dp token count + gathered weight ({path})", one_rank_ignored, path)
 
 
-SUITES = {"pg": suite_pg, "dtensor": suite_dtensor, "memory": suite_memory, "ignored": suite_ignored}
+SUITES = {"pg": suite_pg, "dtensor": suite_dtensor, "memory": suite_memory, "ignored": suite_ignored,
+          "mesh2x2": suite_mesh2x2}
+DEFAULT_SUITES = ("pg", "dtensor", "memory", "ignored")  # 2 ranks; mesh2x2 needs 4
 
 
 def main(argv):
@@ -567,7 +601,7 @@ def main(argv):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     RANK, WORLD = dist.get_rank(), dist.get_world_size()
-    for name in argv or list(SUITES):
+    for name in argv or DEFAULT_SUITES:
         SUITES[name]()
     dist.barrier()
     dist.destroy_process_group()

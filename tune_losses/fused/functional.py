@@ -17,6 +17,7 @@ Weights (dispatch in :func:`_run`):
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -134,31 +135,55 @@ def local_vocab_shard(weight: torch.Tensor, mesh_dim: int) -> Tuple[torch.Tensor
     once per call, FSDP-style: each rank's gradient comes from its own tokens, so the shards receive
     the mean over those dimensions (as :func:`materialize_weight`).
     """
-    _, Partial, Replicate, Shard = _dtensor_types()
+    DTensor, Partial, Replicate, Shard = _dtensor_types()
     mesh = weight.device_mesh
+    ranks, rank = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    sizes = even_shard_sizes(weight.shape[0], ranks)
+    if min(sizes) < 1:
+        raise ValueError(f"weight: every rank needs at least one vocabulary row, got rows per rank {sizes} "
+                         f"(vocabulary {weight.shape[0]} over {ranks} ranks)")
     others = [i for i in range(mesh.ndim) if i != mesh_dim]
-    if others:
+    dp = 1
+    for i in others:
+        dp *= mesh.size(i)
+    if not others:
+        local = weight.to_local()
+    elif _fsdp_over_tp(weight, mesh_dim, sizes[rank], Shard):
+        # FSDP2's layout of a tensor-parallel parameter, (_StridedShard(0), Shard(0)) on (dp, tp): this
+        # rank's tp rows are split over dp like Shard(0). Gather just them over dp (the gradient is
+        # reduce-scattered back), never the whole weight (DTensor's redistribute to (Replicate,
+        # Shard(0)) passes through a fully replicated weight for this layout).
+        shape = (sizes[rank], *weight.shape[1:])
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        rows = DTensor.from_local(weight.to_local(), mesh[mesh.mesh_dim_names[others[0]]], [Shard(0)],
+                                  run_check=False, shape=shape, stride=stride)
+        local = rows.full_tensor(grad_placements=[Partial("sum")])
+    else:
         target = [Replicate()] * mesh.ndim
         target[mesh_dim] = Shard(0)
         grads = [Partial("sum")] * mesh.ndim
         grads[mesh_dim] = Shard(0)
         local = weight.redistribute(mesh, target).to_local(grad_placements=grads)
-        dp = 1
-        for i in others:
-            dp *= mesh.size(i)
-        if dp != 1:
-            local = _ScaleGrad.apply(local, 1.0 / dp)
-    else:
-        local = weight.to_local()
-    ranks, rank = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
-    sizes = even_shard_sizes(weight.shape[0], ranks)
+    if dp != 1:
+        local = _ScaleGrad.apply(local, 1.0 / dp)
     if local.shape[0] != sizes[rank]:  # pragma: no cover - a sharding torch does not make
         raise ValueError(f"weight: expected {sizes[rank]} rows on this rank (Shard(0) of {weight.shape[0]} over "
                          f"{ranks}), got {local.shape[0]}")
-    if min(sizes) < 1:
-        raise ValueError(f"weight: every rank needs at least one vocabulary row, got rows per rank {sizes} "
-                         f"(vocabulary {weight.shape[0]} over {ranks} ranks)")
     return local, mesh.get_group(mesh_dim), sum(sizes[:rank]), weight.shape[0]
+
+
+def _fsdp_over_tp(weight, mesh_dim: int, tp_rows: int, Shard) -> bool:
+    """Whether ``weight`` is FSDP2-sharded over the one other mesh dimension of a tensor-parallel
+    ``Shard(0)`` on ``mesh_dim``: ``_StridedShard(0, split_factor=tp size)`` there, the local rows a
+    ``torch.chunk`` piece of this rank's tp rows."""
+    mesh = weight.device_mesh
+    if mesh.ndim != 2 or mesh_dim != 1 or not mesh.mesh_dim_names:
+        return False
+    p = weight.placements[0]  # _StridedShard (a Shard subclass in some torch versions, not in others)
+    if not (type(p).__name__ == "_StridedShard" and getattr(p, "dim", None) == 0
+            and getattr(p, "split_factor", None) == mesh.size(mesh_dim)):
+        return False
+    return weight.to_local().shape[0] == even_shard_sizes(tp_rows, mesh.size(0))[mesh.get_local_rank(0)]
 
 
 def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, process_group, vocab_parallel, vocab_start, vocab_size,
