@@ -148,3 +148,21 @@ def test_kd_terms_of_vocab_slices_add_up_to_the_divergence(divergence, extra):
                 for sl in (slice(0, 17), slice(17, 33)))
     torch.testing.assert_close(total * opts.loss_scale, expected, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(expected).all()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_distributed_benchmark_smoke(tmp_path):
+    """``python -m benchmarks.distributed`` runs and writes its table (tiny size, CE, 2 ranks)."""
+    import json
+
+    cmd = [sys.executable, "-m", "benchmarks.distributed", "--size", "256,32,4096", "--tasks", "ce", "--ranks", "1,2",
+           "--reps", "1", "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads((tmp_path / "distributed.json").read_text())
+    by = {(c["method"], c["ranks"]): c for c in results["cases"]}
+    assert set(by) == {("plain", 1), ("ours", 1), ("ours", 2), ("loss_parallel", 2)}
+    assert all(c["peak_mib"] > 0 for c in by.values())
+    assert "| ce | ours | 2 |" in (tmp_path / "distributed.md").read_text()

@@ -188,11 +188,23 @@ def kd_chunk(
     log_p = zt.sub_(lse[1].unsqueeze(-1))
     # Entries of infinite logits (a model's masked vocabulary) count as 0, as in kd_divergence.
     inf_q, inf_p = torch.isinf(log_q), torch.isinf(log_p)
-    q, p = log_q.exp(), log_p.exp()
-    log_q.masked_fill_(inf_q, 0.0)
+    p = log_p.exp()
     log_p.masked_fill_(inf_p, 0.0)
-    closed_form = opts.divergence == "forward_kl"
-    if need_grad and not closed_form:
+    if opts.divergence == "forward_kl":
+        # The usual distillation loss, lean on memory (in place, as the single-rank closed form):
+        # terms p (log p - log q) (or torchtune's -p log q), 0 where the student's logit is infinite.
+        terms = log_p.sub(log_q) if opts.true_kl else log_q.neg()
+        partial = terms.mul_(p).masked_fill_(inf_q, 0.0).sum(-1)
+        del terms
+        dist.all_reduce(partial, op=_SUM, group=group)
+        value = partial * opts.loss_scale if opts.loss_scale != 1.0 else partial
+        if not need_grad:
+            return value, None
+        # a = -p, sum_v a_v = -1: dD/dz = (q - p) / T
+        return value, log_q.exp_().sub_(p).mul_(opts.loss_scale / t)
+    q = log_q.exp()
+    log_q.masked_fill_(inf_q, 0.0)
+    if need_grad:
         # a = dD / d log q elementwise (q = exp(log q) inside), by autograd on this chunk.
         with torch.enable_grad():
             leaf = log_q.detach().requires_grad_(True)
@@ -206,11 +218,8 @@ def kd_chunk(
     value = red[0] * opts.loss_scale if opts.loss_scale != 1.0 else red[0]
     if not need_grad:
         return value, None
-    if closed_form:  # a = -p, sum_v a_v = -1: dD/dz = (q - p) / T
-        g = q.sub_(p)
-    else:  # dD/dz_j = (a_j - q_j sum_v a_v) / T
-        g = a.sub_(q.mul_(red[1].unsqueeze(-1)))
-    return value, g.mul_(opts.loss_scale / t)
+    # dD/dz_j = (a_j - q_j sum_v a_v) / T
+    return value, a.sub_(q.mul_(red[1].unsqueeze(-1))).mul_(opts.loss_scale / t)
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -250,8 +259,10 @@ class VocabParallelPass:
         num_tokens, local_vocab = x.shape[0], w.shape[0]
         valid = labels != spec.ignore_index
         sets = 2 if spec.kd is not None else 1
-        # A chunk holds [n, V_r] logits: the chunk-size rule applied to the local vocabulary.
-        size = spec.chunk_size or default_chunk_size(num_tokens, local_vocab, x.device, sets)
+        # The single-rank chunk size (the rule on the global V): a chunk of this rank's logits [n, V_r]
+        # is 1 / ranks of a single-rank chunk, so the memory per rank shrinks with the rank count,
+        # for as many chunks (and per-chunk all-reduces) as one rank would loop over.
+        size = spec.chunk_size or default_chunk_size(num_tokens, self.vocab, x.device, sets)
         ce_all = torch.zeros(num_tokens, dtype=torch.float32, device=x.device) if spec.ce else None
         kd_all = torch.zeros(num_tokens, dtype=torch.float32, device=x.device) if spec.kd else None
         need_dx, need_dw, need_db = need
