@@ -5,10 +5,17 @@ A single device is a world of one: the same code runs under ``tune run recipes/<
 CPU, nccl on CUDA). The entry points only say which task and whether to shard.
 
 Normalization is exact (../shared/design.md, "Normalization"): before the first backward of an
-optimizer step, the valid tokens of all its micro-batches on all ranks are counted (one all-reduce,
-on device); each micro-batch then backpropagates ``loss_sum * world / global_tokens`` (FSDP2 averages
-gradients over ranks, hence ``* world``). Gradients are never rescaled afterwards, so batch 4,
-batch 2 x 2 accumulation steps and 2 ranks x batch 2 give the same loss and gradient norm.
+optimizer step, the valid tokens of all its micro-batches on all data-parallel ranks are counted (one
+all-reduce, on device); each micro-batch then backpropagates ``loss_sum * dp / global_tokens`` (FSDP2
+averages gradients over the dp ranks, hence ``* dp``). Gradients are never rescaled afterwards, so
+batch 4, batch 2 x 2 accumulation steps and 2 ranks x batch 2 give the same loss and gradient norm.
+
+Tensor parallelism (``tensor_parallel_dim: T``, distributed recipes, fused losses): a 2-D mesh
+``(dp, tp) = (world / T, T)``; the output projection is sharded over the vocabulary on ``tp``
+(``ColwiseParallel``: weight ``Shard(0)``), which the fused losses compute vocabulary-parallel
+(:mod:`tune_losses.fused.vocab_parallel`); everything is FSDP2-sharded over ``dp``. The ``T`` ranks of
+one dp group read the same batch and hold the same replicated layers, so their losses, hidden-state
+gradients and layer gradients agree; tokens are counted over dp only.
 
 How the model feeds the loss is decided by what the loss is
 (:func:`tune_losses.configure_model_for_loss`): fused linear losses get hidden states, chunked-output
@@ -70,21 +77,44 @@ def loss_sum_and_count(loss_fn: nn.Module, *args) -> LossSum:
     return LossSum(torch.where(count > 0, mean * count, torch.zeros_like(mean)), count)
 
 
+def _replicas(grad: torch.Tensor, world: int) -> int:
+    """How many ranks hold this very gradient (shard): its squares are summed over the world once.
+
+    A DTensor is split over the mesh dimensions where it is sharded (FSDP2's ``Shard`` /
+    ``_StridedShard``, tensor parallel's ``Shard(0)``) and repeated everywhere else: over its mesh's
+    ``Replicate`` dimensions and over the ranks outside its mesh (a layer FSDP-sharded over ``dp`` is
+    repeated on every ``tp`` rank). A plain tensor is repeated on every rank.
+    """
+    if not hasattr(grad, "placements"):
+        return world
+    mesh, shards = grad.device_mesh, 1
+    for i, p in enumerate(grad.placements):
+        if p.is_shard() or type(p).__name__ == "_StridedShard":  # not a Shard subclass in torch 2.13
+            shards *= mesh.size(i)
+    return max(world // shards, 1)
+
+
 def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip gradients to ``max_norm`` by their global L2 norm, computed in fp64; returns the norm.
 
     torch's ``clip_grad_norm_`` sums squares in fp32 and was measured 8e-5 (single process) and 3e-5
     (FSDP2 shards) off the fp64 norm of the very same gradients on the tiny model: too coarse to
-    compare runs at 1e-4. FSDP2 gradients are ``Shard(0)`` DTensors: each rank adds its local
-    shard's squares, one all-reduce sums them.
+    compare runs at 1e-4. FSDP2 gradients are DTensors: each rank adds its local shard's squares
+    divided by the number of ranks holding that same shard (:func:`_replicas`: 1 under plain FSDP2;
+    the tensor-parallel degree for layers replicated over tp), and one all-reduce sums them, so every
+    parameter counts once.
     """
     grads = [p.grad for p in params if p.grad is not None]
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     device = local[0].device if local else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float64, device=device)
-    for g in local:
-        sq += torch.linalg.vector_norm(g, dtype=torch.float64).square()
-    if any(hasattr(g, "to_local") for g in grads) and dist.is_initialized():
+    reduce = any(hasattr(g, "to_local") for g in grads) and dist.is_initialized()
+    world = dist.get_world_size() if reduce else 1
+    for g, g_local in zip(grads, local):
+        sq_g = torch.linalg.vector_norm(g_local, dtype=torch.float64).square()
+        n = _replicas(g, world) if reduce else 1
+        sq += sq_g / n if n != 1 else sq_g
+    if reduce:
         dist.all_reduce(sq)
     norm = sq.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -101,7 +131,7 @@ class LossRecipe:
     dataset, loss, optimizer, lr_scheduler, batch_size, gradient_accumulation_steps, epochs,
     max_steps_per_epoch, clip_grad_norm, seed, shuffle, device, dtype, metric_logger, log_every_n_steps,
     output_dir, resume_from_checkpoint, save_every_n_steps, stop_after_steps,
-    enable_activation_checkpointing, log_loss_memory; KD adds teacher_model, teacher_checkpointer,
+    enable_activation_checkpointing, log_loss_memory, tensor_parallel_dim (distributed); KD adds teacher_model, teacher_checkpointer,
     kd_loss and kd_ratio (unless the loss is a fused distillation loss, which carries its own).
     """
 
@@ -117,6 +147,7 @@ class LossRecipe:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_rank_zero = self.rank == 0
         self.device = utils.get_device(cfg.device)
+        self._setup_parallelism(cfg)
         self.dtype = training.get_dtype(cfg.dtype, device=self.device)
         # null seeds as 0: every rank and every resumed run must agree on it.
         self.seed = int(cfg.seed) if cfg.get("seed", None) is not None else 0
@@ -133,6 +164,39 @@ class LossRecipe:
         self.epochs_run = 0
 
     # ------------------------------------------------------------------------------------------ setup
+    def _setup_parallelism(self, cfg: DictConfig) -> None:
+        """Data-parallel size / rank / group, and the ``(dp, tp)`` mesh when ``tensor_parallel_dim > 1``."""
+        tp = cfg.get("tensor_parallel_dim", 1)
+        if not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_dim: expected an int >= 1, got {tp!r}")
+        if tp > 1 and not self.distributed:
+            raise ValueError(f"tensor_parallel_dim: {tp} needs a distributed recipe "
+                             f"(tune run --nproc_per_node N recipes/<x>_distributed.py); the single-device ones take 1")
+        if self.world_size % tp:
+            raise ValueError(f"tensor_parallel_dim: expected a divisor of the world size {self.world_size}, got {tp}")
+        self.tp = tp
+        self.mesh = None
+        self.dp_size, self.dp_rank, self.dp_group = self.world_size, self.rank, None
+        if tp > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (self.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+            self.dp_size = self.world_size // tp
+            self.dp_rank = self.mesh.get_local_rank("dp")
+            self.dp_group = self.mesh["dp"].get_group()
+
+    def _check_tensor_parallel_losses(self) -> None:
+        """Tensor parallelism shards the logits' vocabulary: only fused losses (hidden states in) see it."""
+        if self.tp == 1:
+            return
+        fused = callable(getattr(self.loss_fn, "set_model_output", None))
+        if not fused or (self.task == "kd" and not callable(getattr(self.loss_fn, "set_teacher_output", None))):
+            raise ValueError(
+                f"tensor_parallel_dim: {self.tp} needs a fused loss (tune_losses.LinearCrossEntropyLoss, or "
+                f"tune_losses.LinearDistillationLoss for KD), which computes the vocabulary-sharded output "
+                f"projection without gathering logits; got loss {type(self.loss_fn).__name__}"
+            )
+
     def setup(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         # Same seed on every rank for model init (LoRA weights are not in the checkpoint), so a sharded
@@ -148,6 +212,7 @@ class LossRecipe:
         self.model = self._build_model(cfg.model, ckpt[training.MODEL_KEY], trainable=True,
                                        activation_checkpointing=cfg.get("enable_activation_checkpointing", False))
         self.loss_fn = config.instantiate(cfg.loss)
+        self._check_tensor_parallel_losses()
         self.ignore_index = getattr(self.loss_fn, "ignore_index", -100)
         self.output_mode = configure_model_for_loss(self.model, self.loss_fn)
 
@@ -166,7 +231,8 @@ class LossRecipe:
                 # The teacher emits what the student emits (same chunk count and split): the KD loss pairs them.
                 configure_model_for_loss(self.teacher, self.loss_fn)
         log.info(f"rank {self.rank}: {self.task} with {type(self.loss_fn).__name__}, model output mode "
-                 f"'{self.output_mode}', world size {self.world_size}")
+                 f"'{self.output_mode}', world size {self.world_size}"
+                 + (f" (data parallel {self.dp_size} x tensor parallel {self.tp})" if self.tp > 1 else ""))
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, params)
@@ -190,9 +256,13 @@ class LossRecipe:
             training.set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
         if self.distributed:
             from torch.distributed.fsdp import fully_shard
+            dp_mesh = None
+            if self.tp > 1:
+                self._shard_output_over_vocab(model)
+                dp_mesh = self.mesh["dp"]
             for layer in model.layers:
-                fully_shard(layer)
-            fully_shard(model)
+                fully_shard(layer, mesh=dp_mesh)
+            fully_shard(model, mesh=dp_mesh)
         # LoRA models lack their adapter weights in the base checkpoint: load non-strictly, then check
         # that only adapter keys were missing.
         result = set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True,
@@ -207,9 +277,23 @@ class LossRecipe:
                 p.requires_grad_(False)
         return model
 
+    def _shard_output_over_vocab(self, model: nn.Module) -> None:
+        """Tensor parallel output projection: weight (and bias) ``Shard(0)`` over the vocabulary on ``tp``."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        head = output_projection(model).head
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                f"tensor_parallel_dim: expected the model's output projection to be an nn.Linear to shard over the "
+                f"vocabulary, got {type(head).__name__} (tied embeddings and LoRA output layers are not supported)"
+            )
+        # ColwiseParallel's hooks only run when the head itself is called (never in hidden-states mode).
+        parallelize_module(head, self.mesh["tp"], ColwiseParallel())
+
     def _build_data(self, cfg: DictConfig):
         ds = config.instantiate(cfg.dataset, self.tokenizer)
-        sampler = DistributedSampler(ds, num_replicas=self.world_size, rank=self.rank,
+        # Ranks of one dp group (its tp ranks) read the same samples.
+        sampler = DistributedSampler(ds, num_replicas=self.dp_size, rank=self.dp_rank,
                                      shuffle=bool(cfg.shuffle), seed=self.seed, drop_last=True)
         collate = partial(padded_collate_sft, padding_idx=self.tokenizer.pad_id, ignore_idx=self.ignore_index)
         loader = DataLoader(ds, batch_size=int(cfg.batch_size), sampler=sampler, collate_fn=collate, drop_last=True)
@@ -274,8 +358,8 @@ class LossRecipe:
             utils.batch_to_device(batch, self.device)
         labels = [_shift_labels(b.pop("labels"), self.ignore_index) for b in micro]
         # Exact normalization: the step's valid tokens over micro-batches and ranks, before any backward.
-        global_tokens = count_step_tokens(labels, self.ignore_index)
-        scale = self.world_size / global_tokens.clamp(min=1).float()
+        global_tokens = count_step_tokens(labels, self.ignore_index, group=self.dp_group)
+        scale = self.dp_size / global_tokens.clamp(min=1).float()
         if self.global_step == 0 and self.cfg.get("log_loss_memory", False):
             self._log_loss_memory(micro[0], labels[0])
         sums: Dict[str, torch.Tensor] = {}
@@ -295,13 +379,13 @@ class LossRecipe:
             self.lr_scheduler.step()
         # Logging: one all-reduce of the step's sums, then the host reads them (outside the loss math).
         keys = sorted(sums)
-        stacked = all_reduce_token_count(torch.stack([sums[k] for k in keys]))
+        stacked = all_reduce_token_count(torch.stack([sums[k] for k in keys]), group=self.dp_group)
         denom = global_tokens.clamp(min=1).float()
         metrics = {k: float(v) for k, v in zip(keys, (stacked / denom).tolist())}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        metrics["tokens_per_second_per_rank"] = float(global_tokens) / self.world_size / (time.perf_counter() - start)
+        metrics["tokens_per_second_per_rank"] = float(global_tokens) / self.dp_size / (time.perf_counter() - start)
         return metrics
 
     def _log_loss_memory(self, batch: Dict[str, torch.Tensor], labels: torch.Tensor) -> None:
