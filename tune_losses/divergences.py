@@ -69,26 +69,34 @@ def cross_entropy_with_grad(
     safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
     if opts.softcap is not None:
         z = _softcap(z, opts.softcap) if z is not logits else z.div_(opts.softcap).tanh_().mul_(opts.softcap)
-    lse = torch.logsumexp(z, dim=-1)
     z_y = z.gather(-1, safe).squeeze(-1)
+    mean_z = z.mean(dim=-1) if opts.label_smoothing > 0 else None
+    # softcap's chain rule needs tanh = z / s, read before z is overwritten by the softmax.
+    dcap = None if opts.softcap is None else 1 - (z / opts.softcap).square()
+    # One exp pass serves both the logsumexp and the softmax (torch.logsumexp would make its own
+    # [n, V] temporary and a second exp pass): z <- exp(z - max), lse = max + log(sum), softmax = z / sum.
+    zmax = z.amax(dim=-1, keepdim=True)
+    g = z.sub_(zmax).exp_()
+    sumexp = g.sum(dim=-1, keepdim=True)
+    lse = (zmax + sumexp.log()).squeeze(-1)
     loss = lse - z_y
     if opts.label_smoothing > 0:
         eps = opts.label_smoothing
-        loss = (1 - eps) * loss + eps * (lse - z.mean(dim=-1))
+        loss = (1 - eps) * loss + eps * (lse - mean_z)
     if opts.z_loss > 0:
         loss = loss + opts.z_loss * lse.square()
-    # softcap's chain rule needs tanh = z / s, read before z is overwritten by the softmax.
-    dcap = None if opts.softcap is None else 1 - (z / opts.softcap).square()
-    # d/dz: softmax * (1 + 2 c lse) - (1 - eps) onehot - eps / V
-    g = z.sub_(lse.unsqueeze(-1)).exp_()
+    # d/dz: softmax * (1 + 2 c lse) - (1 - eps) onehot - eps / V, all zero at ignored tokens. The
+    # softmax normalization, the z-loss factor and the ignore mask are one per-row scale: one pass.
+    row = valid.unsqueeze(-1) / sumexp
     if opts.z_loss > 0:
-        g.mul_((1 + 2 * opts.z_loss * lse).unsqueeze(-1))
-    g.scatter_add_(-1, safe, torch.full_like(z_y, -(1 - opts.label_smoothing)).unsqueeze(-1))
+        row = row * (1 + 2 * opts.z_loss * lse).unsqueeze(-1)
+    g.mul_(row)
+    onehot = -(1 - opts.label_smoothing) * valid.to(g.dtype)
+    g.scatter_add_(-1, safe, onehot.unsqueeze(-1))
     if opts.label_smoothing > 0:
-        g.sub_(opts.label_smoothing / vocab)
+        g.sub_((opts.label_smoothing / vocab) * valid.unsqueeze(-1))
     if dcap is not None:
         g.mul_(dcap)
-    g.mul_(valid.unsqueeze(-1))
     return torch.where(valid, loss, torch.zeros_like(loss)), g
 
 
