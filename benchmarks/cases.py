@@ -1,0 +1,207 @@
+"""What is measured: sizes, inputs and one loss function per (task, method).
+
+Tasks: ``ce`` (linear + cross-entropy) and ``kd`` (linear + forward KL to a teacher's projection).
+Every method gets the same inputs, hidden ``[1, N, H]`` (batch 1, N tokens, so torchtune's
+``[B, S]`` API applies), weight ``[V, H]``, labels ``[1, N]``; the timed step is forward plus the
+backward that fills the student's ``hidden.grad`` and ``weight.grad``. The teacher (KD) has no
+gradient.
+
+Kept free of measuring code so that :mod:`benchmarks.worker` (one process per case) and the tests
+can import it cheaply; peers' packages are imported only when their method is built.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+TASKS = ("ce", "kd")
+TASK_TITLES = {"ce": "linear + cross-entropy", "kd": "linear + forward KL (distillation)"}
+METHODS = {
+    "ce": ("plain", "compile", "torchtune", "torch_chunked", "liger", "cce", "ours", "ours_recompute"),
+    "kd": ("plain", "compile", "torchtune", "liger", "ours", "ours_recompute"),
+}
+TORCHTUNE_CHUNKS = 8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Size:
+    """One problem size: tokens ``n``, hidden ``h``, vocabulary ``v``, dtype name, device type."""
+
+    n: int
+    h: int
+    v: int
+    dtype: str = "fp32"
+    device: str = "cpu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def key(self) -> str:
+        return f"N={self.n} H={self.h} V={self.v} {self.dtype} {self.device}"
+
+    def floor_bytes(self) -> Dict[str, int]:
+        """The unavoidable bytes of a fused fwd+bwd: the gradients dX ``[N, H]`` and dW ``[V, H]`` in
+        the input dtype, and one fp32 log-sum-exp per token."""
+        es = torch.finfo(self.torch_dtype).bits // 8
+        parts = {"dX": self.n * self.h * es, "dW": self.v * self.h * es, "lse": self.n * 4}
+        parts["total"] = sum(parts.values())
+        return parts
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The target size of the checks (CPU fp32) and the default sets.
+TARGET = Size(2048, 256, 32768)
+CPU_SIZES = [
+    Size(1024, 256, 32768),
+    TARGET,
+    Size(4096, 256, 32768),
+    Size(1024, 512, 128256),  # Llama 3 vocabulary
+    Size(512, 256, 32768, "bf16"),  # CPU has no native bf16: small only
+]
+CPU_QUICK_SIZES = [Size(512, 64, 16384)]
+CUDA_SIZES = [
+    Size(4096, 4096, 128256, "bf16", "cuda"),
+    Size(8192, 4096, 128256, "bf16", "cuda"),
+    Size(16384, 4096, 128256, "bf16", "cuda"),
+    Size(8192, 4096, 128256, "fp32", "cuda"),
+]
+CUDA_QUICK_SIZES = [Size(2048, 1024, 32768, "bf16", "cuda"), Size(4096, 1024, 32768, "bf16", "cuda")]
+
+
+def make_inputs(task: str, size: Size, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Inputs with logits of unit scale (``x ~ N(0, 1)``, ``w ~ N(0, 1/H)``), all labels valid."""
+    g = torch.Generator().manual_seed(seed)
+    dt, dev = size.torch_dtype, size.device
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dt)
+
+    out = {
+        "hidden": rand(1, size.n, size.h).requires_grad_(True),
+        "weight": rand(size.v, size.h, scale=size.h ** -0.5).requires_grad_(True),
+        "labels": torch.randint(0, size.v, (1, size.n), generator=g).to(dev),
+    }
+    if task == "kd":
+        out["t_hidden"] = rand(1, size.n, size.h)
+        out["t_weight"] = rand(size.v, size.h, scale=size.h ** -0.5)
+    return out
+
+
+def unavailable(task: str, method: str, size: Size) -> Optional[str]:
+    """Why ``method`` cannot run here (shown as ``n/a (reason)``), or None."""
+    if method not in METHODS[task]:
+        return "not implemented for this loss"
+    if method in ("liger", "cce"):
+        module = "liger_kernel" if method == "liger" else "cut_cross_entropy"
+        if size.device != "cuda" or importlib.util.find_spec("triton") is None:
+            return "needs CUDA + Triton"
+        if importlib.util.find_spec(module) is None:
+            return f"{module} not installed"
+    if size.device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+# ---- the loss functions: (inputs) -> scalar loss ---------------------------------------------
+
+def _plain_ce(hidden, weight, labels):
+    logits = F.linear(hidden, weight)  # [1, N, V] in the input dtype, as eager PyTorch
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def _plain_kd(hidden, weight, t_hidden, t_weight, labels):
+    log_q = F.log_softmax(F.linear(hidden, weight), dim=-1)
+    log_p = F.log_softmax(F.linear(t_hidden, t_weight), dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    mask = labels != -100
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
+    """The loss of ``method`` as a function of :func:`make_inputs`' dict."""
+    if method == "plain":
+        fn = _plain_ce if task == "ce" else _plain_kd
+    elif method == "compile":
+        fn = torch.compile(_plain_ce if task == "ce" else _plain_kd)
+    elif method == "torchtune":
+        from torchtune.modules import loss as tt
+
+        if task == "ce":
+            loss_fn = tt.CEWithChunkedOutputLoss(num_output_chunks=TORCHTUNE_CHUNKS)
+
+            def fn(hidden, weight, labels):
+                return loss_fn([F.linear(c, weight) for c in hidden.chunk(TORCHTUNE_CHUNKS, dim=1)], labels)
+        else:
+            loss_fn = tt.ForwardKLWithChunkedOutputLoss(num_output_chunks=TORCHTUNE_CHUNKS)
+
+            def fn(hidden, weight, t_hidden, t_weight, labels):
+                with torch.no_grad():
+                    teacher = [F.linear(c, t_weight) for c in t_hidden.chunk(TORCHTUNE_CHUNKS, dim=1)]
+                student = [F.linear(c, weight) for c in hidden.chunk(TORCHTUNE_CHUNKS, dim=1)]
+                return loss_fn(student, teacher, labels)
+    elif method == "torch_chunked":
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def fn(hidden, weight, labels):
+            return F.linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), options=options)
+    elif method == "liger":
+        if task == "ce":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            loss_fn = LigerFusedLinearCrossEntropyLoss()
+
+            def fn(hidden, weight, labels):
+                return loss_fn(weight, hidden.flatten(0, 1), labels.flatten())
+        else:
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            loss_fn = LigerFusedLinearJSD(jsd_beta=0.0)  # beta = 0: forward KL(teacher || student)
+
+            def fn(hidden, weight, t_hidden, t_weight, labels):
+                return loss_fn(hidden.flatten(0, 1), weight, t_hidden.flatten(0, 1), t_weight, labels.flatten())
+    elif method == "cce":
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        def fn(hidden, weight, labels):
+            return cce(hidden.flatten(0, 1), weight, labels.flatten())
+    elif method.partition("@")[0] in ("ours", "ours_recompute"):
+        import tune_losses
+
+        # "ours@128": an explicit chunk size (tokens), for benchmarks.sweep_chunks.
+        name, _, chunk = method.partition("@")
+        kw = {"algorithm": "recompute" if name == "ours_recompute" else "auto",
+              "chunk_size": int(chunk) if chunk else None}
+        if task == "ce":
+            def fn(hidden, weight, labels):
+                return tune_losses.linear_cross_entropy(hidden, weight, labels, **kw)
+        else:
+            def fn(hidden, weight, t_hidden, t_weight, labels):
+                return tune_losses.linear_kd_loss(hidden, weight, t_hidden, t_weight, labels,
+                                                  divergence="forward_kl", **kw)
+    else:
+        raise ValueError(f"unknown method {method!r} (known: {sorted(set(METHODS['ce']) | set(METHODS['kd']))})")
+    return lambda inputs: fn(**inputs)
+
+
+def step(loss_fn, inputs: Dict[str, torch.Tensor]) -> None:
+    """One measured step: forward, then backward into ``hidden.grad`` and ``weight.grad``."""
+    loss_fn(inputs).backward()
+
+
+def clear_grads(inputs: Dict[str, torch.Tensor]) -> None:
+    for t in inputs.values():
+        t.grad = None
+
+
+def method_list(task: str) -> List[str]:
+    return list(METHODS[task])
