@@ -8,7 +8,7 @@ sizes and the ratios against the peers of the same run; ``results.json``, ``resu
 
 Usage::
 
-    python -m benchmarks.run                 # CPU default sizes (about 20 minutes on 2 cores)
+    python -m benchmarks.run                 # CPU default sizes (about 40 minutes on 2 cores)
     python -m benchmarks.run --quick         # a tiny smoke run (under 2 minutes)
     python -m benchmarks.run --device cuda   # larger bf16 sizes on a GPU
 """
@@ -126,7 +126,7 @@ def benchmark(sizes: List[Size], tasks: List[str], methods: Optional[List[str]],
         if not ms:
             continue
         job = dict(base, kind="time", task=case["task"], methods=ms, size=case["size"], repeats=args.repeats,
-                   warmup=1)
+                   warmup=1, slow_s=args.slow_s)
         t0 = time.perf_counter()
         res = run_job(job, args.timeout)
         _log(f"  time {case['task']} {Size(**case['size']).key}: {time.perf_counter() - t0:.0f} s")
@@ -166,13 +166,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per size (default 5; quick 3)")
     p.add_argument("--mem-reps", type=int, default=None, help="memory readings per case (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, all methods")
-    p.add_argument("--jobs", type=int, default=None, help="parallel memory processes (default 1; quick 2)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="memory processes run at once (resident memory is per process, so CPU contention "
+                        "does not change it; time is always measured one process at a time)")
+    p.add_argument("--slow-s", type=float, default=10.0,
+                   help="a method whose step takes longer is timed over 3 rounds only")
     p.add_argument("--malloc-arena-max", type=int, default=2, help="MALLOC_ARENA_MAX for every worker")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.mem_reps = args.mem_reps or (1 if args.quick else 3)
-    args.jobs = args.jobs or (2 if args.quick else 1)
 
     if args.size:
         sizes = [parse_size(s, args.device) for s in args.size]
