@@ -28,11 +28,11 @@ import os
 import time
 from functools import partial
 from itertools import islice
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from tune_losses.chunking import token_chunk_bounds
-from tune_losses.divergences import cross_entropy_with_grad, kd_divergence, kd_divergence_with_grad
+from tune_losses.divergences import cross_entropy_with_grad, kd_divergence_with_grad
 from tune_losses.options import CEOptions, KDOptions
 
 # Elements of one fp32 chunk of logits ([n, V]); the chunk size is this divided by V (a power of 2),
@@ -125,6 +125,31 @@ def accumulate_chunk_grads(
         db.add_(g.sum(0))
 
 
+class LocalChunkMath:
+    """Per-chunk math when this process holds every vocabulary row of the weight.
+
+    :func:`chunk_pass` asks it for the vocabulary size (for the chunk rule), each chunk's CE and KD
+    values with their logit gradients, and a last word on dX. The vocabulary-parallel losses give
+    the loop another such object (:class:`tune_losses.fused.vocab_parallel.VocabParallelPass`)
+    whose math all-reduces across the ranks holding the other rows: the loop itself is shared.
+    """
+
+    def vocab_size(self, w: torch.Tensor) -> int:
+        return w.shape[0]
+
+    def ce(self, z, labels, valid, opts: CEOptions, need_grad: bool):
+        return cross_entropy_with_grad(z, labels, opts)
+
+    def kd(self, zs, zt, opts: KDOptions, need_grad: bool):
+        return kd_divergence_with_grad(zs, zt, opts, need_grad)
+
+    def finish_dx(self, dx: torch.Tensor) -> None:
+        """Nothing to do: a whole-vocabulary dX is complete."""
+
+
+LOCAL_MATH = LocalChunkMath()
+
+
 def chunk_pass(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -137,6 +162,7 @@ def chunk_pass(
     token_weight: Optional[torch.Tensor],
     need: Tuple[bool, bool, bool],
     grad_scale: Optional[torch.Tensor] = None,
+    math: LocalChunkMath = LOCAL_MATH,
 ):
     """One pass over all token chunks.
 
@@ -149,6 +175,7 @@ def chunk_pass(
         need: which of (dx, dw, db) to compute.
         grad_scale: 0-dim fp32 factor applied to every gradient while still in fp32 (the
             ``1 / num_tokens`` of ``reduction="mean"``), or None.
+        math: the per-chunk math (:class:`LocalChunkMath`, or a vocabulary-parallel one).
 
     Returns:
         ``(ce [N] fp32 or None, kd [N] fp32 or None, dx, dw, db)``; per-token values are 0 at
@@ -158,7 +185,7 @@ def chunk_pass(
     vocab = w.shape[0]
     valid = labels != spec.ignore_index
     sets = 2 if spec.kd is not None else 1
-    size = spec.chunk_size or default_chunk_size(num_tokens, vocab, x.device, sets)
+    size = spec.chunk_size or default_chunk_size(num_tokens, math.vocab_size(w), x.device, sets)
     ce_all = torch.zeros(num_tokens, dtype=torch.float32, device=x.device) if spec.ce else None
     kd_all = torch.zeros(num_tokens, dtype=torch.float32, device=x.device) if spec.kd else None
     need_dx, need_dw, need_db = need
@@ -171,7 +198,7 @@ def chunk_pass(
         xc, lab, ok = x[start:end], labels[start:end], valid[start:end]
         g = None
         if spec.ce is not None:
-            ce, g_ce = cross_entropy_with_grad(_logits(xc, w, b), lab, spec.ce)
+            ce, g_ce = math.ce(_logits(xc, w, b), lab, ok, spec.ce, any_grad)
             ce_all[start:end] = ce
             if any_grad:
                 g = g_ce.mul_(spec.ce_weight) if spec.ce_weight != 1.0 else g_ce
@@ -179,7 +206,7 @@ def chunk_pass(
         if spec.kd is not None:
             with torch.no_grad():
                 zt = _logits(tx[start:end], tw, tb)
-            kd, g_kd = kd_divergence_with_grad(_logits(xc, w, b), zt, spec.kd, any_grad)
+            kd, g_kd = math.kd(_logits(xc, w, b), zt, spec.kd, any_grad)
             del zt
             kd_all[start:end] = torch.where(ok, kd, 0.0)
             if any_grad:
@@ -190,6 +217,8 @@ def chunk_pass(
             continue
         accumulate_chunk_grads(g, xc, w, slice(start, end), dx, dw, db, token_weight, grad_scale)
         del g
+    if need_dx:
+        math.finish_dx(dx)
     return ce_all, kd_all, dx, dw, db
 
 

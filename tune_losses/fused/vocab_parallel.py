@@ -36,9 +36,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from tune_losses.chunking import token_chunk_bounds
 from tune_losses.divergences import kd_terms
-from tune_losses.fused.engine import FusedSpec, _logits, accumulate_chunk_grads, default_chunk_size
+from tune_losses.fused.engine import FusedSpec, chunk_pass
 from tune_losses.options import CEOptions, KDOptions
 
 _MAX = dist.ReduceOp.MAX if dist.is_available() else None
@@ -242,60 +241,23 @@ class VocabParallelPass:
     start: int
     vocab: int
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        w: torch.Tensor,
-        b: Optional[torch.Tensor],
-        labels: torch.Tensor,
-        tx: Optional[torch.Tensor],
-        tw: Optional[torch.Tensor],
-        tb: Optional[torch.Tensor],
-        spec: FusedSpec,
-        token_weight: Optional[torch.Tensor],
-        need: Tuple[bool, bool, bool],
-        grad_scale: Optional[torch.Tensor] = None,
-    ):
-        num_tokens, local_vocab = x.shape[0], w.shape[0]
-        valid = labels != spec.ignore_index
-        sets = 2 if spec.kd is not None else 1
-        # The single-rank chunk size (the rule on the global V): a chunk of this rank's logits [n, V_r]
-        # is 1 / ranks of a single-rank chunk, so the memory per rank shrinks with the rank count,
-        # for as many chunks (and per-chunk all-reduces) as one rank would loop over.
-        size = spec.chunk_size or default_chunk_size(num_tokens, self.vocab, x.device, sets)
-        ce_all = torch.zeros(num_tokens, dtype=torch.float32, device=x.device) if spec.ce else None
-        kd_all = torch.zeros(num_tokens, dtype=torch.float32, device=x.device) if spec.kd else None
-        need_dx, need_dw, need_db = need
-        dx = torch.empty_like(x) if need_dx else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
-        db = torch.zeros(local_vocab, dtype=torch.float32, device=w.device) if need_db else None
-        any_grad = need_dx or need_dw or need_db
+    # The per-chunk math :func:`chunk_pass` asks of it (see LocalChunkMath): all-reduced over the group.
+    def vocab_size(self, w: torch.Tensor) -> int:
+        # The single-rank chunk size (the rule on the global V): a chunk of this rank's logits
+        # [n, V_r] is 1 / ranks of a single-rank chunk, so the memory per rank shrinks with the rank
+        # count, for as many chunks (and per-chunk all-reduces) as one rank would loop over.
+        return self.vocab
 
-        for start, end in token_chunk_bounds(num_tokens, size):
-            xc, lab, ok = x[start:end], labels[start:end], valid[start:end]
-            g = None
-            if spec.ce is not None:
-                ce, g_ce = ce_chunk(_logits(xc, w, b), lab, ok, spec.ce, self.start, self.vocab, self.group,
-                                    any_grad)
-                ce_all[start:end] = ce
-                if any_grad:
-                    g = g_ce.mul_(spec.ce_weight) if spec.ce_weight != 1.0 else g_ce
-                del g_ce
-            if spec.kd is not None:
-                with torch.no_grad():
-                    zt = _logits(tx[start:end], tw, tb)
-                kd, g_kd = kd_chunk(_logits(xc, w, b), zt, spec.kd, self.group, any_grad)
-                del zt
-                kd_all[start:end] = torch.where(ok, kd, 0.0)
-                if any_grad:
-                    g_kd.mul_(ok.unsqueeze(-1) * spec.kd_weight)
-                    g = g_kd if g is None else g.add_(g_kd)
-                del g_kd
-            if not any_grad:
-                continue
-            accumulate_chunk_grads(g, xc, w, slice(start, end), dx, dw, db, token_weight, grad_scale)
-            del g
-        if need_dx:
-            # Each rank's dX holds its vocabulary rows' share: one all-reduce for the whole call.
-            dist.all_reduce(dx, op=_SUM, group=self.group)
-        return ce_all, kd_all, dx, dw, db
+    def ce(self, z, labels, valid, opts: CEOptions, need_grad: bool):
+        return ce_chunk(z, labels, valid, opts, self.start, self.vocab, self.group, need_grad)
+
+    def kd(self, zs, zt, opts: KDOptions, need_grad: bool):
+        return kd_chunk(zs, zt, opts, self.group, need_grad)
+
+    def finish_dx(self, dx: torch.Tensor) -> None:
+        # Each rank's dX holds its vocabulary rows' share: one all-reduce for the whole call.
+        dist.all_reduce(dx, op=_SUM, group=self.group)
+
+    def __call__(self, x, w, b, labels, tx, tw, tb, spec: FusedSpec, token_weight, need, grad_scale=None):
+        """:func:`chunk_pass` with this vocabulary-parallel math."""
+        return chunk_pass(x, w, b, labels, tx, tw, tb, spec, token_weight, need, grad_scale, math=self)
