@@ -29,14 +29,14 @@ from tune_losses.options import CEOptions, KDOptions
 # Elements of one fp32 chunk of logits ([n, V]); the chunk size is this divided by V (a power of 2),
 # but never fewer than _MIN_CHUNK_TOKENS tokens. Measured with `python -m benchmarks.sweep_chunks`
 # (fwd+bwd, CPU fp32, 2 threads, median of 5 interleaved rounds; peak = RSS above the inputs):
-#   CE N=2048 H=256 V=32768, chunk tokens 32/64/128/256/512: peak 42/57/66/98/162 MiB (plain 768,
-#     torch's chunked linear_cross_entropy 68), time 4.3/2.4/1.7/1.25/1.05x plain. Each chunk holds
-#     two [n, V] fp32 buffers at once (logits and logsumexp's temporary), so 2^22 (128 tokens here) is
-#     the largest that stays under torch's chunked peak and 0.1x plain.
-#   KD forward KL, same size, 32/64/128/256: peak 50/66/98/162 MiB (torchtune chunked 1152), time
-#     1.09/0.92/0.83/0.87x torchtune's: 128 tokens, not the 64 that 2^22 / (2 V) gives.
-#   CE N=1024 H=512 V=128256, 16/32/64/128/256: peak 268/284/315/377/502 MiB (plain 1503), time
-#     2.42/1.64/1.21/1.08/1.04x plain.
+#   CE N=2048 H=256 V=32768, chunk tokens 32/64/128/256/512: peak 38/42/50/66/98 MiB (plain 768,
+#     torch's chunked linear_cross_entropy 68), time 1.32/0.93/0.82/0.85/0.83x plain. 2^22 (128
+#     tokens here) is as fast as any and keeps a wide margin under torch's chunked peak.
+#   KD forward KL, same size, 32/64/128/256: peak 50/66/98/162 MiB (torchtune's chunked 1152), time
+#     1.09/0.92/0.83/0.87x torchtune's on a quiet machine (3.6/1.5/1.09/0.94x under a load average
+#     of 3): 128 tokens, not the 64 that 2^22 / (2 V) gives; 256 would leave no margin to 0.15x.
+#   CE N=1024 H=512 V=128256, 32/64/128/256: peak 268/284/315/378 MiB (plain 1503), time
+#     1.85/1.26/1.05/1.20x plain: 128 tokens, not the 32 that 2^22 / V gives.
 # Fewer than ~128 rows make every matmul and reduction of a chunk slow on CPU (the logits matmul
 # [n, H] @ [H, V] runs 1.5x slower at 128 rows and 2.2x at 64 than at 2048), hence the minimum; a
 # [128, V] buffer is no larger than dW [V, H] whenever H >= 128. CUDA: larger chunks (unmeasured here).
