@@ -113,6 +113,10 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+_COLORS = {"plain": "tab:blue", "compile": "tab:orange", "torchtune": "tab:green", "torch_chunked": "tab:red",
+           "liger": "tab:pink", "cce": "tab:olive", "ours": "tab:purple", "ours_recompute": "tab:brown"}
+
+
 def plot(results: dict, path: str) -> Optional[str]:
     """Peak memory against N, one line per method, one panel per task (sizes sharing H, V, dtype)."""
     import matplotlib
@@ -134,8 +138,9 @@ def plot(results: dict, path: str) -> Optional[str]:
         for m in methods:
             pts = [(c["size"]["n"], c["methods"][m]["peak_bytes"] / MIB) for c in cases
                    if _ok(c["methods"].get(m, {}), "peak_bytes")]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m, linestyle="-" if m.startswith("ours") else "--")
+            if pts:  # one colour per method in both panels; ours_recompute often lies on ours
+                ax.plot(*zip(*pts), label=m, color=_COLORS.get(m), marker="x" if m == "ours_recompute" else "o",
+                        linestyle=":" if m == "ours_recompute" else "-" if m == "ours" else "--")
         ns = [c["size"]["n"] for c in cases]
         ax.plot(ns, [c["floor"]["total"] / MIB for c in cases], color="black", linestyle=":", label="floor (dX+dW+lse)")
         ax.set_xscale("log", base=2)

@@ -8,7 +8,7 @@ sizes and the ratios against the peers of the same run; ``results.json``, ``resu
 
 Usage::
 
-    python -m benchmarks.run                 # CPU default sizes (about 40 minutes on 2 cores)
+    python -m benchmarks.run                 # CPU default sizes (about 30 minutes on 2 cores)
     python -m benchmarks.run --quick         # a tiny smoke run (under 2 minutes)
     python -m benchmarks.run --device cuda   # larger bf16 sizes on a GPU
 """
