@@ -30,16 +30,17 @@ Results: a markdown table on stdout and ``distributed.json`` / ``distributed.md`
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
+
+from benchmarks.run import run_result_process
+from benchmarks.worker import _reset_hwm, _status_kib, _trim_heap
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2**20
@@ -51,30 +52,6 @@ MMAP_THRESHOLD = 128 * 1024
 
 
 # ---------------------------------------------------------------------------------- rank worker
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _worker(job: dict) -> None:
@@ -207,15 +184,7 @@ def run_case(job: dict, ranks: int, timeout: float) -> dict:
                OMP_NUM_THREADS=str(max(1, job["threads"] // ranks)), MALLOC_ARENA_MAX="2",
                MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()
-    return {"error": (tail[-1] if tail else f"exit status {proc.returncode}")[:200]}
+    return run_result_process(cmd, env, timeout)
 
 
 def cases(tasks: List[str], ranks: List[int]) -> List[tuple]:

@@ -70,7 +70,11 @@ def run_job(job: dict, timeout: float) -> dict:
         # With glibc's defaults, freed 16 MiB chunk buffers stay resident in the heap and readings
         # of the same case scatter by +-50 MiB between runs. Time is measured with the defaults.
         env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    cmd = [sys.executable, "-m", "benchmarks.worker", json.dumps(job)]
+    return run_result_process([sys.executable, "-m", "benchmarks.worker", json.dumps(job)], env, timeout)
+
+
+def run_result_process(cmd: List[str], env: dict, timeout: float) -> dict:
+    """Run a measuring process from the repository root; the JSON of its last ``RESULT`` line, or an error."""
     try:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

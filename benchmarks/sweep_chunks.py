@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 
-from benchmarks.cases import Size
 from benchmarks.report import MIB
 from benchmarks.run import parse_size, run_job
 
