@@ -13,6 +13,8 @@ from tune_losses.accounting import (
 )
 from tune_losses.alignment import (
     DPOLoss,
+    LinearPolicyLoss,
+    LinearPreferenceLoss,
     PolicyOutput,
     PreferenceOutput,
     RSOLoss,
@@ -60,6 +62,7 @@ __all__ = [
     "megatron_loss_func",
     # alignment (DPO family, GRPO family, torchtune's DPO losses)
     "linear_preference_loss", "linear_policy_loss", "PreferenceOutput", "PolicyOutput", "DPOLoss", "RSOLoss",
+    "LinearPreferenceLoss", "LinearPolicyLoss",
     # options
     "CEOptions", "KDOptions",
 ]

@@ -4,6 +4,7 @@ All are small formulas over the engine's per-token log-probabilities
 (:func:`tune_losses.linear_log_probs`): one chunk loop, no ``[N, V]`` logits.
 """
 
+from tune_losses.alignment.modules import LinearPolicyLoss, LinearPreferenceLoss
 from tune_losses.alignment.policy import PolicyOutput, linear_policy_loss, policy_loss_from_log_probs
 from tune_losses.alignment.preference import (
     PreferenceOutput,
@@ -16,6 +17,8 @@ from tune_losses.alignment.torchtune_compat import DPOLoss, RSOLoss
 
 __all__ = [
     "DPOLoss",
+    "LinearPolicyLoss",
+    "LinearPreferenceLoss",
     "PolicyOutput",
     "PreferenceOutput",
     "PreferenceTerms",

@@ -32,7 +32,7 @@ class PolicyOutput(NamedTuple):
     metrics: Dict[str, torch.Tensor]
 
 
-def _check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length) -> None:
+def check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length) -> None:
     if loss_type not in POLICY_LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {POLICY_LOSS_TYPES}, got {loss_type!r}")
     if not isinstance(beta, (int, float)) or beta < 0:
@@ -75,7 +75,7 @@ def policy_loss_from_log_probs(
     ``entropy [G, S]`` (optional) only feeds the ``entropy`` metric. Other arguments: as
     :func:`linear_policy_loss`.
     """
-    _check_policy_options(loss_type, beta, epsilon_low, epsilon_high, 1.0, max_completion_length)
+    check_policy_options(loss_type, beta, epsilon_low, epsilon_high, 1.0, max_completion_length)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"labels: expected a [G, S] tensor, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
@@ -154,7 +154,7 @@ def linear_policy_loss(
     Returns:
         :class:`PolicyOutput` ``(loss, metrics)``.
     """
-    _check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length)
+    check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"labels: expected a [G, S] tensor, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
