@@ -53,7 +53,8 @@ class PreferenceTerms(NamedTuple):
 
     ``loss = pair_loss_sum / num_pairs + nll_weight * nll_sum / num_chosen_tokens`` where the counts
     may be a whole optimizer step's (all micro-batches, all data-parallel ranks).
-    ``pair_loss_sum`` and ``nll_sum`` are 0-dim and differentiable; counts 0-dim int64; the rest as in
+    ``pair_loss_sum`` and ``nll_sum`` are 0-dim and differentiable; counts 0-dim int64; ``counted``
+    ``[B]`` bool marks the pairs that count (both sequences have a valid token); the rest as in
     :class:`PreferenceOutput` (detached).
     """
 
@@ -66,6 +67,7 @@ class PreferenceTerms(NamedTuple):
     rejected_rewards: torch.Tensor
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
+    counted: torch.Tensor
 
     def loss(self, num_pairs=None, num_chosen_tokens=None) -> torch.Tensor:
         """The loss, normalized by these counts or by the given (e.g. step-global) ones."""
@@ -196,6 +198,7 @@ def preference_terms(
         rejected_rewards=(beta * (rejected - ref_r)).detach(),
         chosen_logps=chosen.detach(),
         rejected_logps=rejected.detach(),
+        counted=counted,
     )
 
 
