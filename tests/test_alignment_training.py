@@ -41,9 +41,8 @@ def test_fused_path_equals_torchtune_full_logits_path(torchtune_loss):
     labels = _shift(raw)
     seq_loss = TorchtuneDPOLoss(beta=0.2, label_smoothing=0.1) if torchtune_loss else DPOLoss(0.2, 0.1)
     p_full, r_full = copy.deepcopy(policy), copy.deepcopy(reference)
-    full = PreferenceForward(seq_loss, p_full, r_full, -100).terms(tokens, labels, raw)
-    fused = PreferenceForward(LinearPreferenceLoss(beta=0.2, label_smoothing=0.1), policy, reference, -100).terms(
-        tokens, labels, raw)
+    full = PreferenceForward(seq_loss, p_full, r_full, -100).terms(tokens, labels)
+    fused = PreferenceForward(LinearPreferenceLoss(beta=0.2, label_smoothing=0.1), policy, reference, -100).terms(tokens, labels)
     assert not full.pair_loss_sum.isnan()
     for name in ("pair_loss_sum", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
         torch.testing.assert_close(getattr(fused, name), getattr(full, name), rtol=1e-5, atol=1e-6)
@@ -64,7 +63,7 @@ def test_counts_metrics_and_reference_free():
     assert counts.tolist() == [2 + 2, 2 * int((labels[:3] != -100).sum())]
     policy = TinyLM(0)
     simpo = LinearPreferenceLoss(loss_type="simpo", beta=2.0, gamma=0.5)
-    terms = PreferenceForward(simpo, policy, None, -100).terms(tokens, labels, raw)
+    terms = PreferenceForward(simpo, policy, None, -100).terms(tokens, labels)
     sums = metric_sums(terms)
     assert int(terms.num_pairs) == 2 and set(sums) >= {"rewards/accuracies", "rewards/margins", "log_probs/chosen"}
     m = terms.counted

@@ -17,13 +17,22 @@ and 2 ranks x batch 2 give the same loss and gradients.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+from functools import partial
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from torchtune import config, training
 
+from tune_losses.accounting import LossSum, all_reduce_token_count
 from tune_losses.alignment.formulas import split_pairs
 from tune_losses.alignment.preference import PreferenceTerms
+from tune_losses.heads import configure_model_for_loss
+from tune_losses.training import data
+from tune_losses.training.loop import LossRecipe
+from tune_losses.training.memory import peak_memory_of
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "log_probs/chosen", "log_probs/rejected")
@@ -91,25 +100,26 @@ class PreferenceForward:
         with torch.no_grad():
             return self.reference(tokens, **kwargs)
 
-    def terms(self, tokens: torch.Tensor, labels: torch.Tensor, raw_labels: torch.Tensor, **kwargs) -> PreferenceTerms:
+    def terms(self, tokens: torch.Tensor, labels: torch.Tensor, **kwargs) -> PreferenceTerms:
         """Sums and counts of one micro-batch.
 
         Args:
-            tokens: ``[2B, S]`` input ids.
+            tokens: ``[2B, S]`` input ids, chosen rows first.
             labels: ``[2B, S]`` next-token labels aligned with the model's outputs (shifted).
-            raw_labels: ``[2B, S]`` the collate's unshifted labels (torchtune's ``get_batch_log_probs``
-                shifts them itself).
             kwargs: extra model inputs (``mask``, ``input_pos``).
         """
         out = self.policy(tokens, **kwargs)
         ref_out = self._reference_out(tokens, kwargs)
         if self.fused:
             return self.loss_fn.terms(out, labels, ref_hidden=ref_out)
-        return self._sequence_level_terms(out, ref_out, labels, raw_labels)
+        return self._sequence_level_terms(out, ref_out, labels)
 
-    def _sequence_level_terms(self, logits, ref_logits, labels, raw_labels) -> PreferenceTerms:
+    def _sequence_level_terms(self, logits, ref_logits, labels) -> PreferenceTerms:
         from torchtune.rlhf import get_batch_log_probs
 
+        # torchtune's get_batch_log_probs shifts (drops the first label and the last logit) itself:
+        # hand it the labels unshifted (the first column it drops is never read).
+        raw_labels = torch.cat([torch.full_like(labels[:, :1], self.ignore_index), labels[:, :-1]], dim=1)
         if isinstance(logits, list):  # chunked output: full logits, as torchtune's DPO recipes make them
             logits = torch.cat(logits, dim=1)
             ref_logits = torch.cat(ref_logits, dim=1)
@@ -165,9 +175,9 @@ def evaluate(forward: PreferenceForward, batches: Iterable, device: torch.device
     divides by ``pairs``.
     """
     sums: Dict[str, torch.Tensor] = {}
-    for tokens, raw in batches:
-        tokens, raw = tokens.to(device), raw.to(device)
-        terms = forward.terms(tokens, shift(raw), raw)
+    for batch in batches:
+        tokens, raw = batch["tokens"].to(device), batch["labels"].to(device)
+        terms = forward.terms(tokens, shift(raw))
         part = {"loss": terms.pair_loss_sum.float(), "pairs": terms.num_pairs.float(), **metric_sums(terms)}
         for k, v in part.items():
             sums[k] = sums.get(k, 0) + v
@@ -180,3 +190,137 @@ def mean_metrics(sums: Dict[str, torch.Tensor], pairs: torch.Tensor, prefix: str
     values = (torch.stack([sums[k].float() for k in keys]) / pairs.clamp(min=1).float()).tolist()
     return {prefix + k: v for k, v in zip(keys, values)}
 
+
+
+def padded_collate_preference(samples, padding_idx: int = 0, ignore_idx: int = -100) -> Dict[str, torch.Tensor]:
+    """torchtune's ``padded_collate_dpo`` as a dict ``{"tokens": [2B, S], "labels": [2B, S]}`` (chosen first)."""
+    from torchtune.data import padded_collate_dpo
+
+    tokens, labels = padded_collate_dpo(samples, padding_idx=padding_idx, ignore_idx=ignore_idx)
+    return {"tokens": tokens, "labels": labels}
+
+
+class DPORecipe(LossRecipe):
+    """Preference optimization (DPO family), torchtune-shaped: setup / train / save_checkpoint / cleanup.
+
+    Config keys: those of :class:`tune_losses.training.LossRecipe` with ``loss`` a preference loss
+    (:class:`tune_losses.LinearPreferenceLoss`, fused; or torchtune's / our ``DPOLoss`` / ``RSOLoss`` on
+    full logits) and ``dataset`` a preference dataset (torchtune's ``preference_dataset``), plus:
+
+    * ``reference_model`` / ``reference_checkpointer``: the frozen reference (default: ``model`` and
+      ``checkpointer``, i.e. the initial policy); not built for SimPO / ORPO;
+    * ``eval_dataset`` (optional): held-out pairs, evaluated before training, every
+      ``eval_every_n_steps`` and after the last step (``eval/loss``, ``eval/rewards/accuracies``, ...);
+      ``eval_batch_size`` (default ``batch_size``).
+
+    Logged per step: ``loss`` (mean over the step's pairs, plus any NLL term), torchtune's DPO metrics
+    (means over pairs) ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
+    ``rewards/margins``, ``log_probs/chosen``, ``log_probs/rejected``, and ``grad_norm``, ``lr``,
+    ``tokens_per_second_per_rank``.
+    """
+
+    tasks = ("dpo",)
+    config_keys = ("reference_model", "reference_checkpointer", "eval_dataset", "eval_every_n_steps",
+                   "eval_batch_size")
+
+    def __init__(self, cfg: DictConfig, distributed: bool):
+        super().__init__(cfg, task="dpo", distributed=distributed)
+        self.eval_every_n_steps = cfg.get("eval_every_n_steps", None)
+        if self.eval_every_n_steps is not None and (not isinstance(self.eval_every_n_steps, int)
+                                                    or self.eval_every_n_steps < 1):
+            raise ValueError(f"eval_every_n_steps: expected an int >= 1 or null, got {self.eval_every_n_steps!r}")
+
+    def setup(self, cfg: DictConfig) -> None:
+        super().setup(cfg)
+        loss_module = self.loss.loss
+        self.reference = None
+        if needs_reference(loss_module):
+            ref_ckpt = config.instantiate(cfg.get("reference_checkpointer", cfg.checkpointer)).load_checkpoint()
+            self.reference = self._build(cfg.get("reference_model", cfg.model), ref_ckpt[training.MODEL_KEY],
+                                         trainable=False)
+            self.reference.eval()
+            if not is_fused_preference_loss(loss_module):
+                configure_model_for_loss(self.reference, loss_module)  # full logits, like the policy
+        self.forward = PreferenceForward(loss_module, self.model, self.reference, self.ignore_index)
+        self.eval_loader = None
+        if cfg.get("eval_dataset", None) is not None:
+            s, p = self.settings, self.par
+            ds = config.instantiate(cfg.eval_dataset, self.tokenizer)
+            # No shuffling; padded to equal counts per rank (every rank runs every forward under FSDP2).
+            sampler = DistributedSampler(ds, num_replicas=p.dp_size, rank=p.dp_rank, shuffle=False, drop_last=False)
+            collate = partial(padded_collate_preference, padding_idx=self.tokenizer.pad_id,
+                              ignore_idx=self.ignore_index)
+            self.eval_loader = DataLoader(ds, batch_size=int(cfg.get("eval_batch_size", s.batch_size)),
+                                          sampler=sampler, collate_fn=collate)
+
+    def _build_data(self, cfg: DictConfig):
+        s, p = self.settings, self.par
+        ds = config.instantiate(cfg.dataset, self.tokenizer)
+        self.dataloader, self.sampler = data.build_dataloader(
+            ds, batch_size=s.batch_size, shuffle=s.shuffle, seed=s.seed, dp_size=p.dp_size, dp_rank=p.dp_rank,
+            pad_id=self.tokenizer.pad_id, ignore_index=self.ignore_index, collate=padded_collate_preference)
+        return ds
+
+    def _step_normalizer(self, labels: List[torch.Tensor]):
+        """``([pairs, chosen tokens] of the step, valid tokens of the step)``, all-reduced over dp at once."""
+        counts = torch.cat([count_pairs_and_tokens(labels, self.ignore_index),
+                            sum((lab != self.ignore_index).sum() for lab in labels).reshape(1)])
+        counts = all_reduce_token_count(counts, group=self.par.dp_group)
+        return counts[:2], counts[2]
+
+    def _micro_batch_loss(self, batch: Dict[str, torch.Tensor], labels: torch.Tensor, scale: torch.Tensor) -> LossSum:
+        """One micro-batch's share of the step's loss (``scale``: the step's pairs and chosen tokens) and
+        its metric sums scaled so that the loop's sum over micro-batches and ranks gives step means."""
+        kwargs = {k: batch[k] for k in ("mask", "input_pos") if k in batch}
+        terms = self.forward.terms(batch["tokens"], labels, **kwargs)
+        dp = self.par.dp_size
+        per_pair = dp / scale[0].clamp(min=1).float()
+        parts = {k: v * per_pair for k, v in metric_sums(terms).items()}
+        if terms.nll_weight:
+            parts["nll"] = terms.nll_sum.detach().float() * dp / scale[1].clamp(min=1).float()
+        return LossSum(scaled_loss(terms, scale, dp), terms.num_pairs, parts)
+
+    def _log_loss_memory(self, batch: Dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Peak memory of one micro-batch's forward + backward (policy, reference and loss), once per run."""
+        if self.distributed:
+            return
+        peak = peak_memory_of(lambda: self._micro_batch_loss(batch, labels, self._step_normalizer([labels])[0])
+                              .total.backward(), self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._note(f"DPO micro-batch peak memory (forward + backward, batch {tuple(batch['tokens'].shape)}): "
+                   f"{peak / 2**20:.1f} MiB")
+        if self.metric_logger is not None:
+            self.metric_logger.log_dict({"step_peak_memory_mib": peak / 2**20}, step=0)
+
+    # ------------------------------------------------------------------------------------------ eval
+    def _evaluate(self) -> Dict[str, float]:
+        self.model.eval()
+        sums = evaluate(self.forward, self.eval_loader, self.device, self.ignore_index,
+                        lambda lab: data.shift_labels(lab, self.ignore_index))
+        self.model.train()
+        keys = sorted(sums)
+        stacked = all_reduce_token_count(torch.stack([sums[k].float() for k in keys]), group=self.par.dp_group)
+        totals = dict(zip(keys, stacked))
+        return mean_metrics(totals, totals["pairs"], prefix="eval/")
+
+    def _log_eval(self, step: int) -> Dict[str, float]:
+        metrics = self._evaluate()
+        if self.metric_logger is not None:
+            self.metric_logger.log_dict(metrics, step=step)
+        self._note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def train(self) -> None:
+        if self.eval_loader is not None and self.global_step == 0:
+            self._log_eval(0)
+        super().train()
+        if self.eval_loader is not None and (self.eval_every_n_steps is None
+                                             or self.global_step % self.eval_every_n_steps):
+            self._log_eval(self.global_step)
+
+    def _train_step(self, micro: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        metrics = super()._train_step(micro)
+        step = self.global_step + 1  # the loop counts the step after this returns
+        if self.eval_loader is not None and self.eval_every_n_steps and step % self.eval_every_n_steps == 0:
+            metrics.update(self._evaluate())
+        return metrics
