@@ -9,7 +9,7 @@ from test_recipes import _assert_same_first_steps, tune_run
 pytestmark = pytest.mark.slow
 
 SHORT = ["shuffle=false", "max_steps_per_epoch=2", "epochs=1", "clip_grad_norm=1000.0",
-         "lr_scheduler.num_warmup_steps=0", "tokenizer.max_seq_len=96", "~eval_dataset", "optimizer.lr=1e-3"]
+         "lr_scheduler.num_warmup_steps=0", "tokenizer.max_seq_len=96", "eval_dataset=null", "optimizer.lr=1e-3"]
 TORCHTUNE_DPO = ["loss._component_=torchtune.rlhf.loss.DPOLoss", "~loss.loss_type", "~loss.nll_weight"]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "log_probs/chosen",
            "log_probs/rejected")

@@ -243,7 +243,9 @@ class DPORecipe(LossRecipe):
                 configure_model_for_loss(self.reference, loss_module)  # full logits, like the policy
         self.forward = PreferenceForward(loss_module, self.model, self.reference, self.ignore_index)
         self.eval_loader = None
-        if cfg.get("eval_dataset", None) is not None:
+        eval_cfg = cfg.get("eval_dataset", None)
+        # `eval_dataset=null` on torchtune's command line nulls the component, not the key.
+        if eval_cfg is not None and eval_cfg.get("_component_", None) is not None:
             s, p = self.settings, self.par
             ds = config.instantiate(cfg.eval_dataset, self.tokenizer)
             # No shuffling; padded to equal counts per rank (every rank runs every forward under FSDP2).
