@@ -70,3 +70,22 @@ def test_counts_metrics_and_reference_free():
     torch.testing.assert_close(sums["rewards/margins"], (terms.chosen_rewards - terms.rejected_rewards)[m].sum())
     with pytest.raises(ValueError, match="reference"):
         PreferenceForward(LinearPreferenceLoss(), TinyLM(0), None, -100)
+
+
+def test_dpo_configs_build_on_the_meta_device():
+    """The tiny and the Llama 3.2 1B DPO configs exist; the 1B policy builds on the meta device with
+    the fused loss (every component of every config is also checked by test_configs.py)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("tiny/dpo.yaml", "llama3_2/1B_dpo.yaml"):
+        cfg = OmegaConf.load(root / "configs" / name)
+        loss = config.instantiate(cfg.loss)
+        assert isinstance(loss, LinearPreferenceLoss) and loss.needs_reference
+    with torch.device("meta"):
+        model = config.instantiate(cfg.model)
+    loss.set_model_output(model)
+    assert loss.projection.weight.shape == (128256, 2048)

@@ -207,8 +207,9 @@ class DPORecipe(LossRecipe):
     (:class:`tune_losses.LinearPreferenceLoss`, fused; or torchtune's / our ``DPOLoss`` / ``RSOLoss`` on
     full logits) and ``dataset`` a preference dataset (torchtune's ``preference_dataset``), plus:
 
-    * ``reference_model`` / ``reference_checkpointer``: the frozen reference (default: ``model`` and
-      ``checkpointer``, i.e. the initial policy); not built for SimPO / ORPO;
+    * ``ref_model`` / ``ref_checkpointer`` (torchtune's DPO configs name the latter so): the frozen
+      reference (default: ``model`` and ``checkpointer``, i.e. the initial policy); not built for
+      SimPO / ORPO;
     * ``eval_dataset`` (optional): held-out pairs, evaluated before training, every
       ``eval_every_n_steps`` and after the last step (``eval/loss``, ``eval/rewards/accuracies``, ...);
       ``eval_batch_size`` (default ``batch_size``).
@@ -220,7 +221,7 @@ class DPORecipe(LossRecipe):
     """
 
     tasks = ("dpo",)
-    config_keys = ("reference_model", "reference_checkpointer", "eval_dataset", "eval_every_n_steps",
+    config_keys = ("ref_model", "ref_checkpointer", "eval_dataset", "eval_every_n_steps",
                    "eval_batch_size")
 
     def __init__(self, cfg: DictConfig, distributed: bool):
@@ -235,8 +236,8 @@ class DPORecipe(LossRecipe):
         loss_module = self.loss.loss
         self.reference = None
         if needs_reference(loss_module):
-            ref_ckpt = config.instantiate(cfg.get("reference_checkpointer", cfg.checkpointer)).load_checkpoint()
-            self.reference = self._build(cfg.get("reference_model", cfg.model), ref_ckpt[training.MODEL_KEY],
+            ref_ckpt = config.instantiate(cfg.get("ref_checkpointer", cfg.checkpointer)).load_checkpoint()
+            self.reference = self._build(cfg.get("ref_model", cfg.model), ref_ckpt[training.MODEL_KEY],
                                          trainable=False)
             self.reference.eval()
             if not is_fused_preference_loss(loss_module):
