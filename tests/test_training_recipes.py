@@ -5,7 +5,9 @@
 * a step save on an epoch's last step writes once; partial files of a killed save are removed at start;
   the logged lr is the one the step ran at; an unknown key is warned about; progress off a terminal is
   one line per N steps, the loss-memory line on its own;
-* meaningless settings and a bad dataset line stop the run at setup, naming what is wrong.
+* meaningless settings and a bad dataset line stop the run at setup, naming what is wrong;
+* a frozen rank fails a 2-rank run within ``process_group_timeout_s``, naming the collective and rank;
+* KD with a NaN in the teacher stops (before, it logged ``kd_loss:0.0`` and exited 0).
 """
 
 import json
@@ -170,3 +172,17 @@ def test_stopped_rank_fails_the_run_naming_collective_and_rank(tmp_path, tiny_as
     assert proc.returncode != 0
     assert "CollectiveTimeout: rank 0 of 2: " in err and "timed out after 5 s (process_group_timeout_s)" in err, err[-3000:]
     assert waited < 60, waited  # the timeout is 5 s; torch's default would be 30 min
+
+
+def test_kd_with_a_nan_teacher_stops_instead_of_reading_as_agreement(tmp_path, tiny_assets):
+    """One NaN in the teacher's output projection: the run must not train on (or log a perfect kd_loss)."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    sd = torch.load(tiny_assets / "teacher" / "model.pt")
+    sd["output.weight"][7, 0] = float("nan")
+    torch.save(sd, teacher / "model.pt")
+    proc = tune_run("kd_single_device", "kd", tmp_path / "out", *SHORT, "max_steps_per_epoch=4",
+                    "max_nonfinite_steps=2", f"teacher_checkpointer.checkpoint_dir={teacher}", check=False)
+    assert proc.returncode != 0
+    assert "stopping at step 2: 2 optimizer steps in a row were non-finite" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / EXPORT).exists()
