@@ -155,6 +155,10 @@ CASES = [
     ("fused_H0", lambda: linear_cross_entropy(h[..., :0], w[:, :0], labels), VE, "weight", r"\(11, 0\)"),
     ("fused_teacher_weight_list", lambda: linear_distillation_loss(h, w, th, list(tw), labels), T, "teacher_weight",
      "list of 11"),
+    ("vocab_parallel_str", lambda: linear_cross_entropy(h, w, labels, vocab_parallel="yes"), T, "vocab_parallel",
+     "'yes'"),
+    ("vocab_start_bool", lambda: linear_kd_loss(h, w, th, tw, labels, vocab_start=True), T, "vocab_start", "True"),
+    ("vocab_size_zero", lambda: linear_cross_entropy(h, w, labels, vocab_size=0), VE, "vocab_size", "0"),
     # --- module constructors check everything at construction --------------------------------------
     ("LinearCrossEntropyLoss_z_loss_nan", lambda: LinearCrossEntropyLoss(z_loss=math.nan), VE, "z_loss", "nan"),
     ("LinearCrossEntropyLoss_chunk_size_true", lambda: LinearCrossEntropyLoss(chunk_size=True), T, "chunk_size",

@@ -177,8 +177,20 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def check_run_options(chunk_size: Optional[int], validate: bool) -> None:
+def check_run_options(
+    chunk_size: Optional[int],
+    validate: bool,
+    vocab_parallel: Optional[bool] = None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> None:
     """The fused losses' per-call options that no dataclass holds: ``chunk_size`` (tokens per
-    chunk, an int >= 1 or None) and ``validate`` (a bool)."""
+    chunk, an int >= 1 or None), ``validate`` (a bool), ``vocab_parallel`` (None or a bool),
+    ``vocab_start`` (an int >= 0 or None), ``vocab_size`` (an int >= 1 or None)."""
     check_int_option("chunk_size", chunk_size, 1, allow_none=True)
     check_bool_option("validate", validate)
+    if vocab_parallel is not None and not isinstance(vocab_parallel, bool):
+        raise ArgumentTypeError(f"vocab_parallel: expected None, True or False, got {vocab_parallel!r} "
+                                f"({_type_name(vocab_parallel)})")
+    check_int_option("vocab_start", vocab_start, 0, allow_none=True)
+    check_int_option("vocab_size", vocab_size, 1, allow_none=True)

@@ -402,7 +402,7 @@ def linear_cross_entropy(
         fp32 loss: 0-dim, or per token for ``reduction="none"``.
     """
     check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
-    check_run_options(chunk_size, validate)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     spec = FusedSpec(CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate), None,
                      chunk_size=chunk_size, ignore_index=ignore_index)
     return _run(hidden, weight, bias, labels, None, None, None, spec, reduction, algorithm, validate,
@@ -466,7 +466,7 @@ def linear_kd_loss(
     check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
                        student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                        student_bias=student_bias, teacher_bias=teacher_bias)
-    check_run_options(chunk_size, validate)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     kd = KDOptions(divergence, temperature, scale_by_temperature_squared, beta, sym_kd_ratio, True, ignore_index)
     spec = FusedSpec(None, kd, chunk_size=chunk_size, ignore_index=ignore_index)
     return _run(student_hidden, student_weight, student_bias, labels, teacher_hidden, teacher_weight, teacher_bias,
@@ -511,7 +511,7 @@ def linear_distillation_loss(
     check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
                        student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                        student_bias=student_bias, teacher_bias=teacher_bias)
-    check_run_options(chunk_size, validate)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
     kd = KDOptions(divergence, temperature, scale_by_temperature_squared, beta, sym_kd_ratio, True, ignore_index)
     ce = CEOptions(ignore_index, label_smoothing, validate=validate)
