@@ -29,6 +29,8 @@ from typing import Dict, List
 
 import torch
 
+from tune_losses.training.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = "epoch_{}/model-00001-of-00001.bin"
 BATCH_SIZE = 8  # the tiny configs' batch size; the step counts below follow from it
@@ -41,20 +43,12 @@ STARTUP_SECONDS = 15.0
 Metrics = Dict[int, Dict[str, float]]
 
 
-def read_metrics(path: Path) -> Metrics:
-    """``{step: {metric: value}}`` from a DiskLogger file (``Step N | key:value ...`` lines)."""
-    steps: Metrics = {}
-    if not path.exists():
-        return steps
-    for line in path.read_text().splitlines():
-        head, _, rest = line.partition(" | ")
-        if head.startswith("Step ") and rest:
-            try:
-                vals = {k: float(v) for k, v in (kv.split(":") for kv in rest.split())}
-            except ValueError:
-                continue  # a line being written right now
-            steps.setdefault(int(head[5:]), {}).update(vals)
-    return steps
+def _poll_metrics(path: Path) -> Metrics:
+    """The run's metrics so far; empty while the file is missing or a line is half written."""
+    try:
+        return read_metrics(path) if path.exists() else {}
+    except ValueError:
+        return {}
 
 
 def _clock(seconds: float) -> str:
@@ -96,9 +90,6 @@ def tune_run(recipe: str, config: str, out: Path, total_steps: int, *overrides: 
     cmd = [str(Path(sys.executable).with_name("tune")), "run", f"recipes/{recipe}.py", "--config",
            f"configs/tiny/{config}.yaml", f"output_dir={out}", *overrides]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    # `tune run recipes/x.py` imports the file as `recipes.x`; torchtune installs a top-level
-    # package of that name, so the repository root must come first on the import path.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     # On a shared machine, OpenMP threads that spin while waiting for each other turned a 30-step
     # run from 40 s into 290 s (2 threads, load 5 on 2 cores); passive waiting costs little when idle.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -116,7 +107,7 @@ def tune_run(recipe: str, config: str, out: Path, total_steps: int, *overrides: 
         while proc.poll() is None:
             time.sleep(0.5)
             if bar is not None:
-                m = read_metrics(metrics_file)
+                m = _poll_metrics(metrics_file)
                 done = [s for s in m if "loss" in m[s]]
                 if done:
                     bar.update(max(done), m[max(done)]["loss"])

@@ -45,32 +45,35 @@ else
   took
 fi
 
-# `source .venv/bin/activate` also keeps Hugging Face libraries offline (nothing here downloads)
-# and puts the repository root first on the import path: torchtune installs a top-level package
-# named `recipes`, and `tune run recipes/x.py` imports this repository's file as `recipes.x`.
+# `tune run recipes/x.py` imports our recipe as the module `recipes.x`; torchtune installs a top-level
+# `recipes` package of its own in site-packages. This .pth puts the repository root ahead of
+# site-packages for every interpreter of this venv (no environment variable needed).
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "import sys; sys.path.insert(0, '$PWD')" > "$site/tune_losses_repository.pth"
+
+# `source .venv/bin/activate` also keeps Hugging Face libraries offline (nothing here downloads).
 # The block sits between two marker lines that occur nowhere else (the venv's own path may contain
-# "tune-losses"), and is rewritten in place, so repeat calls and moved clones stay correct.
+# "tune-losses"), and is rewritten in place, so repeat calls stay correct.
 BEGIN="# >>> tune-losses setup_env.sh >>>"
 END="# <<< tune-losses setup_env.sh <<<"
 block="$BEGIN
-export PYTHONPATH=\"$PWD\${PYTHONPATH:+:\$PYTHONPATH}\"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 $END"
 act=$VENV/bin/activate
 current=$(sed -n "/^$BEGIN\$/,/^$END\$/p" "$act")
 if [ "$current" != "$block" ]; then
-  # Drop an older block (ours, or the single-marker block of earlier versions) before appending.
+  # Drop an older block (ours, or the single-marker block of earlier versions that also set
+  # PYTHONPATH) before appending.
   sed -i -e "/^$BEGIN\$/,/^$END\$/d" \
          -e '/^# tune-losses: repository root first on the import path; no hub access$/,+2d' "$act"
   printf '%s\n' "$block" >> "$act"
-  say "$act: sets PYTHONPATH=$PWD and HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
+  say "$act: sets HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"
 fi
 
 # torchao (imported by torchtune before any of our code runs) logs "Skipping import of cpp extensions
 # due to incompatible torch version" on every start: its prebuilt C++ kernels target another torch,
 # and nothing here uses them. A logging filter on the `torchao` logger, loaded at interpreter start
 # by a .pth file in this venv only, drops exactly that message; every other torchao message stays.
-site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cat > "$site/tune_losses_quiet_torchao.pth" <<'PTH'
 # Written by tune-losses' scripts/setup_env.sh: silence torchao's known, harmless "Skipping import of cpp extensions" warning.
 import logging; logging.getLogger("torchao").addFilter(lambda r: not str(r.msg).startswith("Skipping import of cpp extensions due to incompatible torch version"))
