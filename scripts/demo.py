@@ -165,7 +165,7 @@ def plot(curves: Dict[str, tuple], held: Dict[str, float], path: Path, title: st
         xs = sorted(s for s in steps if s > 0 and key in steps[s])
         ys = [steps[s][key] for s in xs]
         ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8)
-        ax.plot(xs, smooth(ys, max(len(ys) // 20, 3)), color=color, lw=1.8, label=f"{name} (training)")
+        ax.plot(xs, smooth(ys, max(len(ys) // 12, 3)), color=color, lw=1.8, label=f"{name} (training)")
         ax.axhline(held[name], color=color, ls="--", lw=1.2, label=f"{name}: held-out {held[name]:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
@@ -266,7 +266,7 @@ def main() -> None:
     }
     plot({"teacher SFT": (teacher, "loss"), "student KD": (kd, "class_loss"),
           "student without KD": (control, "loss")}, held, out / "loss_curves.png",
-         f"tune-losses tiny demo ({epochs} epoch(s), seed {args.seed}): student KD curve is its CE part")
+         f"tune-losses tiny demo ({epochs} epoch{'s' if epochs > 1 else ''} per run, seed {args.seed}): the KD curve is its CE part")
     done()
 
     final = lambda m, k="loss": m[max(s for s in m if k in m[s])][k]  # noqa: E731
