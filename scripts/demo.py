@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -260,6 +261,8 @@ def main() -> None:
         "student without KD": heldout_loss(tiny_student, out / "student_sft" / CKPT.format(last),
                                            args.max_seq_len),
     }
+    shape = re.search(r"loss peak memory .*?batch \((\d+), (\d+)\)", (out / "teacher_sft.log").read_text())
+    first_batch = f"{shape.group(1)} x {shape.group(2)} tokens" if shape else "first batch"
     mem = {
         "SFT (teacher)": (sft_chunked[0]["loss_peak_memory_mib"], teacher[0]["loss_peak_memory_mib"]),
         "KD (student + teacher)": (kd_chunked[0]["loss_peak_memory_mib"], kd[0]["loss_peak_memory_mib"]),
@@ -287,7 +290,7 @@ def main() -> None:
         "",
         f"KD lowers the student's held-out loss by {margin:.3f} nats/token.",
         "",
-        "Loss peak memory (output projection + loss, forward + backward, first batch):",
+        f"Loss peak memory (output projection + loss, forward + backward, first batch: {first_batch}):",
         "",
         "| loss | chunked-output (MiB) | fused (MiB) | fused / chunked |",
         "|---|---|---|---|",
@@ -303,6 +306,7 @@ def main() -> None:
         "final_train": {"teacher SFT": final(teacher), "student KD": final(kd, "class_loss"),
                         "student without KD": final(control)},
         "loss_peak_memory_mib": {k: {"chunked": c, "fused": f} for k, (c, f) in mem.items()},
+        "first_batch": first_batch,
     }, indent=2) + "\n")
     print("\n" + summary)
 
