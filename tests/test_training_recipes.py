@@ -5,7 +5,9 @@
 * a step save on an epoch's last step writes once; partial files of a killed save are removed at start;
   the logged lr is the one the step ran at; an unknown key is warned about; progress off a terminal is
   one line per N steps, the loss-memory line on its own;
-* meaningless settings and a bad dataset line stop the run at setup, naming what is wrong.
+* meaningless settings and a bad dataset line stop the run at setup, naming what is wrong;
+* a frozen rank fails a 2-rank run within ``process_group_timeout_s``, naming the collective and rank;
+* KD with a NaN in the teacher stops (before, it logged ``kd_loss:0.0`` and exited 0).
 """
 
 import json
@@ -89,3 +91,98 @@ def test_bad_dataset_line_stops_before_the_first_step(tmp_path, tiny_assets):
         proc.stderr[-3000:]
     assert not (tmp_path / "out" / "logs" / "metrics.txt").exists() or "Step 1 " not in \
         (tmp_path / "out" / "logs" / "metrics.txt").read_text()
+
+
+def _children(pid: int):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _rank_of(pid: int):
+    try:
+        env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def _kill(pid: int) -> None:
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_stopped_rank_fails_the_run_naming_collective_and_rank(tmp_path, tiny_assets):
+    """Rank 1 is frozen (SIGSTOP) after the first step: rank 0 fails within process_group_timeout_s."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from multiproc import child_env
+    from test_recipes import tune_cmd
+
+    cmd = tune_cmd("sft_distributed", "sft", tmp_path, *SHORT, "max_steps_per_epoch=40", "batch_size=2",
+                   "process_group_timeout_s=5", nproc=2)
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, stopped = tmp_path / "logs" / "metrics.txt", None
+    try:
+        deadline = time.monotonic() + 300
+        while stopped is None and time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and "Step 1 " in metrics.read_text():
+                ranks = {_rank_of(k): k for k in _children(proc.pid)}
+                if 0 in ranks and 1 in ranks:
+                    rank0, stopped = ranks[0], ranks[1]
+                    os.kill(stopped, signal.SIGSTOP)
+            time.sleep(0.2)
+        assert stopped is not None, "rank 1 was never seen running"
+        start = time.monotonic()
+        while _alive(rank0) and time.monotonic() - start < 90:
+            time.sleep(0.2)
+        waited = time.monotonic() - start
+        _kill(stopped)  # torchrun's SIGTERM would wait for the frozen rank
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if stopped is not None:
+            _kill(stopped)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "CollectiveTimeout: rank 0 of 2: " in err and "timed out after 5 s (process_group_timeout_s)" in err, err[-3000:]
+    assert waited < 60, waited  # the timeout is 5 s; torch's default would be 30 min
+
+
+def test_kd_with_a_nan_teacher_stops_instead_of_reading_as_agreement(tmp_path, tiny_assets):
+    """One NaN in the teacher's output projection: the run must not train on (or log a perfect kd_loss)."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    sd = torch.load(tiny_assets / "teacher" / "model.pt")
+    sd["output.weight"][7, 0] = float("nan")
+    torch.save(sd, teacher / "model.pt")
+    proc = tune_run("kd_single_device", "kd", tmp_path / "out", *SHORT, "max_steps_per_epoch=4",
+                    "max_nonfinite_steps=2", f"teacher_checkpointer.checkpoint_dir={teacher}", check=False)
+    assert proc.returncode != 0
+    assert "stopping at step 2: 2 optimizer steps in a row were non-finite" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / EXPORT).exists()
