@@ -29,8 +29,9 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   installed=0
 else
   torch_pin=$(grep -oE '"torch==[^"]+"' pyproject.toml | tr -d '"' || true)
-  say "installing ${torch_pin:-torch} (CPU), torchtune, torchao and tune-losses[$extras] (editable);" \
-      "first time ~1-2 min"
+  if [ -f "$STAMP" ]; then why="pyproject.toml or the extras changed since the last install"
+  else why="first install: a few minutes, longer on a busy machine"; fi
+  say "installing ${torch_pin:-torch} (CPU), torchtune, torchao and tune-losses[$extras] (editable; $why)"
   # pip's resolver warns that huggingface-hub has no `hf_transfer` extra (a dependency of the hf
   # extra asks for it; the extra was dropped from huggingface-hub and nothing here needs it):
   # that one line is dropped, every other message is kept.
