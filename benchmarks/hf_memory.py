@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MODES = ("stock", "patched", "trl")
 
@@ -80,7 +84,9 @@ def run_fresh(mode: str, timeout: float = 900, **size) -> dict:
     args = [sys.executable, "-m", "benchmarks.hf_memory", "--child", "--mode", mode]
     for k, v in size.items():
         args += [f"--{k}", str(v)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"hf_memory {mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

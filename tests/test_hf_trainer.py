@@ -35,7 +35,7 @@ def _train(model, out_dir):
     return trainer
 
 
-@pytest.mark.parametrize("kind", ["llama_tied", "gemma2"])
+@pytest.mark.parametrize("kind", ["llama_tied", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_trainer_three_sgd_steps_equal_stock(kind, tmp_path):
     stock = build(kind)
     fused = patch(copy.deepcopy(stock))

@@ -73,3 +73,23 @@ def test_bad_ce_options_raise(tmp_path):
     with pytest.raises(ValueError, match="unknown option"):
         FusedSFTTrainer(model=build("llama"), args=_args(tmp_path), train_dataset=token_dataset(),
                         processing_class=tokenizer(), ce_options={"softcap": 3.0})
+
+
+@pytest.mark.slow
+def test_peft_lora_three_steps_equal_trl_sft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from trl import SFTTrainer
+
+    from tune_losses.integrations.trl import FusedSFTTrainer
+
+    config = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trainers = []
+    for cls in (SFTTrainer, FusedSFTTrainer):
+        trainer = cls(model=build("llama"), args=_args(tmp_path / cls.__name__), train_dataset=token_dataset(),
+                      processing_class=tokenizer(), peft_config=peft.LoraConfig(**config))
+        trainer.train()
+        trainers.append(trainer)
+    stock, fused = (dict(t.model.named_parameters()) for t in trainers)
+    assert any("lora_B" in n for n in fused)
+    for n, p in stock.items():
+        torch.testing.assert_close(fused[n], p, atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
