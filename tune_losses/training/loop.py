@@ -336,13 +336,16 @@ class LossRecipe:
             if get_adapter_params(self.model):
                 export = get_merged_lora_ckpt(dict(model_sd), rank=int(self.cfg.model.lora_rank),
                                               alpha=float(self.cfg.model.lora_alpha))
-            checkpointing.export_atomically(self.checkpointer, {training.MODEL_KEY: export}, epoch)
-            checkpointing.save_resume_state(s.output_dir, {
+            files = checkpointing.export_atomically(self.checkpointer, {training.MODEL_KEY: export}, epoch)
+            resume = checkpointing.save_resume_state(s.output_dir, {
                 "model": model_sd, "optimizer": optim_sd,
                 "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
                 "global_step": self.global_step, "epochs_run": self.epochs_run, "seed": s.seed,
                 "steps_per_epoch": self.steps_per_epoch, "rng": torch.get_rng_state(),
             })
+            size = sum(f.stat().st_size for f in files) / 2**20
+            self._note(f"step {self.global_step}: saved {files[0].parent if files else 'nothing'} "
+                       f"({len(files)} file(s), {size:.1f} MiB) and {resume}")
         barrier("barrier after saving", s.process_group_timeout_s)
         self.saved_at_step = self.global_step
 
