@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tune_losses.chunking import split_tokens
+from tune_losses.options import check_choice, check_int_option
 
 MODES = ("logits", "chunks", "hidden")
 SPLITS = ("tensor_split", "chunk")
@@ -102,12 +103,10 @@ def set_output_mode(model: nn.Module, mode: str, num_output_chunks: int = 0, *,
     Returns:
         The model's :class:`OutputProjection` (the fused losses read its weight and bias).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if mode == "chunks" and (not isinstance(num_output_chunks, int) or num_output_chunks < 1):
-        raise ValueError(f"num_output_chunks: expected an int >= 1 for mode='chunks', got {num_output_chunks!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    check_choice("mode", mode, MODES)
+    if mode == "chunks":
+        check_int_option("num_output_chunks", num_output_chunks, 1)
+    check_choice("split", split, SPLITS)
     proj = output_projection(model)
     native_skip = _has_skip_output_layer(model)
     if native_skip:

@@ -25,8 +25,8 @@ import torch
 from tune_losses.accounting import normalize
 from tune_losses.fused.engine import FusedSpec, GradInForward, Recompute
 from tune_losses.fused.vocab_parallel import VocabParallelPass, even_shard_sizes, shard_layout
-from tune_losses.options import CEOptions, KDOptions, check_reduction
-from tune_losses.validation import check_float, check_label_range, check_labels_dtype
+from tune_losses.options import CEOptions, KDOptions, check_float_option, check_reduction, check_run_options
+from tune_losses.validation import check_float, check_fused_inputs, check_label_range, check_labels_dtype
 
 ALGORITHMS = ("auto", "grad_in_forward", "recompute")
 
@@ -401,6 +401,8 @@ def linear_cross_entropy(
     Returns:
         fp32 loss: 0-dim, or per token for ``reduction="none"``.
     """
+    check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     spec = FusedSpec(CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate), None,
                      chunk_size=chunk_size, ignore_index=ignore_index)
     return _run(hidden, weight, bias, labels, None, None, None, spec, reduction, algorithm, validate,
@@ -425,6 +427,7 @@ def linear_kd_loss(
     teacher_bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     algorithm: str = "auto",
+    validate: bool = True,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
@@ -440,6 +443,9 @@ def linear_kd_loss(
             ``jsd`` (generalized, ``beta``), ``tvd``. True divergences: 0 when the two agree.
         temperature: both sides' logits divided by T; the loss times T^2 (``scale_by_temperature_squared``).
         reduction: ``mean`` over valid tokens, ``sum`` or ``none``.
+        validate: check that every label is in ``[0, V)`` or ``ignore_index`` (one host sync per
+            call). The divergence reads only the ignore mask, but a label outside the vocabulary
+            (e.g. -1 meant as "ignore" under ``ignore_index=-100``) would otherwise count silently.
         process_group: vocabulary parallelism with a local shard: ``weight`` (and ``bias``) hold this
             rank's consecutive rows of the ``[V, H]`` projection, ranks in group order; hidden states
             and labels are the same on every rank of the group. Values and the hidden-state gradient
@@ -457,10 +463,14 @@ def linear_kd_loss(
     Returns:
         fp32 loss, 0-dim or per token.
     """
+    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
+                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                       student_bias=student_bias, teacher_bias=teacher_bias)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     kd = KDOptions(divergence, temperature, scale_by_temperature_squared, beta, sym_kd_ratio, True, ignore_index)
     spec = FusedSpec(None, kd, chunk_size=chunk_size, ignore_index=ignore_index)
     return _run(student_hidden, student_weight, student_bias, labels, teacher_hidden, teacher_weight, teacher_bias,
-                spec, reduction, algorithm, False, process_group, vocab_parallel, vocab_start, vocab_size).loss
+                spec, reduction, algorithm, validate, process_group, vocab_parallel, vocab_start, vocab_size).loss
 
 
 def linear_distillation_loss(
@@ -498,8 +508,11 @@ def linear_distillation_loss(
         :class:`FusedOutput`: ``loss`` (differentiable), ``ce`` and ``kd`` (detached, same reduction,
         for logging), ``num_tokens``.
     """
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio: expected a float in [0, 1], got {kd_ratio!r}")
+    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
+                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                       student_bias=student_bias, teacher_bias=teacher_bias)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
+    check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
     kd = KDOptions(divergence, temperature, scale_by_temperature_squared, beta, sym_kd_ratio, True, ignore_index)
     ce = CEOptions(ignore_index, label_smoothing, validate=validate)
     spec = FusedSpec(ce, kd, ce_weight=1.0 - kd_ratio, kd_weight=kd_ratio, chunk_size=chunk_size,

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from tune_losses.accounting import LossSum
-from tune_losses.fused.functional import FusedOutput, linear_cross_entropy, linear_distillation_loss
+from tune_losses.fused.functional import ALGORITHMS, FusedOutput, linear_cross_entropy, linear_distillation_loss
 from tune_losses.heads import OutputProjection, set_output_mode
+from tune_losses.options import CEOptions, KDOptions, check_choice, check_float_option, check_run_options
 
 
 def _require(proj: Optional[OutputProjection], who: str) -> OutputProjection:
@@ -40,6 +41,10 @@ class LinearCrossEntropyLoss(nn.Module):
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None, algorithm: str = "auto",
                  validate: bool = True):
         super().__init__()
+        # Checked here, not at the first forward, so a bad config fails when it is built.
+        CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate)
+        check_run_options(chunk_size, validate)
+        check_choice("algorithm", algorithm, ALGORITHMS)
         self.ignore_index = ignore_index
         self.kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                            softcap=softcap, chunk_size=chunk_size, algorithm=algorithm, validate=validate)
@@ -82,6 +87,12 @@ class LinearDistillationLoss(nn.Module):
                  ignore_index: int = -100, label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
                  algorithm: str = "auto", validate: bool = True):
         super().__init__()
+        # Checked here, not at the first forward, so a bad config fails when it is built.
+        check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
+        KDOptions(divergence, temperature, scale_by_temperature_squared, beta, sym_kd_ratio, True, ignore_index)
+        CEOptions(ignore_index, label_smoothing, validate=validate)
+        check_run_options(chunk_size, validate)
+        check_choice("algorithm", algorithm, ALGORITHMS)
         self.ignore_index = ignore_index
         self.kd_ratio = kd_ratio
         self.kwargs = dict(kd_ratio=kd_ratio, divergence=divergence, temperature=temperature, beta=beta,

@@ -39,11 +39,12 @@ def remove_partial_files(*dirs: os.PathLike) -> List[Path]:
     return removed
 
 
-def export_atomically(checkpointer: Any, state_dict: Dict[str, Any], epoch: int) -> None:
+def export_atomically(checkpointer: Any, state_dict: Dict[str, Any], epoch: int) -> List[Path]:
     """``checkpointer.save_checkpoint(state_dict, epoch)`` with every file it writes staged first.
 
     torchtune's checkpointers write under their ``_output_dir``; it is pointed at a staging folder for
-    the call, then each file is moved to the same relative place under the real one.
+    the call, then each file is moved to the same relative place under the real one. Their own log
+    lines (which would name the staging folder) are held back. Returns the final paths.
     """
     out = Path(getattr(checkpointer, "_output_dir"))
     staging = out / STAGING_DIR
@@ -51,15 +52,22 @@ def export_atomically(checkpointer: Any, state_dict: Dict[str, Any], epoch: int)
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     checkpointer._output_dir = staging
+    tt_log = logging.getLogger("torchtune.utils._logging")
+    level = tt_log.level
+    tt_log.setLevel(logging.WARNING)
     try:
         checkpointer.save_checkpoint(state_dict, epoch=epoch, intermediate_checkpoint=False)
     finally:
         checkpointer._output_dir = out
+        tt_log.setLevel(level)
+    moved = []
     for src in sorted(p for p in staging.rglob("*") if p.is_file()):
         dst = out / src.relative_to(staging)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
+        moved.append(dst)
     shutil.rmtree(staging)
+    return moved
 
 
 def save_resume_state(output_dir: os.PathLike, state: Dict[str, Any]) -> Path:

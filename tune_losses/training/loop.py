@@ -70,15 +70,16 @@ class LossRecipe:
     checkpointer, dataset, loss, optimizer, lr_scheduler, metric_logger, device, dtype, and the
     settings of :class:`tune_losses.training.settings.LoopSettings`; KD adds teacher_model,
     teacher_checkpointer, kd_loss and kd_ratio (unless the loss is a fused distillation loss, which
-    carries its own ratio). A subclass that reads more top-level keys lists them in ``config_keys``.
+    carries its own ratio). A subclass that reads more top-level keys lists them in ``config_keys``; one
+    that adds a task (overriding ``setup`` / ``_micro_batch_loss``) lists it in ``tasks``.
     """
 
-    config_keys: tuple = ()
     tasks: tuple = ("sft", "kd")
+    config_keys: tuple = ()
 
     def __init__(self, cfg: DictConfig, task: str, distributed: bool):
         if task not in self.tasks:
-            raise ValueError(f"task: expected one of {self.tasks}, got {task!r}")
+            raise ValueError(f"task: expected one of {list(self.tasks)}, got {task!r}")
         self.task = task
         self.distributed = distributed
         self.settings = LoopSettings.from_config(cfg)
@@ -349,13 +350,16 @@ class LossRecipe:
             if get_adapter_params(self.model):
                 export = get_merged_lora_ckpt(dict(model_sd), rank=int(self.cfg.model.lora_rank),
                                               alpha=float(self.cfg.model.lora_alpha))
-            checkpointing.export_atomically(self.checkpointer, {training.MODEL_KEY: export}, epoch)
-            checkpointing.save_resume_state(s.output_dir, {
+            files = checkpointing.export_atomically(self.checkpointer, {training.MODEL_KEY: export}, epoch)
+            resume = checkpointing.save_resume_state(s.output_dir, {
                 "model": model_sd, "optimizer": optim_sd,
                 "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
                 "global_step": self.global_step, "epochs_run": self.epochs_run, "seed": s.seed,
                 "steps_per_epoch": self.steps_per_epoch, "rng": torch.get_rng_state(),
             })
+            size = sum(f.stat().st_size for f in files) / 2**20
+            self._note(f"step {self.global_step}: saved {files[0].parent if files else 'nothing'} "
+                       f"({len(files)} file(s), {size:.1f} MiB) and {resume}")
         barrier("barrier after saving", s.process_group_timeout_s)
         self.saved_at_step = self.global_step
 

@@ -7,9 +7,18 @@ end. Messages during the run go through :meth:`Progress.write`, so they never gl
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional, TextIO
+
+
+def _columns(stream: TextIO) -> Optional[int]:
+    """The terminal's width; 0 for a terminal of unknown size (a bar there would be drawn 0 wide)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 class Progress:
@@ -17,7 +26,7 @@ class Progress:
                  every: Optional[int] = None, stream: Optional[TextIO] = None):
         self.total, self.n, self.desc, self.enabled = total, initial, desc, enabled
         self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) and _columns(self.stream) != 0
         self.every = every or max(1, total // 20)
         self.start, self.start_n = time.perf_counter(), initial
         self.bar = None
