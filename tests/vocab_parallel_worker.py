@@ -352,20 +352,20 @@ def suite_dtensor():
 
     # The path is really vocabulary-parallel: no rank ever sees more than its rows.
     def never_gathers():
-        from tune_losses.fused import functional
+        from tune_losses.fused import placement
 
         seen = []
-        original = functional.materialize_weight
+        original = placement.materialize_weight
         def spy(t, *a, **k):
             if isinstance(t, DTensor):
                 seen.append(tuple(t.shape))
             return original(t, *a, **k)
 
-        functional.materialize_weight = spy
+        placement.materialize_weight = spy
         try:
             dt_case("kd", "mean")
         finally:
-            functional.materialize_weight = original
+            placement.materialize_weight = original
         assert not seen, f"materialize_weight gathered {seen}"
 
     case("dtensor tp: weights never gathered", never_gathers)
@@ -420,7 +420,7 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
     from torchtune.models.llama2 import llama2
 
     from tune_losses import LinearCrossEntropyLoss, LinearDistillationLoss
-    from tune_losses.fused import functional
+    from tune_losses.fused import placement
 
     def build(seed):
         torch.manual_seed(seed)
@@ -438,14 +438,14 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
                 for n, p in model.named_parameters() if p.grad is not None}
 
     gathered = []
-    original = functional.materialize_weight
+    original = placement.materialize_weight
 
     def spy(t, *a, **k):  # the vocabulary-parallel path never gathers a whole weight
         if isinstance(t, DTensor):
             gathered.append(tuple(t.shape))
         return original(t, *a, **k)
 
-    functional.materialize_weight = spy
+    placement.materialize_weight = spy
     try:
         for kd in (False, True):
             model, teacher = build(0), build(1)
@@ -498,7 +498,7 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
             for n in got:
                 close(f"grad {n}", got[n], expected[n], dict(rtol=1e-5, atol=1e-5))
     finally:
-        functional.materialize_weight = original
+        placement.materialize_weight = original
     assert not gathered, f"materialize_weight gathered {gathered}"
 
 
