@@ -28,7 +28,8 @@ import torch
 
 from tune_losses.chunking import token_chunk_bounds
 from tune_losses.divergences import VocabReducer
-from tune_losses.terms import Chunk, Term
+from tune_losses.fused.compiled import compiled_math, run_compiled, terms_on_chunk
+from tune_losses.terms import Term
 
 # Elements of one fp32 chunk of logits ([n, V]); the chunk size is this divided by V (a power of 2),
 # but never fewer than _MIN_CHUNK_TOKENS tokens. Measured with `python -m benchmarks.sweep_chunks`
@@ -190,42 +191,63 @@ def chunk_pass(
     dx = torch.empty_like(x) if any_grad and need_dx else None
     dw = torch.zeros(w.shape, dtype=dtype, device=w.device) if any_grad and need_dw else None
     db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if any_grad and need_db else None
-    # The last term reading a logits buffer may overwrite it (one [n, V] buffer fewer per chunk).
-    last_student = len(plan.terms) - 1
-    last_teacher = -1
-    for i, t in enumerate(plan.terms):
-        if t.needs_teacher:
-            last_teacher = i
+    # Compiled chunk math (where available): every chunk padded to the same rows, one compilation.
+    math = compiled_math(plan.terms, red, x.device)
+    rows_fixed = size if size <= num_tokens else 1 << max(3, (num_tokens - 1).bit_length())
 
     for start, end in token_chunk_bounds(num_tokens, size):
         rows = slice(start, end)
-        xc, ok = x[rows], valid[rows]
+        xc, ok, lab = x[rows], valid[rows], labels[rows]
         zt = None
         if teacher:
             with torch.no_grad():
                 zt = _logits(tx[rows], tw, tb)
-        chunk = Chunk(_logits(xc, w, b), zt, labels[rows], ok, red)
-        g = None
-        for i, term in enumerate(plan.terms):
-            tw_i = None
-            if any_grad and weights[i] is not None and any(v is not None for v in weights[i]):
-                tw_i = [_chunk_weight(v, rows, ok, dtype, grad_scale) for v in weights[i]]
-            values, g_t = term.compute(chunk, tw_i, i == last_student, i == last_teacher)
-            for name, v in zip(term.outputs, values):
-                outputs[name][rows] = v
-            if g_t is not None:
-                g = g_t if g is None else g.add_(g_t)
-            del g_t
-        del chunk, zt
+        z = _logits(xc, w, b)
+        chunk_weights = [None] * len(plan.terms)
+        if any_grad:
+            for i, ws in enumerate(weights):
+                if ws is not None and any(v is not None for v in ws):
+                    chunk_weights[i] = [_chunk_weight(v, rows, ok, dtype, grad_scale) for v in ws]
+        result = None
+        if math is not None:
+            result = _run_padded(math, rows_fixed, z, zt, lab, ok, chunk_weights, plan.ignore_index)
+            if result is None:
+                math = None
+        if result is None:
+            result = terms_on_chunk(plan.terms, red, z, zt, lab, ok, chunk_weights, True)
+        values, g = result
+        del z, zt, result
+        for name, v in zip(plan.output_names, values):
+            outputs[name][rows] = v
         if g is not None:
             accumulate_chunk_grads(g, xc, w, rows, dx, dw, db)
-        elif any_grad:  # no term has a gradient weight here: the gradients stay 0
-            if dx is not None:
-                dx[rows] = 0
+        elif dx is not None:  # no term has a gradient weight here: the gradients stay 0
+            dx[rows] = 0
         del g
     if dx is not None:
         red.finish_dx(dx)
     return outputs, dx, dw, db
+
+
+def _run_padded(math, rows: int, z, zt, labels, valid, weights, ignore_index: int):
+    """Run compiled chunk math on a chunk padded to ``rows`` rows (ignored tokens, weight 0), so
+    the last, partial chunk reuses the full chunks' compiled code; results cut back to the chunk."""
+    n = z.shape[0]
+    if n < rows:
+        pad = rows - n
+
+        def rows_of(t, value=0):
+            return None if t is None else torch.nn.functional.pad(t, (0, 0, 0, pad) if t.dim() == 2 else (0, pad),
+                                                                   value=value)
+
+        z, zt = rows_of(z), rows_of(zt)
+        labels, valid = rows_of(labels, ignore_index), rows_of(valid, False)
+        weights = [None if ws is None else [rows_of(w) for w in ws] for ws in weights]
+    result = run_compiled(math, z, zt, labels, valid, weights)
+    if result is None or n == rows:
+        return result
+    values, g = result
+    return [v[:n] for v in values], (None if g is None else g[:n])
 
 
 def _needs(ctx, b) -> Tuple[bool, bool, bool]:
