@@ -5,7 +5,8 @@ One ``torchrun --nproc_per_node 2`` launch of tests/vocab_parallel_worker.py run
 launch costs seconds of imports); each test here checks one suite's lines:
 
 * ``pg``: a local weight shard + ``process_group``: CE (mean / sum / none, both algorithms, several
-  chunk sizes, label smoothing, z-loss, softcap), KD (every divergence, temperature 1 and 2),
+  chunk sizes, label smoothing, z-loss, softcap), log-probabilities with entropy, KD (every
+  divergence, temperature 1 and 2), NaN / inf hidden states giving non-finite losses on every rank,
   distillation, V = 257 (uneven shards 129 / 128) and 256, ignored tokens none / some / all, explicit
   ``vocab_start``, no-grad mode, errors raised on every rank alike;
 * ``dtensor``: DTensor weights ``Shard(0)`` on a ``"tp"`` mesh (gradients come back as DTensors of
@@ -34,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
 # Cases per suite: a suite that silently ran fewer cases fails.
-EXPECTED = {"pg": 85, "dtensor": 16, "memory": 6, "ignored": 2}
+EXPECTED = {"pg": 92, "dtensor": 16, "memory": 6, "ignored": 2}
 
 
 def _free_port() -> int:
