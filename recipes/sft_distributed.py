@@ -1,21 +1,16 @@
-"""Supervised fine-tuning, distributed: a thin entry point over recipes/train_loop.py.
+"""Supervised fine-tuning, distributed (FSDP2): a thin entry point over :mod:`tune_losses.training`.
 
     tune run --nproc_per_node 2 recipes/sft_distributed.py --config configs/tiny/sft.yaml
 
-Any loss is chosen by YAML `loss._component_`; see train_loop.LossRecipe for the config keys.
+Any loss is chosen by YAML `loss._component_`; see tune_losses.training.LossRecipe for the config keys.
 """
 
-import os
 import sys
 
-# `tune run` executes this file by path; make its sibling modules importable (torchtune ships its own
-# top-level `recipes` package, so we import our modules by their own names, not as recipes.*).
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from omegaconf import DictConfig
+from torchtune import config
 
-from omegaconf import DictConfig  # noqa: E402
-from torchtune import config  # noqa: E402
-
-from train_loop import LossRecipe, run  # noqa: E402
+from tune_losses.training import LossRecipe, run
 
 
 class SFTRecipeDistributed(LossRecipe):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from tune_losses.training.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-from metrics_log import read_metrics  # noqa: E402
 
 CKPT = "epoch_{}/model-00001-of-00001.bin"
 

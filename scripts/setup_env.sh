@@ -20,5 +20,10 @@ export PYTHONPATH="$PWD\${PYTHONPATH:+:\$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 ACT
 fi
+# `tune run recipes/x.py` imports our recipe as the module `recipes.x`; torchtune installs a top-level
+# `recipes` package of its own in site-packages. This .pth puts the repository root ahead of
+# site-packages for every interpreter of this venv (no environment variable needed).
+SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "import sys; sys.path.insert(0, '$PWD')" > "$SITE/tune_losses_repository.pth"
 .venv/bin/python -c "import torch, torchtune, tune_losses" 2>/dev/null \
   || { echo "setup_env: install failed" >&2; exit 1; }

@@ -13,19 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import copy
-import socket
-import subprocess
-import sys
-import textwrap
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multiproc import run_ranks
 from reference import make_labels
 
 import tune_losses
@@ -47,7 +43,6 @@ def _one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
-ROOT = Path(__file__).resolve().parents[1]
 B, S = 2, 13
 
 
@@ -447,100 +442,97 @@ def test_errors():
 
 # ------------------------------------------------------------------------------------- FSDP2
 
-_FSDP_WORKER = textwrap.dedent(r'''
-    import os, sys
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
+FSDP_VOCAB, FSDP_WORLD = 255, 2  # odd vocab: uneven shards of the output / embedding rows
 
+
+def _fsdp_build(tied):
     from torchtune.models.llama2 import llama2
     from torchtune.modules import TiedLinear
-    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = llama2(vocab_size=FSDP_VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                   intermediate_dim=64, max_seq_len=64)
+    if tied:
+        del model.output
+        model.output = TiedLinear(model.tok_embeddings)
+    return model
+
+
+def _fsdp_data():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, FSDP_VOCAB, (FSDP_WORLD, 2, 13), generator=g)
+    labels = torch.randint(0, FSDP_VOCAB, (FSDP_WORLD, 2, 13), generator=g)
+    labels[:, 0, :4] = -100
+    labels[1, 1, :] = -100
+    return tokens, labels
+
+
+def _fsdp_loss_for(model, mode):
+    if mode == "hidden":
+        loss_fn = LinearCrossEntropyLoss(chunk_size=5)
+        loss_fn.set_model_output(model)
+    else:
+        loss_fn = CEWithChunkedOutputLoss(num_output_chunks=4)
+        set_output_mode(model, "chunks", 4)
+    return loss_fn
+
+
+def _fsdp_grads(model):
     from torch.distributed.tensor import DTensor
-    from tune_losses import CEWithChunkedOutputLoss, LinearCrossEntropyLoss, set_output_mode
 
-    VOCAB, WORLD = 255, 2  # odd vocab: uneven shards of the output / embedding rows
-
-
-    def build(tied):
-        torch.manual_seed(0)
-        model = llama2(vocab_size=VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
-                       intermediate_dim=64, max_seq_len=64)
-        if tied:
-            del model.output
-            model.output = TiedLinear(model.tok_embeddings)
-        return model
+    return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+            for n, p in model.named_parameters()}
 
 
-    def data():
-        g = torch.Generator().manual_seed(1)
-        tokens = torch.randint(0, VOCAB, (WORLD, 2, 13), generator=g)
-        labels = torch.randint(0, VOCAB, (WORLD, 2, 13), generator=g)
-        labels[:, 0, :4] = -100
-        labels[1, 1, :] = -100
-        return tokens, labels
+def _fsdp_single_process(mode, tied):
+    # FSDP2 averages gradients over ranks: the reference is the mean of the per-rank losses.
+    model = _fsdp_build(tied)
+    loss_fn = _fsdp_loss_for(model, mode)
+    tokens, labels = _fsdp_data()
+    total = sum(loss_fn(model(tokens[r]), labels[r]) for r in range(FSDP_WORLD)) / FSDP_WORLD
+    total.backward()
+    return total.detach(), _fsdp_grads(model)
 
 
-    def loss_for(model, mode):
-        if mode == "hidden":
-            loss_fn = LinearCrossEntropyLoss(chunk_size=5)
-            loss_fn.set_model_output(model)
-        else:
-            loss_fn = CEWithChunkedOutputLoss(num_output_chunks=4)
-            set_output_mode(model, "chunks", 4)
-        return loss_fn
+def _fsdp_distributed(rank, mode, tied, shard_output):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = _fsdp_build(tied)
+    for layer in model.layers:
+        fully_shard(layer)
+    if shard_output:  # torchtune's custom_sharded_layers: ['tok_embeddings', 'output']
+        fully_shard(model.tok_embeddings)
+        if not tied:
+            fully_shard(model.output)
+    fully_shard(model)
+    loss_fn = _fsdp_loss_for(model, mode)
+    tokens, labels = _fsdp_data()
+    out = model(tokens[rank])
+    weight = loss_fn.projection.weight if mode == "hidden" else None
+    kind = type(weight).__name__
+    loss = loss_fn(out, labels[rank])
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    return mean_loss / FSDP_WORLD, _fsdp_grads(model), kind
 
 
-    def grads_of(model):
-        out = {}
-        for n, p in model.named_parameters():
-            g = p.grad
-            out[n] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
-        return out
+FSDP_CASES = [("chunks", False, False), ("hidden", False, False), ("hidden", False, True),
+              ("chunks", False, True), ("hidden", True, False), ("hidden", True, True)]
 
 
-    def single_process(mode, tied):
-        # FSDP2 averages gradients over ranks: the reference is the mean of the per-rank losses.
-        model = build(tied)
-        loss_fn = loss_for(model, mode)
-        tokens, labels = data()
-        total = sum(loss_fn(model(tokens[r]), labels[r]) for r in range(WORLD)) / WORLD
-        total.backward()
-        return total.detach(), grads_of(model)
+def _fsdp_rank(rank, world):
+    """One rank: every case sharded against the single-process reference; returns (checked, failures)."""
+    import warnings
 
-
-    def distributed(rank, mode, tied, shard_output):
-        model = build(tied)
-        for layer in model.layers:
-            fully_shard(layer)
-        if shard_output:  # torchtune's custom_sharded_layers: ['tok_embeddings', 'output']
-            fully_shard(model.tok_embeddings)
-            if not tied:
-                fully_shard(model.output)
-        fully_shard(model)
-        loss_fn = loss_for(model, mode)
-        tokens, labels = data()
-        out = model(tokens[rank])
-        weight = loss_fn.projection.weight if mode == "hidden" else None
-        kind = type(weight).__name__
-        loss = loss_fn(out, labels[rank])
-        loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        return mean_loss / WORLD, grads_of(model), kind
-
-
-    def main():
-        rank = int(os.environ["RANK"])
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo")
-        failures = []
-        for mode, tied, shard_output in [("chunks", False, False), ("hidden", False, False),
-                                         ("hidden", False, True), ("chunks", False, True),
-                                         ("hidden", True, False), ("hidden", True, True)]:
+    checked, failures = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for mode, tied, shard_output in FSDP_CASES:
             tag = f"{mode} tied={tied} shard_output={shard_output}"
-            loss, grads, kind = distributed(rank, mode, tied, shard_output)
-            ref_loss, ref_grads = single_process(mode, tied)
+            loss, grads, kind = _fsdp_distributed(rank, mode, tied, shard_output)
+            ref_loss, ref_grads = _fsdp_single_process(mode, tied)
             if not torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6):
                 failures.append(f"{tag}: loss {loss.item()} != {ref_loss.item()}")
             if set(grads) != set(ref_grads):
@@ -549,42 +541,22 @@ _FSDP_WORKER = textwrap.dedent(r'''
                 if g is None or not torch.allclose(g, ref_grads[n], rtol=1e-5, atol=1e-5):
                     err = None if g is None else (g - ref_grads[n]).abs().max().item()
                     failures.append(f"{tag}: grad {n} max err {err}")
-            if rank == 0:
-                print(f"checked {tag} (weight during loss: {kind})", flush=True)
-        dist.barrier()
-        dist.destroy_process_group()
-        if failures:
-            print("\n".join(failures), flush=True)
-            sys.exit(1)
-
-
-    main()
-''')
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            checked.append(f"checked {tag} (weight during loss: {kind})")
+    mixed = [str(w.message) for w in caught if "mixed torch.Tensor and DTensor" in str(w.message)]
+    return checked, failures + mixed
 
 
 @pytest.mark.distributed
-def test_fsdp2_chunks_and_hidden_modes_match_single_process(tmp_path):
-    script = tmp_path / "fsdp_worker.py"
-    script.write_text(_FSDP_WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+def test_fsdp2_chunks_and_hidden_modes_match_single_process():
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    results = run_ranks(_fsdp_rank, FSDP_WORLD, timeout=240)
     elapsed = time.perf_counter() - start
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
-    assert "mixed torch.Tensor and DTensor" not in log
-    checked = [line for line in proc.stdout.splitlines() if line.startswith("checked")]
-    assert len(checked) == 6, log[-3000:]
+    for rank, (checked, failures) in enumerate(results):
+        assert not failures, f"rank {rank}:\n" + "\n".join(failures)
+        assert len(checked) == len(FSDP_CASES), checked
+    checked = results[0][0]
     # The separately sharded output layer is a DTensor outside forward: materialize_weight's path.
     assert "checked hidden tied=False shard_output=True (weight during loss: DTensor)" in checked
     assert "checked hidden tied=True shard_output=True (weight during loss: DTensor)" in checked
     assert elapsed < 120, f"took {elapsed:.0f} s"
+

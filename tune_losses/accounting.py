@@ -14,6 +14,9 @@ from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from tune_losses.options import check_int_option
+from tune_losses.validation import check_labels_dtype, check_tensor
+
 
 class LossSum(NamedTuple):
     """A loss's sum over valid tokens (0-dim fp32, in the autograd graph) and their count (0-dim int64).
@@ -32,11 +35,15 @@ class LossSum(NamedTuple):
 
 def normalize(total: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     """``total / max(num_tokens, 1)``: a batch with no valid token has total 0, so this is 0, not NaN."""
+    check_tensor("total", total)
+    check_tensor("num_tokens", num_tokens, "(a token count, e.g. from count_valid_tokens)")
     return total / num_tokens.clamp(min=1).to(total.dtype)
 
 
 def count_valid_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Number of labels that are not ``ignore_index``, as a 0-dim int64 tensor on labels' device."""
+    check_labels_dtype(labels)
+    check_int_option("ignore_index", ignore_index)
     return (labels != ignore_index).sum()
 
 
@@ -61,6 +68,7 @@ def count_step_tokens(
 
 def all_reduce_token_count(num_tokens: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Sum a token count over the ranks of ``group`` (identity when not distributed). Returns a new tensor."""
+    check_tensor("num_tokens", num_tokens, "(a token count)")
     num_tokens = num_tokens.detach().clone()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(num_tokens, op=dist.ReduceOp.SUM, group=group)
@@ -82,6 +90,8 @@ def megatron_loss_func(
         both over micro-batches and ranks (see :func:`all_reduce_token_count`) and divides once.
         The metric is detached, fp32, for logging.
     """
+    check_tensor("loss_mask", loss_mask)
+    check_tensor("output_tensor", output_tensor, "of per-token losses")
     if loss_mask.shape != output_tensor.shape:
         raise ValueError(
             f"loss_mask: expected shape {tuple(output_tensor.shape)} (as output_tensor), got {tuple(loss_mask.shape)}"

@@ -20,7 +20,7 @@ import torch
 from tune_losses.accounting import LossSum
 from tune_losses.chunking import split_like
 from tune_losses.divergences import VocabReducer
-from tune_losses.options import CEOptions, KDOptions
+from tune_losses.options import ArgumentTypeError, CEOptions, KDOptions, check_bool_option, check_int_option
 from tune_losses.terms import Chunk, CrossEntropyTerm, DivergenceTerm, Term
 from tune_losses.validation import (
     check_chunk_list,
@@ -44,7 +44,9 @@ def _as_chunks(name: str, logits: Logits, labels: torch.Tensor) -> List[torch.Te
             return [logits.unsqueeze(0)]
         return [logits]
     if not isinstance(logits, (list, tuple)):
-        raise ValueError(f"{name}: expected a list of [B, S_i, V] tensors or one tensor, got {type(logits).__name__}")
+        raise ArgumentTypeError(
+            f"{name}: expected a list of [B, S_i, V] tensors or one tensor, got {type(logits).__name__}"
+        )
     return list(logits)
 
 
@@ -113,8 +115,8 @@ class _ChunkedLossBase(torch.nn.Module):
 
     def __init__(self, num_output_chunks: int, ignore_index: int):
         super().__init__()
-        if not isinstance(num_output_chunks, int) or num_output_chunks < 1:
-            raise ValueError(f"num_output_chunks: expected an int >= 1, got {num_output_chunks!r}")
+        check_int_option("num_output_chunks", num_output_chunks, 1)
+        check_int_option("ignore_index", ignore_index)
         self.num_output_chunks = num_output_chunks
         self.ignore_index = ignore_index
 
@@ -189,14 +191,17 @@ class _KDLoss(_ChunkedLossBase):
         Args:
             student_logits, teacher_logits: lists of ``[B, S_i, V]`` chunks of equal shapes, or one
                 ``[B, S, V]`` (or ``[N, V]``) tensor each. The teacher needs no grad.
-            labels: ``[B, S]`` (or ``[N]``); only their ignore mask is used.
+            labels: ``[B, S]`` (or ``[N]``); only their ignore mask is used, but with ``validate`` on
+                every label must be in ``[0, V)`` or ``ignore_index`` (as for cross-entropy).
         """
         labels = _as_2d_labels(labels, like=student_logits)
         student = _as_chunks("student_logits", student_logits, labels)
         teacher = _as_chunks("teacher_logits", teacher_logits, labels)
-        check_chunk_list("student_logits", student, labels)
+        vocab = check_chunk_list("student_logits", student, labels)
         check_chunk_list("teacher_logits", teacher, labels)
         check_paired_chunks(student, teacher)
+        if self.opts.validate:
+            check_label_range(labels, vocab, self.ignore_index)
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
         for s, t, lab in zip(student, teacher, split_like(labels, student, name="student_logits")):
             total = total + _chunk_sum(self.term, self.ignore_index, s, lab, t)
@@ -206,12 +211,13 @@ class _KDLoss(_ChunkedLossBase):
         self, student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
         """Mean divergence over valid tokens (0-dim fp32; 0 when none is valid), or the sum if not ``normalize``."""
+        check_bool_option("normalize", normalize)
         result = self.sum_and_count(student_logits, teacher_logits, labels)
         return result.mean() if normalize else result.total
 
 
 # --- torchtune's chunked KD classes (same names, positional orders and defaults) plus ours -----------
-# Extras, keyword-only everywhere: temperature, scale_by_temperature_squared (see KDOptions).
+# Extras, keyword-only everywhere: temperature, scale_by_temperature_squared, validate (see KDOptions).
 # Forward KL defaults to torchtune's logged value (-sum p log q); true_kl=True gives the KL itself.
 
 
@@ -219,28 +225,29 @@ class ForwardKLWithChunkedOutputLoss(_KDLoss):
     """Forward KL(p || q) over chunk lists. Default value is torchtune's ``-sum p log q``; ``true_kl=True`` for KL."""
 
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *, true_kl: bool = False,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True):
         super().__init__(num_output_chunks, KDOptions("forward_kl", temperature, scale_by_temperature_squared,
-                                                      true_kl=true_kl, ignore_index=ignore_index))
+                                                      true_kl=true_kl, ignore_index=ignore_index, validate=validate))
 
 
 class ReverseKLWithChunkedOutputLoss(_KDLoss):
     """Reverse KL(q || p) over chunk lists."""
 
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True):
         super().__init__(num_output_chunks, KDOptions("reverse_kl", temperature, scale_by_temperature_squared,
-                                                      ignore_index=ignore_index))
+                                                      ignore_index=ignore_index, validate=validate))
 
 
 class SymmetricKLWithChunkedOutputLoss(_KDLoss):
     """``r * FKL + (1 - r) * RKL`` over chunk lists; FKL is torchtune's value unless ``true_kl=True``."""
 
     def __init__(self, num_output_chunks: int = 8, sym_kd_ratio: float = 0.5, ignore_index: int = -100, *,
-                 true_kl: bool = False, temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+                 true_kl: bool = False, temperature: float = 1.0, scale_by_temperature_squared: bool = True,
+                 validate: bool = True):
         super().__init__(num_output_chunks, KDOptions("symmetric_kl", temperature, scale_by_temperature_squared,
                                                       sym_kd_ratio=sym_kd_ratio, true_kl=true_kl,
-                                                      ignore_index=ignore_index))
+                                                      ignore_index=ignore_index, validate=validate))
         self.sym_kd_ratio = sym_kd_ratio
 
 
@@ -248,9 +255,9 @@ class JSDWithChunkedOutputLoss(_KDLoss):
     """Generalized JSD(beta) over chunk lists; beta 0 / 1 are forward / reverse KL (TRL's limits)."""
 
     def __init__(self, num_output_chunks: int = 8, beta: float = 0.5, ignore_index: int = -100, *,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True):
         super().__init__(num_output_chunks, KDOptions("jsd", temperature, scale_by_temperature_squared,
-                                                      beta=beta, ignore_index=ignore_index))
+                                                      beta=beta, ignore_index=ignore_index, validate=validate))
         self.beta = beta
 
 
@@ -258,9 +265,9 @@ class TVDWithChunkedOutputLoss(_KDLoss):
     """Total variation distance ``0.5 sum |p - q|`` over chunk lists."""
 
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True):
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True):
         super().__init__(num_output_chunks, KDOptions("tvd", temperature, scale_by_temperature_squared,
-                                                      ignore_index=ignore_index))
+                                                      ignore_index=ignore_index, validate=validate))
 
 
 # --- torchtune's unchunked classes: one [N, V] / [B, S, V] tensor per side, forward(..., normalize) -------

@@ -15,6 +15,9 @@ from typing import List, Sequence
 
 import torch
 
+from tune_losses.options import ArgumentTypeError, check_int_option
+from tune_losses.validation import check_tensor
+
 
 def split_tokens(x: torch.Tensor, num_chunks: int, dim: int = 1) -> List[torch.Tensor]:
     """Split ``x`` into ``num_chunks`` views along ``dim`` (``tensor_split`` semantics).
@@ -27,8 +30,9 @@ def split_tokens(x: torch.Tensor, num_chunks: int, dim: int = 1) -> List[torch.T
     Returns:
         ``num_chunks`` views whose sizes along ``dim`` add up to ``x.size(dim)``.
     """
-    if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1:
-        raise ValueError(f"num_chunks: expected an int >= 1, got {num_chunks!r}")
+    check_tensor("x", x)
+    check_int_option("num_chunks", num_chunks, 1)
+    check_int_option("dim", dim)
     return list(torch.tensor_split(x, num_chunks, dim=dim))
 
 
@@ -49,9 +53,15 @@ def split_like(
     Raises:
         ValueError: if the chunk sizes do not add up to ``x.size(dim)``.
     """
+    check_tensor("x", x)
+    check_int_option("dim", dim)
+    if not isinstance(chunks, (list, tuple)) or not all(isinstance(c, torch.Tensor) for c in chunks):
+        raise ArgumentTypeError(
+            f"{name}: expected a list of chunk tensors, got {type(chunks).__name__}"
+            + (f" of {[type(c).__name__ for c in chunks]}" if isinstance(chunks, (list, tuple)) else "")
+        )
     sizes = chunk_sizes(chunks, dim)
     if sum(sizes) != x.shape[dim]:
-        # Fix: the message used to say "logits chunks" for every caller; it now names the argument.
         raise ValueError(
             f"{name}: expected chunk sizes along dim {dim} adding up to labels' {x.shape[dim]} "
             f"tokens, got chunk sizes {sizes} (sum {sum(sizes)})"
@@ -66,6 +76,7 @@ def token_chunk_bounds(num_tokens: int, chunk_size: int) -> List[tuple]:
     than a count; equivalent to :func:`split_tokens` with ``ceil(N / chunk_size)`` chunks when
     ``chunk_size`` divides ``N``.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    check_int_option("num_tokens", num_tokens, 0)
+    check_int_option("chunk_size", chunk_size, 1)
     return [(s, min(s + chunk_size, num_tokens)) for s in range(0, num_tokens, chunk_size)]
+

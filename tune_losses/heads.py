@@ -10,7 +10,8 @@ Modes (:func:`set_output_mode`):
   linear losses apply the projection themselves (:class:`OutputProjection` gives them its weight).
 
 Works on a torchtune ``TransformerDecoder`` (its ``unembed`` is overridden on the instance, so the
-split is ours, not torchtune 0.6.1's ``.chunk``), on any module with an ``lm_head`` or ``output``
+split is ours, not torchtune 0.6.1's ``.chunk``; a decoder with torchtune main's
+``skip_output_layer`` flag is switched to hidden states by that flag), on any module with an ``lm_head`` or ``output``
 projection (Hugging Face style or plain PyTorch; its ``forward`` is overridden on the instance), with
 tied embeddings (torchtune's ``TiedLinear``, or an ``lm_head`` sharing the embedding's parameter) and
 with FSDP2-sharded weights. Module names and ``state_dict`` keys never change, so checkpoints load
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from tune_losses.chunking import split_tokens
+from tune_losses.options import check_choice, check_int_option
 
 MODES = ("logits", "chunks", "hidden")
 SPLITS = ("tensor_split", "chunk")
@@ -101,18 +103,26 @@ def set_output_mode(model: nn.Module, mode: str, num_output_chunks: int = 0, *,
     Returns:
         The model's :class:`OutputProjection` (the fused losses read its weight and bias).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if mode == "chunks" and (not isinstance(num_output_chunks, int) or num_output_chunks < 1):
-        raise ValueError(f"num_output_chunks: expected an int >= 1 for mode='chunks', got {num_output_chunks!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    check_choice("mode", mode, MODES)
+    if mode == "chunks":
+        check_int_option("num_output_chunks", num_output_chunks, 1)
+    check_choice("split", split, SPLITS)
     proj = output_projection(model)
+    native_skip = _has_skip_output_layer(model)
+    if native_skip:
+        # torchtune main's decoders return their normed hidden states themselves when
+        # `skip_output_layer` is set (the flag its SFTLoss protocol sets): use it, override nothing.
+        model.skip_output_layer = mode == "hidden"
     if _is_torchtune_decoder(model):
-        _set_decoder_mode(model, mode, num_output_chunks, split)
+        _set_decoder_mode(model, "logits" if native_skip and mode == "hidden" else mode, num_output_chunks, split)
     else:
-        _set_head_mode(proj.head, mode, num_output_chunks, split)
+        _set_head_mode(proj.head, "logits" if native_skip and mode == "hidden" else mode, num_output_chunks, split)
     return proj
+
+
+def _has_skip_output_layer(model: nn.Module) -> bool:
+    """Whether ``model`` honours torchtune main's ``skip_output_layer`` flag (a bool attribute)."""
+    return isinstance(getattr(model, "skip_output_layer", None), bool)
 
 
 # Fix: the overrides used to be closures over the model / head, so ``copy.deepcopy(model)`` (an EMA,

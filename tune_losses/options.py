@@ -1,17 +1,101 @@
-"""Non-tensor options of every loss, in one place.
+"""Non-tensor options of every loss, in one place, checked when they are made.
 
 Functional entry points, modules and recipes all build one of these frozen dataclasses and hand it
 down, so the math never takes a long positional argument list and an option means the same thing
-everywhere.
+everywhere. The ``check_*`` helpers below are the one set of scalar checks every public entry
+point uses: each error names the argument, what was expected and what came.
+
+Conventions: a float option must be a finite real number (``nan`` / ``inf`` are rejected, ``True``
+is not a number here); an int option must be a Python ``int`` that is not a ``bool``; a flag must be
+a ``bool``. A wrong type raises :class:`ArgumentTypeError` (a ``TypeError`` that is also a
+``ValueError``, so callers catching either see it); a value out of range raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
+
+import torch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (or a tensor of the wrong dtype).
+
+    A ``TypeError`` by Python's convention, and a ``ValueError`` too, because every bad argument
+    of this package raised ``ValueError`` before the two were told apart and callers may catch that.
+    """
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def check_int_option(name: str, value, minimum: Optional[int] = None, *, allow_none: bool = False) -> None:
+    """``value`` must be an ``int`` (not a ``bool``), ``>= minimum`` when given, or None if allowed.
+
+    A ``torch.SymInt`` (a size under ``torch.compile`` with dynamic shapes) counts as an int.
+    """
+    if value is None and allow_none:
+        return
+    expected = "an int" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if allow_none else "")
+    if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool):
+        raise ArgumentTypeError(f"{name}: expected {expected}, got {value!r} ({_type_name(value)})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def check_float_option(
+    name: str,
+    value,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    *,
+    low_open: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """``value`` must be a finite real number (int or float, not a ``bool``) in the given range.
+
+    Args:
+        low, high: inclusive bounds (``low`` exclusive when ``low_open``); None for no bound.
+        allow_none: accept None (an option that is off).
+    """
+    if value is None and allow_none:
+        return
+    if low is not None and high is not None:
+        rng = f" in {'(' if low_open else '['}{low:g}, {high:g}]"
+    elif low is not None:
+        rng = f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        rng = f" <= {high:g}"
+    else:
+        rng = ""
+    expected = f"a finite float{rng}" + (" or None" if allow_none else "")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ArgumentTypeError(f"{name}: expected {expected}, got {value!r} ({_type_name(value)})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def check_bool_option(name: str, value) -> None:
+    """``value`` must be ``True`` or ``False`` (not 0 / 1, not a string)."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name}: expected True or False, got {value!r} ({_type_name(value)})")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> None:
+    """``value`` must be one of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -33,12 +117,11 @@ class CEOptions:
     validate: bool = True
 
     def __post_init__(self):
-        if not 0.0 <= self.label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing: expected a float in [0, 1], got {self.label_smoothing!r}")
-        if self.z_loss < 0:
-            raise ValueError(f"z_loss: expected a float >= 0, got {self.z_loss!r}")
-        if self.softcap is not None and not self.softcap > 0:
-            raise ValueError(f"softcap: expected a float > 0 or None, got {self.softcap!r}")
+        check_int_option("ignore_index", self.ignore_index)
+        check_float_option("label_smoothing", self.label_smoothing, 0.0, 1.0)
+        check_float_option("z_loss", self.z_loss, 0.0)
+        check_float_option("softcap", self.softcap, 0.0, low_open=True, allow_none=True)
+        check_bool_option("validate", self.validate)
 
 
 @dataclass(frozen=True)
@@ -48,7 +131,7 @@ class KDOptions:
     Attributes:
         divergence: one of ``forward_kl`` (KL(p||q)), ``reverse_kl`` (KL(q||p)),
             ``symmetric_kl`` (``r * FKL + (1 - r) * RKL``), ``jsd`` (generalized JSD(beta)), ``tvd``.
-        temperature: T; both sides' logits are divided by T.
+        temperature: T > 0, finite; both sides' logits are divided by T.
         scale_by_temperature_squared: multiply the loss by T^2 (Hinton et al.), so gradient
             magnitudes do not shrink as T grows.
         beta: JSD's mixture weight: ``beta KL(p||m) + (1 - beta) KL(q||m)``, ``m = beta p + (1 - beta) q``.
@@ -59,6 +142,9 @@ class KDOptions:
             torchtune 0.6.1's logged value ``-sum p log q`` (KL plus the teacher's entropy).
             Both have the same gradient with respect to the student.
         ignore_index: label value of tokens left out of the loss.
+        validate: check once per call (one device sync) that every label is in ``[0, V)`` or
+            ``ignore_index``, though the divergence reads only the ignore mask: a label of -1
+            meant as "ignore" under ``ignore_index=-100`` would otherwise count silently.
     """
 
     divergence: str = "forward_kl"
@@ -68,16 +154,17 @@ class KDOptions:
     sym_kd_ratio: float = 0.5
     true_kl: bool = True
     ignore_index: int = -100
+    validate: bool = True
 
     def __post_init__(self):
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {self.divergence!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: expected a float > 0, got {self.temperature!r}")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta: expected a float in [0, 1], got {self.beta!r}")
-        if not 0.0 <= self.sym_kd_ratio <= 1.0:
-            raise ValueError(f"sym_kd_ratio: expected a float in [0, 1], got {self.sym_kd_ratio!r}")
+        check_choice("divergence", self.divergence, DIVERGENCES)
+        check_float_option("temperature", self.temperature, 0.0, low_open=True)
+        check_bool_option("scale_by_temperature_squared", self.scale_by_temperature_squared)
+        check_float_option("beta", self.beta, 0.0, 1.0)
+        check_float_option("sym_kd_ratio", self.sym_kd_ratio, 0.0, 1.0)
+        check_bool_option("true_kl", self.true_kl)
+        check_int_option("ignore_index", self.ignore_index)
+        check_bool_option("validate", self.validate)
 
     @property
     def loss_scale(self) -> float:
@@ -86,6 +173,24 @@ class KDOptions:
 
 
 def check_reduction(reduction: str) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
     return reduction
+
+
+def check_run_options(
+    chunk_size: Optional[int],
+    validate: bool,
+    vocab_parallel: Optional[bool] = None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> None:
+    """The fused losses' per-call options that no dataclass holds: ``chunk_size`` (tokens per
+    chunk, an int >= 1 or None), ``validate`` (a bool), ``vocab_parallel`` (None or a bool),
+    ``vocab_start`` (an int >= 0 or None), ``vocab_size`` (an int >= 1 or None)."""
+    check_int_option("chunk_size", chunk_size, 1, allow_none=True)
+    check_bool_option("validate", validate)
+    if vocab_parallel is not None and not isinstance(vocab_parallel, bool):
+        raise ArgumentTypeError(f"vocab_parallel: expected None, True or False, got {vocab_parallel!r} "
+                                f"({_type_name(vocab_parallel)})")
+    check_int_option("vocab_start", vocab_start, 0, allow_none=True)
+    check_int_option("vocab_size", vocab_size, 1, allow_none=True)

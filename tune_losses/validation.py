@@ -1,29 +1,55 @@
-"""Input checks shared by every public entry point.
+"""Tensor checks shared by every public entry point.
 
-Each error names the argument, what was expected and what came. Only :func:`check_label_range`
-reads tensor values (one host sync); callers run it once per call and only when
-``validate=True``.
+Each error names the argument, what was expected and what came. A wrong type or dtype raises
+:class:`~tune_losses.options.ArgumentTypeError` (a ``TypeError`` that is also a ``ValueError``), a
+wrong shape or value ``ValueError``. Only :func:`check_label_range` reads tensor values (one host
+sync); callers run it once per call and only when ``validate=True``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from tune_losses.options import ArgumentTypeError
+
+LABEL_DTYPES = (torch.int64, torch.int32)
+"""Label dtypes accepted: those ``torch.gather`` indexes with (no silent copy of the labels)."""
+
+
+def _describe(value) -> str:
+    """``list of 2 items`` / ``ndarray`` / ``int``: what came, for an error message."""
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)} items"
+    return type(value).__name__
+
+
+def check_tensor(name: str, t, what: str = "") -> None:
+    """``t`` must be a ``torch.Tensor`` (a DTensor is one). ``what`` describes the expected shape."""
+    if not isinstance(t, torch.Tensor):
+        pieces = isinstance(t, (list, tuple)) and len(t) > 0 and all(isinstance(x, torch.Tensor) for x in t)
+        hint = " (one tensor, not a list of pieces: torch.cat / torch.stack them)" if pieces else ""
+        what = f" {what}" if what else ""
+        raise ArgumentTypeError(f"{name}: expected a torch.Tensor{what}, got {_describe(t)}{hint}")
+
 
 def check_float(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    check_tensor(name, t)
     if not t.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor (fp32/bf16/fp16), got dtype {t.dtype}")
+        raise ArgumentTypeError(
+            f"{name}: expected a floating-point tensor (fp32/bf16/fp16/fp64), got dtype {t.dtype}"
+        )
 
 
-def check_labels_dtype(labels: torch.Tensor) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"labels: expected a torch.Tensor of integer class ids, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels: expected an integer tensor (int64/int32), got dtype {labels.dtype}")
+def check_labels_dtype(labels: torch.Tensor, name: str = "labels") -> None:
+    """Labels must be a tensor of dtype int64 or int32 (other integer dtypes are not cast silently)."""
+    check_tensor(name, labels, "of integer class ids")
+    if labels.dtype not in LABEL_DTYPES:
+        raise ArgumentTypeError(
+            f"{name}: expected dtype torch.int64 or torch.int32 (class ids), got dtype {labels.dtype}"
+            + ("" if labels.is_floating_point() or labels.dtype == torch.bool else "; cast with labels.long()")
+        )
 
 
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -47,8 +73,36 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
         raise ValueError(f"{name_b}: expected shape {tuple(a.shape)} (as {name_a}), got {tuple(b.shape)}")
 
 
+def check_fused_inputs(labels: torch.Tensor, *, local_shard: bool = False, **tensors: Optional[torch.Tensor]) -> None:
+    """Types and basic shapes of a fused loss's tensors, before any dispatch touches them.
+
+    Args:
+        labels: the class ids (int64 / int32 tensor).
+        local_shard: the weights are this rank's vocabulary shard (``process_group=``): their row
+            count is checked over the group later, so that every rank raises alike.
+        tensors: by argument name: ``*hidden`` ``[..., H]`` (at least 1-D), ``*weight`` ``[V, H]``
+            (V >= 1, H >= 1, unless ``local_shard``), ``*bias`` ``[V]`` or None.
+    """
+    for name, t in tensors.items():
+        if name.endswith("bias") and t is None:
+            continue
+        if name.endswith("weight"):
+            check_tensor(name, t, "[V, H]")
+            if t.dim() != 2:
+                raise ValueError(f"{name}: expected shape [V, H], got {tuple(t.shape)}")
+            if t.shape[1] < 1 or (t.shape[0] < 1 and not local_shard):
+                raise ValueError(f"{name}: expected shape [V, H] with V >= 1 and H >= 1, got {tuple(t.shape)}")
+        elif name.endswith("hidden"):
+            check_tensor(name, t, "[..., H]")
+            if t.dim() < 1:
+                raise ValueError(f"{name}: expected shape [..., H] (at least 1-D), got a 0-dim tensor")
+        else:
+            check_tensor(name, t)
+    check_labels_dtype(labels)
+
+
 def check_chunk_list(name: str, chunks: Sequence[torch.Tensor], labels: torch.Tensor) -> int:
-    """Check a list of logits chunks ``[B, S_i, V]`` against labels ``[B, S]``; return V."""
+    """Check a list of logits chunks ``[B, S_i, V]`` against labels ``[B, S]``; return V (>= 1)."""
     if len(chunks) == 0:
         raise ValueError(f"{name}: expected a non-empty list of logits chunks [B, S_i, V], got an empty list")
     vocab = None
@@ -63,6 +117,10 @@ def check_chunk_list(name: str, chunks: Sequence[torch.Tensor], labels: torch.Te
             )
         if vocab is None:
             vocab = c.shape[-1]
+            if vocab < 1:
+                raise ValueError(
+                    f"{name}[{i}]: expected a vocab size V >= 1 (last dimension), got shape {tuple(c.shape)}"
+                )
         elif c.shape[-1] != vocab:
             raise ValueError(f"{name}[{i}]: expected vocab size {vocab} like {name}[0], got shape {tuple(c.shape)}")
     return int(vocab)
@@ -78,3 +136,4 @@ def check_paired_chunks(student: Sequence[torch.Tensor], teacher: Sequence[torch
             raise ValueError(
                 f"teacher_logits[{i}]: expected shape {tuple(s.shape)} (as student_logits[{i}]), got {tuple(t.shape)}"
             )
+

@@ -22,9 +22,9 @@ import torch
 
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import VocabParallelOptions, place
-from tune_losses.options import CEOptions, KDOptions, check_reduction
+from tune_losses.options import CEOptions, KDOptions, check_float_option, check_reduction, check_run_options
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
-from tune_losses.validation import check_float, check_label_range, check_labels_dtype
+from tune_losses.validation import check_float, check_fused_inputs, check_label_range, check_labels_dtype
 
 ALGORITHMS = ("auto", "grad_in_forward", "recompute")
 
@@ -68,11 +68,6 @@ class RunOptions:
         check_reduction(self.reduction)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
-        c = self.chunk_size
-        if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1):
-            raise ValueError(f"chunk_size: expected an int >= 1 or None, got {c!r}")
-        if self.parallel.vocab_parallel not in (None, True, False):
-            raise ValueError(f"vocab_parallel: expected None, True or False, got {self.parallel.vocab_parallel!r}")
 
 
 class Side(NamedTuple):
@@ -237,6 +232,8 @@ def linear_cross_entropy(
     Returns:
         fp32 loss (fp64 for fp64 inputs): 0-dim, or per token for ``reduction="none"``.
     """
+    check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
@@ -277,9 +274,9 @@ def linear_log_probs(
         ``(log_probs, entropy)``. Both are differentiable with respect to hidden, weight and bias,
         each with its own per-token ``grad_output`` (the backward recomputes the chunks).
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
+    check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
+    check_float_option("temperature", temperature, 0.0, low_open=True)
     opts = RunOptions(reduction="none", algorithm="recompute", validate=validate, chunk_size=chunk_size,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
@@ -306,6 +303,7 @@ def linear_kd_loss(
     teacher_bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     algorithm: str = "auto",
+    validate: bool = True,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
@@ -322,6 +320,9 @@ def linear_kd_loss(
             ``jsd`` (generalized, ``beta``), ``tvd``. True divergences: 0 when the two agree.
         temperature: both sides' logits divided by T; the loss times T^2 (``scale_by_temperature_squared``).
         reduction: ``mean`` over valid tokens, ``sum`` or ``none``.
+        validate: check that every label is in ``[0, V)`` or ``ignore_index`` (one host sync per
+            call). The divergence reads only the ignore mask, but a label outside the vocabulary
+            (e.g. -1 meant as "ignore" under ``ignore_index=-100``) would otherwise count silently.
         process_group, vocab_parallel, vocab_start, vocab_size: as :func:`linear_cross_entropy`.
             Vocabulary-parallel, the teacher's weight is sharded like the student's (a DTensor
             on the same rows, or with ``process_group`` its local shard of the same rows); a
@@ -331,7 +332,11 @@ def linear_kd_loss(
     Returns:
         fp32 loss, 0-dim or per token.
     """
-    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=False, chunk_size=chunk_size,
+    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
+                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                       student_bias=student_bias, teacher_bias=teacher_bias)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
+    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     kd = KDOptions(divergence=divergence, temperature=temperature,
@@ -379,8 +384,11 @@ def linear_distillation_loss(
         :class:`FusedOutput`: ``loss`` (differentiable), ``ce`` and ``kd`` (detached, same reduction,
         for logging), ``num_tokens`` (this call's valid tokens).
     """
-    if isinstance(kd_ratio, bool) or not isinstance(kd_ratio, (int, float)) or not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio: expected a float in [0, 1], got {kd_ratio!r}")
+    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
+                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                       student_bias=student_bias, teacher_bias=teacher_bias)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
+    check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
     opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from tune_losses.accounting import LossSum
-from tune_losses.fused.functional import FusedOutput, linear_cross_entropy, linear_distillation_loss
+from tune_losses.fused.functional import ALGORITHMS, FusedOutput, linear_cross_entropy, linear_distillation_loss
 from tune_losses.heads import OutputProjection, set_output_mode
+from tune_losses.options import CEOptions, KDOptions, check_choice, check_float_option, check_run_options
 
 
 def _require(proj: Optional[OutputProjection], who: str) -> OutputProjection:
@@ -40,6 +41,10 @@ class LinearCrossEntropyLoss(nn.Module):
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None, algorithm: str = "auto",
                  validate: bool = True):
         super().__init__()
+        # Checked here, not at the first forward, so a bad config fails when it is built.
+        CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate)
+        check_run_options(chunk_size, validate)
+        check_choice("algorithm", algorithm, ALGORITHMS)
         self.ignore_index = ignore_index
         self.kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                            softcap=softcap, chunk_size=chunk_size, algorithm=algorithm, validate=validate)
@@ -49,11 +54,16 @@ class LinearCrossEntropyLoss(nn.Module):
         """Take ``model``'s output projection and make the model return hidden states."""
         self.projection = set_output_mode(model, "hidden")
 
-    def sum_and_count(self, hidden: torch.Tensor, labels: torch.Tensor) -> LossSum:
-        """``(summed CE over valid tokens, valid-token count)``. hidden ``[B, S, H]``, labels ``[B, S]``."""
+    def sum_and_count(self, hidden: torch.Tensor, labels: torch.Tensor,
+                      scale: Optional[torch.Tensor] = None) -> LossSum:
+        """``(summed CE over valid tokens, valid-token count)``. hidden ``[B, S, H]``, labels ``[B, S]``.
+
+        ``scale`` (0-dim fp32, e.g. ``1 / global_count``) multiplies the sum (the training loop's
+        normalization, see :mod:`tune_losses.training.protocol`); the count is unchanged.
+        """
         proj = _require(self.projection, type(self).__name__)
         total = linear_cross_entropy(hidden, proj.weight, labels, bias=proj.bias, reduction="sum", **self.kwargs)
-        return LossSum(total, (labels != self.ignore_index).sum())
+        return LossSum(total if scale is None else total * scale, (labels != self.ignore_index).sum())
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean CE over valid tokens (0-dim fp32; 0 when none)."""
@@ -77,6 +87,12 @@ class LinearDistillationLoss(nn.Module):
                  ignore_index: int = -100, label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
                  algorithm: str = "auto", validate: bool = True):
         super().__init__()
+        # Checked here, not at the first forward, so a bad config fails when it is built.
+        check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
+        KDOptions(divergence, temperature, scale_by_temperature_squared, beta, sym_kd_ratio, True, ignore_index)
+        CEOptions(ignore_index, label_smoothing, validate=validate)
+        check_run_options(chunk_size, validate)
+        check_choice("algorithm", algorithm, ALGORITHMS)
         self.ignore_index = ignore_index
         self.kd_ratio = kd_ratio
         self.kwargs = dict(kd_ratio=kd_ratio, divergence=divergence, temperature=temperature, beta=beta,
@@ -101,9 +117,13 @@ class LinearDistillationLoss(nn.Module):
         return linear_distillation_loss(student_hidden, s.weight, teacher_hidden, t.weight, labels,
                                         student_bias=s.bias, teacher_bias=t.bias, reduction=reduction, **self.kwargs)
 
-    def sum_and_count(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor) -> LossSum:
+    def sum_and_count(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
+                      scale: Optional[torch.Tensor] = None) -> LossSum:
+        """Summed total, its parts (detached) and the valid-token count; ``scale`` multiplies every sum."""
         out = self.fused(student_hidden, teacher_hidden, labels, reduction="sum")
-        return LossSum(out.loss, out.num_tokens, {"class_loss": out.ce, "kd_loss": out.kd})
+        if scale is None:
+            return LossSum(out.loss, out.num_tokens, {"class_loss": out.ce, "kd_loss": out.kd})
+        return LossSum(out.loss * scale, out.num_tokens, {"class_loss": out.ce * scale, "kd_loss": out.kd * scale})
 
     def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean total loss over valid tokens. student ``[B, S, Hs]``, teacher ``[B, S, Ht]``, labels ``[B, S]``."""

@@ -1,0 +1,332 @@
+"""Fused linear cross-entropy for any Hugging Face Transformers causal LM, by patching one instance.
+
+::
+
+    from tune_losses.integrations.transformers import patch
+    model = patch(AutoModelForCausalLM.from_pretrained(...))   # or a PEFT model
+    out = model(input_ids, labels=labels)                        # out.loss fused, out.logits None
+
+With ``labels``, in training mode (or always with ``train_only=False``), and ``logits_to_keep`` 0, the
+patched forward runs the model's own forward with no logits to compute (``logits_to_keep`` an empty
+index), takes the backbone's final hidden states, and computes the loss with
+:func:`tune_losses.linear_cross_entropy` on the output layer's weight: no ``[tokens, V]`` tensor exists.
+It keeps Transformers' contract: the label shift (or ``shift_labels`` as given), ``ignore_index``,
+``num_items_in_batch`` (the sum divided by it), and the MoE router auxiliary loss. Everything else
+(no labels, eval mode, ``logits_to_keep != 0``, ``skip_logits=False``) runs the stock forward unchanged,
+so ``generate()`` and evaluation see the model as built.
+
+The patch is per instance and model-agnostic: what the stock forward does between its backbone and
+its loss (logit scale, softcap, aux loss) is read from its source (:mod:`.head_source`); anything not
+recognised raises. It holds no reference to the model outside the model (``copy.deepcopy`` gives a
+patched copy training its own parameters) and keeps the forward's signature (``functools.wraps``), so
+``Trainer`` still passes ``num_items_in_batch``.
+
+FSDP2: the output weight is read inside every call; a sharded one is gathered by the fused loss
+(:func:`tune_losses.fused.functional.materialize_weight`). DeepSpeed ZeRO-3 is untested here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from dataclasses import dataclass, fields
+from typing import Any, Dict, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tune_losses.fused.functional import linear_cross_entropy, linear_distillation_loss
+from tune_losses.integrations.head_source import HeadSpec, read_head
+from tune_losses.integrations.output_layer import output_weight
+from tune_losses.options import CEOptions
+
+__all__ = ["patch", "unpatch", "is_patched", "lm_head_inputs", "HeadInputs", "distillation_loss", "unwrap_model"]
+
+CE_OPTIONS = ("label_smoothing", "z_loss", "softcap", "chunk_size", "algorithm", "validate")
+"""Keyword options of :func:`tune_losses.linear_cross_entropy` that :func:`patch` passes on."""
+
+_STATE = "_tune_losses_patch"
+_INNER = "_tune_losses_inner_forward"
+
+
+@dataclass(frozen=True)
+class _PatchState:
+    train_only: bool
+    ce_options: Dict[str, Any]
+    spec: HeadSpec
+
+
+def unwrap_model(model):
+    """The Transformers model inside PEFT (``get_base_model()``) and DDP / accelerate (``.module``) wrappers."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model) and model.get_base_model() is not model:
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def patch(model, *, train_only: bool = True, **ce_options):
+    """Make ``model``'s training loss the fused linear cross-entropy (this instance only).
+
+    Args:
+        model: a Transformers ``*ForCausalLM`` (or a PEFT model around one).
+        train_only: fused only in training mode; eval mode runs the stock forward (full logits).
+        ce_options: passed to :func:`tune_losses.linear_cross_entropy`: ``label_smoothing``, ``z_loss``,
+            ``softcap`` (only for models without their own), ``chunk_size``, ``algorithm``, ``validate``.
+
+    Returns:
+        ``model`` itself, patched (patching again replaces the options).
+
+    Raises:
+        ValueError: unknown option, a model whose forward post-processes its logits in a way the fused
+            loss cannot reproduce, or whose loss is not Transformers' causal-LM loss.
+    """
+    unknown = sorted(set(ce_options) - set(CE_OPTIONS))
+    if unknown:
+        raise ValueError(f"ce_options: unknown option(s) {unknown}; expected some of {list(CE_OPTIONS)}")
+    CEOptions(label_smoothing=ce_options.get("label_smoothing", 0.0), z_loss=ce_options.get("z_loss", 0.0),
+              softcap=ce_options.get("softcap"))  # checks the values now, not at the first step
+    if not isinstance(train_only, bool):
+        raise TypeError(f"train_only: expected a bool, got {type(train_only).__name__}")
+    hf = unwrap_model(model)
+    if is_patched(hf):
+        unpatch(hf)
+    spec = read_head(hf)
+    if "softcap" in ce_options and spec.softcap is not None:
+        raise ValueError(f"ce_options: softcap is set by {spec.model_type} itself ({'.'.join(spec.softcap)}); "
+                         f"don't pass softcap")
+    _check_loss_function(hf)
+    if "logits_to_keep" not in inspect.signature(type(hf).forward).parameters:
+        raise ValueError(f"model: {type(hf).__name__}.forward takes no logits_to_keep argument, which the patch "
+                         f"uses to run it without logits")
+    inner = hf.__dict__.get("forward")  # a forward someone installed on the instance before us
+    if inner is not None:
+        setattr(hf, _INNER, inner)
+    object.__setattr__(hf, _STATE, _PatchState(train_only, dict(ce_options), spec))
+    hf.forward = types.MethodType(_forward_for(_forward_owner(type(hf))), hf)
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch` on ``model`` (a no-op if it is not patched). Returns ``model``."""
+    hf = unwrap_model(model)
+    if not is_patched(hf):
+        return model
+    inner = hf.__dict__.pop(_INNER, None)
+    del hf.__dict__[_STATE]
+    if inner is not None:
+        hf.forward = inner
+    else:
+        del hf.__dict__["forward"]
+    return model
+
+
+def is_patched(model) -> bool:
+    return _STATE in unwrap_model(model).__dict__
+
+
+def _check_loss_function(hf) -> None:
+    if "_loss_function" in hf.__dict__:
+        raise ValueError(f"model: {type(hf).__name__} has a custom loss_function; the fused loss replaces "
+                         f"Transformers' causal-LM loss only")
+    loss_type = getattr(hf, "loss_type", None)
+    if loss_type not in (None, "ForCausalLM"):
+        from transformers.loss.loss_utils import LOSS_MAPPING
+
+        if loss_type in LOSS_MAPPING:  # Transformers falls back to ForCausalLM for unknown names
+            raise ValueError(f"model: loss_type {loss_type!r} of {type(hf).__name__} is not the causal-LM loss")
+
+
+def _forward_owner(cls):
+    for klass in cls.__mro__:
+        if "forward" in vars(klass):
+            return klass
+    return cls
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_for(cls):
+    """A copy of :func:`_patched_forward` carrying ``cls.forward``'s name, docstring and signature."""
+    f = types.FunctionType(_patched_forward.__code__, _patched_forward.__globals__, "forward",
+                           _patched_forward.__defaults__, _patched_forward.__closure__)
+    f.__kwdefaults__ = _patched_forward.__kwdefaults__
+    return functools.wraps(cls.forward)(f)
+
+
+@functools.lru_cache(maxsize=None)
+def _positional_names(cls):
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _stock(model):
+    inner = model.__dict__.get(_INNER)
+    return inner if inner is not None else types.MethodType(type(model).forward, model)
+
+
+def _patched_forward(self, *args, **kwargs):
+    state = self.__dict__.get(_STATE)
+    stock = _stock(self)
+    if args:
+        names = _positional_names(_forward_owner(type(self)))
+        if len(args) > len(names):
+            return stock(*args, **kwargs)
+        kwargs.update(zip(names, args))
+    skip_logits = kwargs.pop("skip_logits", None)
+    labels = kwargs.get("labels")
+    if skip_logits and labels is None:
+        raise ValueError("skip_logits: True needs labels (the fused loss replaces the logits)")
+    keep = kwargs.get("logits_to_keep", 0)
+    fused = (state is not None and labels is not None and skip_logits is not False
+             and isinstance(keep, int) and keep == 0
+             and (skip_logits or self.training or not state.train_only))
+    if not fused:
+        return stock(**kwargs)
+
+    labels = kwargs.pop("labels")
+    shift_labels = kwargs.pop("shift_labels", None)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    return_dict = kwargs.pop("return_dict", None)
+    head = lm_head_inputs(self, _spec=state.spec, **kwargs)
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(head.hidden.device)
+    options = dict(state.ce_options)
+    softcap = head.softcap if head.softcap is not None else options.pop("softcap", None)
+    options.pop("softcap", None)
+    with _no_autocast(head.hidden):
+        loss = linear_cross_entropy(head.hidden, head.weight, shift_labels, bias=head.bias,
+                                    ignore_index=ignore_index, softcap=softcap,
+                                    reduction="mean" if num_items_in_batch is None else "sum", **options)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    outputs = head.outputs
+    coef = state.spec.aux_coefficient(self)
+    aux = getattr(outputs, "aux_loss", None)
+    if coef is not None and aux is not None:
+        loss = loss + coef * aux.to(loss.device)
+    outputs = type(outputs)(**{**{f.name: getattr(outputs, f.name) for f in fields(outputs)},
+                               "loss": loss, "logits": None})
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    return outputs if return_dict else outputs.to_tuple()
+
+
+class HeadInputs(NamedTuple):
+    """What the output layer would see, for a fused loss: ``logits == softcap(hidden @ weight.T + bias)``.
+
+    ``hidden`` ``[B, S, H]`` already carries the model's logit scale; ``weight`` ``[V, H]`` and ``bias``
+    are in the compute dtype (the autocast dtype under autocast); ``softcap`` the model's, or None;
+    ``outputs`` the model's own output of that call (``logits`` empty, ``aux_loss`` etc. as stock).
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float]
+    outputs: Any
+
+
+def lm_head_inputs(model, *, _spec: Optional[HeadSpec] = None, **inputs) -> HeadInputs:
+    """Run ``model`` (a Transformers causal LM, or a PEFT model around one) on ``inputs`` without computing
+    logits, and return its final hidden states with the output layer's weight (:class:`HeadInputs`).
+
+    ``inputs`` are the model's forward arguments (``input_ids``, ``attention_mask``, ...; no ``labels``).
+    Gradients flow as in the model's own forward. Used by :func:`distillation_loss` and the TRL trainers.
+    """
+    hf = unwrap_model(model)
+    spec = _spec if _spec is not None else read_head(hf)
+    if inputs.get("labels") is not None:
+        raise ValueError("labels: lm_head_inputs runs the model without labels; compute the loss from its result")
+    inputs.pop("labels", None)
+    inputs.pop("return_dict", None)
+    base = getattr(hf, spec.base_attr)
+    anchor = next((t for t in inputs.values() if torch.is_tensor(t)), None)
+    device = anchor.device if anchor is not None else None
+    inputs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=device)  # keep no position: no logits
+    captured = []
+    handle = base.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        outputs = _stock(hf)(return_dict=True, **inputs)
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"model: {spec.model_type}.forward did not call its backbone {spec.base_attr}")
+    last = captured[-1]
+    hidden = last.last_hidden_state if hasattr(last, "last_hidden_state") else last[0]
+    weight, bias = output_weight(getattr(hf, spec.head_attr), spec.head_attr)
+    scale = spec.logit_scale(hf)
+    if scale is not None:
+        hidden = hidden * scale
+    dtype = _compute_dtype(hidden, weight)
+    hidden = hidden.to(dtype)
+    weight = weight.to(dtype) if weight.dtype != dtype and not _is_dtensor(weight) else weight
+    bias = bias.to(dtype) if bias is not None and bias.dtype != dtype and not _is_dtensor(bias) else bias
+    return HeadInputs(hidden, weight, bias, spec.softcap_value(hf), outputs)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the stock output layer would compute in: autocast's, else the weight's."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def _no_autocast(hidden: torch.Tensor):
+    """The fused loss chooses its own precision (fp32 math); autocast would recast its matmuls."""
+    return torch.autocast(hidden.device.type, enabled=False)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def distillation_loss(student, teacher, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                      attention_mask: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
+                      num_items_in_batch=None, ignore_index: int = -100, **loss_options):
+    """``(1 - kd_ratio) * CE + kd_ratio * KD`` between two Transformers causal LMs, with neither's logits.
+
+    Both models run without logits (:func:`lm_head_inputs`; the teacher under ``torch.no_grad()``), then
+    :func:`tune_losses.linear_distillation_loss` takes both hidden states and output weights. Labels
+    are shifted as Transformers does (or ``shift_labels`` given). The teacher and student must share the
+    vocabulary (``[V, H_t]`` and ``[V, H_s]``); models with a logit softcap are not supported here.
+
+    Args:
+        loss_options: ``kd_ratio``, ``divergence``, ``temperature``, ``beta``, ``scale_by_temperature_squared``,
+            ``label_smoothing``, ``chunk_size``, ... of :func:`tune_losses.linear_distillation_loss`.
+        num_items_in_batch: when given, the loss is the sum over valid tokens divided by it (as
+            Transformers' loss with gradient accumulation), else the mean over valid tokens.
+
+    Returns:
+        :class:`tune_losses.FusedOutput` (``loss`` differentiable; ``ce``, ``kd`` detached, same normalization).
+    """
+    for reserved in ("reduction", "student_bias", "teacher_bias"):
+        if reserved in loss_options:
+            raise ValueError(f"{reserved}: set by distillation_loss itself")
+    s = lm_head_inputs(student, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    with torch.no_grad():
+        t = lm_head_inputs(teacher, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if s.softcap is not None or t.softcap is not None:
+        raise ValueError("model: distillation_loss does not support models with a logit softcap")
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(s.hidden.device)
+    with _no_autocast(s.hidden):
+        out = linear_distillation_loss(s.hidden, s.weight, t.hidden.to(s.hidden.device), t.weight, shift_labels,
+                                       student_bias=s.bias, teacher_bias=t.bias, ignore_index=ignore_index,
+                                       reduction="mean" if num_items_in_batch is None else "sum", **loss_options)
+    if num_items_in_batch is None:
+        return out
+    n = num_items_in_batch.to(out.loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    return out._replace(loss=out.loss / n, ce=out.ce / n, kd=out.kd / n)

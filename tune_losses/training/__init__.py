@@ -1,0 +1,27 @@
+"""The training loop behind the recipes, importable: ``from tune_losses.training import LossRecipe, run``.
+
+Modules, one job each: ``loop`` (the recipe class: setup / train / save_checkpoint / cleanup),
+``protocol`` (what the loop needs from a loss), ``settings`` (config keys, checked), ``data``,
+``model``, ``distributed``, ``gradients``, ``checkpointing``, ``progress``, ``memory`` (the loss's
+peak memory) and ``metrics`` (reading logged metrics back). Names are loaded on first use, so reading
+metrics does not import torchtune.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "LossRecipe": "loop", "run": "loop", "NonFiniteTrainingError": "loop",
+    "TrainingLoss": "protocol", "SumAndCountLoss": "protocol", "ModelOutputLoss": "protocol",
+    "TeacherOutputLoss": "protocol",
+    "LoopSettings": "settings",
+    "read_metrics": "metrics",
+    "peak_memory_of": "memory",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
