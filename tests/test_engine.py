@@ -26,12 +26,8 @@ DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {}), ("symmetric_kl", {"sym_kd
 DIV_IDS = [d + "".join(f"-{k}{v}" for k, v in kw.items()) for d, kw in DIVERGENCES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def gen(seed):

@@ -200,6 +200,26 @@ def _parallel(process_group, vocab_parallel, vocab_start, vocab_size) -> VocabPa
                                 vocab_start=vocab_start, vocab_size=vocab_size)
 
 
+def _distillation_setup(*, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+                        teacher_bias, divergence, temperature, beta, sym_kd_ratio, scale_by_temperature_squared,
+                        ignore_index, reduction, chunk_size, algorithm, validate, process_group, vocab_parallel,
+                        vocab_start, vocab_size, **_) -> Tuple[RunOptions, KDOptions, Tuple[Side, Side]]:
+    """The checks and options shared by the distillation entry points (their arguments by name)."""
+    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
+                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                       student_bias=student_bias, teacher_bias=teacher_bias)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
+    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
+                      ignore_index=ignore_index,
+                      parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
+    kd = KDOptions(divergence=divergence, temperature=temperature,
+                   scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
+                   true_kl=True, ignore_index=ignore_index)
+    sides = (Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
+             Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES))
+    return opts, kd, sides
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -354,19 +374,9 @@ def linear_kd_loss(
     Returns:
         fp32 loss, 0-dim or per token.
     """
-    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
-                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                       student_bias=student_bias, teacher_bias=teacher_bias)
-    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
-    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
-                      ignore_index=ignore_index,
-                      parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
-    kd = KDOptions(divergence=divergence, temperature=temperature,
-                   scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
-                   true_kl=True, ignore_index=ignore_index)
-    loss, _, _ = _run([DivergenceTerm(kd)], Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
-                      Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES), labels, opts, num_tokens,
-                      scale)
+    args = dict(locals())
+    opts, kd, sides = _distillation_setup(**args)
+    loss, _, _ = _run([DivergenceTerm(kd)], *sides, labels, opts, num_tokens, scale)
     return loss
 
 
@@ -409,20 +419,10 @@ def linear_distillation_loss(
         :class:`FusedOutput`: ``loss`` (differentiable), ``ce`` and ``kd`` (detached, same reduction,
         for logging), ``num_tokens`` (this call's valid tokens).
     """
-    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
-                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                       student_bias=student_bias, teacher_bias=teacher_bias)
-    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
+    args = dict(locals())
     check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
-    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
-                      ignore_index=ignore_index,
-                      parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
-    kd = KDOptions(divergence=divergence, temperature=temperature,
-                   scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
-                   true_kl=True, ignore_index=ignore_index)
+    opts, kd, sides = _distillation_setup(**args)
     ce = CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, validate=validate)
     terms = [CrossEntropyTerm(ce, weight=1.0 - kd_ratio), DivergenceTerm(kd, weight=float(kd_ratio))]
-    loss, parts, count = _run(terms, Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
-                              Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES), labels, opts,
-                              num_tokens, scale)
+    loss, parts, count = _run(terms, *sides, labels, opts, num_tokens, scale)
     return _fused_output(loss, parts, count)
