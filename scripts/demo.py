@@ -1,15 +1,19 @@
 """The main job on the embedded offline default: train a teacher, distill a student, show the result.
 
-    bash scripts/demo.sh            # set-up included; or, with the environment active:
-    python scripts/demo.py [--epochs 2] [--out outputs/demo]
+    bash scripts/demo.sh                 # set-up included; quick version (minutes on 2 cores)
+    bash scripts/demo.sh --full          # the long version (2 epochs per run)
+    python scripts/demo.py [--full] [--epochs N] [--seed S] [--out outputs/demo]   # environment active
 
-Stages (each a real `tune run` of this repository's recipes on CPU, fp32):
+Stages (each training stage a real `tune run` of this repository's recipes on CPU, fp32):
 1. build the tiny assets (Python's own documentation, a SentencePiece tokenizer, tiny llama models);
 2. SFT of the teacher with the fused linear cross-entropy;
 3. KD of the student from that teacher with the fused distillation loss;
-4. SFT of the same student without KD (the control), same steps and data;
-5. one-step runs with the chunked-output losses, to compare the loss's peak memory with fused;
+4. SFT of the same student without KD (the control), same steps, data and seed;
+5. one-step runs with the chunked-output losses, for the loss's peak memory beside the fused runs';
 6. held-out loss of teacher, distilled student and control student; loss curves as a PNG plot.
+
+Each run's full output goes to ``<out>/<run>.log``; the console shows the stages, a progress bar read
+from the run's metrics file, and the summary (also written to ``<out>/summary.md`` and ``.json``).
 """
 
 from __future__ import annotations
@@ -17,40 +21,105 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import torch
 
 from tune_losses.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
 CKPT = "epoch_{}/model-00001-of-00001.bin"
+BATCH_SIZE = 8  # the tiny configs' batch size; the step counts below follow from it
+
+# Seconds per optimizer step of each run on 2 quiet cores (AMD EPYC, torch 2.13.0 CPU), and the
+# start-up of one `tune run` (imports, model and data set-up): the stage estimates. Once the
+# teacher stage has run, the later estimates are scaled by how fast this machine really was.
+STEP_SECONDS = {"teacher_sft": 0.22, "student_kd": 0.19, "student_sft": 0.13}
+STARTUP_SECONDS = 15.0
+Metrics = Dict[int, Dict[str, float]]
 
 
-def tune_run(recipe: str, config: str, out: Path, *overrides: str) -> dict:
-    """Run one recipe with `tune run`, streaming its progress bar; return its logged metrics by step."""
+def _poll_metrics(path: Path) -> Metrics:
+    """The run's metrics so far; empty while the file is missing or a line is half written."""
+    try:
+        return read_metrics(path) if path.exists() else {}
+    except ValueError:
+        return {}
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _about(seconds: float) -> str:
+    return f"~{max(1, round(seconds))} s" if seconds < 90 else f"~{round(seconds / 60)} min"
+
+
+class Progress:
+    """A progress bar for a run: in place on a terminal, one line every ``every`` steps otherwise."""
+
+    def __init__(self, total: int, every: int):
+        self.total, self.every = max(total, 1), max(every, 1)
+        self.tty = sys.stdout.isatty()
+        self.start = time.time()
+        self.shown = 0
+
+    def update(self, step: int, loss: float | None, final: bool = False) -> None:
+        if step == self.shown and not final:
+            return
+        elapsed = time.time() - self.start
+        eta = elapsed / step * (self.total - step) if step else 0.0
+        frac = min(step / self.total, 1.0)
+        bar = "#" * int(frac * 24) + "." * (24 - int(frac * 24))
+        loss_s = f"loss {loss:.3f}" if loss is not None else ""
+        line = f"      [{bar}] {step}/{self.total} {loss_s}  {_clock(elapsed)} elapsed, {_clock(eta)} left"
+        if self.tty:
+            print("\r" + line.ljust(100), end="\n" if final else "", flush=True)
+        elif final or step // self.every > self.shown // self.every:
+            print(line, flush=True)
+        self.shown = step
+
+
+def tune_run(recipe: str, config: str, out: Path, total_steps: int, *overrides: str) -> Metrics:
+    """Run one recipe with `tune run` (all output to ``<out>.log``); show progress; return its metrics."""
     cmd = [str(Path(sys.executable).with_name("tune")), "run", f"recipes/{recipe}.py", "--config",
            f"configs/tiny/{config}.yaml", f"output_dir={out}", *overrides]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    # On a shared machine, OpenMP threads that spin while waiting for each other turned a 30-step
+    # run from 40 s into 290 s (2 threads, load 5 on 2 cores); passive waiting costs little when idle.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     log_file = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "logs" / "metrics.txt"
     if metrics_file.exists():
         metrics_file.unlink()  # DiskLogger appends; a rerun of the demo starts its curves afresh
-    print(f"\n$ {' '.join(cmd[1:])}", flush=True)
+    print(f"      $ tune {' '.join(cmd[1:])}", flush=True)
+    print(f"      (output: {log_file.relative_to(ROOT) if log_file.is_relative_to(ROOT) else log_file})",
+          flush=True)
+    bar = Progress(total_steps, every=max(total_steps // 5, 1)) if total_steps > 1 else None
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.PIPE, text=True)
-        for line in proc.stderr:  # tqdm writes to stderr: show the bar, keep the rest in the log
-            log.write(line)
-            if line.startswith(("sft", "kd")) or "loss peak memory" in line:
-                print("  " + line.rstrip()[-150:], flush=True)
-        if proc.wait() != 0:
-            sys.exit(f"stage failed: see {log_file}")
-    return read_metrics(metrics_file)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if bar is not None:
+                m = _poll_metrics(metrics_file)
+                done = [s for s in m if "loss" in m[s]]
+                if done:
+                    bar.update(max(done), m[max(done)]["loss"])
+    if proc.returncode != 0:
+        print(log_file.read_text()[-3000:], file=sys.stderr)
+        sys.exit(f"stage failed (exit {proc.returncode}): see {log_file}")
+    m = read_metrics(metrics_file)
+    if bar is not None:
+        done = [s for s in m if "loss" in m[s]]
+        bar.update(max(done, default=0), m[max(done)]["loss"] if done else None, final=True)
+    return m
 
 
 @torch.no_grad()
@@ -74,83 +143,154 @@ def heldout_loss(builder, checkpoint: Path, max_seq_len: int) -> float:
     return total / count
 
 
-def plot(curves: dict, path: Path) -> None:
+def smooth(values: List[float], window: int) -> List[float]:
+    """Trailing moving average over up to ``window`` points (the first points average fewer)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot(curves: Dict[str, tuple], held: Dict[str, float], path: Path, title: str) -> None:
+    """Training curves (light moving average over the faint raw curve) and held-out losses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, (steps, key) in curves.items():
+    for (name, (steps, key)), color in zip(curves.items(), ["C0", "C1", "C2"]):
         xs = sorted(s for s in steps if s > 0 and key in steps[s])
-        ax.plot(xs, [steps[s][key] for s in xs], label=name)
+        ys = [steps[s][key] for s in xs]
+        ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8)
+        ax.plot(xs, smooth(ys, max(len(ys) // 12, 3)), color=color, lw=1.8, label=f"{name} (training)")
+        ax.axhline(held[name], color=color, ls="--", lw=1.2, label=f"{name}: held-out {held[name]:.3f}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training cross-entropy (nats / token)")
-    ax.set_title("tune-losses tiny demo: teacher SFT, student with and without KD")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true", help="the long version: 2 epochs per run (default 1)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (overrides --full)")
+    p.add_argument("--seed", type=int, default=1234, help="data order seed, the same for every run")
     p.add_argument("--out", default="outputs/demo", help="where runs, logs, plot and summary go")
-    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-seq-len", type=int, default=256)
     args = p.parse_args()
+    epochs = args.epochs or (2 if args.full else 1)
     os.chdir(ROOT)
-    out = ROOT / args.out
+    out = (ROOT / args.out).resolve()
     start = time.time()
+    load = os.getloadavg()[0]
+    print(f"tune-losses demo: {epochs} epoch(s) per run, seed {args.seed}, CPU fp32, "
+          f"{torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} cores", flush=True)
 
-    from tune_losses.tiny import build, tiny_student, tiny_teacher
+    from tune_losses.tiny import build, read_jsonl_texts, tiny_student, tiny_teacher
 
-    build(ROOT / "assets" / "tiny")
-    common = [f"epochs={args.epochs}", f"tokenizer.max_seq_len={args.max_seq_len}"]
-    last = args.epochs - 1
+    n_stages = 6
+    stage_start = [time.time()]
 
-    teacher = tune_run("sft_single_device", "sft", out / "teacher_sft", *common)
+    def stage(i: int, what: str, estimate: float) -> None:
+        stage_start[0] = time.time()
+        print(f"\n[{i}/{n_stages}] {what}, {_about(estimate)}", flush=True)
+
+    def done() -> float:
+        took = time.time() - stage_start[0]
+        print(f"      done in {_clock(took)}", flush=True)
+        return took
+
+    stage(1, "tiny assets: text, tokenizer, teacher and student initial weights", 10)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        manifest = build(ROOT / "assets" / "tiny")
+    built = [k for k, s in manifest["steps"].items() if s["built"]]
+    print(f"      assets/tiny: {'built ' + ', '.join(built) if built else 'up to date'}")
+    done()
+
+    n_train = len(read_jsonl_texts(ROOT / "assets/tiny/data/train.jsonl"))
+    steps = epochs * (n_train // BATCH_SIZE)
+    common = [f"epochs={epochs}", f"tokenizer.max_seq_len={args.max_seq_len}", f"seed={args.seed}"]
+    last = epochs - 1
+    speed = 1.0  # this machine's seconds per step relative to STEP_SECONDS, once measured
+
+    def estimate(run: str) -> float:
+        return STARTUP_SECONDS * max(speed, 1.0) + steps * STEP_SECONDS[run] * speed
+
+    stage(2, f"teacher SFT (4 layers, dim 256), {steps} steps", estimate("teacher_sft"))
+    teacher = tune_run("sft_single_device", "sft", out / "teacher_sft", steps, *common)
+    took = done()
+    speed = max((took - STARTUP_SECONDS) / (steps * STEP_SECONDS["teacher_sft"]), 0.5)
     teacher_ckpt = out / "teacher_sft" / CKPT.format(last)
-    kd = tune_run("kd_single_device", "kd", out / "student_kd", *common,
+
+    stage(3, f"student KD (2 layers, dim 128) from that teacher, {steps} steps", estimate("student_kd"))
+    kd = tune_run("kd_single_device", "kd", out / "student_kd", steps, *common,
                   f"teacher_checkpointer.checkpoint_dir={teacher_ckpt.parent}",
                   f"teacher_checkpointer.checkpoint_files=[{teacher_ckpt.name}]")
-    control = tune_run("sft_single_device", "sft", out / "student_sft", *common,
+    done()
+
+    stage(4, f"the same student without KD, {steps} steps", estimate("student_sft"))
+    control = tune_run("sft_single_device", "sft", out / "student_sft", steps, *common,
                        "model._component_=tune_losses.tiny.tiny_student",
                        "checkpointer.checkpoint_dir=assets/tiny/student")
-    # The chunked-output path, one step each, for the loss's peak memory beside the fused runs'.
+    done()
+
+    stage(5, "loss peak memory, chunked-output losses (one step each)", 2 * STARTUP_SECONDS * max(speed, 1.0))
     one = [*common, "stop_after_steps=1"]
-    sft_chunked = tune_run("sft_single_device", "sft", out / "teacher_sft_chunked", *one,
+    sft_chunked = tune_run("sft_single_device", "sft", out / "teacher_sft_chunked", 1, *one,
                            "loss._component_=tune_losses.CEWithChunkedOutputLoss", "loss.num_output_chunks=8")
-    kd_chunked = tune_run("kd_single_device", "kd", out / "student_kd_chunked", *one,
+    kd_chunked = tune_run("kd_single_device", "kd", out / "student_kd_chunked", 1, *one,
                           "loss._component_=tune_losses.CEWithChunkedOutputLoss", "~loss.kd_ratio",
                           "~loss.divergence", "~loss.temperature", "loss.num_output_chunks=8")
+    done()
 
+    stage(6, "held-out losses and the plot", 10)
     held = {
-        "teacher (SFT)": heldout_loss(tiny_teacher, teacher_ckpt, args.max_seq_len),
-        "student with KD": heldout_loss(tiny_student, out / "student_kd" / CKPT.format(last), args.max_seq_len),
-        "student without KD": heldout_loss(tiny_student, out / "student_sft" / CKPT.format(last), args.max_seq_len),
+        "teacher SFT": heldout_loss(tiny_teacher, teacher_ckpt, args.max_seq_len),
+        "student KD": heldout_loss(tiny_student, out / "student_kd" / CKPT.format(last), args.max_seq_len),
+        "student without KD": heldout_loss(tiny_student, out / "student_sft" / CKPT.format(last),
+                                           args.max_seq_len),
     }
+    shape = re.search(r"loss peak memory .*?batch \((\d+), (\d+)\)", (out / "teacher_sft.log").read_text())
+    first_batch = f"{shape.group(1)} x {shape.group(2)} tokens" if shape else "first batch"
     mem = {
         "SFT (teacher)": (sft_chunked[0]["loss_peak_memory_mib"], teacher[0]["loss_peak_memory_mib"]),
         "KD (student + teacher)": (kd_chunked[0]["loss_peak_memory_mib"], kd[0]["loss_peak_memory_mib"]),
     }
-    plot({"teacher SFT": (teacher, "loss"), "student KD: class_loss": (kd, "class_loss"),
-          "student without KD": (control, "loss")}, out / "loss_curves.png")
+    plot({"teacher SFT": (teacher, "loss"), "student KD": (kd, "class_loss"),
+          "student without KD": (control, "loss")}, held, out / "loss_curves.png",
+         f"tune-losses tiny demo ({epochs} epoch{'s' if epochs > 1 else ''} per run, seed {args.seed}): the KD curve is its CE part")
+    done()
 
     final = lambda m, k="loss": m[max(s for s in m if k in m[s])][k]  # noqa: E731
+    seconds = time.time() - start
+    margin = held["student without KD"] - held["student KD"]
     lines = [
         "# tune-losses tiny demo",
         "",
-        f"CPU fp32, {args.epochs} epochs, batch 8, max_seq_len {args.max_seq_len}, vocab 4096; "
-        f"{time.time() - start:.0f} s in all.",
+        f"CPU fp32, {epochs} epoch(s) per run ({steps} steps, batch {BATCH_SIZE}), max_seq_len "
+        f"{args.max_seq_len}, vocab 4096, seed {args.seed}; {_clock(seconds)} in all "
+        f"(load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores).",
         "",
         "| run | final training loss | held-out loss (nats/token) |",
         "|---|---|---|",
-        f"| teacher SFT (fused CE) | {final(teacher):.3f} | {held['teacher (SFT)']:.3f} |",
-        f"| student KD (fused CE+KD), class loss | {final(kd, 'class_loss'):.3f} | {held['student with KD']:.3f} |",
+        f"| teacher SFT (fused CE) | {final(teacher):.3f} | {held['teacher SFT']:.3f} |",
+        f"| student KD (fused CE+KD), class loss | {final(kd, 'class_loss'):.3f} | {held['student KD']:.3f} |",
         f"| student without KD (fused CE) | {final(control):.3f} | {held['student without KD']:.3f} |",
         "",
-        "Loss peak memory (output projection + loss, forward + backward, first batch):",
+        f"KD lowers the student's held-out loss by {margin:.3f} nats/token.",
+        "",
+        f"Loss peak memory (output projection + loss, forward + backward, first batch: {first_batch}):",
         "",
         "| loss | chunked-output (MiB) | fused (MiB) | fused / chunked |",
         "|---|---|---|---|",
@@ -160,6 +300,14 @@ def main() -> None:
     ]
     summary = "\n".join(lines)
     (out / "summary.md").write_text(summary + "\n")
+    (out / "summary.json").write_text(json.dumps({
+        "epochs": epochs, "steps": steps, "seed": args.seed, "seconds": round(seconds, 1),
+        "load_start": load, "heldout": held, "kd_margin": margin,
+        "final_train": {"teacher SFT": final(teacher), "student KD": final(kd, "class_loss"),
+                        "student without KD": final(control)},
+        "loss_peak_memory_mib": {k: {"chunked": c, "fused": f} for k, (c, f) in mem.items()},
+        "first_batch": first_batch,
+    }, indent=2) + "\n")
     print("\n" + summary)
 
 
