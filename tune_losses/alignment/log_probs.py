@@ -10,6 +10,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from tune_losses.fused.functional import linear_log_probs
+
 
 def _check_hidden(name: str, hidden: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
@@ -37,8 +39,6 @@ def token_log_probs(
 
     hidden ``[B, S, H]``, weight ``[V, H]``, labels ``[B, S]``. Differentiable to hidden, weight and bias.
     """
-    from tune_losses.fused import linear_log_probs  # the engine's term; imported late: fused imports us
-
     _check_hidden(name, hidden, labels)
     return linear_log_probs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
                             return_entropy=return_entropy, chunk_size=chunk_size)
