@@ -220,9 +220,7 @@ class DPORecipe(LossRecipe):
     ``tokens_per_second_per_rank``.
     """
 
-    tasks = ("dpo",)
-    config_keys = ("ref_model", "ref_checkpointer", "eval_dataset", "eval_every_n_steps",
-                   "eval_batch_size")
+    tasks = ("dpo",)  # its config keys are listed in tune_losses.training.settings.COMPONENT_KEYS
 
     def __init__(self, cfg: DictConfig, distributed: bool):
         super().__init__(cfg, task="dpo", distributed=distributed)
