@@ -22,7 +22,8 @@ import torch
 
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import VocabParallelOptions, place
-from tune_losses.options import CEOptions, KDOptions, check_float_option, check_reduction, check_run_options
+from tune_losses.options import (CEOptions, KDOptions, check_bool_option, check_float_option, check_reduction,
+                                 check_run_options)
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
 from tune_losses.validation import check_float, check_fused_inputs, check_label_range, check_labels_dtype
 
@@ -318,6 +319,7 @@ def linear_log_probs(
     check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     check_float_option("temperature", temperature, 0.0, low_open=True)
+    check_bool_option("return_entropy", return_entropy)
     opts = RunOptions(reduction="none", algorithm="recompute", validate=validate, chunk_size=chunk_size,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
