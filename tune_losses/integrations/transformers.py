@@ -22,7 +22,7 @@ patched copy training its own parameters) and keeps the forward's signature (``f
 ``Trainer`` still passes ``num_items_in_batch``.
 
 FSDP2: the output weight is read inside every call; a sharded one is gathered by the fused loss
-(:func:`tune_losses.fused.functional.materialize_weight`). DeepSpeed ZeRO-3 is untested here.
+(:func:`tune_losses.fused.placement.materialize_weight`). DeepSpeed ZeRO-3 is untested here.
 """
 
 from __future__ import annotations
