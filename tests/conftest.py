@@ -8,6 +8,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tests run the eager per-chunk math (the same code, no compiler warm-up per process);
+# tests/test_compiled_math.py turns the compiled path on for its own small cases.
+os.environ.setdefault("TUNE_LOSSES_COMPILE", "0")
 
 
 @pytest.fixture(scope="session")
