@@ -136,16 +136,18 @@ def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: 
     if num_tokens is not None and opts.reduction != "mean":
         raise ValueError(f"num_tokens: only meaningful with reduction='mean', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
+    teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), "drop")
     placed = place(student.weight, student.bias, None if teacher is None else teacher.weight,
                    None if teacher is None else teacher.bias, student.hidden.dtype,
-                   None if teacher is None else teacher.hidden.dtype, opts.parallel, prefix)
+                   None if teacher is None else teacher.hidden.dtype, opts.parallel, prefix, teacher_vocab)
     w, b = placed.weight, placed.bias
     x = _flat(student.names, student.hidden, w, b, labels)
     tx = tw = tb = None
     if teacher is not None:
         tw, tb = placed.teacher_weight, placed.teacher_bias
         tx = _flat(teacher.names, teacher.hidden, tw, tb, labels)
-        if tw.shape[0] != w.shape[0]:
+        # Placement left the teacher the student's rows ("drop"), or those and its padding rows.
+        if tw.shape[0] < w.shape[0] or (teacher_vocab == "drop" and tw.shape[0] != w.shape[0]):
             raise ValueError(f"teacher_weight: expected vocab size {w.shape[0]} (student_weight {tuple(w.shape)}), "
                              f"got {tuple(tw.shape)}")
         # The teacher never gets gradients; detaching also keeps autograd from saving its graph.
@@ -309,6 +311,7 @@ def linear_kd_loss(
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
+    teacher_vocab: str = "drop",
 ) -> torch.Tensor:
     """Distillation divergence between teacher and student, never materializing either's logits.
 
@@ -328,6 +331,11 @@ def linear_kd_loss(
             on the same rows, or with ``process_group`` its local shard of the same rows); a
             teacher weight that is not vocabulary-parallel is gathered and its rows sliced.
         num_tokens: as :func:`linear_cross_entropy`.
+        teacher_vocab: a teacher_weight with more rows than student_weight (padding rows, e.g.
+            Qwen2.5 7B's 152064 against 0.5B's 151936): ``"drop"`` compares the shared first
+            ``V_s`` rows, the teacher's softmax taken over them only (its extra rows' logits are never
+            made); ``"pad_student"`` keeps the teacher's whole softmax and pads the student's logits
+            with zeros (Liger-Kernel's convention). A smaller teacher vocabulary is an error.
 
     Returns:
         fp32 loss, 0-dim or per token.
@@ -341,7 +349,7 @@ def linear_kd_loss(
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     kd = KDOptions(divergence=divergence, temperature=temperature,
                    scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
-                   true_kl=True, ignore_index=ignore_index)
+                   true_kl=True, ignore_index=ignore_index, teacher_vocab=teacher_vocab)
     loss, _, _ = _run([DivergenceTerm(kd)], Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
                       Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES), labels, opts, num_tokens)
     return loss
@@ -373,12 +381,14 @@ def linear_distillation_loss(
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
+    teacher_vocab: str = "drop",
 ) -> FusedOutput:
     """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * KD(student, teacher)``; each chunk of student
     logits is made once and serves both terms.
 
     Both terms are normalized over the same valid tokens. Arguments as :func:`linear_kd_loss`
-    (``process_group``, ``vocab_parallel``, ``vocab_start``, ``vocab_size``, ``num_tokens`` included).
+    (``process_group``, ``vocab_parallel``, ``vocab_start``, ``vocab_size``, ``num_tokens``,
+    ``teacher_vocab`` included).
 
     Returns:
         :class:`FusedOutput`: ``loss`` (differentiable), ``ce`` and ``kd`` (detached, same reduction,
@@ -394,7 +404,7 @@ def linear_distillation_loss(
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     kd = KDOptions(divergence=divergence, temperature=temperature,
                    scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
-                   true_kl=True, ignore_index=ignore_index)
+                   true_kl=True, ignore_index=ignore_index, teacher_vocab=teacher_vocab)
     ce = CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, validate=validate)
     terms = [CrossEntropyTerm(ce, weight=1.0 - kd_ratio), DivergenceTerm(kd, weight=float(kd_ratio))]
     loss, parts, count = _run(terms, Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
