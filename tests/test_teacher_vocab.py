@@ -157,3 +157,19 @@ def test_vocab_parallel_equals_one_rank(mode, teacher_sharded):
 
     losses = run_ranks(_vocab_parallel_rank, 2, mode, teacher_sharded, "jsd" if teacher_sharded else "forward_kl")
     assert losses[0] == losses[1]
+
+
+def test_qwen2_5_7b_to_0_5b_config_builds_on_meta():
+    """The real-model config whose teacher's vocabulary (152064 rows) exceeds the student's (151936)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "qwen2_5" / "7B_to_0.5B_kd.yaml")
+    with torch.device("meta"):
+        student, teacher = config.instantiate(cfg.model), config.instantiate(cfg.teacher_model)
+    proj_s, proj_t = tl.output_projection(student), tl.output_projection(teacher)
+    assert (proj_s.weight.shape[0], proj_t.weight.shape[0]) == (151936, 152064)
+    loss_fn = config.instantiate(cfg.loss)
+    assert loss_fn.kwargs["teacher_vocab"] == "drop"

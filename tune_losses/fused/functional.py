@@ -22,7 +22,9 @@ import torch
 
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import VocabParallelOptions, place
-from tune_losses.options import CEOptions, KDOptions, check_float_option, check_reduction, check_run_options
+from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
+from tune_losses.options import (CEOptions, KDOptions, check_bool_option, check_float_option, check_reduction,
+                                 check_run_options)
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
 from tune_losses.validation import check_float, check_fused_inputs, check_label_range, check_labels_dtype
 
@@ -55,6 +57,8 @@ class RunOptions:
         chunk_size: tokens per chunk, or None for the default rule.
         ignore_index: label value of tokens left out.
         parallel: where the weights live (:class:`VocabParallelOptions`).
+        drop_ignored_tokens: leave ignored tokens' rows out before the chunk loop
+            (:mod:`tune_losses.fused.valid_rows`; one host sync per call).
     """
 
     reduction: str = "mean"
@@ -63,9 +67,11 @@ class RunOptions:
     chunk_size: Optional[int] = None
     ignore_index: int = -100
     parallel: VocabParallelOptions = field(default_factory=VocabParallelOptions)
+    drop_ignored_tokens: bool = False
 
     def __post_init__(self):
         check_reduction(self.reduction)
+        check_bool_option("drop_ignored_tokens", self.drop_ignored_tokens)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
 
@@ -166,9 +172,14 @@ def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: 
     # grad-in-forward path would compute dX and dW for nothing.
     per_token = opts.reduction == "none"
     recompute = per_token or opts.algorithm == "recompute"
+    keep = None
+    if opts.drop_ignored_tokens:
+        x, tx, flat_labels, keep = select_valid_rows(x, tx, flat_labels, opts.ignore_index)
     loss, parts = run_terms(x, w, b, flat_labels, tx, tw, tb, plan, per_token=per_token, recompute=recompute,
                             scale=scale)
     if per_token:
+        loss = scatter_rows(loss, keep, labels.numel())
+        parts = {k: scatter_rows(v, keep, labels.numel()) for k, v in parts.items()}
         loss = loss.reshape(labels.shape)
         parts = {k: v.reshape(labels.shape) for k, v in parts.items()}
     return loss, parts, count
@@ -198,6 +209,7 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     algorithm: str = "auto",
     validate: bool = True,
+    drop_ignored_tokens: bool = False,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
@@ -217,6 +229,9 @@ def linear_cross_entropy(
         algorithm: ``"grad_in_forward"`` (default for mean / sum), ``"recompute"`` (always for none),
             or ``"auto"``.
         validate: check the label range (one host sync per call).
+        drop_ignored_tokens: leave the rows of ignored tokens out before the chunk loop: no logits
+            and no matmul work for them (a saving where many tokens are prompt or padding), at
+            one host sync per call to find the rows. Values and gradients are unchanged.
         process_group: vocabulary parallelism with a local shard: ``weight`` (and ``bias``) hold this
             rank's consecutive rows of the ``[V, H]`` projection, ranks in group order; hidden states
             and labels are the same on every rank of the group. Values and the hidden-state gradient
@@ -237,6 +252,7 @@ def linear_cross_entropy(
     check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
+                      drop_ignored_tokens=drop_ignored_tokens,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     term = CrossEntropyTerm(CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
@@ -256,6 +272,7 @@ def linear_log_probs(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     validate: bool = True,
+    drop_ignored_tokens: bool = False,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
@@ -280,6 +297,7 @@ def linear_log_probs(
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     check_float_option("temperature", temperature, 0.0, low_open=True)
     opts = RunOptions(reduction="none", algorithm="recompute", validate=validate, chunk_size=chunk_size,
+                      drop_ignored_tokens=drop_ignored_tokens,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     term = LogProbTerm(temperature=float(temperature), entropy=bool(return_entropy))
@@ -306,6 +324,7 @@ def linear_kd_loss(
     chunk_size: Optional[int] = None,
     algorithm: str = "auto",
     validate: bool = True,
+    drop_ignored_tokens: bool = False,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
@@ -345,6 +364,7 @@ def linear_kd_loss(
                        student_bias=student_bias, teacher_bias=teacher_bias)
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
+                      drop_ignored_tokens=drop_ignored_tokens,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     kd = KDOptions(divergence=divergence, temperature=temperature,
@@ -376,6 +396,7 @@ def linear_distillation_loss(
     chunk_size: Optional[int] = None,
     algorithm: str = "auto",
     validate: bool = True,
+    drop_ignored_tokens: bool = False,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
@@ -400,6 +421,7 @@ def linear_distillation_loss(
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
     opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
+                      drop_ignored_tokens=drop_ignored_tokens,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     kd = KDOptions(divergence=divergence, temperature=temperature,
