@@ -21,3 +21,15 @@ def tiny_assets():
     build(ROOT / "assets" / "tiny")
     os.chdir(ROOT)
     return ROOT / "assets" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny tensors: intra-op threads only add barrier waits, which cost seconds per test when the
+    CPU cores are shared with other jobs. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,12 +26,8 @@ DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {}), ("symmetric_kl", {"sym_kd
 DIV_IDS = [d + "".join(f"-{k}{v}" for k, v in kw.items()) for d, kw in DIVERGENCES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def gen(seed):
@@ -239,3 +235,19 @@ def test_num_tokens_scales_in_fp32_before_the_bf16_cast():
     torch.testing.assert_close(got_n, got_1)
     with pytest.raises(ValueError, match="num_tokens"):
         linear_cross_entropy(h, w, labels, reduction="sum", num_tokens=count)
+
+
+def test_scale_multiplies_the_sum_before_the_cast():
+    h, w, b, th, tw, labels = inputs(n=150, hdim=32, vocab=512, seed=14)
+    h, w, b = (t.bfloat16() for t in (h, w, b))
+    count = torch.tensor(2 * int((labels != -100).sum()))
+    grads = []
+    for kw in (dict(num_tokens=count), dict(reduction="sum", scale=1.0 / count.double())):
+        hh = h.clone().requires_grad_()
+        loss = linear_cross_entropy(hh, w, labels, bias=b, chunk_size=16, **kw)
+        loss.backward()
+        grads.append((loss.detach(), hh.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
+    with pytest.raises(ValueError, match="scale"):
+        linear_cross_entropy(h, w, labels, scale=0.5)

@@ -10,12 +10,8 @@ from reference import make_labels, ref_log_probs
 from tune_losses import linear_log_probs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def gen(seed):

@@ -117,22 +117,37 @@ def _flat(names: Sequence[str], hidden: torch.Tensor, weight: torch.Tensor, bias
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def _scale_of(num_tokens: Union[torch.Tensor, int, float], device: torch.device) -> torch.Tensor:
-    """``1 / num_tokens`` as a 0-dim fp64 tensor (cast to the compute dtype by the engine)."""
+def _as_count(num_tokens, device: torch.device) -> torch.Tensor:
+    """A token count (0-dim tensor or number > 0) as a 0-dim fp64 tensor."""
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (torch.Tensor, int, float)):
         raise ValueError(f"num_tokens: expected a 0-dim tensor or a number > 0, got {type(num_tokens).__name__}")
     if isinstance(num_tokens, torch.Tensor):
         if num_tokens.numel() != 1:
             raise ValueError(f"num_tokens: expected a 0-dim tensor, got shape {tuple(num_tokens.shape)}")
-        return 1.0 / num_tokens.reshape(()).to(device=device, dtype=torch.float64).clamp(min=1)
+        return num_tokens.reshape(()).to(device=device, dtype=torch.float64)
     if not (math.isfinite(num_tokens) and num_tokens > 0):
         raise ValueError(f"num_tokens: expected a finite number > 0, got {num_tokens!r}")
-    return torch.tensor(1.0 / num_tokens, dtype=torch.float64, device=device)
+    return torch.tensor(float(num_tokens), dtype=torch.float64, device=device)
+
+
+def _as_scale(scale, device: torch.device) -> torch.Tensor:
+    """A factor of the summed loss (0-dim tensor or finite number) as a 0-dim fp64 tensor."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale: expected a 0-dim tensor, got shape {tuple(scale.shape)}")
+        return scale.reshape(()).to(device=device, dtype=torch.float64)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a 0-dim tensor or a finite number, got {scale!r}")
+    return torch.tensor(float(scale), dtype=torch.float64, device=device)
 
 
 def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: torch.Tensor, opts: RunOptions,
-         num_tokens=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+         num_tokens=None, scale=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
     """Place the weights, check the tensors, run the terms.
+
+    ``num_tokens`` (with ``reduction="mean"``) replaces this call's valid-token count; ``scale``
+    (with ``reduction="sum"``) multiplies the sum. Either way the factor reaches the gradients in
+    the compute dtype, before any cast to a low-precision input dtype.
 
     Returns:
         ``(loss, parts, count)``: ``loss`` reduced as ``opts.reduction`` says (fp32, fp64 for fp64
@@ -141,6 +156,8 @@ def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: 
     check_labels_dtype(labels)
     if num_tokens is not None and opts.reduction != "mean":
         raise ValueError(f"num_tokens: only meaningful with reduction='mean', got reduction={opts.reduction!r}")
+    if scale is not None and opts.reduction != "sum":
+        raise ValueError(f"scale: only meaningful with reduction='sum', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
     teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), "drop")
     placed = place(student.weight, student.bias, None if teacher is None else teacher.weight,
@@ -165,9 +182,10 @@ def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: 
     flat_labels = labels.reshape(-1)
     count = (flat_labels != opts.ignore_index).sum()
     plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer)
-    scale = None
-    if opts.reduction == "mean":
-        scale = _scale_of(num_tokens, x.device) if num_tokens is not None else 1.0 / count.clamp(min=1).double()
+    if scale is not None:
+        scale = _as_scale(scale, x.device)
+    elif opts.reduction == "mean":
+        scale = 1.0 / (_as_count(num_tokens, x.device) if num_tokens is not None else count.double()).clamp(min=1)
     # Without grad mode (eval, torch.no_grad) Recompute's forward computes values only; the
     # grad-in-forward path would compute dX and dW for nothing.
     per_token = opts.reduction == "none"
@@ -195,6 +213,28 @@ def _parallel(process_group, vocab_parallel, vocab_start, vocab_size) -> VocabPa
                                 vocab_start=vocab_start, vocab_size=vocab_size)
 
 
+def _distillation_setup(*, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+                        teacher_bias, divergence, temperature, beta, sym_kd_ratio, scale_by_temperature_squared,
+                        ignore_index, reduction, chunk_size, algorithm, validate, process_group, vocab_parallel,
+                        vocab_start, vocab_size, drop_ignored_tokens, teacher_vocab,
+                        **_) -> Tuple[RunOptions, KDOptions, Tuple[Side, Side]]:
+    """The checks and options shared by the distillation entry points (their arguments by name)."""
+    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
+                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                       student_bias=student_bias, teacher_bias=teacher_bias)
+    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
+    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
+                      drop_ignored_tokens=drop_ignored_tokens,
+                      ignore_index=ignore_index,
+                      parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
+    kd = KDOptions(divergence=divergence, temperature=temperature,
+                   scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
+                   true_kl=True, ignore_index=ignore_index, teacher_vocab=teacher_vocab)
+    sides = (Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
+             Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES))
+    return opts, kd, sides
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -215,6 +255,7 @@ def linear_cross_entropy(
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
+    scale: Optional[Union[torch.Tensor, float]] = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, one chunk of logits at a time.
 
@@ -245,6 +286,8 @@ def linear_cross_entropy(
         num_tokens: with ``reduction="mean"``: divide by this count (e.g. the valid tokens of the
             whole optimizer step, a 0-dim tensor) instead of this call's. The ``1 / num_tokens``
             then reaches the gradients in fp32 before any low-precision cast, as in eager PyTorch.
+        scale: with ``reduction="sum"``: multiply the sum by this factor (a 0-dim tensor such as
+            ``1 / global_count``), applied to the gradients in fp32 as ``num_tokens`` is.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): 0-dim, or per token for ``reduction="none"``.
@@ -257,7 +300,7 @@ def linear_cross_entropy(
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     term = CrossEntropyTerm(CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
                                       softcap=softcap, validate=validate))
-    loss, _, _ = _run([term], Side(hidden, weight, bias), None, labels, opts, num_tokens)
+    loss, _, _ = _run([term], Side(hidden, weight, bias), None, labels, opts, num_tokens, scale)
     return loss
 
 
@@ -330,6 +373,7 @@ def linear_kd_loss(
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
+    scale: Optional[Union[torch.Tensor, float]] = None,
     teacher_vocab: str = "drop",
 ) -> torch.Tensor:
     """Distillation divergence between teacher and student, never materializing either's logits.
@@ -349,7 +393,7 @@ def linear_kd_loss(
             Vocabulary-parallel, the teacher's weight is sharded like the student's (a DTensor
             on the same rows, or with ``process_group`` its local shard of the same rows); a
             teacher weight that is not vocabulary-parallel is gathered and its rows sliced.
-        num_tokens: as :func:`linear_cross_entropy`.
+        num_tokens, scale: as :func:`linear_cross_entropy`.
         teacher_vocab: a teacher_weight with more rows than student_weight (padding rows, e.g.
             Qwen2.5 7B's 152064 against 0.5B's 151936): ``"drop"`` compares the shared first
             ``V_s`` rows, the teacher's softmax taken over them only (its extra rows' logits are never
@@ -359,19 +403,9 @@ def linear_kd_loss(
     Returns:
         fp32 loss, 0-dim or per token.
     """
-    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
-                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                       student_bias=student_bias, teacher_bias=teacher_bias)
-    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
-    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
-                      drop_ignored_tokens=drop_ignored_tokens,
-                      ignore_index=ignore_index,
-                      parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
-    kd = KDOptions(divergence=divergence, temperature=temperature,
-                   scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
-                   true_kl=True, ignore_index=ignore_index, teacher_vocab=teacher_vocab)
-    loss, _, _ = _run([DivergenceTerm(kd)], Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
-                      Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES), labels, opts, num_tokens)
+    args = dict(locals())
+    opts, kd, sides = _distillation_setup(**args)
+    loss, _, _ = _run([DivergenceTerm(kd)], *sides, labels, opts, num_tokens, scale)
     return loss
 
 
@@ -402,34 +436,24 @@ def linear_distillation_loss(
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
+    scale: Optional[Union[torch.Tensor, float]] = None,
     teacher_vocab: str = "drop",
 ) -> FusedOutput:
     """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * KD(student, teacher)``; each chunk of student
     logits is made once and serves both terms.
 
     Both terms are normalized over the same valid tokens. Arguments as :func:`linear_kd_loss`
-    (``process_group``, ``vocab_parallel``, ``vocab_start``, ``vocab_size``, ``num_tokens``,
-    ``teacher_vocab`` included).
+    (``process_group``, ``vocab_parallel``, ``vocab_start``, ``vocab_size``, ``num_tokens``, ``scale``,
+    ``teacher_vocab``, ``drop_ignored_tokens`` included).
 
     Returns:
         :class:`FusedOutput`: ``loss`` (differentiable), ``ce`` and ``kd`` (detached, same reduction,
         for logging), ``num_tokens`` (this call's valid tokens).
     """
-    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
-                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                       student_bias=student_bias, teacher_bias=teacher_bias)
-    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
+    args = dict(locals())
     check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
-    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
-                      drop_ignored_tokens=drop_ignored_tokens,
-                      ignore_index=ignore_index,
-                      parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
-    kd = KDOptions(divergence=divergence, temperature=temperature,
-                   scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
-                   true_kl=True, ignore_index=ignore_index, teacher_vocab=teacher_vocab)
+    opts, kd, sides = _distillation_setup(**args)
     ce = CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, validate=validate)
     terms = [CrossEntropyTerm(ce, weight=1.0 - kd_ratio), DivergenceTerm(kd, weight=float(kd_ratio))]
-    loss, parts, count = _run(terms, Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
-                              Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES), labels, opts,
-                              num_tokens)
+    loss, parts, count = _run(terms, *sides, labels, opts, num_tokens, scale)
     return _fused_output(loss, parts, count)
