@@ -79,3 +79,26 @@ def assert_same_grads(a, b, atol=1e-5, rtol=1e-4):
         torch.testing.assert_close(p.grad, q.grad, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
         checked += 1
     assert checked > 0
+
+
+def tokenizer():
+    """A word-level tokenizer over the tiny vocabulary (``t0`` ... ``t130``), built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2",
+                                   unk_token="t3")
+
+
+def token_dataset(n: int = 12, seed: int = 5, min_len: int = 6, max_len: int = 14):
+    """Pre-tokenized rows of varying length (``input_ids``), as a ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        rows.append(torch.randint(3, V, (length,), generator=g).tolist())
+    return Dataset.from_dict({"input_ids": rows})

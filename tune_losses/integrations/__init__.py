@@ -2,5 +2,5 @@
 
 * :mod:`tune_losses.integrations.transformers`: ``patch(model)`` for any Transformers causal LM (PEFT
   included), ``distillation_loss`` for two of them.
-* :mod:`tune_losses.integrations.trl`: ``FusedSFTTrainer`` and ``FusedGKDTrainer`` on TRL.
+* :mod:`tune_losses.integrations.trl`: ``FusedSFTTrainer`` and ``FusedDistillationTrainer`` on TRL.
 """

@@ -196,8 +196,8 @@ def _patched_forward(self, *args, **kwargs):
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.to(head.hidden.device)
     options = dict(state.ce_options)
-    softcap = head.softcap if head.softcap is not None else options.pop("softcap", None)
-    options.pop("softcap", None)
+    own_softcap = options.pop("softcap", None)  # patch() refuses it for models that softcap themselves
+    softcap = head.softcap if head.softcap is not None else own_softcap
     with _no_autocast(head.hidden):
         loss = linear_cross_entropy(head.hidden, head.weight, shift_labels, bias=head.bias,
                                     ignore_index=ignore_index, softcap=softcap,

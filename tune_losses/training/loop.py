@@ -70,14 +70,16 @@ class LossRecipe:
     checkpointer, dataset, loss, optimizer, lr_scheduler, metric_logger, device, dtype, and the
     settings of :class:`tune_losses.training.settings.LoopSettings`; KD adds teacher_model,
     teacher_checkpointer, kd_loss and kd_ratio (unless the loss is a fused distillation loss, which
-    carries its own ratio). A subclass that reads more top-level keys lists them in ``config_keys``.
+    carries its own ratio). A subclass that reads more top-level keys lists them in ``config_keys``; one
+    that adds a task (overriding ``setup`` / ``_micro_batch_loss``) lists it in ``tasks``.
     """
 
+    tasks: tuple = ("sft", "kd")
     config_keys: tuple = ()
 
     def __init__(self, cfg: DictConfig, task: str, distributed: bool):
-        if task not in ("sft", "kd"):
-            raise ValueError(f"task: expected 'sft' or 'kd', got {task!r}")
+        if task not in self.tasks:
+            raise ValueError(f"task: expected one of {list(self.tasks)}, got {task!r}")
         self.task = task
         self.distributed = distributed
         self.settings = LoopSettings.from_config(cfg)

@@ -1,0 +1,244 @@
+"""TRL trainers whose losses are tune-losses' fused linear losses (``pip install tune-losses[hf]``).
+
+* :class:`FusedSFTTrainer`: TRL's ``SFTTrainer`` with the loss computed by
+  :func:`tune_losses.linear_cross_entropy` from the final hidden states and the output weight.
+  ``SFTTrainer`` (TRL 1.16) replaces the model's ``forward`` with its own fused LM head in ``__init__``;
+  this trainer removes that replacement again (the model keeps the forward it came with) and computes
+  the loss itself, so a patch of the model alone is not silently bypassed. It logs TRL's metrics
+  (``entropy``, ``mean_token_accuracy``, ``num_tokens``, ``aux_loss``) from one detached pass over the
+  same chunks of logits (:func:`tune_losses.integrations.token_stats.token_stats`).
+* :class:`FusedDistillationTrainer`: TRL's ``DistillationTrainer`` (on-policy / GKD-style distillation)
+  with its divergence computed by :func:`tune_losses.linear_kd_loss`: generalized JSD with TRL's
+  ``beta`` (0 forward KL, 1 reverse KL), or any divergence tune-losses has.
+
+Temperature convention: TRL divides both sides' logits by ``temperature`` and applies **no** ``T^2``
+factor; :class:`FusedDistillationTrainer` does the same by default (``scale_by_temperature_squared=False``).
+tune-losses' own functions default to the Hinton ``T^2`` scaling; pass True to get it here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from trl import DistillationTrainer, SFTTrainer
+from trl.models.utils import _ForwardRedirection
+
+from tune_losses.fused.functional import linear_cross_entropy, linear_kd_loss
+from tune_losses.integrations.head_source import read_head
+from tune_losses.integrations.output_layer import output_weight
+from tune_losses.integrations.token_stats import token_stats
+from tune_losses.integrations.transformers import lm_head_inputs, unwrap_model
+
+__all__ = ["FusedSFTTrainer", "FusedDistillationTrainer"]
+
+SFT_CE_OPTIONS = ("z_loss", "chunk_size", "algorithm", "validate")
+"""Options of :func:`tune_losses.linear_cross_entropy` that :class:`FusedSFTTrainer` passes on (label
+smoothing comes from ``args.label_smoothing_factor``, the softcap from the model)."""
+
+
+def _shift(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _is_trl_fused_head(forward) -> bool:
+    # functools.wraps gave TRL's head the model's own __qualname__ and __module__; its code object keeps its origin.
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+    if code is None:
+        return False
+    name = getattr(code, "co_qualname", code.co_name)
+    return "add_fused_lm_head" in name or (name == "_fused_forward" and "trl" in code.co_filename)
+
+
+class FusedSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` whose loss is the fused linear cross-entropy; arguments as ``SFTTrainer`` plus:
+
+    Args:
+        ce_options: ``z_loss``, ``chunk_size``, ``algorithm``, ``validate`` for
+            :func:`tune_losses.linear_cross_entropy`.
+
+    ``loss_type="nll"`` (with ``label_smoothing_factor`` fused too) and ``"dft"`` (which needs
+    ``tune_losses.linear_log_probs``) are supported; ``compute_loss_func`` is not (it needs logits).
+    """
+
+    def __init__(self, *args, ce_options: Optional[dict] = None, **kwargs):
+        ce_options = dict(ce_options or {})
+        unknown = sorted(set(ce_options) - set(SFT_CE_OPTIONS))
+        if unknown:
+            raise ValueError(f"ce_options: unknown option(s) {unknown}; expected some of {list(SFT_CE_OPTIONS)}")
+        given = kwargs.get("model", args[0] if args else None)
+        prior = unwrap_model(given).__dict__.get("forward") if isinstance(given, torch.nn.Module) else None
+        super().__init__(*args, **kwargs)
+        if self.compute_loss_func is not None:
+            raise ValueError("compute_loss_func: not supported by FusedSFTTrainer (it needs the full logits); "
+                             "subclass and override compute_loss instead")
+        if self.args.loss_type == "dft":
+            import tune_losses
+
+            if not hasattr(tune_losses, "linear_log_probs"):
+                raise ValueError("loss_type: 'dft' needs tune_losses.linear_log_probs, which this version lacks")
+        hf = unwrap_model(self.model)
+        installed = hf.__dict__.get("forward")
+        if installed is not None and installed is not prior and _is_trl_fused_head(installed):
+            if prior is None:
+                del hf.__dict__["forward"]
+            else:
+                hf.forward = prior
+        self._ce_options = ce_options
+        self._head_spec = read_head(hf)  # fails early for models whose head steps are not understood
+        self._forward_redirection = _ForwardRedirection()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        unwrapped = self.accelerator.unwrap_model(model)
+        if model is unwrapped:
+            loss, stats, outputs = self._fused_loss(unwrapped, inputs, num_items_in_batch)
+        else:  # through the DDP / FSDP wrapper's forward, so its hooks run around the backbone and the head
+            loss, stats, outputs = self._forward_redirection(model, unwrapped, self._fused_loss, unwrapped, inputs,
+                                                             num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+
+        num_valid = self.accelerator.gather_for_metrics(stats.count).sum()
+        entropy_sum = self.accelerator.gather_for_metrics(stats.entropy).sum()
+        num_correct = self.accelerator.gather_for_metrics(stats.correct).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            elif "position_ids" in inputs:
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+                tokens = self.accelerator.gather_for_metrics(local).sum().item()
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+            self._total_train_tokens += tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        if return_outputs:  # logits for compute_metrics: one extra forward, as SFTTrainer does
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, outputs
+        return loss
+
+    def _fused_loss(self, unwrapped, inputs, num_items_in_batch):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        shift_labels = inputs.pop("shift_labels", None)
+        head = lm_head_inputs(unwrapped, _spec=self._head_spec, **inputs)
+        targets = (_shift(labels) if shift_labels is None else shift_labels).to(head.hidden.device)
+        count = (targets != -100).sum()
+        denom = torch.as_tensor(count if num_items_in_batch is None else num_items_in_batch,
+                                device=head.hidden.device).clamp(min=1)
+        with torch.autocast(head.hidden.device.type, enabled=False):
+            if self.args.loss_type == "dft":
+                from tune_losses import linear_log_probs
+
+                if head.softcap is not None:
+                    raise ValueError("loss_type: 'dft' is not supported for models with a logit softcap")
+                log_probs = linear_log_probs(head.hidden, head.weight, targets, bias=head.bias,
+                                             chunk_size=self._ce_options.get("chunk_size"))
+                # DFT (arXiv 2508.05629): each token's NLL weighted by its (detached) probability.
+                loss = (-log_probs * log_probs.detach().exp()).sum() / denom
+            else:
+                loss = linear_cross_entropy(head.hidden, head.weight, targets, bias=head.bias, softcap=head.softcap,
+                                            label_smoothing=self.args.label_smoothing_factor, reduction="sum",
+                                            **self._ce_options) / denom
+            stats = token_stats(head.hidden, head.weight, targets, bias=head.bias, softcap=head.softcap,
+                                chunk_size=self._ce_options.get("chunk_size"))
+        return loss, stats, head.outputs
+
+
+class FusedDistillationTrainer(DistillationTrainer):
+    """TRL's ``DistillationTrainer`` with the divergence computed by :func:`tune_losses.linear_kd_loss`.
+
+    Arguments as ``DistillationTrainer`` (``args.beta``, ``args.temperature``, ``args.lmbda`` ... as TRL)
+    plus:
+
+    Args:
+        divergence: ``"jsd"`` (default: generalized JSD with ``args.beta``, 0 = forward KL(teacher || student),
+            1 = reverse KL, as TRL), or ``"forward_kl"``, ``"reverse_kl"``, ``"symmetric_kl"``, ``"tvd"``.
+        scale_by_temperature_squared: False (default) is TRL's convention (no ``T^2``); True multiplies
+            the loss by ``T^2`` (Hinton).
+        chunk_size: tokens per chunk (None: tune-losses' rule).
+
+    Teacher and student must share the vocabulary; models with a logit softcap are not supported.
+    """
+
+    def __init__(self, *args, divergence: str = "jsd", scale_by_temperature_squared: bool = False,
+                 chunk_size: Optional[int] = None, **kwargs):
+        from tune_losses.options import KDOptions
+
+        KDOptions(divergence=divergence)  # checks the name now
+        self._divergence = divergence
+        self._scale_t2 = bool(scale_by_temperature_squared)
+        self._chunk_size = chunk_size
+        super().__init__(*args, **kwargs)
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        completion_mask = inputs["completion_mask"]
+        loss_mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        logits_to_keep = inputs["completion_ids"].size(1)
+        multimodal = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask",
+                                             "spatial_shapes", "image_sizes", "token_type_ids",
+                                             "mm_token_type_ids", "image_position_ids") if k in inputs}
+        s_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
+                                               **multimodal)
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            t_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
+                                                 unwrapped_teacher, input_ids, attention_mask, logits_to_keep,
+                                                 **multimodal)
+        s_hidden, s_weight, s_bias = _head_of(unwrapped_student, s_hidden)
+        t_hidden, t_weight, t_bias = _head_of(unwrapped_teacher, t_hidden)
+        device = s_weight.device
+        labels = torch.where(loss_mask.to(device) != 0, 0, -100)  # only the mask matters to a divergence
+        count = (labels != -100).sum()
+        denom = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        if torch.is_tensor(denom):
+            denom = denom.to(device)
+        with torch.autocast(device.type, enabled=False):
+            loss = linear_kd_loss(s_hidden.to(device), s_weight, t_hidden.to(device), t_weight, labels,
+                                  divergence=self._divergence, beta=self.beta, temperature=self.temperature,
+                                  scale_by_temperature_squared=self._scale_t2, reduction="sum",
+                                  student_bias=s_bias, teacher_bias=t_bias, chunk_size=self._chunk_size) / denom
+            t = self.temperature
+            stats = token_stats(s_hidden / t, s_weight, labels, bias=None if s_bias is None else s_bias / t,
+                                chunk_size=self._chunk_size)
+        return loss, stats.entropy, stats.count
+
+
+def _head_of(model, hidden):
+    """``(hidden with the model's logit scale, weight, bias)`` of a causal LM (PEFT heads resolved)."""
+    hf = unwrap_model(model)
+    spec = read_head(hf)
+    if spec.softcap_value(hf) is not None:
+        raise ValueError(f"model: {spec.model_type} softcaps its logits; FusedDistillationTrainer does not "
+                         f"support softcapped models")
+    weight, bias = output_weight(getattr(hf, spec.head_attr), spec.head_attr)
+    scale = spec.logit_scale(hf)
+    if scale is not None:
+        hidden = hidden * scale
+    if not _is_dtensor(weight) and weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
+    return hidden, weight, bias
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
