@@ -8,6 +8,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tests run the eager per-chunk math (the same code, no compiler warm-up per process);
+# tests/test_compiled_math.py turns the compiled path on for its own small cases.
+os.environ.setdefault("TUNE_LOSSES_COMPILE", "0")
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +21,15 @@ def tiny_assets():
     build(ROOT / "assets" / "tiny")
     os.chdir(ROOT)
     return ROOT / "assets" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny tensors: intra-op threads only add barrier waits, which cost seconds per test when the
+    CPU cores are shared with other jobs. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

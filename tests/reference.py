@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["DIVERGENCES", "make_labels", "ref_ce", "ref_kd", "teacher_entropy"]
+__all__ = ["DIVERGENCES", "make_labels", "ref_ce", "ref_kd", "ref_log_probs", "teacher_entropy"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd")
 
@@ -214,3 +214,22 @@ def ref_kd(
     if scale_by_temperature_squared:
         per_token = per_token * temperature**2
     return _reduce(per_token, labels, ignore_index, reduction)
+
+
+# ------------------------------------------------------------------------------ log-probabilities
+
+
+def ref_log_probs(
+    logits: Logits, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100
+):
+    """``(log q[y], entropy -sum q log q)`` per token with ``q = softmax(z / T)``, fp64, shaped like
+    ``labels``; both exactly 0 at ignored tokens."""
+    log_q = _log_softmax(_flat_logits(logits) / temperature)
+    y = labels.reshape(-1)
+    valid = y != ignore_index
+    safe = torch.where(valid, y, torch.zeros_like(y))
+    lp = log_q.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    q = log_q.exp()
+    ent = -_kl(q, log_q, torch.zeros_like(log_q))
+    zero = torch.zeros_like(lp)
+    return torch.where(valid, lp, zero).reshape(labels.shape), torch.where(valid, ent, zero).reshape(labels.shape)

@@ -5,7 +5,8 @@ One ``torchrun --nproc_per_node 2`` launch of tests/vocab_parallel_worker.py run
 launch costs seconds of imports); each test here checks one suite's lines:
 
 * ``pg``: a local weight shard + ``process_group``: CE (mean / sum / none, both algorithms, several
-  chunk sizes, label smoothing, z-loss, softcap), KD (every divergence, temperature 1 and 2),
+  chunk sizes, label smoothing, z-loss, softcap), log-probabilities with entropy, KD (every
+  divergence, temperature 1 and 2), NaN / inf hidden states giving non-finite losses on every rank,
   distillation, V = 257 (uneven shards 129 / 128) and 256, ignored tokens none / some / all, explicit
   ``vocab_start``, no-grad mode, errors raised on every rank alike;
 * ``dtensor``: DTensor weights ``Shard(0)`` on a ``"tp"`` mesh (gradients come back as DTensors of
@@ -34,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
 # Cases per suite: a suite that silently ran fewer cases fails.
-EXPECTED = {"pg": 85, "dtensor": 16, "memory": 6, "ignored": 2}
+EXPECTED = {"pg": 92, "dtensor": 16, "memory": 6, "ignored": 2}
 
 
 def _free_port() -> int:
@@ -131,23 +132,27 @@ def test_shard_sizes_follow_torch_shard0():
                                               ("jsd", {"beta": 0.3}), ("reverse_kl", {}), ("tvd", {})])
 def test_kd_terms_of_vocab_slices_add_up_to_the_divergence(divergence, extra):
     """The split the parallel path relies on: terms over slices of the vocabulary, from log-probs
-    normalized over the whole vocabulary, sum to kd_divergence (with masked -inf entries)."""
-    from tune_losses.divergences import kd_divergence, kd_terms
+    normalized over the whole vocabulary, sum to the divergence (with masked -inf entries)."""
+    from reference import ref_kd
+
+    from tune_losses.divergences import VocabReducer, divergence_terms, kd_chunk
     from tune_losses.options import KDOptions
 
     g = torch.Generator().manual_seed(0)
     zs, zt = torch.randn(6, 33, generator=g) * 3, torch.randn(6, 33, generator=g) * 3
     zs[0, 3] = zt[1, 5] = zs[2, 7] = zt[2, 7] = float("-inf")
     opts = KDOptions(divergence, temperature=2.0, **extra)
-    expected = kd_divergence(zs, zt, opts)
+    expected, _ = kd_chunk(zs.clone(), zt.clone(), opts, VocabReducer(33))
     log_q, log_p = torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1)
-    inf_q, inf_p = torch.isinf(log_q), torch.isinf(log_p)
-    q, p = log_q.exp(), log_p.exp()
-    log_q, log_p = log_q.masked_fill(inf_q, 0.0), log_p.masked_fill(inf_p, 0.0)
-    total = sum(kd_terms(log_p[:, sl], log_q[:, sl], p[:, sl], q[:, sl], opts, inf_p[:, sl], inf_q[:, sl]).sum(-1)
+    total = sum(divergence_terms(log_p[:, sl].clone(), log_q[:, sl].clone(), opts, False)[0].sum(-1)
                 for sl in (slice(0, 17), slice(17, 33)))
     torch.testing.assert_close(total * opts.loss_scale, expected, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(expected).all()
+    keep = torch.ones(33, dtype=torch.bool)
+    keep[[3, 5, 7]] = False  # rows 3+ have no masked entry: the reference on the full vocabulary
+    ref = ref_kd(zs[3:].double(), zt[3:].double(), torch.zeros(3, dtype=torch.long), divergence=divergence,
+                 temperature=2.0, reduction="none", **extra)
+    torch.testing.assert_close(expected[3:].double(), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference import make_labels, ref_ce, ref_kd  # noqa: E402
+from reference import make_labels, ref_ce, ref_kd, ref_log_probs  # noqa: E402
 
-from tune_losses import linear_cross_entropy, linear_distillation_loss, linear_kd_loss  # noqa: E402
+from tune_losses import linear_cross_entropy, linear_distillation_loss, linear_kd_loss, linear_log_probs  # noqa: E402
 from tune_losses.accounting import count_step_tokens  # noqa: E402
 
 RANK = WORLD = 0
@@ -180,6 +180,22 @@ def suite_pg():
          lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, chunk_size=8),
          lambda hh, ww, bb: ref_ce(F.linear(hh, ww), labels), (h, w, None))
 
+    # Log-probabilities and entropy (one combined output, so both gradients meet grad_output).
+    for temperature, ignore in ((1.0, "some"), (0.7, "none"), (1.0, "all")):
+        h, w, b, labels = inputs(5, ignore=ignore)
+        kw = dict(temperature=temperature, return_entropy=True, chunk_size=5)
+
+        def both(lp_ent):
+            return lp_ent[0] + 0.7 * lp_ent[1]
+
+        case(f"pg log_probs + entropy T={temperature} ignore={ignore}", check,
+             lambda hh, ww, bb, kw=kw, labels=labels: both(linear_log_probs(
+                 hh, ww, labels, bias=bb, process_group=group, **kw)),
+             lambda hh, ww, bb, kw=kw, labels=labels: both(linear_log_probs(hh, ww, labels, bias=bb, **kw)),
+             lambda hh, ww, bb, temperature=temperature, labels=labels: both(ref_log_probs(
+                 F.linear(hh, ww, bb), labels, temperature=temperature)),
+             (h, w, b))
+
     # KD: every divergence, with temperature; student and teacher sharded alike.
     for div, extra in DIVERGENCES:
         for temperature in (1.0, 2.0):
@@ -256,6 +272,28 @@ def suite_pg():
     for kind in ("ce", "distillation"):
         for reduction, algorithm in (("mean", "grad_in_forward"), ("sum", "recompute"), ("none", "auto")):
             case(f"pg all ignored {kind} {reduction}", all_ignored, kind, reduction, algorithm)
+
+    # A NaN / inf hidden state at a counted token makes the loss non-finite on every rank (one rank's
+    # logits are enough: the per-token sums carry it to all).
+    def non_finite(value, side):
+        h, w, b, labels = inputs(32)
+        th, tw, _, _ = inputs(33)
+        row = int((labels.reshape(-1) != -100).nonzero()[1])
+        poisoned = (h if side == "student" else th).clone()
+        poisoned.view(-1, H)[row, 3] = value
+        h, th = (poisoned, th) if side == "student" else (h, poisoned)
+        rows = shard_rows()
+        outs = [linear_cross_entropy(h, w[rows], labels, bias=b[rows], process_group=group, chunk_size=4)]
+        for div, extra in DIVERGENCES:
+            outs.append(linear_kd_loss(h, w[rows], th, tw[rows], labels, student_bias=b[rows], divergence=div,
+                                       process_group=group, chunk_size=4, **extra))
+        if side == "teacher":
+            outs = outs[1:]
+        assert not any(torch.isfinite(o) for o in outs), [float(o) for o in outs]
+
+    for value in (float("nan"), float("inf")):
+        for side in ("student", "teacher"):
+            case(f"pg non-finite {value} {side} hidden", non_finite, value, side)
 
     # No grad mode: values only.
     def no_grad_values():
@@ -352,20 +390,20 @@ def suite_dtensor():
 
     # The path is really vocabulary-parallel: no rank ever sees more than its rows.
     def never_gathers():
-        from tune_losses.fused import functional
+        from tune_losses.fused import placement
 
         seen = []
-        original = functional.materialize_weight
+        original = placement.materialize_weight
         def spy(t, *a, **k):
             if isinstance(t, DTensor):
                 seen.append(tuple(t.shape))
             return original(t, *a, **k)
 
-        functional.materialize_weight = spy
+        placement.materialize_weight = spy
         try:
             dt_case("kd", "mean")
         finally:
-            functional.materialize_weight = original
+            placement.materialize_weight = original
         assert not seen, f"materialize_weight gathered {seen}"
 
     case("dtensor tp: weights never gathered", never_gathers)
@@ -420,7 +458,7 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
     from torchtune.models.llama2 import llama2
 
     from tune_losses import LinearCrossEntropyLoss, LinearDistillationLoss
-    from tune_losses.fused import functional
+    from tune_losses.fused import placement
 
     def build(seed):
         torch.manual_seed(seed)
@@ -438,14 +476,14 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
                 for n, p in model.named_parameters() if p.grad is not None}
 
     gathered = []
-    original = functional.materialize_weight
+    original = placement.materialize_weight
 
     def spy(t, *a, **k):  # the vocabulary-parallel path never gathers a whole weight
         if isinstance(t, DTensor):
             gathered.append(tuple(t.shape))
         return original(t, *a, **k)
 
-    functional.materialize_weight = spy
+    placement.materialize_weight = spy
     try:
         for kd in (False, True):
             model, teacher = build(0), build(1)
@@ -498,7 +536,7 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
             for n in got:
                 close(f"grad {n}", got[n], expected[n], dict(rtol=1e-5, atol=1e-5))
     finally:
-        functional.materialize_weight = original
+        placement.materialize_weight = original
     assert not gathered, f"materialize_weight gathered {gathered}"
 
 

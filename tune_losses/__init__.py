@@ -32,6 +32,7 @@ from tune_losses.fused import (
     linear_cross_entropy,
     linear_distillation_loss,
     linear_kd_loss,
+    linear_log_probs,
 )
 from tune_losses.heads import OutputProjection, configure_model_for_loss, output_projection, set_output_mode
 from tune_losses.options import CEOptions, KDOptions
@@ -42,7 +43,7 @@ __all__ = [
     "SymmetricKLWithChunkedOutputLoss", "JSDWithChunkedOutputLoss", "TVDWithChunkedOutputLoss",
     "ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss", "JSDLoss", "TVDLoss",
     # fused linear losses
-    "linear_cross_entropy", "linear_kd_loss", "linear_distillation_loss", "FusedOutput",
+    "linear_cross_entropy", "linear_kd_loss", "linear_distillation_loss", "linear_log_probs", "FusedOutput",
     "LinearCrossEntropyLoss", "LinearDistillationLoss",
     # model side
     "OutputProjection", "output_projection", "set_output_mode", "configure_model_for_loss",

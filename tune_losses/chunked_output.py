@@ -1,26 +1,27 @@
 """torchtune-API losses over lists of per-chunk logits (drop-in for torchtune 0.6.1).
 
 Class names and constructor / ``forward`` signatures are torchtune's, so YAML configs and recipes
-that name ``CEWithChunkedOutputLoss`` keep working. What differs (../shared/design.md, section 4):
+that name ``CEWithChunkedOutputLoss`` keep working. What differs from torchtune 0.6.1:
 
 * labels are split by the sizes of the chunks actually given, not re-chunked by a count;
 * a batch with no valid token gives 0 with zero gradients, never NaN;
-* each chunk's loss is checkpointed: only the chunk itself is saved for backward and its fp32
-  upcast is recomputed there, so eager mode keeps one fp32 chunk alive, not all of them;
+* each chunk's loss saves only the chunk itself for backward, which recomputes its fp32 upcast and
+  the closed-form gradient (:mod:`tune_losses.terms`, the fused losses' math), so eager mode keeps
+  one fp32 chunk alive, not all of them;
 * every loss also reports ``(sum, num_tokens)`` via :meth:`sum_and_count`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from tune_losses.accounting import LossSum
 from tune_losses.chunking import split_like
-from tune_losses.divergences import cross_entropy, kd_divergence
+from tune_losses.divergences import VocabReducer
 from tune_losses.options import ArgumentTypeError, CEOptions, KDOptions, check_bool_option, check_int_option
+from tune_losses.terms import Chunk, CrossEntropyTerm, DivergenceTerm, Term
 from tune_losses.validation import (
     check_chunk_list,
     check_label_range,
@@ -38,8 +39,7 @@ def _as_chunks(name: str, logits: Logits, labels: torch.Tensor) -> List[torch.Te
     ``[N, V]`` logits meet ``[1, N]`` labels here.
     """
     if isinstance(logits, torch.Tensor):
-        # Fix: the old test ``labels.dim() == 1`` never held (labels are made 2-D before this call),
-        # so the unchunked torchtune calling convention ([N, V] logits, [N] labels) raised.
+        # torchtune's unchunked calling convention: [N, V] logits with [N] labels.
         if logits.dim() == 2:
             return [logits.unsqueeze(0)]
         return [logits]
@@ -63,11 +63,51 @@ def _as_2d_labels(labels: torch.Tensor, like: Optional[Logits] = None) -> torch.
     return labels
 
 
-def _chunk_sum(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-    """Run a per-chunk loss, checkpointed when it needs a graph so its fp32 work is not kept."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return checkpoint(fn, *tensors, use_reentrant=False)
-    return fn(*tensors)
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _TermOnLogits(torch.autograd.Function):
+    """A term's first output summed over one flat chunk of logits ``[n, V]``.
+
+    Forward computes values only and saves the chunk itself (no fp32 copy); backward recomputes the
+    upcast and the term's closed-form gradient times ``grad_output``, in the chunk's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, z, zt, labels, term: Term, ignore_index: int):
+        ctx.save_for_backward(z, zt, labels)
+        ctx.term, ctx.ignore_index = term, ignore_index
+        (values, *_), _ = term.compute(_chunk(z, zt, labels, ignore_index), None, z.dtype != _compute_dtype(z.dtype),
+                                       zt is not None and zt.dtype != _compute_dtype(zt.dtype))
+        return values.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, zt, labels = ctx.saved_tensors
+        chunk = _chunk(z, zt, labels, ctx.ignore_index)
+        weight = chunk.valid.to(chunk.student.dtype) * grad.to(chunk.student.dtype)
+        weights = [weight] + [None] * (len(ctx.term.outputs) - 1)
+        if zt is not None and ctx.needs_input_grad[1]:
+            g, gt = ctx.term.teacher_gradients(chunk, weight, weight)
+            return g.to(z.dtype), gt.to(zt.dtype), None, None, None
+        # The upcast is a fresh buffer the math may overwrite; an fp32 chunk is the caller's own.
+        _, g = ctx.term.compute(chunk, weights, chunk.student is not z, chunk.teacher is not zt)
+        return g.to(z.dtype), None, None, None, None
+
+
+def _chunk(z, zt, labels, ignore_index: int) -> Chunk:
+    cdtype = _compute_dtype(z.dtype)
+    return Chunk(z.to(cdtype), None if zt is None else zt.to(cdtype), labels, labels != ignore_index,
+                 VocabReducer(z.shape[-1]))
+
+
+def _chunk_sum(term: Term, ignore_index: int, z: torch.Tensor, labels: torch.Tensor,
+               zt: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``term``'s summed loss over one ``[B, S_i, V]`` chunk (and the teacher's) with labels ``[B, S_i]``."""
+    flat = z.reshape(-1, z.shape[-1])
+    flat_t = None if zt is None else zt.reshape(-1, zt.shape[-1])
+    return _TermOnLogits.apply(flat, flat_t, labels.reshape(-1), term, ignore_index)
 
 
 class _ChunkedLossBase(torch.nn.Module):
@@ -79,10 +119,6 @@ class _ChunkedLossBase(torch.nn.Module):
         check_int_option("ignore_index", ignore_index)
         self.num_output_chunks = num_output_chunks
         self.ignore_index = ignore_index
-
-    def _reduce(self, total: torch.Tensor, labels: torch.Tensor, normalize: bool) -> torch.Tensor:
-        result = LossSum(total, (labels != self.ignore_index).sum())
-        return result.mean() if normalize else result.total
 
 
 class CEWithChunkedOutputLoss(_ChunkedLossBase):
@@ -108,10 +144,11 @@ class CEWithChunkedOutputLoss(_ChunkedLossBase):
     ):
         super().__init__(num_output_chunks, ignore_index)
         self.opts = CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate)
+        self.term = CrossEntropyTerm(self.opts)
 
-    def compute_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def compute_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one flattened chunk ``[n, V]`` / ``[n]`` (torchtune's hook name)."""
-        return cross_entropy(logits, labels, self.opts).sum()
+        return _chunk_sum(self.term, self.ignore_index, logits, labels)
 
     def sum_and_count(self, logits: Logits, labels: torch.Tensor) -> LossSum:
         """``(sum of per-token CE over valid tokens, valid-token count)``.
@@ -127,11 +164,8 @@ class CEWithChunkedOutputLoss(_ChunkedLossBase):
             check_label_range(labels, vocab, self.ignore_index)
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
         for chunk, lab in zip(chunks, split_like(labels, chunks)):
-            total = total + _chunk_sum(self._flat_ce, chunk, lab)
+            total = total + self.compute_cross_entropy(chunk, lab)
         return LossSum(total, (labels != self.ignore_index).sum())
-
-    def _flat_ce(self, chunk: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-        return self.compute_cross_entropy(chunk.reshape(-1, chunk.shape[-1]), lab.reshape(-1))
 
     def forward(self, logits: Logits, labels: torch.Tensor) -> torch.Tensor:
         """Mean CE over valid tokens, a 0-dim fp32 tensor (0 when no token is valid).
@@ -149,10 +183,7 @@ class _KDLoss(_ChunkedLossBase):
     def __init__(self, num_output_chunks: int, opts: KDOptions):
         super().__init__(num_output_chunks, opts.ignore_index)
         self.opts = opts
-
-    def _flat_kd(self, s: torch.Tensor, t: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-        per_token = kd_divergence(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), self.opts)
-        return torch.where(lab.reshape(-1) != self.ignore_index, per_token, 0.0).sum()
+        self.term = DivergenceTerm(opts)
 
     def sum_and_count(self, student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor) -> LossSum:
         """``(sum of per-token divergence over valid tokens, valid-token count)``.
@@ -173,7 +204,7 @@ class _KDLoss(_ChunkedLossBase):
             check_label_range(labels, vocab, self.ignore_index)
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
         for s, t, lab in zip(student, teacher, split_like(labels, student, name="student_logits")):
-            total = total + _chunk_sum(self._flat_kd, s, t, lab)
+            total = total + _chunk_sum(self.term, self.ignore_index, s, lab, t)
         return LossSum(total, (labels != self.ignore_index).sum())
 
     def forward(

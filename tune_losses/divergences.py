@@ -1,254 +1,357 @@
-"""Per-chunk loss math on fp32, knowing nothing of modules, chunk lists or reductions.
+"""Per-chunk loss math, written once against a vocabulary reducer.
 
-Every function takes one chunk of flattened logits ``[n, V]`` (any float dtype; upcast here) and
-returns per-token values ``[n]``. Masking ignored tokens and summing is the caller's job, so the same
-math serves the chunked-output classes, the fused linear losses and the tests' references.
+Every function takes one chunk of logits ``[n, V_r]`` (the compute dtype: fp32, or fp64 for fp64
+inputs) holding the columns ``[start, start + V_r)`` of a ``V``-column vocabulary, and returns the
+per-token values ``[n]`` of the *whole* vocabulary with, on request, the gradient with respect to
+those logits ``[n, V_r]``. Whatever crosses columns goes through a :class:`VocabReducer`: the row
+maximum, a few per-token sums, the label's logit (a sum that only its owner adds to). On one
+process the reducer is the identity (``V_r = V``); the vocabulary-parallel losses pass one that
+all-reduces over the tensor-parallel group (:class:`tune_losses.fused.vocab_parallel.GroupReducer`).
 
-Notation (per token, over the vocabulary): p = teacher distribution, q = student distribution.
+Gradients are closed forms, never autograd on a chunk. A divergence ``D = sum_v f(log p_v, log q_v)``
+of teacher p and student ``q = softmax(z / T)`` has, with ``a_v = df / dlog q_v``,
+``dD / dz_j = (a_j - q_j sum_v a_v) / T``:
+
+* forward KL ``p (log p - log q)`` (or torchtune's ``-p log q``): ``a = -p``;
+* reverse KL ``q (log q - log p)``: ``a = q (log q - log p + 1)``, or ``a = q (log q - log p)``
+  (adding ``c q`` to ``a`` changes nothing, since ``sum q = 1``);
+* JSD(beta) with ``m = beta p + (1 - beta) q``: ``a = (1 - beta) q (log q - log m)`` (the terms
+  through ``log m`` cancel);
+* TVD ``|p - q| / 2``: ``a = sign(q - p) q / 2``.
+
+Non-finite inputs are never hidden: only vocabulary entries whose logit is exactly -inf (a model's
+deliberate mask) count as 0; a NaN or +inf logit anywhere in a row makes that token's value NaN.
+
+Gradient weights: ``weight`` arguments are per-token ``[n]`` factors (the loss weight, the
+``1 / tokens`` scale, or ``grad_output``), already 0 at ignored tokens; ``None`` means "no
+gradient", and then none is built. ``consume`` lets a function overwrite a logits buffer the caller
+no longer needs (a chunk then costs fewer ``[n, V]`` buffers).
 """
 
 from __future__ import annotations
 
 import math
-
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from tune_losses.options import CEOptions, KDOptions
 
-
-def _softcap(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
-    return z if softcap is None else softcap * torch.tanh(z / softcap)
+NEG_INF = float("-inf")
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, opts: CEOptions = CEOptions()) -> torch.Tensor:
-    """Token-level cross-entropy with optional label smoothing, z-loss and softcap.
+class VocabReducer:
+    """Reductions over the vocabulary when this process holds all of it: the identity.
+
+    Attributes:
+        vocab: V, the whole vocabulary's size.
+        start: first vocabulary column held here (0).
+    """
+
+    distributed = False
+
+    def __init__(self, vocab: int, start: int = 0):
+        self.vocab = vocab
+        self.start = start
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-token maxima ``[k, n]`` (or ``[n]``) over the whole vocabulary."""
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-token sums ``[k, n]`` over the whole vocabulary."""
+        return t
+
+    def finish_dx(self, dx: torch.Tensor) -> None:
+        """Complete a hidden-state gradient made from this process's columns (nothing to add here)."""
+
+
+def _row_max(z: torch.Tensor, red: VocabReducer) -> torch.Tensor:
+    """Global row maxima ``[k, n]`` of stacked ``[n, V_r]`` tensors; a row of only -inf logits (every
+    entry masked) gets 0 so that the shifted logits stay -inf, not NaN. NaN and +inf are kept."""
+    m = red.max(z)
+    return m.masked_fill(m == NEG_INF, 0.0)
+
+
+def _label_index(labels: torch.Tensor, valid: torch.Tensor, width: int, red: VocabReducer):
+    """``(index [n, 1], owned [n])``: the label's local column where this process holds it."""
+    local = labels - red.start
+    owned = valid & (local >= 0) & (local < width)
+    return torch.where(owned, local, torch.zeros_like(local)).unsqueeze(-1), owned
+
+
+def _scaled(z: torch.Tensor, t: float, consume: bool) -> torch.Tensor:
+    """``z / t`` as a buffer the caller may overwrite (``z`` itself when it may be consumed)."""
+    if consume:
+        return z.div_(t) if t != 1.0 else z
+    return z / t
+
+
+# ------------------------------------------------------------------------------- cross-entropy
+
+
+def ce_chunk(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    opts: CEOptions,
+    red: VocabReducer,
+    weight: Optional[torch.Tensor] = None,
+    consume: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Cross-entropy ``lse(z) - z[y]`` with label smoothing, z-loss and softcap, and its gradient.
 
     Args:
-        logits: ``[n, V]`` raw logits of one chunk.
-        labels: ``[n]`` class ids; ``opts.ignore_index`` marks tokens left out.
-        opts: see :class:`CEOptions`.
+        z: ``[n, V_r]`` raw logits.
+        labels, valid: ``[n]`` class ids and the mask of counted tokens.
+        weight: ``[n]`` gradient weight per token, or None for the value only.
 
     Returns:
-        ``[n]`` fp32 per-token loss, exactly 0 (with 0 gradient) at ignored tokens.
+        ``(loss [n], grad [n, V_r] or None)``; the loss is 0 at ignored tokens.
     """
-    z = _softcap(logits.float(), opts.softcap)
-    valid = labels != opts.ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    lse = torch.logsumexp(z, dim=-1)
-    loss = lse - z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    if opts.label_smoothing > 0:
-        eps = opts.label_smoothing
-        loss = (1 - eps) * loss + eps * (lse - z.mean(dim=-1))
-    if opts.z_loss > 0:
-        loss = loss + opts.z_loss * lse.square()
-    return torch.where(valid, loss, torch.zeros_like(loss))
-
-
-def cross_entropy_with_grad(
-    logits: torch.Tensor, labels: torch.Tensor, opts: CEOptions = CEOptions()
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy and its gradient with respect to the raw logits, in closed form.
-
-    The gradient is written into ``logits`` in place when it is already an fp32 tensor that
-    nothing else needs (the fused losses hand over their fresh chunk buffer), so a chunk costs one
-    ``[n, V]`` fp32 buffer, not three.
-
-    Args:
-        logits: ``[n, V]`` raw logits (a fresh buffer the caller gives up).
-        labels: ``[n]`` class ids.
-
-    Returns:
-        ``(loss [n], grad [n, V])``: fp32; both are 0 at ignored tokens. ``grad`` is
-        d loss_i / d logits_i for a unit weight per token.
-    """
-    z = logits if logits.dtype == torch.float32 else logits.float()
-    n, vocab = z.shape
-    valid = labels != opts.ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
-    if opts.softcap is not None:
-        z = _softcap(z, opts.softcap) if z is not logits else z.div_(opts.softcap).tanh_().mul_(opts.softcap)
-    z_y = z.gather(-1, safe).squeeze(-1)
-    mean_z = z.mean(dim=-1) if opts.label_smoothing > 0 else None
+    s, eps, c = opts.softcap, opts.label_smoothing, opts.z_loss
+    if s is not None:
+        z = (z if consume else z.clone()).div_(s).tanh_().mul_(s)
+        consume = True
+    idx, owned = _label_index(labels, valid, z.shape[1], red)
+    stats = [torch.where(owned, z.gather(-1, idx).squeeze(-1), 0.0)]
+    if eps > 0:
+        stats.append(z.sum(-1))
     # softcap's chain rule needs tanh = z / s, read before z is overwritten by the softmax.
-    dcap = None if opts.softcap is None else 1 - (z / opts.softcap).square()
-    # One exp pass serves both the logsumexp and the softmax (torch.logsumexp would make its own
-    # [n, V] temporary and a second exp pass): z <- exp(z - max), lse = max + log(sum), softmax = z / sum.
-    zmax = z.amax(dim=-1, keepdim=True)
-    g = z.sub_(zmax).exp_()
-    sumexp = g.sum(dim=-1, keepdim=True)
-    lse = (zmax + sumexp.log()).squeeze(-1)
-    loss = lse - z_y
-    if opts.label_smoothing > 0:
-        eps = opts.label_smoothing
-        loss = (1 - eps) * loss + eps * (lse - mean_z)
-    if opts.z_loss > 0:
-        loss = loss + opts.z_loss * lse.square()
-    # d/dz: softmax * (1 + 2 c lse) - (1 - eps) onehot - eps / V, all zero at ignored tokens. The
-    # softmax normalization, the z-loss factor and the ignore mask are one per-row scale: one pass.
-    row = valid.unsqueeze(-1) / sumexp
-    if opts.z_loss > 0:
-        row = row * (1 + 2 * opts.z_loss * lse).unsqueeze(-1)
-    g.mul_(row)
-    onehot = -(1 - opts.label_smoothing) * valid.to(g.dtype)
-    g.scatter_add_(-1, safe, onehot.unsqueeze(-1))
-    if opts.label_smoothing > 0:
-        g.sub_((opts.label_smoothing / vocab) * valid.unsqueeze(-1))
+    dcap = 1 - (z / s).square() if weight is not None and s is not None else None
+    m = _row_max(z.amax(-1), red)
+    e = (z.sub_(m.unsqueeze(-1)) if consume else z - m.unsqueeze(-1)).exp_()
+    stats.insert(0, e.sum(-1))
+    r = red.sum(torch.stack(stats))
+    sumexp = r[0]
+    lse = m + sumexp.log()
+    loss = lse - r[1]
+    if eps > 0:
+        loss = (1 - eps) * loss + eps * (lse - r[2] / red.vocab)
+    if c > 0:
+        loss = loss + c * lse.square()
+    loss = torch.where(valid, loss, 0.0)
+    if weight is None:
+        return loss, None
+    # d/dz = softmax (1 + 2 c lse) - (1 - eps) onehot - eps / V, times the token's weight; the
+    # softmax normalization, the z-loss factor and the weight are one per-row scale: one pass.
+    row = weight / sumexp
+    if c > 0:
+        row = row * (1 + 2 * c * lse)
+    g = e.mul_(row.unsqueeze(-1))
+    g.scatter_add_(-1, idx, torch.where(owned, -(1 - eps) * weight, 0.0).unsqueeze(-1))
+    if eps > 0:
+        g.sub_((eps / red.vocab) * weight.unsqueeze(-1))
     if dcap is not None:
         g.mul_(dcap)
-    return torch.where(valid, loss, torch.zeros_like(loss)), g
+    return loss, g
 
 
-def _masked_log_softmax(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(log_softmax with -inf replaced by 0, probabilities, mask of infinite logits)``.
-
-    Logits of -inf mark vocabulary entries a model masks out; their terms are taken as 0 (as
-    torchtune does) and the log-probabilities are made finite so no 0 * inf reaches autograd.
-    """
-    inf = torch.isinf(z)
-    logp = torch.log_softmax(z, dim=-1)
-    prob = logp.exp()
-    return logp.masked_fill(inf, 0.0), prob, inf
+# ---------------------------------------------------------------------------- log-probabilities
 
 
-def kd_terms(
-    log_p: torch.Tensor,
-    log_q: torch.Tensor,
-    p: torch.Tensor,
-    q: torch.Tensor,
-    opts: KDOptions,
-    inf_p: Optional[torch.Tensor] = None,
-    inf_q: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Elementwise terms of a divergence: ``kd_divergence = kd_terms(...).sum(-1) * loss_scale``.
+def log_prob_chunk(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float,
+    red: VocabReducer,
+    entropy: bool = False,
+    weights: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
+    consume: bool = False,
+) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+    """``log q[y]`` with ``q = softmax(z / T)`` and, optionally, the entropy ``H = -sum q log q``.
 
-    Every divergence here is a sum over the vocabulary of a function of ``(log p_v, log q_v)``, so
-    the terms of a slice of the vocabulary sum to that slice's share of the divergence: the
-    vocabulary-parallel losses (:mod:`tune_losses.fused.vocab_parallel`) add the per-rank partial
-    sums with one all-reduce.
+    Gradients (``z' = z / T``): ``d log q[y] / dz'_j = onehot_j - q_j`` and
+    ``dH / dz'_j = -q_j (log q_j + H)``; both divided by T for the raw logits.
 
     Args:
-        log_p, log_q: ``[n, V']`` teacher / student log-probabilities (already temperature-scaled
-            and normalized over the *whole* vocabulary), with entries of infinite logits set to 0.
-        p, q: ``[n, V']`` their probabilities (0 at those entries).
-        inf_p, inf_q: ``[n, V']`` bool masks of the teacher's / student's infinite logits (vocabulary
-            entries a model masks out; their terms count as 0, as in torchtune), or None for none.
+        z: ``[n, V_r]`` raw logits.
+        weights: ``(weight of log q[y], weight of H)``, each ``[n]`` or None; None for no gradient.
 
     Returns:
-        ``[n, V']`` fp32 terms, before the temperature scale ``opts.loss_scale``.
+        ``([log_probs [n], entropy [n] if asked], grad [n, V_r] or None)``; 0 at ignored tokens.
     """
+    zz = _scaled(z, temperature, consume)
+    idx, owned = _label_index(labels, valid, zz.shape[1], red)
+    m = _row_max(zz.amax(-1), red)
+    stats = [torch.where(owned, zz.gather(-1, idx).squeeze(-1), 0.0)]
+    e = zz.sub_(m.unsqueeze(-1)).exp_()
+    stats.insert(0, e.sum(-1))
+    if entropy:
+        stats.append(torch.special.xlogy(e, e).sum(-1))  # sum e log e, 0 log 0 = 0 at masked entries
+    r = red.sum(torch.stack(stats))
+    log_sum = r[0].log()
+    outs = [torch.where(valid, r[1] - m - log_sum, 0.0)]
+    h = None
+    if entropy:
+        h = log_sum - r[2] / r[0]
+        outs.append(torch.where(valid, h, 0.0))
+    if weights is None or all(w is None for w in weights):
+        return outs, None
+    w_lp, w_h = weights[0], (weights[1] if entropy else None)
+    q = e.div_(r[0].unsqueeze(-1))
+    row = torch.zeros_like(r[0])
+    if w_lp is not None:
+        row = row - w_lp
+    if w_h is not None:
+        row = row - w_h * h
+        g = torch.special.xlogy(q, q).mul_(-w_h.unsqueeze(-1)).add_(q.mul_(row.unsqueeze(-1)))
+    else:
+        g = q.mul_(row.unsqueeze(-1))
+    if w_lp is not None:
+        g.scatter_add_(-1, idx, torch.where(owned, w_lp, 0.0).unsqueeze(-1))
+    if temperature != 1.0:
+        g.div_(temperature)
+    return outs, g
 
-    def masked(t: torch.Tensor, *masks: Optional[torch.Tensor]) -> torch.Tensor:
-        mask = None
-        for m in masks:
-            if m is not None:
-                mask = m if mask is None else mask | m
-        return t if mask is None else t.masked_fill(mask, 0.0)
 
-    def forward_kl(true_kl: bool) -> torch.Tensor:
-        # torchtune zeroes the terms where the student's logit is infinite; so do we.
-        cross = masked(p * log_q, inf_q)
-        if not true_kl:
-            return -cross
-        return masked(p * log_p, inf_q) - cross
+# --------------------------------------------------------------------------------- divergences
 
-    def reverse_kl() -> torch.Tensor:
-        return masked(q * (log_q - log_p), inf_q, inf_p)
 
-    def jsd() -> torch.Tensor:
-        beta = opts.beta
+def _log_softmax_pair(zs, zt, t: float, red: VocabReducer, consume_s: bool, consume_t: bool):
+    """Student and teacher ``log softmax(z / T)`` over the whole vocabulary (one MAX, one SUM)."""
+    ls, lt = _scaled(zs, t, consume_s), _scaled(zt, t, consume_t)
+    m = _row_max(torch.stack([ls.amax(-1), lt.amax(-1)]), red)
+    # (z - max) - log(sum): as log_softmax rounds, not z - (max + log(sum)).
+    ls, lt = ls.sub_(m[0].unsqueeze(-1)), lt.sub_(m[1].unsqueeze(-1))
+    log_sums = red.sum(torch.stack([ls.exp().sum(-1), lt.exp().sum(-1)])).log()
+    return ls.sub_(log_sums[0].unsqueeze(-1)), lt.sub_(log_sums[1].unsqueeze(-1))
+
+
+def divergence_terms(
+    log_p: torch.Tensor, log_q: torch.Tensor, opts: KDOptions, need_a: bool, need_b: bool = False
+):
+    """Elementwise terms of a divergence and ``a = dterms / dlog q``, over this slice of the vocabulary.
+
+    ``divergence = loss_scale * sum_v terms``; entries where either side's logit is -inf count as 0
+    (as torchtune does; per side for JSD, whose mixture is finite where one side is).
+
+    Args:
+        log_p, log_q: ``[n, V_r]`` teacher / student log-probabilities (normalized over the whole
+            vocabulary, temperature applied).
+
+        need_b: also return ``b = dterms / dlog p`` (a teacher that requires grad, chunked-output
+            losses only): ``b`` is ``terms`` for forward KL, ``-q`` for reverse KL, ``beta p (log p -
+            log m)`` for JSD, ``sign(p - q) p / 2`` for TVD (up to ``c p``, which drops out).
+
+    Returns:
+        ``(terms [n, V_r], a [n, V_r] or None, q [n, V_r])``, with ``(b, p)`` appended if ``need_b``.
+    """
+    neg_p, neg_q = log_p == NEG_INF, log_q == NEG_INF
+    p = log_p.exp()
+    d = opts.divergence
+    # Forward KL alone (the usual distillation loss) overwrites its inputs: log p becomes the terms,
+    # p becomes a, log q becomes q (three [n, V_r] buffers); the other divergences keep them.
+    alone = (d == "forward_kl" or (d == "jsd" and opts.beta == 0.0)) and not need_b
+
+    def forward_kl():
+        mask = neg_p | neg_q
+        if opts.true_kl:
+            terms = log_p.sub_(log_q) if alone else log_p - log_q
+        else:
+            terms = log_q.neg()
+        terms = terms.mul_(p).masked_fill_(mask, 0.0)
+        if not need_a:
+            return terms, None
+        return terms, (p.neg_() if alone else p.neg()).masked_fill_(mask, 0.0)
+
+    if alone:
+        terms, a = forward_kl()
+        return terms, a, log_q.exp_()
+    q = log_q.exp()
+
+    def reverse_kl():
+        mask = neg_p | neg_q
+        terms = (log_q - log_p).masked_fill_(mask, 0.0).mul_(q)
+        # a = q (log q - log p + 1); its q part drops out of a - q sum(a) (sum q = 1), so a = terms,
+        # which also avoids the cancellation of q (r + 1) - q (RKL + 1) in fp32.
+        return terms, (terms if need_a else None)
+
+    b = None
+
+    def jsd(beta: float):
+        nonlocal b
         if beta == 0.0:
-            return forward_kl(True)
+            return forward_kl()
         if beta == 1.0:
             return reverse_kl()
-        # log m = logaddexp(log p + log beta, log q + log(1 - beta)), from the unmasked log-probs.
-        a = (log_p if inf_p is None else log_p.masked_fill(inf_p, -math.inf)) + math.log(beta)
-        b = (log_q if inf_q is None else log_q.masked_fill(inf_q, -math.inf)) + math.log(1 - beta)
-        # Fix: where both sides are -inf (a masked vocabulary entry), logaddexp's backward is
-        # exp(-inf - (-inf)) = NaN, and masking its output afterwards does not stop that NaN
-        # (0 * NaN). Feed it finite stand-ins there and mask the result.
-        both = torch.isinf(a) & torch.isinf(b)
-        log_m = torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)).masked_fill(both, 0.0)
-        kl_p = masked(p * (log_p - log_m), inf_p)
-        kl_q = masked(q * (log_q - log_m), inf_q)
-        return beta * kl_p + (1 - beta) * kl_q
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
+        kp = (log_p - log_m).mul_(p).masked_fill_(neg_p, 0.0)
+        kq = (log_q - log_m).mul_(q).masked_fill_(neg_q, 0.0)
+        del log_m
+        a = kq.mul(1 - beta) if need_a else None
+        b = kp.mul(beta) if need_b else None
+        return kp.mul_(beta).add_(kq, alpha=1 - beta), a
 
-    def tvd() -> torch.Tensor:
-        return 0.5 * (p - q).abs()
+    def tvd():
+        nonlocal b
+        diff = q - p
+        a = diff.sign().mul_(q).mul_(0.5) if need_a else None
+        b = diff.sign().mul_(p).mul_(-0.5) if need_b else None
+        return diff.abs_().mul_(0.5), a
 
-    if opts.divergence == "forward_kl":
-        return forward_kl(opts.true_kl)
-    if opts.divergence == "reverse_kl":
-        return reverse_kl()
-    if opts.divergence == "symmetric_kl":
+    def rkl_b():
+        return q.neg().masked_fill_(neg_p | neg_q, 0.0)
+
+    if d == "forward_kl":
+        terms, a = forward_kl()
+        b = terms.clone() if need_b else None
+    elif d == "reverse_kl":
+        terms, a = reverse_kl()
+        b = rkl_b() if need_b else None
+    elif d == "symmetric_kl":
         r = opts.sym_kd_ratio
-        return r * forward_kl(opts.true_kl) + (1 - r) * reverse_kl()
-    if opts.divergence == "jsd":
-        return jsd()
-    return tvd()
+        tf, af = forward_kl()
+        tr, ar = reverse_kl()
+        b = tf.mul(r).add_(rkl_b(), alpha=1 - r) if need_b else None
+        terms = tf.mul_(r).add_(tr, alpha=1 - r)
+        a = af.mul_(r).add_(ar, alpha=1 - r) if need_a else None
+    elif d == "jsd":
+        terms, a = jsd(opts.beta)
+        if need_b and opts.beta in (0.0, 1.0):
+            b = terms.clone() if opts.beta == 0.0 else rkl_b()
+    else:
+        terms, a = tvd()
+    return (terms, a, q, b, p) if need_b else (terms, a, q)
 
 
-def kd_divergence(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, opts: KDOptions = KDOptions()
-) -> torch.Tensor:
-    """Distillation divergence between teacher and student, per token.
-
-    Args:
-        student_logits: ``[n, V]`` student logits (q).
-        teacher_logits: ``[n, V]`` teacher logits (p).
-        opts: divergence, temperature (both sides divided by T, result times T^2 if enabled), ...
-
-    Returns:
-        ``[n]`` fp32 divergence per token (no ignore mask applied).
-    """
-    t = opts.temperature
-    zs = student_logits.float()
-    zt = teacher_logits.float()
-    if t != 1.0:
-        zs, zt = zs / t, zt / t
-    log_q, q, inf_s = _masked_log_softmax(zs)
-    log_p, p, inf_t = _masked_log_softmax(zt)
-    out = kd_terms(log_p, log_q, p, q, opts, inf_t, inf_s).sum(-1)
-    return out * opts.loss_scale if opts.loss_scale != 1.0 else out
-
-
-def kd_divergence_with_grad(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, opts: KDOptions, need_grad: bool = True
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Divergence per token and its gradient with respect to the raw student logits.
-
-    Used by the fused losses on fresh fp32 chunk buffers, which it may overwrite. Forward KL (the
-    usual distillation loss) has a closed form using three ``[n, V]`` buffers; the other divergences
-    differentiate :func:`kd_divergence` with autograd on the chunk.
+def kd_chunk(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    opts: KDOptions,
+    red: VocabReducer,
+    weight: Optional[torch.Tensor] = None,
+    consume_student: bool = False,
+    consume_teacher: bool = False,
+    teacher_weight: Optional[torch.Tensor] = None,
+):
+    """A distillation divergence of teacher ``p = softmax(zt / T)`` and student ``q = softmax(zs / T)``.
 
     Args:
-        student_logits: ``[n, V]`` fp32 raw student logits (buffer given up by the caller).
-        teacher_logits: ``[n, V]`` fp32 raw teacher logits (buffer given up by the caller).
-        need_grad: False skips the gradient (returns None for it).
+        zs, zt: ``[n, V_r]`` raw student / teacher logits.
+        weight: ``[n]`` gradient weight per token, or None for the value only.
+        teacher_weight: ``[n]``: also return the gradient w.r.t. ``zt`` (a teacher that requires
+            grad, chunked-output losses only), as a third result.
 
     Returns:
-        ``(divergence [n], grad [n, V] or None)`` for a unit weight per token, fp32.
+        ``(divergence [n] times loss_scale (no ignore mask), grad [n, V_r] w.r.t. zs or None)``.
     """
-    if opts.divergence != "forward_kl" or not student_logits.dtype == teacher_logits.dtype == torch.float32:
-        if not need_grad:
-            return kd_divergence(student_logits, teacher_logits, opts), None
-        with torch.enable_grad():
-            zs = student_logits.detach().requires_grad_(True)
-            per_token = kd_divergence(zs, teacher_logits, opts)
-            (grad,) = torch.autograd.grad(per_token.sum(), zs)
-        return per_token.detach(), grad
-    # Forward KL, closed form: d/dz_raw [T^2 KL(p || q)] = T (q - p), with z = z_raw / T.
     t = opts.temperature
-    log_q = student_logits.div_(t) if t != 1.0 else student_logits
-    log_p = teacher_logits.div_(t) if t != 1.0 else teacher_logits
-    log_q.sub_(torch.logsumexp(log_q, -1, keepdim=True))
-    log_p.sub_(torch.logsumexp(log_p, -1, keepdim=True))
-    p = log_p.exp()
-    # value: true KL = sum p (log p - log q), or torchtune's cross-entropy -sum p log q.
-    diff = log_p.sub_(log_q) if opts.true_kl else log_p.copy_(log_q).neg_()
-    per_token = torch.nan_to_num(diff.mul_(p), nan=0.0).sum(-1) * opts.loss_scale
-    if not need_grad:
-        return per_token, None
-    grad = log_q.exp_().sub_(p).mul_(opts.loss_scale / t)
-    return per_token, grad
+    log_q, log_p = _log_softmax_pair(zs, zt, t, red, consume_student, consume_teacher)
+    need, need_b = weight is not None, teacher_weight is not None
+    terms, a, q, *bp = divergence_terms(log_p, log_q, opts, need, need_b)
+    del log_q, log_p
+    stats = [terms.sum(-1)] + ([a.sum(-1)] if need else []) + ([bp[0].sum(-1)] if need_b else [])
+    del terms
+    r = red.sum(torch.stack(stats))
+    value = r[0] * opts.loss_scale if opts.loss_scale != 1.0 else r[0]
+    g = None
+    if need:
+        g = a.sub_(q.mul_(r[1].unsqueeze(-1)))
+        g = g.mul_((weight * (opts.loss_scale / t)).unsqueeze(-1))
+    if not need_b:
+        return value, g
+    b, p = bp
+    gt = b.sub_(p.mul_(r[-1].unsqueeze(-1))).mul_((teacher_weight * (opts.loss_scale / t)).unsqueeze(-1))
+    return value, g, gt

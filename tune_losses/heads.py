@@ -21,7 +21,7 @@ and save as before.
 from __future__ import annotations
 
 import types
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -206,6 +206,3 @@ def _is_torchtune_chunked_loss(loss: nn.Module) -> bool:
         return False
     classes = tuple(getattr(tt_loss, name) for name in dir(tt_loss) if name.endswith("WithChunkedOutputLoss"))
     return isinstance(loss, classes)
-
-
-Output = Union[torch.Tensor, List[torch.Tensor]]

@@ -5,6 +5,7 @@ from tune_losses.fused.functional import (
     linear_cross_entropy,
     linear_distillation_loss,
     linear_kd_loss,
+    linear_log_probs,
 )
 from tune_losses.fused.modules import LinearCrossEntropyLoss, LinearDistillationLoss
 
@@ -15,4 +16,5 @@ __all__ = [
     "linear_cross_entropy",
     "linear_distillation_loss",
     "linear_kd_loss",
+    "linear_log_probs",
 ]

@@ -1,30 +1,35 @@
 """The chunk loop behind every fused linear loss.
 
-Hidden states ``[N, H]`` are cut into token chunks; each chunk's logits ``[n, V]`` are made, used and
-freed before the next, so no ``[N, V]`` tensor exists in forward or backward. Two autograd
-functions share one loop (:func:`chunk_pass`):
+Hidden states ``[N, H]`` are cut into token chunks; each chunk's student logits ``[n, V]`` are made
+once (and the teacher's once, when a term needs them), handed to every loss term
+(:mod:`tune_losses.terms`), and freed before the next chunk, so no ``[N, V]`` tensor exists in
+forward or backward. The terms' weighted logit gradients are summed into one ``[n, V]`` gradient per
+chunk, which becomes dX (``g @ W``), dW (``g.T @ x``) and db: a distillation call makes four
+``2 N H V`` matmuls over forward and backward (student logits, teacher logits, dX, dW), a
+cross-entropy call three.
 
-* :class:`GradInForward` (reductions ``sum`` / ``mean``): the backward's gradients are computed in
-  the forward pass, so logits are made once. Between forward and backward it keeps exactly dX
-  ``[N, H]`` and dW ``[V, H]`` (the floor: the gradients themselves) and no per-token state.
-  Backward multiplies them by ``grad_output``.
-* :class:`Recompute` (reduction ``none``, or on request): forward keeps nothing but its inputs;
-  backward runs the loop again with the per-token ``grad_output`` as token weights.
+Two autograd functions share the loop (:func:`chunk_pass`):
 
-Per token, the loss is ``ce_weight * CE + kd_weight * KD``, each term optional (distillation gets
-both in one pass over each chunk of student logits).
+* :class:`GradInForward` (reductions ``sum`` / ``mean``): the gradients are computed in the forward
+  pass, so logits are made once. Between forward and backward it keeps exactly dX ``[N, H]`` and
+  dW ``[V, H]`` (the gradients themselves) and no per-token state. Backward multiplies them by
+  ``grad_output`` and can run once.
+* :class:`Recompute` (reduction ``none``, ``algorithm="recompute"``, no-grad calls): forward keeps
+  nothing but its inputs; backward runs the loop again with each output's per-token ``grad_output``
+  as token weights. Every output is differentiable (e.g. log-probabilities and entropy).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from tune_losses.chunking import token_chunk_bounds
-from tune_losses.divergences import cross_entropy_with_grad, kd_divergence_with_grad
-from tune_losses.options import CEOptions, KDOptions
+from tune_losses.divergences import VocabReducer
+from tune_losses.fused.compiled import compiled_math, run_compiled, terms_on_chunk
+from tune_losses.terms import Term
 
 # Elements of one fp32 chunk of logits ([n, V]); the chunk size is this divided by V (a power of 2),
 # but never fewer than _MIN_CHUNK_TOKENS tokens. Measured with `python -m benchmarks.sweep_chunks`
@@ -57,29 +62,46 @@ def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, n
 
 
 @dataclass(frozen=True)
-class FusedSpec:
+class LossPlan:
     """What one fused call computes; non-tensor, so it travels through autograd as a constant.
 
     Attributes:
-        ce: cross-entropy options, or None for no CE term.
-        kd: divergence options, or None for no KD term (then no teacher inputs).
-        ce_weight, kd_weight: per-token weights of the two terms.
-        chunk_size: tokens per chunk (None: :func:`default_chunk_size`).
+        terms: the loss terms; the loss is ``sum_t t.weight * t's first output`` per token.
         ignore_index: labels equal to it contribute nothing.
+        chunk_size: tokens per chunk (None: :func:`default_chunk_size`).
+        reducer: reductions over the vocabulary: None for the whole vocabulary on this process, or
+            a vocabulary-parallel one (:class:`tune_losses.fused.vocab_parallel.GroupReducer`).
     """
 
-    ce: Optional[CEOptions]
-    kd: Optional[KDOptions]
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0
-    chunk_size: Optional[int] = None
+    terms: Tuple[Term, ...]
     ignore_index: int = -100
+    chunk_size: Optional[int] = None
+    reducer: Optional[VocabReducer] = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(t.needs_teacher for t in self.terms)
+
+    @property
+    def output_names(self) -> List[str]:
+        return [name for t in self.terms for name in t.outputs]
+
+    def loss_weights(self) -> List[List[Optional[float]]]:
+        """Per term, per output: the weight of that output in the summed loss."""
+        return [[t.weight] + [None] * (len(t.outputs) - 1) for t in self.terms]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 inputs are computed in fp64 (so gradcheck works); everything else in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """fp32 logits of one chunk: ``x @ w.T + b`` in the input dtype (as eager PyTorch), then upcast."""
+    """Logits of one chunk in the compute dtype: ``x @ w.T + b`` in the input dtype (as eager
+    PyTorch), then upcast."""
     z = torch.nn.functional.linear(x, w, b)
-    return z if z.dtype == torch.float32 else z.float()
+    dtype = compute_dtype(z.dtype)
+    return z if z.dtype == dtype else z.to(dtype)
 
 
 def accumulate_chunk_grads(
@@ -90,64 +112,41 @@ def accumulate_chunk_grads(
     dx: Optional[torch.Tensor],
     dw: Optional[torch.Tensor],
     db: Optional[torch.Tensor],
-    token_weight: Optional[torch.Tensor],
-    grad_scale: Optional[torch.Tensor],
 ) -> None:
-    """Turn one chunk's fp32 logit gradient ``g`` ``[n, V]`` (overwritten) into the parameter gradients.
+    """Turn one chunk's logit gradient ``g`` ``[n, V]`` (compute dtype) into the parameter gradients.
 
-    ``dx[rows] = g @ w`` (in x's dtype), ``dw += g.T @ xc`` and ``db += g.sum(0)`` (fp32
-    accumulators); a None buffer is skipped. ``token_weight`` (``[N]``, indexed by ``rows``) and
-    ``grad_scale`` (0-dim) multiply ``g`` first.
+    ``dx[rows] = g @ w`` (in x's dtype), ``dw += g.T @ xc`` and ``db += g.sum(0)`` (accumulators in
+    the compute dtype); a None buffer is skipped. Every scale is already in ``g``: a low-precision
+    dX is rounded once, as eager autograd's.
     """
-    if token_weight is not None:
-        g.mul_(token_weight[rows].unsqueeze(-1))
-    if grad_scale is not None:
-        # Fix (precision): scale in fp32 *before* the low-precision cast, as eager autograd does
-        # (grad of mean = g / N, then one rounding). Scaling the bf16 dX afterwards rounded twice
-        # and made dX ~1.2x less accurate than eager bf16 PyTorch (tests/test_fused.py).
-        g.mul_(grad_scale)
     g_lp = g if g.dtype == xc.dtype else g.to(xc.dtype)
     if dx is not None:
         torch.mm(g_lp, w, out=dx[rows])
     if dw is not None:
-        if g_lp.dtype == torch.float32 and xc.dtype == torch.float32:
-            dw.addmm_(g_lp.t(), xc)
+        if g_lp.dtype == g.dtype:
+            dw.addmm_(g.t(), xc)
         elif xc.device.type == "cpu":
-            # Fix (precision): a low-precision product per chunk is rounded to bf16 before the
-            # fp32 accumulation, so with many chunks dW was up to ~1.4x less accurate than eager
-            # (one rounding). CPU has no mixed-dtype matmul (mm out_dtype is CUDA-only), so take
-            # the chunk's product in fp32 (a chunk-sized upcast; on CPUs without native bf16 this
-            # is also the faster matmul).
-            dw.addmm_(g.t(), xc.float())
+            # A low-precision product per chunk would be rounded before the fp32 accumulation (with
+            # many chunks, dW less accurate than eager's single rounding). CPU has no mixed-dtype
+            # matmul (mm out_dtype is CUDA-only), so take the chunk's product in fp32: a chunk-sized
+            # upcast; on CPUs without native bf16 it is also the faster matmul.
+            dw.addmm_(g.t(), xc.to(g.dtype))
         else:  # low precision: matmul in the input dtype, accumulate in fp32
             dw.add_(g_lp.t() @ xc)
     if db is not None:
         db.add_(g.sum(0))
 
 
-class LocalChunkMath:
-    """Per-chunk math when this process holds every vocabulary row of the weight.
-
-    :func:`chunk_pass` asks it for the vocabulary size (for the chunk rule), each chunk's CE and KD
-    values with their logit gradients, and a last word on dX. The vocabulary-parallel losses give
-    the loop another such object (:class:`tune_losses.fused.vocab_parallel.VocabParallelPass`)
-    whose math all-reduces across the ranks holding the other rows: the loop itself is shared.
-    """
-
-    def vocab_size(self, w: torch.Tensor) -> int:
-        return w.shape[0]
-
-    def ce(self, z, labels, valid, opts: CEOptions, need_grad: bool):
-        return cross_entropy_with_grad(z, labels, opts)
-
-    def kd(self, zs, zt, opts: KDOptions, need_grad: bool):
-        return kd_divergence_with_grad(zs, zt, opts, need_grad)
-
-    def finish_dx(self, dx: torch.Tensor) -> None:
-        """Nothing to do: a whole-vocabulary dX is complete."""
-
-
-LOCAL_MATH = LocalChunkMath()
+def _chunk_weight(w, rows: slice, ok: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor]):
+    """A term output's gradient weight for one chunk ``[n]``: a float or rows of an ``[N]`` tensor,
+    0 at ignored tokens, times ``scale``; None stays None."""
+    if w is None:
+        return None
+    if isinstance(w, torch.Tensor):
+        t = torch.where(ok, w[rows].to(dtype), 0.0)
+    else:
+        t = ok.to(dtype) * w
+    return t if scale is None else t * scale.to(dtype)
 
 
 def chunk_pass(
@@ -158,120 +157,149 @@ def chunk_pass(
     tx: Optional[torch.Tensor],
     tw: Optional[torch.Tensor],
     tb: Optional[torch.Tensor],
-    spec: FusedSpec,
-    token_weight: Optional[torch.Tensor],
-    need: Tuple[bool, bool, bool],
+    plan: LossPlan,
+    weights: Optional[Sequence[Sequence]] = None,
+    need: Tuple[bool, bool, bool] = (False, False, False),
     grad_scale: Optional[torch.Tensor] = None,
-    math: LocalChunkMath = LOCAL_MATH,
 ):
     """One pass over all token chunks.
 
     Args:
-        x: ``[N, H]`` student hidden states; w ``[V, H]``; b ``[V]`` or None.
+        x: ``[N, H]`` student hidden states; w ``[V_r, H]``; b ``[V_r]`` or None.
         labels: ``[N]``.
-        tx, tw, tb: teacher hidden ``[N, Ht]``, weight ``[V, Ht]``, bias, or None without KD.
-        token_weight: ``[N]`` fp32 gradient weight per token (``grad_output`` of ``reduction="none"``),
-            or None for weight 1.
+        tx, tw, tb: teacher hidden ``[N, Ht]``, weight ``[V_r, Ht]``, bias, or None.
+        weights: per term, per output: the output's gradient weight (a float, an ``[N]`` tensor
+            such as ``grad_output``, or None); None for values only.
         need: which of (dx, dw, db) to compute.
-        grad_scale: 0-dim fp32 factor applied to every gradient while still in fp32 (the
-            ``1 / num_tokens`` of ``reduction="mean"``), or None.
-        math: the per-chunk math (:class:`LocalChunkMath`, or a vocabulary-parallel one).
+        grad_scale: 0-dim fp32 factor applied to every gradient while still in the compute dtype
+            (the ``1 / num_tokens`` of a mean), or None.
 
     Returns:
-        ``(ce [N] fp32 or None, kd [N] fp32 or None, dx, dw, db)``; per-token values are 0 at
-        ignored tokens; a gradient is None when not needed. dw / db are fp32 accumulators.
+        ``(outputs, dx, dw, db)``: ``outputs`` maps each output name to its ``[N]`` values (compute
+        dtype, 0 at ignored tokens); a gradient is None when not needed; dw / db are accumulators in
+        the compute dtype.
     """
     num_tokens = x.shape[0]
-    vocab = w.shape[0]
-    valid = labels != spec.ignore_index
-    sets = 2 if spec.kd is not None else 1
-    size = spec.chunk_size or default_chunk_size(num_tokens, math.vocab_size(w), x.device, sets)
-    ce_all = torch.zeros(num_tokens, dtype=torch.float32, device=x.device) if spec.ce else None
-    kd_all = torch.zeros(num_tokens, dtype=torch.float32, device=x.device) if spec.kd else None
+    dtype = compute_dtype(x.dtype)
+    red = plan.reducer or VocabReducer(w.shape[0])
+    valid = labels != plan.ignore_index
+    teacher = plan.needs_teacher
+    size = plan.chunk_size or default_chunk_size(num_tokens, red.vocab, x.device, 2 if teacher else 1)
+    outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
     need_dx, need_dw, need_db = need
-    dx = torch.empty_like(x) if need_dx else None
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
-    db = torch.zeros(vocab, dtype=torch.float32, device=w.device) if need_db else None
-    any_grad = need_dx or need_dw or need_db
+    any_grad = weights is not None and (need_dx or need_dw or need_db)
+    dx = torch.empty_like(x) if any_grad and need_dx else None
+    dw = torch.zeros(w.shape, dtype=dtype, device=w.device) if any_grad and need_dw else None
+    db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if any_grad and need_db else None
+    # Compiled chunk math (where available): every chunk padded to the same rows, one compilation.
+    math = compiled_math(plan.terms, red, x.device)
+    rows_fixed = size if size <= num_tokens else 1 << max(3, (num_tokens - 1).bit_length())
 
     for start, end in token_chunk_bounds(num_tokens, size):
-        xc, lab, ok = x[start:end], labels[start:end], valid[start:end]
-        g = None
-        if spec.ce is not None:
-            ce, g_ce = math.ce(_logits(xc, w, b), lab, ok, spec.ce, any_grad)
-            ce_all[start:end] = ce
-            if any_grad:
-                g = g_ce.mul_(spec.ce_weight) if spec.ce_weight != 1.0 else g_ce
-            del g_ce
-        if spec.kd is not None:
+        rows = slice(start, end)
+        xc, ok, lab = x[rows], valid[rows], labels[rows]
+        zt = None
+        if teacher:
             with torch.no_grad():
-                zt = _logits(tx[start:end], tw, tb)
-            kd, g_kd = math.kd(_logits(xc, w, b), zt, spec.kd, any_grad)
-            del zt
-            kd_all[start:end] = torch.where(ok, kd, 0.0)
-            if any_grad:
-                g_kd.mul_(ok.unsqueeze(-1) * spec.kd_weight)
-                g = g_kd if g is None else g.add_(g_kd)
-            del g_kd
-        if not any_grad:
-            continue
-        accumulate_chunk_grads(g, xc, w, slice(start, end), dx, dw, db, token_weight, grad_scale)
+                zt = _logits(tx[rows], tw, tb)
+        z = _logits(xc, w, b)
+        chunk_weights = [None] * len(plan.terms)
+        if any_grad:
+            for i, ws in enumerate(weights):
+                if ws is not None and any(v is not None for v in ws):
+                    chunk_weights[i] = [_chunk_weight(v, rows, ok, dtype, grad_scale) for v in ws]
+        result = None
+        if math is not None:
+            result = _run_padded(math, rows_fixed, z, zt, lab, ok, chunk_weights, plan.ignore_index)
+            if result is None:
+                math = None
+        if result is None:
+            result = terms_on_chunk(plan.terms, red, z, zt, lab, ok, chunk_weights, True)
+        values, g = result
+        del z, zt, result
+        for name, v in zip(plan.output_names, values):
+            outputs[name][rows] = v
+        if g is not None:
+            accumulate_chunk_grads(g, xc, w, rows, dx, dw, db)
+        elif dx is not None:  # no term has a gradient weight here: the gradients stay 0
+            dx[rows] = 0
         del g
-    if need_dx:
-        math.finish_dx(dx)
-    return ce_all, kd_all, dx, dw, db
+    if dx is not None:
+        red.finish_dx(dx)
+    return outputs, dx, dw, db
 
 
-def _combine(spec: FusedSpec, ce: Optional[torch.Tensor], kd: Optional[torch.Tensor]) -> torch.Tensor:
-    """``ce_weight * ce + kd_weight * kd`` per token, always a new tensor (the parts are returned too)."""
-    total = None
-    if ce is not None:
-        total = ce * spec.ce_weight
-    if kd is not None:
-        total = kd * spec.kd_weight if total is None else total.add_(kd, alpha=spec.kd_weight)
-    return total
+def _run_padded(math, rows: int, z, zt, labels, valid, weights, ignore_index: int):
+    """Run compiled chunk math on a chunk padded to ``rows`` rows (ignored tokens, weight 0), so
+    the last, partial chunk reuses the full chunks' compiled code; results cut back to the chunk."""
+    n = z.shape[0]
+    if n < rows:
+        pad = rows - n
+
+        def rows_of(t, value=0):
+            return None if t is None else torch.nn.functional.pad(t, (0, 0, 0, pad) if t.dim() == 2 else (0, pad),
+                                                                   value=value)
+
+        z, zt = rows_of(z), rows_of(zt)
+        labels, valid = rows_of(labels, ignore_index), rows_of(valid, False)
+        weights = [None if ws is None else [rows_of(w) for w in ws] for ws in weights]
+    result = run_compiled(math, z, zt, labels, valid, weights)
+    if result is None or n == rows:
+        return result
+    values, g = result
+    return [v[:n] for v in values], (None if g is None else g[:n])
 
 
-def _needs(ctx, x, w, b) -> Tuple[bool, bool, bool]:
+def _needs(ctx, b) -> Tuple[bool, bool, bool]:
     return (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
 
 
-def _zero_part(x: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
-    return t if t is not None else torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+BACKWARD_ONCE = (
+    "fused loss: backward ran twice. algorithm='grad_in_forward' computes its gradients during forward "
+    "and hands them over in the first backward, so a second backward (retain_graph=True, "
+    "torch.autograd.gradcheck, double backward) has nothing left to give; use algorithm='recompute', "
+    "which keeps its inputs and recomputes the gradients in every backward."
+)
 
 
 class GradInForward(torch.autograd.Function):
     """Sum-reduced fused loss whose gradients are computed during forward.
 
-    Outputs ``(total_sum, ce_sum, kd_sum)``, 0-dim fp32, each times ``scale`` when given; only
-    ``total_sum`` is differentiable (the parts are for logging). Backward scales the stored dX, dW,
-    db by ``grad_output``; it can run once (the stored gradients are handed over, not copied).
+    Outputs ``(total, *parts)``: 0-dim, the weighted sum and each term's summed first output, each
+    times ``scale`` when given; only ``total`` is differentiable (the parts are for logging).
+    Backward scales the stored dX, dW, db by ``grad_output``; it can run once (the stored gradients
+    are handed over, not copied).
 
-    ``scale`` (0-dim fp32 or None): ``1 / num_tokens`` for ``reduction="mean"``, folded into the
-    gradients in fp32 during forward so that low-precision dX is rounded once, as in eager PyTorch.
+    ``scale`` (0-dim fp32 or None): ``1 / num_tokens`` of a mean, folded into the gradients in fp32
+    during forward so that a low-precision dX is rounded once, as in eager PyTorch.
 
-    ``pass_fn``: the chunk loop, :func:`chunk_pass` by default; the vocabulary-parallel losses pass
-    their own loop with the same signature and results
-    (:class:`tune_losses.fused.vocab_parallel.VocabParallelPass`).
+    The inputs are saved (no copy) so that backward can check their version counters: a weight or
+    hidden state modified in place after forward raises as eager autograd does, instead of
+    returning the gradient of the old values.
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, tx, tw, tb, spec: FusedSpec, scale=None, pass_fn=None):
-        need = _needs(ctx, x, w, b)
-        ce, kd, dx, dw, db = (pass_fn or chunk_pass)(x, w, b, labels, tx, tw, tb, spec, None, need, scale)
+    def forward(ctx, x, w, b, labels, tx, tw, tb, plan: LossPlan, scale=None):
+        need = _needs(ctx, b)
+        outputs, dx, dw, db = chunk_pass(x, w, b, labels, tx, tw, tb, plan, plan.loss_weights(), need, scale)
         ctx.grads = (dx, dw, db)
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
-        ce_sum, kd_sum = _zero_part(x, ce).sum(), _zero_part(x, kd).sum()
-        total = _combine(spec, ce, kd).sum()
+        ctx.save_for_backward(x, w, b)
+        parts = [outputs[t.outputs[0]].sum() for t in plan.terms]
+        total = parts[0] * plan.terms[0].weight
+        for p, t in zip(parts[1:], plan.terms[1:]):
+            total = total + p * t.weight
         if scale is not None:
-            total, ce_sum, kd_sum = total * scale, ce_sum * scale, kd_sum * scale
-        ctx.mark_non_differentiable(ce_sum, kd_sum)
-        return total, ce_sum, kd_sum
+            scale = scale.to(total.dtype)
+            total, parts = total * scale, [p * scale for p in parts]
+        ctx.mark_non_differentiable(*parts)
+        return (total, *parts)
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+    def backward(ctx, grad_total, *_grad_parts):
         if ctx.grads is None:
-            raise RuntimeError("fused loss: backward ran twice; retain_graph is not supported by algorithm='grad_in_forward'")
+            raise RuntimeError(BACKWARD_ONCE)
+        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since forward
         dx, dw, db = ctx.grads
         ctx.grads = None
         w_dtype, b_dtype = ctx.dtypes
@@ -279,36 +307,62 @@ class GradInForward(torch.autograd.Function):
         if dx is not None:
             dx = dx.mul_(grad_total.to(dx.dtype))
         if dw is not None:
-            dw = dw.mul_(grad_total).to(w_dtype)
+            dw = dw.mul_(grad_total.to(dw.dtype)).to(w_dtype)
         if db is not None:
-            db = db.mul_(grad_total).to(b_dtype)
-        return dx, dw, db, None, None, None, None, None, None, None
+            db = db.mul_(grad_total.to(db.dtype)).to(b_dtype)
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class Recompute(torch.autograd.Function):
-    """Per-token fused loss; backward recomputes each chunk with ``grad_output`` as token weights.
-
-    Outputs ``(total [N], ce [N], kd [N])`` fp32; only ``total`` is differentiable. ``pass_fn`` as
-    :class:`GradInForward`'s.
-    """
+    """Per-token fused loss: every output of every term ``[N]`` (in ``plan.output_names`` order),
+    each differentiable; backward recomputes each chunk with the outputs' ``grad_output`` as token
+    weights."""
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, tx, tw, tb, spec: FusedSpec, pass_fn=None):
-        pass_fn = pass_fn or chunk_pass
-        ce, kd, *_ = pass_fn(x, w, b, labels, tx, tw, tb, spec, None, (False, False, False))
+    def forward(ctx, x, w, b, labels, tx, tw, tb, plan: LossPlan):
+        outputs, *_ = chunk_pass(x, w, b, labels, tx, tw, tb, plan)
         ctx.save_for_backward(x, w, b, labels, tx, tw, tb)
-        ctx.spec = spec
-        ctx.pass_fn = pass_fn
-        total = _combine(spec, ce, kd)
-        ce, kd = _zero_part(x, ce), _zero_part(x, kd)
-        ctx.mark_non_differentiable(ce, kd)
-        return total, ce, kd
+        ctx.plan = plan
+        return tuple(outputs[name] for name in plan.output_names)
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_ce, _grad_kd):
+    def backward(ctx, *grads):
         x, w, b, labels, tx, tw, tb = ctx.saved_tensors
-        need = _needs(ctx, x, w, b)
-        *_, dx, dw, db = ctx.pass_fn(x, w, b, labels, tx, tw, tb, ctx.spec, grad_total.float(), need)
+        plan = ctx.plan
+        it = iter(grads)
+        weights = [[next(it) for _ in t.outputs] for t in plan.terms]
+        _, dx, dw, db = chunk_pass(x, w, b, labels, tx, tw, tb, plan, weights, _needs(ctx, b))
         dw = None if dw is None else dw.to(w.dtype)
         db = None if db is None else db.to(b.dtype)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
+
+
+def run_terms(x, w, b, labels, tx, tw, tb, plan: LossPlan, *, per_token: bool, recompute: bool,
+              scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Run a plan through the right autograd function.
+
+    Args:
+        per_token: True gives per-token results ``[N]``; False their sums.
+        recompute: use :class:`Recompute` (always for per-token results and when no gradient is
+            wanted), else :class:`GradInForward`.
+        scale: 0-dim factor of the sums (the mean's ``1 / tokens``), None for 1.
+
+    Returns:
+        ``(loss, parts)``: ``loss`` the weighted sum of the terms' first outputs (per token or
+        summed); ``parts`` every output by name per token, or each term's first output summed.
+    """
+    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
+    if not per_token and not recompute and grad_wanted:
+        total, *sums = GradInForward.apply(x, w, b, labels, tx, tw, tb, plan, scale)
+        return total, {t.name: s for t, s in zip(plan.terms, sums)}
+    values = Recompute.apply(x, w, b, labels, tx, tw, tb, plan)
+    parts = dict(zip(plan.output_names, values))
+    total = None
+    for t in plan.terms:
+        v = parts[t.outputs[0]]
+        v = v * t.weight if t.weight != 1.0 else v
+        total = v if total is None else total + v
+    if per_token:
+        return total, parts
+    factor = 1.0 if scale is None else scale.to(total.dtype)
+    return total.sum() * factor, {t.name: parts[t.outputs[0]].detach().sum() * factor for t in plan.terms}

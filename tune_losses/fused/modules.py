@@ -62,8 +62,11 @@ class LinearCrossEntropyLoss(nn.Module):
         normalization, see :mod:`tune_losses.training.protocol`); the count is unchanged.
         """
         proj = _require(self.projection, type(self).__name__)
-        total = linear_cross_entropy(hidden, proj.weight, labels, bias=proj.bias, reduction="sum", **self.kwargs)
-        return LossSum(total if scale is None else total * scale, (labels != self.ignore_index).sum())
+        # The scale goes into the loss, which applies it to the fp32 gradients before their cast to a
+        # low-precision dtype (one rounding, as eager autograd); scaling the result would round twice.
+        total = linear_cross_entropy(hidden, proj.weight, labels, bias=proj.bias, reduction="sum", scale=scale,
+                                     **self.kwargs)
+        return LossSum(total, (labels != self.ignore_index).sum())
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean CE over valid tokens (0-dim fp32; 0 when none)."""
@@ -111,19 +114,18 @@ class LinearDistillationLoss(nn.Module):
         self.teacher_projection = set_output_mode(teacher, "hidden")
 
     def fused(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
-              reduction: str = "mean") -> FusedOutput:
+              reduction: str = "mean", scale: Optional[torch.Tensor] = None) -> FusedOutput:
         s = _require(self.projection, type(self).__name__)
         t = _require(self.teacher_projection, type(self).__name__ + " (teacher)")
         return linear_distillation_loss(student_hidden, s.weight, teacher_hidden, t.weight, labels,
-                                        student_bias=s.bias, teacher_bias=t.bias, reduction=reduction, **self.kwargs)
+                                        student_bias=s.bias, teacher_bias=t.bias, reduction=reduction, scale=scale,
+                                        **self.kwargs)
 
     def sum_and_count(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
                       scale: Optional[torch.Tensor] = None) -> LossSum:
         """Summed total, its parts (detached) and the valid-token count; ``scale`` multiplies every sum."""
-        out = self.fused(student_hidden, teacher_hidden, labels, reduction="sum")
-        if scale is None:
-            return LossSum(out.loss, out.num_tokens, {"class_loss": out.ce, "kd_loss": out.kd})
-        return LossSum(out.loss * scale, out.num_tokens, {"class_loss": out.ce * scale, "kd_loss": out.kd * scale})
+        out = self.fused(student_hidden, teacher_hidden, labels, reduction="sum", scale=scale)
+        return LossSum(out.loss, out.num_tokens, {"class_loss": out.ce, "kd_loss": out.kd})
 
     def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean total loss over valid tokens. student ``[B, S, Hs]``, teacher ``[B, S, Ht]``, labels ``[B, S]``."""

@@ -1,0 +1,100 @@
+"""The per-chunk elementwise math of the loss terms, compiled with TorchInductor where possible.
+
+Between a chunk's matmuls the terms run a dozen elementwise passes and row reductions over the
+``[n, V]`` logits (max, exp, sums, masks, gradients, scales). Eager PyTorch runs each as its own
+pass over memory; Inductor fuses them into a few. The compiled function covers every term of a
+loss and the sum of their gradients, so it is compiled once per (term set, V, dtype, chunk rows,
+which outputs carry gradients); the engine pads the last, partial chunk to the full chunk's rows so
+that it reuses the same code (no recompilation per batch or per chunk).
+
+Compilation is an optimization only: the eager math is the same Python (:func:`terms_on_chunk`).
+It is used when
+
+* ``TUNE_LOSSES_COMPILE`` is not ``0`` (``1`` forces it, default ``auto``),
+* the vocabulary is on one process (vocabulary-parallel math all-reduces mid-chunk: eager),
+* the call is not itself being traced by a user's ``torch.compile`` (their graph then contains
+  our eager math, which their compiler fuses),
+* and Inductor works here; otherwise the eager math runs and a warning says why, once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from tune_losses.divergences import VocabReducer
+from tune_losses.terms import Chunk, Term
+
+log = logging.getLogger(__name__)
+
+_CACHE: Dict[tuple, Callable] = {}
+_BROKEN: List[str] = []  # the reason compilation is off in this process, once found
+
+
+def terms_on_chunk(terms: Sequence[Term], red: VocabReducer, z: torch.Tensor, zt: Optional[torch.Tensor],
+                   labels: torch.Tensor, valid: torch.Tensor, weights: Sequence, consume: bool):
+    """Every term on one chunk: ``(outputs [n] in term order, summed logit gradient [n, V_r] or None)``.
+
+    Args:
+        weights: per term, None (values only) or one ``[n]`` tensor / None per output.
+        consume: the logits buffers may be overwritten (by the last term reading each).
+    """
+    chunk = Chunk(z, zt, labels, valid, red)
+    last_teacher = -1
+    for i, t in enumerate(terms):
+        if t.needs_teacher:
+            last_teacher = i
+    outs = []
+    g = None
+    for i, term in enumerate(terms):
+        values, g_t = term.compute(chunk, weights[i], consume and i == len(terms) - 1,
+                                   consume and i == last_teacher)
+        outs.extend(values)
+        if g_t is not None:
+            g = g_t if g is None else g.add_(g_t)
+    return outs, g
+
+
+def _mode() -> str:
+    return os.environ.get("TUNE_LOSSES_COMPILE", "auto").strip().lower()
+
+
+def _turn_off(reason: str) -> None:
+    if not _BROKEN:
+        _BROKEN.append(reason)
+        warnings.warn(f"tune_losses: per-chunk loss math runs eagerly (correct, slower): {reason}", stacklevel=3)
+        log.warning("per-chunk loss math runs eagerly: %s", reason)
+
+
+def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device) -> Optional[Callable]:
+    """The compiled :func:`terms_on_chunk` for these terms (signature without ``terms``, ``red`` and
+    ``consume``), or None where the eager math must run (see the module docstring)."""
+    if _mode() in ("0", "false", "off", "no") or _BROKEN or red.distributed:
+        return None
+    if device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
+        return None
+    key = (tuple(terms), red.vocab, device.type)
+    fn = _CACHE.get(key)
+    if fn is None:
+        frozen_terms, local = tuple(terms), VocabReducer(red.vocab)
+
+        def math(z, zt, labels, valid, weights):
+            # consume=False: a compiled graph that mutated its inputs would copy them back.
+            return terms_on_chunk(frozen_terms, local, z, zt, labels, valid, weights, False)
+
+        fn = _CACHE[key] = torch.compile(math, dynamic=False, fullgraph=True)
+    return fn
+
+
+def run_compiled(fn: Callable, z, zt, labels, valid, weights) -> Optional[Tuple[list, Optional[torch.Tensor]]]:
+    """Call a compiled chunk function; None (and compilation off from now on, said once) if it fails."""
+    try:
+        with torch.no_grad():
+            return fn(z, zt, labels, valid, weights)
+    except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same eager math
+        _turn_off(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return None

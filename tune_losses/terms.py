@@ -1,0 +1,133 @@
+"""Loss terms: one per-token quantity of a chunk of logits each.
+
+The fused chunk loop (:mod:`tune_losses.fused.engine`) makes a chunk's student logits once (and the
+teacher's once), hands them to every term of the loss, sums the terms' weighted logit gradients and
+turns that sum into dX, dW, db. The chunked-output classes (:mod:`tune_losses.chunked_output`) run
+the same terms on logit chunks they are given. A term knows its name, its weight in the loss, whether
+it needs the teacher, the names of its per-token outputs (the first is the one the loss sums), and
+how to compute them with their gradient (:mod:`tune_losses.divergences`).
+
+Adding a loss is one class here: a frozen dataclass with ``name``, ``outputs``, ``needs_teacher``
+and :meth:`Term.compute`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from tune_losses.divergences import VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
+from tune_losses.options import CEOptions, KDOptions
+
+Weights = Optional[Sequence[Optional[torch.Tensor]]]
+
+
+@dataclass
+class Chunk:
+    """What every term of one token chunk reads.
+
+    Attributes:
+        student: ``[n, V_r]`` student logits in the compute dtype (fp32, or fp64 for fp64 inputs).
+        teacher: ``[n, V_r]`` teacher logits (no gradient), or None when no term needs them.
+        labels: ``[n]`` class ids; valid: ``[n]`` bool mask of counted tokens.
+        reducer: reductions over the vocabulary (identity on one process).
+    """
+
+    student: torch.Tensor
+    teacher: Optional[torch.Tensor]
+    labels: torch.Tensor
+    valid: torch.Tensor
+    reducer: VocabReducer
+
+
+class Term:
+    """Base of every loss term (see the module docstring).
+
+    Attributes:
+        name: the term's part name in results (``"ce"``, ``"kd"``, ...).
+        weight: the term's factor in the summed loss.
+        needs_teacher: whether :meth:`compute` reads ``chunk.teacher``.
+    """
+
+    name: str = "term"
+    weight: float = 1.0
+    needs_teacher: bool = False
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        """Names of the per-token outputs; the first is the term's loss."""
+        return (self.name,)
+
+    def compute(self, chunk: Chunk, weights: Weights, consume_student: bool, consume_teacher: bool
+                ) -> Tuple[Sequence[torch.Tensor], Optional[torch.Tensor]]:
+        """Per-token outputs ``[n]`` (0 at ignored tokens) and the gradient ``[n, V_r]`` of
+        ``sum_o weights[o] * output_o`` with respect to the student logits.
+
+        Args:
+            weights: one ``[n]`` tensor (0 at ignored tokens) or None per output; None altogether
+                for values only (then no gradient is built).
+            consume_student, consume_teacher: whether the logits buffers may be overwritten.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CrossEntropyTerm(Term):
+    """Token cross-entropy against the labels (label smoothing, z-loss, softcap: :class:`CEOptions`)."""
+
+    opts: CEOptions = CEOptions()
+    weight: float = 1.0
+    name: str = "ce"
+
+    def compute(self, chunk, weights, consume_student, consume_teacher):
+        loss, g = ce_chunk(chunk.student, chunk.labels, chunk.valid, self.opts, chunk.reducer,
+                           None if weights is None else weights[0], consume_student)
+        return (loss,), g
+
+
+@dataclass(frozen=True)
+class DivergenceTerm(Term):
+    """A distillation divergence between teacher and student (:class:`KDOptions`)."""
+
+    opts: KDOptions = KDOptions()
+    weight: float = 1.0
+    name: str = "kd"
+    needs_teacher: bool = True
+
+    def compute(self, chunk, weights, consume_student, consume_teacher):
+        value, g = kd_chunk(chunk.student, chunk.teacher, self.opts, chunk.reducer,
+                            None if weights is None else weights[0], consume_student, consume_teacher)
+        return (torch.where(chunk.valid, value, 0.0),), g
+
+    def teacher_gradients(self, chunk: Chunk, weight: torch.Tensor, teacher_weight: torch.Tensor):
+        """``(grad w.r.t. the student logits, grad w.r.t. the teacher's)`` for a teacher that
+        requires grad (chunked-output losses); buffers are not overwritten."""
+        _, g, gt = kd_chunk(chunk.student, chunk.teacher, self.opts, chunk.reducer, weight, False, False,
+                            teacher_weight)
+        return g, gt
+
+
+@dataclass(frozen=True)
+class LogProbTerm(Term):
+    """The label's log-probability ``log softmax(z / T)[y]``, with the entropy as a second output.
+
+    Both outputs are differentiable (on the recompute path, each with its own ``grad_output``).
+    As a loss term its value is the log-probability itself (a reward, not a loss: give it a
+    negative weight to minimize ``-log q[y]``).
+    """
+
+    temperature: float = 1.0
+    entropy: bool = False
+    weight: float = 1.0
+    name: str = "log_probs"
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        return (self.name, "entropy") if self.entropy else (self.name,)
+
+    def compute(self, chunk, weights, consume_student, consume_teacher):
+        w = None if weights is None else (weights[0], weights[1] if self.entropy else None)
+        return log_prob_chunk(chunk.student, chunk.labels, chunk.valid, self.temperature, chunk.reducer,
+                              self.entropy, w, consume_student)
