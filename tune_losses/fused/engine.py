@@ -197,11 +197,14 @@ def chunk_pass(
 
     for start, end in token_chunk_bounds(num_tokens, size):
         rows = slice(start, end)
-        xc, ok, lab = x[rows], valid[rows], labels[rows]
+        ok, lab = valid[rows], labels[rows]
+        # Ignored tokens' hidden rows are zeroed ([n, H], cheap): a non-finite hidden state at a
+        # token the loss leaves out (a padding position) then cannot reach dX / dW as 0 * NaN.
+        xc = _zero_ignored(x[rows], ok)
         zt = None
         if teacher:
             with torch.no_grad():
-                zt = _logits(tx[rows], tw, tb)
+                zt = _logits(_zero_ignored(tx[rows], ok), tw, tb)
         z = _logits(xc, w, b)
         chunk_weights = [None] * len(plan.terms)
         if any_grad:
@@ -248,6 +251,11 @@ def _run_padded(math, rows: int, z, zt, labels, valid, weights, ignore_index: in
         return result
     values, g = result
     return [v[:n] for v in values], (None if g is None else g[:n])
+
+
+def _zero_ignored(rows: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``[n, H]`` with the rows of ignored tokens set to 0 (a copy)."""
+    return torch.where(ok.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
 
 def _needs(ctx, b) -> Tuple[bool, bool, bool]:

@@ -191,14 +191,14 @@ def _patched_forward(self, *args, **kwargs):
     options = dict(state.ce_options)
     own_softcap = options.pop("softcap", None)  # patch() refuses it for models that softcap themselves
     softcap = head.softcap if head.softcap is not None else own_softcap
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(head.hidden.device)
     with _no_autocast(head.hidden):
+        # The sum over valid tokens divided by num_items_in_batch when given (Transformers' contract),
+        # applied to the gradients in fp32 before any low-precision cast.
         loss = linear_cross_entropy(head.hidden, head.weight, shift_labels, bias=head.bias,
-                                    ignore_index=ignore_index, softcap=softcap,
-                                    reduction="mean" if num_items_in_batch is None else "sum", **options)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+                                    ignore_index=ignore_index, softcap=softcap, num_tokens=num_items_in_batch,
+                                    **options)
     outputs = head.outputs
     coef = state.spec.aux_coefficient(self)
     aux = getattr(outputs, "aux_loss", None)
