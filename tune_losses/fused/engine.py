@@ -193,7 +193,9 @@ def chunk_pass(
     db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if any_grad and need_db else None
     # Compiled chunk math (where available): every chunk padded to the same rows, one compilation.
     math = compiled_math(plan.terms, red, x.device)
-    rows_fixed = size if size <= num_tokens else 1 << max(3, (num_tokens - 1).bit_length())
+    # A call whose tokens fit in one chunk pads them to a power of two (at least 8), so batches of
+    # varying length compile a handful of shapes, not one per length.
+    rows_fixed = size if size < num_tokens else 1 << max(3, (num_tokens - 1).bit_length())
 
     for start, end in token_chunk_bounds(num_tokens, size):
         rows = slice(start, end)
