@@ -31,6 +31,7 @@ from typing import Dict, List
 import torch
 
 from tune_losses.training.metrics import read_metrics
+from tune_losses.training.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = "epoch_{}/model-00001-of-00001.bin"
@@ -61,31 +62,6 @@ def _about(seconds: float) -> str:
     return f"~{max(1, round(seconds))} s" if seconds < 90 else f"~{round(seconds / 60)} min"
 
 
-class Progress:
-    """A progress bar for a run: in place on a terminal, one line every ``every`` steps otherwise."""
-
-    def __init__(self, total: int, every: int):
-        self.total, self.every = max(total, 1), max(every, 1)
-        self.tty = sys.stdout.isatty()
-        self.start = time.time()
-        self.shown = 0
-
-    def update(self, step: int, loss: float | None, final: bool = False) -> None:
-        if step == self.shown and not final:
-            return
-        elapsed = time.time() - self.start
-        eta = elapsed / step * (self.total - step) if step else 0.0
-        frac = min(step / self.total, 1.0)
-        bar = "#" * int(frac * 24) + "." * (24 - int(frac * 24))
-        loss_s = f"loss {loss:.3f}" if loss is not None else ""
-        line = f"      [{bar}] {step}/{self.total} {loss_s}  {_clock(elapsed)} elapsed, {_clock(eta)} left"
-        if self.tty:
-            print("\r" + line.ljust(100), end="\n" if final else "", flush=True)
-        elif final or step // self.every > self.shown // self.every:
-            print(line, flush=True)
-        self.shown = step
-
-
 def tune_run(recipe: str, config: str, out: Path, total_steps: int, *overrides: str) -> Metrics:
     """Run one recipe with `tune run` (all output to ``<out>.log``); show progress; return its metrics."""
     cmd = [str(Path(sys.executable).with_name("tune")), "run", f"recipes/{recipe}.py", "--config",
@@ -102,23 +78,27 @@ def tune_run(recipe: str, config: str, out: Path, total_steps: int, *overrides: 
     print(f"      $ tune {' '.join(cmd[1:])}", flush=True)
     print(f"      (output: {log_file.relative_to(ROOT) if log_file.is_relative_to(ROOT) else log_file})",
           flush=True)
-    bar = Progress(total_steps, every=max(total_steps // 5, 1)) if total_steps > 1 else None
+    # The run's own bar goes to its log; here the same kind of bar follows the run's metrics file
+    # (in place on a terminal, a line every fifth of the run in a file or pipe).
+    bar = Progress(total_steps, desc=f"      {out.name}", every=max(total_steps // 5, 1),
+                   stream=sys.stdout, enabled=total_steps > 1)
+
+    def follow(m: Metrics) -> None:
+        while bar.n < total_steps and "loss" in m.get(bar.n + 1, {}):
+            bar.update(m[bar.n + 1]["loss"])
+
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             time.sleep(0.5)
-            if bar is not None:
-                m = _poll_metrics(metrics_file)
-                done = [s for s in m if "loss" in m[s]]
-                if done:
-                    bar.update(max(done), m[max(done)]["loss"])
+            follow(_poll_metrics(metrics_file))
     if proc.returncode != 0:
+        bar.close()
         print(log_file.read_text()[-3000:], file=sys.stderr)
         sys.exit(f"stage failed (exit {proc.returncode}): see {log_file}")
     m = read_metrics(metrics_file)
-    if bar is not None:
-        done = [s for s in m if "loss" in m[s]]
-        bar.update(max(done, default=0), m[max(done)]["loss"] if done else None, final=True)
+    follow(m)
+    bar.close()
     return m
 
 

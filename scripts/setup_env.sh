@@ -32,9 +32,9 @@ else
   if [ -f "$STAMP" ]; then why="pyproject.toml or the extras changed since the last install"
   else why="first install: a few minutes, longer on a busy machine"; fi
   say "installing ${torch_pin:-torch} (CPU), torchtune, torchao and tune-losses[$extras] (editable; $why)"
-  # pip's resolver warns that huggingface-hub has no `hf_transfer` extra (a dependency of the hf
-  # extra asks for it; the extra was dropped from huggingface-hub and nothing here needs it):
-  # that one line is dropped, every other message is kept.
+  # torchtune 0.6.1 requires `huggingface_hub[hf_transfer]`, an extra that the installed
+  # huggingface-hub no longer has (nothing here downloads, so nothing needs it): pip's warning about
+  # it is dropped, and so are the notes on missing local index folders; every other message is kept.
   pip_log=$VENV/pip-install.log
   status=0
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]" >"$pip_log" 2>&1 || status=$?

@@ -16,7 +16,7 @@ def _common(**kw):
 
 
 def build(kind: str, seed: int = 0, **overrides):
-    """A tiny fp32 model in training mode: llama, llama_tied, qwen2, gemma2, mixtral, cohere."""
+    """A tiny fp32 model in training mode: llama, llama_tied, qwen2, gemma2, mixtral, cohere, granite."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -38,6 +38,10 @@ def build(kind: str, seed: int = 0, **overrides):
         cfg = tf.MixtralConfig(**_common(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
                                          router_aux_loss_coef=0.1, tie_word_embeddings=False, **overrides))
         cls = tf.MixtralForCausalLM
+    elif kind == "granite":  # logits divided by logits_scaling
+        cfg = tf.GraniteConfig(**_common(logits_scaling=2.0, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                         attention_multiplier=0.25, **overrides))
+        cls = tf.GraniteForCausalLM
     elif kind == "cohere":
         cfg = tf.CohereConfig(**_common(logit_scale=0.5, **overrides))
         cls = tf.CohereForCausalLM

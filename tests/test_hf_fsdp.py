@@ -16,13 +16,13 @@ def _fsdp_rank(rank, world, kind, shard_head):
 
     from torch.distributed.tensor import DTensor
 
-    import tune_losses.fused.functional as functional
+    import tune_losses.fused.placement as placement
     from hf_tiny import batch, build
     from tune_losses.integrations.transformers import patch
 
     gathered = []
-    real = functional.materialize_weight
-    functional.materialize_weight = lambda w, *a: gathered.append(isinstance(w, DTensor)) or real(w, *a)
+    real = placement.materialize_weight
+    placement.materialize_weight = lambda w, *a: gathered.append(isinstance(w, DTensor)) or real(w, *a)
 
     torch.manual_seed(0)
     stock = build(kind)  # same seed on every rank: same parameters

@@ -12,7 +12,7 @@ from hf_tiny import assert_same_grads, batch, build, pair  # noqa: E402
 
 from tune_losses.integrations.transformers import is_patched, patch, unpatch  # noqa: E402
 
-KINDS = ["llama", "llama_tied", "qwen2", "gemma2", "mixtral", "cohere"]
+KINDS = ["llama", "llama_tied", "qwen2", "gemma2", "mixtral", "cohere", "granite"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -203,3 +203,20 @@ def test_unknown_logit_post_processing_raises():
     model = ShiftedLlama(build("llama").config)
     with pytest.raises(ValueError, match=r"ShiftedLlama.*unrecognised step \(attributes: logit_offset\)"):
         patch(model)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_low_precision_close_to_stock(autocast):
+    """bf16 weights, or fp32 weights under CPU autocast to bf16: the head computes in bf16 as stock's does."""
+    stock, fused = pair("llama")
+    if not autocast:
+        stock, fused = stock.to(torch.bfloat16), fused.to(torch.bfloat16)
+    patch(fused)
+    ids, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref, out = stock(input_ids=ids, labels=labels), fused(input_ids=ids, labels=labels)
+        out.loss.backward()
+    assert out.loss.dtype == torch.float32 and out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss.float(), atol=3e-2, rtol=1e-2)
+    grads = [p.grad for p in fused.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

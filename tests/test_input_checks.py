@@ -35,6 +35,7 @@ from tune_losses import (
     linear_cross_entropy,
     linear_distillation_loss,
     linear_kd_loss,
+    linear_log_probs,
     megatron_loss_func,
     normalize,
     set_output_mode,
@@ -159,6 +160,31 @@ CASES = [
      "'yes'"),
     ("vocab_start_bool", lambda: linear_kd_loss(h, w, th, tw, labels, vocab_start=True), T, "vocab_start", "True"),
     ("vocab_size_zero", lambda: linear_cross_entropy(h, w, labels, vocab_size=0), VE, "vocab_size", "0"),
+    ("log_probs_int16_labels", lambda: linear_log_probs(h, w, labels.short()), T, "labels", r"torch\.int16"),
+    ("log_probs_hidden_list", lambda: linear_log_probs(list(h), w, labels), T, "hidden", "list of 2"),
+    ("log_probs_V0", lambda: linear_log_probs(h, w[:0], labels), VE, "weight", r"\(0, 8\)"),
+    ("log_probs_temperature_inf", lambda: linear_log_probs(h, w, labels, temperature=math.inf), VE, "temperature",
+     "inf"),
+    ("log_probs_temperature_bool", lambda: linear_log_probs(h, w, labels, temperature=True), T, "temperature",
+     "True"),
+    ("log_probs_return_entropy_str", lambda: linear_log_probs(h, w, labels, return_entropy="x"), T, "return_entropy",
+     "'x'"),
+    ("log_probs_label_minus_one", lambda: linear_log_probs(h, w, minus_one), VE, "labels", "-1"),
+    ("log_probs_chunk_size_true", lambda: linear_log_probs(h, w, labels, chunk_size=True), T, "chunk_size", "True"),
+    ("num_tokens_bool", lambda: linear_cross_entropy(h, w, labels, num_tokens=True), VE, "num_tokens", "bool"),
+    ("num_tokens_nan", lambda: linear_cross_entropy(h, w, labels, num_tokens=math.nan), VE, "num_tokens", "nan"),
+    ("scale_nan", lambda: linear_cross_entropy(h, w, labels, reduction="sum", scale=math.nan), VE, "scale", "nan"),
+    ("drop_ignored_tokens_str", lambda: linear_cross_entropy(h, w, labels, drop_ignored_tokens="yes"), T,
+     "drop_ignored_tokens", "'yes'"),
+    ("teacher_vocab_unknown", lambda: linear_kd_loss(h, w, th, tw, labels, teacher_vocab="x"), VE, "teacher_vocab",
+     "'x'"),
+    ("LinearCrossEntropyLoss_tp_enabled_int", lambda: LinearCrossEntropyLoss(tp_enabled=1), T, "tp_enabled", "1"),
+    ("LinearCrossEntropyLoss_num_output_chunks_0", lambda: LinearCrossEntropyLoss(num_output_chunks=0), VE,
+     "num_output_chunks", "0"),
+    ("LinearDistillationLoss_mask_ignored_tokens_str", lambda: LinearDistillationLoss(mask_ignored_tokens="no"), T,
+     "mask_ignored_tokens", "'no'"),
+    ("ForwardKL_chunked_teacher_vocab", lambda: ForwardKLWithChunkedOutputLoss(2, teacher_vocab="x"), VE,
+     "teacher_vocab", "'x'"),
     # --- module constructors check everything at construction --------------------------------------
     ("LinearCrossEntropyLoss_z_loss_nan", lambda: LinearCrossEntropyLoss(z_loss=math.nan), VE, "z_loss", "nan"),
     ("LinearCrossEntropyLoss_chunk_size_true", lambda: LinearCrossEntropyLoss(chunk_size=True), T, "chunk_size",
@@ -252,6 +278,7 @@ def test_int64_and_int32_labels_accepted_everywhere(dtype):
     torch.testing.assert_close(linear_cross_entropy(h, w, lab), ref)
     linear_kd_loss(h, w, th, tw, lab)
     linear_distillation_loss(h, w, th, tw, lab)
+    torch.testing.assert_close(linear_log_probs(h, w, lab), linear_log_probs(h, w, labels))
     CEWithChunkedOutputLoss(2)(chunks, lab)
     ForwardKLWithChunkedOutputLoss(2)(chunks, tchunks, lab)
     assert int(count_valid_tokens(lab)) == int(count_valid_tokens(labels))

@@ -93,3 +93,17 @@ def test_peft_lora_three_steps_equal_trl_sft(tmp_path):
     assert any("lora_B" in n for n in fused)
     for n, p in stock.items():
         torch.testing.assert_close(fused[n], p, atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_dft_loss_three_steps_equal_trl_sft(tmp_path):
+    from trl import SFTTrainer
+
+    from tune_losses.integrations.trl import FusedSFTTrainer
+
+    stock = build("llama")
+    fused = copy.deepcopy(stock)
+    _train(SFTTrainer, stock, tmp_path / "stock", loss_type="dft")
+    _train(FusedSFTTrainer, fused, tmp_path / "fused", loss_type="dft")
+    for p, q in zip(stock.parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5)

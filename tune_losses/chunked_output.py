@@ -190,7 +190,8 @@ class _KDLoss(_ChunkedLossBase):
 
         Args:
             student_logits, teacher_logits: lists of ``[B, S_i, V]`` chunks of equal shapes, or one
-                ``[B, S, V]`` (or ``[N, V]``) tensor each. The teacher needs no grad.
+                ``[B, S, V]`` (or ``[N, V]``) tensor each. The teacher needs no grad. The teacher's
+                ``V_t`` may exceed the student's ``V_s`` (padding rows, ``teacher_vocab``).
             labels: ``[B, S]`` (or ``[N]``); only their ignore mask is used, but with ``validate`` on
                 every label must be in ``[0, V)`` or ``ignore_index`` (as for cross-entropy).
         """
@@ -199,7 +200,7 @@ class _KDLoss(_ChunkedLossBase):
         teacher = _as_chunks("teacher_logits", teacher_logits, labels)
         vocab = check_chunk_list("student_logits", student, labels)
         check_chunk_list("teacher_logits", teacher, labels)
-        check_paired_chunks(student, teacher)
+        check_paired_chunks(student, teacher, wider_teacher=True)
         if self.opts.validate:
             check_label_range(labels, vocab, self.ignore_index)
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
@@ -217,7 +218,8 @@ class _KDLoss(_ChunkedLossBase):
 
 
 # --- torchtune's chunked KD classes (same names, positional orders and defaults) plus ours -----------
-# Extras, keyword-only everywhere: temperature, scale_by_temperature_squared, validate (see KDOptions).
+# Extras, keyword-only everywhere: temperature, scale_by_temperature_squared, validate, teacher_vocab
+# (a teacher with extra padding rows; see KDOptions).
 # Forward KL defaults to torchtune's logged value (-sum p log q); true_kl=True gives the KL itself.
 
 
@@ -225,18 +227,20 @@ class ForwardKLWithChunkedOutputLoss(_KDLoss):
     """Forward KL(p || q) over chunk lists. Default value is torchtune's ``-sum p log q``; ``true_kl=True`` for KL."""
 
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *, true_kl: bool = False,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True):
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True,
+                 teacher_vocab: str = "drop"):
         super().__init__(num_output_chunks, KDOptions("forward_kl", temperature, scale_by_temperature_squared,
-                                                      true_kl=true_kl, ignore_index=ignore_index, validate=validate))
+                                                      true_kl=true_kl, ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
 
 
 class ReverseKLWithChunkedOutputLoss(_KDLoss):
     """Reverse KL(q || p) over chunk lists."""
 
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True):
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True,
+                 teacher_vocab: str = "drop"):
         super().__init__(num_output_chunks, KDOptions("reverse_kl", temperature, scale_by_temperature_squared,
-                                                      ignore_index=ignore_index, validate=validate))
+                                                      ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
 
 
 class SymmetricKLWithChunkedOutputLoss(_KDLoss):
@@ -244,10 +248,10 @@ class SymmetricKLWithChunkedOutputLoss(_KDLoss):
 
     def __init__(self, num_output_chunks: int = 8, sym_kd_ratio: float = 0.5, ignore_index: int = -100, *,
                  true_kl: bool = False, temperature: float = 1.0, scale_by_temperature_squared: bool = True,
-                 validate: bool = True):
+                 validate: bool = True, teacher_vocab: str = "drop"):
         super().__init__(num_output_chunks, KDOptions("symmetric_kl", temperature, scale_by_temperature_squared,
                                                       sym_kd_ratio=sym_kd_ratio, true_kl=true_kl,
-                                                      ignore_index=ignore_index, validate=validate))
+                                                      ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
         self.sym_kd_ratio = sym_kd_ratio
 
 
@@ -255,9 +259,10 @@ class JSDWithChunkedOutputLoss(_KDLoss):
     """Generalized JSD(beta) over chunk lists; beta 0 / 1 are forward / reverse KL (TRL's limits)."""
 
     def __init__(self, num_output_chunks: int = 8, beta: float = 0.5, ignore_index: int = -100, *,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True):
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True,
+                 teacher_vocab: str = "drop"):
         super().__init__(num_output_chunks, KDOptions("jsd", temperature, scale_by_temperature_squared,
-                                                      beta=beta, ignore_index=ignore_index, validate=validate))
+                                                      beta=beta, ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
         self.beta = beta
 
 
@@ -265,9 +270,10 @@ class TVDWithChunkedOutputLoss(_KDLoss):
     """Total variation distance ``0.5 sum |p - q|`` over chunk lists."""
 
     def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True):
+                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True,
+                 teacher_vocab: str = "drop"):
         super().__init__(num_output_chunks, KDOptions("tvd", temperature, scale_by_temperature_squared,
-                                                      ignore_index=ignore_index, validate=validate))
+                                                      ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
 
 
 # --- torchtune's unchunked classes: one [N, V] / [B, S, V] tensor per side, forward(..., normalize) -------

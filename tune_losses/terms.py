@@ -20,6 +20,7 @@ import torch
 
 from tune_losses.divergences import VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
 from tune_losses.options import CEOptions, KDOptions
+from tune_losses.vocab_alignment import align_logits, student_columns
 
 Weights = Optional[Sequence[Optional[torch.Tensor]]]
 
@@ -97,16 +98,20 @@ class DivergenceTerm(Term):
     needs_teacher: bool = True
 
     def compute(self, chunk, weights, consume_student, consume_teacher):
-        value, g = kd_chunk(chunk.student, chunk.teacher, self.opts, chunk.reducer,
-                            None if weights is None else weights[0], consume_student, consume_teacher)
-        return (torch.where(chunk.valid, value, 0.0),), g
+        # A wider teacher (padding rows) is aligned to the student here, once for every path.
+        zs, zt = align_logits(chunk.student, chunk.teacher, self.opts.teacher_vocab)
+        value, g = kd_chunk(zs, zt, self.opts, chunk.reducer, None if weights is None else weights[0],
+                            consume_student or zs is not chunk.student, consume_teacher)
+        return (torch.where(chunk.valid, value, 0.0),), student_columns(g, chunk.student.shape[-1])
 
     def teacher_gradients(self, chunk: Chunk, weight: torch.Tensor, teacher_weight: torch.Tensor):
         """``(grad w.r.t. the student logits, grad w.r.t. the teacher's)`` for a teacher that
         requires grad (chunked-output losses); buffers are not overwritten."""
-        _, g, gt = kd_chunk(chunk.student, chunk.teacher, self.opts, chunk.reducer, weight, False, False,
-                            teacher_weight)
-        return g, gt
+        zs, zt = align_logits(chunk.student, chunk.teacher, self.opts.teacher_vocab)
+        _, g, gt = kd_chunk(zs, zt, self.opts, chunk.reducer, weight, False, False, teacher_weight)
+        if gt.shape[-1] != chunk.teacher.shape[-1]:  # dropped teacher columns get no gradient
+            gt = torch.nn.functional.pad(gt, (0, chunk.teacher.shape[-1] - gt.shape[-1]))
+        return student_columns(g, chunk.student.shape[-1]), gt
 
 
 @dataclass(frozen=True)

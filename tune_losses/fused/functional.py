@@ -22,7 +22,9 @@ import torch
 
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import VocabParallelOptions, place
-from tune_losses.options import CEOptions, KDOptions, check_float_option, check_reduction, check_run_options
+from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
+from tune_losses.options import (CEOptions, KDOptions, check_bool_option, check_float_option, check_reduction,
+                                 check_run_options)
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
 from tune_losses.validation import check_float, check_fused_inputs, check_label_range, check_labels_dtype
 
@@ -55,6 +57,8 @@ class RunOptions:
         chunk_size: tokens per chunk, or None for the default rule.
         ignore_index: label value of tokens left out.
         parallel: where the weights live (:class:`VocabParallelOptions`).
+        drop_ignored_tokens: leave ignored tokens' rows out before the chunk loop
+            (:mod:`tune_losses.fused.valid_rows`; one host sync per call).
     """
 
     reduction: str = "mean"
@@ -63,9 +67,11 @@ class RunOptions:
     chunk_size: Optional[int] = None
     ignore_index: int = -100
     parallel: VocabParallelOptions = field(default_factory=VocabParallelOptions)
+    drop_ignored_tokens: bool = False
 
     def __post_init__(self):
         check_reduction(self.reduction)
+        check_bool_option("drop_ignored_tokens", self.drop_ignored_tokens)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
 
@@ -153,16 +159,18 @@ def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: 
     if scale is not None and opts.reduction != "sum":
         raise ValueError(f"scale: only meaningful with reduction='sum', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
+    teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), "drop")
     placed = place(student.weight, student.bias, None if teacher is None else teacher.weight,
                    None if teacher is None else teacher.bias, student.hidden.dtype,
-                   None if teacher is None else teacher.hidden.dtype, opts.parallel, prefix)
+                   None if teacher is None else teacher.hidden.dtype, opts.parallel, prefix, teacher_vocab)
     w, b = placed.weight, placed.bias
     x = _flat(student.names, student.hidden, w, b, labels)
     tx = tw = tb = None
     if teacher is not None:
         tw, tb = placed.teacher_weight, placed.teacher_bias
         tx = _flat(teacher.names, teacher.hidden, tw, tb, labels)
-        if tw.shape[0] != w.shape[0]:
+        # Placement left the teacher the student's rows ("drop"), or those and its padding rows.
+        if tw.shape[0] < w.shape[0] or (teacher_vocab == "drop" and tw.shape[0] != w.shape[0]):
             raise ValueError(f"teacher_weight: expected vocab size {w.shape[0]} (student_weight {tuple(w.shape)}), "
                              f"got {tuple(tw.shape)}")
         # The teacher never gets gradients; detaching also keeps autograd from saving its graph.
@@ -182,9 +190,14 @@ def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: 
     # grad-in-forward path would compute dX and dW for nothing.
     per_token = opts.reduction == "none"
     recompute = per_token or opts.algorithm == "recompute"
+    keep = None
+    if opts.drop_ignored_tokens:
+        x, tx, flat_labels, keep = select_valid_rows(x, tx, flat_labels, opts.ignore_index)
     loss, parts = run_terms(x, w, b, flat_labels, tx, tw, tb, plan, per_token=per_token, recompute=recompute,
                             scale=scale)
     if per_token:
+        loss = scatter_rows(loss, keep, labels.numel())
+        parts = {k: scatter_rows(v, keep, labels.numel()) for k, v in parts.items()}
         loss = loss.reshape(labels.shape)
         parts = {k: v.reshape(labels.shape) for k, v in parts.items()}
     return loss, parts, count
@@ -203,18 +216,20 @@ def _parallel(process_group, vocab_parallel, vocab_start, vocab_size) -> VocabPa
 def _distillation_setup(*, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
                         teacher_bias, divergence, temperature, beta, sym_kd_ratio, scale_by_temperature_squared,
                         ignore_index, reduction, chunk_size, algorithm, validate, process_group, vocab_parallel,
-                        vocab_start, vocab_size, **_) -> Tuple[RunOptions, KDOptions, Tuple[Side, Side]]:
+                        vocab_start, vocab_size, drop_ignored_tokens, teacher_vocab,
+                        **_) -> Tuple[RunOptions, KDOptions, Tuple[Side, Side]]:
     """The checks and options shared by the distillation entry points (their arguments by name)."""
     check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
                        student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                        student_bias=student_bias, teacher_bias=teacher_bias)
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
+                      drop_ignored_tokens=drop_ignored_tokens,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     kd = KDOptions(divergence=divergence, temperature=temperature,
                    scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
-                   true_kl=True, ignore_index=ignore_index)
+                   true_kl=True, ignore_index=ignore_index, teacher_vocab=teacher_vocab)
     sides = (Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
              Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES))
     return opts, kd, sides
@@ -234,6 +249,7 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     algorithm: str = "auto",
     validate: bool = True,
+    drop_ignored_tokens: bool = False,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
@@ -254,6 +270,9 @@ def linear_cross_entropy(
         algorithm: ``"grad_in_forward"`` (default for mean / sum), ``"recompute"`` (always for none),
             or ``"auto"``.
         validate: check the label range (one host sync per call).
+        drop_ignored_tokens: leave the rows of ignored tokens out before the chunk loop: no logits
+            and no matmul work for them (a saving where many tokens are prompt or padding), at
+            one host sync per call to find the rows. Values and gradients are unchanged.
         process_group: vocabulary parallelism with a local shard: ``weight`` (and ``bias``) hold this
             rank's consecutive rows of the ``[V, H]`` projection, ranks in group order; hidden states
             and labels are the same on every rank of the group. Values and the hidden-state gradient
@@ -276,6 +295,7 @@ def linear_cross_entropy(
     check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
+                      drop_ignored_tokens=drop_ignored_tokens,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     term = CrossEntropyTerm(CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
@@ -295,6 +315,7 @@ def linear_log_probs(
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     validate: bool = True,
+    drop_ignored_tokens: bool = False,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
@@ -318,7 +339,9 @@ def linear_log_probs(
     check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     check_float_option("temperature", temperature, 0.0, low_open=True)
+    check_bool_option("return_entropy", return_entropy)
     opts = RunOptions(reduction="none", algorithm="recompute", validate=validate, chunk_size=chunk_size,
+                      drop_ignored_tokens=drop_ignored_tokens,
                       ignore_index=ignore_index,
                       parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
     term = LogProbTerm(temperature=float(temperature), entropy=bool(return_entropy))
@@ -345,12 +368,14 @@ def linear_kd_loss(
     chunk_size: Optional[int] = None,
     algorithm: str = "auto",
     validate: bool = True,
+    drop_ignored_tokens: bool = False,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
+    teacher_vocab: str = "drop",
 ) -> torch.Tensor:
     """Distillation divergence between teacher and student, never materializing either's logits.
 
@@ -370,6 +395,11 @@ def linear_kd_loss(
             on the same rows, or with ``process_group`` its local shard of the same rows); a
             teacher weight that is not vocabulary-parallel is gathered and its rows sliced.
         num_tokens, scale: as :func:`linear_cross_entropy`.
+        teacher_vocab: a teacher_weight with more rows than student_weight (padding rows, e.g.
+            Qwen2.5 7B's 152064 against 0.5B's 151936): ``"drop"`` compares the shared first
+            ``V_s`` rows, the teacher's softmax taken over them only (its extra rows' logits are never
+            made); ``"pad_student"`` keeps the teacher's whole softmax and pads the student's logits
+            with zeros (Liger-Kernel's convention). A smaller teacher vocabulary is an error.
 
     Returns:
         fp32 loss, 0-dim or per token.
@@ -401,19 +431,21 @@ def linear_distillation_loss(
     chunk_size: Optional[int] = None,
     algorithm: str = "auto",
     validate: bool = True,
+    drop_ignored_tokens: bool = False,
     process_group=None,
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
+    teacher_vocab: str = "drop",
 ) -> FusedOutput:
     """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * KD(student, teacher)``; each chunk of student
     logits is made once and serves both terms.
 
     Both terms are normalized over the same valid tokens. Arguments as :func:`linear_kd_loss`
-    (``process_group``, ``vocab_parallel``, ``vocab_start``, ``vocab_size``, ``num_tokens``, ``scale``
-    included).
+    (``process_group``, ``vocab_parallel``, ``vocab_start``, ``vocab_size``, ``num_tokens``, ``scale``,
+    ``teacher_vocab``, ``drop_ignored_tokens`` included).
 
     Returns:
         :class:`FusedOutput`: ``loss`` (differentiable), ``ce`` and ``kd`` (detached, same reduction,

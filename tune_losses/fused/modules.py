@@ -14,7 +14,29 @@ from torch import nn
 from tune_losses.accounting import LossSum
 from tune_losses.fused.functional import ALGORITHMS, FusedOutput, linear_cross_entropy, linear_distillation_loss
 from tune_losses.heads import OutputProjection, set_output_mode
-from tune_losses.options import CEOptions, KDOptions, check_choice, check_float_option, check_run_options
+from tune_losses.fused.engine import _MIN_CHUNK_TOKENS as MIN_CHUNK_TOKENS, default_chunk_size
+from tune_losses.options import (CEOptions, KDOptions, check_bool_option, check_choice, check_float_option,
+                                 check_int_option, check_run_options)
+
+
+def check_torchtune_main_options(num_output_chunks, tp_enabled, mask_ignored_tokens) -> None:
+    """torchtune main's constructor arguments: an int >= 1 or None, and two bools."""
+    if num_output_chunks is not None:
+        check_int_option("num_output_chunks", num_output_chunks, 1)
+    check_bool_option("tp_enabled", tp_enabled)
+    check_bool_option("mask_ignored_tokens", mask_ignored_tokens)
+
+
+def chunk_size_hint(chunk_size: Optional[int], num_output_chunks: Optional[int], hidden: torch.Tensor,
+                    weight: torch.Tensor) -> Optional[int]:
+    """Tokens per chunk: ``chunk_size`` when given; else the memory rule, at most
+    ``ceil(N / num_output_chunks)`` tokens (never below the rule's minimum) when that hint is given."""
+    if chunk_size is not None or not num_output_chunks or hidden.dim() < 1:
+        return chunk_size
+    tokens = hidden.numel() // max(hidden.shape[-1], 1)
+    rule = default_chunk_size(tokens, weight.shape[0], hidden.device)
+    cap = max(-(-tokens // num_output_chunks), min(MIN_CHUNK_TOKENS, tokens))
+    return max(1, min(rule, cap))
 
 
 def _require(proj: Optional[OutputProjection], who: str) -> OutputProjection:
@@ -30,6 +52,18 @@ class LinearCrossEntropyLoss(nn.Module):
         ignore_index, label_smoothing, z_loss, softcap, chunk_size, algorithm, validate: as
             :func:`tune_losses.linear_cross_entropy`.
 
+    torchtune main's ``LinearCrossEntropyLoss(num_output_chunks, ignore_index, tp_enabled,
+    mask_ignored_tokens)`` arguments are accepted by keyword, with their meaning:
+
+    * ``num_output_chunks``: a chunking hint, an upper bound of ``ceil(N / num_output_chunks)``
+      tokens per chunk (never below the rule's 128-token minimum); the memory rule (or
+      ``chunk_size``) usually chunks finer.
+    * ``tp_enabled``: the output weight is tensor-parallel over the vocabulary (a ``Shard(0)``
+      DTensor on a ``tp`` mesh dimension): computed vocabulary-parallel, never gathered. False:
+      detected from the weight.
+    * ``mask_ignored_tokens`` (default True): ignored tokens' rows are dropped before the chunk loop
+      (no logits or matmul work for them; one host sync per call).
+
     Usage::
 
         loss_fn = LinearCrossEntropyLoss()
@@ -39,16 +73,24 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None, algorithm: str = "auto",
-                 validate: bool = True):
+                 validate: bool = True, *, num_output_chunks: Optional[int] = None, tp_enabled: bool = False,
+                 mask_ignored_tokens: bool = True):
         super().__init__()
         # Checked here, not at the first forward, so a bad config fails when it is built.
         CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate)
         check_run_options(chunk_size, validate)
         check_choice("algorithm", algorithm, ALGORITHMS)
+        check_torchtune_main_options(num_output_chunks, tp_enabled, mask_ignored_tokens)
         self.ignore_index = ignore_index
+        self.num_output_chunks = num_output_chunks
         self.kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                           softcap=softcap, chunk_size=chunk_size, algorithm=algorithm, validate=validate)
+                           softcap=softcap, chunk_size=chunk_size, algorithm=algorithm, validate=validate,
+                           vocab_parallel=True if tp_enabled else None, drop_ignored_tokens=mask_ignored_tokens)
         self.projection: Optional[OutputProjection] = None
+
+    def apply_compile_strategy(self, *args, **kwargs) -> "LinearCrossEntropyLoss":
+        """torchtune main's compile hook: nothing to do, the per-chunk math compiles itself."""
+        return self
 
     def set_model_output(self, model: nn.Module) -> None:
         """Take ``model``'s output projection and make the model return hidden states."""
@@ -62,10 +104,12 @@ class LinearCrossEntropyLoss(nn.Module):
         normalization, see :mod:`tune_losses.training.protocol`); the count is unchanged.
         """
         proj = _require(self.projection, type(self).__name__)
+        kwargs = dict(self.kwargs, chunk_size=chunk_size_hint(self.kwargs["chunk_size"], self.num_output_chunks,
+                                                               hidden, proj.weight))
         # The scale goes into the loss, which applies it to the fp32 gradients before their cast to a
         # low-precision dtype (one rounding, as eager autograd); scaling the result would round twice.
         total = linear_cross_entropy(hidden, proj.weight, labels, bias=proj.bias, reduction="sum", scale=scale,
-                                     **self.kwargs)
+                                     **kwargs)
         return LossSum(total, (labels != self.ignore_index).sum())
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -81,6 +125,9 @@ class LinearDistillationLoss(nn.Module):
         divergence, temperature, beta, sym_kd_ratio, scale_by_temperature_squared: see
             :class:`tune_losses.options.KDOptions` (true divergences).
         ignore_index, label_smoothing, chunk_size, algorithm, validate: as the CE loss.
+        teacher_vocab: a teacher with more vocabulary rows (padding) than the student: ``"drop"`` or
+            ``"pad_student"`` (see :func:`tune_losses.linear_kd_loss`).
+        mask_ignored_tokens: drop ignored tokens' rows before the chunk loop (one host sync per call).
 
     ``sum_and_count`` reports the parts (detached sums) as ``parts={"class_loss", "kd_loss"}`` for logging.
     """
@@ -88,11 +135,14 @@ class LinearDistillationLoss(nn.Module):
     def __init__(self, kd_ratio: float = 0.5, divergence: str = "forward_kl", temperature: float = 1.0,
                  beta: float = 0.5, sym_kd_ratio: float = 0.5, scale_by_temperature_squared: bool = True,
                  ignore_index: int = -100, label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
-                 algorithm: str = "auto", validate: bool = True):
+                 algorithm: str = "auto", validate: bool = True, *, teacher_vocab: str = "drop",
+                 mask_ignored_tokens: bool = True):
         super().__init__()
         # Checked here, not at the first forward, so a bad config fails when it is built.
         check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
-        KDOptions(divergence, temperature, scale_by_temperature_squared, beta, sym_kd_ratio, True, ignore_index)
+        KDOptions(divergence, temperature, scale_by_temperature_squared, beta, sym_kd_ratio, True, ignore_index,
+                  teacher_vocab=teacher_vocab)
+        check_torchtune_main_options(None, False, mask_ignored_tokens)
         CEOptions(ignore_index, label_smoothing, validate=validate)
         check_run_options(chunk_size, validate)
         check_choice("algorithm", algorithm, ALGORITHMS)
@@ -101,7 +151,8 @@ class LinearDistillationLoss(nn.Module):
         self.kwargs = dict(kd_ratio=kd_ratio, divergence=divergence, temperature=temperature, beta=beta,
                            sym_kd_ratio=sym_kd_ratio, scale_by_temperature_squared=scale_by_temperature_squared,
                            ignore_index=ignore_index, label_smoothing=label_smoothing, chunk_size=chunk_size,
-                           algorithm=algorithm, validate=validate)
+                           algorithm=algorithm, validate=validate, teacher_vocab=teacher_vocab,
+                           drop_ignored_tokens=mask_ignored_tokens)
         self.projection: Optional[OutputProjection] = None
         self.teacher_projection: Optional[OutputProjection] = None
 

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from tune_losses.vocab_alignment import check_teacher_vocab
 from tune_losses.fused.vocab_parallel import GroupReducer, even_shard_sizes, shard_layout
 
 
@@ -48,15 +49,18 @@ class Placed(NamedTuple):
 
 
 def place(weight, bias, teacher_weight, teacher_bias, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype],
-          opts: VocabParallelOptions, prefix: str = "") -> Placed:
+          opts: VocabParallelOptions, prefix: str = "", teacher_vocab: str = "drop") -> Placed:
     """Resolve the student's (and teacher's) output weight and bias, once per call.
 
     Args:
         dtype, teacher_dtype: the hidden states' dtypes (a gathered or sharded DTensor is cast to them:
             FSDP2 mixed precision keeps fp32 shards outside the model's forward).
         prefix: ``"student_"`` for the distillation entry points (error messages name their arguments).
+        teacher_vocab: a teacher with more vocabulary rows than the student (padding rows):
+            ``"drop"`` keeps only the student's rows of the teacher (their logits are never made),
+            ``"pad_student"`` keeps them all (:mod:`tune_losses.vocab_alignment`).
     """
-    parallel = _vocab_parallel_inputs(weight, bias, teacher_weight, teacher_bias, opts, prefix)
+    parallel = _vocab_parallel_inputs(weight, bias, teacher_weight, teacher_bias, opts, prefix, teacher_vocab)
     if parallel is not None:
         weight, bias, teacher_weight, teacher_bias, reducer = parallel
         if opts.process_group is None:
@@ -69,6 +73,11 @@ def place(weight, bias, teacher_weight, teacher_bias, dtype: torch.dtype, teache
     if teacher_weight is not None:
         teacher_weight = materialize_weight(teacher_weight, teacher_dtype)
         teacher_bias = materialize_weight(teacher_bias, teacher_dtype) if teacher_bias is not None else None
+        if teacher_weight.dim() == 2 and weight.dim() == 2:
+            check_teacher_vocab(weight.shape[0], teacher_weight.shape[0])
+            if teacher_vocab == "drop" and teacher_weight.shape[0] > weight.shape[0]:
+                teacher_weight = teacher_weight[: weight.shape[0]]
+                teacher_bias = None if teacher_bias is None else teacher_bias[: weight.shape[0]]
     return Placed(weight, bias, teacher_weight, teacher_bias, None)
 
 
@@ -217,7 +226,8 @@ def _fsdp_over_tp(weight, mesh_dim: int, tp_rows: int, Shard) -> bool:
     return weight.to_local().shape[0] == even_shard_sizes(tp_rows, mesh.size(0))[mesh.get_local_rank(0)]
 
 
-def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, opts: "VocabParallelOptions", prefix: str):
+def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, opts: "VocabParallelOptions", prefix: str,
+                           teacher_vocab: str = "drop"):
     """Decide the dispatch: ``(weight, bias, t_weight, t_bias, GroupReducer)`` with local shards,
     or None for the single-rank path (DTensor weights then gathered by :func:`materialize_weight`)."""
     w_name, b_name = f"{prefix}weight", f"{prefix}bias"
@@ -235,6 +245,9 @@ def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, opts: "VocabParallelO
                                  f"got a DTensor (it carries its own mesh: drop process_group)")
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"{w_name}: expected a local shard [V_r, H], got {getattr(weight, 'shape', weight)}")
+        if t_weight is not None and teacher_vocab != "drop":
+            raise ValueError(f"teacher_vocab: with process_group, expected 'drop' (the teacher's local shard holds "
+                             f"the student's rows), got {teacher_vocab!r}")
         sizes = [weight.shape[0]] + ([t_weight.shape[0]] if t_weight is not None else [])
         start, vocab = shard_layout(process_group, sizes, weight.device, vocab_start, vocab_size)
         return weight, bias, t_weight, t_bias, GroupReducer(process_group, start, vocab)
@@ -252,19 +265,32 @@ def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, opts: "VocabParallelO
     local_b = _local_like(bias, b_name, start, vocab, local_w.shape[0])
     local_tw = local_tb = None
     if t_weight is not None:
-        if _is_dtensor(t_weight) and _vocab_mesh_dim(t_weight, None, "teacher_weight") is not None:
-            local_tw, _, t_start, t_vocab = local_vocab_shard(t_weight, _vocab_mesh_dim(t_weight, None, "teacher_weight"))
-            if (t_start, t_vocab, local_tw.shape[0]) != (start, vocab, local_w.shape[0]):
+        rows = local_w.shape[0]
+        t_dim = _vocab_mesh_dim(t_weight, None, "teacher_weight") if _is_dtensor(t_weight) else None
+        if t_dim is not None:
+            local_tw, _, t_start, t_vocab = local_vocab_shard(t_weight, t_dim)
+            aligned = (t_start, t_vocab, local_tw.shape[0]) == (start, vocab, rows)
+            if not aligned and t_vocab == vocab:
                 raise ValueError(f"teacher_weight: expected the vocabulary sharded like {w_name} (rows "
-                                 f"[{start}, {start + local_w.shape[0]}) of {vocab}), got rows "
+                                 f"[{start}, {start + rows}) of {vocab}), got rows "
                                  f"[{t_start}, {t_start + local_tw.shape[0]}) of {t_vocab}")
-        else:  # a replicated (or FSDP-sharded) teacher: gather, then take this rank's rows
+        if t_dim is None or not aligned:
+            # A replicated (or FSDP-sharded) teacher, or one sharded over a wider vocabulary (padding
+            # rows): gather it, then take this rank's rows, and with "pad_student" the last rank also
+            # takes the rows beyond the student's vocabulary.
             full = materialize_weight(t_weight)
-            if full.dim() != 2 or full.shape[0] != vocab:
-                raise ValueError(f"teacher_weight: expected {vocab} vocabulary rows (as {w_name}), got "
-                                 f"{tuple(full.shape)}")
-            local_tw = full[start:start + local_w.shape[0]]
-        local_tb = _local_like(t_bias, "teacher_bias", start, vocab, local_w.shape[0])
+            if full.dim() != 2:
+                raise ValueError(f"teacher_weight: expected shape [V, H], got {tuple(full.shape)}")
+            check_teacher_vocab(vocab, full.shape[0])
+            local_tw = _teacher_rows(full, start, rows, vocab, teacher_vocab)
+        if t_dim is not None and aligned:
+            local_tb = _local_like(t_bias, "teacher_bias", start, vocab, rows)
+        elif t_bias is not None:
+            full_b = materialize_weight(t_bias) if _is_dtensor(t_bias) else t_bias
+            if full_b.shape != (full.shape[0],):
+                raise ValueError(f"teacher_bias: expected shape [{full.shape[0]}] (teacher_weight's rows), "
+                                 f"got {tuple(full_b.shape)}")
+            local_tb = _teacher_rows(full_b, start, rows, vocab, teacher_vocab)
     return local_w, local_b, local_tw, local_tb, GroupReducer(group, start, vocab)
 
 
@@ -292,3 +318,13 @@ def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
     """A DTensor's local rows in the compute dtype (FSDP2 mixed precision keeps fp32 shards outside
     forward), as :func:`materialize_weight` casts a gathered weight."""
     return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _teacher_rows(full: torch.Tensor, start: int, rows: int, vocab: int, teacher_vocab: str) -> torch.Tensor:
+    """This rank's rows ``[start, start + rows)`` of a gathered teacher weight (or bias); with
+    ``"pad_student"`` the rank holding the student's last rows also takes the teacher's rows beyond
+    ``vocab`` (its student logits are padded with zeros to match)."""
+    local = full[start:start + rows]
+    if teacher_vocab == "pad_student" and start + rows == vocab and full.shape[0] > vocab:
+        local = torch.cat([local, full[vocab:]])
+    return local

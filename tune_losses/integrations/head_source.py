@@ -35,6 +35,9 @@ Chain = Tuple[str, ...]
 SCALE_ATTRS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
 """Attributes whose product with (or quotient of) the logits is a plain scale."""
 
+AUX_COEF_ATTRS = ("router_aux_loss_coef", "aux_loss_coef")
+"""Coefficients of a MoE load-balancing loss that a forward adds to its language-model loss."""
+
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -100,10 +103,10 @@ def read_head(model) -> HeadSpec:
     if not base_attr or not hasattr(model, base_attr):
         raise ValueError(f"model: {type(model).__name__} has no backbone attribute base_model_prefix="
                          f"{base_attr!r}; expected a *ForCausalLM model")
-    return _read_forward(_forward_class(type(model)), head_attr, base_attr)
+    return _read_forward(forward_class(type(model)), head_attr, base_attr)
 
 
-def _forward_class(cls):
+def forward_class(cls):
     """The class whose ``forward`` the instance runs (FSDP2 makes a subclass that inherits it)."""
     for klass in cls.__mro__:
         if "forward" in vars(klass):
@@ -121,7 +124,9 @@ def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
         raise ValueError(f"model: the source of {name}.forward is not readable ({e}), so what it does to the "
                          f"logits cannot be checked") from None
     func = ast.parse(source).body[0]
-    stmts = list(_flatten(func.body))
+    flat = list(_flatten(func.body))
+    stmts = [st for st, _ in flat]
+    guards = {id(st): g for st, g in flat}
 
     def fail(what: str, node=None) -> ValueError:
         where = f": `{ast.unparse(node)}`" if node is not None else ""
@@ -136,22 +141,36 @@ def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
     if i_head is None:
         raise fail(f"never calls its output layer self.{head_attr}(...)")
     head_stmt = stmts[i_head]
-    if not (isinstance(head_stmt, ast.Assign) and len(head_stmt.targets) == 1
-            and isinstance(head_stmt.targets[0], ast.Name) and head_stmt.value is call and len(call.args) == 1):
+    if not (isinstance(head_stmt, ast.Assign) and len(head_stmt.targets) == 1 and not guards[id(head_stmt)]
+            and isinstance(head_stmt.targets[0], ast.Name) and len(call.args) == 1):
+        raise fail("calls its output layer in an unrecognised way", head_stmt)
+    scales: List[Tuple[Chain, bool]] = []
+    value = head_stmt.value
+    if _is_known_scaling(value, call):  # logits = self.lm_head(h) * self.config.logits_scaling
+        scales.append((_chains(value.right)[0], isinstance(value.op, ast.Div)))
+        value = value.left
+    while _is_cast_of(value):  # .float() / .to(...) around the call
+        value = value.func.value
+    if value is not call:
         raise fail("calls its output layer in an unrecognised way", head_stmt)
     logits = head_stmt.targets[0].id
     hidden = _hidden_name(call.args[0])
     if hidden is None:
         raise fail("transforms the output layer's input", call.args[0])
     for s in stmts[:i_head]:
-        if _assigns(s, hidden) and not _is_hidden_source(s.value, hidden):
-            raise fail(f"changes the hidden states `{hidden}` after the backbone", s)
+        if not _assigns(s, hidden) or (isinstance(s, ast.Assign) and _is_hidden_source(s.value, hidden)):
+            continue
+        value = _assigned_value(s, hidden)
+        # An elementwise scale of the hidden states by an attribute: applied to them as is.
+        if _is_scaling(value, hidden) and _guarded_by(guards[id(s)], _chains(value)[0]):
+            scales.append((_chains(value)[0], isinstance(value.op, ast.Div)))
+            continue
+        raise fail(f"changes the hidden states `{hidden}` after the backbone", s)
 
     i_loss = next((i for i, s in enumerate(stmts) if i > i_head
                    and any(_is_self_call(n, "loss_function") for n in _walk_own(s))), None)
     if i_loss is None:
         raise fail("computes its loss without self.loss_function")
-    scales: List[Tuple[Chain, bool]] = []
     softcap: Optional[Chain] = None
     for s in stmts[i_head + 1:i_loss]:
         if _mutates_in_place(s, logits):
@@ -159,16 +178,19 @@ def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
         if not _assigns(s, logits):
             continue
         value = _assigned_value(s, logits)
+        guard = guards[id(s)]
         cap = [c for c in _chains(value) if any("softcap" in part for part in c)]
         if cap:
-            if not _is_scaling(value, logits) or (softcap is not None and cap[0] != softcap):
+            if (not _is_scaling(value, logits) or (softcap is not None and cap[0] != softcap)
+                    or not _guarded_by(guard, cap[0])):
                 raise fail("applies an unrecognised softcap step", s)
             softcap = cap[0]
-        elif _is_tanh(value, logits) and softcap is not None:
+        elif _is_tanh(value, logits) and softcap is not None and _guarded_by(guard, softcap):
             continue
         elif _is_cast(value, logits):
             continue
-        elif _is_scaling(value, logits) and _chains(value) and _chains(value)[0][-1] in SCALE_ATTRS:
+        elif (_is_scaling(value, logits) and _chains(value)[0][-1] in SCALE_ATTRS
+              and _guarded_by(guard, _chains(value)[0])):
             if softcap is not None:
                 raise fail(f"scales `{logits}` after its softcap", s)
             scales.append((_chains(value)[0], isinstance(value.op, ast.Div)))
@@ -185,7 +207,7 @@ def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
     for s in stmts[i_loss + 1:]:
         if not _assigns(s, loss):
             continue
-        coef = [c for c in _chains(_assigned_value(s, loss)) if c[-1] == "router_aux_loss_coef"]
+        coef = [c for c in _chains(_assigned_value(s, loss)) if c[-1] in AUX_COEF_ATTRS]
         mentions_aux = any(isinstance(n, ast.Name) and n.id == "aux_loss" for n in _walk_own(s))
         if not (isinstance(s, ast.AugAssign) and isinstance(s.op, ast.Add) and coef and mentions_aux):
             raise fail(f"changes `{loss}` after self.loss_function in an unrecognised way", s)
@@ -193,14 +215,32 @@ def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
     return HeadSpec(name, base_attr, head_attr, tuple(scales), softcap, aux_coef)
 
 
-def _flatten(body) -> Iterator[ast.stmt]:
-    """Statements in source order, descending into if / with / for / try blocks."""
+def _flatten(body, guards: tuple = ()) -> Iterator[Tuple[ast.stmt, tuple]]:
+    """``(statement, enclosing if-tests)`` in source order, descending into if / with / for / try blocks
+    (an ``else`` branch or a loop body gets an unrecognisable guard)."""
     for s in body:
-        yield s
+        yield s, guards
+        if isinstance(s, ast.If):
+            yield from _flatten(s.body, guards + (s.test,))
+            yield from _flatten(s.orelse, guards + (ast.UnaryOp(op=ast.Not(), operand=s.test),))
+            continue
+        inner = guards if isinstance(s, (ast.With, ast.Try)) else guards + (s,)
         for field in ("body", "orelse", "finalbody"):
-            yield from _flatten(getattr(s, field, None) or [])
+            yield from _flatten(getattr(s, field, None) or [], inner)
         for handler in getattr(s, "handlers", None) or []:
-            yield from _flatten(handler.body)
+            yield from _flatten(handler.body, guards + (handler,))
+
+
+def _guarded_by(guards: tuple, chain: Chain) -> bool:
+    """Every enclosing test is ``self.<chain> is not None`` (or ``self.<chain>``): the step runs exactly
+    when the value is set, which :class:`HeadSpec` mirrors by skipping None."""
+    for g in guards:
+        if isinstance(g, ast.Compare) and len(g.ops) == 1 and isinstance(g.ops[0], ast.IsNot) \
+                and isinstance(g.comparators[0], ast.Constant) and g.comparators[0].value is None:
+            g = g.left
+        if not (isinstance(g, ast.Attribute) and _chains(g) == [chain]):
+            return False
+    return True
 
 
 def _walk_own(s) -> Iterator[ast.AST]:
@@ -221,6 +261,8 @@ def _is_self_call(node, attr: str) -> bool:
 
 
 def _hidden_name(arg) -> Optional[str]:
+    if _is_cast_of(arg):  # hidden_states.to(self.lm_head.weight.dtype): the fused loss casts itself
+        arg = arg.func.value
     if isinstance(arg, ast.Name):
         return arg.id
     if isinstance(arg, ast.Subscript) and isinstance(arg.value, ast.Name):
@@ -245,8 +287,9 @@ def _is_hidden_source(value, hidden: str) -> bool:
         return True  # outputs[0]
     if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name) and value.value.id == hidden:
         return True
-    if _is_slice_call(value) and isinstance(value.args[0], ast.Name) and value.args[0].id == hidden:
-        return True
+    if _is_slice_call(value):
+        first = value.args[0]
+        return (isinstance(first, ast.Name) and first.id == hidden) or _is_hidden_source(first, hidden)
     return _is_cast(value, hidden)
 
 
@@ -287,15 +330,36 @@ def _chains(node) -> List[Chain]:
 
 
 def _is_scaling(value, name: str) -> bool:
-    """``name * <attr>``, ``<attr> * name`` or ``name / <attr>`` with ``<attr>`` a ``self.`` path."""
+    """``name * <attr>``, ``<attr> * name`` or ``name / <attr>`` (``name`` possibly cast, e.g.
+    ``name.float()``) with ``<attr>`` a ``self.`` path."""
     if not isinstance(value, ast.BinOp) or not isinstance(value.op, (ast.Mult, ast.Div)):
         return False
     sides = [value.left, value.right]
-    is_name = [isinstance(x, ast.Name) and x.id == name for x in sides]
-    is_attr = [len(_chains(x)) == 1 and isinstance(x, ast.Attribute) for x in sides]
+    is_name = [isinstance(_uncast(x), ast.Name) and _uncast(x).id == name for x in sides]
+    is_attr = [isinstance(x, ast.Attribute) and len(_chains(x)) == 1 for x in sides]
     if isinstance(value.op, ast.Div):
         return is_name[0] and is_attr[1]
     return (is_name[0] and is_attr[1]) or (is_name[1] and is_attr[0])
+
+
+def _uncast(node):
+    while _is_cast_of(node):
+        node = node.func.value
+    return node
+
+
+def _is_known_scaling(value, call) -> bool:
+    """``<call or cast of it> * <known scale attribute>`` (or ``/``)."""
+    if not (isinstance(value, ast.BinOp) and isinstance(value.op, (ast.Mult, ast.Div))):
+        return False
+    chains = _chains(value.right) if isinstance(value.right, ast.Attribute) else []
+    return (len(chains) == 1 and chains[0][-1] in SCALE_ATTRS
+            and any(n is call for n in ast.walk(value.left)))
+
+
+def _is_cast_of(node) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("float", "to", "contiguous"))
 
 
 def _is_tanh(value, name: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from tune_losses.fused.functional import materialize_weight
+from tune_losses.fused.placement import materialize_weight
 
 
 def output_weight(layer: nn.Module, name: str = "lm_head") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

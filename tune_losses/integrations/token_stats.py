@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from tune_losses.fused.engine import default_chunk_size
-from tune_losses.fused.functional import materialize_weight
+from tune_losses.fused.placement import materialize_weight
 
 
 class TokenStats(NamedTuple):

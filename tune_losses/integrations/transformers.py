@@ -22,7 +22,7 @@ patched copy training its own parameters) and keeps the forward's signature (``f
 ``Trainer`` still passes ``num_items_in_batch``.
 
 FSDP2: the output weight is read inside every call; a sharded one is gathered by the fused loss
-(:func:`tune_losses.fused.functional.materialize_weight`). DeepSpeed ZeRO-3 is untested here.
+(:func:`tune_losses.fused.placement.materialize_weight`). DeepSpeed ZeRO-3 is untested here.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from tune_losses.fused.functional import linear_cross_entropy, linear_distillation_loss
-from tune_losses.integrations.head_source import HeadSpec, read_head
+from tune_losses.integrations.head_source import HeadSpec, forward_class, read_head
 from tune_losses.integrations.output_layer import output_weight
 from tune_losses.options import CEOptions
 
@@ -106,7 +106,7 @@ def patch(model, *, train_only: bool = True, **ce_options):
     if inner is not None:
         setattr(hf, _INNER, inner)
     object.__setattr__(hf, _STATE, _PatchState(train_only, dict(ce_options), spec))
-    hf.forward = types.MethodType(_forward_for(_forward_owner(type(hf))), hf)
+    hf.forward = types.MethodType(_forward_for(forward_class(type(hf))), hf)
     return model
 
 
@@ -140,13 +140,6 @@ def _check_loss_function(hf) -> None:
             raise ValueError(f"model: loss_type {loss_type!r} of {type(hf).__name__} is not the causal-LM loss")
 
 
-def _forward_owner(cls):
-    for klass in cls.__mro__:
-        if "forward" in vars(klass):
-            return klass
-    return cls
-
-
 @functools.lru_cache(maxsize=None)
 def _forward_for(cls):
     """A copy of :func:`_patched_forward` carrying ``cls.forward``'s name, docstring and signature."""
@@ -171,7 +164,7 @@ def _patched_forward(self, *args, **kwargs):
     state = self.__dict__.get(_STATE)
     stock = _stock(self)
     if args:
-        names = _positional_names(_forward_owner(type(self)))
+        names = _positional_names(forward_class(type(self)))
         if len(args) > len(names):
             return stock(*args, **kwargs)
         kwargs.update(zip(names, args))
@@ -198,14 +191,14 @@ def _patched_forward(self, *args, **kwargs):
     options = dict(state.ce_options)
     own_softcap = options.pop("softcap", None)  # patch() refuses it for models that softcap themselves
     softcap = head.softcap if head.softcap is not None else own_softcap
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(head.hidden.device)
     with _no_autocast(head.hidden):
+        # The sum over valid tokens divided by num_items_in_batch when given (Transformers' contract),
+        # applied to the gradients in fp32 before any low-precision cast.
         loss = linear_cross_entropy(head.hidden, head.weight, shift_labels, bias=head.bias,
-                                    ignore_index=ignore_index, softcap=softcap,
-                                    reduction="mean" if num_items_in_batch is None else "sum", **options)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+                                    ignore_index=ignore_index, softcap=softcap, num_tokens=num_items_in_batch,
+                                    **options)
     outputs = head.outputs
     coef = state.spec.aux_coefficient(self)
     aux = getattr(outputs, "aux_loss", None)

@@ -152,8 +152,8 @@ class FusedSFTTrainer(SFTTrainer):
                 loss = (-log_probs * log_probs.detach().exp()).sum() / denom
             else:
                 loss = linear_cross_entropy(head.hidden, head.weight, targets, bias=head.bias, softcap=head.softcap,
-                                            label_smoothing=self.args.label_smoothing_factor, reduction="sum",
-                                            **self._ce_options) / denom
+                                            label_smoothing=self.args.label_smoothing_factor, num_tokens=denom,
+                                            **self._ce_options)
             stats = token_stats(head.hidden, head.weight, targets, bias=head.bias, softcap=head.softcap,
                                 chunk_size=self._ce_options.get("chunk_size"))
         return loss, stats, head.outputs
