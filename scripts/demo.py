@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CKPT = "epoch_{}/model-00001-of-00001.bin"
 BATCH_SIZE = 8  # the tiny configs' batch size; the step counts below follow from it
 
-# Seconds per optimizer step of each run on 2 quiet cores (AMD EPYC, torch 2.13.0 CPU), and the
-# start-up of one `tune run` (imports, model and data set-up): the stage estimates. Once the
-# teacher stage has run, the later estimates are scaled by how fast this machine really was.
-STEP_SECONDS = {"teacher_sft": 0.22, "student_kd": 0.19, "student_sft": 0.13}
-STARTUP_SECONDS = 15.0
+# Seconds per optimizer step of each run and of one `tune run` start-up (imports, model and data
+# set-up) on 2 quiet cores (AMD EPYC, torch 2.13.0 CPU): the stage estimates. They are scaled by the
+# load average per core at the start, then by how long the teacher stage really took.
+STEP_SECONDS = {"teacher_sft": 0.21, "student_kd": 0.19, "student_sft": 0.06}
+STARTUP_SECONDS = 6.0
 Metrics = Dict[int, Dict[str, float]]
 
 
@@ -113,14 +113,13 @@ def heldout_loss(builder, checkpoint: Path, max_seq_len: int) -> float:
     model.eval()
     proj = set_output_mode(model, "hidden")
     tok = tiny_tokenizer(str(ROOT / "assets/tiny/tokenizer.model"))
-    total, count = 0.0, 0
+    hidden, labels = [], []
     for line in (ROOT / "assets/tiny/data/heldout.jsonl").read_text().splitlines():
         ids = tok.encode(json.loads(line)["text"], add_bos=True, add_eos=True)[:max_seq_len]
-        x = torch.tensor(ids[:-1])[None]
-        y = torch.tensor(ids[1:])[None]
-        total += float(linear_cross_entropy(model(x), proj.weight, y, reduction="sum"))
-        count += y.numel()
-    return total / count
+        hidden.append(model(torch.tensor(ids[:-1])[None]))  # [1, S_doc, H]
+        labels.append(torch.tensor(ids[1:])[None])
+    # One loss call over all documents' tokens: one shape, so compiled chunk math compiles once.
+    return float(linear_cross_entropy(torch.cat(hidden, 1), proj.weight, torch.cat(labels, 1)))
 
 
 def smooth(values: List[float], window: int) -> List[float]:
@@ -202,15 +201,15 @@ def main() -> None:
     steps = epochs * (n_train // BATCH_SIZE)
     common = [f"epochs={epochs}", f"tokenizer.max_seq_len={args.max_seq_len}", f"seed={args.seed}"]
     last = epochs - 1
-    speed = 1.0  # this machine's seconds per step relative to STEP_SECONDS, once measured
+    speed = max(load / (os.cpu_count() or 1), 1.0)  # this machine's slowdown against quiet cores
 
     def estimate(run: str) -> float:
-        return STARTUP_SECONDS * max(speed, 1.0) + steps * STEP_SECONDS[run] * speed
+        return speed * (STARTUP_SECONDS + steps * STEP_SECONDS[run])
 
     stage(2, f"teacher SFT (4 layers, dim 256), {steps} steps", estimate("teacher_sft"))
     teacher = tune_run("sft_single_device", "sft", out / "teacher_sft", steps, *common)
     took = done()
-    speed = max((took - STARTUP_SECONDS) / (steps * STEP_SECONDS["teacher_sft"]), 0.5)
+    speed = max(took / (STARTUP_SECONDS + steps * STEP_SECONDS["teacher_sft"]), 0.5)
     teacher_ckpt = out / "teacher_sft" / CKPT.format(last)
 
     stage(3, f"student KD (2 layers, dim 128) from that teacher, {steps} steps", estimate("student_kd"))
@@ -225,7 +224,7 @@ def main() -> None:
                        "checkpointer.checkpoint_dir=assets/tiny/student")
     done()
 
-    stage(5, "loss peak memory, chunked-output losses (one step each)", 2 * STARTUP_SECONDS * max(speed, 1.0))
+    stage(5, "loss peak memory, chunked-output losses (one step each)", 2 * STARTUP_SECONDS * speed)
     one = [*common, "stop_after_steps=1"]
     sft_chunked = tune_run("sft_single_device", "sft", out / "teacher_sft_chunked", 1, *one,
                            "loss._component_=tune_losses.CEWithChunkedOutputLoss", "loss.num_output_chunks=8")
@@ -234,7 +233,7 @@ def main() -> None:
                           "~loss.divergence", "~loss.temperature", "loss.num_output_chunks=8")
     done()
 
-    stage(6, "held-out losses and the plot", 10)
+    stage(6, "held-out losses and the plot", STARTUP_SECONDS * speed)
     held = {
         "teacher SFT": heldout_loss(tiny_teacher, teacher_ckpt, args.max_seq_len),
         "student KD": heldout_loss(tiny_student, out / "student_kd" / CKPT.format(last), args.max_seq_len),

@@ -44,6 +44,12 @@ def test_three_steps_equal_trl_sft(kind, tmp_path, monkeypatch):
     assert calls, "the fused loss never ran"
     assert "forward" not in fused.__dict__  # TRL's own fused head was removed again
     assert trainer.state.global_step == 3
+    data = token_dataset(n=4, seed=9)
+    ref_eval = SFTTrainer(model=stock, args=_args(tmp_path / "e1"), train_dataset=token_dataset(),
+                          eval_dataset=data, processing_class=tokenizer()).evaluate()
+    got_eval = trainer.evaluate(eval_dataset=data)
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
+        assert got_eval[key] == pytest.approx(ref_eval[key], rel=1e-4, abs=1e-5), key
     for (n, p), q in zip(stock.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
     for a, b in zip(ref_logs, logs):

@@ -85,21 +85,30 @@ class _TermOnLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, zt, labels = ctx.saved_tensors
-        chunk = _chunk(z, zt, labels, ctx.ignore_index)
+        chunk = _chunk(z, zt, labels, ctx.ignore_index, zero_ignored_rows=True)
         weight = chunk.valid.to(chunk.student.dtype) * grad.to(chunk.student.dtype)
         weights = [weight] + [None] * (len(ctx.term.outputs) - 1)
         if zt is not None and ctx.needs_input_grad[1]:
             g, gt = ctx.term.teacher_gradients(chunk, weight, weight)
             return g.to(z.dtype), gt.to(zt.dtype), None, None, None
-        # The upcast is a fresh buffer the math may overwrite; an fp32 chunk is the caller's own.
-        _, g = ctx.term.compute(chunk, weights, chunk.student is not z, chunk.teacher is not zt)
+        # The chunk's buffers are fresh copies (ignored rows zeroed): the math may overwrite them.
+        _, g = ctx.term.compute(chunk, weights, True, True)
         return g.to(z.dtype), None, None, None, None
 
 
-def _chunk(z, zt, labels, ignore_index: int) -> Chunk:
+def _chunk(z, zt, labels, ignore_index: int, zero_ignored_rows: bool = False) -> Chunk:
+    """The chunk in the compute dtype. ``zero_ignored_rows`` (gradients): fresh copies whose ignored
+    tokens' logits are 0, so a non-finite logit at a token the loss leaves out (e.g. a padding
+    position) cannot turn its zero gradient into 0 * NaN."""
     cdtype = _compute_dtype(z.dtype)
-    return Chunk(z.to(cdtype), None if zt is None else zt.to(cdtype), labels, labels != ignore_index,
-                 VocabReducer(z.shape[-1]))
+    valid = labels != ignore_index
+
+    def upcast(t):
+        if t is None or not zero_ignored_rows:
+            return None if t is None else t.to(cdtype)
+        return t.to(cdtype, copy=True).masked_fill_(~valid.unsqueeze(-1), 0.0)
+
+    return Chunk(upcast(z), upcast(zt), labels, valid, VocabReducer(z.shape[-1]))
 
 
 def _chunk_sum(term: Term, ignore_index: int, z: torch.Tensor, labels: torch.Tensor,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -59,6 +60,9 @@ def terms_on_chunk(terms: Sequence[Term], red: VocabReducer, z: torch.Tensor, zt
     return outs, g
 
 
+_RECOMPILE_LIMIT = 64
+
+
 def _mode() -> str:
     return os.environ.get("TUNE_LOSSES_COMPILE", "auto").strip().lower()
 
@@ -86,14 +90,20 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
             # consume=False: a compiled graph that mutated its inputs would copy them back.
             return terms_on_chunk(frozen_terms, local, z, zt, labels, valid, weights, False)
 
-        fn = _CACHE[key] = torch.compile(math, dynamic=False, fullgraph=True)
+        # torch.compile's cache and recompile limit belong to a code object: each key gets a copy of
+        # its own, so term sets, vocabularies and row counts do not use up one shared limit.
+        own = types.FunctionType(math.__code__.replace(co_name=f"tune_losses_chunk_math_{len(_CACHE)}"),
+                                 math.__globals__, None, math.__defaults__, math.__closure__)
+        fn = _CACHE[key] = torch.compile(own, dynamic=False, fullgraph=True)
     return fn
 
 
 def run_compiled(fn: Callable, z, zt, labels, valid, weights) -> Optional[Tuple[list, Optional[torch.Tensor]]]:
     """Call a compiled chunk function; None (and compilation off from now on, said once) if it fails."""
     try:
-        with torch.no_grad():
+        # A key's code compiles once per (rows, dtype, gradient pattern): a few powers of two of rows,
+        # with and without gradients, exceed torch's default limit of 8 for one code object.
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             return fn(z, zt, labels, valid, weights)
     except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same eager math
         _turn_off(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")

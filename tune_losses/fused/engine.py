@@ -193,15 +193,20 @@ def chunk_pass(
     db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if any_grad and need_db else None
     # Compiled chunk math (where available): every chunk padded to the same rows, one compilation.
     math = compiled_math(plan.terms, red, x.device)
-    rows_fixed = size if size <= num_tokens else 1 << max(3, (num_tokens - 1).bit_length())
+    # A call whose tokens fit in one chunk pads them to a power of two (at least 8), so batches of
+    # varying length compile a handful of shapes, not one per length.
+    rows_fixed = size if size < num_tokens else 1 << max(3, (num_tokens - 1).bit_length())
 
     for start, end in token_chunk_bounds(num_tokens, size):
         rows = slice(start, end)
-        xc, ok, lab = x[rows], valid[rows], labels[rows]
+        ok, lab = valid[rows], labels[rows]
+        # Ignored tokens' hidden rows are zeroed ([n, H], cheap): a non-finite hidden state at a
+        # token the loss leaves out (a padding position) then cannot reach dX / dW as 0 * NaN.
+        xc = _zero_ignored(x[rows], ok)
         zt = None
         if teacher:
             with torch.no_grad():
-                zt = _logits(tx[rows], tw, tb)
+                zt = _logits(_zero_ignored(tx[rows], ok), tw, tb)
         z = _logits(xc, w, b)
         chunk_weights = [None] * len(plan.terms)
         if any_grad:
@@ -248,6 +253,11 @@ def _run_padded(math, rows: int, z, zt, labels, valid, weights, ignore_index: in
         return result
     values, g = result
     return [v[:n] for v in values], (None if g is None else g[:n])
+
+
+def _zero_ignored(rows: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``[n, H]`` with the rows of ignored tokens set to 0 (a copy)."""
+    return torch.where(ok.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
 
 def _needs(ctx, b) -> Tuple[bool, bool, bool]:

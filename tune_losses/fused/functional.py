@@ -118,15 +118,16 @@ def _flat(names: Sequence[str], hidden: torch.Tensor, weight: torch.Tensor, bias
 
 
 def _as_count(num_tokens, device: torch.device) -> torch.Tensor:
-    """A token count (0-dim tensor or number > 0) as a 0-dim fp64 tensor."""
+    """A token count (0-dim tensor, or a number >= 1) as a 0-dim fp64 tensor. A tensor's value is not
+    read (no host sync): a count below 1 (a step with no valid token) is taken as 1 by the caller."""
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (torch.Tensor, int, float)):
         raise ValueError(f"num_tokens: expected a 0-dim tensor or a number > 0, got {type(num_tokens).__name__}")
     if isinstance(num_tokens, torch.Tensor):
         if num_tokens.numel() != 1:
             raise ValueError(f"num_tokens: expected a 0-dim tensor, got shape {tuple(num_tokens.shape)}")
         return num_tokens.reshape(()).to(device=device, dtype=torch.float64)
-    if not (math.isfinite(num_tokens) and num_tokens > 0):
-        raise ValueError(f"num_tokens: expected a finite number > 0, got {num_tokens!r}")
+    if not (math.isfinite(num_tokens) and num_tokens >= 1):
+        raise ValueError(f"num_tokens: expected a finite number >= 1 (a token count), got {num_tokens!r}")
     return torch.tensor(float(num_tokens), dtype=torch.float64, device=device)
 
 
