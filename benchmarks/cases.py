@@ -1,6 +1,11 @@
 """What is measured: sizes, inputs and one loss function per (task, method).
 
-Tasks: ``ce`` (linear + cross-entropy) and ``kd`` (linear + forward KL to a teacher's projection).
+Tasks: ``ce`` (linear + cross-entropy), ``kd`` (linear + forward KL to a teacher's projection),
+``distill`` (``0.5 CE + 0.5 forward KL``, one call) and ``distill_jsd`` (``0.5 CE + 0.5 JSD(beta=0.5)``):
+the two distillation tasks are the settings of Liger-Kernel's ``LigerFusedLinearJSDLoss``
+(``weight_hard_loss = weight_soft_loss = 0.5``, temperature 1, both terms over the valid tokens; its
+``beta=0`` is forward KL(teacher || student), as ours). ``floor`` is the matmuls alone at the same
+shapes (3 for CE, 4 with a teacher: logits, teacher logits, dX, dW), the time no fused loss can beat.
 Every method gets the same inputs, hidden ``[1, N, H]`` (batch 1, N tokens, so torchtune's
 ``[B, S]`` API applies), weight ``[V, H]``, labels ``[1, N]``; the timed step is forward plus the
 backward that fills the student's ``hidden.grad`` and ``weight.grad``. The teacher (KD) has no
@@ -13,18 +18,25 @@ can import it cheaply; peers' packages are imported only when their method is bu
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-TASKS = ("ce", "kd")
-TASK_TITLES = {"ce": "linear + cross-entropy", "kd": "linear + forward KL (distillation)"}
+TASKS = ("ce", "kd", "distill", "distill_jsd")
+TASK_TITLES = {"ce": "linear + cross-entropy", "kd": "linear + forward KL (distillation)",
+               "distill": "0.5 CE + 0.5 forward KL", "distill_jsd": "0.5 CE + 0.5 JSD(beta=0.5)"}
 METHODS = {
-    "ce": ("plain", "compile", "torchtune", "torch_chunked", "liger", "cce", "ours", "ours_recompute"),
-    "kd": ("plain", "compile", "torchtune", "liger", "ours", "ours_recompute"),
+    "ce": ("floor", "plain", "compile", "torchtune", "torch_chunked", "liger", "cce", "ours", "ours_eager",
+           "ours_recompute"),
+    "kd": ("floor", "plain", "compile", "torchtune", "liger", "ours", "ours_eager", "ours_recompute"),
+    "distill": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
+    "distill_jsd": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
 }
+TEACHER_TASKS = ("kd", "distill", "distill_jsd")
+JSD_BETA = {"distill": 0.0, "distill_jsd": 0.5}  # Liger's beta: 0 is forward KL
 TORCHTUNE_CHUNKS = 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,7 +103,7 @@ def make_inputs(task: str, size: Size, seed: int = 0) -> Dict[str, torch.Tensor]
         "weight": rand(size.v, size.h, scale=size.h ** -0.5).requires_grad_(True),
         "labels": torch.randint(0, size.v, (1, size.n), generator=g).to(dev),
     }
-    if task == "kd":
+    if task in TEACHER_TASKS:
         out["t_hidden"] = rand(1, size.n, size.h)
         out["t_weight"] = rand(size.v, size.h, scale=size.h ** -0.5)
     return out
@@ -101,7 +113,10 @@ def unavailable(task: str, method: str, size: Size) -> Optional[str]:
     """Why ``method`` cannot run here (shown as ``n/a (reason)``), or None."""
     if method not in METHODS[task]:
         return "not implemented for this loss"
-    if method in ("liger", "cce"):
+    if method == "liger" and task in JSD_BETA:  # Liger's chunked losses: pure PyTorch, any device
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger_kernel not installed (pip install liger-kernel)"
+    elif method in ("liger", "cce"):
         module = "liger_kernel" if method == "liger" else "cut_cross_entropy"
         if size.device != "cuda" or importlib.util.find_spec("triton") is None:
             return "needs CUDA + Triton"
@@ -127,12 +142,55 @@ def _plain_kd(hidden, weight, t_hidden, t_weight, labels):
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
+def _plain_distill(hidden, weight, t_hidden, t_weight, labels, beta: float = 0.0):
+    z = F.linear(hidden, weight).flatten(0, 1)
+    with torch.no_grad():
+        zt = F.linear(t_hidden, t_weight).flatten(0, 1)
+    y = labels.flatten()
+    ce = F.cross_entropy(z, y)
+    log_q, log_p = F.log_softmax(z, dim=-1), F.log_softmax(zt, dim=-1)
+    if beta == 0.0:
+        kd = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), dim=0)
+        kd = (beta * F.kl_div(log_m, log_p, log_target=True, reduction="none")
+              + (1 - beta) * F.kl_div(log_m, log_q, log_target=True, reduction="none")).sum(-1)
+    mask = y != -100
+    return 0.5 * ce + 0.5 * (kd * mask).sum() / mask.sum().clamp(min=1)
+
+
+class _MatmulFloor(torch.autograd.Function):
+    """The matmuls of a fused loss alone: logits (and the teacher's) forward, dX and dW backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, t_weight):
+        x = hidden.flatten(0, 1)
+        z = x @ weight.t()
+        if t_hidden is not None:
+            t_hidden.flatten(0, 1) @ t_weight.t()
+        ctx.save_for_backward(x, weight, z)
+        return z.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, z = ctx.saved_tensors
+        return (z @ weight).view(1, *x.shape), z.t() @ x, None, None
+
+
+def _floor(hidden, weight, labels, t_hidden=None, t_weight=None):
+    return _MatmulFloor.apply(hidden, weight, t_hidden, t_weight)
+
+
 def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
     """The loss of ``method`` as a function of :func:`make_inputs`' dict."""
-    if method == "plain":
-        fn = _plain_ce if task == "ce" else _plain_kd
+    plain = {"ce": _plain_ce, "kd": _plain_kd, "distill": _plain_distill,
+             "distill_jsd": lambda *a, **k: _plain_distill(*a, **k, beta=JSD_BETA["distill_jsd"])}
+    if method == "floor":
+        fn = _floor
+    elif method == "plain":
+        fn = plain[task]
     elif method == "compile":
-        fn = torch.compile(_plain_ce if task == "ce" else _plain_kd)
+        fn = torch.compile(plain[task])
     elif method == "torchtune":
         from torchtune.modules import loss as tt
 
@@ -154,6 +212,14 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
 
         def fn(hidden, weight, labels):
             return F.linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), options=options)
+    elif method == "liger" and task in JSD_BETA:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=JSD_BETA[task],
+                                          temperature=1.0)
+
+        def fn(hidden, weight, t_hidden, t_weight, labels):
+            return loss_fn(hidden.flatten(0, 1), weight, t_hidden.flatten(0, 1), t_weight, labels.flatten())
     elif method == "liger":
         if task == "ce":
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -174,20 +240,37 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
 
         def fn(hidden, weight, labels):
             return cce(hidden.flatten(0, 1), weight, labels.flatten())
-    elif method.partition("@")[0] in ("ours", "ours_recompute"):
+    elif method.partition("@")[0] in ("ours", "ours_eager", "ours_recompute"):
+        import os
+
         import tune_losses
 
-        # "ours@128": an explicit chunk size (tokens), for benchmarks.sweep_chunks.
+        # "ours@128": an explicit chunk size (tokens), for benchmarks.sweep_chunks. "ours_eager": the
+        # per-chunk math without torch.compile (the environment switch is read at every call).
         name, _, chunk = method.partition("@")
         kw = {"algorithm": "recompute" if name == "ours_recompute" else "auto",
               "chunk_size": int(chunk) if chunk else None}
-        if task == "ce":
-            def fn(hidden, weight, labels):
+        divergence = {"distill_jsd": "jsd"}.get(task, "forward_kl")
+
+        def call(hidden, weight, labels, t_hidden=None, t_weight=None):
+            if task == "ce":
                 return tune_losses.linear_cross_entropy(hidden, weight, labels, **kw)
-        else:
-            def fn(hidden, weight, t_hidden, t_weight, labels):
-                return tune_losses.linear_kd_loss(hidden, weight, t_hidden, t_weight, labels,
-                                                  divergence="forward_kl", **kw)
+            if task == "kd":
+                return tune_losses.linear_kd_loss(hidden, weight, t_hidden, t_weight, labels, divergence=divergence,
+                                                  **kw)
+            return tune_losses.linear_distillation_loss(hidden, weight, t_hidden, t_weight, labels, kd_ratio=0.5,
+                                                        divergence=divergence, beta=0.5, **kw).loss
+
+        def fn(**inputs):
+            before = os.environ.get("TUNE_LOSSES_COMPILE")
+            os.environ["TUNE_LOSSES_COMPILE"] = "0" if name == "ours_eager" else (before or "auto")
+            try:
+                return call(**inputs)
+            finally:
+                if before is None:
+                    del os.environ["TUNE_LOSSES_COMPILE"]
+                else:
+                    os.environ["TUNE_LOSSES_COMPILE"] = before
     else:
         raise ValueError(f"unknown method {method!r} (known: {sorted(set(METHODS['ce']) | set(METHODS['kd']))})")
     return lambda inputs: fn(**inputs)

@@ -16,6 +16,12 @@ TARGETS = [
     ("ce", "torch_chunked", "time_s", 0.25),
     ("kd", "torchtune", "peak_bytes", 0.15),
     ("kd", "torchtune", "time_s", 1.0),
+    ("ce", "compile", "time_s", 1.0),
+    ("ce", "compile", "peak_bytes", 0.2),
+    ("distill", "compile", "time_s", 1.0),
+    ("distill", "compile", "peak_bytes", 0.2),
+    ("distill", "liger", "time_s", 1.0),
+    ("distill_jsd", "liger", "time_s", 1.0),
 ]
 
 
@@ -49,19 +55,20 @@ def case_title(case: dict) -> str:
 
 def case_table(case: dict) -> List[str]:
     """Markdown rows: each method's peak and time, its ratio to plain, and ours' ratio to it."""
-    head = ("| method | peak MiB | peak / floor | time ms | peak vs plain | time vs plain | "
-            "ours peak / this | ours time / this |")
+    head = ("| method | peak MiB | peak / floor | time ms | time / matmul floor | warm-up s | peak vs plain | "
+            "time vs plain | ours peak / this | ours time / this |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     floor = case["floor"]["total"]
     for m, e in case["methods"].items():
         if e.get("status") != "ok":
             reason = e.get("reason", "n/a")
-            lines.append(f"| {m} | n/a ({reason}) | | | | | | |")
+            lines.append(f"| {m} | n/a ({reason}) | | | | | | | | |")
             continue
-        peak, t = e.get("peak_bytes"), e.get("time_s")
+        peak, t, warm = e.get("peak_bytes"), e.get("time_s"), e.get("warmup_s")
         lines.append(
             f"| {m} | {_fmt_mib(peak)} | {_fmt_ratio(None if peak is None else peak / floor)} | "
-            f"{'-' if t is None else f'{t * 1e3:.1f}'} | "
+            f"{'-' if t is None else f'{t * 1e3:.1f}'} | {_fmt_ratio(ratio(case, m, 'floor', 'time_s'))} | "
+            f"{'-' if warm is None else f'{warm:.1f}'} | "
             f"{_fmt_ratio(ratio(case, m, 'plain', 'peak_bytes'))} | {_fmt_ratio(ratio(case, m, 'plain', 'time_s'))} | "
             f"{_fmt_ratio(ratio(case, 'ours', m, 'peak_bytes'))} | {_fmt_ratio(ratio(case, 'ours', m, 'time_s'))} |"
         )
@@ -102,7 +109,10 @@ def markdown(results: dict) -> str:
         "# tune_losses benchmark",
         "",
         f"Device: {meta['device_name']}; torch {meta['torch']}; threads {meta['threads']}; "
-        f"peak memory: {meta['memory_method']}; time: {meta['time_method']}.",
+        f"peak memory: {meta['memory_method']}; time: {meta['time_method']}; load average (1, 5, 15 min) "
+        f"at start {meta.get('load_average')}, at end {meta.get('load_average_end')}; wall {meta.get('wall_s')} s.",
+        "`time / matmul floor`: the method's time over the 3 (CE) or 4 (with a teacher) matmuls alone at the "
+        "same shapes; `warm-up s`: the first (untimed) step, which includes any torch.compile compilation.",
         f"Command: `{meta['command']}`",
         "",
     ]
@@ -114,7 +124,8 @@ def markdown(results: dict) -> str:
 
 
 _COLORS = {"plain": "tab:blue", "compile": "tab:orange", "torchtune": "tab:green", "torch_chunked": "tab:red",
-           "liger": "tab:pink", "cce": "tab:olive", "ours": "tab:purple", "ours_recompute": "tab:brown"}
+           "liger": "tab:pink", "cce": "tab:olive", "ours": "tab:purple", "ours_recompute": "tab:brown",
+           "ours_eager": "tab:gray"}
 
 
 def plot(results: dict, path: str) -> Optional[str]:
@@ -124,7 +135,7 @@ def plot(results: dict, path: str) -> Optional[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({c["task"] for c in results["cases"]}, key=["ce", "kd"].index)
+    tasks = sorted({c["task"] for c in results["cases"]}, key=list(TASK_TITLES).index)
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(6.5 * max(len(tasks), 1), 4.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         groups: Dict[tuple, List[dict]] = {}
@@ -142,7 +153,11 @@ def plot(results: dict, path: str) -> Optional[str]:
                 ax.plot(*zip(*pts), label=m, color=_COLORS.get(m), marker="x" if m == "ours_recompute" else "o",
                         linestyle=":" if m == "ours_recompute" else "-" if m == "ours" else "--")
         ns = [c["size"]["n"] for c in cases]
-        ax.plot(ns, [c["floor"]["total"] / MIB for c in cases], color="black", linestyle=":", label="floor (dX+dW+lse)")
+        floors = [c["floor"]["total"] / MIB for c in cases]
+        if len(ns) > 1:
+            ax.plot(ns, floors, color="black", linestyle=":", label="floor (dX+dW+lse)")
+        else:  # one size (--quick): a line across the axes, not a lone invisible point
+            ax.axhline(floors[0], color="black", linestyle=":", label="floor (dX+dW+lse)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(ns, [str(n) for n in ns])
