@@ -172,7 +172,7 @@ def main(argv=None) -> int:
                    help="write to benchmarks/results (the committed figures) instead of --out")
     p.add_argument("--size", action="append", default=None, metavar="N,H,V[,dtype]",
                    help="replace the default sizes (repeatable)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)} (quick: ce,kd)")
     p.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per size (default 5; quick 3)")
     p.add_argument("--mem-reps", type=int, default=None, help="memory readings per case (default 3; quick 1)")
@@ -196,15 +196,20 @@ def main(argv=None) -> int:
         sizes = CUDA_QUICK_SIZES if args.quick else CUDA_SIZES
     else:
         sizes = CPU_QUICK_SIZES if args.quick else CPU_SIZES
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = [t for t in (args.tasks or ("ce,kd" if args.quick else ",".join(TASKS))).split(",") if t]
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         p.error(f"--tasks: unknown {bad}; known {list(TASKS)}")
     methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    if args.quick and methods is None:
+        # A smoke run: the compiled peers' warm-ups (about a minute each per process on 2 loaded
+        # cores) would be most of its time.
+        methods = ["floor", "plain", "torch_chunked", "ours", "ours_eager", "ours_recompute"]
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible to torch")
 
     t0 = time.perf_counter()
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     cases = benchmark(sizes, tasks, methods, args)
     results = {
         "meta": {
@@ -225,7 +230,7 @@ def main(argv=None) -> int:
                             + (", CUDA events" if args.device == "cuda" else ", wall clock")),
             "wall_s": None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "load_average": load_start,
         },
         "cases": cases,
     }
