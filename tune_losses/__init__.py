@@ -11,6 +11,16 @@ from tune_losses.accounting import (
     megatron_loss_func,
     normalize,
 )
+from tune_losses.alignment import (
+    DPOLoss,
+    LinearPolicyLoss,
+    LinearPreferenceLoss,
+    PolicyOutput,
+    PreferenceOutput,
+    RSOLoss,
+    linear_policy_loss,
+    linear_preference_loss,
+)
 from tune_losses.chunked_output import (
     CEWithChunkedOutputLoss,
     ForwardKLLoss,
@@ -51,6 +61,9 @@ __all__ = [
     # accounting
     "LossSum", "normalize", "count_valid_tokens", "count_step_tokens", "all_reduce_token_count",
     "megatron_loss_func",
+    # alignment (DPO family, GRPO family, torchtune's DPO losses)
+    "linear_preference_loss", "linear_policy_loss", "PreferenceOutput", "PolicyOutput", "DPOLoss", "RSOLoss",
+    "LinearPreferenceLoss", "LinearPolicyLoss",
     # options
     "CEOptions", "KDOptions",
 ]

@@ -11,6 +11,8 @@ writes (``assets/`` is git-ignored)::
       manifest.json          what was built, with sizes and sha256s (the idempotency check)
       data/train.jsonl       {"text": ...} per line, ~95% of the (deduplicated) documents
       data/heldout.jsonl     {"text": ...} per line, ~5% held out (the tokenizer never saw it)
+      data/dpo_train.jsonl   preference pairs from the train documents (chosen / rejected messages)
+      data/dpo_heldout.jsonl preference pairs from the held-out documents
       tokenizer.model        SentencePiece BPE, TINY_VOCAB_SIZE pieces, llama2 id layout
       teacher/model.pt       seeded random init of tiny_teacher(), torchtune checkpointer format
       student/model.pt       seeded random init of tiny_student(), torchtune checkpointer format
@@ -269,6 +271,55 @@ def train_heldout_split(docs: List[str], seed: int = _SEED) -> tuple[List[str], 
     return docs[n_heldout:], docs[:n_heldout]
 
 
+# Preference pairs: a document cut in two near its middle; the prompt is its first half, the chosen
+# answer its own continuation, a rejected answer the continuation of another document of the same
+# split (both answers trimmed to about the same length, so length alone tells nothing).
+_PAIR_PROMPT_CHARS = 240
+_PAIR_ANSWER_CHARS = 160
+_PAIRS_PER_TRAIN_DOC = 1
+_PAIRS_PER_HELDOUT_DOC = 3  # three rejected answers per held-out document: ~120 held-out pairs
+
+
+def _trim_words(text: str, limit: int, from_end: bool = False) -> str:
+    """``text`` cut to at most ``limit`` characters at a whitespace (its tail when ``from_end``)."""
+    if len(text) <= limit:
+        return text
+    if from_end:
+        cut = text[-limit:]
+        space = cut.find(" ")
+        return (cut[space + 1:] if 0 <= space < limit // 2 else cut).strip()
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).strip()
+
+
+def preference_pairs(docs: List[str], pairs_per_doc: int, seed: int = _SEED) -> List[Dict[str, Any]]:
+    """Return ``{"chosen": messages, "rejected": messages}`` rows for torchtune's ``preference_dataset``.
+
+    Each document is cut at the space nearest its middle: the user message is (the end of) its first
+    half, the chosen assistant message its own continuation, each rejected one the continuation of
+    another document of ``docs`` (``pairs_per_doc`` different ones, seeded).
+    """
+    halves = []
+    for doc in docs:
+        middle = len(doc) // 2
+        left, right = doc.rfind(" ", 0, middle), doc.find(" ", middle)
+        cut = left if right < 0 or (left >= 0 and middle - left <= right - middle) else right
+        cut = middle if cut <= 0 else cut
+        halves.append((_trim_words(doc[:cut].strip(), _PAIR_PROMPT_CHARS, from_end=True),
+                       _trim_words(doc[cut:].strip(), _PAIR_ANSWER_CHARS)))
+    rng = random.Random(seed)
+    rows = []
+    for i, (prompt, answer) in enumerate(halves):
+        others = [j for j in rng.sample(range(len(halves)), min(len(halves), pairs_per_doc + 3))
+                  if j != i and halves[j][1] != answer][:pairs_per_doc]
+        for j in others:
+            user = {"role": "user", "content": prompt}
+            rows.append({"chosen": [user, {"role": "assistant", "content": answer}],
+                         "rejected": [user, {"role": "assistant", "content": halves[j][1]}]})
+    return rows
+
+
 # --------------------------------------------------------------------------- file helpers
 
 
@@ -325,6 +376,15 @@ def _build_data(out: Path) -> tuple[List[str], Dict[str, Any]]:
     return ["data/train.jsonl", "data/heldout.jsonl"], info
 
 
+def _build_preferences(out: Path) -> tuple[List[str], Dict[str, Any]]:
+    train = preference_pairs(read_jsonl_texts(out / "data/train.jsonl"), _PAIRS_PER_TRAIN_DOC, _SEED)
+    heldout = preference_pairs(read_jsonl_texts(out / "data/heldout.jsonl"), _PAIRS_PER_HELDOUT_DOC, _SEED + 1)
+    rows = lambda pairs: "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs).encode()  # noqa: E731
+    _write_atomic(out / "data/dpo_train.jsonl", rows(train))
+    _write_atomic(out / "data/dpo_heldout.jsonl", rows(heldout))
+    return ["data/dpo_train.jsonl", "data/dpo_heldout.jsonl"], {"train_pairs": len(train), "heldout_pairs": len(heldout)}
+
+
 def _build_tokenizer(out: Path) -> tuple[List[str], Dict[str, Any]]:
     import sentencepiece as spm
 
@@ -366,7 +426,8 @@ def _build_checkpoint(out: Path, name: str, builder: Callable, seed: int):
 def _steps(topics_sha: str) -> List[tuple[str, Dict[str, Any], Callable]]:
     """Return ``(name, spec, build)`` for each step, in dependency order.
 
-    The tokenizer's spec is completed at run time with the hash of the train file it reads.
+    The tokenizer's and the preference pairs' specs are completed at run time with the hashes of the
+    data files they read.
     """
     return [
         (
@@ -381,6 +442,12 @@ def _steps(topics_sha: str) -> List[tuple[str, Dict[str, Any], Callable]]:
             _build_data,
         ),
         ("tokenizer", {"settings": _SPM_SETTINGS, "seed": _SEED}, _build_tokenizer),
+        (
+            "preferences",
+            {"seed": _SEED, "prompt_chars": _PAIR_PROMPT_CHARS, "answer_chars": _PAIR_ANSWER_CHARS,
+             "pairs_per_doc": [_PAIRS_PER_TRAIN_DOC, _PAIRS_PER_HELDOUT_DOC]},
+            _build_preferences,
+        ),
         (
             "teacher",
             {"builder": "llama2", "config": TEACHER_CONFIG, "seed": _SEED},
@@ -428,8 +495,10 @@ def build(out: str | os.PathLike = DEFAULT_OUT, force: bool = False, verbose: bo
     steps: Dict[str, Any] = {}
     manifest: Dict[str, Any] = {}
     for name, spec, fn in _steps(topics_sha):
-        if name == "tokenizer":
+        if name in ("tokenizer", "preferences"):
             spec = dict(spec, train_sha256=steps["data"]["files"]["data/train.jsonl"]["sha256"])
+        if name == "preferences":
+            spec = dict(spec, heldout_sha256=steps["data"]["files"]["data/heldout.jsonl"]["sha256"])
         spec = json.loads(json.dumps(spec))  # normalise (tuples -> lists) to compare with JSON
         entry = old_steps.get(name)
         t0 = time.perf_counter()
@@ -469,6 +538,8 @@ def _manifest(out: Path, steps: Dict[str, Any]) -> Dict[str, Any]:
     paths = {
         "train": "data/train.jsonl",
         "heldout": "data/heldout.jsonl",
+        "dpo_train": "data/dpo_train.jsonl",
+        "dpo_heldout": "data/dpo_heldout.jsonl",
         "tokenizer": "tokenizer.model",
         "teacher_dir": "teacher",
         "student_dir": "student",

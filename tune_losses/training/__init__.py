@@ -10,7 +10,7 @@ metrics does not import torchtune.
 from importlib import import_module
 
 _EXPORTS = {
-    "LossRecipe": "loop", "run": "loop", "NonFiniteTrainingError": "loop",
+    "LossRecipe": "loop", "run": "loop", "NonFiniteTrainingError": "loop", "DPORecipe": "dpo",
     "TrainingLoss": "protocol", "SumAndCountLoss": "protocol", "ModelOutputLoss": "protocol",
     "TeacherOutputLoss": "protocol",
     "LoopSettings": "settings",

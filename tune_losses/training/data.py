@@ -93,10 +93,11 @@ def validate_text_files(cfg_dataset: DictConfig, warn: bool = True) -> Tuple[int
 
 
 def build_dataloader(ds: Dataset, *, batch_size: int, shuffle: bool, seed: int, dp_size: int, dp_rank: int,
-                     pad_id: int, ignore_index: int) -> Tuple[DataLoader, DistributedSampler]:
-    """Padded SFT batches; ranks of one data-parallel group (its tp ranks) read the same samples."""
+                     pad_id: int, ignore_index: int, collate=padded_collate_sft) -> Tuple[DataLoader, DistributedSampler]:
+    """Padded batches (``collate(samples, padding_idx, ignore_idx)``, SFT's by default); ranks of one
+    data-parallel group (its tp ranks) read the same samples."""
     sampler = DistributedSampler(ds, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed, drop_last=True)
-    collate = partial(padded_collate_sft, padding_idx=pad_id, ignore_idx=ignore_index)
+    collate = partial(collate, padding_idx=pad_id, ignore_idx=ignore_index)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     return loader, sampler
 

@@ -143,11 +143,7 @@ class LossRecipe:
 
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, self.params)
-        data.validate_text_files(cfg.dataset, warn=self.is_rank_zero)
-        ds = config.instantiate(cfg.dataset, self.tokenizer)
-        self.dataloader, self.sampler = data.build_dataloader(
-            ds, batch_size=s.batch_size, shuffle=s.shuffle, seed=s.seed, dp_size=p.dp_size, dp_rank=p.dp_rank,
-            pad_id=self.tokenizer.pad_id, ignore_index=self.ignore_index)
+        ds = self._build_data(cfg)
         self.steps_per_epoch = data.steps_per_epoch(
             len(ds), self.dataloader, batch_size=s.batch_size, grad_accum=s.gradient_accumulation_steps,
             dp_size=p.dp_size, max_steps_per_epoch=s.max_steps_per_epoch)
@@ -157,6 +153,16 @@ class LossRecipe:
                                                    num_training_steps=s.epochs * self.steps_per_epoch)
         if s.resume_from_checkpoint:
             self._load_resume_state()
+
+    def _build_data(self, cfg: DictConfig):
+        """The training set (returned) and its loader and sampler (``self.dataloader``, ``self.sampler``)."""
+        s, p = self.settings, self.par
+        data.validate_text_files(cfg.dataset, warn=self.is_rank_zero)
+        ds = config.instantiate(cfg.dataset, self.tokenizer)
+        self.dataloader, self.sampler = data.build_dataloader(
+            ds, batch_size=s.batch_size, shuffle=s.shuffle, seed=s.seed, dp_size=p.dp_size, dp_rank=p.dp_rank,
+            pad_id=self.tokenizer.pad_id, ignore_index=self.ignore_index)
+        return ds
 
     def _build(self, cfg_model: DictConfig, state_dict, trainable: bool, activation_checkpointing: bool = False):
         return build_model(cfg_model, state_dict, device=self.device, dtype=self.dtype, trainable=trainable,
@@ -227,8 +233,7 @@ class LossRecipe:
         data.to_device(micro, self.device)
         labels = [data.shift_labels(b.pop("labels"), self.ignore_index) for b in micro]
         with collective("all-reduce of the step's valid-token count", s.process_group_timeout_s):
-            global_tokens = count_step_tokens(labels, self.ignore_index, group=p.dp_group)
-        scale = p.dp_size / global_tokens.clamp(min=1).float()
+            scale, global_tokens = self._step_normalizer(labels)
         if self.global_step == 0 and s.log_loss_memory:
             self._log_loss_memory(micro[0], labels[0])
         sums: Dict[str, torch.Tensor] = {}
@@ -260,6 +265,13 @@ class LossRecipe:
         metrics["lr"] = lr
         metrics["tokens_per_second_per_rank"] = float(global_tokens) / p.dp_size / (time.perf_counter() - start)
         return metrics
+
+    def _step_normalizer(self, labels: List[torch.Tensor]):
+        """``(scale, global_tokens)`` of one optimizer step, before its first backward: what each
+        micro-batch's loss sums are multiplied by (``dp / global_tokens``) and the step's valid tokens
+        over all micro-batches and data-parallel ranks (one all-reduce)."""
+        global_tokens = count_step_tokens(labels, self.ignore_index, group=self.par.dp_group)
+        return self.par.dp_size / global_tokens.clamp(min=1).float(), global_tokens
 
     def _nonfinite(self, metrics: Dict[str, float]) -> Optional[str]:
         """What was not finite this step (the same answer on every rank), or None."""

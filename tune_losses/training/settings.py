@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 COMPONENT_KEYS = frozenset({
     "model", "tokenizer", "checkpointer", "dataset", "loss", "optimizer", "lr_scheduler", "metric_logger",
     "device", "dtype", "teacher_model", "teacher_checkpointer", "kd_loss", "kd_ratio",
+    # DPO (tune_losses.training.dpo)
+    "ref_model", "ref_checkpointer", "eval_dataset", "eval_every_n_steps", "eval_batch_size",
 })
 
 

@@ -1,0 +1,152 @@
+"""Independent fp64 full-logits references for the alignment losses.
+
+Written from the formulas of the alignment issue with plain torch ops on full logits, never calling
+``tune_losses``: a test comparing the two compares two implementations. Inputs are cast to float64
+and stay in the autograd graph, so ``torch.autograd.grad`` of a reference gives reference gradients.
+
+Pair batches are ``[2B, S]``, chosen rows first; policy batches ``[G, S]``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["ref_token_logps", "ref_entropy", "ref_preference", "ref_policy"]
+
+
+def _logits(hidden, weight, bias=None, temperature: float = 1.0) -> torch.Tensor:
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    return z / temperature
+
+
+def ref_token_logps(hidden, weight, labels, bias=None, temperature: float = 1.0, ignore_index: int = -100):
+    """``[B, S]`` fp64 log-probability of each label (0 at ignored tokens)."""
+    z = _logits(hidden, weight, bias, temperature)
+    logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def ref_entropy(hidden, weight, labels, bias=None, temperature: float = 1.0, ignore_index: int = -100):
+    """``[B, S]`` fp64 entropy ``-sum p log p`` of the (tempered) distribution (0 at ignored tokens)."""
+    z = _logits(hidden, weight, bias, temperature)
+    logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    ent = -(logp.exp() * logp).sum(-1)
+    return torch.where(labels != ignore_index, ent, torch.zeros_like(ent))
+
+
+def _seq(tok, labels, average, ignore_index):
+    valid = (labels != ignore_index).double()
+    s = (tok * valid).sum(-1)
+    return s / valid.sum(-1).clamp(min=1) if average else s
+
+
+def ref_preference(
+    hidden, weight, labels, *, loss_type="sigmoid", beta=0.1, gamma=0.0, label_smoothing=0.0, nll_weight=0.0,
+    ref_hidden=None, ref_weight=None, ref_logps=None, average_log_prob=None, bias=None, ref_bias=None,
+    ignore_index=-100,
+) -> Dict[str, torch.Tensor]:
+    """The preference loss and its parts, fp64, from the issue's formulas.
+
+    Pairs count where both sequences have a valid token; loss = mean over counted pairs (0 if none)
+    + nll_weight (+1 for ORPO) x the chosen rows' mean NLL per valid token.
+    """
+    if average_log_prob is None:
+        average_log_prob = loss_type in ("ipo", "simpo", "orpo")
+    B = labels.shape[0] // 2
+    tok = ref_token_logps(hidden, weight, labels, bias, ignore_index=ignore_index)
+    seq = _seq(tok, labels, average_log_prob, ignore_index)
+    pc, pr = seq[:B], seq[B:]
+    if ref_hidden is not None:
+        with torch.no_grad():
+            rtok = ref_token_logps(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index)
+            rseq = _seq(rtok, labels, average_log_prob, ignore_index)
+        rc, rr = rseq[:B], rseq[B:]
+    elif ref_logps is not None:
+        rc, rr = ref_logps[0].double(), ref_logps[1].double()
+    else:
+        rc = rr = torch.zeros(B, dtype=torch.float64)
+    n = (labels != ignore_index).sum(-1)
+    counted = (n[:B] > 0) & (n[B:] > 0)
+    ls = lambda x: -torch.log1p(torch.exp(-x))  # log sigmoid, written out  # noqa: E731
+    d = (pc - pr) - (rc - rr)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        per = -(1 - eps) * ls(beta * d) - eps * ls(-beta * d)
+    elif loss_type == "ipo":
+        per = (d - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        per = torch.clamp(1 - beta * d, min=0)
+    elif loss_type == "simpo":
+        z = beta * (pc - pr) - gamma
+        per = -(1 - eps) * ls(z) - eps * ls(-z)
+    elif loss_type == "orpo":
+        pcs = torch.where(counted, pc, torch.full_like(pc, -1.0))
+        prs = torch.where(counted, pr, torch.full_like(pr, -1.0))
+        L = (pcs - prs) - (torch.log(1 - torch.exp(pcs)) - torch.log(1 - torch.exp(prs)))
+        per = -beta * ls(L)
+    else:
+        raise ValueError(loss_type)
+    per = torch.where(counted, per, torch.zeros_like(per))
+    loss = per.sum() / counted.sum().clamp(min=1)
+    vc = (labels[:B] != ignore_index)
+    nll = -(tok[:B] * vc.double()).sum() / vc.sum().clamp(min=1)
+    w = nll_weight + (1.0 if loss_type == "orpo" else 0.0)
+    total = loss + w * nll
+    return {
+        "loss": total,
+        "chosen_rewards": (beta * (pc - rc)).detach(),
+        "rejected_rewards": (beta * (pr - rr)).detach(),
+        "chosen_logps": pc.detach(),
+        "rejected_logps": pr.detach(),
+        "nll": nll.detach(),
+    }
+
+
+def ref_policy(
+    hidden, weight, labels, advantages, *, loss_type="grpo", old_logps=None, ref_logps=None, beta=0.0,
+    epsilon_low=0.2, epsilon_high=None, temperature=1.0, max_completion_length=None, num_items_in_batch=None,
+    bias=None, ignore_index=-100,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The GRPO-family loss and metrics, fp64, from the issue's formulas."""
+    eh = epsilon_low if epsilon_high is None else epsilon_high
+    m = labels != ignore_index
+    md = m.double()
+    logp = ref_token_logps(hidden, weight, labels, bias, temperature, ignore_index)
+    old = logp.detach() if old_logps is None else torch.where(m, old_logps.double(), logp.detach())
+    A = advantages.double().unsqueeze(-1)
+    r = torch.exp(logp - old)
+    per = -torch.minimum(r * A, torch.clamp(r, 1 - epsilon_low, 1 + eh) * A)
+    metrics = {}
+    if beta > 0:
+        ref = torch.where(m, ref_logps.double(), logp.detach())
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        per = per + beta * kl
+        metrics["kl"] = (kl * md).sum() / md.sum().clamp(min=1)
+    per = torch.where(m, per, torch.zeros_like(per))
+    G, S = labels.shape
+    if loss_type == "grpo":
+        loss = (per.sum(-1) / md.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = per.sum() / md.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = per.sum() / (G * (max_completion_length or S))
+    elif loss_type == "dapo":
+        n = md.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch))
+        loss = per.sum() / n.clamp(min=1)
+    else:
+        raise ValueError(loss_type)
+    low = ((r < 1 - epsilon_low) & (A < 0) & m).double().sum() / md.sum().clamp(min=1)
+    high = ((r > 1 + eh) & (A > 0) & m).double().sum() / md.sum().clamp(min=1)
+    metrics["clip_ratio/low"] = low.detach()
+    metrics["clip_ratio/high"] = high.detach()
+    ent = ref_entropy(hidden, weight, labels, bias, temperature, ignore_index)
+    metrics["entropy"] = ((ent * md).sum() / md.sum().clamp(min=1)).detach()
+    return loss, {k: v.detach() for k, v in metrics.items()}
+

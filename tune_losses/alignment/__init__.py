@@ -1,0 +1,31 @@
+"""Alignment losses: preference optimization (DPO family) and policy optimization (GRPO family).
+
+All are small formulas over the engine's per-token log-probabilities
+(:func:`tune_losses.linear_log_probs`): one chunk loop, no ``[N, V]`` logits.
+"""
+
+from tune_losses.alignment.modules import LinearPolicyLoss, LinearPreferenceLoss
+from tune_losses.alignment.policy import PolicyOutput, linear_policy_loss, policy_loss_from_log_probs
+from tune_losses.alignment.preference import (
+    PreferenceOutput,
+    PreferenceTerms,
+    linear_preference_loss,
+    linear_preference_terms,
+    preference_terms,
+)
+from tune_losses.alignment.torchtune_compat import DPOLoss, RSOLoss
+
+__all__ = [
+    "DPOLoss",
+    "LinearPolicyLoss",
+    "LinearPreferenceLoss",
+    "PolicyOutput",
+    "PreferenceOutput",
+    "PreferenceTerms",
+    "RSOLoss",
+    "linear_policy_loss",
+    "linear_preference_loss",
+    "linear_preference_terms",
+    "policy_loss_from_log_probs",
+    "preference_terms",
+]

@@ -1,0 +1,154 @@
+"""``nn.Module`` wrappers of the fused alignment losses, for recipes and YAML ``_component_``s.
+
+Like the fused CE / distillation modules: ``set_model_output(model)`` takes the policy's output
+projection and switches the model to return hidden states; ``set_reference_output(ref_model)`` does
+the same for the frozen reference model (the teacher hook's counterpart), whose per-token
+log-probabilities are then made under no-grad by the same engine. A recipe chooses between these and
+full-logits losses (torchtune's ``DPOLoss``, :class:`tune_losses.DPOLoss`) by config alone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from tune_losses.alignment.formulas import REFERENCE_FREE
+from tune_losses.alignment.log_probs import token_log_probs
+from tune_losses.alignment.policy import PolicyOutput, check_policy_options, policy_loss_from_log_probs
+from tune_losses.alignment.preference import (
+    PreferenceOutput,
+    PreferenceTerms,
+    check_preference_options,
+    preference_terms,
+)
+from tune_losses.heads import OutputProjection, set_output_mode
+
+
+def _require(proj: Optional[OutputProjection], who: str) -> OutputProjection:
+    if proj is None:
+        raise ValueError(f"{who}: no output projection; call set_model_output(model) "
+                         f"(set_reference_output(ref_model) for the reference) first")
+    return proj
+
+
+class _AlignmentModule(nn.Module):
+    def __init__(self, ignore_index: int, chunk_size: Optional[int]):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+        self.projection: Optional[OutputProjection] = None
+        self.reference_projection: Optional[OutputProjection] = None
+
+    def set_model_output(self, model: nn.Module) -> None:
+        """Take the policy's output projection and make the model return hidden states ``[B, S, H]``."""
+        self.projection = set_output_mode(model, "hidden")
+
+    def set_reference_output(self, ref_model: nn.Module) -> None:
+        """Take the frozen reference model's output projection and make it return hidden states."""
+        self.reference_projection = set_output_mode(ref_model, "hidden")
+
+    def _log_probs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False):
+        p = _require(self.projection, type(self).__name__)
+        return token_log_probs(hidden, p.weight, labels, bias=p.bias, temperature=temperature,
+                               ignore_index=self.ignore_index, return_entropy=return_entropy,
+                               chunk_size=self.chunk_size)
+
+    def reference_log_probs(self, ref_hidden: torch.Tensor, labels: torch.Tensor,
+                            temperature: float = 1.0) -> torch.Tensor:
+        """The reference model's per-token log-probabilities ``[B, S]`` (no-grad; 0 at ignored tokens)."""
+        p = _require(self.reference_projection, type(self).__name__ + " (reference)")
+        with torch.no_grad():
+            return token_log_probs(ref_hidden, p.weight, labels, bias=p.bias, temperature=temperature,
+                                   ignore_index=self.ignore_index, chunk_size=self.chunk_size, name="ref_hidden")
+
+
+class LinearPreferenceLoss(_AlignmentModule):
+    """Fused preference loss (:func:`tune_losses.linear_preference_loss`) as a module.
+
+    Args:
+        loss_type, beta, gamma, label_smoothing, nll_weight, average_log_prob, ignore_index, chunk_size:
+            as :func:`tune_losses.linear_preference_loss`.
+
+    Usage::
+
+        loss_fn = LinearPreferenceLoss(beta=0.1)
+        loss_fn.set_model_output(policy)            # policy(tokens) -> hidden [2B, S, H]
+        loss_fn.set_reference_output(reference)     # reference(tokens) -> hidden [2B, S, H']
+        with torch.no_grad():
+            ref_hidden = reference(tokens)
+        out = loss_fn(policy(tokens), labels, ref_hidden=ref_hidden)   # PreferenceOutput
+    """
+
+    def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, gamma: float = 0.0,
+                 label_smoothing: float = 0.0, nll_weight: float = 0.0, average_log_prob: Optional[bool] = None,
+                 ignore_index: int = -100, chunk_size: Optional[int] = None):
+        super().__init__(ignore_index, chunk_size)
+        check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight)
+        self.loss_type = loss_type
+        self.beta = beta
+        self.options = dict(loss_type=loss_type, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
+                            nll_weight=nll_weight, average_log_prob=average_log_prob)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss value depends on a reference model (False for SimPO and ORPO)."""
+        return self.loss_type not in REFERENCE_FREE
+
+    def terms(self, hidden: torch.Tensor, labels: torch.Tensor, ref_hidden: Optional[torch.Tensor] = None,
+              ref_logps: Optional[Sequence[torch.Tensor]] = None) -> PreferenceTerms:
+        """Sums and counts (:class:`tune_losses.alignment.PreferenceTerms`) for step-exact normalization.
+
+        hidden ``[2B, S, H]`` (chosen rows first), labels ``[2B, S]``; the reference as ``ref_hidden``
+        ``[2B, S, H']`` (needs :meth:`set_reference_output`), ``ref_logps`` ``([B], [B])``, or neither.
+        """
+        ref_tok = None
+        if ref_hidden is not None:
+            ref_tok = self.reference_log_probs(ref_hidden, labels)
+        return preference_terms(self._log_probs(hidden, labels), labels, ref_token_logps=ref_tok,
+                                ref_logps=ref_logps, ignore_index=self.ignore_index, **self.options)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, ref_hidden: Optional[torch.Tensor] = None,
+                ref_logps: Optional[Sequence[torch.Tensor]] = None) -> PreferenceOutput:
+        """:class:`tune_losses.PreferenceOutput` of this batch (normalized by its own pairs and tokens)."""
+        return self.terms(hidden, labels, ref_hidden, ref_logps).output()
+
+
+class LinearPolicyLoss(_AlignmentModule):
+    """Fused policy loss (:func:`tune_losses.linear_policy_loss`) as a module.
+
+    Args:
+        loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length, ignore_index,
+        chunk_size, return_entropy: as :func:`tune_losses.linear_policy_loss`.
+
+    ``forward(hidden [G, S, H], labels [G, S], advantages [G], old_logps=None, ref_logps=None,
+    num_items_in_batch=None)``; with a reference model hooked (:meth:`set_reference_output`), pass
+    ``ref_hidden=`` instead of ``ref_logps``.
+    """
+
+    def __init__(self, loss_type: str = "grpo", beta: float = 0.0, epsilon_low: float = 0.2,
+                 epsilon_high: Optional[float] = None, temperature: float = 1.0,
+                 max_completion_length: Optional[int] = None, ignore_index: int = -100,
+                 chunk_size: Optional[int] = None, return_entropy: bool = True):
+        super().__init__(ignore_index, chunk_size)
+        check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length)
+        self.temperature = temperature
+        self.return_entropy = return_entropy
+        self.options = dict(loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                            max_completion_length=max_completion_length)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
+                old_logps: Optional[torch.Tensor] = None, ref_logps: Optional[torch.Tensor] = None,
+                num_items_in_batch=None, ref_hidden: Optional[torch.Tensor] = None) -> PolicyOutput:
+        if ref_hidden is not None:
+            if ref_logps is not None:
+                raise ValueError("ref_logps: give the reference either as ref_hidden or as ref_logps, not both")
+            ref_logps = self.reference_log_probs(ref_hidden, labels, self.temperature)
+        out = self._log_probs(hidden, labels, self.temperature, self.return_entropy)
+        logps, entropy = out if self.return_entropy else (out, None)
+        return policy_loss_from_log_probs(
+            logps, labels, advantages, entropy=None if entropy is None else entropy.detach(), old_logps=old_logps,
+            ref_logps=ref_logps, num_items_in_batch=num_items_in_batch, ignore_index=self.ignore_index,
+            **self.options)

@@ -1,0 +1,292 @@
+"""Preference losses (the DPO family) on the fused log-probability term: no ``[2B, S, V]`` logits.
+
+:func:`linear_preference_loss` takes the policy's final hidden states and output weight. The
+per-token log-probabilities come from :func:`tune_losses.linear_log_probs` (the engine's one chunk
+loop); a sequence's log-probability is their masked sum (or mean), and the loss formula
+(:mod:`tune_losses.alignment.formulas`) runs on ``[B]`` sequence values. Autograd carries each
+token's weight back into the chunk loop, so dX, dW (and db) never see full logits.
+
+Batch layout (torchtune's ``padded_collate_dpo``): hidden ``[2B, S, H]``, labels ``[2B, S]``, the B
+chosen sequences first, then the B rejected ones, labels already aligned with the hidden states and
+``ignore_index`` at prompt and padding tokens.
+
+A pair counts when both its sequences have at least one valid token; the loss is the mean over
+counted pairs (0, with zero gradients, when none counts), so a mean log-probability is never 0 / 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from tune_losses.alignment.formulas import (
+    MEAN_LOG_PROB_TYPES,
+    PREFERENCE_LOSS_TYPES,
+    REFERENCE_FREE,
+    preference_pair_losses,
+    sequence_log_probs,
+    split_pairs,
+)
+from tune_losses.alignment.log_probs import token_log_probs
+
+
+class PreferenceOutput(NamedTuple):
+    """Result of :func:`linear_preference_loss`.
+
+    ``loss`` is 0-dim and differentiable; the rest are detached, in the loss's dtype (fp32, or fp64
+    for fp64 inputs): rewards
+    ``beta (policy - reference)`` and the policy's sequence log-probabilities ``[B]``, and ``nll``
+    (0-dim), the chosen sequences' mean negative log-likelihood per valid token.
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    nll: torch.Tensor
+
+
+class PreferenceTerms(NamedTuple):
+    """The sums and counts a preference loss is made of, for exact normalization by a trainer.
+
+    ``loss = pair_loss_sum / num_pairs + nll_weight * nll_sum / num_chosen_tokens`` where the counts
+    may be a whole optimizer step's (all micro-batches, all data-parallel ranks).
+    ``pair_loss_sum`` and ``nll_sum`` are 0-dim and differentiable; counts 0-dim int64; ``counted``
+    ``[B]`` bool marks the pairs that count (both sequences have a valid token); the rest as in
+    :class:`PreferenceOutput` (detached).
+    """
+
+    pair_loss_sum: torch.Tensor
+    num_pairs: torch.Tensor
+    nll_sum: torch.Tensor
+    num_chosen_tokens: torch.Tensor
+    nll_weight: float
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    counted: torch.Tensor
+
+    def loss(self, num_pairs=None, num_chosen_tokens=None) -> torch.Tensor:
+        """The loss, normalized by these counts or by the given (e.g. step-global) ones."""
+        pairs = self.num_pairs if num_pairs is None else torch.as_tensor(num_pairs, device=self.num_pairs.device)
+        tokens = (self.num_chosen_tokens if num_chosen_tokens is None
+                  else torch.as_tensor(num_chosen_tokens, device=self.num_pairs.device))
+        dtype = self.pair_loss_sum.dtype
+        loss = self.pair_loss_sum / pairs.clamp(min=1).to(dtype)
+        if self.nll_weight:
+            loss = loss + self.nll_weight * (self.nll_sum / tokens.clamp(min=1).to(dtype))
+        return loss
+
+    def output(self, num_pairs=None, num_chosen_tokens=None) -> PreferenceOutput:
+        nll = self.nll_sum.detach() / self.num_chosen_tokens.clamp(min=1).to(self.nll_sum.dtype)
+        return PreferenceOutput(self.loss(num_pairs, num_chosen_tokens), self.chosen_rewards,
+                                self.rejected_rewards, self.chosen_logps, self.rejected_logps, nll)
+
+
+def check_preference_options(loss_type: str, beta: float, gamma: float, label_smoothing: float,
+                             nll_weight: float) -> None:
+    """Raise a ValueError naming the first bad option."""
+    if loss_type not in PREFERENCE_LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {PREFERENCE_LOSS_TYPES}, got {loss_type!r}")
+    if not isinstance(beta, (int, float)) or beta <= 0:
+        raise ValueError(f"beta: expected a number > 0, got {beta!r}")
+    if not isinstance(gamma, (int, float)):
+        raise ValueError(f"gamma: expected a number, got {gamma!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing: expected a number in [0, 0.5], got {label_smoothing!r}")
+    if label_smoothing and loss_type not in ("sigmoid", "simpo"):
+        raise ValueError(f"label_smoothing: only the 'sigmoid' and 'simpo' losses take it, got "
+                         f"{label_smoothing} with loss_type={loss_type!r}")
+    if not isinstance(nll_weight, (int, float)) or nll_weight < 0:
+        raise ValueError(f"nll_weight: expected a number >= 0, got {nll_weight!r}")
+
+
+def _check_pair_labels(labels: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels: expected a [2B, S] tensor (chosen rows, then rejected rows), got {got}")
+    if labels.shape[0] % 2:
+        raise ValueError(f"labels: expected an even number of rows [2B, S] (B chosen, then B rejected), "
+                         f"got shape {tuple(labels.shape)}")
+
+
+def _check_ref_logps(ref_logps, batch: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(ref_logps, (tuple, list)) or len(ref_logps) != 2:
+        raise ValueError(f"ref_logps: expected a pair (ref_chosen [B], ref_rejected [B]), got {type(ref_logps).__name__}")
+    out = []
+    for name, t in zip(("ref_logps[0] (chosen)", "ref_logps[1] (rejected)"), ref_logps):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (batch,):
+            got = f"shape {tuple(t.shape)} dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a floating-point tensor of shape ({batch},), got {got}")
+        out.append(t.detach().to(device))
+    return out[0], out[1]
+
+
+def preference_terms(
+    token_logps: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    gamma: float = 0.0,
+    label_smoothing: float = 0.0,
+    nll_weight: float = 0.0,
+    ref_token_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[Sequence[torch.Tensor]] = None,
+    average_log_prob: Optional[bool] = None,
+    ignore_index: int = -100,
+) -> PreferenceTerms:
+    """Preference-loss sums and counts from per-token log-probabilities (any source).
+
+    Args:
+        token_logps: ``[2B, S]`` the policy's log-probabilities of the labels (differentiable).
+        labels: ``[2B, S]``, chosen rows first; ``ignore_index`` marks tokens that do not count.
+        ref_token_logps: ``[2B, S]`` the reference's per-token log-probabilities, or
+        ref_logps: ``(ref_chosen [B], ref_rejected [B])`` sequence log-probabilities, or neither
+            (a zero reference).
+        Other arguments: as :func:`linear_preference_loss`.
+    """
+    check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight)
+    _check_pair_labels(labels)
+    if token_logps.shape != labels.shape:
+        raise ValueError(f"token_logps: expected shape {tuple(labels.shape)} (as labels), got {tuple(token_logps.shape)}")
+    if ref_token_logps is not None and ref_logps is not None:
+        raise ValueError("ref_logps: give the reference either as hidden states / per-token log-probs or as "
+                         "sequence log-probs, not both")
+    average = loss_type in MEAN_LOG_PROB_TYPES if average_log_prob is None else bool(average_log_prob)
+    batch = labels.shape[0] // 2
+    mask = labels != ignore_index
+
+    seq = sequence_log_probs(token_logps, mask, average)
+    chosen, rejected = split_pairs(seq)
+    if ref_token_logps is not None:
+        if ref_token_logps.shape != labels.shape:
+            raise ValueError(f"ref_token_logps: expected shape {tuple(labels.shape)}, got {tuple(ref_token_logps.shape)}")
+        ref_c, ref_r = split_pairs(sequence_log_probs(ref_token_logps.detach().to(seq.dtype), mask, average))
+    elif ref_logps is not None:
+        ref_c, ref_r = _check_ref_logps(ref_logps, batch, seq.device)
+        ref_c, ref_r = ref_c.to(seq.dtype), ref_r.to(seq.dtype)
+    else:
+        ref_c = ref_r = torch.zeros_like(chosen).detach()
+
+    n_tokens = mask.sum(dim=-1)
+    n_c, n_r = split_pairs(n_tokens)
+    counted = (n_c > 0) & (n_r > 0)
+    # ORPO's log(1 - e^p) is -inf at p = 0 (an empty sequence): feed uncounted pairs a harmless value so
+    # neither their loss nor its gradient can become NaN before the mask drops them.
+    safe_c = torch.where(counted, chosen, torch.full_like(chosen, -1.0))
+    safe_r = torch.where(counted, rejected, torch.full_like(rejected, -1.0))
+    per_pair = preference_pair_losses(safe_c, safe_r, ref_c, ref_r, loss_type=loss_type, beta=beta,
+                                      gamma=gamma, label_smoothing=label_smoothing)
+    pair_sum = torch.where(counted, per_pair, torch.zeros_like(per_pair)).sum()
+
+    mask_c, _ = split_pairs(mask)
+    logps_c, _ = split_pairs(token_logps)
+    nll_sum = -torch.where(mask_c, logps_c, torch.zeros_like(logps_c)).sum()
+    weight = nll_weight + (1.0 if loss_type == "orpo" else 0.0)  # ORPO's loss includes the chosen NLL
+
+    return PreferenceTerms(
+        pair_loss_sum=pair_sum,
+        num_pairs=counted.sum(),
+        nll_sum=nll_sum,
+        num_chosen_tokens=mask_c.sum(),
+        nll_weight=weight,
+        chosen_rewards=(beta * (chosen - ref_c)).detach(),
+        rejected_rewards=(beta * (rejected - ref_r)).detach(),
+        chosen_logps=chosen.detach(),
+        rejected_logps=rejected.detach(),
+        counted=counted,
+    )
+
+
+def linear_preference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    gamma: float = 0.0,
+    label_smoothing: float = 0.0,
+    nll_weight: float = 0.0,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_logps: Optional[Sequence[torch.Tensor]] = None,
+    average_log_prob: Optional[bool] = None,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    num_pairs=None,
+    num_chosen_tokens=None,
+) -> PreferenceOutput:
+    """Fused preference loss (DPO, IPO, hinge/RSO, SimPO, ORPO; RPO/CPO via ``nll_weight``).
+
+    Args:
+        hidden: ``[2B, S, H]`` the policy's final hidden states, B chosen rows then B rejected rows.
+        weight: ``[V, H]`` output projection (plain, FSDP2 or tensor-parallel, as the engine takes).
+        labels: ``[2B, S]`` next-token labels aligned with ``hidden``; ``ignore_index`` at prompt/padding.
+        loss_type: ``sigmoid`` | ``ipo`` | ``hinge`` | ``simpo`` | ``orpo`` (formulas in
+            :func:`tune_losses.alignment.formulas.preference_pair_losses`).
+        beta: the inverse temperature of the implicit reward (> 0).
+        gamma: SimPO's target margin.
+        label_smoothing: conservative DPO / SimPO (in [0, 0.5]).
+        nll_weight: weight of the chosen sequences' mean NLL per valid token (RPO / CPO); ORPO always
+            adds it with weight 1, plus this.
+        ref_hidden, ref_weight, ref_bias: the frozen reference model's hidden states ``[2B, S, H']``
+            and projection; its log-probabilities are made under no-grad by the same engine, or
+        ref_logps: ``(ref_chosen [B], ref_rejected [B])`` precomputed, or neither (zero reference).
+        average_log_prob: sequence log-prob as the mean over valid tokens (default for ipo, simpo,
+            orpo) instead of the sum (default for the others).
+        bias: ``[V]`` or None.
+        chunk_size: tokens per chunk of the engine's loop (None: its default).
+        num_pairs, num_chosen_tokens: normalizers for exact gradient accumulation (a whole step's
+            counted pairs and chosen valid tokens, all micro-batches and ranks); default: this batch's.
+
+    Returns:
+        :class:`PreferenceOutput` ``(loss, chosen_rewards, rejected_rewards, chosen_logps,
+        rejected_logps, nll)``; rewards and log-probs ``[B]``.
+    """
+    terms = linear_preference_terms(
+        hidden, weight, labels, loss_type=loss_type, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
+        nll_weight=nll_weight, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps,
+        average_log_prob=average_log_prob, bias=bias, ref_bias=ref_bias, ignore_index=ignore_index,
+        chunk_size=chunk_size)
+    return terms.output(num_pairs, num_chosen_tokens)
+
+
+def linear_preference_terms(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    **options,
+) -> PreferenceTerms:
+    """:func:`linear_preference_loss`'s sums and counts (for trainers that normalize over a step)."""
+    check_preference_options(options.get("loss_type", "sigmoid"), options.get("beta", 0.1),
+                             options.get("gamma", 0.0), options.get("label_smoothing", 0.0),
+                             options.get("nll_weight", 0.0))
+    _check_pair_labels(labels)
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("ref_weight: expected ref_hidden and ref_weight together (the reference model's hidden "
+                         f"states and output projection), got ref_hidden={'set' if ref_hidden is not None else None}, "
+                         f"ref_weight={'set' if ref_weight is not None else None}")
+    if ref_hidden is not None and options.get("ref_logps") is not None:
+        raise ValueError("ref_logps: give the reference either as ref_hidden + ref_weight or as ref_logps, not both")
+    logps = token_log_probs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size,
+                            name="hidden")
+    ref_token_logps = None
+    if ref_hidden is not None:
+        with torch.no_grad():
+            ref_token_logps = token_log_probs(ref_hidden, ref_weight, labels, bias=ref_bias,
+                                              ignore_index=ignore_index, chunk_size=chunk_size, name="ref_hidden")
+    return preference_terms(logps, labels, ref_token_logps=ref_token_logps, ignore_index=ignore_index, **options)
