@@ -25,15 +25,19 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-TASKS = ("ce", "kd", "distill", "distill_jsd")
+PROMPT_SHARE = 0.6  # ce_prompt: instruction tuning, where the prompt is often more than half of the tokens
+TASKS = ("ce", "kd", "distill", "distill_jsd", "ce_prompt")
 TASK_TITLES = {"ce": "linear + cross-entropy", "kd": "linear + forward KL (distillation)",
-               "distill": "0.5 CE + 0.5 forward KL", "distill_jsd": "0.5 CE + 0.5 JSD(beta=0.5)"}
+               "distill": "0.5 CE + 0.5 forward KL", "distill_jsd": "0.5 CE + 0.5 JSD(beta=0.5)",
+               "ce_prompt": f"linear + cross-entropy, first {PROMPT_SHARE:.0%} of the tokens ignored (prompt)"}
 METHODS = {
     "ce": ("floor", "plain", "compile", "torchtune", "torch_chunked", "liger", "cce", "ours", "ours_eager",
            "ours_recompute"),
     "kd": ("floor", "plain", "compile", "torchtune", "liger", "ours", "ours_eager", "ours_recompute"),
     "distill": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
     "distill_jsd": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
+    # ours_drop: drop_ignored_tokens=True, the ignored rows left out before the chunk loop
+    "ce_prompt": ("floor", "plain", "compile", "ours", "ours_drop"),
 }
 TEACHER_TASKS = ("kd", "distill", "distill_jsd")
 JSD_BETA = {"distill": 0.0, "distill_jsd": 0.5}  # Liger's beta: 0 is forward KL
@@ -91,7 +95,8 @@ CUDA_QUICK_SIZES = [Size(2048, 1024, 32768, "bf16", "cuda"), Size(4096, 1024, 32
 
 
 def make_inputs(task: str, size: Size, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """Inputs with logits of unit scale (``x ~ N(0, 1)``, ``w ~ N(0, 1/H)``), all labels valid."""
+    """Inputs with logits of unit scale (``x ~ N(0, 1)``, ``w ~ N(0, 1/H)``); all labels valid, except
+    the prompt share of ``ce_prompt``."""
     g = torch.Generator().manual_seed(seed)
     dt, dev = size.torch_dtype, size.device
 
@@ -103,6 +108,8 @@ def make_inputs(task: str, size: Size, seed: int = 0) -> Dict[str, torch.Tensor]
         "weight": rand(size.v, size.h, scale=size.h ** -0.5).requires_grad_(True),
         "labels": torch.randint(0, size.v, (1, size.n), generator=g).to(dev),
     }
+    if task == "ce_prompt":
+        out["labels"][:, : int(size.n * PROMPT_SHARE)] = -100
     if task in TEACHER_TASKS:
         out["t_hidden"] = rand(1, size.n, size.h)
         out["t_weight"] = rand(size.v, size.h, scale=size.h ** -0.5)
@@ -183,7 +190,7 @@ def _floor(hidden, weight, labels, t_hidden=None, t_weight=None):
 
 def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
     """The loss of ``method`` as a function of :func:`make_inputs`' dict."""
-    plain = {"ce": _plain_ce, "kd": _plain_kd, "distill": _plain_distill,
+    plain = {"ce": _plain_ce, "ce_prompt": _plain_ce, "kd": _plain_kd, "distill": _plain_distill,
              "distill_jsd": lambda *a, **k: _plain_distill(*a, **k, beta=JSD_BETA["distill_jsd"])}
     if method == "floor":
         fn = _floor
@@ -240,7 +247,7 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
 
         def fn(hidden, weight, labels):
             return cce(hidden.flatten(0, 1), weight, labels.flatten())
-    elif method.partition("@")[0] in ("ours", "ours_eager", "ours_recompute"):
+    elif method.partition("@")[0] in ("ours", "ours_eager", "ours_recompute", "ours_drop"):
         import os
 
         import tune_losses
@@ -250,10 +257,12 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
         name, _, chunk = method.partition("@")
         kw = {"algorithm": "recompute" if name == "ours_recompute" else "auto",
               "chunk_size": int(chunk) if chunk else None}
+        if name == "ours_drop":
+            kw["drop_ignored_tokens"] = True
         divergence = {"distill_jsd": "jsd"}.get(task, "forward_kl")
 
         def call(hidden, weight, labels, t_hidden=None, t_weight=None):
-            if task == "ce":
+            if task in ("ce", "ce_prompt"):
                 return tune_losses.linear_cross_entropy(hidden, weight, labels, **kw)
             if task == "kd":
                 return tune_losses.linear_kd_loss(hidden, weight, t_hidden, t_weight, labels, divergence=divergence,
