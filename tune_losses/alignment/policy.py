@@ -14,6 +14,7 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
+
 from tune_losses.alignment.formulas import (
     POLICY_LOSS_TYPES,
     aggregate_policy_loss,
@@ -21,6 +22,8 @@ from tune_losses.alignment.formulas import (
     policy_token_losses,
 )
 from tune_losses.alignment.log_probs import token_log_probs
+from tune_losses.alignment.preference import check_count
+from tune_losses.options import check_choice, check_float_option, check_int_option
 
 
 class PolicyOutput(NamedTuple):
@@ -33,18 +36,15 @@ class PolicyOutput(NamedTuple):
 
 
 def check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length) -> None:
-    if loss_type not in POLICY_LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {POLICY_LOSS_TYPES}, got {loss_type!r}")
-    if not isinstance(beta, (int, float)) or beta < 0:
-        raise ValueError(f"beta: expected a number >= 0, got {beta!r}")
-    if not isinstance(epsilon_low, (int, float)) or not 0 <= epsilon_low < 1:
+    """Raise a ValueError / TypeError naming the first bad option (finite numbers only)."""
+    check_choice("loss_type", loss_type, POLICY_LOSS_TYPES)
+    check_float_option("beta", beta, 0.0)
+    check_float_option("epsilon_low", epsilon_low, 0.0, 1.0)
+    if epsilon_low == 1.0:
         raise ValueError(f"epsilon_low: expected a number in [0, 1), got {epsilon_low!r}")
-    if epsilon_high is not None and (not isinstance(epsilon_high, (int, float)) or epsilon_high < 0):
-        raise ValueError(f"epsilon_high: expected None or a number >= 0, got {epsilon_high!r}")
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
-    if max_completion_length is not None and (not isinstance(max_completion_length, int) or max_completion_length < 1):
-        raise ValueError(f"max_completion_length: expected None or an int >= 1, got {max_completion_length!r}")
+    check_float_option("epsilon_high", epsilon_high, 0.0, allow_none=True)
+    check_float_option("temperature", temperature, 0.0, low_open=True)
+    check_int_option("max_completion_length", max_completion_length, 1, allow_none=True)
 
 
 def _check_like(name: str, t, shape, device) -> torch.Tensor:
@@ -76,6 +76,7 @@ def policy_loss_from_log_probs(
     :func:`linear_policy_loss`.
     """
     check_policy_options(loss_type, beta, epsilon_low, epsilon_high, 1.0, max_completion_length)
+    check_count("num_items_in_batch", num_items_in_batch)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"labels: expected a [G, S] tensor, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
@@ -155,6 +156,7 @@ def linear_policy_loss(
         :class:`PolicyOutput` ``(loss, metrics)``.
     """
     check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length)
+    check_count("num_items_in_batch", num_items_in_batch)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"labels: expected a [G, S] tensor, got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+
 from tune_losses.alignment.formulas import (
     MEAN_LOG_PROB_TYPES,
     PREFERENCE_LOSS_TYPES,
@@ -29,6 +30,7 @@ from tune_losses.alignment.formulas import (
     split_pairs,
 )
 from tune_losses.alignment.log_probs import token_log_probs
+from tune_losses.options import check_choice, check_float_option
 
 
 class PreferenceOutput(NamedTuple):
@@ -71,6 +73,8 @@ class PreferenceTerms(NamedTuple):
 
     def loss(self, num_pairs=None, num_chosen_tokens=None) -> torch.Tensor:
         """The loss, normalized by these counts or by the given (e.g. step-global) ones."""
+        check_count("num_pairs", num_pairs)
+        check_count("num_chosen_tokens", num_chosen_tokens)
         pairs = self.num_pairs if num_pairs is None else torch.as_tensor(num_pairs, device=self.num_pairs.device)
         tokens = (self.num_chosen_tokens if num_chosen_tokens is None
                   else torch.as_tensor(num_chosen_tokens, device=self.num_pairs.device))
@@ -88,20 +92,21 @@ class PreferenceTerms(NamedTuple):
 
 def check_preference_options(loss_type: str, beta: float, gamma: float, label_smoothing: float,
                              nll_weight: float) -> None:
-    """Raise a ValueError naming the first bad option."""
-    if loss_type not in PREFERENCE_LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {PREFERENCE_LOSS_TYPES}, got {loss_type!r}")
-    if not isinstance(beta, (int, float)) or beta <= 0:
-        raise ValueError(f"beta: expected a number > 0, got {beta!r}")
-    if not isinstance(gamma, (int, float)):
-        raise ValueError(f"gamma: expected a number, got {gamma!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing: expected a number in [0, 0.5], got {label_smoothing!r}")
+    """Raise a ValueError / TypeError naming the first bad option (finite numbers only)."""
+    check_choice("loss_type", loss_type, PREFERENCE_LOSS_TYPES)
+    check_float_option("beta", beta, 0.0, low_open=True)
+    check_float_option("gamma", gamma)
+    check_float_option("label_smoothing", label_smoothing, 0.0, 0.5)
     if label_smoothing and loss_type not in ("sigmoid", "simpo"):
         raise ValueError(f"label_smoothing: only the 'sigmoid' and 'simpo' losses take it, got "
                          f"{label_smoothing} with loss_type={loss_type!r}")
-    if not isinstance(nll_weight, (int, float)) or nll_weight < 0:
-        raise ValueError(f"nll_weight: expected a number >= 0, got {nll_weight!r}")
+    check_float_option("nll_weight", nll_weight, 0.0)
+
+
+def check_count(name: str, count) -> None:
+    """A normalizing count given by the caller: a tensor (not read: no host sync) or a number >= 1."""
+    if count is not None and not isinstance(count, torch.Tensor):
+        check_float_option(name, count, 1.0)
 
 
 def _check_pair_labels(labels: torch.Tensor) -> None:

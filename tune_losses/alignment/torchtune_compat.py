@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tune_losses.alignment.formulas import preference_pair_losses
+from tune_losses.options import check_float_option
 
 
 def _check_logps(**tensors: torch.Tensor) -> None:
@@ -69,6 +70,8 @@ class DPOLoss(_PairLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
         super().__init__()
+        check_float_option("beta", beta, 0.0, low_open=True)
+        check_float_option("label_smoothing", label_smoothing, 0.0, 0.5)
         self.beta = beta
         self.label_smoothing = label_smoothing
 
@@ -89,6 +92,7 @@ class RSOLoss(_PairLoss):
 
     def __init__(self, gamma: float = 0.1):
         super().__init__()
+        check_float_option("gamma", gamma, 0.0, low_open=True)
         self.gamma = gamma
 
     def _coefficient(self) -> float:
