@@ -220,3 +220,17 @@ def test_low_precision_close_to_stock(autocast):
     torch.testing.assert_close(out.loss, ref.loss.float(), atol=3e-2, rtol=1e-2)
     grads = [p.grad for p in fused.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("kw, name", [(dict(chunk_size=0), "chunk_size"), (dict(algorithm="fast"), "algorithm"),
+                                      (dict(validate="yes"), "validate")])
+def test_patch_checks_loss_options_at_patch_time(kw, name):
+    model = build("llama")
+    with pytest.raises((ValueError, TypeError), match=rf"^{name}: expected"):
+        patch(model, **kw)
+
+
+@pytest.mark.parametrize("bad", ["x", None])
+def test_patch_names_a_model_that_is_not_a_module(bad):
+    with pytest.raises(TypeError, match="^model: expected"):
+        patch(bad)

@@ -36,10 +36,10 @@ from typing import Any, Dict, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from tune_losses.fused.functional import linear_cross_entropy, linear_distillation_loss
+from tune_losses.fused.functional import ALGORITHMS, linear_cross_entropy, linear_distillation_loss
 from tune_losses.integrations.head_source import HeadSpec, forward_class, read_head
 from tune_losses.integrations.output_layer import output_weight
-from tune_losses.options import CEOptions
+from tune_losses.options import CEOptions, check_bool_option, check_choice, check_run_options
 
 __all__ = ["patch", "unpatch", "is_patched", "lm_head_inputs", "HeadInputs", "distillation_loss", "unwrap_model"]
 
@@ -87,10 +87,14 @@ def patch(model, *, train_only: bool = True, **ce_options):
     unknown = sorted(set(ce_options) - set(CE_OPTIONS))
     if unknown:
         raise ValueError(f"ce_options: unknown option(s) {unknown}; expected some of {list(CE_OPTIONS)}")
+    # Checked now, not at the first training step.
     CEOptions(label_smoothing=ce_options.get("label_smoothing", 0.0), z_loss=ce_options.get("z_loss", 0.0),
-              softcap=ce_options.get("softcap"))  # checks the values now, not at the first step
-    if not isinstance(train_only, bool):
-        raise TypeError(f"train_only: expected a bool, got {type(train_only).__name__}")
+              softcap=ce_options.get("softcap"), validate=ce_options.get("validate", True))
+    check_run_options(ce_options.get("chunk_size"), ce_options.get("validate", True))
+    check_choice("algorithm", ce_options.get("algorithm", "auto"), ALGORITHMS)
+    check_bool_option("train_only", train_only)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a Transformers causal LM (torch.nn.Module), got {type(model).__name__}")
     hf = unwrap_model(model)
     if is_patched(hf):
         unpatch(hf)
