@@ -27,8 +27,6 @@ of ``--rounds``; the load average is printed before and after (the machine may b
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -38,6 +36,8 @@ import time
 from typing import Callable, Dict, List
 
 import torch
+
+from benchmarks.worker import _reset_hwm, _status_kib, _trim_heap
 
 CASES = ("dpo", "grpo")
 METHODS = ("fused", "full", "liger")
@@ -142,22 +142,6 @@ def clear(d) -> None:
 # ----------------------------------------------------------------------------- measuring (workers)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def worker_memory(case: str, method: str, size: dict, reps: int) -> dict:
     d = make_inputs(case, **size)
     fn = build(case, method)
@@ -165,10 +149,9 @@ def worker_memory(case: str, method: str, size: dict, reps: int) -> dict:
     peaks = []
     for _ in range(reps):
         clear(d)
-        _trim()
+        _trim_heap()
         base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current VmRSS
+        _reset_hwm()  # VmHWM back to the current VmRSS
         step(fn, d)
         peaks.append((_status_kib("VmHWM") - base) / 1024)
     return {"peak_mib": statistics.median(peaks)}

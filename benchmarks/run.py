@@ -184,6 +184,8 @@ def main(argv=None) -> int:
                    help="a method whose step takes longer is timed over 3 rounds only")
     p.add_argument("--malloc-arena-max", type=int, default=2, help="MALLOC_ARENA_MAX for every worker")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
+    p.add_argument("--alignment", action="store_true",
+                   help="also run the alignment benchmark (fused DPO / GRPO vs full logits and Liger), same command")
     args = p.parse_args(argv)
     if args.results:
         args.out = os.path.join(REPO_ROOT, "benchmarks", "results")
@@ -248,6 +250,10 @@ def main(argv=None) -> int:
     png = report.plot(results, os.path.join(args.out, "memory_vs_tokens.png"))
     print(md)
     print(f"Wrote {args.out}/results.json, results.md, {os.path.basename(png)} ({results['meta']['wall_s']:.0f} s)")
+    if args.alignment:
+        from benchmarks import alignment
+
+        return alignment.main((["--quick"] if args.quick else []) + ["--json", os.path.join(args.out, "alignment.json")])
     return 0
 
 
