@@ -57,7 +57,10 @@ def test_save_on_epoch_end_lr_unknown_key_partial_files_and_progress(tmp_path, t
     from tune_losses.training.metrics import read_metrics
 
     m = read_metrics(tmp_path / "logs" / "metrics.txt")
-    assert m[1]["lr"] == 0.0 and math.isclose(m[2]["lr"], 3e-3 / 10), (m[1]["lr"], m[2]["lr"])  # warm-up
+    from omegaconf import OmegaConf
+
+    peak = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "sft.yaml").optimizer.lr
+    assert m[1]["lr"] == 0.0 and math.isclose(m[2]["lr"], peak / 10), (m[1]["lr"], m[2]["lr"])  # warm-up
     assert out.count("config: unknown top-level key 'batch_sise'") == 1 and "did you mean 'batch_size'" in out
     assert out.count("step 2: saved") == 1  # the step save and the epoch end are one save
     assert not (tmp_path / "resume" / "state.pt.tmp").exists() and not (tmp_path / ".export.tmp").exists()
