@@ -10,7 +10,8 @@ that it reuses the same code (no recompilation per batch or per chunk).
 Compilation is an optimization only: the eager math is the same Python (:func:`terms_on_chunk`).
 It is used when
 
-* ``TUNE_LOSSES_COMPILE`` is not ``0`` (``1`` forces it, default ``auto``),
+* ``TUNE_LOSSES_COMPILE`` is not ``0`` (``1`` forces it; default ``auto``, which keeps cross-entropy
+  alone eager on CPU, where that measured faster),
 * the vocabulary is on one process (vocabulary-parallel math all-reduces mid-chunk: eager),
 * the call is not itself being traced by a user's ``torch.compile`` (their graph then contains
   our eager math, which their compiler fuses),
@@ -28,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from tune_losses.divergences import VocabReducer
-from tune_losses.terms import Chunk, Term
+from tune_losses.terms import Chunk, CrossEntropyTerm, Term
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
     if _mode() in ("0", "false", "off", "no") or _BROKEN or red.distributed:
         return None
     if device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
+        return None
+    if _mode() == "auto" and device.type == "cpu" and all(isinstance(t, CrossEntropyTerm) for t in terms):
+        # Measured (python -m benchmarks.run, CPU fp32, N=2048, H=256, V=32768, idle 2 cores): the
+        # cross-entropy math alone is one exp pass the eager code already writes in place, and the
+        # compiled version was slower (801 vs 682 ms) and kept a chunk more (65.7 vs 50.1 MiB). With a
+        # divergence term the compiled math wins (distillation 1437 vs 1618 ms, JSD 1817 vs 2094 ms).
         return None
     key = (tuple(terms), red.vocab, device.type)
     fn = _CACHE.get(key)
