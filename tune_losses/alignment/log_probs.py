@@ -11,12 +11,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 from tune_losses.fused.functional import linear_log_probs
+from tune_losses.validation import check_float
 
 
 def _check_hidden(name: str, hidden: torch.Tensor, labels: torch.Tensor) -> None:
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-        got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise ValueError(f"{name}: expected a floating-point tensor [B, S, H], got {got}")
+    check_float(name, hidden)
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
         raise ValueError(f"{name}: expected shape [B, S, H] with [B, S] = labels' {tuple(labels.shape)}, "
                          f"got {tuple(hidden.shape)}")
