@@ -94,6 +94,27 @@ def preference_pair_losses(
     raise ValueError(f"loss_type: expected one of {PREFERENCE_LOSS_TYPES}, got {loss_type!r}")
 
 
+def counted_pair_losses(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    counted: torch.Tensor,
+    **options,
+) -> torch.Tensor:
+    """:func:`preference_pair_losses` ``[B]`` at the pairs that count (``counted`` ``[B]`` bool), 0 elsewhere.
+
+    ``options``: ``loss_type``, ``beta``, ``gamma``, ``label_smoothing``. An uncounted pair's loss and
+    its gradient are exactly 0 (never NaN), whatever its sequence log-probabilities are.
+    """
+    # ORPO's log(1 - e^p) is -inf at p = 0 (an empty sequence): feed uncounted pairs a harmless value so
+    # neither their loss nor its gradient can become NaN before the mask drops them.
+    safe_c = torch.where(counted, chosen, torch.full_like(chosen, -1.0))
+    safe_r = torch.where(counted, rejected, torch.full_like(rejected, -1.0))
+    per_pair = preference_pair_losses(safe_c, safe_r, ref_chosen, ref_rejected, **options)
+    return torch.where(counted, per_pair, torch.zeros_like(per_pair))
+
+
 def policy_token_losses(
     logps: torch.Tensor,
     old_logps: torch.Tensor,

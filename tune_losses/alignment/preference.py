@@ -25,12 +25,24 @@ from tune_losses.alignment.formulas import (
     MEAN_LOG_PROB_TYPES,
     PREFERENCE_LOSS_TYPES,
     REFERENCE_FREE,
-    preference_pair_losses,
+    counted_pair_losses,
     sequence_log_probs,
     split_pairs,
 )
 from tune_losses.alignment.log_probs import token_log_probs
+from tune_losses.alignment.pair_chunks import (
+    PairChunkedPreference,
+    PairOptions,
+    applies,
+    default_row_budget,
+    pair_chunk_layout,
+)
+from tune_losses.fused.engine import compute_dtype
 from tune_losses.options import check_choice, check_float_option
+from tune_losses.validation import check_label_range
+
+ALGORITHMS = ("auto", "grad_in_forward", "recompute")
+_OPTION_NAMES = ("loss_type", "beta", "gamma", "label_smoothing", "nll_weight", "ref_logps", "average_log_prob")
 
 
 class PreferenceOutput(NamedTuple):
@@ -177,30 +189,30 @@ def preference_terms(
     else:
         ref_c = ref_r = torch.zeros_like(chosen).detach()
 
-    n_tokens = mask.sum(dim=-1)
-    n_c, n_r = split_pairs(n_tokens)
+    n_c, n_r = split_pairs(mask.sum(dim=-1))
     counted = (n_c > 0) & (n_r > 0)
-    # ORPO's log(1 - e^p) is -inf at p = 0 (an empty sequence): feed uncounted pairs a harmless value so
-    # neither their loss nor its gradient can become NaN before the mask drops them.
-    safe_c = torch.where(counted, chosen, torch.full_like(chosen, -1.0))
-    safe_r = torch.where(counted, rejected, torch.full_like(rejected, -1.0))
-    per_pair = preference_pair_losses(safe_c, safe_r, ref_c, ref_r, loss_type=loss_type, beta=beta,
-                                      gamma=gamma, label_smoothing=label_smoothing)
-    pair_sum = torch.where(counted, per_pair, torch.zeros_like(per_pair)).sum()
-
+    per_pair = counted_pair_losses(chosen, rejected, ref_c, ref_r, counted, loss_type=loss_type, beta=beta,
+                                   gamma=gamma, label_smoothing=label_smoothing)
     mask_c, _ = split_pairs(mask)
     logps_c, _ = split_pairs(token_logps)
     nll_sum = -torch.where(mask_c, logps_c, torch.zeros_like(logps_c)).sum()
-    weight = nll_weight + (1.0 if loss_type == "orpo" else 0.0)  # ORPO's loss includes the chosen NLL
+    return sequence_terms(chosen, rejected, ref_c, ref_r, counted, per_pair.sum(), nll_sum, n_c.sum(),
+                          loss_type=loss_type, beta=beta, nll_weight=nll_weight)
 
+
+def sequence_terms(chosen, rejected, ref_chosen, ref_rejected, counted, pair_loss_sum, nll_sum, num_chosen_tokens,
+                   *, loss_type: str, beta: float, nll_weight: float) -> PreferenceTerms:
+    """:class:`PreferenceTerms` from the sequence log-probabilities ``[B]`` (policy, reference), the pairs
+    that count ``[B]`` and the two sums (0-dim, differentiable or not)."""
+    weight = nll_weight + (1.0 if loss_type == "orpo" else 0.0)  # ORPO's loss includes the chosen NLL
     return PreferenceTerms(
-        pair_loss_sum=pair_sum,
+        pair_loss_sum=pair_loss_sum,
         num_pairs=counted.sum(),
         nll_sum=nll_sum,
-        num_chosen_tokens=mask_c.sum(),
+        num_chosen_tokens=num_chosen_tokens,
         nll_weight=weight,
-        chosen_rewards=(beta * (chosen - ref_c)).detach(),
-        rejected_rewards=(beta * (rejected - ref_r)).detach(),
+        chosen_rewards=(beta * (chosen - ref_chosen)).detach(),
+        rejected_rewards=(beta * (rejected - ref_rejected)).detach(),
         chosen_logps=chosen.detach(),
         rejected_logps=rejected.detach(),
         counted=counted,
@@ -227,6 +239,7 @@ def linear_preference_loss(
     chunk_size: Optional[int] = None,
     num_pairs=None,
     num_chosen_tokens=None,
+    algorithm: str = "auto",
 ) -> PreferenceOutput:
     """Fused preference loss (DPO, IPO, hinge/RSO, SimPO, ORPO; RPO/CPO via ``nll_weight``).
 
@@ -247,20 +260,29 @@ def linear_preference_loss(
         average_log_prob: sequence log-prob as the mean over valid tokens (default for ipo, simpo,
             orpo) instead of the sum (default for the others).
         bias: ``[V]`` or None.
-        chunk_size: tokens per chunk of the engine's loop (None: its default).
+        chunk_size: valid tokens per chunk of whole pairs (grad-in-forward path) or tokens per chunk of
+            the engine's loop (per-token path); None: their defaults.
         num_pairs, num_chosen_tokens: normalizers for exact gradient accumulation (a whole step's
             counted pairs and chosen valid tokens, all micro-batches and ranks); default: this batch's.
+        algorithm: ``auto`` (grad-in-forward over chunks of whole pairs where it applies,
+            :mod:`tune_losses.alignment.pair_chunks`: plain tensors, a gradient wanted, every pair
+            within the chunk; else the per-token path), ``grad_in_forward`` (that path or a ValueError
+            saying why not), ``recompute`` (the per-token path: each chunk's logits made again in
+            backward; several backward passes allowed, e.g. ``torch.autograd.gradcheck``).
 
     Returns:
         :class:`PreferenceOutput` ``(loss, chosen_rewards, rejected_rewards, chosen_logps,
         rejected_logps, nll)``; rewards and log-probs ``[B]``.
     """
-    terms = linear_preference_terms(
+    check_count("num_pairs", num_pairs)
+    check_count("num_chosen_tokens", num_chosen_tokens)
+    terms, loss = _linear_terms(
         hidden, weight, labels, loss_type=loss_type, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
         nll_weight=nll_weight, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps,
         average_log_prob=average_log_prob, bias=bias, ref_bias=ref_bias, ignore_index=ignore_index,
-        chunk_size=chunk_size)
-    return terms.output(num_pairs, num_chosen_tokens)
+        chunk_size=chunk_size, algorithm=algorithm, normalizers=(num_pairs, num_chosen_tokens))
+    out = terms.output(num_pairs, num_chosen_tokens)
+    return out if loss is None else out._replace(loss=loss)
 
 
 def linear_preference_terms(
@@ -274,12 +296,33 @@ def linear_preference_terms(
     bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    algorithm: str = "auto",
     **options,
 ) -> PreferenceTerms:
-    """:func:`linear_preference_loss`'s sums and counts (for trainers that normalize over a step)."""
+    """:func:`linear_preference_loss`'s sums and counts (for trainers that normalize over a step).
+
+    ``terms.loss(num_pairs, num_chosen_tokens)`` is exact for any normalizers: the grad-in-forward path
+    applies when the loss has no NLL term (its gradient is then linear in ``1 / num_pairs``); with one,
+    the per-token path runs (or pass the normalizers to :func:`linear_preference_loss`).
+    """
+    return _linear_terms(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                         bias=bias, ignore_index=ignore_index, chunk_size=chunk_size, algorithm=algorithm,
+                         normalizers=None, **options)[0]
+
+
+def _linear_terms(hidden, weight, labels, *, ref_hidden, ref_weight, ref_bias, bias, ignore_index, chunk_size,
+                  algorithm, normalizers, **options) -> Tuple[PreferenceTerms, Optional[torch.Tensor]]:
+    """``(terms, loss)``: ``loss`` is the loss normalized by ``normalizers`` ``(num_pairs, num_chosen_tokens)``
+    (None: this batch's) when the grad-in-forward path folded them into its gradients, else None (then
+    ``terms.loss(...)`` is differentiable). ``normalizers=None``: the caller normalizes later."""
     check_preference_options(options.get("loss_type", "sigmoid"), options.get("beta", 0.1),
                              options.get("gamma", 0.0), options.get("label_smoothing", 0.0),
                              options.get("nll_weight", 0.0))
+    check_choice("algorithm", algorithm, ALGORITHMS)
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"linear_preference_terms: unexpected keyword argument(s) {unknown}; expected some of "
+                        f"{_OPTION_NAMES}")
     _check_pair_labels(labels)
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_weight: expected ref_hidden and ref_weight together (the reference model's hidden "
@@ -287,6 +330,11 @@ def linear_preference_terms(
                          f"ref_weight={'set' if ref_weight is not None else None}")
     if ref_hidden is not None and options.get("ref_logps") is not None:
         raise ValueError("ref_logps: give the reference either as ref_hidden + ref_weight or as ref_logps, not both")
+    if algorithm != "recompute":
+        result = _pair_chunked(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ignore_index,
+                               chunk_size, normalizers, algorithm == "grad_in_forward", options)
+        if result is not None:
+            return result
     logps = token_log_probs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size,
                             name="hidden")
     ref_token_logps = None
@@ -294,4 +342,66 @@ def linear_preference_terms(
         with torch.no_grad():
             ref_token_logps = token_log_probs(ref_hidden, ref_weight, labels, bias=ref_bias,
                                               ignore_index=ignore_index, chunk_size=chunk_size, name="ref_hidden")
-    return preference_terms(logps, labels, ref_token_logps=ref_token_logps, ignore_index=ignore_index, **options)
+    return preference_terms(logps, labels, ref_token_logps=ref_token_logps, ignore_index=ignore_index, **options), None
+
+
+def _pair_chunked(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ignore_index, chunk_size,
+                  normalizers, required: bool, options) -> Optional[Tuple[PreferenceTerms, Optional[torch.Tensor]]]:
+    """The grad-in-forward path over chunks of whole pairs (:mod:`tune_losses.alignment.pair_chunks`), or
+    None where it does not apply (a ValueError instead when ``required``)."""
+    loss_type = options.get("loss_type", "sigmoid")
+    beta = options.get("beta", 0.1)
+    nll_weight = options.get("nll_weight", 0.0) + (1.0 if loss_type == "orpo" else 0.0)
+    if normalizers is None and nll_weight:
+        # Two sums with gradients normalized later by two counts: the per-token path keeps them apart.
+        if required:
+            raise ValueError("algorithm: 'grad_in_forward' with an NLL term needs the normalizers at call time "
+                             "(linear_preference_loss with num_pairs / num_chosen_tokens); use 'auto'")
+        return None
+    if not applies(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias):
+        if required:
+            raise ValueError("algorithm: 'grad_in_forward' takes plain tensors (no DTensor) of matching shapes and "
+                             "dtypes on one device, with a gradient wanted; use 'auto' or 'recompute'")
+        return None
+    check_label_range(labels, weight.shape[0], ignore_index)
+    if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:
+        check_label_range(labels, ref_weight.shape[0], ignore_index)
+    budget = chunk_size or default_row_budget(weight.shape[0], hidden.device)
+    layout = pair_chunk_layout(labels, ignore_index, budget)
+    if layout is None:
+        if required:
+            raise ValueError(f"chunk_size: a pair has more valid tokens than a chunk of {budget} rows "
+                             "(algorithm='grad_in_forward' keeps whole pairs in a chunk); raise chunk_size or "
+                             "use algorithm='auto'")
+        return None
+    batch, device, dtype = labels.shape[0] // 2, hidden.device, compute_dtype(hidden.dtype)
+    ref_seq = None
+    if ref_hidden is None:
+        if options.get("ref_logps") is not None:
+            ref_c, ref_r = _check_ref_logps(options["ref_logps"], batch, device)
+            ref_seq = torch.cat([ref_c, ref_r]).to(dtype)
+        else:
+            ref_seq = torch.zeros(2 * batch, dtype=dtype, device=device)
+    n_c, n_r = split_pairs(layout.lengths)
+    counted = (n_c > 0) & (n_r > 0)
+    if normalizers is None:
+        pair_scale, nll_scale = torch.ones((), dtype=dtype, device=device), torch.zeros((), dtype=dtype, device=device)
+    else:
+        pairs = counted.sum() if normalizers[0] is None else torch.as_tensor(normalizers[0], device=device)
+        tokens = n_c.sum() if normalizers[1] is None else torch.as_tensor(normalizers[1], device=device)
+        pair_scale = 1.0 / pairs.clamp(min=1).to(dtype)
+        nll_scale = nll_weight / tokens.clamp(min=1).to(dtype)
+    average = loss_type in MEAN_LOG_PROB_TYPES if options.get("average_log_prob") is None else bool(
+        options["average_log_prob"])
+    opts = PairOptions(loss_type=loss_type, beta=beta, gamma=options.get("gamma", 0.0),
+                       label_smoothing=options.get("label_smoothing", 0.0), average=average)
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    total, pair_sum, nll_sum, seq, ref = PairChunkedPreference.apply(
+        hidden, weight, bias, detach(ref_hidden), detach(ref_weight), detach(ref_bias), ref_seq, labels, layout, opts,
+        pair_scale, nll_scale)
+    chosen, rejected = split_pairs(seq)
+    ref_c, ref_r = split_pairs(ref)
+    common = dict(loss_type=loss_type, beta=beta, nll_weight=options.get("nll_weight", 0.0))
+    if normalizers is None:
+        return sequence_terms(chosen, rejected, ref_c, ref_r, counted, total, nll_sum, n_c.sum(), **common), None
+    return sequence_terms(chosen, rejected, ref_c, ref_r, counted, pair_sum, nll_sum, n_c.sum(), **common), total
