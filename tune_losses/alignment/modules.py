@@ -21,7 +21,8 @@ from tune_losses.alignment.preference import (
     PreferenceOutput,
     PreferenceTerms,
     check_preference_options,
-    preference_terms,
+    linear_preference_loss,
+    linear_preference_terms,
 )
 from tune_losses.heads import OutputProjection, set_output_mode
 
@@ -104,16 +105,21 @@ class LinearPreferenceLoss(_AlignmentModule):
         hidden ``[2B, S, H]`` (chosen rows first), labels ``[2B, S]``; the reference as ``ref_hidden``
         ``[2B, S, H']`` (needs :meth:`set_reference_output`), ``ref_logps`` ``([B], [B])``, or neither.
         """
-        ref_tok = None
-        if ref_hidden is not None:
-            ref_tok = self.reference_log_probs(ref_hidden, labels)
-        return preference_terms(self._log_probs(hidden, labels), labels, ref_token_logps=ref_tok,
-                                ref_logps=ref_logps, ignore_index=self.ignore_index, **self.options)
+        return linear_preference_terms(hidden, labels=labels, **self._call_args(ref_hidden, ref_logps))
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, ref_hidden: Optional[torch.Tensor] = None,
                 ref_logps: Optional[Sequence[torch.Tensor]] = None) -> PreferenceOutput:
         """:class:`tune_losses.PreferenceOutput` of this batch (normalized by its own pairs and tokens)."""
-        return self.terms(hidden, labels, ref_hidden, ref_logps).output()
+        return linear_preference_loss(hidden, labels=labels, **self._call_args(ref_hidden, ref_logps))
+
+    def _call_args(self, ref_hidden, ref_logps) -> dict:
+        p = _require(self.projection, type(self).__name__)
+        ref = {}
+        if ref_hidden is not None:
+            r = _require(self.reference_projection, type(self).__name__ + " (reference)")
+            ref = dict(ref_hidden=ref_hidden, ref_weight=r.weight, ref_bias=r.bias)
+        return dict(weight=p.weight, bias=p.bias, ref_logps=ref_logps, ignore_index=self.ignore_index,
+                    chunk_size=self.chunk_size, **ref, **self.options)
 
 
 class LinearPolicyLoss(_AlignmentModule):
