@@ -1,7 +1,9 @@
 """Alignment losses: preference optimization (DPO family) and policy optimization (GRPO family).
 
-All are small formulas over the engine's per-token log-probabilities
-(:func:`tune_losses.linear_log_probs`): one chunk loop, no ``[N, V]`` logits.
+All are small formulas (:mod:`tune_losses.alignment.formulas`) over the engine's per-token
+log-probabilities (:func:`tune_losses.linear_log_probs`): one chunk loop, no ``[N, V]`` logits. The
+preference losses also have a grad-in-forward path over chunks of whole pairs
+(:mod:`tune_losses.alignment.pair_chunks`), taken where it applies.
 """
 
 from tune_losses.alignment.modules import LinearPolicyLoss, LinearPreferenceLoss

@@ -1,10 +1,15 @@
-"""Preference losses (the DPO family) on the fused log-probability term: no ``[2B, S, V]`` logits.
+"""Preference losses (the DPO family), fused: no ``[2B, S, V]`` logits.
 
-:func:`linear_preference_loss` takes the policy's final hidden states and output weight. The
-per-token log-probabilities come from :func:`tune_losses.linear_log_probs` (the engine's one chunk
-loop); a sequence's log-probability is their masked sum (or mean), and the loss formula
-(:mod:`tune_losses.alignment.formulas`) runs on ``[B]`` sequence values. Autograd carries each
-token's weight back into the chunk loop, so dX, dW (and db) never see full logits.
+:func:`linear_preference_loss` takes the policy's final hidden states and output weight. Two paths,
+same values and gradients (the loss formula, :mod:`tune_losses.alignment.formulas`, runs on ``[B]``
+sequence log-probabilities either way):
+
+* grad-in-forward over chunks of whole pairs (:mod:`tune_losses.alignment.pair_chunks`; the default
+  where it applies: plain tensors, a gradient wanted, every pair within a chunk): each chunk's logits
+  made once, over valid tokens only, its gradient taken in forward;
+* per-token (everything else, ``algorithm="recompute"``): per-token log-probabilities from
+  :func:`tune_losses.linear_log_probs` (the engine's one chunk loop), their masked sum (or mean), and
+  autograd carries each token's weight back into the loop, whose backward makes each chunk again.
 
 Batch layout (torchtune's ``padded_collate_dpo``): hidden ``[2B, S, H]``, labels ``[2B, S]``, the B
 chosen sequences first, then the B rejected ones, labels already aligned with the hidden states and
