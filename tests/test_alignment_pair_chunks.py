@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from alignment_reference import ref_preference
+from test_alignment_losses import _pair_labels
 from tune_losses import linear_preference_loss
 from tune_losses.alignment import linear_preference_terms
 from tune_losses.alignment.pair_chunks import default_row_budget, pair_chunk_layout
@@ -15,17 +16,10 @@ PREF_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 B, S, H, V = 4, 11, 16, 37
 
 
-def _labels(gen, b=B, s=S):
-    """[2B, S]: per row a prompt, a response of its own length, padding; pair 1 has an empty rejected row,
-    pair 2 has no valid token at all."""
-    labels = torch.randint(0, V, (2 * b, s), generator=gen)
-    for i in range(2 * b):
-        prompt = int(torch.randint(0, 3, (1,), generator=gen))
-        length = int(torch.randint(1, s - prompt + 1, (1,), generator=gen))
-        labels[i, :prompt] = -100
-        labels[i, prompt + length:] = -100
-    labels[b + 1] = -100
-    labels[2] = labels[b + 2] = -100
+def _labels(gen):
+    """[2B, S] (see test_alignment_losses): pair 0's rejected row empty, pair 2 with no valid token."""
+    labels = _pair_labels(gen, b=B, s=S, empty_rejected=True)
+    labels[2] = labels[B + 2] = -100
     return labels
 
 

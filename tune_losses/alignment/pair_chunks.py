@@ -34,7 +34,7 @@ import torch
 
 from tune_losses.alignment.formulas import counted_pair_losses
 from tune_losses.divergences import VocabReducer, log_prob_chunk
-from tune_losses.fused.engine import BACKWARD_ONCE, _logits, accumulate_chunk_grads, compute_dtype
+from tune_losses.fused.engine import GradInForward, _logits, accumulate_chunk_grads, compute_dtype
 from tune_losses.validation import LABEL_DTYPES
 
 # Logit elements of one chunk ([rows, V], fp32): the row budget is this divided by V. CPU, fp32,
@@ -224,20 +224,10 @@ class PairChunkedPreference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *_grad_rest):
-        if ctx.grads is None:
-            raise RuntimeError(BACKWARD_ONCE)
-        ctx.saved_tensors  # noqa: B018 - raises if an input was modified in place since forward
-        dx, dw, db = ctx.grads
-        ctx.grads = None
-        w_dtype, b_dtype = ctx.dtypes
-        # grad_total is a 0-dim tensor: scaling on device, no host sync.
-        if dx is not None:
-            dx = dx.mul_(grad_total.to(dx.dtype))
-        if dw is not None:
-            dw = dw.mul_(grad_total.to(dw.dtype)).to(w_dtype)
-        if db is not None:
-            db = db.mul_(grad_total.to(db.dtype)).to(b_dtype)
-        return dx, dw, db, None, None, None, None, None, None, None, None, None
+        # The same hand-over as the engine's grad-in-forward loss (ctx.grads, ctx.dtypes, saved x, w, b):
+        # dX, dW, db scaled by grad_total, once.
+        dx, dw, db = GradInForward.backward(ctx, grad_total)[:3]
+        return (dx, dw, db) + (None,) * 9
 
 
 def _reference(ref_seq, ref_sums, per_token, from_hidden: bool, chosen: slice, rejected: slice):
