@@ -80,6 +80,20 @@ def _label_index(labels: torch.Tensor, valid: torch.Tensor, width: int, red: Voc
     return torch.where(owned, local, torch.zeros_like(local)).unsqueeze(-1), owned
 
 
+def _add_at_label(g: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """``g[i, idx[i]] += amount[i]`` where ``owned[i]`` (the one-hot part of a gradient).
+
+    Eager: a scatter into ``g`` in place (``n`` entries). Under ``torch.compile``: a comparison against
+    the column index, which Inductor fuses into the pass that writes ``g`` (a scatter would make it
+    store ``g`` first and read it again).
+    """
+    if torch.compiler.is_compiling():
+        cols = torch.arange(g.shape[-1], device=g.device)
+        hit = (cols == idx) & owned.unsqueeze(-1)
+        return torch.where(hit, g + amount.unsqueeze(-1), g)
+    return g.scatter_add_(-1, idx, torch.where(owned, amount, 0.0).unsqueeze(-1))
+
+
 def _scaled(z: torch.Tensor, t: float, consume: bool) -> torch.Tensor:
     """``z / t`` as a buffer the caller may overwrite (``z`` itself when it may be consumed)."""
     if consume:
@@ -138,8 +152,7 @@ def ce_chunk(
     row = weight / sumexp
     if c > 0:
         row = row * (1 + 2 * c * lse)
-    g = e.mul_(row.unsqueeze(-1))
-    g.scatter_add_(-1, idx, torch.where(owned, -(1 - eps) * weight, 0.0).unsqueeze(-1))
+    g = _add_at_label(e.mul_(row.unsqueeze(-1)), idx, owned, -(1 - eps) * weight)
     if eps > 0:
         g.sub_((eps / red.vocab) * weight.unsqueeze(-1))
     if dcap is not None:
@@ -200,7 +213,7 @@ def log_prob_chunk(
     else:
         g = q.mul_(row.unsqueeze(-1))
     if w_lp is not None:
-        g.scatter_add_(-1, idx, torch.where(owned, w_lp, 0.0).unsqueeze(-1))
+        g = _add_at_label(g, idx, owned, w_lp)
     if temperature != 1.0:
         g.div_(temperature)
     return outs, g
@@ -338,6 +351,8 @@ def kd_chunk(
         ``(divergence [n] times loss_scale (no ignore mask), grad [n, V_r] w.r.t. zs or None)``.
     """
     t = opts.temperature
+    if teacher_weight is None and (opts.divergence == "forward_kl" or (opts.divergence == "jsd" and opts.beta == 0.0)):
+        return _forward_kl_from_rows(zs, zt, opts, red, weight, consume_student, consume_teacher)
     log_q, log_p = _log_softmax_pair(zs, zt, t, red, consume_student, consume_teacher)
     need, need_b = weight is not None, teacher_weight is not None
     terms, a, q, *bp = divergence_terms(log_p, log_q, opts, need, need_b)
@@ -355,3 +370,48 @@ def kd_chunk(
     b, p = bp
     gt = b.sub_(p.mul_(r[-1].unsqueeze(-1))).mul_((teacher_weight * (opts.loss_scale / t)).unsqueeze(-1))
     return value, g, gt
+
+
+def _forward_kl_from_rows(zs, zt, opts: KDOptions, red: VocabReducer, weight, consume_student: bool,
+                          consume_teacher: bool):
+    """Forward KL (or torchtune's ``-sum p log q``) from per-token statistics of the shifted logits.
+
+    With ``s = zs / T - max``, ``t = zt / T - max``, ``S_q = sum e^s``, ``S_p = sum e^t`` and ``u`` the
+    entries where neither side is -inf (the rest count 0, as in :func:`divergence_terms`):
+
+    * ``KL = (sum_u e^t (t - s)) / S_p + (log S_q - log S_p) P_u``, with ``P_u = sum_u e^t / S_p``;
+    * torchtune's ``-sum_u p log q = -(sum_u e^t s) / S_p + P_u log S_q``;
+    * gradient w.r.t. ``zs``: ``(q P_u - p_u) / T`` with ``q = e^s / S_q``, ``p_u = e^t / S_p`` on ``u``.
+
+    The value is the same quantity :func:`divergence_terms` sums, but no ``[n, V_r]`` log-probability
+    is kept: the gradient is one expression of the two logit buffers and four numbers per token,
+    which a compiler fuses into one pass (eager: it is written over the two buffers in place).
+    Same arguments and results as :func:`kd_chunk` without a teacher gradient.
+    """
+    t = opts.temperature
+    ls, lt = _scaled(zs, t, consume_student), _scaled(zt, t, consume_teacher)
+    m = _row_max(torch.stack([ls.amax(-1), lt.amax(-1)]), red)
+    ls, lt = ls.sub_(m[0].unsqueeze(-1)), lt.sub_(m[1].unsqueeze(-1))
+    masked = (ls == NEG_INF) | (lt == NEG_INF)
+    e_t = lt.exp()
+    stats = [ls.exp().sum(-1), e_t.sum(-1)]
+    e_t = e_t.masked_fill_(masked, 0.0)
+    stats.append(e_t.sum(-1))
+    log_ratio = (lt - ls) if opts.true_kl else ls.neg()
+    stats.append(e_t.mul_(log_ratio).masked_fill_(masked, 0.0).sum(-1))
+    del e_t, log_ratio
+    sum_q, sum_p, sum_u, cross = red.sum(torch.stack(stats))
+    share_u = sum_u / sum_p  # P_u: the teacher's probability outside the masked entries
+    log_sum_q = sum_q.log()
+    rest = (log_sum_q - sum_p.log()) if opts.true_kl else log_sum_q
+    # A token whose every entry is masked has P_u = 0 and divergence 0 (not 0 * inf).
+    value = torch.where(sum_u == 0, 0.0, cross / sum_p + rest * share_u)
+    if opts.loss_scale != 1.0:
+        value = value * opts.loss_scale
+    if weight is None:
+        return value, None
+    w = weight * (opts.loss_scale / t)
+    q_part = (w * share_u / sum_q).unsqueeze(-1)
+    p_part = (w / sum_p).unsqueeze(-1)
+    g = ls.exp_().mul_(q_part).sub_(lt.exp_().masked_fill_(masked, 0.0).mul_(p_part))
+    return value, g

@@ -94,8 +94,14 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
         frozen_terms, local = tuple(terms), VocabReducer(red.vocab)
 
         def math(z, zt, labels, valid, weights):
-            # consume=False: a compiled graph that mutated its inputs would copy them back.
-            return terms_on_chunk(frozen_terms, local, z, zt, labels, valid, weights, False)
+            # consume=False: the terms' math stays functional, so Inductor can fuse it; the summed
+            # gradient is then written over the student's logits buffer in the last fused pass (the
+            # engine reads it there), so a chunk needs no third [n, V] buffer.
+            outs, g = terms_on_chunk(frozen_terms, local, z, zt, labels, valid, weights, False)
+            if g is None:
+                return outs, False
+            z.copy_(g)
+            return outs, True
 
         # torch.compile's cache and recompile limit belong to a code object: each key gets a copy of
         # its own, so term sets, vocabularies and row counts do not use up one shared limit.
@@ -106,12 +112,15 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
 
 
 def run_compiled(fn: Callable, z, zt, labels, valid, weights) -> Optional[Tuple[list, Optional[torch.Tensor]]]:
-    """Call a compiled chunk function; None (and compilation off from now on, said once) if it fails."""
+    """Call a compiled chunk function: ``(outputs, gradient)`` as :func:`terms_on_chunk`, the
+    gradient written over ``z`` (``z`` itself, or None when no term has a gradient weight); None
+    (and compilation off from now on, said once) if it fails."""
     try:
         # A key's code compiles once per (rows, dtype, gradient pattern): a few powers of two of rows,
         # with and without gradients, exceed torch's default limit of 8 for one code object.
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            return fn(z, zt, labels, valid, weights)
+            outs, has_grad = fn(z, zt, labels, valid, weights)
+            return outs, (z if has_grad else None)
     except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same eager math
         _turn_off(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return None

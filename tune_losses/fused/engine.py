@@ -96,10 +96,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Logits of one chunk in the compute dtype: ``x @ w.T + b`` in the input dtype (as eager
-    PyTorch), then upcast."""
+    PyTorch), then upcast; written into ``out`` (``[n, V_r]``, compute dtype) when given."""
+    if out is not None and x.dtype == out.dtype:
+        return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
     z = torch.nn.functional.linear(x, w, b)
+    if out is not None:
+        return out.copy_(z)
     dtype = compute_dtype(z.dtype)
     return z if z.dtype == dtype else z.to(dtype)
 
@@ -196,18 +201,22 @@ def chunk_pass(
     # A call whose tokens fit in one chunk pads them to a power of two (at least 8), so batches of
     # varying length compile a handful of shapes, not one per length.
     rows_fixed = size if size < num_tokens else 1 << max(3, (num_tokens - 1).bit_length())
+    # The chunk's logits go into buffers made once per call (the matmuls write into them, the
+    # compiled math writes the gradient over the student's): no [n, V] allocation per chunk.
+    buf_rows = rows_fixed if math is not None else min(size, num_tokens)
+    zbuf = torch.empty(buf_rows, w.shape[0], dtype=dtype, device=x.device)
+    ztbuf = torch.empty(buf_rows, tw.shape[0], dtype=dtype, device=x.device) if teacher else None
 
     for start, end in token_chunk_bounds(num_tokens, size):
         rows = slice(start, end)
+        n = end - start
         ok, lab = valid[rows], labels[rows]
         # Ignored tokens' hidden rows are zeroed ([n, H], cheap): a non-finite hidden state at a
         # token the loss leaves out (a padding position) then cannot reach dX / dW as 0 * NaN.
         xc = _zero_ignored(x[rows], ok)
-        zt = None
         if teacher:
-            with torch.no_grad():
-                zt = _logits(_zero_ignored(tx[rows], ok), tw, tb)
-        z = _logits(xc, w, b)
+            _logits(_zero_ignored(tx[rows], ok), tw, tb, out=ztbuf[:n])
+        _logits(xc, w, b, out=zbuf[:n])
         chunk_weights = [None] * len(plan.terms)
         if any_grad:
             for i, ws in enumerate(weights):
@@ -215,13 +224,14 @@ def chunk_pass(
                     chunk_weights[i] = [_chunk_weight(v, rows, ok, dtype, grad_scale) for v in ws]
         result = None
         if math is not None:
-            result = _run_padded(math, rows_fixed, z, zt, lab, ok, chunk_weights, plan.ignore_index)
+            result = _run_padded(math, n, zbuf, ztbuf, lab, ok, chunk_weights, plan.ignore_index)
             if result is None:
                 math = None
         if result is None:
-            result = terms_on_chunk(plan.terms, red, z, zt, lab, ok, chunk_weights, True)
+            zt = ztbuf[:n] if teacher else None
+            result = terms_on_chunk(plan.terms, red, zbuf[:n], zt, lab, ok, chunk_weights, True)
         values, g = result
-        del z, zt, result
+        del result
         for name, v in zip(plan.output_names, values):
             outputs[name][rows] = v
         if g is not None:
@@ -234,22 +244,22 @@ def chunk_pass(
     return outputs, dx, dw, db
 
 
-def _run_padded(math, rows: int, z, zt, labels, valid, weights, ignore_index: int):
-    """Run compiled chunk math on a chunk padded to ``rows`` rows (ignored tokens, weight 0), so
-    the last, partial chunk reuses the full chunks' compiled code; results cut back to the chunk."""
-    n = z.shape[0]
-    if n < rows:
-        pad = rows - n
+def _run_padded(math, n: int, zbuf, ztbuf, labels, valid, weights, ignore_index: int):
+    """Run compiled chunk math on whole buffers ``[rows, V]`` whose first ``n`` rows are this chunk.
 
+    Every chunk then has the same shape (one compilation); the rows past ``n`` (stale) are padding:
+    labels ``ignore_index``, weight 0, results cut off (every operation is row-wise, so they reach
+    no other row).
+    """
+    pad = zbuf.shape[0] - n
+    if pad:
         def rows_of(t, value=0):
-            return None if t is None else torch.nn.functional.pad(t, (0, 0, 0, pad) if t.dim() == 2 else (0, pad),
-                                                                   value=value)
+            return None if t is None else torch.nn.functional.pad(t, (0, pad), value=value)
 
-        z, zt = rows_of(z), rows_of(zt)
         labels, valid = rows_of(labels, ignore_index), rows_of(valid, False)
         weights = [None if ws is None else [rows_of(w) for w in ws] for ws in weights]
-    result = run_compiled(math, z, zt, labels, valid, weights)
-    if result is None or n == rows:
+    result = run_compiled(math, zbuf, ztbuf, labels, valid, weights)
+    if result is None or not pad:
         return result
     values, g = result
     return [v[:n] for v in values], (None if g is None else g[:n])
