@@ -18,10 +18,11 @@ Liger-Kernel's chunked losses are pure PyTorch (``torch.compile``-d per chunk) a
 it in the benchmark's environment only (``pip install liger-kernel``); without it the liger rows say so.
 Before timing, each method's loss and hidden-state gradient are checked against ``full``.
 
-Memory (CPU): each (case, method) in a fresh process; after a warm-up, peak resident memory of one
-step (VmHWM, reset through /proc/self/clear_refs) minus the resident memory held before it; median of
-``--reps``. Time: one process per case, methods interleaved with a rotating order each round, median
-of ``--rounds``; the load average is printed before and after (the machine may be shared).
+Memory (CPU): each (case, method) in a fresh process; after ``--warmup`` untimed steps, peak resident
+memory of one step (VmHWM, reset through /proc/self/clear_refs) minus the resident memory held before
+it; median of ``--reps``. Time: one process per case, ``--warmup`` untimed steps per method, then the
+methods interleaved with a rotating order each round, median of ``--rounds``; the load average is
+printed before and after (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ CASES = ("dpo", "grpo")
 METHODS = ("fused", "full", "liger")
 DEFAULT = dict(tokens=2048, hidden=256, vocab=32768, seq=256)
 QUICK = dict(tokens=512, hidden=64, vocab=4096, seq=64)
+# Untimed steps per method first: torch.compile (Liger-Kernel's chunk functions, our compiled chunk math)
+# compiles on the first call and may compile again, for dynamic shapes, on the second or third.
+WARMUP = 3
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -142,10 +146,12 @@ def clear(d) -> None:
 # ----------------------------------------------------------------------------- measuring (workers)
 
 
-def worker_memory(case: str, method: str, size: dict, reps: int) -> dict:
+def worker_memory(case: str, method: str, size: dict, reps: int, warmup: int = WARMUP) -> dict:
     d = make_inputs(case, **size)
     fn = build(case, method)
-    step(fn, d)  # warm-up: compilation and one-time allocations
+    for _ in range(warmup):  # compilation (and recompilation) and one-time allocations
+        clear(d)
+        step(fn, d)
     peaks = []
     for _ in range(reps):
         clear(d)
@@ -157,7 +163,7 @@ def worker_memory(case: str, method: str, size: dict, reps: int) -> dict:
     return {"peak_mib": statistics.median(peaks)}
 
 
-def worker_time(case: str, methods: List[str], size: dict, rounds: int) -> dict:
+def worker_time(case: str, methods: List[str], size: dict, rounds: int, warmup: int = WARMUP) -> dict:
     d = make_inputs(case, **size)
     fns, checks = {}, {}
     for m in methods:
@@ -167,6 +173,9 @@ def worker_time(case: str, methods: List[str], size: dict, rounds: int) -> dict:
             t0 = time.perf_counter()
             loss = step(fns[m], d)
             checks[m] = {"warmup_s": time.perf_counter() - t0, "loss": float(loss), "grad": d["hidden"].grad.clone()}
+            for _ in range(warmup - 1):
+                clear(d)
+                step(fns[m], d)
         except ImportError as e:
             checks[m] = {"error": f"{type(e).__name__}: {e}"}
             fns.pop(m, None)
@@ -209,6 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--reps", type=int, default=3, help="memory: steps per process (median)")
     p.add_argument("--rounds", type=int, default=5, help="time: interleaved rounds (median)")
+    p.add_argument("--warmup", type=int, default=WARMUP, help="untimed steps per method first (compilation)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -228,10 +238,12 @@ def main(argv=None) -> int:
     for case in args.cases:
         res = {m: {} for m in args.methods}
         for m in args.methods:
-            r = _run_worker(dict(kind="memory", case=case, method=m, size=size, reps=args.reps), timeout=1800)
+            r = _run_worker(dict(kind="memory", case=case, method=m, size=size, reps=args.reps,
+                                  warmup=args.warmup), timeout=1800)
             res[m].update(r)
             print(f"  {case} {m}: memory {r}", flush=True)
-        t = _run_worker(dict(kind="time", case=case, methods=args.methods, size=size, rounds=args.rounds),
+        t = _run_worker(dict(kind="time", case=case, methods=args.methods, size=size, rounds=args.rounds,
+                                  warmup=args.warmup),
                         timeout=3600)
         for m in args.methods:
             res[m].update(t.get(m, {"error": t.get("error", "?")}) if isinstance(t, dict) else {})
