@@ -15,7 +15,7 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _run(n, divergence, seed=0, hdim=16, vocab=300):
+def _run(n, divergence, seed=0, hdim=16, vocab=300, temperature=2.0):
     g = gen(seed)
     h, th = torch.randn(n, hdim, generator=g), torch.randn(n, hdim, generator=g)
     w, tw = torch.randn(vocab, hdim, generator=g) / 4, torch.randn(vocab, hdim, generator=g) / 4
@@ -23,22 +23,23 @@ def _run(n, divergence, seed=0, hdim=16, vocab=300):
     labels = make_labels((n,), vocab, "some", gen(seed + 1))
     hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
     out = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, divergence=divergence, chunk_size=32,
-                                   label_smoothing=0.1, temperature=2.0)
+                                   label_smoothing=0.1, temperature=temperature)
     out.loss.backward()
     return [out.loss.detach(), out.ce, out.kd, hh.grad, ww.grad, bb.grad]
 
 
 @pytest.mark.slow
-def test_compiled_equals_eager_and_compiles_once_per_term_set(monkeypatch):
+@pytest.mark.parametrize("divergence,temperature", [("jsd", 2.0), ("forward_kl", 1.0), ("forward_kl", 2.0)])
+def test_compiled_equals_eager_and_compiles_once_per_term_set(monkeypatch, divergence, temperature):
     monkeypatch.setattr(compiled, "_CACHE", {})
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # earlier tests' compilations count in the same process
     frames = torch._dynamo.utils.counters["stats"]
     for n in (70, 45, 96):  # full chunks plus partial ones of 6, 13 and 0 tokens
         monkeypatch.setenv("TUNE_LOSSES_COMPILE", "0")
-        eager = _run(n, "jsd")
+        eager = _run(n, divergence, temperature=temperature)
         monkeypatch.setenv("TUNE_LOSSES_COMPILE", "1")
-        got = _run(n, "jsd")
+        got = _run(n, divergence, temperature=temperature)
         assert not compiled._BROKEN, compiled._BROKEN
         for a, e in zip(got, eager):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

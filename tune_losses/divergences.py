@@ -98,7 +98,7 @@ def _scaled(z: torch.Tensor, t: float, consume: bool) -> torch.Tensor:
     """``z / t`` as a buffer the caller may overwrite (``z`` itself when it may be consumed)."""
     if consume:
         return z.div_(t) if t != 1.0 else z
-    return z / t
+    return z / t if t != 1.0 else z.clone()
 
 
 # ------------------------------------------------------------------------------- cross-entropy
@@ -112,6 +112,7 @@ def ce_chunk(
     red: VocabReducer,
     weight: Optional[torch.Tensor] = None,
     consume: bool = False,
+    student_rows: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Cross-entropy ``lse(z) - z[y]`` with label smoothing, z-loss and softcap, and its gradient.
 
@@ -119,6 +120,8 @@ def ce_chunk(
         z: ``[n, V_r]`` raw logits.
         labels, valid: ``[n]`` class ids and the mask of counted tokens.
         weight: ``[n]`` gradient weight per token, or None for the value only.
+        student_rows: a dict to leave ``(max, sum exp)`` of the raw logits in (key ``"raw"``) for
+            later terms of the same chunk (not with softcap, whose logits differ).
 
     Returns:
         ``(loss [n], grad [n, V_r] or None)``; the loss is 0 at ignored tokens.
@@ -138,6 +141,8 @@ def ce_chunk(
     stats.insert(0, e.sum(-1))
     r = red.sum(torch.stack(stats))
     sumexp = r[0]
+    if student_rows is not None and s is None:
+        student_rows.setdefault("raw", (m, sumexp))
     lse = m + sumexp.log()
     loss = lse - r[1]
     if eps > 0:
@@ -152,6 +157,11 @@ def ce_chunk(
     row = weight / sumexp
     if c > 0:
         row = row * (1 + 2 * c * lse)
+    if torch.compiler.is_compiling() and not consume:
+        # Compiled: exp again in the gradient's pass rather than store e between the reduction and
+        # that pass (Inductor would keep a [n, V] buffer for it, and a divergence term of the same
+        # chunk shares this exp(z - max) there).
+        e = (z - m.unsqueeze(-1)).exp()
     g = _add_at_label(e.mul_(row.unsqueeze(-1)), idx, owned, -(1 - eps) * weight)
     if eps > 0:
         g.sub_((eps / red.vocab) * weight.unsqueeze(-1))
@@ -338,6 +348,7 @@ def kd_chunk(
     consume_student: bool = False,
     consume_teacher: bool = False,
     teacher_weight: Optional[torch.Tensor] = None,
+    student_rows: Optional[dict] = None,
 ):
     """A distillation divergence of teacher ``p = softmax(zt / T)`` and student ``q = softmax(zs / T)``.
 
@@ -352,7 +363,8 @@ def kd_chunk(
     """
     t = opts.temperature
     if teacher_weight is None and (opts.divergence == "forward_kl" or (opts.divergence == "jsd" and opts.beta == 0.0)):
-        return _forward_kl_from_rows(zs, zt, opts, red, weight, consume_student, consume_teacher)
+        shared = student_rows.get("raw") if student_rows and t == 1.0 else None
+        return _forward_kl_from_rows(zs, zt, opts, red, weight, consume_student, consume_teacher, shared)
     log_q, log_p = _log_softmax_pair(zs, zt, t, red, consume_student, consume_teacher)
     need, need_b = weight is not None, teacher_weight is not None
     terms, a, q, *bp = divergence_terms(log_p, log_q, opts, need, need_b)
@@ -373,7 +385,7 @@ def kd_chunk(
 
 
 def _forward_kl_from_rows(zs, zt, opts: KDOptions, red: VocabReducer, weight, consume_student: bool,
-                          consume_teacher: bool):
+                          consume_teacher: bool, student_rows=None):
     """Forward KL (or torchtune's ``-sum p log q``) from per-token statistics of the shifted logits.
 
     With ``s = zs / T - max``, ``t = zt / T - max``, ``S_q = sum e^s``, ``S_p = sum e^t`` and ``u`` the
@@ -386,21 +398,30 @@ def _forward_kl_from_rows(zs, zt, opts: KDOptions, red: VocabReducer, weight, co
     The value is the same quantity :func:`divergence_terms` sums, but no ``[n, V_r]`` log-probability
     is kept: the gradient is one expression of the two logit buffers and four numbers per token,
     which a compiler fuses into one pass (eager: it is written over the two buffers in place).
-    Same arguments and results as :func:`kd_chunk` without a teacher gradient.
+    Same arguments and results as :func:`kd_chunk` without a teacher gradient; ``student_rows``:
+    the student's ``(max, sum exp)`` when another term of the chunk has computed them (T = 1), so
+    both terms' gradients share one ``exp(zs - max)``.
     """
     t = opts.temperature
     ls, lt = _scaled(zs, t, consume_student), _scaled(zt, t, consume_teacher)
-    m = _row_max(torch.stack([ls.amax(-1), lt.amax(-1)]), red)
-    ls, lt = ls.sub_(m[0].unsqueeze(-1)), lt.sub_(m[1].unsqueeze(-1))
+    if student_rows is None:
+        m_s, m_t = _row_max(torch.stack([ls.amax(-1), lt.amax(-1)]), red)
+    else:
+        m_s, m_t = student_rows[0], _row_max(lt.amax(-1), red)
+    ls, lt = ls.sub_(m_s.unsqueeze(-1)), lt.sub_(m_t.unsqueeze(-1))
     masked = (ls == NEG_INF) | (lt == NEG_INF)
     e_t = lt.exp()
-    stats = [ls.exp().sum(-1), e_t.sum(-1)]
+    stats = [e_t.sum(-1)]
     e_t = e_t.masked_fill_(masked, 0.0)
     stats.append(e_t.sum(-1))
     log_ratio = (lt - ls) if opts.true_kl else ls.neg()
     stats.append(e_t.mul_(log_ratio).masked_fill_(masked, 0.0).sum(-1))
     del e_t, log_ratio
-    sum_q, sum_p, sum_u, cross = red.sum(torch.stack(stats))
+    if student_rows is None:
+        stats.append(ls.exp().sum(-1))
+    sums = red.sum(torch.stack(stats))
+    sum_p, sum_u, cross = sums[0], sums[1], sums[2]
+    sum_q = sums[3] if student_rows is None else student_rows[1]
     share_u = sum_u / sum_p  # P_u: the teacher's probability outside the masked entries
     log_sum_q = sum_q.log()
     rest = (log_sum_q - sum_p.log()) if opts.true_kl else log_sum_q

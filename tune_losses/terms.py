@@ -13,8 +13,8 @@ and :meth:`Term.compute`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +34,10 @@ class Chunk:
         teacher: ``[n, V_r]`` teacher logits (no gradient), or None when no term needs them.
         labels: ``[n]`` class ids; valid: ``[n]`` bool mask of counted tokens.
         reducer: reductions over the vocabulary (identity on one process).
+        student_rows: per-token statistics of the raw student logits shared between terms:
+            ``(max [n], sum exp(z - max) [n])`` over the whole vocabulary, set by the first term
+            that computes them (cross-entropy) and read by later ones (a divergence at T = 1), so
+            that a distillation loss normalizes the student's logits once.
     """
 
     student: torch.Tensor
@@ -41,6 +45,7 @@ class Chunk:
     labels: torch.Tensor
     valid: torch.Tensor
     reducer: VocabReducer
+    student_rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class Term:
@@ -84,7 +89,7 @@ class CrossEntropyTerm(Term):
 
     def compute(self, chunk, weights, consume_student, consume_teacher):
         loss, g = ce_chunk(chunk.student, chunk.labels, chunk.valid, self.opts, chunk.reducer,
-                           None if weights is None else weights[0], consume_student)
+                           None if weights is None else weights[0], consume_student, chunk.student_rows)
         return (loss,), g
 
 
@@ -100,8 +105,9 @@ class DivergenceTerm(Term):
     def compute(self, chunk, weights, consume_student, consume_teacher):
         # A wider teacher (padding rows) is aligned to the student here, once for every path.
         zs, zt = align_logits(chunk.student, chunk.teacher, self.opts.teacher_vocab)
+        rows = chunk.student_rows if zs is chunk.student else {}
         value, g = kd_chunk(zs, zt, self.opts, chunk.reducer, None if weights is None else weights[0],
-                            consume_student or zs is not chunk.student, consume_teacher)
+                            consume_student or zs is not chunk.student, consume_teacher, student_rows=rows)
         return (torch.where(chunk.valid, value, 0.0),), student_columns(g, chunk.student.shape[-1])
 
     def teacher_gradients(self, chunk: Chunk, weight: torch.Tensor, teacher_weight: torch.Tensor):

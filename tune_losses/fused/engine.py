@@ -1,9 +1,9 @@
 """The chunk loop behind every fused linear loss.
 
 Hidden states ``[N, H]`` are cut into token chunks; each chunk's student logits ``[n, V]`` are made
-once (and the teacher's once, when a term needs them), handed to every loss term
-(:mod:`tune_losses.terms`), and freed before the next chunk, so no ``[N, V]`` tensor exists in
-forward or backward. The terms' weighted logit gradients are summed into one ``[n, V]`` gradient per
+once (and the teacher's once, when a term needs them) into a buffer that every chunk of the call
+reuses, handed to every loss term (:mod:`tune_losses.terms`), and overwritten by their gradient, so
+no ``[N, V]`` tensor exists in forward or backward and a chunk allocates no ``[n, V]`` memory. The terms' weighted logit gradients are summed into one ``[n, V]`` gradient per
 chunk, which becomes dX (``g @ W``), dW (``g.T @ x``) and db: a distillation call makes four
 ``2 N H V`` matmuls over forward and backward (student logits, teacher logits, dX, dW), a
 cross-entropy call three.
@@ -154,6 +154,7 @@ def _chunk_weight(w, rows: slice, ok: torch.Tensor, dtype: torch.dtype, scale: O
     return t if scale is None else t * scale.to(dtype)
 
 
+@torch.no_grad()  # the gradients here are closed forms; a backward run with create_graph=True builds no graph
 def chunk_pass(
     x: torch.Tensor,
     w: torch.Tensor,
