@@ -20,9 +20,9 @@ padding rows never reach a matmul. Between forward and backward the autograd fun
 ``[2B, S, H]``, dW ``[V, H]`` and db, like :class:`tune_losses.fused.engine.GradInForward`; backward
 scales them by ``grad_output`` and can run once.
 
-It applies to plain tensors on one process, with a gradient wanted and every pair within the row
-budget (:func:`pair_chunk_layout` returns None otherwise); callers keep the per-token path for
-everything else (DTensor / vocabulary-parallel weights, long pairs, ``algorithm="recompute"``).
+It applies to plain tensors (and FSDP2 weights, gathered once per call), with a gradient wanted and
+every pair within the row budget (:func:`pair_chunk_layout` returns None otherwise); callers keep the
+per-token path for everything else (vocabulary-parallel weights, long pairs, ``algorithm="recompute"``).
 """
 
 from __future__ import annotations
@@ -35,12 +35,15 @@ import torch
 from tune_losses.alignment.formulas import counted_pair_losses
 from tune_losses.divergences import VocabReducer, log_prob_chunk
 from tune_losses.fused.engine import GradInForward, _logits, accumulate_chunk_grads, compute_dtype
+from tune_losses.fused.placement import TP_MESH_DIM_NAMES, materialize_weight
 from tune_losses.validation import LABEL_DTYPES
 
 # Logit elements of one chunk ([rows, V], fp32): the row budget is this divided by V. CPU, fp32,
 # N=2048 (8 rows of 256, a prompt of 64 ignored), H=256, V=32768 (`python -m benchmarks.alignment`):
-# 2^24 gives 512 rows, one pair (2 x 192 valid tokens) per chunk, peak ~100 MiB (the full-logits
-# path 768 MiB). CUDA: unmeasured; a pair of 2 x 1024 tokens at V = 128256 fits in 2^28.
+# 2^24 gives 512 rows, one pair (2 x 192 valid tokens) per chunk, peak 83 MiB (full logits 768 MiB;
+# two pairs per chunk: 11% faster, 131 MiB). CUDA, H200, bf16, 4 pairs of 2 x 1024 tokens (prompt 256
+# ignored), H=2048, V=128256: 2^28 gives 2093 rows (one pair): 44 ms and 2.6 GiB above the inputs
+# (per-token path 68 ms, 1.9 GiB; full logits 42 ms, 11.7 GiB; median of 5).
 _TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
@@ -119,13 +122,27 @@ def _plain(t) -> bool:
     return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
-def applies(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias) -> bool:
-    """Whether the pair-chunked path takes these inputs: well-formed plain tensors on one device with a
-    gradient wanted. Anything else goes the per-token path, which also raises the errors of bad input."""
-    tensors = (hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias)
-    if not all(_plain(t) for t in tensors) or labels.dtype not in LABEL_DTYPES:
+def _gathered_dtensor(t) -> bool:
+    """A DTensor sharded over data-parallel mesh dimensions only (FSDP2, HSDP): gathered once per call.
+    A vocabulary-parallel one (a ``tp`` / ``tensor`` mesh dimension) is not: the per-token path has
+    the vocabulary reducer."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
         return False
-    if len({t.device for t in tensors if t is not None}) != 1:
+    return isinstance(t, DTensor) and not any(n in TP_MESH_DIM_NAMES for n in (t.device_mesh.mesh_dim_names or ()))
+
+
+def applies(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias) -> bool:
+    """Whether the pair-chunked path takes these inputs: well-formed plain tensors (weights and biases
+    may be FSDP2 DTensors, cast to the hidden states' dtype when gathered) on one device, with a gradient
+    wanted. Anything else goes the per-token path, which also raises the errors of bad input."""
+    if not all(_plain(t) for t in (hidden, labels, ref_hidden)) or labels.dtype not in LABEL_DTYPES:
+        return False
+    params = (weight, bias, ref_weight, ref_bias)
+    if not all(_plain(t) or _gathered_dtensor(t) for t in params):
+        return False
+    if len({t.device for t in (hidden, labels, ref_hidden) + params if t is not None}) != 1:
         return False
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return False
@@ -134,11 +151,19 @@ def applies(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias) -> b
             continue
         if not (x.is_floating_point() and w.is_floating_point() and x.dim() == 3 and w.dim() == 2
                 and tuple(x.shape[:2]) == tuple(labels.shape) and x.shape[2] == w.shape[1] and w.shape[0] >= 1
-                and x.dtype == w.dtype):
+                and (x.dtype == w.dtype or not _plain(w))):
             return False
-        if b is not None and (b.dtype != w.dtype or tuple(b.shape) != (w.shape[0],)):
+        if b is not None and ((b.dtype != w.dtype and _plain(b)) or tuple(b.shape) != (w.shape[0],)):
             return False
     return True
+
+
+def local_weights(weight, bias, dtype: torch.dtype):
+    """Plain ``(weight, bias)``: an FSDP2 DTensor gathered (differentiably) and cast to ``dtype``.
+
+    A collective when gathering: callers decide between the paths before calling this, so that every
+    rank runs the same collectives."""
+    return materialize_weight(weight, dtype), None if bias is None else materialize_weight(bias, dtype)
 
 
 class PairChunkedPreference(torch.autograd.Function):

@@ -40,6 +40,7 @@ from tune_losses.alignment.pair_chunks import (
     PairOptions,
     applies,
     default_row_budget,
+    local_weights,
     pair_chunk_layout,
 )
 from tune_losses.fused.engine import compute_dtype
@@ -365,8 +366,9 @@ def _pair_chunked(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
         return None
     if not applies(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias):
         if required:
-            raise ValueError("algorithm: 'grad_in_forward' takes plain tensors (no DTensor) of matching shapes and "
-                             "dtypes on one device, with a gradient wanted; use 'auto' or 'recompute'")
+            raise ValueError("algorithm: 'grad_in_forward' takes plain tensors (FSDP2 weights too, not vocabulary-"
+                             "parallel ones) of matching shapes and dtypes on one device, with a gradient wanted; "
+                             "use 'auto' or 'recompute'")
         return None
     check_label_range(labels, weight.shape[0], ignore_index)
     if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:
@@ -380,6 +382,12 @@ def _pair_chunked(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
                              "use algorithm='auto'")
         return None
     batch, device, dtype = labels.shape[0] // 2, hidden.device, compute_dtype(hidden.dtype)
+    # From here on this path runs (every rank of a data-parallel group decides alike up to here, on
+    # types and its own labels, before any collective): gather FSDP2 weights, the policy's first as
+    # the per-token path does.
+    weight, bias = local_weights(weight, bias, hidden.dtype)
+    if ref_weight is not None:
+        ref_weight, ref_bias = local_weights(ref_weight, ref_bias, ref_hidden.dtype)
     ref_seq = None
     if ref_hidden is None:
         if options.get("ref_logps") is not None:
