@@ -181,6 +181,19 @@ def test_ce_default_chunk_size_with_several_chunks():
         assert_matches(fused, ref_run(ce_ref(labels), (h, w, None)))
 
 
+def test_default_chunk_size_grows_for_a_dw_beyond_the_caches():
+    # Llama 3's V with H = 512: dW [V, H] is 250 MiB in fp32, so a chunk takes H / 2 = 256 tokens (fewer
+    # passes over dW); a small dW (V = 32768, H = 256: 32 MiB) keeps the 128-token minimum.
+    from tune_losses.fused.engine import default_chunk_size
+
+    cpu = torch.device("cpu")
+    assert default_chunk_size(4096, 128256, cpu, 1, hidden_size=512) == 256
+    assert default_chunk_size(4096, 128256, cpu, 2, hidden_size=512) == 256
+    assert default_chunk_size(4096, 32768, cpu, 1, hidden_size=256) == 128
+    assert default_chunk_size(4096, 32768, cpu, 2, hidden_size=256) == 128
+    assert default_chunk_size(100, 128256, cpu, 1, hidden_size=4096) == 100  # never more than N
+
+
 def test_ce_non_contiguous_hidden_and_int32_labels():
     # hidden as a transposed view (reshape to [N, H] is then a copy or a strided view), labels int32.
     h0, w, b = make_inputs((7, 3), 16, 40, bias=True, seed=7)

@@ -45,20 +45,34 @@ from tune_losses.terms import Term
 # Fewer than ~128 rows make every matmul and reduction of a chunk slow on CPU (the logits matmul
 # [n, H] @ [H, V] runs 1.5x slower at 128 rows and 2.2x at 64 than at 2048), hence the minimum; a
 # [128, V] buffer is no larger than dW [V, H] whenever H >= 128. CUDA: larger chunks (unmeasured here).
+#
+# A large dW: every chunk reads and writes the whole fp32 dW accumulator [V, H] (dw.addmm_) and
+# streams W through its two matmuls; once dW outgrows the caches (_CACHED_DW_BYTES), fewer chunks cut
+# that traffic. Measured (chunk logits in reused buffers, CPU fp32, 1 thread, median of 3 interleaved
+# rounds of CPU time), N=1024 H=512 V=128256 (dW 250 MiB), chunk tokens 128/256/512:
+#   CE 4333/4157/4203 ms (compiled plain 4224, matmul floor 4061), peak 315/378/504 MiB;
+#   distillation 6248/5938/5725 ms (compiled plain 6061), peak 440/628/755 MiB (compiled plain 1003).
+# There the chunk gets at least H/2 tokens (256): its logits stay no larger than half of dW per
+# logit set. N=2048 H=256 V=32768 (dW 32 MiB) keeps 128: 128/256/512 tokens time the same there.
 _TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 _MIN_CHUNK_TOKENS = 128
+_CACHED_DW_BYTES = 64 << 20
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, num_logit_sets: int = 1) -> int:
+def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, num_logit_sets: int = 1,
+                       hidden_size: Optional[int] = None) -> int:
     """Tokens per chunk: a power of two near ``target_elements / (V * num_logit_sets)``, within
-    [``_MIN_CHUNK_TOKENS``, N].
+    [``_MIN_CHUNK_TOKENS``, N]; on CPU with an fp32 dW ``[V, hidden_size]`` larger than the caches,
+    at least ``hidden_size / 2`` (see the measurements above).
 
     ``num_logit_sets`` is 2 for distillation (student and teacher chunks alive together).
     """
     target = _TARGET_CHUNK_ELEMENTS.get(device.type, _TARGET_CHUNK_ELEMENTS["cuda"])
     n = max(target // max(vocab_size * num_logit_sets, 1), 1)
-    n = 1 << (n.bit_length() - 1)
-    return max(1, min(max(n, _MIN_CHUNK_TOKENS), num_tokens))
+    n = max(1 << (n.bit_length() - 1), _MIN_CHUNK_TOKENS)
+    if hidden_size and device.type == "cpu" and vocab_size * hidden_size * 4 > _CACHED_DW_BYTES:
+        n = max(n, 1 << (max(hidden_size // 2, 1).bit_length() - 1))
+    return max(1, min(n, num_tokens))
 
 
 @dataclass(frozen=True)
@@ -190,7 +204,8 @@ def chunk_pass(
     red = plan.reducer or VocabReducer(w.shape[0])
     valid = labels != plan.ignore_index
     teacher = plan.needs_teacher
-    size = plan.chunk_size or default_chunk_size(num_tokens, red.vocab, x.device, 2 if teacher else 1)
+    size = plan.chunk_size or default_chunk_size(num_tokens, red.vocab, x.device, 2 if teacher else 1,
+                                                 hidden_size=x.shape[1])
     outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
     need_dx, need_dw, need_db = need
     any_grad = weights is not None and (need_dx or need_dw or need_db)

@@ -34,7 +34,7 @@ def chunk_size_hint(chunk_size: Optional[int], num_output_chunks: Optional[int],
     if chunk_size is not None or not num_output_chunks or hidden.dim() < 1:
         return chunk_size
     tokens = hidden.numel() // max(hidden.shape[-1], 1)
-    rule = default_chunk_size(tokens, weight.shape[0], hidden.device)
+    rule = default_chunk_size(tokens, weight.shape[0], hidden.device, hidden_size=hidden.shape[-1])
     cap = max(-(-tokens // num_output_chunks), min(MIN_CHUNK_TOKENS, tokens))
     return max(1, min(rule, cap))
 
