@@ -44,7 +44,11 @@ from tune_losses.terms import Term
 #     1.85/1.26/1.05/1.20x plain: 128 tokens, not the 32 that 2^22 / V gives.
 # Fewer than ~128 rows make every matmul and reduction of a chunk slow on CPU (the logits matmul
 # [n, H] @ [H, V] runs 1.5x slower at 128 rows and 2.2x at 64 than at 2048), hence the minimum; a
-# [128, V] buffer is no larger than dW [V, H] whenever H >= 128. CUDA: larger chunks (unmeasured here).
+# [128, V] buffer is no larger than dW [V, H] whenever H >= 128.
+# CUDA (H200, bf16, N=8192 H=4096 V=128256, CUDA events, median of 5): chunk tokens 256/512/1024/2048
+# took CE 89/62/53/50 ms and distillation 109/83/73/69 ms; the peak (held by the fp32 dW and its
+# final cast) grew only at 2048 tokens for CE (+518 MiB) and 1024 for distillation (+268 MiB):
+# 2^28 elements, i.e. 2048 / 1024 tokens there.
 #
 # A large dW: every chunk reads and writes the whole fp32 dW accumulator [V, H] (dw.addmm_) and
 # streams W through its two matmuls; once dW outgrows the caches (_CACHED_DW_BYTES), fewer chunks cut
@@ -54,7 +58,7 @@ from tune_losses.terms import Term
 #   distillation 6248/5938/5725 ms (compiled plain 6061), peak 440/628/755 MiB (compiled plain 1003).
 # There the chunk gets at least H/2 tokens (256): its logits stay no larger than half of dW per
 # logit set. N=2048 H=256 V=32768 (dW 32 MiB) keeps 128: 128/256/512 tokens time the same there.
-_TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+_TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 _MIN_CHUNK_TOKENS = 128
 _CACHED_DW_BYTES = 64 << 20
 
@@ -150,10 +154,27 @@ def accumulate_chunk_grads(
             # matmul (mm out_dtype is CUDA-only), so take the chunk's product in fp32: a chunk-sized
             # upcast; on CPUs without native bf16 it is also the faster matmul.
             dw.addmm_(g.t(), xc.to(g.dtype))
-        else:  # low precision: matmul in the input dtype, accumulate in fp32
-            dw.add_(g_lp.t() @ xc)
+        else:
+            _addmm_fp32(dw, g_lp.t(), xc)
     if db is not None:
         db.add_(g.sum(0))
+
+
+_MIXED_ADDMM: List[bool] = []  # [False] once this torch has been found to lack addmm's out_dtype
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for low-precision ``a``, ``b`` and an fp32 ``acc`` on CUDA: the matmul writes
+    fp32 straight into ``acc`` (cuBLAS, beta = 1), so the chunk's product is neither rounded to the
+    input dtype nor held as a ``[V, H]`` temporary; torch versions without ``out_dtype`` add a
+    low-precision product instead."""
+    if not _MIXED_ADDMM:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MIXED_ADDMM.append(False)
+    acc.add_(a @ b)
 
 
 def _chunk_weight(w, rows: slice, ok: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor]):
