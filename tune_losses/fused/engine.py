@@ -57,7 +57,13 @@ from tune_losses.terms import Term
 #   CE 4333/4157/4203 ms (compiled plain 4224, matmul floor 4061), peak 315/378/504 MiB;
 #   distillation 6248/5938/5725 ms (compiled plain 6061), peak 440/628/755 MiB (compiled plain 1003).
 # There the chunk gets at least H/2 tokens (256): its logits stay no larger than half of dW per
-# logit set. N=2048 H=256 V=32768 (dW 32 MiB) keeps 128: 128/256/512 tokens time the same there.
+# logit set.
+# A teacher: a chunk of distillation runs four matmuls and one compiled kernel over two logit sets,
+# and those per-chunk costs weigh more at 2 threads. N=2048 H=256 V=32768, 2 threads, wall clock,
+# median of 7 interleaved rounds, idle machine: distillation at 128 / 256 tokens 1019 / 907 ms
+# (compiled plain 937), peak 66 / 98 MiB (compiled plain 512); CE at 128 / 256 tokens 701 / 658 ms
+# (compiled plain 656), peak 50 / 66 MiB (compiled plain 290). Hence at least 128 tokens per logit
+# set: CE keeps 128 (its memory stays under a fifth of compiled plain's), distillation gets 256.
 _TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 _MIN_CHUNK_TOKENS = 128
 _CACHED_DW_BYTES = 64 << 20
@@ -66,14 +72,14 @@ _CACHED_DW_BYTES = 64 << 20
 def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, num_logit_sets: int = 1,
                        hidden_size: Optional[int] = None) -> int:
     """Tokens per chunk: a power of two near ``target_elements / (V * num_logit_sets)``, within
-    [``_MIN_CHUNK_TOKENS``, N]; on CPU with an fp32 dW ``[V, hidden_size]`` larger than the caches,
+    [``_MIN_CHUNK_TOKENS * num_logit_sets``, N]; on CPU with an fp32 dW ``[V, hidden_size]`` larger than the caches,
     at least ``hidden_size / 2`` (see the measurements above).
 
     ``num_logit_sets`` is 2 for distillation (student and teacher chunks alive together).
     """
     target = _TARGET_CHUNK_ELEMENTS.get(device.type, _TARGET_CHUNK_ELEMENTS["cuda"])
     n = max(target // max(vocab_size * num_logit_sets, 1), 1)
-    n = max(1 << (n.bit_length() - 1), _MIN_CHUNK_TOKENS)
+    n = max(1 << (n.bit_length() - 1), _MIN_CHUNK_TOKENS * num_logit_sets)
     if hidden_size and device.type == "cpu" and vocab_size * hidden_size * 4 > _CACHED_DW_BYTES:
         n = max(n, 1 << (max(hidden_size // 2, 1).bit_length() - 1))
     return max(1, min(n, num_tokens))
