@@ -47,8 +47,9 @@ from tune_losses.terms import Term
 # [128, V] buffer is no larger than dW [V, H] whenever H >= 128.
 # CUDA (H200, bf16, N=8192 H=4096 V=128256, CUDA events, median of 5): chunk tokens 256/512/1024/2048
 # took CE 89/62/53/50 ms and distillation 109/83/73/69 ms; the peak (held by the fp32 dW and its
-# final cast) grew only at 2048 tokens for CE (+518 MiB) and 1024 for distillation (+268 MiB):
-# 2^28 elements, i.e. 2048 / 1024 tokens there.
+# final cast) grew only at 2048 tokens for CE (+518 MiB, 3588 MiB in the benchmark, over compiled
+# plain's 3070) and 1024 for distillation (+268 MiB, 3339 MiB, 0.42x compiled plain's): on CUDA a
+# chunk is 2^27 elements per chunk whatever the number of logit sets, i.e. 1024 tokens there.
 #
 # A large dW: every chunk reads and writes the whole fp32 dW accumulator [V, H] (dw.addmm_) and
 # streams W through its two matmuls; once dW outgrows the caches (_CACHED_DW_BYTES), fewer chunks cut
@@ -64,7 +65,7 @@ from tune_losses.terms import Term
 # (compiled plain 937), peak 66 / 98 MiB (compiled plain 512); CE at 128 / 256 tokens 701 / 658 ms
 # (compiled plain 656), peak 50 / 66 MiB (compiled plain 290). Hence at least 128 tokens per logit
 # set: CE keeps 128 (its memory stays under a fifth of compiled plain's), distillation gets 256.
-_TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
+_TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
 _MIN_CHUNK_TOKENS = 128
 _CACHED_DW_BYTES = 64 << 20
 
@@ -78,7 +79,8 @@ def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, n
     ``num_logit_sets`` is 2 for distillation (student and teacher chunks alive together).
     """
     target = _TARGET_CHUNK_ELEMENTS.get(device.type, _TARGET_CHUNK_ELEMENTS["cuda"])
-    n = max(target // max(vocab_size * num_logit_sets, 1), 1)
+    sets = num_logit_sets if device.type == "cpu" else 1  # measured per device (see above)
+    n = max(target // max(vocab_size * sets, 1), 1)
     n = max(1 << (n.bit_length() - 1), _MIN_CHUNK_TOKENS * num_logit_sets)
     if hidden_size and device.type == "cpu" and vocab_size * hidden_size * 4 > _CACHED_DW_BYTES:
         n = max(n, 1 << (max(hidden_size // 2, 1).bit_length() - 1))
