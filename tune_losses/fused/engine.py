@@ -3,7 +3,8 @@
 Hidden states ``[N, H]`` are cut into token chunks; each chunk's student logits ``[n, V]`` are made
 once (and the teacher's once, when a term needs them) into a buffer that every chunk of the call
 reuses, handed to every loss term (:mod:`tune_losses.terms`), and overwritten by their gradient, so
-no ``[N, V]`` tensor exists in forward or backward and a chunk allocates no ``[n, V]`` memory. The terms' weighted logit gradients are summed into one ``[n, V]`` gradient per
+no ``[N, V]`` tensor exists in forward or backward and a chunk allocates no ``[n, V]`` memory. The
+terms' weighted logit gradients are summed into one ``[n, V]`` gradient per
 chunk, which becomes dX (``g @ W``), dW (``g.T @ x``) and db: a distillation call makes four
 ``2 N H V`` matmuls over forward and backward (student logits, teacher logits, dX, dW), a
 cross-entropy call three.
@@ -73,8 +74,9 @@ _CACHED_DW_BYTES = 64 << 20
 def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, num_logit_sets: int = 1,
                        hidden_size: Optional[int] = None) -> int:
     """Tokens per chunk: a power of two near ``target_elements / (V * num_logit_sets)``, within
-    [``_MIN_CHUNK_TOKENS * num_logit_sets``, N]; on CPU with an fp32 dW ``[V, hidden_size]`` larger than the caches,
-    at least ``hidden_size / 2`` (see the measurements above).
+    [``_MIN_CHUNK_TOKENS * num_logit_sets``, N]; on CPU with an fp32 dW ``[V, hidden_size]`` larger
+    than the caches, at least ``hidden_size / 2`` (see the measurements above). On CUDA the target
+    is not divided by the number of logit sets (measured there).
 
     ``num_logit_sets`` is 2 for distillation (student and teacher chunks alive together).
     """
