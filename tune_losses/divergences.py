@@ -385,7 +385,7 @@ def kd_chunk(
 
 
 def _forward_kl_from_rows(zs, zt, opts: KDOptions, red: VocabReducer, weight, consume_student: bool,
-                          consume_teacher: bool, student_rows=None):
+                          consume_teacher: bool, student_stats=None):
     """Forward KL (or torchtune's ``-sum p log q``) from per-token statistics of the shifted logits.
 
     With ``s = zs / T - max``, ``t = zt / T - max``, ``S_q = sum e^s``, ``S_p = sum e^t`` and ``u`` the
@@ -398,16 +398,16 @@ def _forward_kl_from_rows(zs, zt, opts: KDOptions, red: VocabReducer, weight, co
     The value is the same quantity :func:`divergence_terms` sums, but no ``[n, V_r]`` log-probability
     is kept: the gradient is one expression of the two logit buffers and four numbers per token,
     which a compiler fuses into one pass (eager: it is written over the two buffers in place).
-    Same arguments and results as :func:`kd_chunk` without a teacher gradient; ``student_rows``:
-    the student's ``(max, sum exp)`` when another term of the chunk has computed them (T = 1), so
+    Same arguments and results as :func:`kd_chunk` without a teacher gradient; ``student_stats``:
+    the student's ``(max [n], sum exp [n])`` when another term of the chunk has computed them (T = 1), so
     both terms' gradients share one ``exp(zs - max)``.
     """
     t = opts.temperature
     ls, lt = _scaled(zs, t, consume_student), _scaled(zt, t, consume_teacher)
-    if student_rows is None:
+    if student_stats is None:
         m_s, m_t = _row_max(torch.stack([ls.amax(-1), lt.amax(-1)]), red)
     else:
-        m_s, m_t = student_rows[0], _row_max(lt.amax(-1), red)
+        m_s, m_t = student_stats[0], _row_max(lt.amax(-1), red)
     ls, lt = ls.sub_(m_s.unsqueeze(-1)), lt.sub_(m_t.unsqueeze(-1))
     masked = (ls == NEG_INF) | (lt == NEG_INF)
     e_t = lt.exp()
@@ -417,11 +417,11 @@ def _forward_kl_from_rows(zs, zt, opts: KDOptions, red: VocabReducer, weight, co
     log_ratio = (lt - ls) if opts.true_kl else ls.neg()
     stats.append(e_t.mul_(log_ratio).masked_fill_(masked, 0.0).sum(-1))
     del e_t, log_ratio
-    if student_rows is None:
+    if student_stats is None:
         stats.append(ls.exp().sum(-1))
     sums = red.sum(torch.stack(stats))
     sum_p, sum_u, cross = sums[0], sums[1], sums[2]
-    sum_q = sums[3] if student_rows is None else student_rows[1]
+    sum_q = sums[3] if student_stats is None else student_stats[1]
     share_u = sum_u / sum_p  # P_u: the teacher's probability outside the masked entries
     log_sum_q = sum_q.log()
     rest = (log_sum_q - sum_p.log()) if opts.true_kl else log_sum_q
