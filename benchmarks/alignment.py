@@ -92,10 +92,18 @@ def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
 
     if case == "dpo":
         if method == "fused":
-            return lambda d: tune_losses.linear_preference_loss(
-                d["hidden"], d["weight"], d["labels"], beta=0.1, ref_hidden=d["ref_hidden"],
-                ref_weight=d["ref_weight"]).loss
+            return lambda d: (
+                tune_losses.linear_preference_loss(
+                    d["hidden"],
+                    d["weight"],
+                    d["labels"],
+                    beta=0.1,
+                    ref_hidden=d["ref_hidden"],
+                    ref_weight=d["ref_weight"],
+                ).loss
+            )
         if method == "full":
+
             def full(d):
                 lp, _ = _full_token_logps(d["hidden"], d["weight"], d["labels"])
                 with torch.no_grad():
@@ -104,17 +112,30 @@ def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
                 b = seq.shape[0] // 2
                 diff = (seq[:b] - seq[b:]) - (ref_seq[:b] - ref_seq[b:])
                 return -F.logsigmoid(0.1 * diff).mean()
+
             return full
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
         liger = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=True)
-        return lambda d: liger(d["weight"], d["hidden"], d["labels"], ref_input=d["ref_hidden"],
-                               ref_weight=d["ref_weight"])[0]
+        return lambda d: liger(
+            d["weight"], d["hidden"], d["labels"], ref_input=d["ref_hidden"], ref_weight=d["ref_weight"]
+        )[0]
     if method == "fused":
-        return lambda d: tune_losses.linear_policy_loss(
-            d["hidden"], d["weight"], d["labels"], d["advantages"], loss_type="dapo", old_logps=d["old_logps"],
-            ref_logps=d["ref_logps"], beta=0.04, return_entropy=False).loss
+        return lambda d: (
+            tune_losses.linear_policy_loss(
+                d["hidden"],
+                d["weight"],
+                d["labels"],
+                d["advantages"],
+                loss_type="dapo",
+                old_logps=d["old_logps"],
+                ref_logps=d["ref_logps"],
+                beta=0.04,
+                return_entropy=False,
+            ).loss
+        )
     if method == "full":
+
         def full(d):
             lp, mask = _full_token_logps(d["hidden"], d["weight"], d["labels"])
             adv = d["advantages"].unsqueeze(-1)
@@ -123,12 +144,20 @@ def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
             delta = d["ref_logps"] - lp
             loss = loss + 0.04 * (torch.exp(delta) - delta - 1)
             return torch.where(mask, loss, torch.zeros_like(loss)).sum() / mask.sum().clamp(min=1)
+
         return full
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     liger = LigerFusedLinearGRPOLoss(beta=0.04, loss_type="dapo", use_ref_model=True)  # uses ref_per_token_logps
-    return lambda d: liger(d["hidden"], d["weight"], d["labels"].clamp(min=0), (d["labels"] != -100).long(),
-                           d["advantages"], ref_per_token_logps=d["ref_logps"], old_per_token_logps=d["old_logps"])[0]
+    return lambda d: liger(
+        d["hidden"],
+        d["weight"],
+        d["labels"].clamp(min=0),
+        (d["labels"] != -100).long(),
+        d["advantages"],
+        ref_per_token_logps=d["ref_logps"],
+        old_per_token_logps=d["old_logps"],
+    )[0]
 
 
 def step(fn, d) -> torch.Tensor:
@@ -180,14 +209,14 @@ def worker_time(case: str, methods: List[str], size: dict, rounds: int, warmup: 
             checks[m] = {"error": f"{type(e).__name__}: {e}"}
             fns.pop(m, None)
     ref = checks.get("full", {})
-    for m, c in checks.items():
+    for c in checks.values():
         if "grad" in c and "grad" in ref:
             c["loss_rel_err"] = abs(c["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
             c["grad_rel_err"] = float((c["grad"] - ref["grad"]).abs().max() / ref["grad"].abs().max().clamp(min=1e-30))
     times: Dict[str, List[float]] = {m: [] for m in fns}
     order = list(fns)
     for r in range(rounds):
-        for m in order[r % len(order):] + order[: r % len(order)]:
+        for m in order[r % len(order) :] + order[: r % len(order)]:
             clear(d)
             t0 = time.perf_counter()
             step(fns[m], d)
@@ -205,7 +234,7 @@ def _run_worker(job: dict, timeout: float) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # --------------------------------------------------------------------------------------- the report
@@ -231,26 +260,31 @@ def main(argv=None) -> int:
 
     size = dict(QUICK if args.quick else DEFAULT)
     load0 = os.getloadavg()
-    print(f"sizes: N={size['tokens']} tokens ({size['tokens'] // size['seq']} sequences x S={size['seq']}), "
-          f"H={size['hidden']}, V={size['vocab']}, fp32, CPU, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
+    print(
+        f"sizes: N={size['tokens']} tokens ({size['tokens'] // size['seq']} sequences x S={size['seq']}), "
+        f"H={size['hidden']}, V={size['vocab']}, fp32, CPU, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}",
+        flush=True,
+    )
     results = {}
     for case in args.cases:
         res = {m: {} for m in args.methods}
         for m in args.methods:
-            r = _run_worker(dict(kind="memory", case=case, method=m, size=size, reps=args.reps,
-                                  warmup=args.warmup), timeout=1800)
+            r = _run_worker(
+                dict(kind="memory", case=case, method=m, size=size, reps=args.reps, warmup=args.warmup), timeout=1800
+            )
             res[m].update(r)
             print(f"  {case} {m}: memory {r}", flush=True)
-        t = _run_worker(dict(kind="time", case=case, methods=args.methods, size=size, rounds=args.rounds,
-                                  warmup=args.warmup),
-                        timeout=3600)
+        t = _run_worker(
+            dict(kind="time", case=case, methods=args.methods, size=size, rounds=args.rounds, warmup=args.warmup),
+            timeout=3600,
+        )
         for m in args.methods:
             res[m].update(t.get(m, {"error": t.get("error", "?")}) if isinstance(t, dict) else {})
         results[case] = res
     load1 = os.getloadavg()
 
-    print(f"\n| case | method | peak MiB | x full | time s | x liger | loss err vs full | dX err vs full |")
+    print("\n| case | method | peak MiB | x full | time s | x liger | loss err vs full | dX err vs full |")
     print("|---|---|---|---|---|---|---|---|")
     for case, res in results.items():
         full_mem = res.get("full", {}).get("peak_mib")
@@ -261,11 +295,15 @@ def main(argv=None) -> int:
                 continue
             mem, ts = r.get("peak_mib"), r.get("time_s")
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-            print(f"| {case} | {m} | {fmt(mem, '.1f')} | {fmt(mem / full_mem if mem and full_mem else None, '.3f')} "
-                  f"| {fmt(ts, '.3f')} | {fmt(ts / liger_t if ts and liger_t else None, '.2f')} "
-                  f"| {fmt(r.get('loss_rel_err'), '.1e')} | {fmt(r.get('grad_rel_err'), '.1e')} |")
-    print(f"\nload average before {load0[0]:.2f}, after {load1[0]:.2f} (1-minute); "
-          f"targets: fused peak <= 0.15x full, fused time <= 1.0x liger")
+            print(
+                f"| {case} | {m} | {fmt(mem, '.1f')} | {fmt(mem / full_mem if mem and full_mem else None, '.3f')} "
+                f"| {fmt(ts, '.3f')} | {fmt(ts / liger_t if ts and liger_t else None, '.2f')} "
+                f"| {fmt(r.get('loss_rel_err'), '.1e')} | {fmt(r.get('grad_rel_err'), '.1e')} |"
+            )
+    print(
+        f"\nload average before {load0[0]:.2f}, after {load1[0]:.2f} (1-minute); "
+        f"targets: fused peak <= 0.15x full, fused time <= 1.0x liger"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"size": size, "load": [load0, load1], "results": results}, f, indent=2)

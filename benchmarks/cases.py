@@ -27,13 +27,28 @@ import torch.nn.functional as F
 
 PROMPT_SHARE = 0.6  # ce_prompt: instruction tuning, where the prompt is often more than half of the tokens
 TASKS = ("ce", "kd", "distill", "distill_jsd", "ce_prompt")
-TASK_TITLES = {"ce": "linear + cross-entropy", "kd": "linear + forward KL (distillation)",
-               "distill": "0.5 CE + 0.5 forward KL", "distill_jsd": "0.5 CE + 0.5 JSD(beta=0.5)",
-               "ce_prompt": f"linear + cross-entropy, first {PROMPT_SHARE:.0%} of the tokens ignored (prompt)"}
+TASK_TITLES = {
+    "ce": "linear + cross-entropy",
+    "kd": "linear + forward KL (distillation)",
+    "distill": "0.5 CE + 0.5 forward KL",
+    "distill_jsd": "0.5 CE + 0.5 JSD(beta=0.5)",
+    "ce_prompt": f"linear + cross-entropy, first {PROMPT_SHARE:.0%} of the tokens ignored (prompt)",
+}
 METHODS = {
     # ours_compiled: the chunk math compiled even where "auto" keeps it eager (CE alone on CPU)
-    "ce": ("floor", "plain", "compile", "torchtune", "torch_chunked", "liger", "cce", "ours", "ours_eager",
-           "ours_compiled", "ours_recompute"),
+    "ce": (
+        "floor",
+        "plain",
+        "compile",
+        "torchtune",
+        "torch_chunked",
+        "liger",
+        "cce",
+        "ours",
+        "ours_eager",
+        "ours_compiled",
+        "ours_recompute",
+    ),
     "kd": ("floor", "plain", "compile", "torchtune", "liger", "ours", "ours_eager", "ours_recompute"),
     "distill": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
     "distill_jsd": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
@@ -106,14 +121,14 @@ def make_inputs(task: str, size: Size, seed: int = 0) -> Dict[str, torch.Tensor]
 
     out = {
         "hidden": rand(1, size.n, size.h).requires_grad_(True),
-        "weight": rand(size.v, size.h, scale=size.h ** -0.5).requires_grad_(True),
+        "weight": rand(size.v, size.h, scale=size.h**-0.5).requires_grad_(True),
         "labels": torch.randint(0, size.v, (1, size.n), generator=g).to(dev),
     }
     if task == "ce_prompt":
         out["labels"][:, : int(size.n * PROMPT_SHARE)] = -100
     if task in TEACHER_TASKS:
         out["t_hidden"] = rand(1, size.n, size.h)
-        out["t_weight"] = rand(size.v, size.h, scale=size.h ** -0.5)
+        out["t_weight"] = rand(size.v, size.h, scale=size.h**-0.5)
     return out
 
 
@@ -136,6 +151,7 @@ def unavailable(task: str, method: str, size: Size) -> Optional[str]:
 
 
 # ---- the loss functions: (inputs) -> scalar loss ---------------------------------------------
+
 
 def _plain_ce(hidden, weight, labels):
     logits = F.linear(hidden, weight)  # [1, N, V] in the input dtype, as eager PyTorch
@@ -161,8 +177,10 @@ def _plain_distill(hidden, weight, t_hidden, t_weight, labels, beta: float = 0.0
         kd = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
     else:
         log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), dim=0)
-        kd = (beta * F.kl_div(log_m, log_p, log_target=True, reduction="none")
-              + (1 - beta) * F.kl_div(log_m, log_q, log_target=True, reduction="none")).sum(-1)
+        kd = (
+            beta * F.kl_div(log_m, log_p, log_target=True, reduction="none")
+            + (1 - beta) * F.kl_div(log_m, log_q, log_target=True, reduction="none")
+        ).sum(-1)
     mask = y != -100
     return 0.5 * ce + 0.5 * (kd * mask).sum() / mask.sum().clamp(min=1)
 
@@ -191,8 +209,13 @@ def _floor(hidden, weight, labels, t_hidden=None, t_weight=None):
 
 def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
     """The loss of ``method`` as a function of :func:`make_inputs`' dict."""
-    plain = {"ce": _plain_ce, "ce_prompt": _plain_ce, "kd": _plain_kd, "distill": _plain_distill,
-             "distill_jsd": lambda *a, **k: _plain_distill(*a, **k, beta=JSD_BETA["distill_jsd"])}
+    plain = {
+        "ce": _plain_ce,
+        "ce_prompt": _plain_ce,
+        "kd": _plain_kd,
+        "distill": _plain_distill,
+        "distill_jsd": lambda *a, **k: _plain_distill(*a, **k, beta=JSD_BETA["distill_jsd"]),
+    }
     if method == "floor":
         fn = _floor
     elif method == "plain":
@@ -223,8 +246,9 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
     elif method == "liger" and task in JSD_BETA:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.5, weight_soft_loss=0.5, beta=JSD_BETA[task],
-                                          temperature=1.0)
+        loss_fn = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.5, weight_soft_loss=0.5, beta=JSD_BETA[task], temperature=1.0
+        )
 
         def fn(hidden, weight, t_hidden, t_weight, labels):
             return loss_fn(hidden.flatten(0, 1), weight, t_hidden.flatten(0, 1), t_weight, labels.flatten())
@@ -256,8 +280,10 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
         # "ours@128": an explicit chunk size (tokens), for benchmarks.sweep_chunks. "ours_eager": the
         # per-chunk math without torch.compile (the environment switch is read at every call).
         name, _, chunk = method.partition("@")
-        kw = {"algorithm": "recompute" if name == "ours_recompute" else "auto",
-              "chunk_size": int(chunk) if chunk else None}
+        kw = {
+            "algorithm": "recompute" if name == "ours_recompute" else "auto",
+            "chunk_size": int(chunk) if chunk else None,
+        }
         if name == "ours_drop":
             kw["drop_ignored_tokens"] = True
         divergence = {"distill_jsd": "jsd"}.get(task, "forward_kl")
@@ -266,10 +292,12 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
             if task in ("ce", "ce_prompt"):
                 return tune_losses.linear_cross_entropy(hidden, weight, labels, **kw)
             if task == "kd":
-                return tune_losses.linear_kd_loss(hidden, weight, t_hidden, t_weight, labels, divergence=divergence,
-                                                  **kw)
-            return tune_losses.linear_distillation_loss(hidden, weight, t_hidden, t_weight, labels, kd_ratio=0.5,
-                                                        divergence=divergence, beta=0.5, **kw).loss
+                return tune_losses.linear_kd_loss(
+                    hidden, weight, t_hidden, t_weight, labels, divergence=divergence, **kw
+                )
+            return tune_losses.linear_distillation_loss(
+                hidden, weight, t_hidden, t_weight, labels, kd_ratio=0.5, divergence=divergence, beta=0.5, **kw
+            ).loss
 
         def fn(**inputs):
             before = os.environ.get("TUNE_LOSSES_COMPILE")

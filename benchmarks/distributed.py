@@ -162,8 +162,11 @@ def _worker(job: dict) -> None:
     everyone = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine)
     if rank == 0:
-        print("RESULT " + json.dumps({"peak_bytes": [float(t[0]) for t in everyone],
-                                      "time_s": [float(t[1]) for t in everyone]}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps({"peak_bytes": [float(t[0]) for t in everyone], "time_s": [float(t[1]) for t in everyone]}),
+            flush=True,
+        )
     dist.destroy_process_group()
 
 
@@ -177,13 +180,28 @@ def _free_port() -> int:
 
 
 def run_case(job: dict, ranks: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "benchmarks.distributed",
-           "--worker", json.dumps(job)]
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS=str(max(1, job["threads"] // ranks)), MALLOC_ARENA_MAX="2",
-               MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "benchmarks.distributed",
+        "--worker",
+        json.dumps(job),
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS=str(max(1, job["threads"] // ranks)),
+        MALLOC_ARENA_MAX="2",
+        MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
     return run_result_process(cmd, env, timeout)
 
 
@@ -200,10 +218,13 @@ def cases(tasks: List[str], ranks: List[int]) -> List[tuple]:
 
 def markdown(results: dict) -> str:
     s = results["size"]
-    lines = [f"Peak memory per rank (largest rank), fwd + bwd, N={s['n']} H={s['h']} V={s['v']} {s['dtype']} "
-             f"{results['meta']['device']}; ratio against `ours` on 1 rank. Floor: dX [N, H] + dW [V/R, H].", "",
-             "| task | method | ranks | peak / rank MiB | vs ours 1 rank | floor MiB | time s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Peak memory per rank (largest rank), fwd + bwd, N={s['n']} H={s['h']} V={s['v']} {s['dtype']} "
+        f"{results['meta']['device']}; ratio against `ours` on 1 rank. Floor: dX [N, H] + dW [V/R, H].",
+        "",
+        "| task | method | ranks | peak / rank MiB | vs ours 1 rank | floor MiB | time s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for task in results["tasks"]:
         rows = [c for c in results["cases"] if c["task"] == task]
         base = next((c for c in rows if c["method"] == "ours" and c["ranks"] == 1 and "peak_mib" in c), None)
@@ -212,8 +233,10 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {task} | {c['method']} | {c['ranks']} | error: {c['error']} | | | |")
                 continue
             ratio = f"{c['peak_mib'] / base['peak_mib']:.2f}x" if base else "-"
-            lines.append(f"| {task} | {c['method']} | {c['ranks']} | {c['peak_mib']:.1f} | {ratio} | "
-                         f"{c['floor_mib']:.1f} | {c['time_s']:.3f} |")
+            lines.append(
+                f"| {task} | {c['method']} | {c['ranks']} | {c['peak_mib']:.1f} | {ratio} | "
+                f"{c['floor_mib']:.1f} | {c['time_s']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -248,24 +271,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     es = 4 if dtype == "fp32" else 2
     out: List[Dict] = []
     for task, method, r in cases(tasks, ranks):
-        job = dict(task=task, method=method, n=n, h=h, v=v, dtype=dtype, device=args.device, reps=reps,
-                   warmup=args.warmup, threads=args.threads)
+        job = dict(
+            task=task,
+            method=method,
+            n=n,
+            h=h,
+            v=v,
+            dtype=dtype,
+            device=args.device,
+            reps=reps,
+            warmup=args.warmup,
+            threads=args.threads,
+        )
         print(f"[{time.perf_counter() - t0:6.0f} s] {task} {method} ranks={r} ...", file=sys.stderr, flush=True)
         res = run_case(job, r, args.timeout)
         case = {"task": task, "method": method, "ranks": r}
         if "error" in res:
             case["error"] = res["error"]
         else:
-            case.update(peak_mib=max(res["peak_bytes"]) / MIB, peak_mib_per_rank=[b / MIB for b in res["peak_bytes"]],
-                        time_s=max(res["time_s"]),
-                        floor_mib=(n * h + -(-v // r) * h) * es / MIB)
+            case.update(
+                peak_mib=max(res["peak_bytes"]) / MIB,
+                peak_mib_per_rank=[b / MIB for b in res["peak_bytes"]],
+                time_s=max(res["time_s"]),
+                floor_mib=(n * h + -(-v // r) * h) * es / MIB,
+            )
         out.append(case)
     results = {
         "size": {"n": n, "h": h, "v": v, "dtype": dtype},
         "tasks": tasks,
         "cases": out,
-        "meta": {"device": args.device, "cpu": platform.processor() or platform.machine(), "reps": reps,
-                 "threads_total": args.threads, "wall_s": round(time.perf_counter() - t0, 1)},
+        "meta": {
+            "device": args.device,
+            "cpu": platform.processor() or platform.machine(),
+            "reps": reps,
+            "threads_total": args.threads,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        },
     }
     md = markdown(results)
     print(md)

@@ -31,9 +31,16 @@ def _model(vocab: int, hidden: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      max_position_embeddings=8192)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        max_position_embeddings=8192,
+    )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg).float().train()
 
@@ -74,9 +81,17 @@ def measure(mode: str, vocab: int, hidden: int, tokens: int, batch: int, reps: i
             raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs)")
         loss = step()
         peaks.append(_status_kib("VmHWM") * 1024 - base)
-    return {"mode": mode, "peak_bytes": statistics.median(peaks), "peaks": peaks, "loss": loss,
-            "vocab": vocab, "hidden": hidden, "tokens": batch * tokens, "dtype": "float32",
-            "threads": torch.get_num_threads()}
+    return {
+        "mode": mode,
+        "peak_bytes": statistics.median(peaks),
+        "peaks": peaks,
+        "loss": loss,
+        "vocab": vocab,
+        "hidden": hidden,
+        "tokens": batch * tokens,
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_fresh(mode: str, timeout: float = 900, **size) -> dict:
@@ -90,7 +105,7 @@ def run_fresh(mode: str, timeout: float = 900, **size) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"hf_memory {mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -109,8 +124,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     results = {m: run_fresh(m, **size) for m in (a.mode or MODES)}
     stock = results.get("stock", {}).get("peak_bytes")
-    print(f"one training step, tiny Llama (2 layers, H={a.hidden}), V={a.vocab}, {a.batch} x {a.tokens} tokens, "
-          f"fp32, CPU; peak above weights and inputs (median of {a.reps})")
+    print(
+        f"one training step, tiny Llama (2 layers, H={a.hidden}), V={a.vocab}, {a.batch} x {a.tokens} tokens, "
+        f"fp32, CPU; peak above weights and inputs (median of {a.reps})"
+    )
     for m, r in results.items():
         ratio = f"  ({r['peak_bytes'] / stock:.3f}x stock)" if stock else ""
         print(f"  {m:8s} {r['peak_bytes'] / 2**30:7.3f} GiB{ratio}  loss {r['loss']:.4f}")

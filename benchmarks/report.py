@@ -48,15 +48,19 @@ def _fmt_mib(b: Optional[float]) -> str:
 def case_title(case: dict) -> str:
     s = Size(**case["size"])
     fl = case["floor"]
-    return (f"{case['task'].upper()} ({TASK_TITLES[case['task']]}): N={s.n} tokens, H={s.h}, V={s.v}, "
-            f"{s.dtype}, {s.device}. Floor = dX {fl['dX'] / MIB:.1f} + dW {fl['dW'] / MIB:.1f} + "
-            f"fp32 lse {fl['lse'] / MIB:.3f} = {fl['total'] / MIB:.1f} MiB")
+    return (
+        f"{case['task'].upper()} ({TASK_TITLES[case['task']]}): N={s.n} tokens, H={s.h}, V={s.v}, "
+        f"{s.dtype}, {s.device}. Floor = dX {fl['dX'] / MIB:.1f} + dW {fl['dW'] / MIB:.1f} + "
+        f"fp32 lse {fl['lse'] / MIB:.3f} = {fl['total'] / MIB:.1f} MiB"
+    )
 
 
 def case_table(case: dict) -> List[str]:
     """Markdown rows: each method's peak and time, its ratio to plain, and ours' ratio to it."""
-    head = ("| method | peak MiB | peak / floor | time ms | time / matmul floor | warm-up s | peak vs plain | "
-            "time vs plain | ours peak / this | ours time / this |")
+    head = (
+        "| method | peak MiB | peak / floor | time ms | time / matmul floor | warm-up s | peak vs plain | "
+        "time vs plain | ours peak / this | ours time / this |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     floor = case["floor"]["total"]
     for m, e in case["methods"].items():
@@ -83,11 +87,17 @@ def check_targets(cases: List[dict]) -> List[dict]:
         case = by_key.get((task, TARGET))
         r = None if case is None else ratio(case, "ours", peer, metric)
         what = "peak memory" if metric == "peak_bytes" else "time"
-        out.append({
-            "task": task, "peer": peer, "metric": metric, "limit": limit, "ratio": r,
-            "met": None if r is None else r <= limit,
-            "text": f"{task.upper()}: ours {what} <= {limit:g}x {peer}'s",
-        })
+        out.append(
+            {
+                "task": task,
+                "peer": peer,
+                "metric": metric,
+                "limit": limit,
+                "ratio": r,
+                "met": None if r is None else r <= limit,
+                "text": f"{task.upper()}: ours {what} <= {limit:g}x {peer}'s",
+            }
+        )
     return out
 
 
@@ -123,9 +133,17 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
-_COLORS = {"plain": "tab:blue", "compile": "tab:orange", "torchtune": "tab:green", "torch_chunked": "tab:red",
-           "liger": "tab:pink", "cce": "tab:olive", "ours": "tab:purple", "ours_recompute": "tab:brown",
-           "ours_eager": "tab:gray"}
+_COLORS = {
+    "plain": "tab:blue",
+    "compile": "tab:orange",
+    "torchtune": "tab:green",
+    "torch_chunked": "tab:red",
+    "liger": "tab:pink",
+    "cce": "tab:olive",
+    "ours": "tab:purple",
+    "ours_recompute": "tab:brown",
+    "ours_eager": "tab:gray",
+}
 
 
 def plot(results: dict, path: str) -> Optional[str]:
@@ -147,11 +165,19 @@ def plot(results: dict, path: str) -> Optional[str]:
         cases.sort(key=lambda c: c["size"]["n"])
         methods = list(cases[0]["methods"])
         for m in methods:
-            pts = [(c["size"]["n"], c["methods"][m]["peak_bytes"] / MIB) for c in cases
-                   if _ok(c["methods"].get(m, {}), "peak_bytes")]
+            pts = [
+                (c["size"]["n"], c["methods"][m]["peak_bytes"] / MIB)
+                for c in cases
+                if _ok(c["methods"].get(m, {}), "peak_bytes")
+            ]
             if pts:  # one colour per method in both panels; ours_recompute often lies on ours
-                ax.plot(*zip(*pts), label=m, color=_COLORS.get(m), marker="x" if m == "ours_recompute" else "o",
-                        linestyle=":" if m == "ours_recompute" else "-" if m == "ours" else "--")
+                ax.plot(
+                    *zip(*pts),
+                    label=m,
+                    color=_COLORS.get(m),
+                    marker="x" if m == "ours_recompute" else "o",
+                    linestyle=":" if m == "ours_recompute" else "-" if m == "ours" else "--",
+                )
         ns = [c["size"]["n"] for c in cases]
         floors = [c["floor"]["total"] / MIB for c in cases]
         if len(ns) > 1:

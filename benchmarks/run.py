@@ -84,7 +84,7 @@ def run_result_process(cmd: List[str], env: dict, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
     return {"error": f"worker exited {proc.returncode}: {tail[0][:160]}"}
 
@@ -108,8 +108,7 @@ def benchmark(sizes: List[Size], tasks: List[str], methods: Optional[List[str]],
 
     def mem(item):
         case, m = item
-        job = dict(base, kind="memory", task=case["task"], method=m, size=case["size"], reps=args.mem_reps,
-                   warmup=1)
+        job = dict(base, kind="memory", task=case["task"], method=m, size=case["size"], reps=args.mem_reps, warmup=1)
         t0 = time.perf_counter()
         res = run_job(job, args.timeout)
         got = res["error"] if "error" in res else f"{res['peak_bytes'] / report.MIB:.1f} MiB"
@@ -133,8 +132,16 @@ def benchmark(sizes: List[Size], tasks: List[str], methods: Optional[List[str]],
         ms = [m for m, e in case["methods"].items() if e["status"] == "ok"]
         if not ms:
             continue
-        job = dict(base, kind="time", task=case["task"], methods=ms, size=case["size"], repeats=args.repeats,
-                   warmup=1, slow_s=args.slow_s)
+        job = dict(
+            base,
+            kind="time",
+            task=case["task"],
+            methods=ms,
+            size=case["size"],
+            repeats=args.repeats,
+            warmup=1,
+            slow_s=args.slow_s,
+        )
         t0 = time.perf_counter()
         res = run_job(job, args.timeout)
         _log(f"  time {case['task']} {Size(**case['size']).key}: {time.perf_counter() - t0:.0f} s")
@@ -145,8 +152,7 @@ def benchmark(sizes: List[Size], tasks: List[str], methods: Optional[List[str]],
             elif m in res["errors"]:
                 entry.update(status="n/a", reason=res["errors"][m])
             else:
-                entry.update(time_s=res["time_s"][m], time_s_all=res["time_s_all"][m],
-                             warmup_s=res["warmup_s"][m])
+                entry.update(time_s=res["time_s"][m], time_s_all=res["time_s_all"][m], warmup_s=res["warmup_s"][m])
     return cases
 
 
@@ -163,29 +169,44 @@ def device_name(device: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes, fewer repeats: a smoke run (minutes; its wall time is printed)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes, fewer repeats: a smoke run (minutes; its wall time is printed)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default=os.path.join("outputs", "benchmarks"), help="folder for json / md / png")
-    p.add_argument("--results", action="store_true",
-                   help="write to benchmarks/results (the committed figures) instead of --out")
-    p.add_argument("--size", action="append", default=None, metavar="N,H,V[,dtype]",
-                   help="replace the default sizes (repeatable)")
+    p.add_argument(
+        "--results", action="store_true", help="write to benchmarks/results (the committed figures) instead of --out"
+    )
+    p.add_argument(
+        "--size", action="append", default=None, metavar="N,H,V[,dtype]", help="replace the default sizes (repeatable)"
+    )
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)} (quick: ce,kd)")
     p.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per size (default 5; quick 3)")
     p.add_argument("--mem-reps", type=int, default=None, help="memory readings per case (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, all methods")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="memory processes run at once (resident memory is per process, so CPU contention "
-                        "does not change it; time is always measured one process at a time)")
-    p.add_argument("--slow-s", type=float, default=10.0,
-                   help="a method whose step takes longer is timed over 3 rounds only")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="memory processes run at once (resident memory is per process, so CPU contention "
+        "does not change it; time is always measured one process at a time)",
+    )
+    p.add_argument(
+        "--slow-s", type=float, default=10.0, help="a method whose step takes longer is timed over 3 rounds only"
+    )
     p.add_argument("--malloc-arena-max", type=int, default=2, help="MALLOC_ARENA_MAX for every worker")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
-    p.add_argument("--alignment", action="store_true",
-                   help="also run the alignment benchmark (fused DPO / GRPO vs full logits and Liger), same command")
+    p.add_argument(
+        "--alignment",
+        action="store_true",
+        help="also run the alignment benchmark (fused DPO / GRPO vs full logits and Liger), same command",
+    )
     args = p.parse_args(argv)
     if args.results:
         args.out = os.path.join(REPO_ROOT, "benchmarks", "results")
@@ -215,7 +236,8 @@ def main(argv=None) -> int:
     cases = benchmark(sizes, tasks, methods, args)
     results = {
         "meta": {
-            "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "command": "python -m benchmarks.run "
+            + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
             "device": args.device,
             "device_name": device_name(args.device),
             "torch": torch.__version__,
@@ -224,12 +246,16 @@ def main(argv=None) -> int:
             "malloc_arena_max": args.malloc_arena_max,
             "repeats": args.repeats,
             "mem_reps": args.mem_reps,
-            "memory_method": ("max_memory_allocated - memory_allocated after inputs, fresh process per case"
-                              if args.device == "cuda" else
-                              "VmHWM - VmRSS after inputs (post warm-up, heap trimmed, HWM reset), fresh process "
-                              f"per case, median of {args.mem_reps}"),
-            "time_method": (f"median of {args.repeats} interleaved rounds after a warm-up"
-                            + (", CUDA events" if args.device == "cuda" else ", wall clock")),
+            "memory_method": (
+                "max_memory_allocated - memory_allocated after inputs, fresh process per case"
+                if args.device == "cuda"
+                else "VmHWM - VmRSS after inputs (post warm-up, heap trimmed, HWM reset), fresh process "
+                f"per case, median of {args.mem_reps}"
+            ),
+            "time_method": (
+                f"median of {args.repeats} interleaved rounds after a warm-up"
+                + (", CUDA events" if args.device == "cuda" else ", wall clock")
+            ),
             "wall_s": None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_average": load_start,
@@ -253,7 +279,9 @@ def main(argv=None) -> int:
     if args.alignment:
         from benchmarks import alignment
 
-        return alignment.main((["--quick"] if args.quick else []) + ["--json", os.path.join(args.out, "alignment.json")])
+        return alignment.main(
+            (["--quick"] if args.quick else []) + ["--json", os.path.join(args.out, "alignment.json")]
+        )
     return 0
 
 

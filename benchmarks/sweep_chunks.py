@@ -29,7 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--mem-reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-memory", action="store_true", help="time only")
-    p.add_argument("--peers", default=None, help="comma-separated reference methods (default: plain; kd adds torchtune)")
+    p.add_argument(
+        "--peers", default=None, help="comma-separated reference methods (default: plain; kd adds torchtune)"
+    )
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     size = parse_size(args.size, args.device)
@@ -52,10 +54,15 @@ def main(argv=None) -> int:
     if "error" in res:
         print(res["error"], file=sys.stderr)
         return 1
-    print(f"{args.task.upper()} chunk sweep, {size.key}, threads {args.threads}, "
-          f"median of {args.repeats} interleaved rounds")
-    print("| method | chunk tokens | fp32 logit MiB per chunk (x sets) | peak MiB | time ms | "
-          + " | ".join(f"time vs {p}" for p in peers) + " |")
+    print(
+        f"{args.task.upper()} chunk sweep, {size.key}, threads {args.threads}, "
+        f"median of {args.repeats} interleaved rounds"
+    )
+    print(
+        "| method | chunk tokens | fp32 logit MiB per chunk (x sets) | peak MiB | time ms | "
+        + " | ".join(f"time vs {p}" for p in peers)
+        + " |"
+    )
     print("|---|---|---|---|---|" + "---|" * len(peers))
     for m in methods:
         t = res["time_s"].get(m)
@@ -64,13 +71,17 @@ def main(argv=None) -> int:
         per_chunk = "" if not c else f"{int(c) * size.v * 4 * sets / MIB:.0f}"
         peak = rows[m].get("peak_mib")
         vs = [res["time_s"].get(p) for p in peers]
-        print(f"| {m} | {c or ('default' if m.startswith('ours') else '')} | {per_chunk} | "
-              f"{'-' if peak is None else f'{peak:.1f}'} | {'-' if t is None else f'{t * 1e3:.0f}'} | "
-              + " | ".join('-' if t is None or not v else f"{t / v:.2f}x" for v in vs) + " |")
+        print(
+            f"| {m} | {c or ('default' if m.startswith('ours') else '')} | {per_chunk} | "
+            f"{'-' if peak is None else f'{peak:.1f}'} | {'-' if t is None else f'{t * 1e3:.0f}'} | "
+            + " | ".join("-" if t is None or not v else f"{t / v:.2f}x" for v in vs)
+            + " |"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": size.to_dict(), "task": args.task, "rows": rows,
-                       "time_s_all": res["time_s_all"]}, f, indent=1)
+            json.dump(
+                {"size": size.to_dict(), "task": args.task, "rows": rows, "time_s_all": res["time_s_all"]}, f, indent=1
+            )
     return 0
 
 

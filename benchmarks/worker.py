@@ -156,8 +156,9 @@ def main(argv=None) -> int:
         if job["kind"] == "memory":
             result = measure_memory(job["task"], job["method"], size, job["reps"], job["warmup"])
         else:
-            result = measure_time(job["task"], job["methods"], size, job["repeats"], job["warmup"],
-                                  job.get("slow_s", 10.0))
+            result = measure_time(
+                job["task"], job["methods"], size, job["repeats"], job["warmup"], job.get("slow_s", 10.0)
+            )
     except Exception as exc:
         traceback.print_exc()
         result = {"error": _short(exc)}

@@ -64,8 +64,15 @@ def _about(seconds: float) -> str:
 
 def tune_run(recipe: str, config: str, out: Path, total_steps: int, *overrides: str) -> Metrics:
     """Run one recipe with `tune run` (all output to ``<out>.log``); show progress; return its metrics."""
-    cmd = [str(Path(sys.executable).with_name("tune")), "run", f"recipes/{recipe}.py", "--config",
-           f"configs/tiny/{config}.yaml", f"output_dir={out}", *overrides]
+    cmd = [
+        str(Path(sys.executable).with_name("tune")),
+        "run",
+        f"recipes/{recipe}.py",
+        "--config",
+        f"configs/tiny/{config}.yaml",
+        f"output_dir={out}",
+        *overrides,
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     # On a shared machine, OpenMP threads that spin while waiting for each other turned a 30-step
     # run from 40 s into 290 s (2 threads, load 5 on 2 cores); passive waiting costs little when idle.
@@ -76,12 +83,16 @@ def tune_run(recipe: str, config: str, out: Path, total_steps: int, *overrides: 
     if metrics_file.exists():
         metrics_file.unlink()  # DiskLogger appends; a rerun of the demo starts its curves afresh
     print(f"      $ tune {' '.join(cmd[1:])}", flush=True)
-    print(f"      (output: {log_file.relative_to(ROOT) if log_file.is_relative_to(ROOT) else log_file})",
-          flush=True)
+    print(f"      (output: {log_file.relative_to(ROOT) if log_file.is_relative_to(ROOT) else log_file})", flush=True)
     # The run's own bar goes to its log; here the same kind of bar follows the run's metrics file
     # (in place on a terminal, a line every fifth of the run in a file or pipe).
-    bar = Progress(total_steps, desc=f"      {out.name}", every=max(total_steps // 5, 1),
-                   stream=sys.stdout, enabled=total_steps > 1)
+    bar = Progress(
+        total_steps,
+        desc=f"      {out.name}",
+        every=max(total_steps // 5, 1),
+        stream=sys.stdout,
+        enabled=total_steps > 1,
+    )
 
     def follow(m: Metrics) -> None:
         while bar.n < total_steps and "loss" in m.get(bar.n + 1, {}):
@@ -170,8 +181,11 @@ def main() -> None:
     out = (ROOT / args.out).resolve()
     start = time.time()
     load = os.getloadavg()[0]
-    print(f"tune-losses demo: {epochs} epoch(s) per run, seed {args.seed}, CPU fp32, "
-          f"{torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} cores", flush=True)
+    print(
+        f"tune-losses demo: {epochs} epoch(s) per run, seed {args.seed}, CPU fp32, "
+        f"{torch.get_num_threads()} threads, load average {load:.1f} on {os.cpu_count()} cores",
+        flush=True,
+    )
 
     from tune_losses.tiny import build, read_jsonl_texts, tiny_student, tiny_teacher
 
@@ -213,32 +227,59 @@ def main() -> None:
     teacher_ckpt = out / "teacher_sft" / CKPT.format(last)
 
     stage(3, f"student KD (2 layers, dim 128) from that teacher, {steps} steps", estimate("student_kd"))
-    kd = tune_run("kd_single_device", "kd", out / "student_kd", steps, *common,
-                  f"teacher_checkpointer.checkpoint_dir={teacher_ckpt.parent}",
-                  f"teacher_checkpointer.checkpoint_files=[{teacher_ckpt.name}]")
+    kd = tune_run(
+        "kd_single_device",
+        "kd",
+        out / "student_kd",
+        steps,
+        *common,
+        f"teacher_checkpointer.checkpoint_dir={teacher_ckpt.parent}",
+        f"teacher_checkpointer.checkpoint_files=[{teacher_ckpt.name}]",
+    )
     done()
 
     stage(4, f"the same student without KD, {steps} steps", estimate("student_sft"))
-    control = tune_run("sft_single_device", "sft", out / "student_sft", steps, *common,
-                       "model._component_=tune_losses.tiny.tiny_student",
-                       "checkpointer.checkpoint_dir=assets/tiny/student")
+    control = tune_run(
+        "sft_single_device",
+        "sft",
+        out / "student_sft",
+        steps,
+        *common,
+        "model._component_=tune_losses.tiny.tiny_student",
+        "checkpointer.checkpoint_dir=assets/tiny/student",
+    )
     done()
 
     stage(5, "loss peak memory, chunked-output losses (one step each)", 2 * STARTUP_SECONDS * speed)
     one = [*common, "stop_after_steps=1"]
-    sft_chunked = tune_run("sft_single_device", "sft", out / "teacher_sft_chunked", 1, *one,
-                           "loss._component_=tune_losses.CEWithChunkedOutputLoss", "loss.num_output_chunks=8")
-    kd_chunked = tune_run("kd_single_device", "kd", out / "student_kd_chunked", 1, *one,
-                          "loss._component_=tune_losses.CEWithChunkedOutputLoss", "~loss.kd_ratio",
-                          "~loss.divergence", "~loss.temperature", "loss.num_output_chunks=8")
+    sft_chunked = tune_run(
+        "sft_single_device",
+        "sft",
+        out / "teacher_sft_chunked",
+        1,
+        *one,
+        "loss._component_=tune_losses.CEWithChunkedOutputLoss",
+        "loss.num_output_chunks=8",
+    )
+    kd_chunked = tune_run(
+        "kd_single_device",
+        "kd",
+        out / "student_kd_chunked",
+        1,
+        *one,
+        "loss._component_=tune_losses.CEWithChunkedOutputLoss",
+        "~loss.kd_ratio",
+        "~loss.divergence",
+        "~loss.temperature",
+        "loss.num_output_chunks=8",
+    )
     done()
 
     stage(6, "held-out losses and the plot", STARTUP_SECONDS * speed)
     held = {
         "teacher SFT": heldout_loss(tiny_teacher, teacher_ckpt, args.max_seq_len),
         "student KD": heldout_loss(tiny_student, out / "student_kd" / CKPT.format(last), args.max_seq_len),
-        "student without KD": heldout_loss(tiny_student, out / "student_sft" / CKPT.format(last),
-                                           args.max_seq_len),
+        "student without KD": heldout_loss(tiny_student, out / "student_sft" / CKPT.format(last), args.max_seq_len),
     }
     shape = re.search(r"loss peak memory .*?batch \((\d+), (\d+)\)", (out / "teacher_sft.log").read_text())
     first_batch = f"{shape.group(1)} x {shape.group(2)} tokens" if shape else "first batch"
@@ -246,9 +287,12 @@ def main() -> None:
         "SFT (teacher)": (sft_chunked[0]["loss_peak_memory_mib"], teacher[0]["loss_peak_memory_mib"]),
         "KD (student + teacher)": (kd_chunked[0]["loss_peak_memory_mib"], kd[0]["loss_peak_memory_mib"]),
     }
-    plot({"teacher SFT": (teacher, "loss"), "student KD": (kd, "class_loss"),
-          "student without KD": (control, "loss")}, held, out / "loss_curves.png",
-         f"tune-losses tiny demo ({epochs} epoch{'s' if epochs > 1 else ''} per run, seed {args.seed}): the KD curve is its CE part")
+    plot(
+        {"teacher SFT": (teacher, "loss"), "student KD": (kd, "class_loss"), "student without KD": (control, "loss")},
+        held,
+        out / "loss_curves.png",
+        f"tune-losses tiny demo ({epochs} epoch{'s' if epochs > 1 else ''} per run, seed {args.seed}): the KD curve is its CE part",
+    )
     done()
 
     final = lambda m, k="loss": m[max(s for s in m if k in m[s])][k]  # noqa: E731
@@ -279,14 +323,28 @@ def main() -> None:
     ]
     summary = "\n".join(lines)
     (out / "summary.md").write_text(summary + "\n")
-    (out / "summary.json").write_text(json.dumps({
-        "epochs": epochs, "steps": steps, "seed": args.seed, "seconds": round(seconds, 1),
-        "load_start": load, "heldout": held, "kd_margin": margin,
-        "final_train": {"teacher SFT": final(teacher), "student KD": final(kd, "class_loss"),
-                        "student without KD": final(control)},
-        "loss_peak_memory_mib": {k: {"chunked": c, "fused": f} for k, (c, f) in mem.items()},
-        "first_batch": first_batch,
-    }, indent=2) + "\n")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "epochs": epochs,
+                "steps": steps,
+                "seed": args.seed,
+                "seconds": round(seconds, 1),
+                "load_start": load,
+                "heldout": held,
+                "kd_margin": margin,
+                "final_train": {
+                    "teacher SFT": final(teacher),
+                    "student KD": final(kd, "class_loss"),
+                    "student without KD": final(control),
+                },
+                "loss_peak_memory_mib": {k: {"chunked": c, "fused": f} for k, (c, f) in mem.items()},
+                "first_batch": first_batch,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print("\n" + summary)
 
 

@@ -33,8 +33,10 @@ def plot(metrics: dict, path: Path) -> None:
     b.plot(steps, [metrics[s]["eval/loss"] for s in steps], marker="o", label="held-out DPO loss")
     train = sorted(s for s, m in metrics.items() if "loss" in m and s > 0)
     window = 10
-    smooth = [sum(metrics[t]["loss"] for t in train[max(0, i - window + 1):i + 1]) / min(i + 1, window)
-              for i in range(len(train))]
+    smooth = [
+        sum(metrics[t]["loss"] for t in train[max(0, i - window + 1) : i + 1]) / min(i + 1, window)
+        for i in range(len(train))
+    ]
     b.plot(train, smooth, alpha=0.6, label=f"training loss ({window}-step mean)")
     b.set(xlabel="optimizer step", ylabel="DPO loss")
     b.legend()
@@ -48,8 +50,18 @@ def main() -> int:
     args, overrides = parser.parse_known_args()
     out = ROOT / args.out
     tune = str(Path(sys.executable).with_name("tune"))
-    cmd = [tune, "run", "recipes/dpo_single_device.py", "--config", "configs/tiny/dpo.yaml", f"output_dir={out}",
-           "epochs=2", "max_steps_per_epoch=null", "optimizer.lr=1e-3", *overrides]
+    cmd = [
+        tune,
+        "run",
+        "recipes/dpo_single_device.py",
+        "--config",
+        "configs/tiny/dpo.yaml",
+        f"output_dir={out}",
+        "epochs=2",
+        "max_steps_per_epoch=null",
+        "optimizer.lr=1e-3",
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-m", "tune_losses.tiny"], cwd=ROOT, env=env, check=True)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)

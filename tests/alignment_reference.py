@@ -9,7 +9,7 @@ Pair batches are ``[2B, S]``, chosen rows first; policy batches ``[G, S]``.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -48,8 +48,21 @@ def _seq(tok, labels, average, ignore_index):
 
 
 def ref_preference(
-    hidden, weight, labels, *, loss_type="sigmoid", beta=0.1, gamma=0.0, label_smoothing=0.0, nll_weight=0.0,
-    ref_hidden=None, ref_weight=None, ref_logps=None, average_log_prob=None, bias=None, ref_bias=None,
+    hidden,
+    weight,
+    labels,
+    *,
+    loss_type="sigmoid",
+    beta=0.1,
+    gamma=0.0,
+    label_smoothing=0.0,
+    nll_weight=0.0,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_logps=None,
+    average_log_prob=None,
+    bias=None,
+    ref_bias=None,
     ignore_index=-100,
 ) -> Dict[str, torch.Tensor]:
     """The preference loss and its parts, fp64, from the issue's formulas.
@@ -95,7 +108,7 @@ def ref_preference(
         raise ValueError(loss_type)
     per = torch.where(counted, per, torch.zeros_like(per))
     loss = per.sum() / counted.sum().clamp(min=1)
-    vc = (labels[:B] != ignore_index)
+    vc = labels[:B] != ignore_index
     nll = -(tok[:B] * vc.double()).sum() / vc.sum().clamp(min=1)
     w = nll_weight + (1.0 if loss_type == "orpo" else 0.0)
     total = loss + w * nll
@@ -110,9 +123,22 @@ def ref_preference(
 
 
 def ref_policy(
-    hidden, weight, labels, advantages, *, loss_type="grpo", old_logps=None, ref_logps=None, beta=0.0,
-    epsilon_low=0.2, epsilon_high=None, temperature=1.0, max_completion_length=None, num_items_in_batch=None,
-    bias=None, ignore_index=-100,
+    hidden,
+    weight,
+    labels,
+    advantages,
+    *,
+    loss_type="grpo",
+    old_logps=None,
+    ref_logps=None,
+    beta=0.0,
+    epsilon_low=0.2,
+    epsilon_high=None,
+    temperature=1.0,
+    max_completion_length=None,
+    num_items_in_batch=None,
+    bias=None,
+    ignore_index=-100,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The GRPO-family loss and metrics, fp64, from the issue's formulas."""
     eh = epsilon_low if epsilon_high is None else epsilon_high
@@ -149,4 +175,3 @@ def ref_policy(
     ent = ref_entropy(hidden, weight, labels, bias, temperature, ignore_index)
     metrics["entropy"] = ((ent * md).sum() / md.sum().clamp(min=1)).detach()
     return loss, {k: v.detach() for k, v in metrics.items()}
-

@@ -8,9 +8,18 @@ V = 131  # odd vocabulary: no accidental alignment with chunk sizes
 
 
 def _common(**kw):
-    base = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                eos_token_id=2)
+    base = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base.update(kw)
     return base
 
@@ -31,16 +40,39 @@ def build(kind: str, seed: int = 0, **overrides):
         cls = tf.Qwen2ForCausalLM
     elif kind == "gemma2":
         # A small softcap so that it changes the loss noticeably on tiny random logits.
-        cfg = tf.Gemma2Config(**_common(head_dim=8, final_logit_softcapping=0.5, attn_logit_softcapping=50.0,
-                                        sliding_window=8, query_pre_attn_scalar=8, **overrides))
+        cfg = tf.Gemma2Config(
+            **_common(
+                head_dim=8,
+                final_logit_softcapping=0.5,
+                attn_logit_softcapping=50.0,
+                sliding_window=8,
+                query_pre_attn_scalar=8,
+                **overrides,
+            )
+        )
         cls = tf.Gemma2ForCausalLM
     elif kind == "mixtral":
-        cfg = tf.MixtralConfig(**_common(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
-                                         router_aux_loss_coef=0.1, tie_word_embeddings=False, **overrides))
+        cfg = tf.MixtralConfig(
+            **_common(
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                output_router_logits=True,
+                router_aux_loss_coef=0.1,
+                tie_word_embeddings=False,
+                **overrides,
+            )
+        )
         cls = tf.MixtralForCausalLM
     elif kind == "granite":  # logits divided by logits_scaling
-        cfg = tf.GraniteConfig(**_common(logits_scaling=2.0, embedding_multiplier=2.0, residual_multiplier=0.5,
-                                         attention_multiplier=0.25, **overrides))
+        cfg = tf.GraniteConfig(
+            **_common(
+                logits_scaling=2.0,
+                embedding_multiplier=2.0,
+                residual_multiplier=0.5,
+                attention_multiplier=0.25,
+                **overrides,
+            )
+        )
         cls = tf.GraniteForCausalLM
     elif kind == "cohere":
         cfg = tf.CohereConfig(**_common(logit_scale=0.5, **overrides))
@@ -92,8 +124,7 @@ def tokenizer():
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t3"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2",
-                                   unk_token="t3")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
 
 
 def token_dataset(n: int = 12, seed: int = 5, min_len: int = 6, max_len: int = 14):

@@ -36,24 +36,28 @@ def free_port() -> int:
 def child_env(threads: int = 1, **extra: str) -> Dict[str, str]:
     """The environment of a child process: offline, the repository first on the import path."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-                HF_DATASETS_OFFLINE="1", **extra)
+    return dict(
+        os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra
+    )
 
 
-def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, pg_timeout_s: Optional[float],
-               results) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, fn: Callable, args: tuple, pg_timeout_s: Optional[float], results
+) -> None:
     import datetime
 
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     try:
         if pg_timeout_s is not None:
-            dist.init_process_group("gloo", rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(seconds=pg_timeout_s))
+            dist.init_process_group(
+                "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout_s)
+            )
         value = fn(rank, world, *args)
         results.put((rank, "ok", value))
     except BaseException:  # noqa: B036 - every failure goes back to the parent, with its traceback
@@ -63,8 +67,14 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, pg_t
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int = 2, *args: Any, timeout: float = 180,
-              pg_timeout_s: float = 120, init_process_group: bool = True) -> List[Any]:
+def run_ranks(
+    fn: Callable[..., Any],
+    world: int = 2,
+    *args: Any,
+    timeout: float = 180,
+    pg_timeout_s: float = 120,
+    init_process_group: bool = True,
+) -> List[Any]:
     """``[fn(rank, world, *args) for rank in range(world)]``, each on its own gloo rank.
 
     The process group is initialized for ``fn`` (gloo, ``pg_timeout_s``) unless
@@ -77,8 +87,14 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, *args: Any, timeout: float
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, pg_timeout_s if init_process_group else None, results), daemon=True)
-             for r in range(world)]
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(r, world, port, fn, args, pg_timeout_s if init_process_group else None, results),
+            daemon=True,
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     done: Dict[int, tuple] = {}
@@ -88,8 +104,9 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, *args: Any, timeout: float
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = sorted(set(range(world)) - set(done))
-                raise AssertionError(f"{fn.__name__}: ranks {missing} did not finish within {timeout:.0f} s"
-                                     + _failures(done))
+                raise AssertionError(
+                    f"{fn.__name__}: ranks {missing} did not finish within {timeout:.0f} s" + _failures(done)
+                )
             try:
                 rank, status, value = results.get(timeout=min(left, 1.0))
                 done[rank] = (status, value)
@@ -98,8 +115,9 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, *args: Any, timeout: float
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
                 if dead:
-                    raise AssertionError(f"{fn.__name__}: rank {dead[0]} died (exit code {procs[dead[0]].exitcode})"
-                                         + _failures(done))
+                    raise AssertionError(
+                        f"{fn.__name__}: rank {dead[0]} died (exit code {procs[dead[0]].exitcode})" + _failures(done)
+                    ) from None
         failed = _failures(done)
         if failed:
             raise AssertionError(f"{fn.__name__} failed:" + failed)
@@ -116,20 +134,38 @@ def _failures(done: Dict[int, tuple]) -> str:
     return "".join(f"\n--- rank {r} ---\n{value}" for r, (status, value) in sorted(done.items()) if status == "error")
 
 
-def run_command(cmd: Sequence[str], *, timeout: float = 600, env: Optional[Dict[str, str]] = None,
-                cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+def run_command(
+    cmd: Sequence[str],
+    *,
+    timeout: float = 600,
+    env: Optional[Dict[str, str]] = None,
+    cwd: Path = ROOT,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` (with :func:`child_env` unless ``env`` is given); with ``check``, a non-zero exit is an
     AssertionError showing the command and the tail of its output."""
-    proc = subprocess.run(list(cmd), cwd=cwd, env=env if env is not None else child_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        list(cmd), cwd=cwd, env=env if env is not None else child_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit code {proc.returncode}: {' '.join(map(str, cmd))}\n"
-                             f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"exit code {proc.returncode}: {' '.join(map(str, cmd))}\n"
+            f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
 def torchrun(script: Path, nproc: int, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node nproc script args`` on a free local port."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        f"--master_port={free_port()}",
+        "--master_addr=127.0.0.1",
+        str(script),
+        *args,
+    ]
     return run_command(cmd, timeout=timeout, **kw)

@@ -219,9 +219,7 @@ def ref_kd(
 # ------------------------------------------------------------------------------ log-probabilities
 
 
-def ref_log_probs(
-    logits: Logits, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100
-):
+def ref_log_probs(logits: Logits, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100):
     """``(log q[y], entropy -sum q log q)`` per token with ``q = softmax(z / T)``, fp64, shaped like
     ``labels``; both exactly 0 at ignored tokens."""
     log_q = _log_softmax(_flat_logits(logits) / temperature)

@@ -15,8 +15,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quick_alignment_benchmark(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     out = tmp_path / "alignment.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.alignment", "--quick", "--reps", "1", "--rounds", "1",
-                           "--json", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.alignment", "--quick", "--reps", "1", "--rounds", "1", "--json", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| case | method | peak MiB |" in proc.stdout
     results = json.loads(out.read_text())["results"]

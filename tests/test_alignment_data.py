@@ -25,8 +25,9 @@ def test_pairs_share_the_prompt_and_come_from_their_own_split(tiny_assets):
         assert ca["content"] != ra["content"] and ca["content"] and ra["content"]
     # the chosen answer continues its own document; held-out documents never appear in train pairs
     held_answers = {r["chosen"][1]["content"] for r in heldout}
-    assert any(r["chosen"][0]["content"][-20:] in d and r["chosen"][1]["content"][:20] in d
-               for r in train[:5] for d in docs)
+    assert any(
+        r["chosen"][0]["content"][-20:] in d and r["chosen"][1]["content"][:20] in d for r in train[:5] for d in docs
+    )
     assert not held_answers & {r["rejected"][1]["content"] for r in train}
     assert not held_answers & {r["chosen"][1]["content"] for r in train}
     lengths = [len(r["chosen"][1]["content"]) - len(r["rejected"][1]["content"]) for r in train]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from alignment_reference import ref_policy, ref_preference, ref_token_logps
 
 import tune_losses
-from alignment_reference import ref_policy, ref_preference, ref_token_logps
 from tune_losses import DPOLoss, RSOLoss, linear_policy_loss, linear_preference_loss
 
 PREF_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
@@ -22,7 +22,7 @@ def _pair_labels(gen, b=B, s=S, v=V, empty_rejected=False):
         prompt = int(torch.randint(0, 3, (1,), generator=gen))
         length = int(torch.randint(1, s - prompt + 1, (1,), generator=gen))
         labels[i, :prompt] = -100
-        labels[i, prompt + length:] = -100
+        labels[i, prompt + length :] = -100
     if empty_rejected:
         labels[b] = -100  # pair 0's rejected sequence has no valid token: that pair does not count
     return labels
@@ -63,8 +63,12 @@ def test_preference_matches_fp64_reference(loss_type, reference):
         ref_weight = torch.randn(V, 8, generator=gen, dtype=torch.float64)
         kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight)
     elif reference == "logps":
-        kwargs.update(ref_logps=(-5 * torch.rand(B, generator=gen, dtype=torch.float64),
-                                 -5 * torch.rand(B, generator=gen, dtype=torch.float64)))
+        kwargs.update(
+            ref_logps=(
+                -5 * torch.rand(B, generator=gen, dtype=torch.float64),
+                -5 * torch.rand(B, generator=gen, dtype=torch.float64),
+            )
+        )
     out = linear_preference_loss(hidden, weight, labels, **kwargs)
     ref = ref_preference(hidden, weight, labels, **kwargs)
     _close(out.loss, ref["loss"], 1e-9)
@@ -149,8 +153,9 @@ def test_preference_global_normalizers():
     n_pairs, n_tok = 4, int((labels[:4] != -100).sum())
     total, g = 0.0, torch.zeros_like(weight)
     for idx in ([0, 1, 4, 5], [2, 3, 6, 7]):
-        part = linear_preference_loss(hidden[idx], weight, labels[idx], nll_weight=0.5,
-                                      num_pairs=n_pairs, num_chosen_tokens=n_tok)
+        part = linear_preference_loss(
+            hidden[idx], weight, labels[idx], nll_weight=0.5, num_pairs=n_pairs, num_chosen_tokens=n_tok
+        )
         total = total + part.loss.detach()
         g += _grads(part.loss, [weight])[0]
     _close(total, full.loss.detach(), 1e-12)
@@ -184,7 +189,7 @@ def _policy_case(dtype=torch.float64, seed=10, G=4):
     labels = torch.randint(0, V, (G, S), generator=gen)
     for i in range(G):
         labels[i, : i % 3] = -100  # prompt
-        labels[i, S - i:] = -100  # unequal completion lengths (row 0 full)
+        labels[i, S - i :] = -100  # unequal completion lengths (row 0 full)
     base = ref_token_logps(hidden.detach(), weight.detach(), labels, bias.detach())
     noise = lambda: 0.4 * torch.randn(G, S, generator=gen, dtype=torch.float64)  # noqa: E731
     old = torch.where(labels != -100, base + noise(), torch.full_like(base, float("-inf")))
@@ -194,12 +199,20 @@ def _policy_case(dtype=torch.float64, seed=10, G=4):
 
 
 @pytest.mark.parametrize("loss_type", POLICY_TYPES)
-@pytest.mark.parametrize("beta,temperature,eps_high,with_old", [
-    (0.0, 1.0, None, True), (0.05, 0.7, 0.28, True), (0.05, 1.0, None, False)])
+@pytest.mark.parametrize(
+    "beta,temperature,eps_high,with_old", [(0.0, 1.0, None, True), (0.05, 0.7, 0.28, True), (0.05, 1.0, None, False)]
+)
 def test_policy_matches_fp64_reference(loss_type, beta, temperature, eps_high, with_old):
     hidden, weight, bias, labels, adv, old, ref_lp = _policy_case()
-    kwargs = dict(loss_type=loss_type, beta=beta, temperature=temperature, epsilon_high=eps_high, bias=bias,
-                  old_logps=old if with_old else None, ref_logps=ref_lp if beta else None)
+    kwargs = dict(
+        loss_type=loss_type,
+        beta=beta,
+        temperature=temperature,
+        epsilon_high=eps_high,
+        bias=bias,
+        old_logps=old if with_old else None,
+        ref_logps=ref_lp if beta else None,
+    )
     if loss_type == "dr_grpo":
         kwargs["max_completion_length"] = 12
     if loss_type == "dapo":
@@ -248,8 +261,10 @@ def test_policy_bad_arguments():
 # --------------------------------------------------------------------------- torchtune's DPO losses
 
 
-@pytest.mark.parametrize("cls,kwargs", [("DPOLoss", {}), ("DPOLoss", dict(beta=0.3, label_smoothing=0.15)),
-                                        ("RSOLoss", {}), ("RSOLoss", dict(gamma=0.7))])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [("DPOLoss", {}), ("DPOLoss", dict(beta=0.3, label_smoothing=0.15)), ("RSOLoss", {}), ("RSOLoss", dict(gamma=0.7))],
+)
 def test_dpo_and_rso_match_torchtune(cls, kwargs):
     from torchtune.rlhf import loss as tt_loss
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from alignment_reference import ref_preference
 from test_alignment_losses import _pair_labels
+
 from tune_losses import linear_preference_loss
 from tune_losses.alignment import linear_preference_terms
 from tune_losses.alignment.pair_chunks import default_row_budget, pair_chunk_layout
@@ -49,8 +49,11 @@ def _pair_sizes(labels):
 @pytest.mark.parametrize("average", [None, True, False])
 def test_pair_chunks_match_fp64_reference(loss_type, reference, average):
     """Several pairs per chunk, unequal lengths, an uncounted pair, an empty pair, NLL term, bias."""
-    gen, hidden, weight, bias = _inputs(seed=PREF_TYPES.index(loss_type) * 9 + ["hidden", "logps", "none"].index(reference) * 3
-                                        + [None, True, False].index(average))
+    gen, hidden, weight, bias = _inputs(
+        seed=PREF_TYPES.index(loss_type) * 9
+        + ["hidden", "logps", "none"].index(reference) * 3
+        + [None, True, False].index(average)
+    )
     labels = _labels(gen)
     kwargs = dict(loss_type=loss_type, beta=0.6, bias=bias, nll_weight=0.4, average_log_prob=average)
     if loss_type in ("sigmoid", "simpo"):
@@ -58,12 +61,18 @@ def test_pair_chunks_match_fp64_reference(loss_type, reference, average):
     if loss_type == "simpo":
         kwargs.update(gamma=0.3)
     if reference == "hidden":
-        kwargs.update(ref_hidden=torch.randn(2 * B, S, 8, generator=gen, dtype=torch.float64),
-                      ref_weight=torch.randn(V, 8, generator=gen, dtype=torch.float64),
-                      ref_bias=torch.randn(V, generator=gen, dtype=torch.float64))
+        kwargs.update(
+            ref_hidden=torch.randn(2 * B, S, 8, generator=gen, dtype=torch.float64),
+            ref_weight=torch.randn(V, 8, generator=gen, dtype=torch.float64),
+            ref_bias=torch.randn(V, generator=gen, dtype=torch.float64),
+        )
     elif reference == "logps":
-        kwargs.update(ref_logps=(-5 * torch.rand(B, generator=gen, dtype=torch.float64),
-                                 -5 * torch.rand(B, generator=gen, dtype=torch.float64)))
+        kwargs.update(
+            ref_logps=(
+                -5 * torch.rand(B, generator=gen, dtype=torch.float64),
+                -5 * torch.rand(B, generator=gen, dtype=torch.float64),
+            )
+        )
     budget = 2 * max(_pair_sizes(labels))  # at least two pairs in the first chunk
     out = linear_preference_loss(hidden, weight, labels, algorithm="grad_in_forward", chunk_size=budget, **kwargs)
     assert type(out.loss.grad_fn).__name__ == "PairChunkedPreferenceBackward"
@@ -77,10 +86,10 @@ def test_pair_chunks_match_fp64_reference(loss_type, reference, average):
 
 def test_layout_packs_whole_pairs_in_order():
     labels = torch.full((6, 5), -100)
-    labels[0, 1:3] = 1   # pair 0: chosen 2 tokens, rejected 1
+    labels[0, 1:3] = 1  # pair 0: chosen 2 tokens, rejected 1
     labels[3, 4] = 2
-    labels[1, :5] = 3    # pair 1: chosen 5, rejected 0
-    labels[5, 0] = 4     # pair 2: chosen 0, rejected 1
+    labels[1, :5] = 3  # pair 1: chosen 5, rejected 0
+    labels[5, 0] = 4  # pair 2: chosen 0, rejected 1
     layout = pair_chunk_layout(labels, -100, budget=6)
     assert layout.chunks == ((0, 1, 0, 3), (1, 3, 3, 9))
     assert layout.rows.tolist() == [0, 0, 3, 1, 1, 1, 1, 1, 5]
@@ -143,8 +152,9 @@ def test_pair_chunks_low_precision(dtype, tol):
     ref = ref_preference(hidden, weight, labels, **kwargs)
     assert out.loss.dtype == torch.float32
     _close(out.loss, ref["loss"], tol)
-    for g, r, t in zip(_grads(out.loss, [hidden, weight, bias]), _grads(ref["loss"], [hidden, weight, bias]),
-                       [hidden, weight, bias]):
+    for g, r, t in zip(
+        _grads(out.loss, [hidden, weight, bias]), _grads(ref["loss"], [hidden, weight, bias]), [hidden, weight, bias]
+    ):
         assert g.dtype == dtype
         assert (g.double() - r).abs().max().item() <= tol * max(r.abs().max().item(), 1e-3) * 4
 
@@ -184,8 +194,9 @@ def test_given_normalizers_fold_into_the_gradient():
     n_tok = torch.tensor(int((labels[:B] != -100).sum()))
     total, grads = 0.0, None
     for idx in ([0, 1, 4, 5], [2, 3, 6, 7]):
-        part = linear_preference_loss(hidden[idx], weight, labels[idx], num_pairs=n_pairs, num_chosen_tokens=n_tok,
-                                      **kwargs)
+        part = linear_preference_loss(
+            hidden[idx], weight, labels[idx], num_pairs=n_pairs, num_chosen_tokens=n_tok, **kwargs
+        )
         assert type(part.loss.grad_fn).__name__ == "PairChunkedPreferenceBackward"
         total = total + part.loss.detach()
         g = _grads(part.loss, [hidden, weight, bias])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from multiproc import run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -26,7 +25,11 @@ def _batch(rank: int):
 
 def _weights():
     g = torch.Generator().manual_seed(100)
-    return torch.randn(V, H, generator=g) / H**0.5, torch.randn(V, H, generator=g) / H**0.5, 0.1 * torch.randn(V, generator=g)
+    return (
+        torch.randn(V, H, generator=g) / H**0.5,
+        torch.randn(V, H, generator=g) / H**0.5,
+        0.1 * torch.randn(V, generator=g),
+    )
 
 
 def _on_ranks(rank: int, world: int):
@@ -55,8 +58,9 @@ def _on_ranks(rank: int, world: int):
     w = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
     b = distribute_tensor(bias.clone(), mesh, [Shard(0)]).requires_grad_()
     rw = distribute_tensor(ref_weight.clone(), mesh, [Shard(0)])
-    out = linear_preference_loss(h, w, labels, bias=b, ref_hidden=ref_hidden, ref_weight=rw, chunk_size=chunk,
-                                 **kwargs).loss
+    out = linear_preference_loss(
+        h, w, labels, bias=b, ref_hidden=ref_hidden, ref_weight=rw, chunk_size=chunk, **kwargs
+    ).loss
     out.backward()
     return {
         "fast": type(out.grad_fn).__name__ == "PairChunkedPreferenceBackward",

@@ -8,11 +8,25 @@ from test_recipes import _assert_same_first_steps, tune_run
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["shuffle=false", "max_steps_per_epoch=2", "epochs=1", "clip_grad_norm=1000.0",
-         "lr_scheduler.num_warmup_steps=0", "tokenizer.max_seq_len=96", "eval_dataset=null", "optimizer.lr=1e-3"]
+SHORT = [
+    "shuffle=false",
+    "max_steps_per_epoch=2",
+    "epochs=1",
+    "clip_grad_norm=1000.0",
+    "lr_scheduler.num_warmup_steps=0",
+    "tokenizer.max_seq_len=96",
+    "eval_dataset=null",
+    "optimizer.lr=1e-3",
+]
 TORCHTUNE_DPO = ["loss._component_=torchtune.rlhf.loss.DPOLoss", "~loss.loss_type", "~loss.nll_weight"]
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "log_probs/chosen",
-           "log_probs/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "log_probs/chosen",
+    "log_probs/rejected",
+)
 
 
 @pytest.mark.distributed
@@ -20,8 +34,9 @@ def test_dpo_exact_normalization_across_accumulation_and_ranks(tmp_path, tiny_as
     """batch 4 == batch 2 x 2 accumulation == 2 ranks x batch 2: same loss, grad_norm and metrics, steps 1-2."""
     runs = {
         "batch4": tune_run("dpo_single_device", "dpo", tmp_path / "a", *SHORT, "batch_size=4"),
-        "batch2x2": tune_run("dpo_single_device", "dpo", tmp_path / "b", *SHORT, "batch_size=2",
-                             "gradient_accumulation_steps=2"),
+        "batch2x2": tune_run(
+            "dpo_single_device", "dpo", tmp_path / "b", *SHORT, "batch_size=2", "gradient_accumulation_steps=2"
+        ),
         "2ranks": tune_run("dpo_distributed", "dpo", tmp_path / "c", *SHORT, "batch_size=2", nproc=2),
     }
     _assert_same_first_steps(runs, ("loss", "grad_norm", "log_probs/chosen", "log_probs/rejected"))

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
+from test_alignment_modules import TinyLM, V
 
-from test_alignment_modules import V, TinyLM
 from tune_losses import DPOLoss, LinearPreferenceLoss
 from tune_losses.training.dpo import (
     PreferenceForward,
@@ -42,7 +42,9 @@ def test_fused_path_equals_torchtune_full_logits_path(torchtune_loss):
     seq_loss = TorchtuneDPOLoss(beta=0.2, label_smoothing=0.1) if torchtune_loss else DPOLoss(0.2, 0.1)
     p_full, r_full = copy.deepcopy(policy), copy.deepcopy(reference)
     full = PreferenceForward(seq_loss, p_full, r_full, -100).terms(tokens, labels)
-    fused = PreferenceForward(LinearPreferenceLoss(beta=0.2, label_smoothing=0.1), policy, reference, -100).terms(tokens, labels)
+    fused = PreferenceForward(LinearPreferenceLoss(beta=0.2, label_smoothing=0.1), policy, reference, -100).terms(
+        tokens, labels
+    )
     assert not full.pair_loss_sum.isnan()
     for name in ("pair_loss_sum", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
         torch.testing.assert_close(getattr(fused, name), getattr(full, name), rtol=1e-5, atol=1e-6)

@@ -15,7 +15,10 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         # A smoke test, not a timing: generous, since a cold torch.compile cache and a loaded 2-core
         # machine (it took > 170 s beside other test suites) slow it down.
         timeout=900,

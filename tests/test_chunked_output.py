@@ -239,13 +239,20 @@ def test_ce_bf16_options_no_worse_than_eager(opts):
 
 # (class factory, reference kwargs)
 KD_CASES = {
-    "fkl_torchtune": (lambda n, **kw: ForwardKLWithChunkedOutputLoss(n, **kw), dict(divergence="forward_kl", true_kl=False)),
+    "fkl_torchtune": (
+        lambda n, **kw: ForwardKLWithChunkedOutputLoss(n, **kw),
+        dict(divergence="forward_kl", true_kl=False),
+    ),
     "fkl_true": (lambda n, **kw: ForwardKLWithChunkedOutputLoss(n, true_kl=True, **kw), dict(divergence="forward_kl")),
     "rkl": (lambda n, **kw: ReverseKLWithChunkedOutputLoss(n, **kw), dict(divergence="reverse_kl")),
-    "sym": (lambda n, **kw: SymmetricKLWithChunkedOutputLoss(n, 0.3, **kw),
-            dict(divergence="symmetric_kl", sym_kd_ratio=0.3, true_kl=False)),
-    "sym_true": (lambda n, **kw: SymmetricKLWithChunkedOutputLoss(n, 0.7, true_kl=True, **kw),
-                 dict(divergence="symmetric_kl", sym_kd_ratio=0.7)),
+    "sym": (
+        lambda n, **kw: SymmetricKLWithChunkedOutputLoss(n, 0.3, **kw),
+        dict(divergence="symmetric_kl", sym_kd_ratio=0.3, true_kl=False),
+    ),
+    "sym_true": (
+        lambda n, **kw: SymmetricKLWithChunkedOutputLoss(n, 0.7, true_kl=True, **kw),
+        dict(divergence="symmetric_kl", sym_kd_ratio=0.7),
+    ),
     "jsd0": (lambda n, **kw: JSDWithChunkedOutputLoss(n, 0.0, **kw), dict(divergence="jsd", beta=0.0)),
     "jsd.5": (lambda n, **kw: JSDWithChunkedOutputLoss(n, 0.5, **kw), dict(divergence="jsd", beta=0.5)),
     "jsd.9": (lambda n, **kw: JSDWithChunkedOutputLoss(n, 0.9, **kw), dict(divergence="jsd", beta=0.9)),
@@ -290,8 +297,15 @@ def test_kd_temperature_matches_reference(case, scale):
     make, ref_kwargs = KD_CASES[case]
     student, teacher, labels = _kd_inputs(13, 7)
     loss_fn = make(4, temperature=2.5, scale_by_temperature_squared=scale)
-    loss, ref = _check_kd(loss_fn, dict(ref_kwargs, temperature=2.5, scale_by_temperature_squared=scale),
-                          student, teacher, labels, 4, "tensor_split")
+    loss, ref = _check_kd(
+        loss_fn,
+        dict(ref_kwargs, temperature=2.5, scale_by_temperature_squared=scale),
+        student,
+        teacher,
+        labels,
+        4,
+        "tensor_split",
+    )
     plain = ref_kd(student.detach().double(), teacher.double(), labels, **ref_kwargs)
     assert not torch.allclose(ref, plain)  # temperature is not a no-op
 
@@ -308,9 +322,13 @@ def test_jsd_limits_and_symmetric_endpoints():
     torch.testing.assert_close(SymmetricKLWithChunkedOutputLoss(4, 0.0)(s, t, labels), rkl)
     # teacher = student: every true divergence is 0 at its minimum, with a 0 gradient
     same = [x.detach() for x in s]
-    for make in (lambda: ForwardKLWithChunkedOutputLoss(4, true_kl=True), lambda: ReverseKLWithChunkedOutputLoss(4),
-                 lambda: SymmetricKLWithChunkedOutputLoss(4, true_kl=True), lambda: JSDWithChunkedOutputLoss(4),
-                 lambda: TVDWithChunkedOutputLoss(4)):
+    for make in (
+        lambda: ForwardKLWithChunkedOutputLoss(4, true_kl=True),
+        lambda: ReverseKLWithChunkedOutputLoss(4),
+        lambda: SymmetricKLWithChunkedOutputLoss(4, true_kl=True),
+        lambda: JSDWithChunkedOutputLoss(4),
+        lambda: TVDWithChunkedOutputLoss(4),
+    ):
         loss = make()(s, same, labels)
         grad = _grad_full(loss, s)
         assert abs(loss.item()) < 1e-6
@@ -345,8 +363,13 @@ def test_unchunked_kd_matches_reference(case, shape):
     _assert_close(loss, ref, 1e-5, 1e-6, "value")
     _assert_close(grad, ref_grad, 1e-4, 1e-7, "grad")
     total = loss_fn(s, t, lab, normalize=False)
-    _assert_close(total, ref_kd(student.detach().double(), teacher.double(), labels, reduction="sum", **ref_kwargs),
-                  1e-5, 1e-5, "sum")
+    _assert_close(
+        total,
+        ref_kd(student.detach().double(), teacher.double(), labels, reduction="sum", **ref_kwargs),
+        1e-5,
+        1e-5,
+        "sum",
+    )
 
 
 def test_masked_vocab_entries_give_finite_values_and_gradients():
@@ -410,8 +433,15 @@ def test_kd_bf16_no_worse_than_eager(case):
 def test_kd_mixed_dtypes_bf16_teacher_fp32_student():
     student, teacher, labels = _kd_inputs(13, 12)
     teacher = teacher.to(torch.bfloat16)
-    _check_kd(ForwardKLWithChunkedOutputLoss(4, true_kl=True), dict(divergence="forward_kl"),
-              student, teacher, labels, 4, "tensor_split")
+    _check_kd(
+        ForwardKLWithChunkedOutputLoss(4, true_kl=True),
+        dict(divergence="forward_kl"),
+        student,
+        teacher,
+        labels,
+        4,
+        "tensor_split",
+    )
 
 
 # --------------------------------------------------------------------------- parity with torchtune
@@ -561,8 +591,9 @@ def test_torchtune_mispairs_labels_when_chunks_are_tensor_split():
     chunks = list(torch.tensor_split(x, n, dim=1))  # [4, 3, 3, 3] vs labels .chunk -> [4, 4, 4, 1]
     with pytest.raises(Exception):
         tt.CEWithChunkedOutputLoss(n)(chunks, labels)
-    torch.testing.assert_close(CEWithChunkedOutputLoss(n)(chunks, labels).double(), ref_ce(x, labels),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        CEWithChunkedOutputLoss(n)(chunks, labels).double(), ref_ce(x, labels), rtol=1e-5, atol=1e-6
+    )
 
 
 # --------------------------------------------------------------------------------- sum_and_count
@@ -575,10 +606,16 @@ def test_sum_and_count_agrees_with_forward(ignore):
     s, t = _split(student, 4, "tensor_split"), _split(teacher, 4, "tensor_split")
     losses = [
         (CEWithChunkedOutputLoss(4), (s, labels), ref_ce(student.detach(), labels, reduction="sum")),
-        (ReverseKLWithChunkedOutputLoss(4), (s, t, labels),
-         ref_kd(student.detach(), teacher, labels, divergence="reverse_kl", reduction="sum")),
-        (JSDLoss(0.5), (student, teacher, labels),
-         ref_kd(student.detach(), teacher, labels, divergence="jsd", reduction="sum")),
+        (
+            ReverseKLWithChunkedOutputLoss(4),
+            (s, t, labels),
+            ref_kd(student.detach(), teacher, labels, divergence="reverse_kl", reduction="sum"),
+        ),
+        (
+            JSDLoss(0.5),
+            (student, teacher, labels),
+            ref_kd(student.detach(), teacher, labels, divergence="jsd", reduction="sum"),
+        ),
     ]
     for loss_fn, args, ref_sum in losses:
         result = loss_fn.sum_and_count(*args)

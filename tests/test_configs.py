@@ -42,7 +42,9 @@ def test_every_component_instantiates(path, tmp_path, tiny_assets):
     cfg = OmegaConf.load(path)
     cfg.output_dir = str(tmp_path / "out")
     text = path.read_text()
-    assert text.lstrip().startswith("#") and "tune run" in text.split("\n\n")[0], "config must open with its tune run command"
+    assert text.lstrip().startswith("#") and "tune run" in text.split("\n\n")[0], (
+        "config must open with its tune run command"
+    )
     is_tiny = path.parent.name == "tiny"
     seen = 0
     for keys, node in _components(cfg):

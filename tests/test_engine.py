@@ -6,25 +6,31 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import make_labels, ref_ce
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from reference import make_labels, ref_ce
 from tune_losses import (
+    CEWithChunkedOutputLoss,
     ForwardKLWithChunkedOutputLoss,
     JSDWithChunkedOutputLoss,
     ReverseKLWithChunkedOutputLoss,
     SymmetricKLWithChunkedOutputLoss,
     TVDWithChunkedOutputLoss,
-    CEWithChunkedOutputLoss,
     linear_cross_entropy,
     linear_distillation_loss,
     linear_kd_loss,
 )
 
-DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {}), ("symmetric_kl", {"sym_kd_ratio": 0.3}),
-               ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("tvd", {})]
+DIVERGENCES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("symmetric_kl", {"sym_kd_ratio": 0.3}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 0.0}),
+    ("jsd", {"beta": 1.0}),
+    ("tvd", {}),
+]
 DIV_IDS = [d + "".join(f"-{k}{v}" for k, v in kw.items()) for d, kw in DIVERGENCES]
-
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -51,8 +57,7 @@ def inputs(n=24, hdim=8, vocab=40, seed=0, dtype=torch.float32):
 class MatmulFlops(TorchDispatchMode):
     """Counts the flops of every matrix product (mm / addmm / bmm, in-place and out= variants)."""
 
-    OPS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm,
-           torch.ops.aten.baddbmm}
+    OPS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
 
     def __init__(self):
         super().__init__()
@@ -98,11 +103,11 @@ def _poison(t, value, row):
 
 def _fused_losses(h, w, b, th, tw, labels, divergence, extra):
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    out = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=b, divergence=divergence, chunk_size=5,
-                                   **extra)
+    out = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=b, divergence=divergence, chunk_size=5, **extra)
     out.loss.backward()
-    kd = linear_kd_loss(h, w, th, tw, labels, student_bias=b, divergence=divergence, chunk_size=5,
-                        algorithm="recompute", **extra)
+    kd = linear_kd_loss(
+        h, w, th, tw, labels, student_bias=b, divergence=divergence, chunk_size=5, algorithm="recompute", **extra
+    )
     return out, kd, hh.grad
 
 
@@ -121,9 +126,13 @@ def test_non_finite_hidden_state_at_a_counted_token_is_never_hidden(divergence, 
     assert not torch.isfinite(out.loss)
     assert not torch.isfinite(kd)
     # chunked-output classes on the logits
-    chunked = {"forward_kl": ForwardKLWithChunkedOutputLoss(2, true_kl=True), "reverse_kl": ReverseKLWithChunkedOutputLoss(2),
-               "symmetric_kl": SymmetricKLWithChunkedOutputLoss(2, extra.get("sym_kd_ratio", 0.5)),
-               "jsd": JSDWithChunkedOutputLoss(2, extra.get("beta", 0.5)), "tvd": TVDWithChunkedOutputLoss(2)}[divergence]
+    chunked = {
+        "forward_kl": ForwardKLWithChunkedOutputLoss(2, true_kl=True),
+        "reverse_kl": ReverseKLWithChunkedOutputLoss(2),
+        "symmetric_kl": SymmetricKLWithChunkedOutputLoss(2, extra.get("sym_kd_ratio", 0.5)),
+        "jsd": JSDWithChunkedOutputLoss(2, extra.get("beta", 0.5)),
+        "tvd": TVDWithChunkedOutputLoss(2),
+    }[divergence]
     zs, zt = F.linear(h, w, b)[None], F.linear(th, tw)[None]
     assert not torch.isfinite(chunked(list(zs.tensor_split(2, 1)), list(zt.tensor_split(2, 1)), labels[None]))
 
@@ -154,8 +163,9 @@ def test_masked_vocabulary_entries_stay_finite(divergence, extra):
     b = b.clone()
     b[[3, 11]] = float("-inf")
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    out = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=b, teacher_bias=b, divergence=divergence,
-                                   chunk_size=5, **extra)
+    out = linear_distillation_loss(
+        hh, ww, th, tw, labels, student_bias=b, teacher_bias=b, divergence=divergence, chunk_size=5, **extra
+    )
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(hh.grad).all() and torch.isfinite(ww.grad).all()
 
@@ -198,8 +208,18 @@ def test_fp64_cross_entropy_gradcheck(reduction):
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
 
     def fn(hh, ww, bb):
-        return linear_cross_entropy(hh, ww, labels, bias=bb, reduction=reduction, algorithm="recompute",
-                                    chunk_size=3, label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
+        return linear_cross_entropy(
+            hh,
+            ww,
+            labels,
+            bias=bb,
+            reduction=reduction,
+            algorithm="recompute",
+            chunk_size=3,
+            label_smoothing=0.1,
+            z_loss=1e-2,
+            softcap=3.0,
+        )
 
     out = fn(*leaves)
     assert out.dtype == torch.float64
@@ -214,8 +234,19 @@ def test_fp64_divergence_gradcheck(divergence, extra):
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
 
     def fn(hh, ww, bb):
-        return linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, divergence=divergence,
-                                        temperature=1.5, algorithm="recompute", chunk_size=3, **extra).loss
+        return linear_distillation_loss(
+            hh,
+            ww,
+            th,
+            tw,
+            labels,
+            student_bias=bb,
+            divergence=divergence,
+            temperature=1.5,
+            algorithm="recompute",
+            chunk_size=3,
+            **extra,
+        ).loss
 
     assert fn(*leaves).dtype == torch.float64
     assert torch.autograd.gradcheck(fn, leaves)

@@ -91,8 +91,7 @@ def test_fresh_clone_runs_the_readme_commands():
     short = "stop_after_steps=2 log_every_n_steps=1"
     # A user's shell: no virtual environment of ours active, nothing of this checkout on the path.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
-                                  if not p.startswith(str(ROOT)))
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(str(ROOT)))
     parent = Path(tempfile.mkdtemp(prefix="first_use_"))
     clone = parent / "tune-losses"
     try:
@@ -100,8 +99,14 @@ def test_fresh_clone_runs_the_readme_commands():
 
         def bash(script: str, timeout: int) -> tuple[str, float]:
             start = time.perf_counter()
-            proc = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=clone, env=env,
-                                  capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(
+                ["bash", "-c", "set -euo pipefail\n" + script],
+                cwd=clone,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
             took = time.perf_counter() - start
             out = proc.stdout + proc.stderr
             assert proc.returncode == 0, f"exit {proc.returncode} after {took:.0f} s:\n{out[-4000:]}"
@@ -118,7 +123,9 @@ def test_fresh_clone_runs_the_readme_commands():
         for run in ("sft_teacher", "kd_student"):
             metrics = (clone / "outputs" / "tiny" / run / "logs" / "metrics.txt").read_text()
             assert re.search(r"^Step 2 \| .*loss:", metrics, re.M), metrics
-        print(f"\nfresh clone: set-up {t_setup:.0f} s, repeat set-up {t_again:.1f} s, "
-              f"SFT (2 steps) {t_sft:.0f} s, KD (2 steps) {t_kd:.0f} s, load {os.getloadavg()[0]:.1f}")
+        print(
+            f"\nfresh clone: set-up {t_setup:.0f} s, repeat set-up {t_again:.1f} s, "
+            f"SFT (2 steps) {t_sft:.0f} s, KD (2 steps) {t_kd:.0f} s, load {os.getloadavg()[0]:.1f}"
+        )
     finally:
         shutil.rmtree(parent, ignore_errors=True)

@@ -19,9 +19,8 @@ from typing import Callable, List, Optional, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from reference import make_labels, ref_ce, ref_kd
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tune_losses import (
     FusedOutput,
@@ -46,6 +45,7 @@ DIVERGENCE_CASES = [
 ]
 DIV_IDS = [f"{d}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" if kw else d for d, kw in DIVERGENCE_CASES]
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_intra_op_thread():
     """These tensors are tiny: intra-op threads only add barrier waits, which cost seconds per test
@@ -67,8 +67,16 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_inputs(lead: Sequence[int], hidden: int, vocab: int, *, bias: bool = False, dtype=torch.float32,
-                seed: int = 0, logit_scale: float = 2.0):
+def make_inputs(
+    lead: Sequence[int],
+    hidden: int,
+    vocab: int,
+    *,
+    bias: bool = False,
+    dtype=torch.float32,
+    seed: int = 0,
+    logit_scale: float = 2.0,
+):
     """hidden ``[*lead, H]``, weight ``[V, H]``, bias ``[V]`` or None; logits of std ~``logit_scale``."""
     g = gen(seed)
     h = torch.randn(*lead, hidden, generator=g)
@@ -85,8 +93,14 @@ def grad_output_for(loss: torch.Tensor, seed: int = 1) -> Optional[torch.Tensor]
     return torch.rand(loss.shape, generator=gen(seed), dtype=torch.float32) * 2 - 0.5
 
 
-def run(fn: Callable[..., torch.Tensor], tensors: Sequence[Optional[torch.Tensor]], *, dtype=None,
-        grad_output: Optional[torch.Tensor] = None, grad_mask: Optional[Sequence[bool]] = None):
+def run(
+    fn: Callable[..., torch.Tensor],
+    tensors: Sequence[Optional[torch.Tensor]],
+    *,
+    dtype=None,
+    grad_output: Optional[torch.Tensor] = None,
+    grad_mask: Optional[Sequence[bool]] = None,
+):
     """``fn(*leaves)`` and its gradients w.r.t. fresh leaf copies of ``tensors`` (cast to ``dtype``).
 
     Returns ``(value detached, [grad or None per tensor])``.
@@ -131,16 +145,19 @@ def assert_matches(ours, ref, **tol):
 def ce_fused(labels, reduction="mean", **kw):
     def fn(h, w, b):
         return linear_cross_entropy(h, w, labels, bias=b, reduction=reduction, **kw)
+
     return fn
 
 
 def ce_ref(labels, reduction="mean", **kw):
     def fn(h, w, b):
         return ref_ce(F.linear(h, w, b), labels, reduction=reduction, **kw)
+
     return fn
 
 
 # ------------------------------------------------------------------------ cross-entropy: shapes
+
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -202,8 +219,12 @@ def test_ce_non_contiguous_hidden_and_int32_labels():
     h = h0.transpose(0, 1)
     assert not h.is_contiguous()
     for algorithm in ALGORITHMS:
-        fused = run(lambda hh, ww, bb: linear_cross_entropy(hh.transpose(0, 1), ww, labels.int(), bias=bb,
-                                                            chunk_size=4, algorithm=algorithm), (h0, w, b))
+        fused = run(
+            lambda hh, ww, bb: linear_cross_entropy(
+                hh.transpose(0, 1), ww, labels.int(), bias=bb, chunk_size=4, algorithm=algorithm
+            ),
+            (h0, w, b),
+        )
         ref = ref_run(lambda hh, ww, bb: ref_ce(F.linear(hh.transpose(0, 1), ww, bb), labels), (h0, w, b))
         assert_matches(fused, ref)
 
@@ -218,6 +239,7 @@ def test_ce_empty_input():
 
 
 # ---------------------------------------------------------------------- cross-entropy: ignored
+
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -245,8 +267,9 @@ def test_ce_all_ignored(reduction, algorithm):
     h, w, b = make_inputs((2, 5), 8, 32, bias=True)
     labels = make_labels((2, 5), 32, "all")
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-    loss = linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], reduction=reduction, chunk_size=3,
-                                algorithm=algorithm)
+    loss = linear_cross_entropy(
+        *leaves[:2], labels, bias=leaves[2], reduction=reduction, chunk_size=3, algorithm=algorithm
+    )
     assert loss.grad_fn is not None
     assert torch.isfinite(loss).all() and (loss == 0).all()
     loss.backward(torch.ones_like(loss) if reduction == "none" else None)
@@ -299,13 +322,32 @@ def test_kd_divergences(divergence, extra, temperature, reduction, algorithm):
     go = grad_output_for(labels.float()) if reduction == "none" else None
 
     def fused(hh, ww, bb):
-        return linear_kd_loss(hh, ww, teacher[0], teacher[1], labels, student_bias=bb, teacher_bias=teacher[2],
-                              divergence=divergence, temperature=temperature, reduction=reduction, chunk_size=5,
-                              algorithm=algorithm, **extra)
+        return linear_kd_loss(
+            hh,
+            ww,
+            teacher[0],
+            teacher[1],
+            labels,
+            student_bias=bb,
+            teacher_bias=teacher[2],
+            divergence=divergence,
+            temperature=temperature,
+            reduction=reduction,
+            chunk_size=5,
+            algorithm=algorithm,
+            **extra,
+        )
 
     def ref(hh, ww, bb):
-        return ref_kd(F.linear(hh, ww, bb), F.linear(th.double(), tw.double(), tb.double()), labels,
-                      divergence=divergence, temperature=temperature, reduction=reduction, **extra)
+        return ref_kd(
+            F.linear(hh, ww, bb),
+            F.linear(th.double(), tw.double(), tb.double()),
+            labels,
+            divergence=divergence,
+            temperature=temperature,
+            reduction=reduction,
+            **extra,
+        )
 
     assert_matches(run(fused, (h, w, b), grad_output=go), ref_run(ref, (h, w, b), grad_output=go))
     assert all(t.grad is None for t in teacher), "the teacher must receive no gradient"
@@ -316,18 +358,51 @@ def test_kd_all_ignored_and_no_temperature_scaling(divergence, extra):
     h, w, b, th, tw, tb, labels = kd_inputs(ignore="all")
     for reduction in REDUCTIONS:
         leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-        loss = linear_kd_loss(leaves[0], leaves[1], th, tw, labels, student_bias=leaves[2], teacher_bias=tb,
-                              divergence=divergence, reduction=reduction, chunk_size=4, **extra)
+        loss = linear_kd_loss(
+            leaves[0],
+            leaves[1],
+            th,
+            tw,
+            labels,
+            student_bias=leaves[2],
+            teacher_bias=tb,
+            divergence=divergence,
+            reduction=reduction,
+            chunk_size=4,
+            **extra,
+        )
         assert loss.grad_fn is not None and torch.isfinite(loss).all() and (loss == 0).all()
         loss.backward(torch.ones_like(loss) if reduction == "none" else None)
         assert all(torch.count_nonzero(t.grad) == 0 for t in leaves)
     # scale_by_temperature_squared=False: the plain divergence of the tempered distributions.
     h, w, b, th, tw, tb, labels = kd_inputs()
-    fused = run(lambda hh, ww: linear_kd_loss(hh, ww, th, tw, labels, divergence=divergence, temperature=2.0,
-                                              scale_by_temperature_squared=False, chunk_size=6, **extra), (h, w))
-    ref = ref_run(lambda hh, ww: ref_kd(F.linear(hh, ww), F.linear(th.double(), tw.double()), labels,
-                                        divergence=divergence, temperature=2.0,
-                                        scale_by_temperature_squared=False, **extra), (h, w))
+    fused = run(
+        lambda hh, ww: linear_kd_loss(
+            hh,
+            ww,
+            th,
+            tw,
+            labels,
+            divergence=divergence,
+            temperature=2.0,
+            scale_by_temperature_squared=False,
+            chunk_size=6,
+            **extra,
+        ),
+        (h, w),
+    )
+    ref = ref_run(
+        lambda hh, ww: ref_kd(
+            F.linear(hh, ww),
+            F.linear(th.double(), tw.double()),
+            labels,
+            divergence=divergence,
+            temperature=2.0,
+            scale_by_temperature_squared=False,
+            **extra,
+        ),
+        (h, w),
+    )
     assert_matches(fused, ref)
 
 
@@ -339,8 +414,12 @@ def test_kd_identical_models_is_zero():
 
 
 def distill_ref(labels, kd_ratio, reduction, th, tw, tb, **kw):
-    div = dict(divergence=kw.pop("divergence", "forward_kl"), temperature=kw.pop("temperature", 1.0),
-               beta=kw.pop("beta", 0.5), sym_kd_ratio=kw.pop("sym_kd_ratio", 0.5))
+    div = dict(
+        divergence=kw.pop("divergence", "forward_kl"),
+        temperature=kw.pop("temperature", 1.0),
+        beta=kw.pop("beta", 0.5),
+        sym_kd_ratio=kw.pop("sym_kd_ratio", 0.5),
+    )
     ls = kw.pop("label_smoothing", 0.0)
     assert not kw
 
@@ -350,6 +429,7 @@ def distill_ref(labels, kd_ratio, reduction, th, tw, tb, **kw):
         ce = ref_ce(z, labels, label_smoothing=ls, reduction=reduction)
         kd = ref_kd(z, zt, labels, reduction=reduction, **div)
         return (1 - kd_ratio) * ce + kd_ratio * kd
+
     return fn
 
 
@@ -364,15 +444,25 @@ def test_distillation(kd_ratio, reduction, algorithm):
     outs: List[FusedOutput] = []
 
     def fused(hh, ww, bb):
-        out = linear_distillation_loss(hh, ww, teacher[0], teacher[1], labels, student_bias=bb,
-                                       teacher_bias=teacher[2], kd_ratio=kd_ratio, reduction=reduction,
-                                       chunk_size=4, algorithm=algorithm, **kw)
+        out = linear_distillation_loss(
+            hh,
+            ww,
+            teacher[0],
+            teacher[1],
+            labels,
+            student_bias=bb,
+            teacher_bias=teacher[2],
+            kd_ratio=kd_ratio,
+            reduction=reduction,
+            chunk_size=4,
+            algorithm=algorithm,
+            **kw,
+        )
         outs.append(out)
         return out.loss
 
     got = run(fused, (h, w, b), grad_output=go)
-    assert_matches(got, ref_run(distill_ref(labels, kd_ratio, reduction, th, tw, tb, **kw), (h, w, b),
-                                grad_output=go))
+    assert_matches(got, ref_run(distill_ref(labels, kd_ratio, reduction, th, tw, tb, **kw), (h, w, b), grad_output=go))
     assert all(t.grad is None for t in teacher), "the teacher must receive no gradient"
 
     # The logged parts equal the separate CE and KD calls (same reduction), and combine to the loss.
@@ -380,8 +470,18 @@ def test_distillation(kd_ratio, reduction, algorithm):
     assert out.ce.grad_fn is None and out.kd.grad_fn is None
     assert out.num_tokens.item() == int((labels != -100).sum())
     ce = linear_cross_entropy(h, w, labels, bias=b, label_smoothing=0.1, reduction=reduction)
-    kd = linear_kd_loss(h, w, th, tw, labels, student_bias=b, teacher_bias=tb, divergence="forward_kl",
-                        temperature=2.0, reduction=reduction)
+    kd = linear_kd_loss(
+        h,
+        w,
+        th,
+        tw,
+        labels,
+        student_bias=b,
+        teacher_bias=tb,
+        divergence="forward_kl",
+        temperature=2.0,
+        reduction=reduction,
+    )
     torch.testing.assert_close(out.ce, ce.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.kd, kd.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.loss.detach(), (1 - kd_ratio) * out.ce + kd_ratio * out.kd, rtol=1e-6, atol=1e-6)
@@ -392,17 +492,41 @@ def test_distillation_each_divergence(divergence, extra):
     h, w, b, th, tw, tb, labels = kd_inputs(seed=51)
     kw = dict(divergence=divergence, temperature=1.5, **extra)
     for algorithm in ALGORITHMS:
-        got = run(lambda hh, ww, bb: linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, teacher_bias=tb,
-                                                              kd_ratio=0.4, chunk_size=6, algorithm=algorithm,
-                                                              **kw).loss, (h, w, b))
+        got = run(
+            lambda hh, ww, bb: (
+                linear_distillation_loss(
+                    hh,
+                    ww,
+                    th,
+                    tw,
+                    labels,
+                    student_bias=bb,
+                    teacher_bias=tb,
+                    kd_ratio=0.4,
+                    chunk_size=6,
+                    algorithm=algorithm,
+                    **kw,
+                ).loss
+            ),
+            (h, w, b),
+        )
         assert_matches(got, ref_run(distill_ref(labels, 0.4, "mean", th, tw, tb, **kw), (h, w, b)))
 
 
 def test_distillation_all_ignored():
     h, w, b, th, tw, tb, labels = kd_inputs(ignore="all")
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-    out = linear_distillation_loss(leaves[0], leaves[1], th, tw, labels, student_bias=leaves[2], teacher_bias=tb,
-                                   divergence="reverse_kl", chunk_size=4)
+    out = linear_distillation_loss(
+        leaves[0],
+        leaves[1],
+        th,
+        tw,
+        labels,
+        student_bias=leaves[2],
+        teacher_bias=tb,
+        divergence="reverse_kl",
+        chunk_size=4,
+    )
     assert out.loss.grad_fn is not None and out.loss.item() == 0.0 and out.ce.item() == 0.0 and out.kd.item() == 0.0
     assert out.num_tokens.item() == 0
     out.loss.backward()
@@ -417,12 +541,28 @@ def test_algorithms_agree(reduction):
     h, w, b, th, tw, tb, labels = kd_inputs(seed=61)
     results = {}
     for algorithm in ALGORITHMS:
-        ce = run(ce_fused(labels, reduction, chunk_size=5, algorithm=algorithm, label_smoothing=0.1, z_loss=1e-3),
-                 (h, w, b))
-        dist = run(lambda hh, ww, bb: linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb,
-                                                               teacher_bias=tb, divergence="jsd", kd_ratio=0.5,
-                                                               reduction=reduction, chunk_size=5,
-                                                               algorithm=algorithm).loss, (h, w, b))
+        ce = run(
+            ce_fused(labels, reduction, chunk_size=5, algorithm=algorithm, label_smoothing=0.1, z_loss=1e-3), (h, w, b)
+        )
+        dist = run(
+            lambda hh, ww, bb: (
+                linear_distillation_loss(
+                    hh,
+                    ww,
+                    th,
+                    tw,
+                    labels,
+                    student_bias=bb,
+                    teacher_bias=tb,
+                    divergence="jsd",
+                    kd_ratio=0.5,
+                    reduction=reduction,
+                    chunk_size=5,
+                    algorithm=algorithm,
+                ).loss
+            ),
+            (h, w, b),
+        )
         results[algorithm] = (ce, dist)
     for a, b_ in zip(results["grad_in_forward"], results["recompute"]):
         torch.testing.assert_close(a[0], b_[0], rtol=1e-6, atol=1e-7)
@@ -455,7 +595,8 @@ def _assert_no_worse(fused, truth, eagers: dict):
         theirs = _errors(eager, truth)
         for name, e_ours, e_theirs in zip(names, ours, theirs):
             assert e_ours <= SLACK * e_theirs + SLACK_ATOL, (
-                f"{name}: fused bf16 error {e_ours:.3g} > {SLACK} x eager ({eager_name}) {e_theirs:.3g}")
+                f"{name}: fused bf16 error {e_ours:.3g} > {SLACK} x eager ({eager_name}) {e_theirs:.3g}"
+            )
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -470,10 +611,14 @@ def test_bf16_ce_no_worse_than_eager(algorithm, chunk_size, reduction):
     fused = run(ce_fused(labels, reduction, chunk_size=chunk_size, algorithm=algorithm), (h, w, b), grad_output=go)
     assert fused[0].dtype == torch.float32
     assert all(g.dtype == torch.bfloat16 for g in fused[1]), "gradients come back in the input dtype"
-    eager_upcast = run(lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb).float(), labels, reduction=reduction),
-                       (h, w, b), grad_output=go)
-    eager_bf16 = run(lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb), labels, reduction=reduction),
-                     (h, w, b), grad_output=go)
+    eager_upcast = run(
+        lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb).float(), labels, reduction=reduction),
+        (h, w, b),
+        grad_output=go,
+    )
+    eager_bf16 = run(
+        lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb), labels, reduction=reduction), (h, w, b), grad_output=go
+    )
     _assert_no_worse(fused, truth, {"upcast": eager_upcast, "pure bf16": eager_bf16})
 
 
@@ -491,8 +636,9 @@ def test_bf16_ce_options_no_worse_than_eager(algorithm):
         z = z.float() if upcast else z
         return F.cross_entropy(cap * torch.tanh(z / cap), labels, label_smoothing=eps)
 
-    _assert_no_worse(fused, truth, {"upcast": run(eager, (h, w, b)),
-                                    "pure bf16": run(lambda *a: eager(*a, upcast=False), (h, w, b))})
+    _assert_no_worse(
+        fused, truth, {"upcast": run(eager, (h, w, b)), "pure bf16": run(lambda *a: eager(*a, upcast=False), (h, w, b))}
+    )
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -502,9 +648,25 @@ def test_bf16_distillation_no_worse_than_eager(reduction, algorithm):
     h, w, b, th, tw, tb, labels = kd_inputs(lead=(n,), hs=hdim, ht=hdim, vocab=vocab, seed=75)
     h, w, b, th, tw, tb = (t.bfloat16() for t in (h, w, b, th, tw, tb))
     truth = ref_run(distill_ref(labels, 0.5, reduction, th, tw, tb, temperature=2.0), (h, w, b))
-    fused = run(lambda hh, ww, bb: linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, teacher_bias=tb,
-                                                            kd_ratio=0.5, temperature=2.0, reduction=reduction,
-                                                            chunk_size=16, algorithm=algorithm).loss, (h, w, b))
+    fused = run(
+        lambda hh, ww, bb: (
+            linear_distillation_loss(
+                hh,
+                ww,
+                th,
+                tw,
+                labels,
+                student_bias=bb,
+                teacher_bias=tb,
+                kd_ratio=0.5,
+                temperature=2.0,
+                reduction=reduction,
+                chunk_size=16,
+                algorithm=algorithm,
+            ).loss
+        ),
+        (h, w, b),
+    )
     valid = labels != -100
 
     def eager(hh, ww, bb, upcast=True):
@@ -512,15 +674,17 @@ def test_bf16_distillation_no_worse_than_eager(reduction, algorithm):
         if upcast:
             z, zt = z.float(), zt.float()
         ce = F.cross_entropy(z, labels, reduction=reduction)
-        kl = F.kl_div(F.log_softmax(z / 2.0, -1), F.log_softmax(zt / 2.0, -1), log_target=True,
-                      reduction="none").sum(-1)
+        kl = F.kl_div(F.log_softmax(z / 2.0, -1), F.log_softmax(zt / 2.0, -1), log_target=True, reduction="none").sum(
+            -1
+        )
         kd = kl[valid].sum() * 4.0
         if reduction == "mean":
             kd = kd / valid.sum()
         return 0.5 * ce + 0.5 * kd
 
-    _assert_no_worse(fused, truth, {"upcast": run(eager, (h, w, b)),
-                                    "pure bf16": run(lambda *a: eager(*a, upcast=False), (h, w, b))})
+    _assert_no_worse(
+        fused, truth, {"upcast": run(eager, (h, w, b)), "pure bf16": run(lambda *a: eager(*a, upcast=False), (h, w, b))}
+    )
 
 
 def test_bf16_sum_then_global_count_recompute_no_worse_than_eager():
@@ -532,8 +696,9 @@ def test_bf16_sum_then_global_count_recompute_no_worse_than_eager():
     count = 3 * int((labels != -100).sum())  # e.g. three micro-batches in the step
     truth = ref_run(lambda *a: ce_ref(labels, "sum")(*a) / count, (h, w, b))
     fused = run(lambda *a: ce_fused(labels, "sum", algorithm="recompute", chunk_size=16)(*a) / count, (h, w, b))
-    eager = run(lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb).float(), labels, reduction="sum") / count,
-                (h, w, b))
+    eager = run(
+        lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb).float(), labels, reduction="sum") / count, (h, w, b)
+    )
     _assert_no_worse(fused, truth, {"upcast": eager})
 
 
@@ -546,10 +711,15 @@ def test_bf16_global_count_grad_in_forward_no_worse_than_eager():
     labels = make_labels((n,), vocab, "some", gen(77))
     count = 3 * int((labels != -100).sum())
     truth = ref_run(lambda *a: ce_ref(labels, "sum")(*a) / count, (h, w, b))
-    fused = run(lambda *a: ce_fused(labels, "mean", algorithm="grad_in_forward", chunk_size=16,
-                                    num_tokens=torch.tensor(count))(*a), (h, w, b))
-    eager = run(lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb).float(), labels, reduction="sum") / count,
-                (h, w, b))
+    fused = run(
+        lambda *a: ce_fused(labels, "mean", algorithm="grad_in_forward", chunk_size=16, num_tokens=torch.tensor(count))(
+            *a
+        ),
+        (h, w, b),
+    )
+    eager = run(
+        lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb).float(), labels, reduction="sum") / count, (h, w, b)
+    )
     _assert_no_worse(fused, truth, {"upcast": eager})
 
 
@@ -593,17 +763,20 @@ def test_loss_used_twice_and_two_losses_share_a_weight(algorithm):
     def twice(*a):
         loss = fn(*a)
         return loss + 0.5 * loss
+
     _, g2 = run(twice, (h, w, b))
     for a, c in zip(g1, g2):
         torch.testing.assert_close(1.5 * a, c, rtol=1e-6, atol=1e-6 * a.abs().max().item())
 
     # Two fused calls on one weight in one graph: gradients add up (reference on fp64).
     def both(hh, hh2, ww):
-        return (linear_cross_entropy(hh, ww, labels, chunk_size=4, algorithm=algorithm)
-                + 2 * linear_cross_entropy(hh2, ww, labels2, reduction="sum", chunk_size=2, algorithm=algorithm))
+        return linear_cross_entropy(hh, ww, labels, chunk_size=4, algorithm=algorithm) + 2 * linear_cross_entropy(
+            hh2, ww, labels2, reduction="sum", chunk_size=2, algorithm=algorithm
+        )
 
     def both_ref(hh, hh2, ww):
         return ref_ce(F.linear(hh, ww), labels) + 2 * ref_ce(F.linear(hh2, ww), labels2, reduction="sum")
+
     assert_matches(run(both, (h, h2, w)), ref_run(both_ref, (h, h2, w)))
 
 
@@ -632,8 +805,9 @@ def test_no_grad_and_inputs_without_grad(reduction):
 
     def both(hh, ww, bb):
         ce = linear_cross_entropy(hh, ww, labels, bias=bb, reduction=reduction, chunk_size=4)
-        dist = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, teacher_bias=tb,
-                                        reduction=reduction, chunk_size=4)
+        dist = linear_distillation_loss(
+            hh, ww, th, tw, labels, student_bias=bb, teacher_bias=tb, reduction=reduction, chunk_size=4
+        )
         return ce, dist.loss, dist.ce, dist.kd
 
     with_grad = [t.detach() for t in both(*leaves)]
@@ -717,8 +891,9 @@ def test_modules_match_functional_and_reference():
     with torch.no_grad():
         t_hidden = teacher(tokens)
     loss = dist(model(tokens), t_hidden, labels)
-    ref = 0.75 * ref_ce(full.double(), labels) + 0.25 * ref_kd(full.double(), t_full.double(), labels,
-                                                                 divergence="symmetric_kl", temperature=2.0)
+    ref = 0.75 * ref_ce(full.double(), labels) + 0.25 * ref_kd(
+        full.double(), t_full.double(), labels, divergence="symmetric_kl", temperature=2.0
+    )
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     s = dist.sum_and_count(model(tokens), t_hidden, labels)
     assert set(s.parts) == {"class_loss", "kd_loss"}
@@ -766,12 +941,16 @@ def _compile_case(backend: str, **loss_kwargs):
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-@pytest.mark.parametrize("loss_kwargs", [
-    dict(validate=False),
-    dict(validate=False, algorithm="recompute"),
-    dict(validate=False, reduction="none"),
-    dict(validate=False, reduction="sum", label_smoothing=0.1, z_loss=1e-3, softcap=10.0),
-], ids=["mean", "recompute", "none", "sum-options"])
+@pytest.mark.parametrize(
+    "loss_kwargs",
+    [
+        dict(validate=False),
+        dict(validate=False, algorithm="recompute"),
+        dict(validate=False, reduction="none"),
+        dict(validate=False, reduction="sum", label_smoothing=0.1, z_loss=1e-3, softcap=10.0),
+    ],
+    ids=["mean", "recompute", "none", "sum-options"],
+)
 def test_torch_compile(backend, loss_kwargs):
     # No graph break: dynamo traces both autograd Functions (the chunk loop is unrolled).
     assert _compile_case(backend, **loss_kwargs) == 0
@@ -883,17 +1062,22 @@ def test_never_allocates_full_logits(family, algorithm):
         reduction = "none" if family == "ce-none" else "mean"
 
         def fn(hh, ww, bb):
-            return linear_cross_entropy(hh, ww, labels, bias=bb, chunk_size=chunk, algorithm=algorithm,
-                                        reduction=reduction, **kw)
+            return linear_cross_entropy(
+                hh, ww, labels, bias=bb, chunk_size=chunk, algorithm=algorithm, reduction=reduction, **kw
+            )
     else:
         div = family.split("-")[1].replace("fkl", "forward_kl")
 
         def fn(hh, ww, bb):
-            return linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, divergence=div,
-                                            chunk_size=chunk, algorithm=algorithm).loss
+            return linear_distillation_loss(
+                hh, ww, th, tw, labels, student_bias=bb, divergence=div, chunk_size=chunk, algorithm=algorithm
+            ).loss
+
     largest, op = _largest_during(fn, leaves)
     assert largest < n * vocab / 2, f"{op} produced a tensor of {largest} elements (N * V = {n * vocab})"
     # The probe itself works: eager full-logits CE does allocate [N, V].
-    naive, _ = _largest_during(lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb), labels),
-                               [t.clone().requires_grad_() for t in (h, w, b)])
+    naive, _ = _largest_during(
+        lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb), labels),
+        [t.clone().requires_grad_() for t in (h, w, b)],
+    )
     assert naive >= n * vocab

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from multiproc import run_ranks
 from reference import make_labels
+from torch import nn
 
-import tune_losses
 from tune_losses import (
     CEWithChunkedOutputLoss,
     LinearCrossEntropyLoss,
@@ -32,6 +30,7 @@ from tune_losses import (
     output_projection,
     set_output_mode,
 )
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_intra_op_thread():
@@ -94,8 +93,9 @@ class HFStyleLM(nn.Module):
 
     def __init__(self, vocab=300, dim=24, tie=False):
         super().__init__()
-        self.model = nn.ModuleDict(dict(embed_tokens=nn.Embedding(vocab, dim), layer=nn.Linear(dim, dim),
-                                        norm=nn.LayerNorm(dim)))
+        self.model = nn.ModuleDict(
+            dict(embed_tokens=nn.Embedding(vocab, dim), layer=nn.Linear(dim, dim), norm=nn.LayerNorm(dim))
+        )
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         if tie:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -292,8 +292,7 @@ def test_hidden_mode_with_fused_loss_matches_full_logits(name):
     proj = loss_fn.projection
     hidden = outputs(model(tokens))
     assert hidden.shape[:2] == (B, S) and hidden.shape[-1] == proj.weight.shape[1]
-    torch.testing.assert_close(F.linear(hidden, proj.weight, proj.bias).float().detach(), logits,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(F.linear(hidden, proj.weight, proj.bias).float().detach(), logits, rtol=1e-5, atol=1e-5)
     fused = loss_fn(hidden, labels)
     torch.testing.assert_close(fused, loss, rtol=1e-5, atol=1e-6)
     fused.backward()
@@ -425,9 +424,12 @@ def test_errors():
             super().__init__()
             self.body = nn.Linear(4, 4)
 
-    for call in (lambda: set_output_mode(NoHead(), "hidden"), lambda: output_projection(NoHead()),
-                 lambda: LinearCrossEntropyLoss().set_model_output(NoHead()),
-                 lambda: configure_model_for_loss(NoHead(), nn.CrossEntropyLoss())):
+    for call in (
+        lambda: set_output_mode(NoHead(), "hidden"),
+        lambda: output_projection(NoHead()),
+        lambda: LinearCrossEntropyLoss().set_model_output(NoHead()),
+        lambda: configure_model_for_loss(NoHead(), nn.CrossEntropyLoss()),
+    ):
         with pytest.raises(ValueError, match="model"):
             call()
 
@@ -450,8 +452,15 @@ def _fsdp_build(tied):
     from torchtune.modules import TiedLinear
 
     torch.manual_seed(0)
-    model = llama2(vocab_size=FSDP_VOCAB, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
-                   intermediate_dim=64, max_seq_len=64)
+    model = llama2(
+        vocab_size=FSDP_VOCAB,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        intermediate_dim=64,
+        max_seq_len=64,
+    )
     if tied:
         del model.output
         model.output = TiedLinear(model.tok_embeddings)
@@ -480,8 +489,10 @@ def _fsdp_loss_for(model, mode):
 def _fsdp_grads(model):
     from torch.distributed.tensor import DTensor
 
-    return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
-            for n, p in model.named_parameters()}
+    return {
+        n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+        for n, p in model.named_parameters()
+    }
 
 
 def _fsdp_single_process(mode, tied):
@@ -518,8 +529,14 @@ def _fsdp_distributed(rank, mode, tied, shard_output):
     return mean_loss / FSDP_WORLD, _fsdp_grads(model), kind
 
 
-FSDP_CASES = [("chunks", False, False), ("hidden", False, False), ("hidden", False, True),
-              ("chunks", False, True), ("hidden", True, False), ("hidden", True, True)]
+FSDP_CASES = [
+    ("chunks", False, False),
+    ("hidden", False, False),
+    ("hidden", False, True),
+    ("chunks", False, True),
+    ("hidden", True, False),
+    ("hidden", True, True),
+]
 
 
 def _fsdp_rank(rank, world):
@@ -559,4 +576,3 @@ def test_fsdp2_chunks_and_hidden_modes_match_single_process():
     assert "checked hidden tied=False shard_output=True (weight during loss: DTensor)" in checked
     assert "checked hidden tied=True shard_output=True (weight during loss: DTensor)" in checked
     assert elapsed < 120, f"took {elapsed:.0f} s"
-

@@ -12,12 +12,11 @@ from multiproc import run_ranks  # noqa: E402
 def _fsdp_rank(rank, world, kind, shard_head):
     import copy
 
+    from hf_tiny import batch, build
     from torch.distributed.fsdp import fully_shard
-
     from torch.distributed.tensor import DTensor
 
     import tune_losses.fused.placement as placement
-    from hf_tiny import batch, build
     from tune_losses.integrations.transformers import patch
 
     gathered = []
@@ -47,8 +46,13 @@ def _fsdp_rank(rank, world, kind, shard_head):
     for (name, p), (_, q) in zip(model.named_parameters(), stock.named_parameters()):
         grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         worst = max(worst, (grad - q.grad).abs().max().item())
-    return {"loss": (total / world).item(), "ref": ref.loss.item(), "worst": worst, "logits": out.logits is None,
-            "gathered": any(gathered)}
+    return {
+        "loss": (total / world).item(),
+        "ref": ref.loss.item(),
+        "worst": worst,
+        "logits": out.logits is None,
+        "gathered": any(gathered),
+    }
 
 
 @pytest.mark.distributed

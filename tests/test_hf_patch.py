@@ -222,8 +222,10 @@ def test_low_precision_close_to_stock(autocast):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("kw, name", [(dict(chunk_size=0), "chunk_size"), (dict(algorithm="fast"), "algorithm"),
-                                      (dict(validate="yes"), "validate")])
+@pytest.mark.parametrize(
+    "kw, name",
+    [(dict(chunk_size=0), "chunk_size"), (dict(algorithm="fast"), "algorithm"), (dict(validate="yes"), "validate")],
+)
 def test_patch_checks_loss_options_at_patch_time(kw, name):
     model = build("llama")
     with pytest.raises((ValueError, TypeError), match=rf"^{name}: expected"):

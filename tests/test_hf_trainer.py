@@ -18,18 +18,31 @@ def _collate(rows):
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        mask[i, :len(r["input_ids"])] = 1
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, : len(r["input_ids"])] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def _train(model, out_dir):
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=3, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
-                             max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-                             logging_steps=1, disable_tqdm=True, remove_unused_columns=False)
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), data_collator=_collate)
     trainer.train()
     return trainer

@@ -66,8 +66,15 @@ def test_fused_non_finite_at_a_counted_token_is_non_finite(case):
     assert not torch.isfinite(CASES[case](x, w, tx, tw, y))
 
 
-@pytest.mark.parametrize("cls", [tl.CEWithChunkedOutputLoss, tl.ForwardKLWithChunkedOutputLoss,
-                                 tl.ReverseKLWithChunkedOutputLoss, tl.JSDWithChunkedOutputLoss])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        tl.CEWithChunkedOutputLoss,
+        tl.ForwardKLWithChunkedOutputLoss,
+        tl.ReverseKLWithChunkedOutputLoss,
+        tl.JSDWithChunkedOutputLoss,
+    ],
+)
 def test_chunked_non_finite_at_an_ignored_token_changes_nothing(cls):
     x, w, tx, tw, y = _batch(1)
     z, zt = x @ w.T, tx @ tw.T
@@ -80,8 +87,11 @@ def test_chunked_non_finite_at_an_ignored_token_changes_nothing(cls):
     for s, t in ((z, zt), (dirty_s, dirty_t)):
         s = s.clone().requires_grad_(True)
         chunks = list(torch.tensor_split(s, 2, dim=1))
-        loss = loss_fn(chunks, y) if cls is tl.CEWithChunkedOutputLoss else loss_fn(
-            chunks, list(torch.tensor_split(t, 2, dim=1)), y)
+        loss = (
+            loss_fn(chunks, y)
+            if cls is tl.CEWithChunkedOutputLoss
+            else loss_fn(chunks, list(torch.tensor_split(t, 2, dim=1)), y)
+        )
         loss.backward()
         results.append((loss.detach(), s.grad))
     for a, b in zip(*results):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from reference import make_labels, ref_log_probs
+
 from tune_losses import linear_log_probs
-
-
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -45,8 +43,9 @@ def test_values_and_gradients_match_fp64_reference(ignore, temperature, entropy,
     gos = [torch.rand(3, 7, generator=gen(3)) - 0.3, torch.rand(3, 7, generator=gen(4)) - 0.5][: 1 + entropy]
 
     def ours(hh, ww, bb):
-        return linear_log_probs(hh, ww, labels, bias=bb, temperature=temperature, return_entropy=entropy,
-                                chunk_size=chunk_size)
+        return linear_log_probs(
+            hh, ww, labels, bias=bb, temperature=temperature, return_entropy=entropy, chunk_size=chunk_size
+        )
 
     def ref(hh, ww, bb):
         lp, ent = ref_log_probs(F.linear(hh, ww, bb), labels, temperature=temperature)

@@ -18,8 +18,17 @@ pytestmark = pytest.mark.slow
 
 def tune_cmd(recipe: str, config: str, out: Path, *overrides: str, nproc: int = 1) -> list:
     dist = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
-    return [TUNE, "run", *dist, f"recipes/{recipe}.py", "--config", f"configs/tiny/{config}.yaml",
-            f"output_dir={out}", "log_loss_memory=false", *overrides]
+    return [
+        TUNE,
+        "run",
+        *dist,
+        f"recipes/{recipe}.py",
+        "--config",
+        f"configs/tiny/{config}.yaml",
+        f"output_dir={out}",
+        "log_loss_memory=false",
+        *overrides,
+    ]
 
 
 def tune_run(recipe: str, config: str, out: Path, *overrides: str, nproc: int = 1, check: bool = True, **kw):
@@ -30,8 +39,14 @@ def tune_run(recipe: str, config: str, out: Path, *overrides: str, nproc: int = 
     return read_metrics(out / "logs" / "metrics.txt") if check else proc
 
 
-SHORT = ["shuffle=false", "max_steps_per_epoch=2", "epochs=1", "clip_grad_norm=1000.0",
-         "lr_scheduler.num_warmup_steps=0", "tokenizer.max_seq_len=64"]
+SHORT = [
+    "shuffle=false",
+    "max_steps_per_epoch=2",
+    "epochs=1",
+    "clip_grad_norm=1000.0",
+    "lr_scheduler.num_warmup_steps=0",
+    "tokenizer.max_seq_len=64",
+]
 
 
 def _assert_same_first_steps(runs: dict, keys=("loss", "grad_norm")):
@@ -58,8 +73,16 @@ def test_exact_normalization_across_accumulation_and_ranks(task, tmp_path, tiny_
 
 
 def test_sft_loss_goes_down(tmp_path, tiny_assets):
-    m = tune_run("sft_single_device", "sft", tmp_path, "max_steps_per_epoch=12", "epochs=1",
-                 "tokenizer.max_seq_len=64", "optimizer.lr=1e-2", "lr_scheduler.num_warmup_steps=0")
+    m = tune_run(
+        "sft_single_device",
+        "sft",
+        tmp_path,
+        "max_steps_per_epoch=12",
+        "epochs=1",
+        "tokenizer.max_seq_len=64",
+        "optimizer.lr=1e-2",
+        "lr_scheduler.num_warmup_steps=0",
+    )
     first, last = m[1]["loss"], min(m[s]["loss"] for s in (10, 11, 12))
     assert last < first - 0.5, (first, last)
     assert all(k in m[1] for k in ("loss", "grad_norm", "lr", "tokens_per_second_per_rank"))
@@ -67,12 +90,26 @@ def test_sft_loss_goes_down(tmp_path, tiny_assets):
 
 def test_kd_chunked_losses_and_lora_student(tmp_path, tiny_assets):
     """KD with torchtune-style chunked losses, a LoRA student and temperature: runs, logs both parts."""
-    m = tune_run("kd_single_device", "kd", tmp_path, "max_steps_per_epoch=8", "epochs=1",
-                 "tokenizer.max_seq_len=64", "optimizer.lr=1e-2", "lr_scheduler.num_warmup_steps=0",
-                 "loss._component_=tune_losses.CEWithChunkedOutputLoss", "~loss.kd_ratio", "~loss.divergence",
-                 "~loss.temperature", "loss.num_output_chunks=4", "kd_loss.temperature=2.0",
-                 "model._component_=tune_losses.tiny.lora_tiny_student", "model.lora_attn_modules=[q_proj,v_proj]",
-                 "model.lora_rank=8", "model.lora_alpha=16")
+    m = tune_run(
+        "kd_single_device",
+        "kd",
+        tmp_path,
+        "max_steps_per_epoch=8",
+        "epochs=1",
+        "tokenizer.max_seq_len=64",
+        "optimizer.lr=1e-2",
+        "lr_scheduler.num_warmup_steps=0",
+        "loss._component_=tune_losses.CEWithChunkedOutputLoss",
+        "~loss.kd_ratio",
+        "~loss.divergence",
+        "~loss.temperature",
+        "loss.num_output_chunks=4",
+        "kd_loss.temperature=2.0",
+        "model._component_=tune_losses.tiny.lora_tiny_student",
+        "model.lora_attn_modules=[q_proj,v_proj]",
+        "model.lora_rank=8",
+        "model.lora_alpha=16",
+    )
     assert m[8]["loss"] < m[1]["loss"]
     for step in m.values():
         if "loss" in step:

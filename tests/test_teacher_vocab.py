@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from reference import DIVERGENCES, make_labels, ref_ce, ref_kd
 
 import tune_losses as tl
@@ -19,7 +18,7 @@ VS, VT, HS, HT = 37, 45, 16, 24
 
 
 def _ref_aligned(zs, zt, mode):
-    return (zs, zt[..., :zs.shape[-1]]) if mode == "drop" else (F.pad(zs, (0, zt.shape[-1] - zs.shape[-1])), zt)
+    return (zs, zt[..., : zs.shape[-1]]) if mode == "drop" else (F.pad(zs, (0, zt.shape[-1] - zs.shape[-1])), zt)
 
 
 def _inputs(seed=0, shape=(2, 9), ignore="some", dtype=torch.float32):
@@ -40,8 +39,18 @@ def test_fused_kd_matches_reference(mode, divergence, ignore):
     xs, ws, xt, wt, bt, labels = _inputs(ignore=ignore)
     xs.requires_grad_(True)
     ws.requires_grad_(True)
-    loss = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt, divergence=divergence, temperature=1.5,
-                             teacher_vocab=mode, chunk_size=5)
+    loss = tl.linear_kd_loss(
+        xs,
+        ws,
+        xt,
+        wt,
+        labels,
+        teacher_bias=bt,
+        divergence=divergence,
+        temperature=1.5,
+        teacher_vocab=mode,
+        chunk_size=5,
+    )
     loss.backward()
     rx = xs.detach().double().requires_grad_(True)
     rw = ws.detach().double().requires_grad_(True)
@@ -69,9 +78,16 @@ def test_fused_distillation_matches_reference(mode):
 
 
 @pytest.mark.parametrize("mode", ["drop", "pad_student"])
-@pytest.mark.parametrize("cls", ["ForwardKLWithChunkedOutputLoss", "ReverseKLWithChunkedOutputLoss",
-                                 "SymmetricKLWithChunkedOutputLoss", "JSDWithChunkedOutputLoss",
-                                 "TVDWithChunkedOutputLoss"])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        "ForwardKLWithChunkedOutputLoss",
+        "ReverseKLWithChunkedOutputLoss",
+        "SymmetricKLWithChunkedOutputLoss",
+        "JSDWithChunkedOutputLoss",
+        "TVDWithChunkedOutputLoss",
+    ],
+)
 def test_chunked_output_matches_reference(mode, cls):
     g = torch.Generator().manual_seed(2)
     zs = torch.randn(2, 11, VS, generator=g, dtype=torch.float64)
@@ -82,8 +98,13 @@ def test_chunked_output_matches_reference(mode, cls):
     s = zs.float().requires_grad_(True)
     loss = loss_fn(list(torch.tensor_split(s, 3, dim=1)), list(torch.tensor_split(zt.float(), 3, dim=1)), labels)
     loss.backward()
-    divergence = {"ForwardKL": "forward_kl", "ReverseKL": "reverse_kl", "SymmetricKL": "symmetric_kl",
-                  "JSD": "jsd", "TVD": "tvd"}[cls.split("With")[0]]
+    divergence = {
+        "ForwardKL": "forward_kl",
+        "ReverseKL": "reverse_kl",
+        "SymmetricKL": "symmetric_kl",
+        "JSD": "jsd",
+        "TVD": "tvd",
+    }[cls.split("With")[0]]
     r = zs.clone().requires_grad_(True)
     a, b = _ref_aligned(r, zt, mode)
     ref = ref_kd(a, b, labels, divergence=divergence)
@@ -97,8 +118,12 @@ def test_bf16_no_worse_than_eager():
     ours = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt)
     # eager PyTorch in bf16: the model's own F.linear, then the fp32 loss on the upcast logits
     eager = ref_kd(F.linear(xs, ws).float(), F.linear(xt, wt, bt).float()[..., :VS], labels, divergence="forward_kl")
-    exact = ref_kd(xs.double() @ ws.double().T, (xt.double() @ wt.double().T + bt.double())[..., :VS], labels,
-                   divergence="forward_kl")
+    exact = ref_kd(
+        xs.double() @ ws.double().T,
+        (xt.double() @ wt.double().T + bt.double())[..., :VS],
+        labels,
+        divergence="forward_kl",
+    )
     assert abs(ours.double() - exact) <= 1.5 * abs(eager.double() - exact) + 1e-6
 
 
@@ -133,15 +158,17 @@ def _vocab_parallel_rank(rank: int, world: int, mode: str, teacher_sharded: bool
     xs, ws, xt, wt, bt, labels = _inputs(seed=5, shape=(2, 13))
     single_x = xs.clone().requires_grad_(True)
     single_w = ws.clone().requires_grad_(True)
-    single = tl.linear_kd_loss(single_x, single_w, xt, wt, labels, teacher_bias=bt, teacher_vocab=mode,
-                               divergence=divergence, chunk_size=4)
+    single = tl.linear_kd_loss(
+        single_x, single_w, xt, wt, labels, teacher_bias=bt, teacher_vocab=mode, divergence=divergence, chunk_size=4
+    )
     single.backward()
     x = xs.clone().requires_grad_(True)
     w = distribute_tensor(ws, mesh, [Shard(0)]).requires_grad_(True)
     t_w = distribute_tensor(wt, mesh, [Shard(0)]) if teacher_sharded else wt
     t_b = distribute_tensor(bt, mesh, [Shard(0)]) if teacher_sharded else bt
-    loss = tl.linear_kd_loss(x, w, xt, t_w, labels, teacher_bias=t_b, teacher_vocab=mode, divergence=divergence,
-                             chunk_size=4)
+    loss = tl.linear_kd_loss(
+        x, w, xt, t_w, labels, teacher_bias=t_b, teacher_vocab=mode, divergence=divergence, chunk_size=4
+    )
     loss.backward()
     torch.testing.assert_close(loss, single, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, single_x.grad, rtol=1e-5, atol=1e-6)

@@ -47,8 +47,14 @@ def _heldout(out):
 
 def test_build_writes_the_layout(assets):
     out, manifest = assets
-    for rel in ["manifest.json", "data/train.jsonl", "data/heldout.jsonl", "tokenizer.model",
-                "teacher/model.pt", "student/model.pt"]:
+    for rel in [
+        "manifest.json",
+        "data/train.jsonl",
+        "data/heldout.jsonl",
+        "tokenizer.model",
+        "teacher/model.pt",
+        "student/model.pt",
+    ]:
         assert (out / rel).is_file(), rel
     assert all(step["built"] for step in manifest["steps"].values())
     assert json.loads((out / "manifest.json").read_text())["vocab_size"] == TINY_VOCAB_SIZE
@@ -63,8 +69,7 @@ def test_build_writes_the_layout(assets):
 
 def test_second_build_skips_everything(assets, offline, capsys):
     out, manifest = assets
-    mtimes = {rel: (out / rel).stat().st_mtime_ns
-              for step in manifest["steps"].values() for rel in step["files"]}
+    mtimes = {rel: (out / rel).stat().st_mtime_ns for step in manifest["steps"].values() for rel in step["files"]}
     assert tiny.main(["--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("up to date, skipped") == 5 and "0 of 5 steps built" in printed
@@ -97,8 +102,7 @@ def test_tokenizer_round_trips_through_llama2_tokenizer(assets):
         assert tok.decode(ids) == text  # lossless: identity normalisation + byte fallback
 
 
-@pytest.mark.parametrize("name, builder", [("teacher", tiny.tiny_teacher),
-                                           ("student", tiny.tiny_student)])
+@pytest.mark.parametrize("name, builder", [("teacher", tiny.tiny_teacher), ("student", tiny.tiny_student)])
 def test_checkpointer_loads_into_builder_strictly(assets, tmp_path, name, builder):
     from torchtune.training import FullModelTorchTuneCheckpointer
 
@@ -142,14 +146,21 @@ def test_components_instantiate_from_config(assets):
     from torchtune import config
 
     out, _ = assets
-    cfg = OmegaConf.create({
-        "model": {"_component_": "tune_losses.tiny.tiny_student"},
-        "lora": {"_component_": "tune_losses.tiny.lora_tiny_student",
-                 "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"]},
-        "teacher": {"_component_": "tune_losses.tiny.tiny_teacher"},
-        "tokenizer": {"_component_": "tune_losses.tiny.tiny_tokenizer",
-                      "path": str(out / "tokenizer.model"), "max_seq_len": 512},
-    })
+    cfg = OmegaConf.create(
+        {
+            "model": {"_component_": "tune_losses.tiny.tiny_student"},
+            "lora": {
+                "_component_": "tune_losses.tiny.lora_tiny_student",
+                "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
+            },
+            "teacher": {"_component_": "tune_losses.tiny.tiny_teacher"},
+            "tokenizer": {
+                "_component_": "tune_losses.tiny.tiny_tokenizer",
+                "path": str(out / "tokenizer.model"),
+                "max_seq_len": 512,
+            },
+        }
+    )
     teacher = config.instantiate(cfg.teacher)
     student = config.instantiate(cfg.model)
     config.instantiate(cfg.lora)

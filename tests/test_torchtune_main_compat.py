@@ -35,8 +35,9 @@ class MainStyleDecoder(TransformerDecoder):
 
 def main_style_decoder(seed: int = 0) -> MainStyleDecoder:
     torch.manual_seed(seed)
-    model = torchtune_models.llama2(vocab_size=VOCAB, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=DIM,
-                                    max_seq_len=64)
+    model = torchtune_models.llama2(
+        vocab_size=VOCAB, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=DIM, max_seq_len=64
+    )
     model.__class__ = MainStyleDecoder
     model.skip_output_layer = False
     return model
@@ -84,8 +85,9 @@ def _ref_ce(hidden, weight, bias, labels):
     """fp64 full-logits mean CE over valid tokens (0 when none)."""
     logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
     valid = labels != -100
-    per = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                            ignore_index=-100, reduction="sum")
+    per = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return per / valid.sum().clamp(min=1)
 
 
@@ -103,12 +105,22 @@ def test_yaml_constructor_of_torchtune_main():
     from omegaconf import OmegaConf
     from torchtune import config
 
-    cfg = OmegaConf.create({"_component_": "tune_losses.LinearCrossEntropyLoss", "num_output_chunks": 8,
-                            "ignore_index": -100, "tp_enabled": False, "mask_ignored_tokens": True})
+    cfg = OmegaConf.create(
+        {
+            "_component_": "tune_losses.LinearCrossEntropyLoss",
+            "num_output_chunks": 8,
+            "ignore_index": -100,
+            "tp_enabled": False,
+            "mask_ignored_tokens": True,
+        }
+    )
     loss_fn = config.instantiate(cfg)
     assert loss_fn.num_output_chunks == 8 and loss_fn.apply_compile_strategy() is loss_fn
-    for bad, message in [({"num_output_chunks": 0}, "num_output_chunks"), ({"tp_enabled": 1}, "tp_enabled"),
-                         ({"mask_ignored_tokens": "yes"}, "mask_ignored_tokens")]:
+    for bad, message in [
+        ({"num_output_chunks": 0}, "num_output_chunks"),
+        ({"tp_enabled": 1}, "tp_enabled"),
+        ({"mask_ignored_tokens": "yes"}, "mask_ignored_tokens"),
+    ]:
         with pytest.raises((TypeError, ValueError), match=message):
             config.instantiate(OmegaConf.merge(cfg, bad))
 
@@ -154,14 +166,16 @@ def test_dropped_rows_change_nothing_but_the_work(reduction, ignore, dtype):
     weight = (torch.randn(VOCAB, DIM, generator=g) * 0.3).to(dtype).requires_grad_(True)
     bias = torch.randn(VOCAB, generator=g).to(dtype).requires_grad_(True)
     labels = _labels((3, 20), ignore, seed=3)
-    loss = tl.linear_cross_entropy(hidden, weight, labels, bias=bias, reduction=reduction,
-                                   drop_ignored_tokens=True, chunk_size=16)
+    loss = tl.linear_cross_entropy(
+        hidden, weight, labels, bias=bias, reduction=reduction, drop_ignored_tokens=True, chunk_size=16
+    )
     grad_out = torch.rand(loss.shape, generator=g) if reduction == "none" else torch.tensor(1.0)
     (loss * grad_out).sum().backward()
     rh, rw, rb = (t.detach().double().requires_grad_(True) for t in (hidden, weight, bias))
     logits = rh @ rw.T + rb
-    per = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none",
-                                            ignore_index=-100).reshape(labels.shape)
+    per = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none", ignore_index=-100
+    ).reshape(labels.shape)
     ref = {"none": per, "sum": per.sum(), "mean": per.sum() / (labels != -100).sum().clamp(min=1)}[reduction]
     (ref * grad_out.double()).sum().backward()
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
@@ -186,8 +200,16 @@ def test_sft_recipe_takes_the_torchtune_main_config_form(tmp_path, tiny_assets):
     the ignored rows (prompt and padding tokens)."""
     from test_recipes import SHORT, _assert_same_first_steps, tune_run
 
-    main_form = ["loss._component_=tune_losses.LinearCrossEntropyLoss", "loss.num_output_chunks=8",
-                 "loss.ignore_index=-100", "loss.tp_enabled=False"]
-    runs = {mask: tune_run("sft_single_device", "sft", tmp_path / str(mask), *SHORT, *main_form,
-                           f"loss.mask_ignored_tokens={mask}") for mask in (True, False)}
+    main_form = [
+        "loss._component_=tune_losses.LinearCrossEntropyLoss",
+        "loss.num_output_chunks=8",
+        "loss.ignore_index=-100",
+        "loss.tp_enabled=False",
+    ]
+    runs = {
+        mask: tune_run(
+            "sft_single_device", "sft", tmp_path / str(mask), *SHORT, *main_form, f"loss.mask_ignored_tokens={mask}"
+        )
+        for mask in (True, False)
+    }
     _assert_same_first_steps(runs)

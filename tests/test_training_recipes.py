@@ -34,8 +34,16 @@ def _all_finite(state) -> bool:
 
 
 def test_diverging_run_stops_and_never_applies_or_saves_nonfinite_state(tmp_path, tiny_assets):
-    proc = tune_run("sft_single_device", "sft", tmp_path, *SHORT, "max_steps_per_epoch=8", "optimizer.lr=1e6",
-                    "save_every_n_steps=1", check=False)
+    proc = tune_run(
+        "sft_single_device",
+        "sft",
+        tmp_path,
+        *SHORT,
+        "max_steps_per_epoch=8",
+        "optimizer.lr=1e6",
+        "save_every_n_steps=1",
+        check=False,
+    )
     err = proc.stderr
     assert proc.returncode != 0, err[-3000:]
     assert "NonFiniteTrainingError: stopping at step 4: 3 optimizer steps in a row were non-finite" in err, err[-3000:]
@@ -50,8 +58,17 @@ def test_save_on_epoch_end_lr_unknown_key_partial_files_and_progress(tmp_path, t
     (tmp_path / "resume" / "state.pt.tmp").write_bytes(b"half a state")
     (tmp_path / ".export.tmp" / "epoch_0").mkdir(parents=True)
     (tmp_path / ".export.tmp" / "epoch_0" / "model-00001-of-00001.bin").write_bytes(b"half a model")
-    proc = tune_run("sft_single_device", "sft", tmp_path, *SHORT, "lr_scheduler.num_warmup_steps=10",
-                    "save_every_n_steps=2", "log_loss_memory=true", "batch_sise=4", check=False)
+    proc = tune_run(
+        "sft_single_device",
+        "sft",
+        tmp_path,
+        *SHORT,
+        "lr_scheduler.num_warmup_steps=10",
+        "save_every_n_steps=2",
+        "log_loss_memory=true",
+        "batch_sise=4",
+        check=False,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     from tune_losses.training.metrics import read_metrics
@@ -72,11 +89,14 @@ def test_save_on_epoch_end_lr_unknown_key_partial_files_and_progress(tmp_path, t
     assert len(memory) == 1 and "sft step" not in memory[0]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("gradient_accumulation_steps=0", "gradient_accumulation_steps: expected an int >= 1, got 0"),
-    ("max_steps_per_epoch=0", "max_steps_per_epoch: expected an int >= 1 or null, got 0"),
-    ("batch_size=1000", "dataset: 785 samples make no optimizer step of batch_size 1000"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("gradient_accumulation_steps=0", "gradient_accumulation_steps: expected an int >= 1, got 0"),
+        ("max_steps_per_epoch=0", "max_steps_per_epoch: expected an int >= 1 or null, got 0"),
+        ("batch_size=1000", "dataset: 785 samples make no optimizer step of batch_size 1000"),
+    ],
+)
 def test_meaningless_settings_stop_at_setup(tmp_path, tiny_assets, override, message):
     proc = tune_run("sft_single_device", "sft", tmp_path, *SHORT, override, check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
@@ -90,10 +110,13 @@ def test_bad_dataset_line_stops_before_the_first_step(tmp_path, tiny_assets):
     bad.write_bytes(b"".join(lines))
     proc = tune_run("sft_single_device", "sft", tmp_path / "out", *SHORT, f"dataset.data_files={bad}", check=False)
     assert proc.returncode != 0
-    assert f"dataset: {bad} line 500: expected a JSON object with the text column 'text'" in proc.stderr, \
-        proc.stderr[-3000:]
-    assert not (tmp_path / "out" / "logs" / "metrics.txt").exists() or "Step 1 " not in \
-        (tmp_path / "out" / "logs" / "metrics.txt").read_text()
+    assert f"dataset: {bad} line 500: expected a JSON object with the text column 'text'" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+    assert (
+        not (tmp_path / "out" / "logs" / "metrics.txt").exists()
+        or "Step 1 " not in (tmp_path / "out" / "logs" / "metrics.txt").read_text()
+    )
 
 
 def _children(pid: int):
@@ -146,10 +169,24 @@ def test_stopped_rank_fails_the_run_naming_collective_and_rank(tmp_path, tiny_as
     from multiproc import child_env
     from test_recipes import tune_cmd
 
-    cmd = tune_cmd("sft_distributed", "sft", tmp_path, *SHORT, "max_steps_per_epoch=40", "batch_size=2",
-                   "process_group_timeout_s=5", nproc=2)
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = tune_cmd(
+        "sft_distributed",
+        "sft",
+        tmp_path,
+        *SHORT,
+        "max_steps_per_epoch=40",
+        "batch_size=2",
+        "process_group_timeout_s=5",
+        nproc=2,
+    )
+    proc = subprocess.Popen(
+        cmd,
+        cwd=Path(__file__).resolve().parents[1],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics, stopped = tmp_path / "logs" / "metrics.txt", None
     try:
         deadline = time.monotonic() + 300
@@ -173,7 +210,9 @@ def test_stopped_rank_fails_the_run_naming_collective_and_rank(tmp_path, tiny_as
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
-    assert "CollectiveTimeout: rank 0 of 2: " in err and "timed out after 5 s (process_group_timeout_s)" in err, err[-3000:]
+    assert "CollectiveTimeout: rank 0 of 2: " in err and "timed out after 5 s (process_group_timeout_s)" in err, err[
+        -3000:
+    ]
     assert waited < 60, waited  # the timeout is 5 s; torch's default would be 30 min
 
 
@@ -184,8 +223,16 @@ def test_kd_with_a_nan_teacher_stops_instead_of_reading_as_agreement(tmp_path, t
     sd = torch.load(tiny_assets / "teacher" / "model.pt")
     sd["output.weight"][7, 0] = float("nan")
     torch.save(sd, teacher / "model.pt")
-    proc = tune_run("kd_single_device", "kd", tmp_path / "out", *SHORT, "max_steps_per_epoch=4",
-                    "max_nonfinite_steps=2", f"teacher_checkpointer.checkpoint_dir={teacher}", check=False)
+    proc = tune_run(
+        "kd_single_device",
+        "kd",
+        tmp_path / "out",
+        *SHORT,
+        "max_steps_per_epoch=4",
+        "max_nonfinite_steps=2",
+        f"teacher_checkpointer.checkpoint_dir={teacher}",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "stopping at step 2: 2 optimizer steps in a row were non-finite" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "out" / EXPORT).exists()

@@ -29,13 +29,27 @@ BASE = {"output_dir": "out", "epochs": 1, "batch_size": 2}
 # --------------------------------------------------------------------------------- settings
 
 
-@pytest.mark.parametrize("key, value", [
-    ("gradient_accumulation_steps", 0), ("gradient_accumulation_steps", -1), ("gradient_accumulation_steps", 1.5),
-    ("max_steps_per_epoch", 0), ("batch_size", 0), ("epochs", 0), ("log_every_n_steps", 0),
-    ("save_every_n_steps", 0), ("stop_after_steps", -2), ("max_nonfinite_steps", 0), ("tensor_parallel_dim", 0),
-    ("clip_grad_norm", 0.0), ("clip_grad_norm", float("nan")), ("process_group_timeout_s", 0),
-    ("shuffle", "yes"), ("gradient_accumulation_steps", True),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("gradient_accumulation_steps", 0),
+        ("gradient_accumulation_steps", -1),
+        ("gradient_accumulation_steps", 1.5),
+        ("max_steps_per_epoch", 0),
+        ("batch_size", 0),
+        ("epochs", 0),
+        ("log_every_n_steps", 0),
+        ("save_every_n_steps", 0),
+        ("stop_after_steps", -2),
+        ("max_nonfinite_steps", 0),
+        ("tensor_parallel_dim", 0),
+        ("clip_grad_norm", 0.0),
+        ("clip_grad_norm", float("nan")),
+        ("process_group_timeout_s", 0),
+        ("shuffle", "yes"),
+        ("gradient_accumulation_steps", True),
+    ],
+)
 def test_meaningless_settings_rejected_naming_key_and_value(key, value):
     cfg = OmegaConf.create({**BASE, key: value})
     with pytest.raises(ValueError, match=rf"^{key}: expected .*got {value!r}"):
@@ -43,8 +57,9 @@ def test_meaningless_settings_rejected_naming_key_and_value(key, value):
 
 
 def test_settings_defaults_and_nulls():
-    s = LoopSettings.from_config(OmegaConf.create({**BASE, "seed": None, "max_steps_per_epoch": None,
-                                                   "clip_grad_norm": 1}))
+    s = LoopSettings.from_config(
+        OmegaConf.create({**BASE, "seed": None, "max_steps_per_epoch": None, "clip_grad_norm": 1})
+    )
     assert (s.seed, s.max_steps_per_epoch, s.clip_grad_norm) == (0, None, 1.0)
     assert s.max_nonfinite_steps == 3 and s.process_group_timeout_s == 600.0
 
@@ -86,10 +101,15 @@ def test_non_utf8_line_named_by_file_and_line(tmp_path):
         data.validate_text_files(cfg)
 
 
-@pytest.mark.parametrize("bad, what", [(b'{"content": "x"}\n', "text column 'text'"),
-                                       (b'{"text": 3}\n', "expected a string"),
-                                       (b'{"text": "x"\n', "not valid JSON"),
-                                       (b'["text"]\n', "text column 'text'")])
+@pytest.mark.parametrize(
+    "bad, what",
+    [
+        (b'{"content": "x"}\n', "text column 'text'"),
+        (b'{"text": 3}\n', "expected a string"),
+        (b'{"text": "x"\n', "not valid JSON"),
+        (b'["text"]\n', "text column 'text'"),
+    ],
+)
 def test_bad_json_line_named_by_file_and_line(tmp_path, bad, what):
     cfg, path = _dataset(tmp_path, [_doc("a"), bad, _doc("c")])
     with pytest.raises(ValueError, match=rf"dataset: {path} line 2: .*{what}"):
@@ -190,8 +210,9 @@ def test_export_is_atomic_and_a_killed_save_keeps_the_previous_files(tmp_path):
     assert (tmp_path / "epoch_0" / "config.json").exists()
     assert not (tmp_path / checkpointing.STAGING_DIR).exists()
     with pytest.raises(KeyboardInterrupt):
-        checkpointing.export_atomically(_FakeCheckpointer(tmp_path, fail_after_model=True),
-                                        {"model": {"w": torch.zeros(2)}}, epoch=0)
+        checkpointing.export_atomically(
+            _FakeCheckpointer(tmp_path, fail_after_model=True), {"model": {"w": torch.zeros(2)}}, epoch=0
+        )
     assert torch.load(final)["w"].tolist() == [1.0, 1.0]  # the good export is untouched
     assert (tmp_path / checkpointing.STAGING_DIR).exists()
     (tmp_path / "resume").mkdir()

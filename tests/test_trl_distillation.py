@@ -23,9 +23,19 @@ def _trainers(tmp_path, student, teacher):
     data = Dataset.from_dict({"prompt": ["t5 t6 t7", "t9 t10"] * 2})
     out = []
     for cls, model in ((DistillationTrainer, student), (FusedDistillationTrainer, copy.deepcopy(student))):
-        args = DistillationConfig(output_dir=str(tmp_path / cls.__name__), report_to=[], use_cpu=True, max_steps=2,
-                                  per_device_train_batch_size=2, learning_rate=0.1, optim="sgd",
-                                  max_completion_length=6, logging_steps=1, save_strategy="no", disable_tqdm=True)
+        args = DistillationConfig(
+            output_dir=str(tmp_path / cls.__name__),
+            report_to=[],
+            use_cpu=True,
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=0.1,
+            optim="sgd",
+            max_completion_length=6,
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
         out.append(cls(model=model, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok))
     return out
 
@@ -38,8 +48,12 @@ def _inputs():
     prompt_mask[1, :2] = 0  # left padding
     completion_mask = torch.ones_like(completion)
     completion_mask[0, -3:] = 0
-    return {"prompt_ids": prompt, "prompt_mask": prompt_mask, "completion_ids": completion,
-            "completion_mask": completion_mask}
+    return {
+        "prompt_ids": prompt,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion,
+        "completion_mask": completion_mask,
+    }
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])

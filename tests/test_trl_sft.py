@@ -13,10 +13,28 @@ from hf_tiny import build, token_dataset, tokenizer  # noqa: E402
 def _args(tmp_path, **kw):
     from trl import SFTConfig
 
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
-                learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
-                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0,
-                dataloader_num_workers=0, bf16=False, fp16=False, max_length=32, disable_tqdm=True)
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+        max_length=32,
+        disable_tqdm=True,
+    )
     base.update(kw)
     return SFTConfig(**base)
 
@@ -45,8 +63,13 @@ def test_three_steps_equal_trl_sft(kind, tmp_path, monkeypatch):
     assert "forward" not in fused.__dict__  # TRL's own fused head was removed again
     assert trainer.state.global_step == 3
     data = token_dataset(n=4, seed=9)
-    ref_eval = SFTTrainer(model=stock, args=_args(tmp_path / "e1"), train_dataset=token_dataset(),
-                          eval_dataset=data, processing_class=tokenizer()).evaluate()
+    ref_eval = SFTTrainer(
+        model=stock,
+        args=_args(tmp_path / "e1"),
+        train_dataset=token_dataset(),
+        eval_dataset=data,
+        processing_class=tokenizer(),
+    ).evaluate()
     got_eval = trainer.evaluate(eval_dataset=data)
     for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
         assert got_eval[key] == pytest.approx(ref_eval[key], rel=1e-4, abs=1e-5), key
@@ -77,8 +100,13 @@ def test_bad_ce_options_raise(tmp_path):
     from tune_losses.integrations.trl import FusedSFTTrainer
 
     with pytest.raises(ValueError, match="unknown option"):
-        FusedSFTTrainer(model=build("llama"), args=_args(tmp_path), train_dataset=token_dataset(),
-                        processing_class=tokenizer(), ce_options={"softcap": 3.0})
+        FusedSFTTrainer(
+            model=build("llama"),
+            args=_args(tmp_path),
+            train_dataset=token_dataset(),
+            processing_class=tokenizer(),
+            ce_options={"softcap": 3.0},
+        )
 
 
 @pytest.mark.slow
@@ -91,8 +119,13 @@ def test_peft_lora_three_steps_equal_trl_sft(tmp_path):
     config = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     trainers = []
     for cls in (SFTTrainer, FusedSFTTrainer):
-        trainer = cls(model=build("llama"), args=_args(tmp_path / cls.__name__), train_dataset=token_dataset(),
-                      processing_class=tokenizer(), peft_config=peft.LoraConfig(**config))
+        trainer = cls(
+            model=build("llama"),
+            args=_args(tmp_path / cls.__name__),
+            train_dataset=token_dataset(),
+            processing_class=tokenizer(),
+            peft_config=peft.LoraConfig(**config),
+        )
         trainer.train()
         trainers.append(trainer)
     stock, fused = (dict(t.model.named_parameters()) for t in trainers)

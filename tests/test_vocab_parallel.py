@@ -45,10 +45,24 @@ def _free_port() -> int:
 
 
 def _launch(nproc: int, *suites: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(WORKER), *suites]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        f"--master_port={_free_port()}",
+        "--master_addr=127.0.0.1",
+        str(WORKER),
+        *suites,
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - start
@@ -128,8 +142,10 @@ def test_shard_sizes_follow_torch_shard0():
             assert (size, offset if size else sum(sizes[:rank])) == (sizes[rank], sum(sizes[:rank]))
 
 
-@pytest.mark.parametrize("divergence,extra", [("forward_kl", {"true_kl": False}), ("symmetric_kl", {}),
-                                              ("jsd", {"beta": 0.3}), ("reverse_kl", {}), ("tvd", {})])
+@pytest.mark.parametrize(
+    "divergence,extra",
+    [("forward_kl", {"true_kl": False}), ("symmetric_kl", {}), ("jsd", {"beta": 0.3}), ("reverse_kl", {}), ("tvd", {})],
+)
 def test_kd_terms_of_vocab_slices_add_up_to_the_divergence(divergence, extra):
     """The split the parallel path relies on: terms over slices of the vocabulary, from log-probs
     normalized over the whole vocabulary, sum to the divergence (with masked -inf entries)."""
@@ -144,14 +160,23 @@ def test_kd_terms_of_vocab_slices_add_up_to_the_divergence(divergence, extra):
     opts = KDOptions(divergence, temperature=2.0, **extra)
     expected, _ = kd_chunk(zs.clone(), zt.clone(), opts, VocabReducer(33))
     log_q, log_p = torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1)
-    total = sum(divergence_terms(log_p[:, sl].clone(), log_q[:, sl].clone(), opts, False)[0].sum(-1)
-                for sl in (slice(0, 17), slice(17, 33)))
+    total = sum(
+        divergence_terms(log_p[:, sl].clone(), log_q[:, sl].clone(), opts, False)[0].sum(-1)
+        for sl in (slice(0, 17), slice(17, 33))
+    )
     torch.testing.assert_close(total * opts.loss_scale, expected, rtol=1e-6, atol=1e-6)
     assert torch.isfinite(expected).all()
     keep = torch.ones(33, dtype=torch.bool)
     keep[[3, 5, 7]] = False  # rows 3+ have no masked entry: the reference on the full vocabulary
-    ref = ref_kd(zs[3:].double(), zt[3:].double(), torch.zeros(3, dtype=torch.long), divergence=divergence,
-                 temperature=2.0, reduction="none", **extra)
+    ref = ref_kd(
+        zs[3:].double(),
+        zt[3:].double(),
+        torch.zeros(3, dtype=torch.long),
+        divergence=divergence,
+        temperature=2.0,
+        reduction="none",
+        **extra,
+    )
     torch.testing.assert_close(expected[3:].double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -161,8 +186,21 @@ def test_distributed_benchmark_smoke(tmp_path):
     """``python -m benchmarks.distributed`` runs and writes its table (tiny size, CE, 2 ranks)."""
     import json
 
-    cmd = [sys.executable, "-m", "benchmarks.distributed", "--size", "256,32,4096", "--tasks", "ce", "--ranks", "1,2",
-           "--reps", "1", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.distributed",
+        "--size",
+        "256,32,4096",
+        "--tasks",
+        "ce",
+        "--ranks",
+        "1,2",
+        "--reps",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

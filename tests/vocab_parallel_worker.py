@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,9 +34,16 @@ RANK = WORLD = 0
 B, S, H, V = 2, 13, 16, 257  # V odd: shards of 129 and 128 rows
 TOL_SINGLE = dict(rtol=1e-5, atol=1e-6)  # against the single-rank fused loss, both fp32
 TOL_REF = dict(rtol=2e-5, atol=2e-6)  # against the fp64 reference (as tests/test_fused.py)
-DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {}), ("symmetric_kl", {"sym_kd_ratio": 0.3}),
-               ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.2}), ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}),
-               ("tvd", {})]
+DIVERGENCES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("symmetric_kl", {"sym_kd_ratio": 0.3}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 0.2}),
+    ("jsd", {"beta": 0.0}),
+    ("jsd", {"beta": 1.0}),
+    ("tvd", {}),
+]
 RESULTS: List[str] = []
 
 
@@ -62,8 +69,7 @@ def inputs(seed, vocab=V, hidden=H, bias=True, lead=(B, S), ignore="some"):
 
 def leaves(*ts, grad=None):
     """Fresh leaf copies; those at ``grad``'s False positions (a teacher's inputs) need no gradient."""
-    return [None if t is None else t.detach().clone().requires_grad_(grad is None or grad[i])
-            for i, t in enumerate(ts)]
+    return [None if t is None else t.detach().clone().requires_grad_(grad is None or grad[i]) for i, t in enumerate(ts)]
 
 
 def close(name, got, expected, tol):
@@ -83,8 +89,16 @@ def backward(out, grad_output):
         out.backward(grad_output)
 
 
-def check(parallel: Callable, single: Callable, reference: Callable, tensors, *, sharded=(1, 2),
-          grad_output_seed=7, tol_single=TOL_SINGLE):
+def check(
+    parallel: Callable,
+    single: Callable,
+    reference: Callable,
+    tensors,
+    *,
+    sharded=(1, 2),
+    grad_output_seed=7,
+    tol_single=TOL_SINGLE,
+):
     """Run one case: ``parallel(*local leaves)`` vs ``single(*full leaves)`` vs ``reference(*fp64 leaves)``.
 
     ``tensors``: full inputs; indices in ``sharded`` are vocabulary-sharded (this rank's rows given to
@@ -146,39 +160,63 @@ def suite_pg():
                 for chunk in (5, None):
                     h, w, b, labels = inputs(1, ignore=ignore)
                     kw = dict(reduction=reduction, chunk_size=chunk, algorithm=algorithm)
-                    case(f"pg ce {algorithm} {reduction} ignore={ignore} chunk={chunk}", check,
-                         lambda hh, ww, bb, kw=kw, labels=labels: linear_cross_entropy(
-                             hh, ww, labels, bias=bb, process_group=group, **kw),
-                         lambda hh, ww, bb, kw=kw, labels=labels: linear_cross_entropy(hh, ww, labels, bias=bb, **kw),
-                         lambda hh, ww, bb, reduction=reduction, labels=labels: ref_ce(
-                             F.linear(hh, ww, bb), labels, reduction=reduction),
-                         (h, w, b))
-    for opts in ({"label_smoothing": 0.1}, {"z_loss": 1e-3}, {"softcap": 3.0},
-                 {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 4.0}):
+                    case(
+                        f"pg ce {algorithm} {reduction} ignore={ignore} chunk={chunk}",
+                        check,
+                        lambda hh, ww, bb, kw=kw, labels=labels: linear_cross_entropy(
+                            hh, ww, labels, bias=bb, process_group=group, **kw
+                        ),
+                        lambda hh, ww, bb, kw=kw, labels=labels: linear_cross_entropy(hh, ww, labels, bias=bb, **kw),
+                        lambda hh, ww, bb, reduction=reduction, labels=labels: ref_ce(
+                            F.linear(hh, ww, bb), labels, reduction=reduction
+                        ),
+                        (h, w, b),
+                    )
+    for opts in (
+        {"label_smoothing": 0.1},
+        {"z_loss": 1e-3},
+        {"softcap": 3.0},
+        {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 4.0},
+    ):
         for reduction in ("mean", "none"):
             h, w, b, labels = inputs(2)
-            case(f"pg ce options {opts} {reduction}", check,
-                 lambda hh, ww, bb, opts=opts, reduction=reduction, labels=labels: linear_cross_entropy(
-                     hh, ww, labels, bias=bb, reduction=reduction, chunk_size=7, process_group=group, **opts),
-                 lambda hh, ww, bb, opts=opts, reduction=reduction, labels=labels: linear_cross_entropy(
-                     hh, ww, labels, bias=bb, reduction=reduction, chunk_size=7, **opts),
-                 lambda hh, ww, bb, opts=opts, reduction=reduction, labels=labels: ref_ce(
-                     F.linear(hh, ww, bb), labels, reduction=reduction, **opts),
-                 (h, w, b))
+            case(
+                f"pg ce options {opts} {reduction}",
+                check,
+                lambda hh, ww, bb, opts=opts, reduction=reduction, labels=labels: linear_cross_entropy(
+                    hh, ww, labels, bias=bb, reduction=reduction, chunk_size=7, process_group=group, **opts
+                ),
+                lambda hh, ww, bb, opts=opts, reduction=reduction, labels=labels: linear_cross_entropy(
+                    hh, ww, labels, bias=bb, reduction=reduction, chunk_size=7, **opts
+                ),
+                lambda hh, ww, bb, opts=opts, reduction=reduction, labels=labels: ref_ce(
+                    F.linear(hh, ww, bb), labels, reduction=reduction, **opts
+                ),
+                (h, w, b),
+            )
     # Explicit offsets (no all-gather of the shard sizes).
     h, w, b, labels = inputs(3)
     rows = shard_rows()
-    case("pg ce explicit vocab_start / vocab_size", check,
-         lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, bias=bb, process_group=group, chunk_size=6,
-                                                 vocab_start=rows.start, vocab_size=V),
-         lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, bias=bb, chunk_size=6),
-         lambda hh, ww, bb: ref_ce(F.linear(hh, ww, bb), labels), (h, w, b))
+    case(
+        "pg ce explicit vocab_start / vocab_size",
+        check,
+        lambda hh, ww, bb: linear_cross_entropy(
+            hh, ww, labels, bias=bb, process_group=group, chunk_size=6, vocab_start=rows.start, vocab_size=V
+        ),
+        lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, bias=bb, chunk_size=6),
+        lambda hh, ww, bb: ref_ce(F.linear(hh, ww, bb), labels),
+        (h, w, b),
+    )
     # An even vocabulary, no bias.
     h, w, _, labels = inputs(4, vocab=256, bias=False)
-    case("pg ce V=256 no bias", check,
-         lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, process_group=group, chunk_size=8),
-         lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, chunk_size=8),
-         lambda hh, ww, bb: ref_ce(F.linear(hh, ww), labels), (h, w, None))
+    case(
+        "pg ce V=256 no bias",
+        check,
+        lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, process_group=group, chunk_size=8),
+        lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, chunk_size=8),
+        lambda hh, ww, bb: ref_ce(F.linear(hh, ww), labels),
+        (h, w, None),
+    )
 
     # Log-probabilities and entropy (one combined output, so both gradients meet grad_output).
     for temperature, ignore in ((1.0, "some"), (0.7, "none"), (1.0, "all")):
@@ -188,13 +226,18 @@ def suite_pg():
         def both(lp_ent):
             return lp_ent[0] + 0.7 * lp_ent[1]
 
-        case(f"pg log_probs + entropy T={temperature} ignore={ignore}", check,
-             lambda hh, ww, bb, kw=kw, labels=labels: both(linear_log_probs(
-                 hh, ww, labels, bias=bb, process_group=group, **kw)),
-             lambda hh, ww, bb, kw=kw, labels=labels: both(linear_log_probs(hh, ww, labels, bias=bb, **kw)),
-             lambda hh, ww, bb, temperature=temperature, labels=labels: both(ref_log_probs(
-                 F.linear(hh, ww, bb), labels, temperature=temperature)),
-             (h, w, b))
+        case(
+            f"pg log_probs + entropy T={temperature} ignore={ignore}",
+            check,
+            lambda hh, ww, bb, kw=kw, labels=labels: both(
+                linear_log_probs(hh, ww, labels, bias=bb, process_group=group, **kw)
+            ),
+            lambda hh, ww, bb, kw=kw, labels=labels: both(linear_log_probs(hh, ww, labels, bias=bb, **kw)),
+            lambda hh, ww, bb, temperature=temperature, labels=labels: both(
+                ref_log_probs(F.linear(hh, ww, bb), labels, temperature=temperature)
+            ),
+            (h, w, b),
+        )
 
     # KD: every divergence, with temperature; student and teacher sharded alike.
     for div, extra in DIVERGENCES:
@@ -203,53 +246,126 @@ def suite_pg():
                 algorithm = "grad_in_forward" if reduction == "mean" else "recompute"
                 h, w, b, labels = inputs(10)
                 th, tw, tb, _ = inputs(11, hidden=12)
-                kw = dict(divergence=div, temperature=temperature, reduction=reduction, chunk_size=6,
-                          algorithm=algorithm, **extra)
-                case(f"pg kd {div} {extra} T={temperature} {reduction}", check,
-                     lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_kd_loss(
-                         hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, process_group=group, **kw),
-                     lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_kd_loss(
-                         hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw),
-                     lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: ref_kd(
-                         F.linear(hh, ww, bb), F.linear(thh, tww, tbb), labels, divergence=kw["divergence"],
-                         temperature=kw["temperature"], reduction=kw["reduction"], **extra),
-                     (h, w, b, th, tw, tb), sharded=(1, 2, 4, 5))
+                kw = dict(
+                    divergence=div,
+                    temperature=temperature,
+                    reduction=reduction,
+                    chunk_size=6,
+                    algorithm=algorithm,
+                    **extra,
+                )
+                case(
+                    f"pg kd {div} {extra} T={temperature} {reduction}",
+                    check,
+                    lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_kd_loss(
+                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, process_group=group, **kw
+                    ),
+                    lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_kd_loss(
+                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw
+                    ),
+                    lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: ref_kd(
+                        F.linear(hh, ww, bb),
+                        F.linear(thh, tww, tbb),
+                        labels,
+                        divergence=kw["divergence"],
+                        temperature=kw["temperature"],
+                        reduction=kw["reduction"],
+                        **extra,
+                    ),
+                    (h, w, b, th, tw, tb),
+                    sharded=(1, 2, 4, 5),
+                )
     # torchtune's forward-KL value (-sum p log q) and no T^2 scaling.
     h, w, b, labels = inputs(12)
     th, tw, tb, _ = inputs(13)
     for reduction in ("sum", "none"):
-        case(f"pg kd jsd no T^2 scaling {reduction}", check,
-             lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: linear_kd_loss(
-                 hh, ww, thh, tww, labels, divergence="jsd", beta=0.3, temperature=1.5, reduction=reduction,
-                 scale_by_temperature_squared=False, process_group=group, chunk_size=4),
-             lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: linear_kd_loss(
-                 hh, ww, thh, tww, labels, divergence="jsd", beta=0.3, temperature=1.5, reduction=reduction,
-                 scale_by_temperature_squared=False, chunk_size=4),
-             lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: ref_kd(
-                 F.linear(hh, ww), F.linear(thh, tww), labels, divergence="jsd", beta=0.3, temperature=1.5,
-                 scale_by_temperature_squared=False, reduction=reduction),
-             (h, w, None, th, tw, None), sharded=(1, 4))
+        case(
+            f"pg kd jsd no T^2 scaling {reduction}",
+            check,
+            lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: linear_kd_loss(
+                hh,
+                ww,
+                thh,
+                tww,
+                labels,
+                divergence="jsd",
+                beta=0.3,
+                temperature=1.5,
+                reduction=reduction,
+                scale_by_temperature_squared=False,
+                process_group=group,
+                chunk_size=4,
+            ),
+            lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: linear_kd_loss(
+                hh,
+                ww,
+                thh,
+                tww,
+                labels,
+                divergence="jsd",
+                beta=0.3,
+                temperature=1.5,
+                reduction=reduction,
+                scale_by_temperature_squared=False,
+                chunk_size=4,
+            ),
+            lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: ref_kd(
+                F.linear(hh, ww),
+                F.linear(thh, tww),
+                labels,
+                divergence="jsd",
+                beta=0.3,
+                temperature=1.5,
+                scale_by_temperature_squared=False,
+                reduction=reduction,
+            ),
+            (h, w, None, th, tw, None),
+            sharded=(1, 4),
+        )
 
     # Distillation: CE + KD in one pass.
     for div, extra in [("forward_kl", {}), ("jsd", {"beta": 0.4}), ("reverse_kl", {})]:
         for reduction in ("mean", "sum", "none"):
             h, w, b, labels = inputs(20)
             th, tw, tb, _ = inputs(21)
-            kw = dict(kd_ratio=0.3, divergence=div, temperature=2.0, label_smoothing=0.1, reduction=reduction,
-                      chunk_size=5, **extra)
+            kw = dict(
+                kd_ratio=0.3,
+                divergence=div,
+                temperature=2.0,
+                label_smoothing=0.1,
+                reduction=reduction,
+                chunk_size=5,
+                **extra,
+            )
 
             def ref(hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels, extra=extra):
                 ce = ref_ce(F.linear(hh, ww, bb), labels, label_smoothing=0.1, reduction=kw["reduction"])
-                kd = ref_kd(F.linear(hh, ww, bb), F.linear(thh, tww, tbb), labels, divergence=kw["divergence"],
-                            temperature=2.0, reduction=kw["reduction"], **extra)
+                kd = ref_kd(
+                    F.linear(hh, ww, bb),
+                    F.linear(thh, tww, tbb),
+                    labels,
+                    divergence=kw["divergence"],
+                    temperature=2.0,
+                    reduction=kw["reduction"],
+                    **extra,
+                )
                 return 0.7 * ce + 0.3 * kd
 
-            case(f"pg distillation {div} {reduction}", check,
-                 lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_distillation_loss(
-                     hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, process_group=group, **kw).loss,
-                 lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_distillation_loss(
-                     hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw).loss,
-                 ref, (h, w, b, th, tw, tb), sharded=(1, 2, 4, 5))
+            case(
+                f"pg distillation {div} {reduction}",
+                check,
+                lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: (
+                    linear_distillation_loss(
+                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, process_group=group, **kw
+                    ).loss
+                ),
+                lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: (
+                    linear_distillation_loss(hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw).loss
+                ),
+                ref,
+                (h, w, b, th, tw, tb),
+                sharded=(1, 2, 4, 5),
+            )
 
     # Every token ignored: loss 0, gradients 0, every collective still runs (no hang).
     def all_ignored(fn_kind, reduction, algorithm):
@@ -258,12 +374,32 @@ def suite_pg():
         rows = shard_rows()
         hh, ww, bb = leaves(h, w[rows], b[rows])
         if fn_kind == "ce":
-            out = linear_cross_entropy(hh, ww, labels, bias=bb, reduction=reduction, algorithm=algorithm,
-                                       process_group=group, label_smoothing=0.1, z_loss=1e-3, chunk_size=4)
+            out = linear_cross_entropy(
+                hh,
+                ww,
+                labels,
+                bias=bb,
+                reduction=reduction,
+                algorithm=algorithm,
+                process_group=group,
+                label_smoothing=0.1,
+                z_loss=1e-3,
+                chunk_size=4,
+            )
         else:
-            out = linear_distillation_loss(hh, ww, th, tw[rows], labels, student_bias=bb, reduction=reduction,
-                                           divergence="jsd", algorithm=algorithm, process_group=group,
-                                           chunk_size=4).loss
+            out = linear_distillation_loss(
+                hh,
+                ww,
+                th,
+                tw[rows],
+                labels,
+                student_bias=bb,
+                reduction=reduction,
+                divergence="jsd",
+                algorithm=algorithm,
+                process_group=group,
+                chunk_size=4,
+            ).loss
         backward(out, torch.ones_like(out) if out.dim() else None)
         assert torch.equal(out.detach(), torch.zeros_like(out)), f"loss {out}"
         for name, t in (("hidden", hh), ("weight", ww), ("bias", bb)):
@@ -285,8 +421,20 @@ def suite_pg():
         rows = shard_rows()
         outs = [linear_cross_entropy(h, w[rows], labels, bias=b[rows], process_group=group, chunk_size=4)]
         for div, extra in DIVERGENCES:
-            outs.append(linear_kd_loss(h, w[rows], th, tw[rows], labels, student_bias=b[rows], divergence=div,
-                                       process_group=group, chunk_size=4, **extra))
+            outs.append(
+                linear_kd_loss(
+                    h,
+                    w[rows],
+                    th,
+                    tw[rows],
+                    labels,
+                    student_bias=b[rows],
+                    divergence=div,
+                    process_group=group,
+                    chunk_size=4,
+                    **extra,
+                )
+            )
         if side == "teacher":
             outs = outs[1:]
         assert not any(torch.isfinite(o) for o in outs), [float(o) for o in outs]
@@ -315,12 +463,16 @@ def suite_pg():
         for call, match in [
             (lambda: linear_cross_entropy(h, w[rows], bad, process_group=group), "labels"),
             (lambda: linear_kd_loss(h, w[rows], h, w[: 3 + RANK], labels, process_group=group), "teacher_weight"),
-            (lambda: linear_cross_entropy(h, w[rows], labels, process_group=group, vocab_parallel=False),
-             "vocab_parallel"),
+            (
+                lambda: linear_cross_entropy(h, w[rows], labels, process_group=group, vocab_parallel=False),
+                "vocab_parallel",
+            ),
             (lambda: linear_cross_entropy(h, w, labels, vocab_parallel=True), "vocab_parallel"),
             (lambda: linear_cross_entropy(h, w, labels, vocab_start=0), "vocab_start"),
-            (lambda: linear_cross_entropy(h, w[rows], labels, process_group=group, vocab_start=rows.start + 1),
-             "vocab_start"),
+            (
+                lambda: linear_cross_entropy(h, w[rows], labels, process_group=group, vocab_start=rows.start + 1),
+                "vocab_start",
+            ),
         ]:
             try:
                 call()
@@ -343,8 +495,7 @@ def suite_dtensor():
 
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
 
-    def dt_case(kind, reduction, algorithm="auto", bias=True, vocab=V, vocab_parallel=None, mesh=mesh,
-                placements=None):
+    def dt_case(kind, reduction, algorithm="auto", bias=True, vocab=V, vocab_parallel=None, mesh=mesh, placements=None):
         placements = placements or [Shard(0)] * mesh.ndim
         h, w, b, labels = inputs(50, vocab=vocab, bias=bias)
         th, tw, tb, _ = inputs(51, vocab=vocab)
@@ -357,15 +508,50 @@ def suite_dtensor():
 
         def call(hx, wx, bx, twx, tbx, **extra):
             if kind == "ce":
-                return linear_cross_entropy(hx, wx, labels, bias=bx, reduction=reduction, algorithm=algorithm,
-                                            label_smoothing=0.1, z_loss=1e-3, chunk_size=6, **extra)
+                return linear_cross_entropy(
+                    hx,
+                    wx,
+                    labels,
+                    bias=bx,
+                    reduction=reduction,
+                    algorithm=algorithm,
+                    label_smoothing=0.1,
+                    z_loss=1e-3,
+                    chunk_size=6,
+                    **extra,
+                )
             if kind == "kd":
-                return linear_kd_loss(hx, wx, h, twx, labels, student_bias=bx, teacher_bias=tbx, divergence="jsd",
-                                      beta=0.3, temperature=2.0, reduction=reduction, algorithm=algorithm,
-                                      chunk_size=6, **extra)
-            return linear_distillation_loss(hx, wx, h, twx, labels, student_bias=bx, teacher_bias=tbx,
-                                            kd_ratio=0.4, divergence="reverse_kl", reduction=reduction,
-                                            algorithm=algorithm, chunk_size=6, **extra).loss
+                return linear_kd_loss(
+                    hx,
+                    wx,
+                    h,
+                    twx,
+                    labels,
+                    student_bias=bx,
+                    teacher_bias=tbx,
+                    divergence="jsd",
+                    beta=0.3,
+                    temperature=2.0,
+                    reduction=reduction,
+                    algorithm=algorithm,
+                    chunk_size=6,
+                    **extra,
+                )
+            return linear_distillation_loss(
+                hx,
+                wx,
+                h,
+                twx,
+                labels,
+                student_bias=bx,
+                teacher_bias=tbx,
+                kd_ratio=0.4,
+                divergence="reverse_kl",
+                reduction=reduction,
+                algorithm=algorithm,
+                chunk_size=6,
+                **extra,
+            ).loss
 
         out = call(hh, d_w, d_b, d_tw, d_tb, vocab_parallel=vocab_parallel)
         backward(out, go)
@@ -394,6 +580,7 @@ def suite_dtensor():
 
         seen = []
         original = placement.materialize_weight
+
         def spy(t, *a, **k):
             if isinstance(t, DTensor):
                 seen.append(tuple(t.shape))
@@ -411,8 +598,14 @@ def suite_dtensor():
     # 2-D meshes (dp, tp): tp sharded, dp gathered with FSDP semantics (mean gradient over dp).
     mesh_1x2 = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
     case("dtensor 2-D mesh (dp=1, tp=2) Shard/Shard", dt_case, "ce", "mean", mesh=mesh_1x2)
-    case("dtensor 2-D mesh (dp=1, tp=2) Replicate/Shard", dt_case, "distillation", "mean", mesh=mesh_1x2,
-         placements=[Replicate(), Shard(0)])
+    case(
+        "dtensor 2-D mesh (dp=1, tp=2) Replicate/Shard",
+        dt_case,
+        "distillation",
+        "mean",
+        mesh=mesh_1x2,
+        placements=[Replicate(), Shard(0)],
+    )
 
     def dp_gathered(ignore_on_rank1: bool):
         # dp=2, tp=1: each dp rank has its own tokens; the weight's gradient is the mean over dp ranks
@@ -462,8 +655,9 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
 
     def build(seed):
         torch.manual_seed(seed)
-        return llama2(vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64,
-                      max_seq_len=64)
+        return llama2(
+            vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64, max_seq_len=64
+        )
 
     g = gen(70)
     tokens = torch.randint(0, V, (dp, B, S), generator=g)
@@ -472,8 +666,11 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
     dp_rank = mesh.get_local_rank("dp")
 
     def grads(model):
-        return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
-                for n, p in model.named_parameters() if p.grad is not None}
+        return {
+            n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+            for n, p in model.named_parameters()
+            if p.grad is not None
+        }
 
     gathered = []
     original = placement.materialize_weight
@@ -565,7 +762,7 @@ def suite_memory():
                     self.largest, self.op = t.numel(), func
             return out
 
-    n, hdim, vocab, chunk = 512, 16, 2048, 32
+    n, _hdim, vocab, chunk = 512, 16, 2048, 32
     rows = shard_rows(vocab)
     local_vocab = rows.stop - rows.start  # 1024
     group = dist.group.WORLD
@@ -578,13 +775,32 @@ def suite_memory():
         with mode:
             if family.startswith("ce"):
                 kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0) if family == "ce-options" else {}
-                out = linear_cross_entropy(hh, ww, labels, bias=bb, chunk_size=chunk, process_group=group,
-                                           vocab_start=rows.start, vocab_size=vocab,
-                                           reduction="none" if family == "ce-none" else "mean", **kw)
+                out = linear_cross_entropy(
+                    hh,
+                    ww,
+                    labels,
+                    bias=bb,
+                    chunk_size=chunk,
+                    process_group=group,
+                    vocab_start=rows.start,
+                    vocab_size=vocab,
+                    reduction="none" if family == "ce-none" else "mean",
+                    **kw,
+                )
             else:
-                out = linear_distillation_loss(hh, ww, th, tw[rows], labels, student_bias=bb,
-                                               divergence=family.split("-")[1], chunk_size=chunk,
-                                               process_group=group, vocab_start=rows.start, vocab_size=vocab).loss
+                out = linear_distillation_loss(
+                    hh,
+                    ww,
+                    th,
+                    tw[rows],
+                    labels,
+                    student_bias=bb,
+                    divergence=family.split("-")[1],
+                    chunk_size=chunk,
+                    process_group=group,
+                    vocab_start=rows.start,
+                    vocab_size=vocab,
+                ).loss
             fwd = mode.ops
             out.backward(torch.ones_like(out) if out.dim() else None)
         assert mode.ops > fwd, "the probe must see the backward pass"
@@ -614,8 +830,9 @@ def suite_ignored():
         mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("dp",))  # FSDP-style, gathered once
         d_w = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
         hh = h_all[RANK].clone().requires_grad_(True)
-        loss_sum = linear_cross_entropy(hh, d_w, labels_all[RANK], reduction="sum", chunk_size=4,
-                                        algorithm=reduction_path)
+        loss_sum = linear_cross_entropy(
+            hh, d_w, labels_all[RANK], reduction="sum", chunk_size=4, algorithm=reduction_path
+        )
         (loss_sum * WORLD / total.float()).backward()  # the recipe's exact normalization
         s_w = w.clone().requires_grad_(True)
         flat_h = h_all.reshape(-1, H)
@@ -629,8 +846,13 @@ def suite_ignored():
         case(f"ignored: rank 1 all ignored, dp token count + gathered weight ({path})", one_rank_ignored, path)
 
 
-SUITES = {"pg": suite_pg, "dtensor": suite_dtensor, "memory": suite_memory, "ignored": suite_ignored,
-          "mesh2x2": suite_mesh2x2}
+SUITES = {
+    "pg": suite_pg,
+    "dtensor": suite_dtensor,
+    "memory": suite_memory,
+    "ignored": suite_ignored,
+    "mesh2x2": suite_mesh2x2,
+}
 DEFAULT_SUITES = ("pg", "dtensor", "memory", "ignored")  # 2 ranks; mesh2x2 needs 4
 
 

@@ -78,8 +78,12 @@ class _TermOnLogits(torch.autograd.Function):
     def forward(ctx, z, zt, labels, term: Term, ignore_index: int):
         ctx.save_for_backward(z, zt, labels)
         ctx.term, ctx.ignore_index = term, ignore_index
-        (values, *_), _ = term.compute(_chunk(z, zt, labels, ignore_index), None, z.dtype != _compute_dtype(z.dtype),
-                                       zt is not None and zt.dtype != _compute_dtype(zt.dtype))
+        (values, *_), _ = term.compute(
+            _chunk(z, zt, labels, ignore_index),
+            None,
+            z.dtype != _compute_dtype(z.dtype),
+            zt is not None and zt.dtype != _compute_dtype(zt.dtype),
+        )
         return values.sum()
 
     @staticmethod
@@ -111,8 +115,9 @@ def _chunk(z, zt, labels, ignore_index: int, zero_ignored_rows: bool = False) ->
     return Chunk(upcast(z), upcast(zt), labels, valid, VocabReducer(z.shape[-1]))
 
 
-def _chunk_sum(term: Term, ignore_index: int, z: torch.Tensor, labels: torch.Tensor,
-               zt: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _chunk_sum(
+    term: Term, ignore_index: int, z: torch.Tensor, labels: torch.Tensor, zt: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``term``'s summed loss over one ``[B, S_i, V]`` chunk (and the teacher's) with labels ``[B, S_i]``."""
     flat = z.reshape(-1, z.shape[-1])
     flat_t = None if zt is None else zt.reshape(-1, zt.shape[-1])
@@ -235,54 +240,141 @@ class _KDLoss(_ChunkedLossBase):
 class ForwardKLWithChunkedOutputLoss(_KDLoss):
     """Forward KL(p || q) over chunk lists. Default value is torchtune's ``-sum p log q``; ``true_kl=True`` for KL."""
 
-    def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *, true_kl: bool = False,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True,
-                 teacher_vocab: str = "drop"):
-        super().__init__(num_output_chunks, KDOptions("forward_kl", temperature, scale_by_temperature_squared,
-                                                      true_kl=true_kl, ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
+    def __init__(
+        self,
+        num_output_chunks: int = 8,
+        ignore_index: int = -100,
+        *,
+        true_kl: bool = False,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        validate: bool = True,
+        teacher_vocab: str = "drop",
+    ):
+        super().__init__(
+            num_output_chunks,
+            KDOptions(
+                "forward_kl",
+                temperature,
+                scale_by_temperature_squared,
+                true_kl=true_kl,
+                ignore_index=ignore_index,
+                validate=validate,
+                teacher_vocab=teacher_vocab,
+            ),
+        )
 
 
 class ReverseKLWithChunkedOutputLoss(_KDLoss):
     """Reverse KL(q || p) over chunk lists."""
 
-    def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True,
-                 teacher_vocab: str = "drop"):
-        super().__init__(num_output_chunks, KDOptions("reverse_kl", temperature, scale_by_temperature_squared,
-                                                      ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
+    def __init__(
+        self,
+        num_output_chunks: int = 8,
+        ignore_index: int = -100,
+        *,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        validate: bool = True,
+        teacher_vocab: str = "drop",
+    ):
+        super().__init__(
+            num_output_chunks,
+            KDOptions(
+                "reverse_kl",
+                temperature,
+                scale_by_temperature_squared,
+                ignore_index=ignore_index,
+                validate=validate,
+                teacher_vocab=teacher_vocab,
+            ),
+        )
 
 
 class SymmetricKLWithChunkedOutputLoss(_KDLoss):
     """``r * FKL + (1 - r) * RKL`` over chunk lists; FKL is torchtune's value unless ``true_kl=True``."""
 
-    def __init__(self, num_output_chunks: int = 8, sym_kd_ratio: float = 0.5, ignore_index: int = -100, *,
-                 true_kl: bool = False, temperature: float = 1.0, scale_by_temperature_squared: bool = True,
-                 validate: bool = True, teacher_vocab: str = "drop"):
-        super().__init__(num_output_chunks, KDOptions("symmetric_kl", temperature, scale_by_temperature_squared,
-                                                      sym_kd_ratio=sym_kd_ratio, true_kl=true_kl,
-                                                      ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
+    def __init__(
+        self,
+        num_output_chunks: int = 8,
+        sym_kd_ratio: float = 0.5,
+        ignore_index: int = -100,
+        *,
+        true_kl: bool = False,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        validate: bool = True,
+        teacher_vocab: str = "drop",
+    ):
+        super().__init__(
+            num_output_chunks,
+            KDOptions(
+                "symmetric_kl",
+                temperature,
+                scale_by_temperature_squared,
+                sym_kd_ratio=sym_kd_ratio,
+                true_kl=true_kl,
+                ignore_index=ignore_index,
+                validate=validate,
+                teacher_vocab=teacher_vocab,
+            ),
+        )
         self.sym_kd_ratio = sym_kd_ratio
 
 
 class JSDWithChunkedOutputLoss(_KDLoss):
     """Generalized JSD(beta) over chunk lists; beta 0 / 1 are forward / reverse KL (TRL's limits)."""
 
-    def __init__(self, num_output_chunks: int = 8, beta: float = 0.5, ignore_index: int = -100, *,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True,
-                 teacher_vocab: str = "drop"):
-        super().__init__(num_output_chunks, KDOptions("jsd", temperature, scale_by_temperature_squared,
-                                                      beta=beta, ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
+    def __init__(
+        self,
+        num_output_chunks: int = 8,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        *,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        validate: bool = True,
+        teacher_vocab: str = "drop",
+    ):
+        super().__init__(
+            num_output_chunks,
+            KDOptions(
+                "jsd",
+                temperature,
+                scale_by_temperature_squared,
+                beta=beta,
+                ignore_index=ignore_index,
+                validate=validate,
+                teacher_vocab=teacher_vocab,
+            ),
+        )
         self.beta = beta
 
 
 class TVDWithChunkedOutputLoss(_KDLoss):
     """Total variation distance ``0.5 sum |p - q|`` over chunk lists."""
 
-    def __init__(self, num_output_chunks: int = 8, ignore_index: int = -100, *,
-                 temperature: float = 1.0, scale_by_temperature_squared: bool = True, validate: bool = True,
-                 teacher_vocab: str = "drop"):
-        super().__init__(num_output_chunks, KDOptions("tvd", temperature, scale_by_temperature_squared,
-                                                      ignore_index=ignore_index, validate=validate, teacher_vocab=teacher_vocab))
+    def __init__(
+        self,
+        num_output_chunks: int = 8,
+        ignore_index: int = -100,
+        *,
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = True,
+        validate: bool = True,
+        teacher_vocab: str = "drop",
+    ):
+        super().__init__(
+            num_output_chunks,
+            KDOptions(
+                "tvd",
+                temperature,
+                scale_by_temperature_squared,
+                ignore_index=ignore_index,
+                validate=validate,
+                teacher_vocab=teacher_vocab,
+            ),
+        )
 
 
 # --- torchtune's unchunked classes: one [N, V] / [B, S, V] tensor per side, forward(..., normalize) -------

@@ -79,4 +79,3 @@ def token_chunk_bounds(num_tokens: int, chunk_size: int) -> List[tuple]:
     check_int_option("num_tokens", num_tokens, 0)
     check_int_option("chunk_size", chunk_size, 1)
     return [(s, min(s + chunk_size, num_tokens)) for s in range(0, num_tokens, chunk_size)]
-

@@ -242,9 +242,7 @@ def _log_softmax_pair(zs, zt, t: float, red: VocabReducer, consume_s: bool, cons
     return ls.sub_(log_sums[0].unsqueeze(-1)), lt.sub_(log_sums[1].unsqueeze(-1))
 
 
-def divergence_terms(
-    log_p: torch.Tensor, log_q: torch.Tensor, opts: KDOptions, need_a: bool, need_b: bool = False
-):
+def divergence_terms(log_p: torch.Tensor, log_q: torch.Tensor, opts: KDOptions, need_a: bool, need_b: bool = False):
     """Elementwise terms of a divergence and ``a = dterms / dlog q``, over this slice of the vocabulary.
 
     ``divergence = loss_scale * sum_v terms``; entries where either side's logit is -inf count as 0
@@ -384,8 +382,9 @@ def kd_chunk(
     return value, g, gt
 
 
-def _forward_kl_from_rows(zs, zt, opts: KDOptions, red: VocabReducer, weight, consume_student: bool,
-                          consume_teacher: bool, student_stats=None):
+def _forward_kl_from_rows(
+    zs, zt, opts: KDOptions, red: VocabReducer, weight, consume_student: bool, consume_teacher: bool, student_stats=None
+):
     """Forward KL (or torchtune's ``-sum p log q``) from per-token statistics of the shifted logits.
 
     With ``s = zs / T - max``, ``t = zt / T - max``, ``S_q = sum e^s``, ``S_p = sum e^t`` and ``u`` the

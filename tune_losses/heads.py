@@ -88,8 +88,9 @@ def output_projection(model: nn.Module) -> OutputProjection:
     return OutputProjection(model.output if _is_torchtune_decoder(model) else _find_head(model))
 
 
-def set_output_mode(model: nn.Module, mode: str, num_output_chunks: int = 0, *,
-                    split: str = "tensor_split") -> OutputProjection:
+def set_output_mode(
+    model: nn.Module, mode: str, num_output_chunks: int = 0, *, split: str = "tensor_split"
+) -> OutputProjection:
     """Switch what ``model(...)`` returns at its output: full logits, logit chunks or hidden states.
 
     Args:

@@ -197,7 +197,8 @@ def check_run_options(
     check_int_option("chunk_size", chunk_size, 1, allow_none=True)
     check_bool_option("validate", validate)
     if vocab_parallel is not None and not isinstance(vocab_parallel, bool):
-        raise ArgumentTypeError(f"vocab_parallel: expected None, True or False, got {vocab_parallel!r} "
-                                f"({_type_name(vocab_parallel)})")
+        raise ArgumentTypeError(
+            f"vocab_parallel: expected None, True or False, got {vocab_parallel!r} ({_type_name(vocab_parallel)})"
+        )
     check_int_option("vocab_start", vocab_start, 0, allow_none=True)
     check_int_option("vocab_size", vocab_size, 1, allow_none=True)

@@ -66,8 +66,9 @@ class Term:
         """Names of the per-token outputs; the first is the term's loss."""
         return (self.name,)
 
-    def compute(self, chunk: Chunk, weights: Weights, consume_student: bool, consume_teacher: bool
-                ) -> Tuple[Sequence[torch.Tensor], Optional[torch.Tensor]]:
+    def compute(
+        self, chunk: Chunk, weights: Weights, consume_student: bool, consume_teacher: bool
+    ) -> Tuple[Sequence[torch.Tensor], Optional[torch.Tensor]]:
         """Per-token outputs ``[n]`` (0 at ignored tokens) and the gradient ``[n, V_r]`` of
         ``sum_o weights[o] * output_o`` with respect to the student logits.
 
@@ -88,8 +89,16 @@ class CrossEntropyTerm(Term):
     name: str = "ce"
 
     def compute(self, chunk, weights, consume_student, consume_teacher):
-        loss, g = ce_chunk(chunk.student, chunk.labels, chunk.valid, self.opts, chunk.reducer,
-                           None if weights is None else weights[0], consume_student, chunk.student_rows)
+        loss, g = ce_chunk(
+            chunk.student,
+            chunk.labels,
+            chunk.valid,
+            self.opts,
+            chunk.reducer,
+            None if weights is None else weights[0],
+            consume_student,
+            chunk.student_rows,
+        )
         return (loss,), g
 
 
@@ -106,8 +115,16 @@ class DivergenceTerm(Term):
         # A wider teacher (padding rows) is aligned to the student here, once for every path.
         zs, zt = align_logits(chunk.student, chunk.teacher, self.opts.teacher_vocab)
         rows = chunk.student_rows if zs is chunk.student else {}
-        value, g = kd_chunk(zs, zt, self.opts, chunk.reducer, None if weights is None else weights[0],
-                            consume_student or zs is not chunk.student, consume_teacher, student_rows=rows)
+        value, g = kd_chunk(
+            zs,
+            zt,
+            self.opts,
+            chunk.reducer,
+            None if weights is None else weights[0],
+            consume_student or zs is not chunk.student,
+            consume_teacher,
+            student_rows=rows,
+        )
         return (torch.where(chunk.valid, value, 0.0),), student_columns(g, chunk.student.shape[-1])
 
     def teacher_gradients(self, chunk: Chunk, weight: torch.Tensor, teacher_weight: torch.Tensor):
@@ -140,5 +157,6 @@ class LogProbTerm(Term):
 
     def compute(self, chunk, weights, consume_student, consume_teacher):
         w = None if weights is None else (weights[0], weights[1] if self.entropy else None)
-        return log_prob_chunk(chunk.student, chunk.labels, chunk.valid, self.temperature, chunk.reducer,
-                              self.entropy, w, consume_student)
+        return log_prob_chunk(
+            chunk.student, chunk.labels, chunk.valid, self.temperature, chunk.reducer, self.entropy, w, consume_student
+        )

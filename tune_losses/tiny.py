@@ -287,7 +287,7 @@ def _trim_words(text: str, limit: int, from_end: bool = False) -> str:
     if from_end:
         cut = text[-limit:]
         space = cut.find(" ")
-        return (cut[space + 1:] if 0 <= space < limit // 2 else cut).strip()
+        return (cut[space + 1 :] if 0 <= space < limit // 2 else cut).strip()
     cut = text[:limit]
     space = cut.rfind(" ")
     return (cut[:space] if space > limit // 2 else cut).strip()
@@ -306,17 +306,28 @@ def preference_pairs(docs: List[str], pairs_per_doc: int, seed: int = _SEED) -> 
         left, right = doc.rfind(" ", 0, middle), doc.find(" ", middle)
         cut = left if right < 0 or (left >= 0 and middle - left <= right - middle) else right
         cut = middle if cut <= 0 else cut
-        halves.append((_trim_words(doc[:cut].strip(), _PAIR_PROMPT_CHARS, from_end=True),
-                       _trim_words(doc[cut:].strip(), _PAIR_ANSWER_CHARS)))
+        halves.append(
+            (
+                _trim_words(doc[:cut].strip(), _PAIR_PROMPT_CHARS, from_end=True),
+                _trim_words(doc[cut:].strip(), _PAIR_ANSWER_CHARS),
+            )
+        )
     rng = random.Random(seed)
     rows = []
     for i, (prompt, answer) in enumerate(halves):
-        others = [j for j in rng.sample(range(len(halves)), min(len(halves), pairs_per_doc + 3))
-                  if j != i and halves[j][1] != answer][:pairs_per_doc]
+        others = [
+            j
+            for j in rng.sample(range(len(halves)), min(len(halves), pairs_per_doc + 3))
+            if j != i and halves[j][1] != answer
+        ][:pairs_per_doc]
         for j in others:
             user = {"role": "user", "content": prompt}
-            rows.append({"chosen": [user, {"role": "assistant", "content": answer}],
-                         "rejected": [user, {"role": "assistant", "content": halves[j][1]}]})
+            rows.append(
+                {
+                    "chosen": [user, {"role": "assistant", "content": answer}],
+                    "rejected": [user, {"role": "assistant", "content": halves[j][1]}],
+                }
+            )
     return rows
 
 
@@ -382,7 +393,10 @@ def _build_preferences(out: Path) -> tuple[List[str], Dict[str, Any]]:
     rows = lambda pairs: "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs).encode()  # noqa: E731
     _write_atomic(out / "data/dpo_train.jsonl", rows(train))
     _write_atomic(out / "data/dpo_heldout.jsonl", rows(heldout))
-    return ["data/dpo_train.jsonl", "data/dpo_heldout.jsonl"], {"train_pairs": len(train), "heldout_pairs": len(heldout)}
+    return ["data/dpo_train.jsonl", "data/dpo_heldout.jsonl"], {
+        "train_pairs": len(train),
+        "heldout_pairs": len(heldout),
+    }
 
 
 def _build_tokenizer(out: Path) -> tuple[List[str], Dict[str, Any]]:
@@ -390,19 +404,12 @@ def _build_tokenizer(out: Path) -> tuple[List[str], Dict[str, Any]]:
 
     # One training sentence per non-empty line: SentencePiece is line-oriented, and lines keep
     # their indentation so whitespace pieces ("▁▁▁") are learned for the indented code blocks.
-    lines = [
-        line
-        for doc in read_jsonl_texts(out / "data/train.jsonl")
-        for line in doc.split("\n")
-        if line.strip()
-    ]
+    lines = [line for doc in read_jsonl_texts(out / "data/train.jsonl") for line in doc.split("\n") if line.strip()]
     spm.set_random_generator_seed(_SEED)
     # Train from an iterator into memory rather than from a file: a file path would be embedded
     # in the model's trainer spec, making the bytes depend on where the assets were built.
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, minloglevel=2, **_SPM_SETTINGS
-    )
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, minloglevel=2, **_SPM_SETTINGS)
     _write_atomic(out / "tokenizer.model", buf.getvalue())
     return ["tokenizer.model"], {"vocab_size": TINY_VOCAB_SIZE, "train_lines": len(lines)}
 
@@ -444,8 +451,12 @@ def _steps(topics_sha: str) -> List[tuple[str, Dict[str, Any], Callable]]:
         ("tokenizer", {"settings": _SPM_SETTINGS, "seed": _SEED}, _build_tokenizer),
         (
             "preferences",
-            {"seed": _SEED, "prompt_chars": _PAIR_PROMPT_CHARS, "answer_chars": _PAIR_ANSWER_CHARS,
-             "pairs_per_doc": [_PAIRS_PER_TRAIN_DOC, _PAIRS_PER_HELDOUT_DOC]},
+            {
+                "seed": _SEED,
+                "prompt_chars": _PAIR_PROMPT_CHARS,
+                "answer_chars": _PAIR_ANSWER_CHARS,
+                "pairs_per_doc": [_PAIRS_PER_TRAIN_DOC, _PAIRS_PER_HELDOUT_DOC],
+            },
             _build_preferences,
         ),
         (
@@ -526,10 +537,7 @@ def build(out: str | os.PathLike = DEFAULT_OUT, force: bool = False, verbose: bo
     _write_atomic(manifest_path, json.dumps(manifest, indent=2).encode())
     if verbose:
         n_built = sum(s["built"] for s in steps.values())
-        print(
-            f"[tiny] {out}: {n_built} of {len(steps)} steps built, "
-            f"{time.perf_counter() - t_start:.1f}s total"
-        )
+        print(f"[tiny] {out}: {n_built} of {len(steps)} steps built, {time.perf_counter() - t_start:.1f}s total")
     return manifest
 
 

@@ -37,9 +37,7 @@ def check_tensor(name: str, t, what: str = "") -> None:
 def check_float(name: str, t: torch.Tensor) -> None:
     check_tensor(name, t)
     if not t.is_floating_point():
-        raise ArgumentTypeError(
-            f"{name}: expected a floating-point tensor (fp32/bf16/fp16/fp64), got dtype {t.dtype}"
-        )
+        raise ArgumentTypeError(f"{name}: expected a floating-point tensor (fp32/bf16/fp16/fp64), got dtype {t.dtype}")
 
 
 def check_labels_dtype(labels: torch.Tensor, name: str = "labels") -> None:
@@ -126,14 +124,13 @@ def check_chunk_list(name: str, chunks: Sequence[torch.Tensor], labels: torch.Te
     return int(vocab)
 
 
-def check_paired_chunks(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], *,
-                        wider_teacher: bool = False) -> None:
+def check_paired_chunks(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], *, wider_teacher: bool = False
+) -> None:
     """Student and teacher chunks pair up: as many, of the same ``[B, S_i]``, and the same vocabulary
     size, or (``wider_teacher``) a teacher vocabulary at least the student's."""
     if len(student) != len(teacher):
-        raise ValueError(
-            f"teacher_logits: expected {len(student)} chunks like student_logits, got {len(teacher)}"
-        )
+        raise ValueError(f"teacher_logits: expected {len(student)} chunks like student_logits, got {len(teacher)}")
     for i, (s, t) in enumerate(zip(student, teacher)):
         same_tokens = s.shape[:-1] == t.shape[:-1]
         if same_tokens and wider_teacher and t.shape[-1] > s.shape[-1]:
@@ -143,6 +140,10 @@ def check_paired_chunks(student: Sequence[torch.Tensor], teacher: Sequence[torch
             raise ValueError(
                 f"teacher_logits[{i}]: expected shape {tuple(s.shape)} (as student_logits[{i}]){wider}, "
                 f"got {tuple(t.shape)}"
-                + (". A teacher vocabulary smaller than the student's cannot be aligned: pad the teacher's "
-                   "output projection to the student's size" if same_tokens and t.shape[-1] < s.shape[-1] else "")
+                + (
+                    ". A teacher vocabulary smaller than the student's cannot be aligned: pad the teacher's "
+                    "output projection to the student's size"
+                    if same_tokens and t.shape[-1] < s.shape[-1]
+                    else ""
+                )
             )

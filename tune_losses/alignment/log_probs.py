@@ -17,8 +17,9 @@ from tune_losses.validation import check_float
 def _check_hidden(name: str, hidden: torch.Tensor, labels: torch.Tensor) -> None:
     check_float(name, hidden)
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
-        raise ValueError(f"{name}: expected shape [B, S, H] with [B, S] = labels' {tuple(labels.shape)}, "
-                         f"got {tuple(hidden.shape)}")
+        raise ValueError(
+            f"{name}: expected shape [B, S, H] with [B, S] = labels' {tuple(labels.shape)}, got {tuple(hidden.shape)}"
+        )
 
 
 def token_log_probs(
@@ -39,5 +40,13 @@ def token_log_probs(
     hidden ``[B, S, H]``, weight ``[V, H]``, labels ``[B, S]``. Differentiable to hidden, weight and bias.
     """
     _check_hidden(name, hidden, labels)
-    return linear_log_probs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                            return_entropy=return_entropy, chunk_size=chunk_size)
+    return linear_log_probs(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
+    )

@@ -29,8 +29,10 @@ from tune_losses.heads import OutputProjection, set_output_mode
 
 def _require(proj: Optional[OutputProjection], who: str) -> OutputProjection:
     if proj is None:
-        raise ValueError(f"{who}: no output projection; call set_model_output(model) "
-                         f"(set_reference_output(ref_model) for the reference) first")
+        raise ValueError(
+            f"{who}: no output projection; call set_model_output(model) "
+            f"(set_reference_output(ref_model) for the reference) first"
+        )
     return proj
 
 
@@ -50,20 +52,37 @@ class _AlignmentModule(nn.Module):
         """Take the frozen reference model's output projection and make it return hidden states."""
         self.reference_projection = set_output_mode(ref_model, "hidden")
 
-    def _log_probs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                   return_entropy: bool = False):
+    def _log_probs(
+        self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+    ):
         p = _require(self.projection, type(self).__name__)
-        return token_log_probs(hidden, p.weight, labels, bias=p.bias, temperature=temperature,
-                               ignore_index=self.ignore_index, return_entropy=return_entropy,
-                               chunk_size=self.chunk_size)
+        return token_log_probs(
+            hidden,
+            p.weight,
+            labels,
+            bias=p.bias,
+            temperature=temperature,
+            ignore_index=self.ignore_index,
+            return_entropy=return_entropy,
+            chunk_size=self.chunk_size,
+        )
 
-    def reference_log_probs(self, ref_hidden: torch.Tensor, labels: torch.Tensor,
-                            temperature: float = 1.0) -> torch.Tensor:
+    def reference_log_probs(
+        self, ref_hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         """The reference model's per-token log-probabilities ``[B, S]`` (no-grad; 0 at ignored tokens)."""
         p = _require(self.reference_projection, type(self).__name__ + " (reference)")
         with torch.no_grad():
-            return token_log_probs(ref_hidden, p.weight, labels, bias=p.bias, temperature=temperature,
-                                   ignore_index=self.ignore_index, chunk_size=self.chunk_size, name="ref_hidden")
+            return token_log_probs(
+                ref_hidden,
+                p.weight,
+                labels,
+                bias=p.bias,
+                temperature=temperature,
+                ignore_index=self.ignore_index,
+                chunk_size=self.chunk_size,
+                name="ref_hidden",
+            )
 
 
 class LinearPreferenceLoss(_AlignmentModule):
@@ -83,23 +102,42 @@ class LinearPreferenceLoss(_AlignmentModule):
         out = loss_fn(policy(tokens), labels, ref_hidden=ref_hidden)   # PreferenceOutput
     """
 
-    def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, gamma: float = 0.0,
-                 label_smoothing: float = 0.0, nll_weight: float = 0.0, average_log_prob: Optional[bool] = None,
-                 ignore_index: int = -100, chunk_size: Optional[int] = None):
+    def __init__(
+        self,
+        loss_type: str = "sigmoid",
+        beta: float = 0.1,
+        gamma: float = 0.0,
+        label_smoothing: float = 0.0,
+        nll_weight: float = 0.0,
+        average_log_prob: Optional[bool] = None,
+        ignore_index: int = -100,
+        chunk_size: Optional[int] = None,
+    ):
         super().__init__(ignore_index, chunk_size)
         check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight)
         self.loss_type = loss_type
         self.beta = beta
-        self.options = dict(loss_type=loss_type, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
-                            nll_weight=nll_weight, average_log_prob=average_log_prob)
+        self.options = dict(
+            loss_type=loss_type,
+            beta=beta,
+            gamma=gamma,
+            label_smoothing=label_smoothing,
+            nll_weight=nll_weight,
+            average_log_prob=average_log_prob,
+        )
 
     @property
     def needs_reference(self) -> bool:
         """Whether the loss value depends on a reference model (False for SimPO and ORPO)."""
         return self.loss_type not in REFERENCE_FREE
 
-    def terms(self, hidden: torch.Tensor, labels: torch.Tensor, ref_hidden: Optional[torch.Tensor] = None,
-              ref_logps: Optional[Sequence[torch.Tensor]] = None) -> PreferenceTerms:
+    def terms(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        ref_hidden: Optional[torch.Tensor] = None,
+        ref_logps: Optional[Sequence[torch.Tensor]] = None,
+    ) -> PreferenceTerms:
         """Sums and counts (:class:`tune_losses.alignment.PreferenceTerms`) for step-exact normalization.
 
         hidden ``[2B, S, H]`` (chosen rows first), labels ``[2B, S]``; the reference as ``ref_hidden``
@@ -107,8 +145,13 @@ class LinearPreferenceLoss(_AlignmentModule):
         """
         return linear_preference_terms(hidden, labels=labels, **self._call_args(ref_hidden, ref_logps))
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, ref_hidden: Optional[torch.Tensor] = None,
-                ref_logps: Optional[Sequence[torch.Tensor]] = None) -> PreferenceOutput:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        ref_hidden: Optional[torch.Tensor] = None,
+        ref_logps: Optional[Sequence[torch.Tensor]] = None,
+    ) -> PreferenceOutput:
         """:class:`tune_losses.PreferenceOutput` of this batch (normalized by its own pairs and tokens)."""
         return linear_preference_loss(hidden, labels=labels, **self._call_args(ref_hidden, ref_logps))
 
@@ -118,8 +161,15 @@ class LinearPreferenceLoss(_AlignmentModule):
         if ref_hidden is not None:
             r = _require(self.reference_projection, type(self).__name__ + " (reference)")
             ref = dict(ref_hidden=ref_hidden, ref_weight=r.weight, ref_bias=r.bias)
-        return dict(weight=p.weight, bias=p.bias, ref_logps=ref_logps, ignore_index=self.ignore_index,
-                    chunk_size=self.chunk_size, **ref, **self.options)
+        return dict(
+            weight=p.weight,
+            bias=p.bias,
+            ref_logps=ref_logps,
+            ignore_index=self.ignore_index,
+            chunk_size=self.chunk_size,
+            **ref,
+            **self.options,
+        )
 
 
 class LinearPolicyLoss(_AlignmentModule):
@@ -134,20 +184,40 @@ class LinearPolicyLoss(_AlignmentModule):
     ``ref_hidden=`` instead of ``ref_logps``.
     """
 
-    def __init__(self, loss_type: str = "grpo", beta: float = 0.0, epsilon_low: float = 0.2,
-                 epsilon_high: Optional[float] = None, temperature: float = 1.0,
-                 max_completion_length: Optional[int] = None, ignore_index: int = -100,
-                 chunk_size: Optional[int] = None, return_entropy: bool = True):
+    def __init__(
+        self,
+        loss_type: str = "grpo",
+        beta: float = 0.0,
+        epsilon_low: float = 0.2,
+        epsilon_high: Optional[float] = None,
+        temperature: float = 1.0,
+        max_completion_length: Optional[int] = None,
+        ignore_index: int = -100,
+        chunk_size: Optional[int] = None,
+        return_entropy: bool = True,
+    ):
         super().__init__(ignore_index, chunk_size)
         check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length)
         self.temperature = temperature
         self.return_entropy = return_entropy
-        self.options = dict(loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                            max_completion_length=max_completion_length)
+        self.options = dict(
+            loss_type=loss_type,
+            beta=beta,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            max_completion_length=max_completion_length,
+        )
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
-                old_logps: Optional[torch.Tensor] = None, ref_logps: Optional[torch.Tensor] = None,
-                num_items_in_batch=None, ref_hidden: Optional[torch.Tensor] = None) -> PolicyOutput:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        advantages: torch.Tensor,
+        old_logps: Optional[torch.Tensor] = None,
+        ref_logps: Optional[torch.Tensor] = None,
+        num_items_in_batch=None,
+        ref_hidden: Optional[torch.Tensor] = None,
+    ) -> PolicyOutput:
         if ref_hidden is not None:
             if ref_logps is not None:
                 raise ValueError("ref_logps: give the reference either as ref_hidden or as ref_logps, not both")
@@ -155,6 +225,13 @@ class LinearPolicyLoss(_AlignmentModule):
         out = self._log_probs(hidden, labels, self.temperature, self.return_entropy)
         logps, entropy = out if self.return_entropy else (out, None)
         return policy_loss_from_log_probs(
-            logps, labels, advantages, entropy=None if entropy is None else entropy.detach(), old_logps=old_logps,
-            ref_logps=ref_logps, num_items_in_batch=num_items_in_batch, ignore_index=self.ignore_index,
-            **self.options)
+            logps,
+            labels,
+            advantages,
+            entropy=None if entropy is None else entropy.detach(),
+            old_logps=old_logps,
+            ref_logps=ref_logps,
+            num_items_in_batch=num_items_in_batch,
+            ignore_index=self.ignore_index,
+            **self.options,
+        )

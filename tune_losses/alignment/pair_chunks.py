@@ -149,9 +149,16 @@ def applies(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias) -> b
     for x, w, b in ((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias)):
         if x is None:
             continue
-        if not (x.is_floating_point() and w.is_floating_point() and x.dim() == 3 and w.dim() == 2
-                and tuple(x.shape[:2]) == tuple(labels.shape) and x.shape[2] == w.shape[1] and w.shape[0] >= 1
-                and (x.dtype == w.dtype or not _plain(w))):
+        if not (
+            x.is_floating_point()
+            and w.is_floating_point()
+            and x.dim() == 3
+            and w.dim() == 2
+            and tuple(x.shape[:2]) == tuple(labels.shape)
+            and x.shape[2] == w.shape[1]
+            and w.shape[0] >= 1
+            and (x.dtype == w.dtype or not _plain(w))
+        ):
             return False
         if b is not None and ((b.dtype != w.dtype and _plain(b)) or tuple(b.shape) != (w.shape[0],)):
             return False
@@ -180,8 +187,9 @@ class PairChunkedPreference(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, ref_x, ref_w, ref_b, ref_seq, labels, layout: PairLayout, opts: PairOptions,
-                pair_scale, nll_scale):
+    def forward(
+        ctx, x, w, b, ref_x, ref_w, ref_b, ref_seq, labels, layout: PairLayout, opts: PairOptions, pair_scale, nll_scale
+    ):
         rows_n, seq_len = labels.shape
         batch = rows_n // 2
         dtype = compute_dtype(x.dtype)
@@ -218,13 +226,20 @@ class PairChunkedPreference(torch.autograd.Function):
                 ref_sums.index_add_(0, seq, ref_lp.to(dtype))
             xc = xf.index_select(0, idx)
             # weight 1 on log p[y]: the gradient buffer holds onehot - softmax, scaled per token below.
-            (lp,), g = log_prob_chunk(_logits(xc, w, b), lab, valid, 1.0, red,
-                                      weights=(torch.ones_like(lab, dtype=dtype), None), consume=True)
+            (lp,), g = log_prob_chunk(
+                _logits(xc, w, b), lab, valid, 1.0, red, weights=(torch.ones_like(lab, dtype=dtype), None), consume=True
+            )
             sums.index_add_(0, seq, lp)
             chosen, rejected = slice(p0, p1), slice(batch + p0, batch + p1)
             ref_c, ref_r = _reference(ref_seq, ref_sums, per_token, rxf is not None, chosen, rejected)
-            coef_c, coef_r = _sequence_grads(sums[chosen] * per_token[chosen], sums[rejected] * per_token[rejected],
-                                             ref_c, ref_r, counted[chosen], opts)
+            coef_c, coef_r = _sequence_grads(
+                sums[chosen] * per_token[chosen],
+                sums[rejected] * per_token[rejected],
+                ref_c,
+                ref_r,
+                counted[chosen],
+                opts,
+            )
             row_coef[chosen] += pair_scale * coef_c * per_token[chosen]
             row_coef[rejected] = pair_scale * coef_r * per_token[rejected]
             g.mul_(row_coef.index_select(0, seq).unsqueeze(-1))
@@ -234,8 +249,9 @@ class PairChunkedPreference(torch.autograd.Function):
         seq_logps = sums * per_token
         all_rows = slice(0, rows_n)
         ref_logps = _reference(ref_seq, ref_sums, per_token, rxf is not None, all_rows, all_rows)[0]
-        pair_sum = counted_pair_losses(seq_logps[:batch], seq_logps[batch:], ref_logps[:batch], ref_logps[batch:],
-                                       counted, **opts.formula()).sum()
+        pair_sum = counted_pair_losses(
+            seq_logps[:batch], seq_logps[batch:], ref_logps[:batch], ref_logps[batch:], counted, **opts.formula()
+        ).sum()
         nll_sum = -sums[:batch].sum()
         total = pair_scale * pair_sum + nll_scale * nll_sum
         dx = None

@@ -14,7 +14,6 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-
 from tune_losses.alignment.formulas import (
     POLICY_LOSS_TYPES,
     aggregate_policy_loss,
@@ -78,12 +77,16 @@ def policy_loss_from_log_probs(
     check_policy_options(loss_type, beta, epsilon_low, epsilon_high, 1.0, max_completion_length)
     check_count("num_items_in_batch", num_items_in_batch)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        raise ValueError(f"labels: expected a [G, S] tensor, got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        raise ValueError(
+            f"labels: expected a [G, S] tensor, got "
+            f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+        )
     shape = tuple(labels.shape)
     advantages = _check_like("advantages", advantages, shape[:1], logps.device)
     if beta > 0 and ref_logps is None:
-        raise ValueError(f"ref_logps: expected the reference's per-token log-probs [G, S] with beta={beta} > 0, got None")
+        raise ValueError(
+            f"ref_logps: expected the reference's per-token log-probs [G, S] with beta={beta} > 0, got None"
+        )
     mask = labels != ignore_index
     zeros = torch.zeros_like(logps)
     # Old / reference values at ignored tokens are whatever the caller had there (often -inf or
@@ -91,15 +94,31 @@ def policy_loss_from_log_probs(
     if old_logps is None:
         old = logps.detach()
     else:
-        old = torch.where(mask, _check_like("old_logps", old_logps, shape, logps.device).to(logps.dtype), logps.detach())
+        old = torch.where(
+            mask, _check_like("old_logps", old_logps, shape, logps.device).to(logps.dtype), logps.detach()
+        )
     ref = None
     if beta > 0:
-        ref = torch.where(mask, _check_like("ref_logps", ref_logps, shape, logps.device).to(logps.dtype), logps.detach())
+        ref = torch.where(
+            mask, _check_like("ref_logps", ref_logps, shape, logps.device).to(logps.dtype), logps.detach()
+        )
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
-    token_loss, info = policy_token_losses(torch.where(mask, logps, zeros), old, advantages, epsilon_low=epsilon_low,
-                                           epsilon_high=eps_high, beta=beta, ref_logps=ref)
-    loss = aggregate_policy_loss(token_loss, mask, loss_type=loss_type, max_completion_length=max_completion_length,
-                                 num_items_in_batch=num_items_in_batch)
+    token_loss, info = policy_token_losses(
+        torch.where(mask, logps, zeros),
+        old,
+        advantages,
+        epsilon_low=epsilon_low,
+        epsilon_high=eps_high,
+        beta=beta,
+        ref_logps=ref,
+    )
+    loss = aggregate_policy_loss(
+        token_loss,
+        mask,
+        loss_type=loss_type,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )
     metrics = {
         "clip_ratio/low": masked_mean(info["low_clipped"], mask, loss.dtype),
         "clip_ratio/high": masked_mean(info["high_clipped"], mask, loss.dtype),
@@ -158,13 +177,33 @@ def linear_policy_loss(
     check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length)
     check_count("num_items_in_batch", num_items_in_batch)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        raise ValueError(f"labels: expected a [G, S] tensor, got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    out = token_log_probs(hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-                          return_entropy=return_entropy, chunk_size=chunk_size)
+        raise ValueError(
+            f"labels: expected a [G, S] tensor, got "
+            f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+        )
+    out = token_log_probs(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
+    )
     logps, entropy = out if return_entropy else (out, None)
     return policy_loss_from_log_probs(
-        logps, labels, advantages, entropy=None if entropy is None else entropy.detach(), loss_type=loss_type,
-        old_logps=old_logps, ref_logps=ref_logps, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-        ignore_index=ignore_index)
+        logps,
+        labels,
+        advantages,
+        entropy=None if entropy is None else entropy.detach(),
+        loss_type=loss_type,
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        beta=beta,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+        ignore_index=ignore_index,
+    )

@@ -25,11 +25,9 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-
 from tune_losses.alignment.formulas import (
     MEAN_LOG_PROB_TYPES,
     PREFERENCE_LOSS_TYPES,
-    REFERENCE_FREE,
     counted_pair_losses,
     sequence_log_probs,
     split_pairs,
@@ -94,8 +92,11 @@ class PreferenceTerms(NamedTuple):
         check_count("num_pairs", num_pairs)
         check_count("num_chosen_tokens", num_chosen_tokens)
         pairs = self.num_pairs if num_pairs is None else torch.as_tensor(num_pairs, device=self.num_pairs.device)
-        tokens = (self.num_chosen_tokens if num_chosen_tokens is None
-                  else torch.as_tensor(num_chosen_tokens, device=self.num_pairs.device))
+        tokens = (
+            self.num_chosen_tokens
+            if num_chosen_tokens is None
+            else torch.as_tensor(num_chosen_tokens, device=self.num_pairs.device)
+        )
         dtype = self.pair_loss_sum.dtype
         loss = self.pair_loss_sum / pairs.clamp(min=1).to(dtype)
         if self.nll_weight:
@@ -104,20 +105,29 @@ class PreferenceTerms(NamedTuple):
 
     def output(self, num_pairs=None, num_chosen_tokens=None) -> PreferenceOutput:
         nll = self.nll_sum.detach() / self.num_chosen_tokens.clamp(min=1).to(self.nll_sum.dtype)
-        return PreferenceOutput(self.loss(num_pairs, num_chosen_tokens), self.chosen_rewards,
-                                self.rejected_rewards, self.chosen_logps, self.rejected_logps, nll)
+        return PreferenceOutput(
+            self.loss(num_pairs, num_chosen_tokens),
+            self.chosen_rewards,
+            self.rejected_rewards,
+            self.chosen_logps,
+            self.rejected_logps,
+            nll,
+        )
 
 
-def check_preference_options(loss_type: str, beta: float, gamma: float, label_smoothing: float,
-                             nll_weight: float) -> None:
+def check_preference_options(
+    loss_type: str, beta: float, gamma: float, label_smoothing: float, nll_weight: float
+) -> None:
     """Raise a ValueError / TypeError naming the first bad option (finite numbers only)."""
     check_choice("loss_type", loss_type, PREFERENCE_LOSS_TYPES)
     check_float_option("beta", beta, 0.0, low_open=True)
     check_float_option("gamma", gamma)
     check_float_option("label_smoothing", label_smoothing, 0.0, 0.5)
     if label_smoothing and loss_type not in ("sigmoid", "simpo"):
-        raise ValueError(f"label_smoothing: only the 'sigmoid' and 'simpo' losses take it, got "
-                         f"{label_smoothing} with loss_type={loss_type!r}")
+        raise ValueError(
+            f"label_smoothing: only the 'sigmoid' and 'simpo' losses take it, got "
+            f"{label_smoothing} with loss_type={loss_type!r}"
+        )
     check_float_option("nll_weight", nll_weight, 0.0)
 
 
@@ -132,13 +142,17 @@ def _check_pair_labels(labels: torch.Tensor) -> None:
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels: expected a [2B, S] tensor (chosen rows, then rejected rows), got {got}")
     if labels.shape[0] % 2:
-        raise ValueError(f"labels: expected an even number of rows [2B, S] (B chosen, then B rejected), "
-                         f"got shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels: expected an even number of rows [2B, S] (B chosen, then B rejected), "
+            f"got shape {tuple(labels.shape)}"
+        )
 
 
 def _check_ref_logps(ref_logps, batch: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(ref_logps, (tuple, list)) or len(ref_logps) != 2:
-        raise ValueError(f"ref_logps: expected a pair (ref_chosen [B], ref_rejected [B]), got {type(ref_logps).__name__}")
+        raise ValueError(
+            f"ref_logps: expected a pair (ref_chosen [B], ref_rejected [B]), got {type(ref_logps).__name__}"
+        )
     out = []
     for name, t in zip(("ref_logps[0] (chosen)", "ref_logps[1] (rejected)"), ref_logps):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (batch,):
@@ -175,10 +189,14 @@ def preference_terms(
     check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight)
     _check_pair_labels(labels)
     if token_logps.shape != labels.shape:
-        raise ValueError(f"token_logps: expected shape {tuple(labels.shape)} (as labels), got {tuple(token_logps.shape)}")
+        raise ValueError(
+            f"token_logps: expected shape {tuple(labels.shape)} (as labels), got {tuple(token_logps.shape)}"
+        )
     if ref_token_logps is not None and ref_logps is not None:
-        raise ValueError("ref_logps: give the reference either as hidden states / per-token log-probs or as "
-                         "sequence log-probs, not both")
+        raise ValueError(
+            "ref_logps: give the reference either as hidden states / per-token log-probs or as "
+            "sequence log-probs, not both"
+        )
     average = loss_type in MEAN_LOG_PROB_TYPES if average_log_prob is None else bool(average_log_prob)
     batch = labels.shape[0] // 2
     mask = labels != ignore_index
@@ -187,7 +205,9 @@ def preference_terms(
     chosen, rejected = split_pairs(seq)
     if ref_token_logps is not None:
         if ref_token_logps.shape != labels.shape:
-            raise ValueError(f"ref_token_logps: expected shape {tuple(labels.shape)}, got {tuple(ref_token_logps.shape)}")
+            raise ValueError(
+                f"ref_token_logps: expected shape {tuple(labels.shape)}, got {tuple(ref_token_logps.shape)}"
+            )
         ref_c, ref_r = split_pairs(sequence_log_probs(ref_token_logps.detach().to(seq.dtype), mask, average))
     elif ref_logps is not None:
         ref_c, ref_r = _check_ref_logps(ref_logps, batch, seq.device)
@@ -197,17 +217,49 @@ def preference_terms(
 
     n_c, n_r = split_pairs(mask.sum(dim=-1))
     counted = (n_c > 0) & (n_r > 0)
-    per_pair = counted_pair_losses(chosen, rejected, ref_c, ref_r, counted, loss_type=loss_type, beta=beta,
-                                   gamma=gamma, label_smoothing=label_smoothing)
+    per_pair = counted_pair_losses(
+        chosen,
+        rejected,
+        ref_c,
+        ref_r,
+        counted,
+        loss_type=loss_type,
+        beta=beta,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+    )
     mask_c, _ = split_pairs(mask)
     logps_c, _ = split_pairs(token_logps)
     nll_sum = -torch.where(mask_c, logps_c, torch.zeros_like(logps_c)).sum()
-    return sequence_terms(chosen, rejected, ref_c, ref_r, counted, per_pair.sum(), nll_sum, n_c.sum(),
-                          loss_type=loss_type, beta=beta, nll_weight=nll_weight)
+    return sequence_terms(
+        chosen,
+        rejected,
+        ref_c,
+        ref_r,
+        counted,
+        per_pair.sum(),
+        nll_sum,
+        n_c.sum(),
+        loss_type=loss_type,
+        beta=beta,
+        nll_weight=nll_weight,
+    )
 
 
-def sequence_terms(chosen, rejected, ref_chosen, ref_rejected, counted, pair_loss_sum, nll_sum, num_chosen_tokens,
-                   *, loss_type: str, beta: float, nll_weight: float) -> PreferenceTerms:
+def sequence_terms(
+    chosen,
+    rejected,
+    ref_chosen,
+    ref_rejected,
+    counted,
+    pair_loss_sum,
+    nll_sum,
+    num_chosen_tokens,
+    *,
+    loss_type: str,
+    beta: float,
+    nll_weight: float,
+) -> PreferenceTerms:
     """:class:`PreferenceTerms` from the sequence log-probabilities ``[B]`` (policy, reference), the pairs
     that count ``[B]`` and the two sums (0-dim, differentiable or not)."""
     weight = nll_weight + (1.0 if loss_type == "orpo" else 0.0)  # ORPO's loss includes the chosen NLL
@@ -283,10 +335,25 @@ def linear_preference_loss(
     check_count("num_pairs", num_pairs)
     check_count("num_chosen_tokens", num_chosen_tokens)
     terms, loss = _linear_terms(
-        hidden, weight, labels, loss_type=loss_type, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
-        nll_weight=nll_weight, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps,
-        average_log_prob=average_log_prob, bias=bias, ref_bias=ref_bias, ignore_index=ignore_index,
-        chunk_size=chunk_size, algorithm=algorithm, normalizers=(num_pairs, num_chosen_tokens))
+        hidden,
+        weight,
+        labels,
+        loss_type=loss_type,
+        beta=beta,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        nll_weight=nll_weight,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_logps=ref_logps,
+        average_log_prob=average_log_prob,
+        bias=bias,
+        ref_bias=ref_bias,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        algorithm=algorithm,
+        normalizers=(num_pairs, num_chosen_tokens),
+    )
     out = terms.output(num_pairs, num_chosen_tokens)
     return out if loss is None else out._replace(loss=loss)
 
@@ -311,48 +378,111 @@ def linear_preference_terms(
     applies when the loss has no NLL term (its gradient is then linear in ``1 / num_pairs``); with one,
     the per-token path runs (or pass the normalizers to :func:`linear_preference_loss`).
     """
-    return _linear_terms(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-                         bias=bias, ignore_index=ignore_index, chunk_size=chunk_size, algorithm=algorithm,
-                         normalizers=None, **options)[0]
+    return _linear_terms(
+        hidden,
+        weight,
+        labels,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        bias=bias,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+        algorithm=algorithm,
+        normalizers=None,
+        **options,
+    )[0]
 
 
-def _linear_terms(hidden, weight, labels, *, ref_hidden, ref_weight, ref_bias, bias, ignore_index, chunk_size,
-                  algorithm, normalizers, **options) -> Tuple[PreferenceTerms, Optional[torch.Tensor]]:
+def _linear_terms(
+    hidden,
+    weight,
+    labels,
+    *,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    bias,
+    ignore_index,
+    chunk_size,
+    algorithm,
+    normalizers,
+    **options,
+) -> Tuple[PreferenceTerms, Optional[torch.Tensor]]:
     """``(terms, loss)``: ``loss`` is the loss normalized by ``normalizers`` ``(num_pairs, num_chosen_tokens)``
     (None: this batch's) when the grad-in-forward path folded them into its gradients, else None (then
     ``terms.loss(...)`` is differentiable). ``normalizers=None``: the caller normalizes later."""
-    check_preference_options(options.get("loss_type", "sigmoid"), options.get("beta", 0.1),
-                             options.get("gamma", 0.0), options.get("label_smoothing", 0.0),
-                             options.get("nll_weight", 0.0))
+    check_preference_options(
+        options.get("loss_type", "sigmoid"),
+        options.get("beta", 0.1),
+        options.get("gamma", 0.0),
+        options.get("label_smoothing", 0.0),
+        options.get("nll_weight", 0.0),
+    )
     check_choice("algorithm", algorithm, ALGORITHMS)
     unknown = sorted(set(options) - set(_OPTION_NAMES))
     if unknown:
-        raise TypeError(f"linear_preference_terms: unexpected keyword argument(s) {unknown}; expected some of "
-                        f"{_OPTION_NAMES}")
+        raise TypeError(
+            f"linear_preference_terms: unexpected keyword argument(s) {unknown}; expected some of {_OPTION_NAMES}"
+        )
     _check_pair_labels(labels)
     if (ref_hidden is None) != (ref_weight is None):
-        raise ValueError("ref_weight: expected ref_hidden and ref_weight together (the reference model's hidden "
-                         f"states and output projection), got ref_hidden={'set' if ref_hidden is not None else None}, "
-                         f"ref_weight={'set' if ref_weight is not None else None}")
+        raise ValueError(
+            "ref_weight: expected ref_hidden and ref_weight together (the reference model's hidden "
+            f"states and output projection), got ref_hidden={'set' if ref_hidden is not None else None}, "
+            f"ref_weight={'set' if ref_weight is not None else None}"
+        )
     if ref_hidden is not None and options.get("ref_logps") is not None:
         raise ValueError("ref_logps: give the reference either as ref_hidden + ref_weight or as ref_logps, not both")
     if algorithm != "recompute":
-        result = _pair_chunked(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ignore_index,
-                               chunk_size, normalizers, algorithm == "grad_in_forward", options)
+        result = _pair_chunked(
+            hidden,
+            weight,
+            labels,
+            bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            ignore_index,
+            chunk_size,
+            normalizers,
+            algorithm == "grad_in_forward",
+            options,
+        )
         if result is not None:
             return result
-    logps = token_log_probs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size,
-                            name="hidden")
+    logps = token_log_probs(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size, name="hidden"
+    )
     ref_token_logps = None
     if ref_hidden is not None:
         with torch.no_grad():
-            ref_token_logps = token_log_probs(ref_hidden, ref_weight, labels, bias=ref_bias,
-                                              ignore_index=ignore_index, chunk_size=chunk_size, name="ref_hidden")
+            ref_token_logps = token_log_probs(
+                ref_hidden,
+                ref_weight,
+                labels,
+                bias=ref_bias,
+                ignore_index=ignore_index,
+                chunk_size=chunk_size,
+                name="ref_hidden",
+            )
     return preference_terms(logps, labels, ref_token_logps=ref_token_logps, ignore_index=ignore_index, **options), None
 
 
-def _pair_chunked(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ignore_index, chunk_size,
-                  normalizers, required: bool, options) -> Optional[Tuple[PreferenceTerms, Optional[torch.Tensor]]]:
+def _pair_chunked(
+    hidden,
+    weight,
+    labels,
+    bias,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    ignore_index,
+    chunk_size,
+    normalizers,
+    required: bool,
+    options,
+) -> Optional[Tuple[PreferenceTerms, Optional[torch.Tensor]]]:
     """The grad-in-forward path over chunks of whole pairs (:mod:`tune_losses.alignment.pair_chunks`), or
     None where it does not apply (a ValueError instead when ``required``)."""
     loss_type = options.get("loss_type", "sigmoid")
@@ -361,14 +491,18 @@ def _pair_chunked(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
     if normalizers is None and nll_weight:
         # Two sums with gradients normalized later by two counts: the per-token path keeps them apart.
         if required:
-            raise ValueError("algorithm: 'grad_in_forward' with an NLL term needs the normalizers at call time "
-                             "(linear_preference_loss with num_pairs / num_chosen_tokens); use 'auto'")
+            raise ValueError(
+                "algorithm: 'grad_in_forward' with an NLL term needs the normalizers at call time "
+                "(linear_preference_loss with num_pairs / num_chosen_tokens); use 'auto'"
+            )
         return None
     if not applies(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias):
         if required:
-            raise ValueError("algorithm: 'grad_in_forward' takes plain tensors (FSDP2 weights too, not vocabulary-"
-                             "parallel ones) of matching shapes and dtypes on one device, with a gradient wanted; "
-                             "use 'auto' or 'recompute'")
+            raise ValueError(
+                "algorithm: 'grad_in_forward' takes plain tensors (FSDP2 weights too, not vocabulary-"
+                "parallel ones) of matching shapes and dtypes on one device, with a gradient wanted; "
+                "use 'auto' or 'recompute'"
+            )
         return None
     check_label_range(labels, weight.shape[0], ignore_index)
     if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:
@@ -377,9 +511,11 @@ def _pair_chunked(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
     layout = pair_chunk_layout(labels, ignore_index, budget)
     if layout is None:
         if required:
-            raise ValueError(f"chunk_size: a pair has more valid tokens than a chunk of {budget} rows "
-                             "(algorithm='grad_in_forward' keeps whole pairs in a chunk); raise chunk_size or "
-                             "use algorithm='auto'")
+            raise ValueError(
+                f"chunk_size: a pair has more valid tokens than a chunk of {budget} rows "
+                "(algorithm='grad_in_forward' keeps whole pairs in a chunk); raise chunk_size or "
+                "use algorithm='auto'"
+            )
         return None
     batch, device, dtype = labels.shape[0] // 2, hidden.device, compute_dtype(hidden.dtype)
     # From here on this path runs (every rank of a data-parallel group decides alike up to here, on
@@ -404,14 +540,33 @@ def _pair_chunked(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
         tokens = n_c.sum() if normalizers[1] is None else torch.as_tensor(normalizers[1], device=device)
         pair_scale = 1.0 / pairs.clamp(min=1).to(dtype)
         nll_scale = nll_weight / tokens.clamp(min=1).to(dtype)
-    average = loss_type in MEAN_LOG_PROB_TYPES if options.get("average_log_prob") is None else bool(
-        options["average_log_prob"])
-    opts = PairOptions(loss_type=loss_type, beta=beta, gamma=options.get("gamma", 0.0),
-                       label_smoothing=options.get("label_smoothing", 0.0), average=average)
+    average = (
+        loss_type in MEAN_LOG_PROB_TYPES
+        if options.get("average_log_prob") is None
+        else bool(options["average_log_prob"])
+    )
+    opts = PairOptions(
+        loss_type=loss_type,
+        beta=beta,
+        gamma=options.get("gamma", 0.0),
+        label_smoothing=options.get("label_smoothing", 0.0),
+        average=average,
+    )
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     total, pair_sum, nll_sum, seq, ref = PairChunkedPreference.apply(
-        hidden, weight, bias, detach(ref_hidden), detach(ref_weight), detach(ref_bias), ref_seq, labels, layout, opts,
-        pair_scale, nll_scale)
+        hidden,
+        weight,
+        bias,
+        detach(ref_hidden),
+        detach(ref_weight),
+        detach(ref_bias),
+        ref_seq,
+        labels,
+        layout,
+        opts,
+        pair_scale,
+        nll_scale,
+    )
     chosen, rejected = split_pairs(seq)
     ref_c, ref_r = split_pairs(ref)
     common = dict(loss_type=loss_type, beta=beta, nll_weight=options.get("nll_weight", 0.0))

@@ -43,13 +43,22 @@ class _PairLoss(nn.Module):
         reference_rejected_logps: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All inputs ``[B]``; returns ``(losses [B], chosen_rewards [B], rejected_rewards [B])``."""
-        _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
-                     reference_chosen_logps=reference_chosen_logps,
-                     reference_rejected_logps=reference_rejected_logps)
+        _check_logps(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            reference_chosen_logps=reference_chosen_logps,
+            reference_rejected_logps=reference_rejected_logps,
+        )
         c = self._coefficient()
-        losses = preference_pair_losses(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                        reference_rejected_logps, loss_type=self.loss_type, beta=c,
-                                        label_smoothing=getattr(self, "label_smoothing", 0.0))
+        losses = preference_pair_losses(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            reference_chosen_logps,
+            reference_rejected_logps,
+            loss_type=self.loss_type,
+            beta=c,
+            label_smoothing=getattr(self, "label_smoothing", 0.0),
+        )
         chosen_rewards = c * (policy_chosen_logps - reference_chosen_logps).detach()
         rejected_rewards = c * (policy_rejected_logps - reference_rejected_logps).detach()
         return losses, chosen_rewards, rejected_rewards

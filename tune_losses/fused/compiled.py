@@ -37,8 +37,16 @@ _CACHE: Dict[tuple, Callable] = {}
 _BROKEN: List[str] = []  # the reason compilation is off in this process, once found
 
 
-def terms_on_chunk(terms: Sequence[Term], red: VocabReducer, z: torch.Tensor, zt: Optional[torch.Tensor],
-                   labels: torch.Tensor, valid: torch.Tensor, weights: Sequence, consume: bool):
+def terms_on_chunk(
+    terms: Sequence[Term],
+    red: VocabReducer,
+    z: torch.Tensor,
+    zt: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    weights: Sequence,
+    consume: bool,
+):
     """Every term on one chunk: ``(outputs [n] in term order, summed logit gradient [n, V_r] or None)``.
 
     Args:
@@ -53,8 +61,7 @@ def terms_on_chunk(terms: Sequence[Term], red: VocabReducer, z: torch.Tensor, zt
     outs = []
     g = None
     for i, term in enumerate(terms):
-        values, g_t = term.compute(chunk, weights[i], consume and i == len(terms) - 1,
-                                   consume and i == last_teacher)
+        values, g_t = term.compute(chunk, weights[i], consume and i == len(terms) - 1, consume and i == last_teacher)
         outs.extend(values)
         if g_t is not None:
             g = g_t if g is None else g.add_(g_t)
@@ -105,8 +112,13 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
 
         # torch.compile's cache and recompile limit belong to a code object: each key gets a copy of
         # its own, so term sets, vocabularies and row counts do not use up one shared limit.
-        own = types.FunctionType(math.__code__.replace(co_name=f"tune_losses_chunk_math_{len(_CACHE)}"),
-                                 math.__globals__, None, math.__defaults__, math.__closure__)
+        own = types.FunctionType(
+            math.__code__.replace(co_name=f"tune_losses_chunk_math_{len(_CACHE)}"),
+            math.__globals__,
+            None,
+            math.__defaults__,
+            math.__closure__,
+        )
         fn = _CACHE[key] = torch.compile(own, dynamic=False, fullgraph=True)
     return fn
 

@@ -71,8 +71,9 @@ _MIN_CHUNK_TOKENS = 128
 _CACHED_DW_BYTES = 64 << 20
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device, num_logit_sets: int = 1,
-                       hidden_size: Optional[int] = None) -> int:
+def default_chunk_size(
+    num_tokens: int, vocab_size: int, device: torch.device, num_logit_sets: int = 1, hidden_size: Optional[int] = None
+) -> int:
     """Tokens per chunk: a power of two near ``target_elements / (V * num_logit_sets)``, within
     [``_MIN_CHUNK_TOKENS * num_logit_sets``, N]; on CPU with an fp32 dW ``[V, hidden_size]`` larger
     than the caches, at least ``hidden_size / 2`` (see the measurements above). On CUDA the target
@@ -124,8 +125,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
-            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _logits(
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Logits of one chunk in the compute dtype: ``x @ w.T + b`` in the input dtype (as eager
     PyTorch), then upcast; written into ``out`` (``[n, V_r]``, compute dtype) when given."""
     if out is not None and x.dtype == out.dtype:
@@ -235,8 +237,9 @@ def chunk_pass(
     red = plan.reducer or VocabReducer(w.shape[0])
     valid = labels != plan.ignore_index
     teacher = plan.needs_teacher
-    size = plan.chunk_size or default_chunk_size(num_tokens, red.vocab, x.device, 2 if teacher else 1,
-                                                 hidden_size=x.shape[1])
+    size = plan.chunk_size or default_chunk_size(
+        num_tokens, red.vocab, x.device, 2 if teacher else 1, hidden_size=x.shape[1]
+    )
     outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
     need_dx, need_dw, need_db = need
     any_grad = weights is not None and (need_dx or need_dw or need_db)
@@ -300,6 +303,7 @@ def _run_padded(math, n: int, zbuf, ztbuf, labels, valid, weights, ignore_index:
     """
     pad = zbuf.shape[0] - n
     if pad:
+
         def rows_of(t, value=0):
             return None if t is None else torch.nn.functional.pad(t, (0, pad), value=value)
 
@@ -404,8 +408,20 @@ class Recompute(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
-def run_terms(x, w, b, labels, tx, tw, tb, plan: LossPlan, *, per_token: bool, recompute: bool,
-              scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def run_terms(
+    x,
+    w,
+    b,
+    labels,
+    tx,
+    tw,
+    tb,
+    plan: LossPlan,
+    *,
+    per_token: bool,
+    recompute: bool,
+    scale: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Run a plan through the right autograd function.
 
     Args:

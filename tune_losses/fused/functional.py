@@ -23,8 +23,14 @@ import torch
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import VocabParallelOptions, place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
-from tune_losses.options import (CEOptions, KDOptions, check_bool_option, check_float_option, check_reduction,
-                                 check_run_options)
+from tune_losses.options import (
+    CEOptions,
+    KDOptions,
+    check_bool_option,
+    check_float_option,
+    check_reduction,
+    check_run_options,
+)
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
 from tune_losses.validation import check_float, check_fused_inputs, check_label_range, check_labels_dtype
 
@@ -89,8 +95,9 @@ STUDENT_NAMES = ("student_hidden", "student_weight", "student_bias")
 TEACHER_NAMES = ("teacher_hidden", "teacher_weight", "teacher_bias")
 
 
-def _flat(names: Sequence[str], hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-          labels: torch.Tensor) -> torch.Tensor:
+def _flat(
+    names: Sequence[str], hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
     """Check one side's (local) tensors against the labels; return hidden as ``[N, H]``."""
     h_name, w_name, b_name = names
     check_float(h_name, hidden)
@@ -142,8 +149,15 @@ def _as_scale(scale, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(scale), dtype=torch.float64, device=device)
 
 
-def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: torch.Tensor, opts: RunOptions,
-         num_tokens=None, scale=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+def _run(
+    terms: Sequence[Term],
+    student: Side,
+    teacher: Optional[Side],
+    labels: torch.Tensor,
+    opts: RunOptions,
+    num_tokens=None,
+    scale=None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
     """Place the weights, check the tensors, run the terms.
 
     ``num_tokens`` (with ``reduction="mean"``) replaces this call's valid-token count; ``scale``
@@ -161,9 +175,17 @@ def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: 
         raise ValueError(f"scale: only meaningful with reduction='sum', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
     teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), "drop")
-    placed = place(student.weight, student.bias, None if teacher is None else teacher.weight,
-                   None if teacher is None else teacher.bias, student.hidden.dtype,
-                   None if teacher is None else teacher.hidden.dtype, opts.parallel, prefix, teacher_vocab)
+    placed = place(
+        student.weight,
+        student.bias,
+        None if teacher is None else teacher.weight,
+        None if teacher is None else teacher.bias,
+        student.hidden.dtype,
+        None if teacher is None else teacher.hidden.dtype,
+        opts.parallel,
+        prefix,
+        teacher_vocab,
+    )
     w, b = placed.weight, placed.bias
     x = _flat(student.names, student.hidden, w, b, labels)
     tx = tw = tb = None
@@ -172,8 +194,10 @@ def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: 
         tx = _flat(teacher.names, teacher.hidden, tw, tb, labels)
         # Placement left the teacher the student's rows ("drop"), or those and its padding rows.
         if tw.shape[0] < w.shape[0] or (teacher_vocab == "drop" and tw.shape[0] != w.shape[0]):
-            raise ValueError(f"teacher_weight: expected vocab size {w.shape[0]} (student_weight {tuple(w.shape)}), "
-                             f"got {tuple(tw.shape)}")
+            raise ValueError(
+                f"teacher_weight: expected vocab size {w.shape[0]} (student_weight {tuple(w.shape)}), "
+                f"got {tuple(tw.shape)}"
+            )
         # The teacher never gets gradients; detaching also keeps autograd from saving its graph.
         tx, tw = tx.detach(), tw.detach()
         tb = None if tb is None else tb.detach()
@@ -194,8 +218,9 @@ def _run(terms: Sequence[Term], student: Side, teacher: Optional[Side], labels: 
     keep = None
     if opts.drop_ignored_tokens:
         x, tx, flat_labels, keep = select_valid_rows(x, tx, flat_labels, opts.ignore_index)
-    loss, parts = run_terms(x, w, b, flat_labels, tx, tw, tb, plan, per_token=per_token, recompute=recompute,
-                            scale=scale)
+    loss, parts = run_terms(
+        x, w, b, flat_labels, tx, tw, tb, plan, per_token=per_token, recompute=recompute, scale=scale
+    )
     if per_token:
         loss = scatter_rows(loss, keep, labels.numel())
         parts = {k: scatter_rows(v, keep, labels.numel()) for k, v in parts.items()}
@@ -210,29 +235,73 @@ def _fused_output(loss, parts, count) -> FusedOutput:
 
 
 def _parallel(process_group, vocab_parallel, vocab_start, vocab_size) -> VocabParallelOptions:
-    return VocabParallelOptions(process_group=process_group, vocab_parallel=vocab_parallel,
-                                vocab_start=vocab_start, vocab_size=vocab_size)
+    return VocabParallelOptions(
+        process_group=process_group, vocab_parallel=vocab_parallel, vocab_start=vocab_start, vocab_size=vocab_size
+    )
 
 
-def _distillation_setup(*, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-                        teacher_bias, divergence, temperature, beta, sym_kd_ratio, scale_by_temperature_squared,
-                        ignore_index, reduction, chunk_size, algorithm, validate, process_group, vocab_parallel,
-                        vocab_start, vocab_size, drop_ignored_tokens, teacher_vocab,
-                        **_) -> Tuple[RunOptions, KDOptions, Tuple[Side, Side]]:
+def _distillation_setup(
+    *,
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    student_bias,
+    teacher_bias,
+    divergence,
+    temperature,
+    beta,
+    sym_kd_ratio,
+    scale_by_temperature_squared,
+    ignore_index,
+    reduction,
+    chunk_size,
+    algorithm,
+    validate,
+    process_group,
+    vocab_parallel,
+    vocab_start,
+    vocab_size,
+    drop_ignored_tokens,
+    teacher_vocab,
+    **_,
+) -> Tuple[RunOptions, KDOptions, Tuple[Side, Side]]:
     """The checks and options shared by the distillation entry points (their arguments by name)."""
-    check_fused_inputs(labels, local_shard=process_group is not None, student_hidden=student_hidden,
-                       student_weight=student_weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                       student_bias=student_bias, teacher_bias=teacher_bias)
+    check_fused_inputs(
+        labels,
+        local_shard=process_group is not None,
+        student_hidden=student_hidden,
+        student_weight=student_weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+    )
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
-    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
-                      drop_ignored_tokens=drop_ignored_tokens,
-                      ignore_index=ignore_index,
-                      parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
-    kd = KDOptions(divergence=divergence, temperature=temperature,
-                   scale_by_temperature_squared=scale_by_temperature_squared, beta=beta, sym_kd_ratio=sym_kd_ratio,
-                   true_kl=True, ignore_index=ignore_index, teacher_vocab=teacher_vocab)
-    sides = (Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
-             Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES))
+    opts = RunOptions(
+        reduction=reduction,
+        algorithm=algorithm,
+        validate=validate,
+        chunk_size=chunk_size,
+        drop_ignored_tokens=drop_ignored_tokens,
+        ignore_index=ignore_index,
+        parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size),
+    )
+    kd = KDOptions(
+        divergence=divergence,
+        temperature=temperature,
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        beta=beta,
+        sym_kd_ratio=sym_kd_ratio,
+        true_kl=True,
+        ignore_index=ignore_index,
+        teacher_vocab=teacher_vocab,
+    )
+    sides = (
+        Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
+        Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES),
+    )
     return opts, kd, sides
 
 
@@ -295,12 +364,24 @@ def linear_cross_entropy(
     """
     check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
-    opts = RunOptions(reduction=reduction, algorithm=algorithm, validate=validate, chunk_size=chunk_size,
-                      drop_ignored_tokens=drop_ignored_tokens,
-                      ignore_index=ignore_index,
-                      parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
-    term = CrossEntropyTerm(CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                                      softcap=softcap, validate=validate))
+    opts = RunOptions(
+        reduction=reduction,
+        algorithm=algorithm,
+        validate=validate,
+        chunk_size=chunk_size,
+        drop_ignored_tokens=drop_ignored_tokens,
+        ignore_index=ignore_index,
+        parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size),
+    )
+    term = CrossEntropyTerm(
+        CEOptions(
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            validate=validate,
+        )
+    )
     loss, _, _ = _run([term], Side(hidden, weight, bias), None, labels, opts, num_tokens, scale)
     return loss
 
@@ -341,10 +422,15 @@ def linear_log_probs(
     check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
     check_float_option("temperature", temperature, 0.0, low_open=True)
     check_bool_option("return_entropy", return_entropy)
-    opts = RunOptions(reduction="none", algorithm="recompute", validate=validate, chunk_size=chunk_size,
-                      drop_ignored_tokens=drop_ignored_tokens,
-                      ignore_index=ignore_index,
-                      parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size))
+    opts = RunOptions(
+        reduction="none",
+        algorithm="recompute",
+        validate=validate,
+        chunk_size=chunk_size,
+        drop_ignored_tokens=drop_ignored_tokens,
+        ignore_index=ignore_index,
+        parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size),
+    )
     term = LogProbTerm(temperature=float(temperature), entropy=bool(return_entropy))
     log_probs, parts, _ = _run([term], Side(hidden, weight, bias), None, labels, opts)
     return (log_probs, parts["entropy"]) if return_entropy else log_probs

@@ -12,11 +12,19 @@ import torch
 from torch import nn
 
 from tune_losses.accounting import LossSum
+from tune_losses.fused.engine import _MIN_CHUNK_TOKENS as MIN_CHUNK_TOKENS
+from tune_losses.fused.engine import default_chunk_size
 from tune_losses.fused.functional import ALGORITHMS, FusedOutput, linear_cross_entropy, linear_distillation_loss
 from tune_losses.heads import OutputProjection, set_output_mode
-from tune_losses.fused.engine import _MIN_CHUNK_TOKENS as MIN_CHUNK_TOKENS, default_chunk_size
-from tune_losses.options import (CEOptions, KDOptions, check_bool_option, check_choice, check_float_option,
-                                 check_int_option, check_run_options)
+from tune_losses.options import (
+    CEOptions,
+    KDOptions,
+    check_bool_option,
+    check_choice,
+    check_float_option,
+    check_int_option,
+    check_run_options,
+)
 
 
 def check_torchtune_main_options(num_output_chunks, tp_enabled, mask_ignored_tokens) -> None:
@@ -27,8 +35,9 @@ def check_torchtune_main_options(num_output_chunks, tp_enabled, mask_ignored_tok
     check_bool_option("mask_ignored_tokens", mask_ignored_tokens)
 
 
-def chunk_size_hint(chunk_size: Optional[int], num_output_chunks: Optional[int], hidden: torch.Tensor,
-                    weight: torch.Tensor) -> Optional[int]:
+def chunk_size_hint(
+    chunk_size: Optional[int], num_output_chunks: Optional[int], hidden: torch.Tensor, weight: torch.Tensor
+) -> Optional[int]:
     """Tokens per chunk: ``chunk_size`` when given; else the memory rule, at most
     ``ceil(N / num_output_chunks)`` tokens (never below the rule's minimum) when that hint is given."""
     if chunk_size is not None or not num_output_chunks or hidden.dim() < 1:
@@ -71,10 +80,20 @@ class LinearCrossEntropyLoss(nn.Module):
         loss = loss_fn(model(tokens), labels)     # mean over valid tokens
     """
 
-    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: Optional[float] = None, chunk_size: Optional[int] = None, algorithm: str = "auto",
-                 validate: bool = True, *, num_output_chunks: Optional[int] = None, tp_enabled: bool = False,
-                 mask_ignored_tokens: bool = True):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        algorithm: str = "auto",
+        validate: bool = True,
+        *,
+        num_output_chunks: Optional[int] = None,
+        tp_enabled: bool = False,
+        mask_ignored_tokens: bool = True,
+    ):
         super().__init__()
         # Checked here, not at the first forward, so a bad config fails when it is built.
         CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate)
@@ -83,12 +102,20 @@ class LinearCrossEntropyLoss(nn.Module):
         check_torchtune_main_options(num_output_chunks, tp_enabled, mask_ignored_tokens)
         self.ignore_index = ignore_index
         self.num_output_chunks = num_output_chunks
-        self.kwargs = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                           softcap=softcap, chunk_size=chunk_size, algorithm=algorithm, validate=validate,
-                           vocab_parallel=True if tp_enabled else None, drop_ignored_tokens=mask_ignored_tokens)
+        self.kwargs = dict(
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            chunk_size=chunk_size,
+            algorithm=algorithm,
+            validate=validate,
+            vocab_parallel=True if tp_enabled else None,
+            drop_ignored_tokens=mask_ignored_tokens,
+        )
         self.projection: Optional[OutputProjection] = None
 
-    def apply_compile_strategy(self, *args, **kwargs) -> "LinearCrossEntropyLoss":
+    def apply_compile_strategy(self, *args, **kwargs) -> LinearCrossEntropyLoss:
         """torchtune main's compile hook: nothing to do, the per-chunk math compiles itself."""
         return self
 
@@ -96,20 +123,24 @@ class LinearCrossEntropyLoss(nn.Module):
         """Take ``model``'s output projection and make the model return hidden states."""
         self.projection = set_output_mode(model, "hidden")
 
-    def sum_and_count(self, hidden: torch.Tensor, labels: torch.Tensor,
-                      scale: Optional[torch.Tensor] = None) -> LossSum:
+    def sum_and_count(
+        self, hidden: torch.Tensor, labels: torch.Tensor, scale: Optional[torch.Tensor] = None
+    ) -> LossSum:
         """``(summed CE over valid tokens, valid-token count)``. hidden ``[B, S, H]``, labels ``[B, S]``.
 
         ``scale`` (0-dim fp32, e.g. ``1 / global_count``) multiplies the sum (the training loop's
         normalization, see :mod:`tune_losses.training.protocol`); the count is unchanged.
         """
         proj = _require(self.projection, type(self).__name__)
-        kwargs = dict(self.kwargs, chunk_size=chunk_size_hint(self.kwargs["chunk_size"], self.num_output_chunks,
-                                                               hidden, proj.weight))
+        kwargs = dict(
+            self.kwargs,
+            chunk_size=chunk_size_hint(self.kwargs["chunk_size"], self.num_output_chunks, hidden, proj.weight),
+        )
         # The scale goes into the loss, which applies it to the fp32 gradients before their cast to a
         # low-precision dtype (one rounding, as eager autograd); scaling the result would round twice.
-        total = linear_cross_entropy(hidden, proj.weight, labels, bias=proj.bias, reduction="sum", scale=scale,
-                                     **kwargs)
+        total = linear_cross_entropy(
+            hidden, proj.weight, labels, bias=proj.bias, reduction="sum", scale=scale, **kwargs
+        )
         return LossSum(total, (labels != self.ignore_index).sum())
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -132,27 +163,57 @@ class LinearDistillationLoss(nn.Module):
     ``sum_and_count`` reports the parts (detached sums) as ``parts={"class_loss", "kd_loss"}`` for logging.
     """
 
-    def __init__(self, kd_ratio: float = 0.5, divergence: str = "forward_kl", temperature: float = 1.0,
-                 beta: float = 0.5, sym_kd_ratio: float = 0.5, scale_by_temperature_squared: bool = True,
-                 ignore_index: int = -100, label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
-                 algorithm: str = "auto", validate: bool = True, *, teacher_vocab: str = "drop",
-                 mask_ignored_tokens: bool = True):
+    def __init__(
+        self,
+        kd_ratio: float = 0.5,
+        divergence: str = "forward_kl",
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        sym_kd_ratio: float = 0.5,
+        scale_by_temperature_squared: bool = True,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        chunk_size: Optional[int] = None,
+        algorithm: str = "auto",
+        validate: bool = True,
+        *,
+        teacher_vocab: str = "drop",
+        mask_ignored_tokens: bool = True,
+    ):
         super().__init__()
         # Checked here, not at the first forward, so a bad config fails when it is built.
         check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
-        KDOptions(divergence, temperature, scale_by_temperature_squared, beta, sym_kd_ratio, True, ignore_index,
-                  teacher_vocab=teacher_vocab)
+        KDOptions(
+            divergence,
+            temperature,
+            scale_by_temperature_squared,
+            beta,
+            sym_kd_ratio,
+            True,
+            ignore_index,
+            teacher_vocab=teacher_vocab,
+        )
         check_torchtune_main_options(None, False, mask_ignored_tokens)
         CEOptions(ignore_index, label_smoothing, validate=validate)
         check_run_options(chunk_size, validate)
         check_choice("algorithm", algorithm, ALGORITHMS)
         self.ignore_index = ignore_index
         self.kd_ratio = kd_ratio
-        self.kwargs = dict(kd_ratio=kd_ratio, divergence=divergence, temperature=temperature, beta=beta,
-                           sym_kd_ratio=sym_kd_ratio, scale_by_temperature_squared=scale_by_temperature_squared,
-                           ignore_index=ignore_index, label_smoothing=label_smoothing, chunk_size=chunk_size,
-                           algorithm=algorithm, validate=validate, teacher_vocab=teacher_vocab,
-                           drop_ignored_tokens=mask_ignored_tokens)
+        self.kwargs = dict(
+            kd_ratio=kd_ratio,
+            divergence=divergence,
+            temperature=temperature,
+            beta=beta,
+            sym_kd_ratio=sym_kd_ratio,
+            scale_by_temperature_squared=scale_by_temperature_squared,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            chunk_size=chunk_size,
+            algorithm=algorithm,
+            validate=validate,
+            teacher_vocab=teacher_vocab,
+            drop_ignored_tokens=mask_ignored_tokens,
+        )
         self.projection: Optional[OutputProjection] = None
         self.teacher_projection: Optional[OutputProjection] = None
 
@@ -164,16 +225,36 @@ class LinearDistillationLoss(nn.Module):
         """Take the teacher's output projection and make it return hidden states."""
         self.teacher_projection = set_output_mode(teacher, "hidden")
 
-    def fused(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
-              reduction: str = "mean", scale: Optional[torch.Tensor] = None) -> FusedOutput:
+    def fused(
+        self,
+        student_hidden: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        labels: torch.Tensor,
+        reduction: str = "mean",
+        scale: Optional[torch.Tensor] = None,
+    ) -> FusedOutput:
         s = _require(self.projection, type(self).__name__)
         t = _require(self.teacher_projection, type(self).__name__ + " (teacher)")
-        return linear_distillation_loss(student_hidden, s.weight, teacher_hidden, t.weight, labels,
-                                        student_bias=s.bias, teacher_bias=t.bias, reduction=reduction, scale=scale,
-                                        **self.kwargs)
+        return linear_distillation_loss(
+            student_hidden,
+            s.weight,
+            teacher_hidden,
+            t.weight,
+            labels,
+            student_bias=s.bias,
+            teacher_bias=t.bias,
+            reduction=reduction,
+            scale=scale,
+            **self.kwargs,
+        )
 
-    def sum_and_count(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
-                      scale: Optional[torch.Tensor] = None) -> LossSum:
+    def sum_and_count(
+        self,
+        student_hidden: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        labels: torch.Tensor,
+        scale: Optional[torch.Tensor] = None,
+    ) -> LossSum:
         """Summed total, its parts (detached) and the valid-token count; ``scale`` multiplies every sum."""
         out = self.fused(student_hidden, teacher_hidden, labels, reduction="sum", scale=scale)
         return LossSum(out.loss, out.num_tokens, {"class_loss": out.ce, "kd_loss": out.kd})

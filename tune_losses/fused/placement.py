@@ -17,8 +17,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from tune_losses.vocab_alignment import check_teacher_vocab
 from tune_losses.fused.vocab_parallel import GroupReducer, even_shard_sizes, shard_layout
+from tune_losses.vocab_alignment import check_teacher_vocab
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,17 @@ class Placed(NamedTuple):
     reducer: Optional[GroupReducer]
 
 
-def place(weight, bias, teacher_weight, teacher_bias, dtype: torch.dtype, teacher_dtype: Optional[torch.dtype],
-          opts: VocabParallelOptions, prefix: str = "", teacher_vocab: str = "drop") -> Placed:
+def place(
+    weight,
+    bias,
+    teacher_weight,
+    teacher_bias,
+    dtype: torch.dtype,
+    teacher_dtype: Optional[torch.dtype],
+    opts: VocabParallelOptions,
+    prefix: str = "",
+    teacher_vocab: str = "drop",
+) -> Placed:
     """Resolve the student's (and teacher's) output weight and bias, once per call.
 
     Args:
@@ -180,8 +189,10 @@ def local_vocab_shard(weight: torch.Tensor, mesh_dim: int) -> Tuple[torch.Tensor
     ranks, rank = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
     sizes = even_shard_sizes(weight.shape[0], ranks)
     if min(sizes) < 1:
-        raise ValueError(f"weight: every rank needs at least one vocabulary row, got rows per rank {sizes} "
-                         f"(vocabulary {weight.shape[0]} over {ranks} ranks)")
+        raise ValueError(
+            f"weight: every rank needs at least one vocabulary row, got rows per rank {sizes} "
+            f"(vocabulary {weight.shape[0]} over {ranks} ranks)"
+        )
     others = [i for i in range(mesh.ndim) if i != mesh_dim]
     dp = 1
     for i in others:
@@ -194,9 +205,15 @@ def local_vocab_shard(weight: torch.Tensor, mesh_dim: int) -> Tuple[torch.Tensor
         # reduce-scattered back), never the whole weight (DTensor's redistribute to (Replicate,
         # Shard(0)) passes through a fully replicated weight for this layout).
         shape = (sizes[rank], *weight.shape[1:])
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        rows = DTensor.from_local(weight.to_local(), mesh[mesh.mesh_dim_names[others[0]]], [Shard(0)],
-                                  run_check=False, shape=shape, stride=stride)
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        rows = DTensor.from_local(
+            weight.to_local(),
+            mesh[mesh.mesh_dim_names[others[0]]],
+            [Shard(0)],
+            run_check=False,
+            shape=shape,
+            stride=stride,
+        )
         local = rows.full_tensor(grad_placements=[Partial("sum")])
     else:
         target = [Replicate()] * mesh.ndim
@@ -207,8 +224,10 @@ def local_vocab_shard(weight: torch.Tensor, mesh_dim: int) -> Tuple[torch.Tensor
     if dp != 1:
         local = _ScaleGrad.apply(local, 1.0 / dp)
     if local.shape[0] != sizes[rank]:  # pragma: no cover - a sharding torch does not make
-        raise ValueError(f"weight: expected {sizes[rank]} rows on this rank (Shard(0) of {weight.shape[0]} over "
-                         f"{ranks}), got {local.shape[0]}")
+        raise ValueError(
+            f"weight: expected {sizes[rank]} rows on this rank (Shard(0) of {weight.shape[0]} over "
+            f"{ranks}), got {local.shape[0]}"
+        )
     return local, mesh.get_group(mesh_dim), sum(sizes[:rank]), weight.shape[0]
 
 
@@ -220,14 +239,18 @@ def _fsdp_over_tp(weight, mesh_dim: int, tp_rows: int, Shard) -> bool:
     if mesh.ndim != 2 or mesh_dim != 1 or not mesh.mesh_dim_names:
         return False
     p = weight.placements[0]  # _StridedShard (a Shard subclass in some torch versions, not in others)
-    if not (type(p).__name__ == "_StridedShard" and getattr(p, "dim", None) == 0
-            and getattr(p, "split_factor", None) == mesh.size(mesh_dim)):
+    if not (
+        type(p).__name__ == "_StridedShard"
+        and getattr(p, "dim", None) == 0
+        and getattr(p, "split_factor", None) == mesh.size(mesh_dim)
+    ):
         return False
     return weight.to_local().shape[0] == even_shard_sizes(tp_rows, mesh.size(0))[mesh.get_local_rank(0)]
 
 
-def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, opts: "VocabParallelOptions", prefix: str,
-                           teacher_vocab: str = "drop"):
+def _vocab_parallel_inputs(
+    weight, bias, t_weight, t_bias, opts: VocabParallelOptions, prefix: str, teacher_vocab: str = "drop"
+):
     """Decide the dispatch: ``(weight, bias, t_weight, t_bias, GroupReducer)`` with local shards,
     or None for the single-rank path (DTensor weights then gathered by :func:`materialize_weight`)."""
     w_name, b_name = f"{prefix}weight", f"{prefix}bias"
@@ -237,17 +260,23 @@ def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, opts: "VocabParallelO
         raise ValueError(f"vocab_parallel: expected None, True or False, got {vocab_parallel!r}")
     if process_group is not None:
         if vocab_parallel is False:
-            raise ValueError("vocab_parallel: False contradicts process_group (a local shard and its group "
-                             "are vocabulary-parallel); pass one or the other")
+            raise ValueError(
+                "vocab_parallel: False contradicts process_group (a local shard and its group "
+                "are vocabulary-parallel); pass one or the other"
+            )
         for n, t in ((w_name, weight), (b_name, bias), ("teacher_weight", t_weight), ("teacher_bias", t_bias)):
             if _is_dtensor(t):
-                raise ValueError(f"{n}: with process_group, expected this rank's local shard (a torch.Tensor), "
-                                 f"got a DTensor (it carries its own mesh: drop process_group)")
+                raise ValueError(
+                    f"{n}: with process_group, expected this rank's local shard (a torch.Tensor), "
+                    f"got a DTensor (it carries its own mesh: drop process_group)"
+                )
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"{w_name}: expected a local shard [V_r, H], got {getattr(weight, 'shape', weight)}")
         if t_weight is not None and teacher_vocab != "drop":
-            raise ValueError(f"teacher_vocab: with process_group, expected 'drop' (the teacher's local shard holds "
-                             f"the student's rows), got {teacher_vocab!r}")
+            raise ValueError(
+                f"teacher_vocab: with process_group, expected 'drop' (the teacher's local shard holds "
+                f"the student's rows), got {teacher_vocab!r}"
+            )
         sizes = [weight.shape[0]] + ([t_weight.shape[0]] if t_weight is not None else [])
         start, vocab = shard_layout(process_group, sizes, weight.device, vocab_start, vocab_size)
         return weight, bias, t_weight, t_bias, GroupReducer(process_group, start, vocab)
@@ -255,8 +284,10 @@ def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, opts: "VocabParallelO
         raise ValueError("vocab_start / vocab_size: only meaningful with process_group (a local shard)")
     if not _is_dtensor(weight):
         if vocab_parallel:
-            raise ValueError(f"{w_name}: vocab_parallel=True needs a DTensor weight (Shard(0) on a 'tp' mesh "
-                             f"dimension) or a local shard with process_group, got a torch.Tensor")
+            raise ValueError(
+                f"{w_name}: vocab_parallel=True needs a DTensor weight (Shard(0) on a 'tp' mesh "
+                f"dimension) or a local shard with process_group, got a torch.Tensor"
+            )
         return None
     dim = _vocab_mesh_dim(weight, vocab_parallel, w_name)
     if dim is None:
@@ -271,9 +302,11 @@ def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, opts: "VocabParallelO
             local_tw, _, t_start, t_vocab = local_vocab_shard(t_weight, t_dim)
             aligned = (t_start, t_vocab, local_tw.shape[0]) == (start, vocab, rows)
             if not aligned and t_vocab == vocab:
-                raise ValueError(f"teacher_weight: expected the vocabulary sharded like {w_name} (rows "
-                                 f"[{start}, {start + rows}) of {vocab}), got rows "
-                                 f"[{t_start}, {t_start + local_tw.shape[0]}) of {t_vocab}")
+                raise ValueError(
+                    f"teacher_weight: expected the vocabulary sharded like {w_name} (rows "
+                    f"[{start}, {start + rows}) of {vocab}), got rows "
+                    f"[{t_start}, {t_start + local_tw.shape[0]}) of {t_vocab}"
+                )
         if t_dim is None or not aligned:
             # A replicated (or FSDP-sharded) teacher, or one sharded over a wider vocabulary (padding
             # rows): gather it, then take this rank's rows, and with "pad_student" the last rank also
@@ -288,8 +321,9 @@ def _vocab_parallel_inputs(weight, bias, t_weight, t_bias, opts: "VocabParallelO
         elif t_bias is not None:
             full_b = materialize_weight(t_bias) if _is_dtensor(t_bias) else t_bias
             if full_b.shape != (full.shape[0],):
-                raise ValueError(f"teacher_bias: expected shape [{full.shape[0]}] (teacher_weight's rows), "
-                                 f"got {tuple(full_b.shape)}")
+                raise ValueError(
+                    f"teacher_bias: expected shape [{full.shape[0]}] (teacher_weight's rows), got {tuple(full_b.shape)}"
+                )
             local_tb = _teacher_rows(full_b, start, rows, vocab, teacher_vocab)
     return local_w, local_b, local_tw, local_tb, GroupReducer(group, start, vocab)
 
@@ -310,8 +344,10 @@ def _local_like(bias, name: str, start: int, vocab: int, rows: int):
     else:
         full = bias
     if full.dim() != 1 or full.shape[0] != vocab:
-        raise ValueError(f"{name}: expected shape [{vocab}] or a DTensor sharded like the weight, got {tuple(full.shape)}")
-    return full[start:start + rows]
+        raise ValueError(
+            f"{name}: expected shape [{vocab}] or a DTensor sharded like the weight, got {tuple(full.shape)}"
+        )
+    return full[start : start + rows]
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -324,7 +360,7 @@ def _teacher_rows(full: torch.Tensor, start: int, rows: int, vocab: int, teacher
     """This rank's rows ``[start, start + rows)`` of a gathered teacher weight (or bias); with
     ``"pad_student"`` the rank holding the student's last rows also takes the teacher's rows beyond
     ``vocab`` (its student logits are padded with zeros to match)."""
-    local = full[start:start + rows]
+    local = full[start : start + rows]
     if teacher_vocab == "pad_student" and start + rows == vocab and full.shape[0] > vocab:
         local = torch.cat([local, full[vocab:]])
     return local

@@ -34,8 +34,12 @@ def select_valid_rows(
     keep = (labels != ignore_index).nonzero().squeeze(1)
     if keep.numel() == labels.numel():
         return x, tx, labels, None
-    return (x.index_select(0, keep), None if tx is None else tx.index_select(0, keep),
-            labels.index_select(0, keep), keep)
+    return (
+        x.index_select(0, keep),
+        None if tx is None else tx.index_select(0, keep),
+        labels.index_select(0, keep),
+        keep,
+    )
 
 
 def scatter_rows(values: torch.Tensor, keep: Optional[torch.Tensor], num_rows: int) -> torch.Tensor:

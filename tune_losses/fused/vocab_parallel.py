@@ -37,7 +37,7 @@ def even_shard_sizes(vocab: int, ranks: int) -> List[int]:
 
 
 def shard_layout(
-    group: Optional["dist.ProcessGroup"],
+    group: Optional[dist.ProcessGroup],
     local_sizes: Sequence[int],
     device: torch.device,
     vocab_start: Optional[int] = None,
@@ -53,11 +53,15 @@ def shard_layout(
     if vocab_start is not None and vocab_size is not None:
         start, vocab = int(vocab_start), int(vocab_size)
         if not 0 <= start <= start + local_sizes[0] <= vocab:
-            raise ValueError(f"vocab_start: rows [{start}, {start + local_sizes[0]}) of the weight shard must lie "
-                             f"in [0, vocab_size={vocab}), got vocab_start={vocab_start}")
+            raise ValueError(
+                f"vocab_start: rows [{start}, {start + local_sizes[0]}) of the weight shard must lie "
+                f"in [0, vocab_size={vocab}), got vocab_start={vocab_start}"
+            )
         if any(s != local_sizes[0] for s in local_sizes):
-            raise ValueError(f"teacher_weight: expected {local_sizes[0]} vocabulary rows on this rank (as "
-                             f"student_weight), got {local_sizes[1]}")
+            raise ValueError(
+                f"teacher_weight: expected {local_sizes[0]} vocabulary rows on this rank (as "
+                f"student_weight), got {local_sizes[1]}"
+            )
         if local_sizes[0] < 1:
             raise ValueError("weight: every rank needs at least one vocabulary row, got an empty shard")
         return start, vocab
@@ -68,8 +72,10 @@ def shard_layout(
     table = gathered.view(world, len(local_sizes)).tolist()
     sizes = [row[0] for row in table]
     if any(row[1:] != [row[0]] * (len(row) - 1) for row in table):
-        raise ValueError(f"teacher_weight: expected the teacher's vocabulary sharded like the student's "
-                         f"(rows per rank {sizes}), got {[row[1] for row in table]}")
+        raise ValueError(
+            f"teacher_weight: expected the teacher's vocabulary sharded like the student's "
+            f"(rows per rank {sizes}), got {[row[1] for row in table]}"
+        )
     if min(sizes) < 1:
         raise ValueError(f"weight: every rank needs at least one vocabulary row, got rows per rank {sizes}")
     rank = dist.get_rank(group)
@@ -91,7 +97,7 @@ class GroupReducer(VocabReducer):
 
     distributed = True
 
-    def __init__(self, group: Optional["dist.ProcessGroup"], start: int, vocab: int):
+    def __init__(self, group: Optional[dist.ProcessGroup], start: int, vocab: int):
         super().__init__(vocab, start)
         self.group = group
 

@@ -93,16 +93,21 @@ def read_head(model) -> HeadSpec:
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
-        raise ValueError(f"model: {type(model).__name__} has no output embeddings (get_output_embeddings() gave "
-                         f"None); expected a *ForCausalLM model")
+        raise ValueError(
+            f"model: {type(model).__name__} has no output embeddings (get_output_embeddings() gave "
+            f"None); expected a *ForCausalLM model"
+        )
     head_attr = next((name for name, child in model.named_children() if child is head), None)
     if head_attr is None:
-        raise ValueError(f"model: {type(model).__name__}'s output layer is not a direct child module; "
-                         f"expected e.g. model.lm_head")
+        raise ValueError(
+            f"model: {type(model).__name__}'s output layer is not a direct child module; expected e.g. model.lm_head"
+        )
     base_attr = getattr(model, "base_model_prefix", "") or ""
     if not base_attr or not hasattr(model, base_attr):
-        raise ValueError(f"model: {type(model).__name__} has no backbone attribute base_model_prefix="
-                         f"{base_attr!r}; expected a *ForCausalLM model")
+        raise ValueError(
+            f"model: {type(model).__name__} has no backbone attribute base_model_prefix="
+            f"{base_attr!r}; expected a *ForCausalLM model"
+        )
     return _read_forward(forward_class(type(model)), head_attr, base_attr)
 
 
@@ -114,15 +119,17 @@ def forward_class(cls):
     return cls
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
     name = cls.__name__
     fn = inspect.unwrap(cls.forward)
     try:
         source = textwrap.dedent(inspect.getsource(fn))
     except (OSError, TypeError) as e:
-        raise ValueError(f"model: the source of {name}.forward is not readable ({e}), so what it does to the "
-                         f"logits cannot be checked") from None
+        raise ValueError(
+            f"model: the source of {name}.forward is not readable ({e}), so what it does to the "
+            f"logits cannot be checked"
+        ) from None
     func = ast.parse(source).body[0]
     flat = list(_flatten(func.body))
     stmts = [st for st, _ in flat]
@@ -130,19 +137,27 @@ def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
 
     def fail(what: str, node=None) -> ValueError:
         where = f": `{ast.unparse(node)}`" if node is not None else ""
-        return ValueError(f"model: {name}.forward {what}{where}; the fused loss would not match its loss, so "
-                          f"it is not patched (model type {name})")
+        return ValueError(
+            f"model: {name}.forward {what}{where}; the fused loss would not match its loss, so "
+            f"it is not patched (model type {name})"
+        )
 
     calls_base = any(_is_self_call(n, base_attr) for s in stmts for n in _walk_own(s))
     if not calls_base:
         raise fail(f"never calls its backbone self.{base_attr}(...)")
-    i_head, call = next(((i, n) for i, s in enumerate(stmts) for n in _walk_own(s) if _is_self_call(n, head_attr)),
-                        (None, None))
+    i_head, call = next(
+        ((i, n) for i, s in enumerate(stmts) for n in _walk_own(s) if _is_self_call(n, head_attr)), (None, None)
+    )
     if i_head is None:
         raise fail(f"never calls its output layer self.{head_attr}(...)")
     head_stmt = stmts[i_head]
-    if not (isinstance(head_stmt, ast.Assign) and len(head_stmt.targets) == 1 and not guards[id(head_stmt)]
-            and isinstance(head_stmt.targets[0], ast.Name) and len(call.args) == 1):
+    if not (
+        isinstance(head_stmt, ast.Assign)
+        and len(head_stmt.targets) == 1
+        and not guards[id(head_stmt)]
+        and isinstance(head_stmt.targets[0], ast.Name)
+        and len(call.args) == 1
+    ):
         raise fail("calls its output layer in an unrecognised way", head_stmt)
     scales: List[Tuple[Chain, bool]] = []
     value = head_stmt.value
@@ -167,12 +182,14 @@ def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
             continue
         raise fail(f"changes the hidden states `{hidden}` after the backbone", s)
 
-    i_loss = next((i for i, s in enumerate(stmts) if i > i_head
-                   and any(_is_self_call(n, "loss_function") for n in _walk_own(s))), None)
+    i_loss = next(
+        (i for i, s in enumerate(stmts) if i > i_head and any(_is_self_call(n, "loss_function") for n in _walk_own(s))),
+        None,
+    )
     if i_loss is None:
         raise fail("computes its loss without self.loss_function")
     softcap: Optional[Chain] = None
-    for s in stmts[i_head + 1:i_loss]:
+    for s in stmts[i_head + 1 : i_loss]:
         if _mutates_in_place(s, logits):
             raise fail(f"modifies `{logits}` in place", s)
         if not _assigns(s, logits):
@@ -181,16 +198,22 @@ def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
         guard = guards[id(s)]
         cap = [c for c in _chains(value) if any("softcap" in part for part in c)]
         if cap:
-            if (not _is_scaling(value, logits) or (softcap is not None and cap[0] != softcap)
-                    or not _guarded_by(guard, cap[0])):
+            if (
+                not _is_scaling(value, logits)
+                or (softcap is not None and cap[0] != softcap)
+                or not _guarded_by(guard, cap[0])
+            ):
                 raise fail("applies an unrecognised softcap step", s)
             softcap = cap[0]
         elif _is_tanh(value, logits) and softcap is not None and _guarded_by(guard, softcap):
             continue
         elif _is_cast(value, logits):
             continue
-        elif (_is_scaling(value, logits) and _chains(value)[0][-1] in SCALE_ATTRS
-              and _guarded_by(guard, _chains(value)[0])):
+        elif (
+            _is_scaling(value, logits)
+            and _chains(value)[0][-1] in SCALE_ATTRS
+            and _guarded_by(guard, _chains(value)[0])
+        ):
             if softcap is not None:
                 raise fail(f"scales `{logits}` after its softcap", s)
             scales.append((_chains(value)[0], isinstance(value.op, ast.Div)))
@@ -199,12 +222,19 @@ def _read_forward(cls, head_attr: str, base_attr: str) -> HeadSpec:
             raise fail(f"post-processes `{logits}` with an unrecognised step (attributes: {attrs})", s)
 
     loss_stmt = stmts[i_loss]
-    loss = loss_stmt.targets[0].id if (isinstance(loss_stmt, ast.Assign) and len(loss_stmt.targets) == 1
-                                       and isinstance(loss_stmt.targets[0], ast.Name)) else None
+    loss = (
+        loss_stmt.targets[0].id
+        if (
+            isinstance(loss_stmt, ast.Assign)
+            and len(loss_stmt.targets) == 1
+            and isinstance(loss_stmt.targets[0], ast.Name)
+        )
+        else None
+    )
     if loss is None:
         raise fail("uses self.loss_function in an unrecognised way", loss_stmt)
     aux_coef: Optional[Chain] = None
-    for s in stmts[i_loss + 1:]:
+    for s in stmts[i_loss + 1 :]:
         if not _assigns(s, loss):
             continue
         coef = [c for c in _chains(_assigned_value(s, loss)) if c[-1] in AUX_COEF_ATTRS]
@@ -235,8 +265,13 @@ def _guarded_by(guards: tuple, chain: Chain) -> bool:
     """Every enclosing test is ``self.<chain> is not None`` (or ``self.<chain>``): the step runs exactly
     when the value is set, which :class:`HeadSpec` mirrors by skipping None."""
     for g in guards:
-        if isinstance(g, ast.Compare) and len(g.ops) == 1 and isinstance(g.ops[0], ast.IsNot) \
-                and isinstance(g.comparators[0], ast.Constant) and g.comparators[0].value is None:
+        if (
+            isinstance(g, ast.Compare)
+            and len(g.ops) == 1
+            and isinstance(g.ops[0], ast.IsNot)
+            and isinstance(g.comparators[0], ast.Constant)
+            and g.comparators[0].value is None
+        ):
             g = g.left
         if not (isinstance(g, ast.Attribute) and _chains(g) == [chain]):
             return False
@@ -256,8 +291,13 @@ def _walk_own(s) -> Iterator[ast.AST]:
 
 
 def _is_self_call(node, attr: str) -> bool:
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
-            and isinstance(node.func.value, ast.Name) and node.func.value.id == "self")
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == attr
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "self"
+    )
 
 
 def _hidden_name(arg) -> Optional[str]:
@@ -277,7 +317,8 @@ def _is_slice_call(node) -> bool:
         return False
     f = node.func
     return (isinstance(f, ast.Name) and f.id == "slice_logits_to_keep") or (
-        isinstance(f, ast.Attribute) and f.attr == "slice_logits_to_keep")
+        isinstance(f, ast.Attribute) and f.attr == "slice_logits_to_keep"
+    )
 
 
 def _is_hidden_source(value, hidden: str) -> bool:
@@ -309,9 +350,15 @@ def _assigned_value(s, name: str):
 
 
 def _mutates_in_place(s, name: str) -> bool:
-    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr.endswith("_")
-               and not n.func.attr.startswith("_") and isinstance(n.func.value, ast.Name) and n.func.value.id == name
-               for n in _walk_own(s))
+    return any(
+        isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and n.func.attr.endswith("_")
+        and not n.func.attr.startswith("_")
+        and isinstance(n.func.value, ast.Name)
+        and n.func.value.id == name
+        for n in _walk_own(s)
+    )
 
 
 def _chains(node) -> List[Chain]:
@@ -324,9 +371,9 @@ def _chains(node) -> List[Chain]:
             n = n.value
         if parts and isinstance(n, ast.Name) and n.id == "self":
             chain = tuple(reversed(parts))
-            if not any(c[:len(chain)] == chain for c in found):
+            if not any(c[: len(chain)] == chain for c in found):
                 found.append(chain)
-    return [c for c in found if not any(len(o) > len(c) and o[:len(c)] == c for o in found)]
+    return [c for c in found if not any(len(o) > len(c) and o[: len(c)] == c for o in found)]
 
 
 def _is_scaling(value, name: str) -> bool:
@@ -353,21 +400,33 @@ def _is_known_scaling(value, call) -> bool:
     if not (isinstance(value, ast.BinOp) and isinstance(value.op, (ast.Mult, ast.Div))):
         return False
     chains = _chains(value.right) if isinstance(value.right, ast.Attribute) else []
-    return (len(chains) == 1 and chains[0][-1] in SCALE_ATTRS
-            and any(n is call for n in ast.walk(value.left)))
+    return len(chains) == 1 and chains[0][-1] in SCALE_ATTRS and any(n is call for n in ast.walk(value.left))
 
 
 def _is_cast_of(node) -> bool:
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            and node.func.attr in ("float", "to", "contiguous"))
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("float", "to", "contiguous")
+    )
 
 
 def _is_tanh(value, name: str) -> bool:
-    return (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr == "tanh"
-            and len(value.args) == 1 and isinstance(value.args[0], ast.Name) and value.args[0].id == name)
+    return (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Attribute)
+        and value.func.attr == "tanh"
+        and len(value.args) == 1
+        and isinstance(value.args[0], ast.Name)
+        and value.args[0].id == name
+    )
 
 
 def _is_cast(value, name: str) -> bool:
-    return (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute)
-            and value.func.attr in ("float", "to", "contiguous") and isinstance(value.func.value, ast.Name)
-            and value.func.value.id == name)
+    return (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Attribute)
+        and value.func.attr in ("float", "to", "contiguous")
+        and isinstance(value.func.value, ast.Name)
+        and value.func.value.id == name
+    )

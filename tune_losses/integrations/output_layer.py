@@ -32,12 +32,16 @@ def output_weight(layer: nn.Module, name: str = "lm_head") -> Tuple[torch.Tensor
         if isinstance(layer, LoraLayer):
             return _lora_weight(layer, name)
         if isinstance(layer, BaseTunerLayer):
-            raise ValueError(f"{name}: PEFT layer {type(layer).__name__} on the output layer is not supported "
-                             f"(supported: LoRA, modules_to_save)")
+            raise ValueError(
+                f"{name}: PEFT layer {type(layer).__name__} on the output layer is not supported "
+                f"(supported: LoRA, modules_to_save)"
+            )
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not isinstance(layer, nn.Linear):
-        raise ValueError(f"{name}: expected an nn.Linear output layer (or PEFT LoRA / modules_to_save on one), got "
-                         f"{type(layer).__name__}")
+        raise ValueError(
+            f"{name}: expected an nn.Linear output layer (or PEFT LoRA / modules_to_save on one), got "
+            f"{type(layer).__name__}"
+        )
     return weight, layer.bias
 
 
@@ -73,14 +77,18 @@ def _lora_weight(layer: nn.Module, name: str) -> Tuple[torch.Tensor, Optional[to
         if adapter not in layer.lora_A:
             continue
         if adapter in getattr(layer, "lora_variant", {}):
-            raise ValueError(f"{name}: the LoRA variant of adapter {adapter!r} "
-                             f"({type(layer.lora_variant[adapter]).__name__}, e.g. DoRA) is not supported on the "
-                             f"output layer; use plain LoRA or modules_to_save")
+            raise ValueError(
+                f"{name}: the LoRA variant of adapter {adapter!r} "
+                f"({type(layer.lora_variant[adapter]).__name__}, e.g. DoRA) is not supported on the "
+                f"output layer; use plain LoRA or modules_to_save"
+            )
         dropout = layer.lora_dropout[adapter]
         if isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training:
-            raise ValueError(f"{name}: LoRA dropout {dropout.p} on the output layer (adapter {adapter!r}) in training "
-                             f"acts on the input, which the fused loss cannot express through the weight; use "
-                             f"lora_dropout=0.0 for this layer (e.g. a separate adapter config), or exclude lm_head")
+            raise ValueError(
+                f"{name}: LoRA dropout {dropout.p} on the output layer (adapter {adapter!r}) in training "
+                f"acts on the input, which the fused loss cannot express through the weight; use "
+                f"lora_dropout=0.0 for this layer (e.g. a separate adapter config), or exclude lm_head"
+            )
         a, b = layer.lora_A[adapter], layer.lora_B[adapter]
         scaling = layer.scaling[adapter]
         delta = materialize_weight(b.weight) @ materialize_weight(a.weight) * scaling

@@ -20,9 +20,16 @@ class TokenStats(NamedTuple):
 
 
 @torch.no_grad()
-def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, ignore_index: int = -100,
-                chunk_size: Optional[int] = None) -> TokenStats:
+def token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+) -> TokenStats:
     """Entropy of ``softmax(logits)`` and top-1 hits at the valid tokens of ``logits = hidden @ weight.T + bias``
     (softcapped when ``softcap``).
 
@@ -39,7 +46,7 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
     size = chunk_size or default_chunk_size(max(x.shape[0], 1), weight.shape[0], hidden.device)
     for start in range(0, x.shape[0], size):
-        xc, yc = x[start:start + size], y[start:start + size]
+        xc, yc = x[start : start + size], y[start : start + size]
         z = torch.nn.functional.linear(xc, weight, bias).float()
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)

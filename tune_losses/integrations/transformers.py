@@ -88,8 +88,12 @@ def patch(model, *, train_only: bool = True, **ce_options):
     if unknown:
         raise ValueError(f"ce_options: unknown option(s) {unknown}; expected some of {list(CE_OPTIONS)}")
     # Checked now, not at the first training step.
-    CEOptions(label_smoothing=ce_options.get("label_smoothing", 0.0), z_loss=ce_options.get("z_loss", 0.0),
-              softcap=ce_options.get("softcap"), validate=ce_options.get("validate", True))
+    CEOptions(
+        label_smoothing=ce_options.get("label_smoothing", 0.0),
+        z_loss=ce_options.get("z_loss", 0.0),
+        softcap=ce_options.get("softcap"),
+        validate=ce_options.get("validate", True),
+    )
     check_run_options(ce_options.get("chunk_size"), ce_options.get("validate", True))
     check_choice("algorithm", ce_options.get("algorithm", "auto"), ALGORITHMS)
     check_bool_option("train_only", train_only)
@@ -100,12 +104,15 @@ def patch(model, *, train_only: bool = True, **ce_options):
         unpatch(hf)
     spec = read_head(hf)
     if "softcap" in ce_options and spec.softcap is not None:
-        raise ValueError(f"ce_options: softcap is set by {spec.model_type} itself ({'.'.join(spec.softcap)}); "
-                         f"don't pass softcap")
+        raise ValueError(
+            f"ce_options: softcap is set by {spec.model_type} itself ({'.'.join(spec.softcap)}); don't pass softcap"
+        )
     _check_loss_function(hf)
     if "logits_to_keep" not in inspect.signature(type(hf).forward).parameters:
-        raise ValueError(f"model: {type(hf).__name__}.forward takes no logits_to_keep argument, which the patch "
-                         f"uses to run it without logits")
+        raise ValueError(
+            f"model: {type(hf).__name__}.forward takes no logits_to_keep argument, which the patch "
+            f"uses to run it without logits"
+        )
     inner = hf.__dict__.get("forward")  # a forward someone installed on the instance before us
     if inner is not None:
         setattr(hf, _INNER, inner)
@@ -134,8 +141,10 @@ def is_patched(model) -> bool:
 
 def _check_loss_function(hf) -> None:
     if "_loss_function" in hf.__dict__:
-        raise ValueError(f"model: {type(hf).__name__} has a custom loss_function; the fused loss replaces "
-                         f"Transformers' causal-LM loss only")
+        raise ValueError(
+            f"model: {type(hf).__name__} has a custom loss_function; the fused loss replaces "
+            f"Transformers' causal-LM loss only"
+        )
     loss_type = getattr(hf, "loss_type", None)
     if loss_type not in (None, "ForCausalLM"):
         from transformers.loss.loss_utils import LOSS_MAPPING
@@ -144,16 +153,21 @@ def _check_loss_function(hf) -> None:
             raise ValueError(f"model: loss_type {loss_type!r} of {type(hf).__name__} is not the causal-LM loss")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_for(cls):
     """A copy of :func:`_patched_forward` carrying ``cls.forward``'s name, docstring and signature."""
-    f = types.FunctionType(_patched_forward.__code__, _patched_forward.__globals__, "forward",
-                           _patched_forward.__defaults__, _patched_forward.__closure__)
+    f = types.FunctionType(
+        _patched_forward.__code__,
+        _patched_forward.__globals__,
+        "forward",
+        _patched_forward.__defaults__,
+        _patched_forward.__closure__,
+    )
     f.__kwdefaults__ = _patched_forward.__kwdefaults__
     return functools.wraps(cls.forward)(f)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _positional_names(cls):
     params = list(inspect.signature(cls.forward).parameters.values())[1:]
     return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
@@ -177,9 +191,14 @@ def _patched_forward(self, *args, **kwargs):
     if skip_logits and labels is None:
         raise ValueError("skip_logits: True needs labels (the fused loss replaces the logits)")
     keep = kwargs.get("logits_to_keep", 0)
-    fused = (state is not None and labels is not None and skip_logits is not False
-             and isinstance(keep, int) and keep == 0
-             and (skip_logits or self.training or not state.train_only))
+    fused = (
+        state is not None
+        and labels is not None
+        and skip_logits is not False
+        and isinstance(keep, int)
+        and keep == 0
+        and (skip_logits or self.training or not state.train_only)
+    )
     if not fused:
         return stock(**kwargs)
 
@@ -200,16 +219,24 @@ def _patched_forward(self, *args, **kwargs):
     with _no_autocast(head.hidden):
         # The sum over valid tokens divided by num_items_in_batch when given (Transformers' contract),
         # applied to the gradients in fp32 before any low-precision cast.
-        loss = linear_cross_entropy(head.hidden, head.weight, shift_labels, bias=head.bias,
-                                    ignore_index=ignore_index, softcap=softcap, num_tokens=num_items_in_batch,
-                                    **options)
+        loss = linear_cross_entropy(
+            head.hidden,
+            head.weight,
+            shift_labels,
+            bias=head.bias,
+            ignore_index=ignore_index,
+            softcap=softcap,
+            num_tokens=num_items_in_batch,
+            **options,
+        )
     outputs = head.outputs
     coef = state.spec.aux_coefficient(self)
     aux = getattr(outputs, "aux_loss", None)
     if coef is not None and aux is not None:
         loss = loss + coef * aux.to(loss.device)
-    outputs = type(outputs)(**{**{f.name: getattr(outputs, f.name) for f in fields(outputs)},
-                               "loss": loss, "logits": None})
+    outputs = type(outputs)(
+        **{**{f.name: getattr(outputs, f.name) for f in fields(outputs)}, "loss": loss, "logits": None}
+    )
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return outputs if return_dict else outputs.to_tuple()
@@ -289,9 +316,18 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def distillation_loss(student, teacher, input_ids: torch.Tensor, labels: torch.Tensor, *,
-                      attention_mask: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
-                      num_items_in_batch=None, ignore_index: int = -100, **loss_options):
+def distillation_loss(
+    student,
+    teacher,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    shift_labels: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    **loss_options,
+):
     """``(1 - kd_ratio) * CE + kd_ratio * KD`` between two Transformers causal LMs, with neither's logits.
 
     Both models run without logits (:func:`lm_head_inputs`; the teacher under ``torch.no_grad()``), then
@@ -320,9 +356,18 @@ def distillation_loss(student, teacher, input_ids: torch.Tensor, labels: torch.T
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.to(s.hidden.device)
     with _no_autocast(s.hidden):
-        out = linear_distillation_loss(s.hidden, s.weight, t.hidden.to(s.hidden.device), t.weight, shift_labels,
-                                       student_bias=s.bias, teacher_bias=t.bias, ignore_index=ignore_index,
-                                       reduction="mean" if num_items_in_batch is None else "sum", **loss_options)
+        out = linear_distillation_loss(
+            s.hidden,
+            s.weight,
+            t.hidden.to(s.hidden.device),
+            t.weight,
+            shift_labels,
+            student_bias=s.bias,
+            teacher_bias=t.bias,
+            ignore_index=ignore_index,
+            reduction="mean" if num_items_in_batch is None else "sum",
+            **loss_options,
+        )
     if num_items_in_batch is None:
         return out
     n = num_items_in_batch.to(out.loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch

@@ -71,8 +71,10 @@ class FusedSFTTrainer(SFTTrainer):
         prior = unwrap_model(given).__dict__.get("forward") if isinstance(given, torch.nn.Module) else None
         super().__init__(*args, **kwargs)
         if self.compute_loss_func is not None:
-            raise ValueError("compute_loss_func: not supported by FusedSFTTrainer (it needs the full logits); "
-                             "subclass and override compute_loss instead")
+            raise ValueError(
+                "compute_loss_func: not supported by FusedSFTTrainer (it needs the full logits); "
+                "subclass and override compute_loss instead"
+            )
         if self.args.loss_type == "dft":
             import tune_losses
 
@@ -99,8 +101,9 @@ class FusedSFTTrainer(SFTTrainer):
         if model is unwrapped:
             loss, stats, outputs = self._fused_loss(unwrapped, inputs, num_items_in_batch)
         else:  # through the DDP / FSDP wrapper's forward, so its hooks run around the backbone and the head
-            loss, stats, outputs = self._forward_redirection(model, unwrapped, self._fused_loss, unwrapped, inputs,
-                                                             num_items_in_batch)
+            loss, stats, outputs = self._forward_redirection(
+                model, unwrapped, self._fused_loss, unwrapped, inputs, num_items_in_batch
+            )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if self.aux_loss_enabled:
@@ -138,24 +141,39 @@ class FusedSFTTrainer(SFTTrainer):
         head = lm_head_inputs(unwrapped, _spec=self._head_spec, **inputs)
         targets = (_shift(labels) if shift_labels is None else shift_labels).to(head.hidden.device)
         count = (targets != -100).sum()
-        denom = torch.as_tensor(count if num_items_in_batch is None else num_items_in_batch,
-                                device=head.hidden.device).clamp(min=1)
+        denom = torch.as_tensor(
+            count if num_items_in_batch is None else num_items_in_batch, device=head.hidden.device
+        ).clamp(min=1)
         with torch.autocast(head.hidden.device.type, enabled=False):
             if self.args.loss_type == "dft":
                 from tune_losses import linear_log_probs
 
                 if head.softcap is not None:
                     raise ValueError("loss_type: 'dft' is not supported for models with a logit softcap")
-                log_probs = linear_log_probs(head.hidden, head.weight, targets, bias=head.bias,
-                                             chunk_size=self._ce_options.get("chunk_size"))
+                log_probs = linear_log_probs(
+                    head.hidden, head.weight, targets, bias=head.bias, chunk_size=self._ce_options.get("chunk_size")
+                )
                 # DFT (arXiv 2508.05629): each token's NLL weighted by its (detached) probability.
                 loss = (-log_probs * log_probs.detach().exp()).sum() / denom
             else:
-                loss = linear_cross_entropy(head.hidden, head.weight, targets, bias=head.bias, softcap=head.softcap,
-                                            label_smoothing=self.args.label_smoothing_factor, num_tokens=denom,
-                                            **self._ce_options)
-            stats = token_stats(head.hidden, head.weight, targets, bias=head.bias, softcap=head.softcap,
-                                chunk_size=self._ce_options.get("chunk_size"))
+                loss = linear_cross_entropy(
+                    head.hidden,
+                    head.weight,
+                    targets,
+                    bias=head.bias,
+                    softcap=head.softcap,
+                    label_smoothing=self.args.label_smoothing_factor,
+                    num_tokens=denom,
+                    **self._ce_options,
+                )
+            stats = token_stats(
+                head.hidden,
+                head.weight,
+                targets,
+                bias=head.bias,
+                softcap=head.softcap,
+                chunk_size=self._ce_options.get("chunk_size"),
+            )
         return loss, stats, head.outputs
 
 
@@ -175,8 +193,14 @@ class FusedDistillationTrainer(DistillationTrainer):
     Teacher and student must share the vocabulary; models with a logit softcap are not supported.
     """
 
-    def __init__(self, *args, divergence: str = "jsd", scale_by_temperature_squared: bool = False,
-                 chunk_size: Optional[int] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        divergence: str = "jsd",
+        scale_by_temperature_squared: bool = False,
+        chunk_size: Optional[int] = None,
+        **kwargs,
+    ):
         from tune_losses.options import KDOptions
 
         KDOptions(divergence=divergence)  # checks the name now
@@ -191,17 +215,36 @@ class FusedDistillationTrainer(DistillationTrainer):
         completion_mask = inputs["completion_mask"]
         loss_mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         logits_to_keep = inputs["completion_ids"].size(1)
-        multimodal = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask",
-                                             "spatial_shapes", "image_sizes", "token_type_ids",
-                                             "mm_token_type_ids", "image_position_ids") if k in inputs}
-        s_hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep,
-                                               **multimodal)
+        multimodal = {
+            k: inputs[k]
+            for k in (
+                "pixel_values",
+                "image_grid_thw",
+                "pixel_attention_mask",
+                "spatial_shapes",
+                "image_sizes",
+                "token_type_ids",
+                "mm_token_type_ids",
+                "image_position_ids",
+            )
+            if k in inputs
+        }
+        s_hidden = self._get_last_hidden_state(
+            unwrapped_student, input_ids, attention_mask, logits_to_keep, **multimodal
+        )
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
-            t_hidden = self._forward_redirection(self.teacher_model, unwrapped_teacher, self._get_last_hidden_state,
-                                                 unwrapped_teacher, input_ids, attention_mask, logits_to_keep,
-                                                 **multimodal)
+            t_hidden = self._forward_redirection(
+                self.teacher_model,
+                unwrapped_teacher,
+                self._get_last_hidden_state,
+                unwrapped_teacher,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                **multimodal,
+            )
         s_hidden, s_weight, s_bias = _head_of(unwrapped_student, s_hidden)
         t_hidden, t_weight, t_bias = _head_of(unwrapped_teacher, t_hidden)
         device = s_weight.device
@@ -211,13 +254,28 @@ class FusedDistillationTrainer(DistillationTrainer):
         if torch.is_tensor(denom):
             denom = denom.to(device)
         with torch.autocast(device.type, enabled=False):
-            loss = linear_kd_loss(s_hidden.to(device), s_weight, t_hidden.to(device), t_weight, labels,
-                                  divergence=self._divergence, beta=self.beta, temperature=self.temperature,
-                                  scale_by_temperature_squared=self._scale_t2, reduction="sum",
-                                  student_bias=s_bias, teacher_bias=t_bias, chunk_size=self._chunk_size) / denom
+            loss = (
+                linear_kd_loss(
+                    s_hidden.to(device),
+                    s_weight,
+                    t_hidden.to(device),
+                    t_weight,
+                    labels,
+                    divergence=self._divergence,
+                    beta=self.beta,
+                    temperature=self.temperature,
+                    scale_by_temperature_squared=self._scale_t2,
+                    reduction="sum",
+                    student_bias=s_bias,
+                    teacher_bias=t_bias,
+                    chunk_size=self._chunk_size,
+                )
+                / denom
+            )
             t = self.temperature
-            stats = token_stats(s_hidden / t, s_weight, labels, bias=None if s_bias is None else s_bias / t,
-                                chunk_size=self._chunk_size)
+            stats = token_stats(
+                s_hidden / t, s_weight, labels, bias=None if s_bias is None else s_bias / t, chunk_size=self._chunk_size
+            )
         return loss, stats.entropy, stats.count
 
 
@@ -226,8 +284,9 @@ def _head_of(model, hidden):
     hf = unwrap_model(model)
     spec = read_head(hf)
     if spec.softcap_value(hf) is not None:
-        raise ValueError(f"model: {spec.model_type} softcaps its logits; FusedDistillationTrainer does not "
-                         f"support softcapped models")
+        raise ValueError(
+            f"model: {spec.model_type} softcaps its logits; FusedDistillationTrainer does not support softcapped models"
+        )
     weight, bias = output_weight(getattr(hf, spec.head_attr), spec.head_attr)
     scale = spec.logit_scale(hf)
     if scale is not None:

@@ -10,8 +10,13 @@ metrics does not import torchtune.
 from importlib import import_module
 
 _EXPORTS = {
-    "LossRecipe": "loop", "run": "loop", "NonFiniteTrainingError": "loop", "DPORecipe": "dpo",
-    "TrainingLoss": "protocol", "SumAndCountLoss": "protocol", "ModelOutputLoss": "protocol",
+    "LossRecipe": "loop",
+    "run": "loop",
+    "NonFiniteTrainingError": "loop",
+    "DPORecipe": "dpo",
+    "TrainingLoss": "protocol",
+    "SumAndCountLoss": "protocol",
+    "ModelOutputLoss": "protocol",
     "TeacherOutputLoss": "protocol",
     "LoopSettings": "settings",
     "read_metrics": "metrics",

@@ -46,7 +46,7 @@ def export_atomically(checkpointer: Any, state_dict: Dict[str, Any], epoch: int)
     the call, then each file is moved to the same relative place under the real one. Their own log
     lines (which would name the staging folder) are held back. Returns the final paths.
     """
-    out = Path(getattr(checkpointer, "_output_dir"))
+    out = Path(checkpointer._output_dir)
     staging = out / STAGING_DIR
     if staging.exists():
         shutil.rmtree(staging)

@@ -66,7 +66,9 @@ def validate_text_files(cfg_dataset: DictConfig, warn: bool = True) -> Tuple[int
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise ValueError(f"{where}: not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})") from None
+                    raise ValueError(
+                        f"{where}: not valid UTF-8 (byte {err.start}: {raw[err.start : err.start + 1]!r})"
+                    ) from None
                 if not line.strip():
                     continue  # blank lines are skipped by the loaders
                 if source == "text":
@@ -87,13 +89,25 @@ def validate_text_files(cfg_dataset: DictConfig, warn: bool = True) -> Tuple[int
                     empty += 1
                     first_empty = first_empty or f"{path} line {lineno}"
     if empty and warn:
-        log.warning(f"dataset: {empty} of {docs} documents are empty (first: {first_empty}); "
-                    f"they train on their special tokens only")
+        log.warning(
+            f"dataset: {empty} of {docs} documents are empty (first: {first_empty}); "
+            f"they train on their special tokens only"
+        )
     return docs, empty
 
 
-def build_dataloader(ds: Dataset, *, batch_size: int, shuffle: bool, seed: int, dp_size: int, dp_rank: int,
-                     pad_id: int, ignore_index: int, collate=padded_collate_sft) -> Tuple[DataLoader, DistributedSampler]:
+def build_dataloader(
+    ds: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    dp_size: int,
+    dp_rank: int,
+    pad_id: int,
+    ignore_index: int,
+    collate=padded_collate_sft,
+) -> Tuple[DataLoader, DistributedSampler]:
     """Padded batches (``collate(samples, padding_idx, ignore_idx)``, SFT's by default); ranks of one
     data-parallel group (its tp ranks) read the same samples."""
     sampler = DistributedSampler(ds, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed, drop_last=True)
@@ -102,8 +116,15 @@ def build_dataloader(ds: Dataset, *, batch_size: int, shuffle: bool, seed: int, 
     return loader, sampler
 
 
-def steps_per_epoch(num_samples: int, loader: DataLoader, *, batch_size: int, grad_accum: int, dp_size: int,
-                    max_steps_per_epoch: Union[int, None]) -> int:
+def steps_per_epoch(
+    num_samples: int,
+    loader: DataLoader,
+    *,
+    batch_size: int,
+    grad_accum: int,
+    dp_size: int,
+    max_steps_per_epoch: Union[int, None],
+) -> int:
     """Optimizer steps per epoch; a dataset too small for one step is an error naming the sizes."""
     steps = len(loader) // grad_accum
     if steps == 0:
@@ -111,12 +132,14 @@ def steps_per_epoch(num_samples: int, loader: DataLoader, *, batch_size: int, gr
         raise ValueError(
             f"dataset: {num_samples} samples make no optimizer step of batch_size {batch_size} x "
             f"gradient_accumulation_steps {grad_accum} x {dp_size} data-parallel rank(s) = {per_step} samples; "
-            f"use a smaller batch or more data")
+            f"use a smaller batch or more data"
+        )
     return steps if max_steps_per_epoch is None else min(steps, max_steps_per_epoch)
 
 
-def step_batches(loader: DataLoader, sampler: DistributedSampler, epoch: int, steps: int, done: int,
-                 grad_accum: int) -> Iterator[List[Batch]]:
+def step_batches(
+    loader: DataLoader, sampler: DistributedSampler, epoch: int, steps: int, done: int, grad_accum: int
+) -> Iterator[List[Batch]]:
     """The optimizer steps of one epoch, each a list of ``grad_accum`` micro-batches, skipping the
     ``done`` steps a resumed run has already taken."""
     sampler.set_epoch(epoch)

@@ -74,12 +74,14 @@ class Parallelism:
         return self.rank == 0
 
     @classmethod
-    def build(cls, device: torch.device, distributed: bool, tp: int) -> "Parallelism":
+    def build(cls, device: torch.device, distributed: bool, tp: int) -> Parallelism:
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         if tp > 1 and not distributed:
-            raise ValueError(f"tensor_parallel_dim: {tp} needs a distributed recipe "
-                             f"(tune run --nproc_per_node N recipes/<x>_distributed.py); the single-device ones take 1")
+            raise ValueError(
+                f"tensor_parallel_dim: {tp} needs a distributed recipe "
+                f"(tune run --nproc_per_node N recipes/<x>_distributed.py); the single-device ones take 1"
+            )
         if world % tp:
             raise ValueError(f"tensor_parallel_dim: expected a divisor of the world size {world}, got {tp}")
         p = cls(world_size=world, rank=rank, tp=tp, dp_size=world, dp_rank=rank)

@@ -34,14 +34,22 @@ from tune_losses.training import data
 from tune_losses.training.loop import LossRecipe
 from tune_losses.training.memory import peak_memory_of
 
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "log_probs/chosen", "log_probs/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "log_probs/chosen",
+    "log_probs/rejected",
+)
 """torchtune's DPO metric names (its recipes also log mean logits, which a fused loss never makes)."""
 
 
 def is_fused_preference_loss(loss_fn: nn.Module) -> bool:
     """Fused losses take the models' output projections (``set_model_output`` / ``set_reference_output``)."""
-    return callable(getattr(loss_fn, "set_model_output", None)) and callable(getattr(loss_fn, "set_reference_output", None))
+    return callable(getattr(loss_fn, "set_model_output", None)) and callable(
+        getattr(loss_fn, "set_reference_output", None)
+    )
 
 
 def needs_reference(loss_fn: nn.Module) -> bool:
@@ -134,9 +142,16 @@ class PreferenceForward:
         zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
         return PreferenceTerms(
             pair_loss_sum=torch.where(counted, losses, torch.zeros_like(losses)).sum(),
-            num_pairs=counted.sum(), nll_sum=zero, num_chosen_tokens=n_c.sum(), nll_weight=0.0,
-            chosen_rewards=chosen_rewards.detach(), rejected_rewards=rejected_rewards.detach(),
-            chosen_logps=chosen.detach(), rejected_logps=rejected.detach(), counted=counted)
+            num_pairs=counted.sum(),
+            nll_sum=zero,
+            num_chosen_tokens=n_c.sum(),
+            nll_weight=0.0,
+            chosen_rewards=chosen_rewards.detach(),
+            rejected_rewards=rejected_rewards.detach(),
+            chosen_logps=chosen.detach(),
+            rejected_logps=rejected.detach(),
+            counted=counted,
+        )
 
 
 def metric_sums(terms: PreferenceTerms) -> Dict[str, torch.Tensor]:
@@ -167,8 +182,9 @@ def scaled_loss(terms: PreferenceTerms, step_counts: torch.Tensor, dp_size: int)
 
 
 @torch.no_grad()
-def evaluate(forward: PreferenceForward, batches: Iterable, device: torch.device, ignore_index: int,
-             shift) -> Dict[str, torch.Tensor]:
+def evaluate(
+    forward: PreferenceForward, batches: Iterable, device: torch.device, ignore_index: int, shift
+) -> Dict[str, torch.Tensor]:
     """Sums over counted pairs of the loss and the DPO metrics on ``batches`` (no grad), plus ``pairs``.
 
     ``shift(labels)`` aligns the collate's labels with the model's outputs. The caller all-reduces and
@@ -189,7 +205,6 @@ def mean_metrics(sums: Dict[str, torch.Tensor], pairs: torch.Tensor, prefix: str
     keys = [k for k in sums if k != "pairs"]
     values = (torch.stack([sums[k].float() for k in keys]) / pairs.clamp(min=1).float()).tolist()
     return {prefix + k: v for k, v in zip(keys, values)}
-
 
 
 def padded_collate_preference(samples, padding_idx: int = 0, ignore_idx: int = -100) -> Dict[str, torch.Tensor]:
@@ -225,8 +240,9 @@ class DPORecipe(LossRecipe):
     def __init__(self, cfg: DictConfig, distributed: bool):
         super().__init__(cfg, task="dpo", distributed=distributed)
         self.eval_every_n_steps = cfg.get("eval_every_n_steps", None)
-        if self.eval_every_n_steps is not None and (not isinstance(self.eval_every_n_steps, int)
-                                                    or self.eval_every_n_steps < 1):
+        if self.eval_every_n_steps is not None and (
+            not isinstance(self.eval_every_n_steps, int) or self.eval_every_n_steps < 1
+        ):
             raise ValueError(f"eval_every_n_steps: expected an int >= 1 or null, got {self.eval_every_n_steps!r}")
 
     def setup(self, cfg: DictConfig) -> None:
@@ -235,8 +251,7 @@ class DPORecipe(LossRecipe):
         self.reference = None
         if needs_reference(loss_module):
             ref_ckpt = config.instantiate(cfg.get("ref_checkpointer", cfg.checkpointer)).load_checkpoint()
-            self.reference = self._build(cfg.get("ref_model", cfg.model), ref_ckpt[training.MODEL_KEY],
-                                         trainable=False)
+            self.reference = self._build(cfg.get("ref_model", cfg.model), ref_ckpt[training.MODEL_KEY], trainable=False)
             self.reference.eval()
             if not is_fused_preference_loss(loss_module):
                 configure_model_for_loss(self.reference, loss_module)  # full logits, like the policy
@@ -249,23 +264,37 @@ class DPORecipe(LossRecipe):
             ds = config.instantiate(cfg.eval_dataset, self.tokenizer)
             # No shuffling; padded to equal counts per rank (every rank runs every forward under FSDP2).
             sampler = DistributedSampler(ds, num_replicas=p.dp_size, rank=p.dp_rank, shuffle=False, drop_last=False)
-            collate = partial(padded_collate_preference, padding_idx=self.tokenizer.pad_id,
-                              ignore_idx=self.ignore_index)
-            self.eval_loader = DataLoader(ds, batch_size=int(cfg.get("eval_batch_size", s.batch_size)),
-                                          sampler=sampler, collate_fn=collate)
+            collate = partial(
+                padded_collate_preference, padding_idx=self.tokenizer.pad_id, ignore_idx=self.ignore_index
+            )
+            self.eval_loader = DataLoader(
+                ds, batch_size=int(cfg.get("eval_batch_size", s.batch_size)), sampler=sampler, collate_fn=collate
+            )
 
     def _build_data(self, cfg: DictConfig):
         s, p = self.settings, self.par
         ds = config.instantiate(cfg.dataset, self.tokenizer)
         self.dataloader, self.sampler = data.build_dataloader(
-            ds, batch_size=s.batch_size, shuffle=s.shuffle, seed=s.seed, dp_size=p.dp_size, dp_rank=p.dp_rank,
-            pad_id=self.tokenizer.pad_id, ignore_index=self.ignore_index, collate=padded_collate_preference)
+            ds,
+            batch_size=s.batch_size,
+            shuffle=s.shuffle,
+            seed=s.seed,
+            dp_size=p.dp_size,
+            dp_rank=p.dp_rank,
+            pad_id=self.tokenizer.pad_id,
+            ignore_index=self.ignore_index,
+            collate=padded_collate_preference,
+        )
         return ds
 
     def _step_normalizer(self, labels: List[torch.Tensor]):
         """``([pairs, chosen tokens] of the step, valid tokens of the step)``, all-reduced over dp at once."""
-        counts = torch.cat([count_pairs_and_tokens(labels, self.ignore_index),
-                            sum((lab != self.ignore_index).sum() for lab in labels).reshape(1)])
+        counts = torch.cat(
+            [
+                count_pairs_and_tokens(labels, self.ignore_index),
+                sum((lab != self.ignore_index).sum() for lab in labels).reshape(1),
+            ]
+        )
         counts = all_reduce_token_count(counts, group=self.par.dp_group)
         return counts[:2], counts[2]
 
@@ -285,19 +314,28 @@ class DPORecipe(LossRecipe):
         """Peak memory of one micro-batch's forward + backward (policy, reference and loss), once per run."""
         if self.distributed:
             return
-        peak = peak_memory_of(lambda: self._micro_batch_loss(batch, labels, self._step_normalizer([labels])[0])
-                              .total.backward(), self.device)
+        peak = peak_memory_of(
+            lambda: self._micro_batch_loss(batch, labels, self._step_normalizer([labels])[0]).total.backward(),
+            self.device,
+        )
         self.optimizer.zero_grad(set_to_none=True)
-        self._note(f"DPO micro-batch peak memory (forward + backward, batch {tuple(batch['tokens'].shape)}): "
-                   f"{peak / 2**20:.1f} MiB")
+        self._note(
+            f"DPO micro-batch peak memory (forward + backward, batch {tuple(batch['tokens'].shape)}): "
+            f"{peak / 2**20:.1f} MiB"
+        )
         if self.metric_logger is not None:
             self.metric_logger.log_dict({"step_peak_memory_mib": peak / 2**20}, step=0)
 
     # ------------------------------------------------------------------------------------------ eval
     def _evaluate(self) -> Dict[str, float]:
         self.model.eval()
-        sums = evaluate(self.forward, self.eval_loader, self.device, self.ignore_index,
-                        lambda lab: data.shift_labels(lab, self.ignore_index))
+        sums = evaluate(
+            self.forward,
+            self.eval_loader,
+            self.device,
+            self.ignore_index,
+            lambda lab: data.shift_labels(lab, self.ignore_index),
+        )
         self.model.train()
         keys = sorted(sums)
         stacked = all_reduce_token_count(torch.stack([sums[k].float() for k in keys]), group=self.par.dp_group)
@@ -315,8 +353,9 @@ class DPORecipe(LossRecipe):
         if self.eval_loader is not None and self.global_step == 0:
             self._log_eval(0)
         super().train()
-        if self.eval_loader is not None and (self.eval_every_n_steps is None
-                                             or self.global_step % self.eval_every_n_steps):
+        if self.eval_loader is not None and (
+            self.eval_every_n_steps is None or self.global_step % self.eval_every_n_steps
+        ):
             self._log_eval(self.global_step)
 
     def _train_step(self, micro: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:

@@ -113,8 +113,12 @@ class LossRecipe:
 
         ckpt = config.instantiate(cfg.checkpointer).load_checkpoint()
         self.checkpointer = config.instantiate(cfg.checkpointer)
-        self.model = self._build(cfg.model, ckpt[training.MODEL_KEY], trainable=True,
-                                 activation_checkpointing=s.enable_activation_checkpointing)
+        self.model = self._build(
+            cfg.model,
+            ckpt[training.MODEL_KEY],
+            trainable=True,
+            activation_checkpointing=s.enable_activation_checkpointing,
+        )
         loss_module = config.instantiate(cfg.loss)
         self._check_tensor_parallel_loss(loss_module)
         self.loss = TrainingLoss(loss_module)
@@ -138,19 +142,28 @@ class LossRecipe:
                 # The teacher emits what the student emits (same chunk count and split): the KD loss pairs them.
                 configure_model_for_loss(self.teacher, loss_module)
         p = self.par
-        log.info(f"rank {p.rank}: {self.task} with {self.loss.name}, model output mode '{self.output_mode}', "
-                 f"world size {p.world_size}" + (f" (data parallel {p.dp_size} x tensor parallel {p.tp})" if p.tp > 1 else ""))
+        log.info(
+            f"rank {p.rank}: {self.task} with {self.loss.name}, model output mode '{self.output_mode}', "
+            f"world size {p.world_size}"
+            + (f" (data parallel {p.dp_size} x tensor parallel {p.tp})" if p.tp > 1 else "")
+        )
 
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, self.params)
         ds = self._build_data(cfg)
         self.steps_per_epoch = data.steps_per_epoch(
-            len(ds), self.dataloader, batch_size=s.batch_size, grad_accum=s.gradient_accumulation_steps,
-            dp_size=p.dp_size, max_steps_per_epoch=s.max_steps_per_epoch)
+            len(ds),
+            self.dataloader,
+            batch_size=s.batch_size,
+            grad_accum=s.gradient_accumulation_steps,
+            dp_size=p.dp_size,
+            max_steps_per_epoch=s.max_steps_per_epoch,
+        )
         self.lr_scheduler = None
         if cfg.get("lr_scheduler", None) is not None:
-            self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer,
-                                                   num_training_steps=s.epochs * self.steps_per_epoch)
+            self.lr_scheduler = config.instantiate(
+                cfg.lr_scheduler, self.optimizer, num_training_steps=s.epochs * self.steps_per_epoch
+            )
         if s.resume_from_checkpoint:
             self._load_resume_state()
 
@@ -160,13 +173,28 @@ class LossRecipe:
         data.validate_text_files(cfg.dataset, warn=self.is_rank_zero)
         ds = config.instantiate(cfg.dataset, self.tokenizer)
         self.dataloader, self.sampler = data.build_dataloader(
-            ds, batch_size=s.batch_size, shuffle=s.shuffle, seed=s.seed, dp_size=p.dp_size, dp_rank=p.dp_rank,
-            pad_id=self.tokenizer.pad_id, ignore_index=self.ignore_index)
+            ds,
+            batch_size=s.batch_size,
+            shuffle=s.shuffle,
+            seed=s.seed,
+            dp_size=p.dp_size,
+            dp_rank=p.dp_rank,
+            pad_id=self.tokenizer.pad_id,
+            ignore_index=self.ignore_index,
+        )
         return ds
 
     def _build(self, cfg_model: DictConfig, state_dict, trainable: bool, activation_checkpointing: bool = False):
-        return build_model(cfg_model, state_dict, device=self.device, dtype=self.dtype, trainable=trainable,
-                           distributed=self.distributed, par=self.par, activation_checkpointing=activation_checkpointing)
+        return build_model(
+            cfg_model,
+            state_dict,
+            device=self.device,
+            dtype=self.dtype,
+            trainable=trainable,
+            distributed=self.distributed,
+            par=self.par,
+            activation_checkpointing=activation_checkpointing,
+        )
 
     def _check_tensor_parallel_loss(self, loss_module) -> None:
         """Tensor parallelism shards the logits' vocabulary: only fused losses (hidden states in) see it."""
@@ -200,13 +228,19 @@ class LossRecipe:
     def train(self) -> None:
         s = self.settings
         self.model.train()
-        self.progress = Progress(s.epochs * self.steps_per_epoch, initial=self.global_step, desc=self.task,
-                                 enabled=self.is_rank_zero, every=s.progress_every_n_steps)
+        self.progress = Progress(
+            s.epochs * self.steps_per_epoch,
+            initial=self.global_step,
+            desc=self.task,
+            enabled=self.is_rank_zero,
+            every=s.progress_every_n_steps,
+        )
         try:
             for epoch in range(self.global_step // self.steps_per_epoch, s.epochs):
                 done = self.global_step - epoch * self.steps_per_epoch
-                for micro in data.step_batches(self.dataloader, self.sampler, epoch, self.steps_per_epoch, done,
-                                               s.gradient_accumulation_steps):
+                for micro in data.step_batches(
+                    self.dataloader, self.sampler, epoch, self.steps_per_epoch, done, s.gradient_accumulation_steps
+                ):
                     metrics = self._train_step(micro)
                     self.global_step += 1
                     self.progress.update(metrics["loss"])
@@ -218,7 +252,9 @@ class LossRecipe:
                     if end_of_epoch or (s.save_every_n_steps and self.global_step % s.save_every_n_steps == 0):
                         self.save_checkpoint(epoch)
                     if s.stop_after_steps is not None and self.global_step >= s.stop_after_steps:
-                        self.progress.write(f"stop_after_steps={s.stop_after_steps} reached: stopping (resume to continue)")
+                        self.progress.write(
+                            f"stop_after_steps={s.stop_after_steps} reached: stopping (resume to continue)"
+                        )
                         return
                 if self.epochs_run < epoch + 1:  # the loader ran out before the epoch's last step
                     self.epochs_run = epoch + 1
@@ -286,21 +322,26 @@ class LossRecipe:
             with collective("all-gather of non-finite gradient names", self.settings.process_group_timeout_s):
                 dist.all_gather_object(gathered, names)
             names = sorted({n for rank_names in gathered for n in rank_names})
-        shown = ", ".join(f"{n} ({kind})" for n, kind in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        shown = ", ".join(f"{n} ({kind})" for n, kind in names[:5]) + (
+            f" and {len(names) - 5} more" if len(names) > 5 else ""
+        )
         return f"gradient of {shown}" if names else f"grad_norm {metrics['grad_norm']}"
 
     def _on_nonfinite(self, problem: str) -> None:
         step, limit = self.global_step + 1, self.settings.max_nonfinite_steps
         self.nonfinite_in_a_row += 1
-        msg = (f"step {step}: non-finite {problem}; optimizer step skipped "
-               f"({self.nonfinite_in_a_row} in a row, max_nonfinite_steps={limit})")
+        msg = (
+            f"step {step}: non-finite {problem}; optimizer step skipped "
+            f"({self.nonfinite_in_a_row} in a row, max_nonfinite_steps={limit})"
+        )
         if self.nonfinite_in_a_row < limit:
             self._note(msg, warning=True)
             return
         raise NonFiniteTrainingError(
             f"stopping at step {step}: {self.nonfinite_in_a_row} optimizer steps in a row were non-finite "
             f"(max_nonfinite_steps={limit}); last: {problem}. No non-finite update was applied or saved; "
-            f"lower optimizer.lr, check the data or the teacher, or resume from the last checkpoint.")
+            f"lower optimizer.lr, check the data or the teacher, or resume from the last checkpoint."
+        )
 
     def _note(self, msg: str, warning: bool = False) -> None:
         if not self.is_rank_zero:
@@ -317,10 +358,12 @@ class LossRecipe:
         if self.distributed:
             return  # outside forward, FSDP2 weights are sharded; measured by the single-device recipes
         tokens = batch["tokens"]
-        peak = loss_peak_memory(self.model, self.loss, tokens, labels, self.device, teacher=self.teacher,
-                                kd_loss=self.kd_loss)
-        self._note(f"loss peak memory (projection + loss, fwd + bwd, batch {tuple(tokens.shape)}): "
-                   f"{peak / 2**20:.1f} MiB")
+        peak = loss_peak_memory(
+            self.model, self.loss, tokens, labels, self.device, teacher=self.teacher, kd_loss=self.kd_loss
+        )
+        self._note(
+            f"loss peak memory (projection + loss, fwd + bwd, batch {tuple(tokens.shape)}): {peak / 2**20:.1f} MiB"
+        )
         if self.metric_logger is not None:
             self.metric_logger.log_dict({"loss_peak_memory_mib": peak / 2**20}, step=0)
 
@@ -340,7 +383,8 @@ class LossRecipe:
         if flag.item() > 0:
             raise NonFiniteTrainingError(
                 f"step {self.global_step}: refusing to save a model with non-finite weights "
-                f"({', '.join(bad[:5]) or 'on another rank'}); the previous checkpoint is kept")
+                f"({', '.join(bad[:5]) or 'on another rank'}); the previous checkpoint is kept"
+            )
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         with collective("gather of the full state dict for saving", s.process_group_timeout_s):
             model_sd = get_model_state_dict(self.model, options=full)
@@ -348,26 +392,38 @@ class LossRecipe:
         if self.is_rank_zero:
             export = model_sd
             if get_adapter_params(self.model):
-                export = get_merged_lora_ckpt(dict(model_sd), rank=int(self.cfg.model.lora_rank),
-                                              alpha=float(self.cfg.model.lora_alpha))
+                export = get_merged_lora_ckpt(
+                    dict(model_sd), rank=int(self.cfg.model.lora_rank), alpha=float(self.cfg.model.lora_alpha)
+                )
             files = checkpointing.export_atomically(self.checkpointer, {training.MODEL_KEY: export}, epoch)
-            resume = checkpointing.save_resume_state(s.output_dir, {
-                "model": model_sd, "optimizer": optim_sd,
-                "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
-                "global_step": self.global_step, "epochs_run": self.epochs_run, "seed": s.seed,
-                "steps_per_epoch": self.steps_per_epoch, "rng": torch.get_rng_state(),
-            })
+            resume = checkpointing.save_resume_state(
+                s.output_dir,
+                {
+                    "model": model_sd,
+                    "optimizer": optim_sd,
+                    "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
+                    "global_step": self.global_step,
+                    "epochs_run": self.epochs_run,
+                    "seed": s.seed,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "rng": torch.get_rng_state(),
+                },
+            )
             size = sum(f.stat().st_size for f in files) / 2**20
-            self._note(f"step {self.global_step}: saved {files[0].parent if files else 'nothing'} "
-                       f"({len(files)} file(s), {size:.1f} MiB) and {resume}")
+            self._note(
+                f"step {self.global_step}: saved {files[0].parent if files else 'nothing'} "
+                f"({len(files)} file(s), {size:.1f} MiB) and {resume}"
+            )
         barrier("barrier after saving", s.process_group_timeout_s)
         self.saved_at_step = self.global_step
 
     def _load_resume_state(self) -> None:
         state = checkpointing.load_resume_state(self.settings.output_dir)
         if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(f"resume_from_checkpoint: the checkpoint has {state['steps_per_epoch']} steps per epoch, "
-                             f"this config {self.steps_per_epoch}; resume with the same data and batch settings")
+            raise ValueError(
+                f"resume_from_checkpoint: the checkpoint has {state['steps_per_epoch']} steps per epoch, "
+                f"this config {self.steps_per_epoch}; resume with the same data and batch settings"
+            )
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["model"], options=full)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)

@@ -33,7 +33,9 @@ class _StorageTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._purge()
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
@@ -62,8 +64,16 @@ def peak_memory_of(fn: Callable[[], object], device: torch.device) -> int:
     return tracker.peak_bytes
 
 
-def loss_peak_memory(model: torch.nn.Module, loss, tokens: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                     *, teacher: Optional[torch.nn.Module] = None, kd_loss=None) -> int:
+def loss_peak_memory(
+    model: torch.nn.Module,
+    loss,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    *,
+    teacher: Optional[torch.nn.Module] = None,
+    kd_loss=None,
+) -> int:
     """Peak bytes of the loss alone (output projection + loss, forward and backward) on one batch.
 
     ``loss`` / ``kd_loss`` are :class:`tune_losses.training.protocol.TrainingLoss`; the model (and

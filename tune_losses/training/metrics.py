@@ -14,5 +14,6 @@ def read_metrics(path: Path) -> Dict[int, Dict[str, float]]:
         m = re.match(r"Step (\d+) \| (.*)", line)
         if m:
             steps.setdefault(int(m.group(1)), {}).update(
-                {k: float(v) for k, v in (kv.split(":") for kv in m.group(2).split())})
+                {k: float(v) for k, v in (kv.split(":") for kv in m.group(2).split())}
+            )
     return steps

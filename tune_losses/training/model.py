@@ -30,9 +30,17 @@ def shard_output_over_vocab(model: nn.Module, tp_mesh) -> None:
     parallelize_module(head, tp_mesh, ColwiseParallel())
 
 
-def build_model(cfg_model: DictConfig, state_dict: Dict[str, Any], *, device: torch.device, dtype: torch.dtype,
-                trainable: bool, distributed: bool, par: Parallelism,
-                activation_checkpointing: bool = False) -> nn.Module:
+def build_model(
+    cfg_model: DictConfig,
+    state_dict: Dict[str, Any],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    trainable: bool,
+    distributed: bool,
+    par: Parallelism,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
     """The model of ``cfg_model`` with ``state_dict`` loaded (a full state dict), sharded when
     ``distributed`` (FSDP2 per layer and overall, over ``dp`` when tensor parallel), frozen unless
     ``trainable``; a LoRA model trains its adapters only."""

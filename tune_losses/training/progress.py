@@ -22,8 +22,15 @@ def _columns(stream: TextIO) -> Optional[int]:
 
 
 class Progress:
-    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True,
-                 every: Optional[int] = None, stream: Optional[TextIO] = None):
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        desc: str = "",
+        enabled: bool = True,
+        every: Optional[int] = None,
+        stream: Optional[TextIO] = None,
+    ):
         self.total, self.n, self.desc, self.enabled = total, initial, desc, enabled
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) and _columns(self.stream) != 0
@@ -51,8 +58,11 @@ class Progress:
         done = self.n - self.start_n
         left = elapsed / done * (self.total - self.n) if done > 0 else 0.0
         loss_txt = f"  loss {loss:.4f}" if loss is not None else ""
-        print(f"{self.desc} step {self.n}/{self.total}{loss_txt}  {elapsed:.0f} s, ~{left:.0f} s left",
-              file=self.stream, flush=True)
+        print(
+            f"{self.desc} step {self.n}/{self.total}{loss_txt}  {elapsed:.0f} s, ~{left:.0f} s left",
+            file=self.stream,
+            flush=True,
+        )
 
     def write(self, message: str) -> None:
         """Print ``message`` on a line of its own (above the bar on a terminal)."""

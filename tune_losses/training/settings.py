@@ -18,12 +18,30 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 # Top-level keys that hold components or are read elsewhere than LoopSettings.
-COMPONENT_KEYS = frozenset({
-    "model", "tokenizer", "checkpointer", "dataset", "loss", "optimizer", "lr_scheduler", "metric_logger",
-    "device", "dtype", "teacher_model", "teacher_checkpointer", "kd_loss", "kd_ratio",
-    # DPO (tune_losses.training.dpo)
-    "ref_model", "ref_checkpointer", "eval_dataset", "eval_every_n_steps", "eval_batch_size",
-})
+COMPONENT_KEYS = frozenset(
+    {
+        "model",
+        "tokenizer",
+        "checkpointer",
+        "dataset",
+        "loss",
+        "optimizer",
+        "lr_scheduler",
+        "metric_logger",
+        "device",
+        "dtype",
+        "teacher_model",
+        "teacher_checkpointer",
+        "kd_loss",
+        "kd_ratio",
+        # DPO (tune_losses.training.dpo)
+        "ref_model",
+        "ref_checkpointer",
+        "eval_dataset",
+        "eval_every_n_steps",
+        "eval_batch_size",
+    }
+)
 
 
 def _check_int(key: str, value: Any, minimum: int, allow_none: bool = False) -> Optional[int]:
@@ -40,7 +58,9 @@ def _check_float(key: str, value: Any, allow_none: bool = False) -> Optional[flo
         return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < float(value) < float("inf")
     if not ok:
-        raise ValueError(f"{key}: expected a finite number > 0" + (" or null" if allow_none else "") + f", got {value!r}")
+        raise ValueError(
+            f"{key}: expected a finite number > 0" + (" or null" if allow_none else "") + f", got {value!r}"
+        )
     return float(value)
 
 
@@ -76,8 +96,14 @@ class LoopSettings:
     def __post_init__(self):
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"output_dir: expected a non-empty path, got {self.output_dir!r}")
-        for key in ("epochs", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",
-                    "max_nonfinite_steps", "tensor_parallel_dim"):
+        for key in (
+            "epochs",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "log_every_n_steps",
+            "max_nonfinite_steps",
+            "tensor_parallel_dim",
+        ):
             _check_int(key, getattr(self, key), 1)
         _check_int("seed", self.seed, 0)
         for key in ("max_steps_per_epoch", "save_every_n_steps", "stop_after_steps", "progress_every_n_steps"):
@@ -88,7 +114,7 @@ class LoopSettings:
             _check_bool(key, getattr(self, key))
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "LoopSettings":
+    def from_config(cls, cfg: DictConfig) -> LoopSettings:
         """Read every field from ``cfg`` (missing keys take the defaults; ``seed: null`` is 0)."""
         values = {}
         for f in fields(cls):
@@ -96,8 +122,11 @@ class LoopSettings:
                 values[f.name] = cfg[f.name]
         if values.get("seed", 0) is None:
             values["seed"] = 0  # every rank and every resumed run must agree on it
-        if "clip_grad_norm" in values and isinstance(values["clip_grad_norm"], int) \
-                and not isinstance(values["clip_grad_norm"], bool):
+        if (
+            "clip_grad_norm" in values
+            and isinstance(values["clip_grad_norm"], int)
+            and not isinstance(values["clip_grad_norm"], bool)
+        ):
             values["clip_grad_norm"] = float(values["clip_grad_norm"])
         missing = [k for k in ("output_dir", "epochs", "batch_size") if k not in values]
         if missing:
