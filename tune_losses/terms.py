@@ -34,6 +34,9 @@ class Chunk:
         teacher: ``[n, V_r]`` teacher logits (no gradient), or None when no term needs them.
         labels: ``[n]`` class ids; valid: ``[n]`` bool mask of counted tokens.
         reducer: reductions over the vocabulary (identity on one process).
+        inputs: per-token side inputs of this chunk's rows by name (``[n, ...]`` each, no gradient),
+            e.g. a cached teacher's ids and log-probabilities or a policy loss's advantages; empty
+            when the call has none. Rows of padding (compiled chunks) hold zeros.
         student_rows: per-token statistics of the raw student logits shared between terms:
             ``(max [n], sum exp(z - max) [n])`` over the whole vocabulary, set by the first term
             that computes them (cross-entropy) and read by later ones (a divergence at T = 1), so
@@ -45,6 +48,7 @@ class Chunk:
     labels: torch.Tensor
     valid: torch.Tensor
     reducer: VocabReducer
+    inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
     student_rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 

@@ -46,14 +46,16 @@ def terms_on_chunk(
     valid: torch.Tensor,
     weights: Sequence,
     consume: bool,
+    inputs: Optional[Dict[str, torch.Tensor]] = None,
 ):
     """Every term on one chunk: ``(outputs [n] in term order, summed logit gradient [n, V_r] or None)``.
 
     Args:
         weights: per term, None (values only) or one ``[n]`` tensor / None per output.
         consume: the logits buffers may be overwritten (by the last term reading each).
+        inputs: per-token side inputs of the chunk's rows by name (:attr:`Chunk.inputs`).
     """
-    chunk = Chunk(z, zt, labels, valid, red)
+    chunk = Chunk(z, zt, labels, valid, red, dict(inputs or {}))
     last_teacher = -1
     for i, t in enumerate(terms):
         if t.needs_teacher:
@@ -100,11 +102,11 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
     if fn is None:
         frozen_terms, local = tuple(terms), VocabReducer(red.vocab)
 
-        def math(z, zt, labels, valid, weights):
+        def math(z, zt, labels, valid, weights, inputs):
             # consume=False: the terms' math stays functional, so Inductor can fuse it; the summed
             # gradient is then written over the student's logits buffer in the last fused pass (the
             # engine reads it there), so a chunk needs no third [n, V] buffer.
-            outs, g = terms_on_chunk(frozen_terms, local, z, zt, labels, valid, weights, False)
+            outs, g = terms_on_chunk(frozen_terms, local, z, zt, labels, valid, weights, False, inputs)
             if g is None:
                 return outs, False
             z.copy_(g)
@@ -123,7 +125,9 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
     return fn
 
 
-def run_compiled(fn: Callable, z, zt, labels, valid, weights) -> Optional[Tuple[list, Optional[torch.Tensor]]]:
+def run_compiled(
+    fn: Callable, z, zt, labels, valid, weights, inputs=None
+) -> Optional[Tuple[list, Optional[torch.Tensor]]]:
     """Call a compiled chunk function: ``(outputs, gradient)`` as :func:`terms_on_chunk`, the
     gradient written over ``z`` (``z`` itself, or None when no term has a gradient weight); None
     (and compilation off from now on, said once) if it fails."""
@@ -131,7 +135,7 @@ def run_compiled(fn: Callable, z, zt, labels, valid, weights) -> Optional[Tuple[
         # A key's code compiles once per (rows, dtype, gradient pattern): a few powers of two of rows,
         # with and without gradients, exceed torch's default limit of 8 for one code object.
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            outs, has_grad = fn(z, zt, labels, valid, weights)
+            outs, has_grad = fn(z, zt, labels, valid, weights, dict(inputs or {}))
             return outs, (z if has_grad else None)
     except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same eager math
         _turn_off(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")

@@ -214,6 +214,7 @@ def chunk_pass(
     weights: Optional[Sequence[Sequence]] = None,
     need: Tuple[bool, bool, bool] = (False, False, False),
     grad_scale: Optional[torch.Tensor] = None,
+    inputs: Optional[Dict[str, torch.Tensor]] = None,
 ):
     """One pass over all token chunks.
 
@@ -226,6 +227,8 @@ def chunk_pass(
         need: which of (dx, dw, db) to compute.
         grad_scale: 0-dim fp32 factor applied to every gradient while still in the compute dtype
             (the ``1 / num_tokens`` of a mean), or None.
+        inputs: per-token side inputs by name, ``[N, ...]`` each (no gradient): each chunk's terms
+            read their rows as ``Chunk.inputs`` (a cached teacher's ids, a policy's advantages, ...).
 
     Returns:
         ``(outputs, dx, dw, db)``: ``outputs`` maps each output name to its ``[N]`` values (compute
@@ -261,6 +264,7 @@ def chunk_pass(
         rows = slice(start, end)
         n = end - start
         ok, lab = valid[rows], labels[rows]
+        chunk_inputs = {k: v[rows] for k, v in inputs.items()} if inputs else {}
         # Ignored tokens' hidden rows are zeroed ([n, H], cheap): a non-finite hidden state at a
         # token the loss leaves out (a padding position) then cannot reach dX / dW as 0 * NaN.
         xc = _zero_ignored(x[rows], ok)
@@ -274,12 +278,12 @@ def chunk_pass(
                     chunk_weights[i] = [_chunk_weight(v, rows, ok, dtype, grad_scale) for v in ws]
         result = None
         if math is not None:
-            result = _run_padded(math, n, zbuf, ztbuf, lab, ok, chunk_weights, plan.ignore_index)
+            result = _run_padded(math, n, zbuf, ztbuf, lab, ok, chunk_weights, plan.ignore_index, chunk_inputs)
             if result is None:
                 math = None
         if result is None:
             zt = ztbuf[:n] if teacher else None
-            result = terms_on_chunk(plan.terms, red, zbuf[:n], zt, lab, ok, chunk_weights, True)
+            result = terms_on_chunk(plan.terms, red, zbuf[:n], zt, lab, ok, chunk_weights, True, chunk_inputs)
         values, g = result
         del result
         for name, v in zip(plan.output_names, values):
@@ -294,7 +298,7 @@ def chunk_pass(
     return outputs, dx, dw, db
 
 
-def _run_padded(math, n: int, zbuf, ztbuf, labels, valid, weights, ignore_index: int):
+def _run_padded(math, n: int, zbuf, ztbuf, labels, valid, weights, ignore_index: int, inputs=None):
     """Run compiled chunk math on whole buffers ``[rows, V]`` whose first ``n`` rows are this chunk.
 
     Every chunk then has the same shape (one compilation); the rows past ``n`` (stale) are padding:
@@ -307,9 +311,13 @@ def _run_padded(math, n: int, zbuf, ztbuf, labels, valid, weights, ignore_index:
         def rows_of(t, value=0):
             return None if t is None else torch.nn.functional.pad(t, (0, pad), value=value)
 
+        def leading_rows_of(t):  # [n, ...] -> [rows, ...], zeros below
+            return torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+
         labels, valid = rows_of(labels, ignore_index), rows_of(valid, False)
         weights = [None if ws is None else [rows_of(w) for w in ws] for ws in weights]
-    result = run_compiled(math, zbuf, ztbuf, labels, valid, weights)
+        inputs = {k: leading_rows_of(v) for k, v in (inputs or {}).items()}
+    result = run_compiled(math, zbuf, ztbuf, labels, valid, weights, inputs)
     if result is None or not pad:
         return result
     values, g = result
@@ -350,9 +358,11 @@ class GradInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, tx, tw, tb, plan: LossPlan, scale=None):
+    def forward(ctx, x, w, b, labels, tx, tw, tb, plan: LossPlan, scale=None, inputs=None):
         need = _needs(ctx, b)
-        outputs, dx, dw, db = chunk_pass(x, w, b, labels, tx, tw, tb, plan, plan.loss_weights(), need, scale)
+        outputs, dx, dw, db = chunk_pass(
+            x, w, b, labels, tx, tw, tb, plan, plan.loss_weights(), need, scale, inputs=inputs
+        )
         ctx.grads = (dx, dw, db)
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
         ctx.save_for_backward(x, w, b)
@@ -381,7 +391,7 @@ class GradInForward(torch.autograd.Function):
             dw = dw.mul_(grad_total.to(dw.dtype)).to(w_dtype)
         if db is not None:
             db = db.mul_(grad_total.to(db.dtype)).to(b_dtype)
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 class Recompute(torch.autograd.Function):
@@ -390,10 +400,11 @@ class Recompute(torch.autograd.Function):
     weights."""
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, tx, tw, tb, plan: LossPlan):
-        outputs, *_ = chunk_pass(x, w, b, labels, tx, tw, tb, plan)
+    def forward(ctx, x, w, b, labels, tx, tw, tb, plan: LossPlan, inputs=None):
+        outputs, *_ = chunk_pass(x, w, b, labels, tx, tw, tb, plan, inputs=inputs)
         ctx.save_for_backward(x, w, b, labels, tx, tw, tb)
         ctx.plan = plan
+        ctx.inputs = inputs
         return tuple(outputs[name] for name in plan.output_names)
 
     @staticmethod
@@ -402,10 +413,10 @@ class Recompute(torch.autograd.Function):
         plan = ctx.plan
         it = iter(grads)
         weights = [[next(it) for _ in t.outputs] for t in plan.terms]
-        _, dx, dw, db = chunk_pass(x, w, b, labels, tx, tw, tb, plan, weights, _needs(ctx, b))
+        _, dx, dw, db = chunk_pass(x, w, b, labels, tx, tw, tb, plan, weights, _needs(ctx, b), inputs=ctx.inputs)
         dw = None if dw is None else dw.to(w.dtype)
         db = None if db is None else db.to(b.dtype)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def run_terms(
@@ -421,6 +432,7 @@ def run_terms(
     per_token: bool,
     recompute: bool,
     scale: Optional[torch.Tensor] = None,
+    inputs: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Run a plan through the right autograd function.
 
@@ -429,6 +441,7 @@ def run_terms(
         recompute: use :class:`Recompute` (always for per-token results and when no gradient is
             wanted), else :class:`GradInForward`.
         scale: 0-dim factor of the sums (the mean's ``1 / tokens``), None for 1.
+        inputs: per-token side inputs by name, ``[N, ...]`` each, read by the terms per chunk.
 
     Returns:
         ``(loss, parts)``: ``loss`` the weighted sum of the terms' first outputs (per token or
@@ -436,9 +449,9 @@ def run_terms(
     """
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
     if not per_token and not recompute and grad_wanted:
-        total, *sums = GradInForward.apply(x, w, b, labels, tx, tw, tb, plan, scale)
+        total, *sums = GradInForward.apply(x, w, b, labels, tx, tw, tb, plan, scale, inputs)
         return total, {t.name: s for t, s in zip(plan.terms, sums)}
-    values = Recompute.apply(x, w, b, labels, tx, tw, tb, plan)
+    values = Recompute.apply(x, w, b, labels, tx, tw, tb, plan, inputs)
     parts = dict(zip(plan.output_names, values))
     total = None
     for t in plan.terms:
