@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -157,12 +157,16 @@ def _run(
     opts: RunOptions,
     num_tokens=None,
     scale=None,
+    inputs: Optional[Dict[str, torch.Tensor]] = None,
+    check_inputs: Optional[Callable[[int], None]] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
     """Place the weights, check the tensors, run the terms.
 
     ``num_tokens`` (with ``reduction="mean"``) replaces this call's valid-token count; ``scale``
     (with ``reduction="sum"``) multiplies the sum. Either way the factor reaches the gradients in
-    the compute dtype, before any cast to a low-precision input dtype.
+    the compute dtype, before any cast to a low-precision input dtype. ``inputs``: per-token side
+    inputs ``[N, ...]`` by name for the terms (``Chunk.inputs``); ``check_inputs(V)``: their
+    value-reading checks against the global vocabulary size, run when ``opts.validate``.
 
     Returns:
         ``(loss, parts, count)``: ``loss`` reduced as ``opts.reduction`` says (fp32, fp64 for fp64
@@ -204,6 +208,8 @@ def _run(
     vocab = w.shape[0] if placed.reducer is None else placed.reducer.vocab
     if opts.validate:
         check_label_range(labels, vocab, opts.ignore_index)
+        if check_inputs is not None:
+            check_inputs(vocab)
     flat_labels = labels.reshape(-1)
     count = (flat_labels != opts.ignore_index).sum()
     plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer)
@@ -218,8 +224,10 @@ def _run(
     keep = None
     if opts.drop_ignored_tokens:
         x, tx, flat_labels, keep = select_valid_rows(x, tx, flat_labels, opts.ignore_index)
+        if keep is not None and inputs:
+            inputs = {k: v.index_select(0, keep) for k, v in inputs.items()}
     loss, parts = run_terms(
-        x, w, b, flat_labels, tx, tw, tb, plan, per_token=per_token, recompute=recompute, scale=scale
+        x, w, b, flat_labels, tx, tw, tb, plan, per_token=per_token, recompute=recompute, scale=scale, inputs=inputs
     )
     if per_token:
         loss = scatter_rows(loss, keep, labels.numel())
