@@ -217,4 +217,4 @@ def test_qwen2_5_7b_to_0_5b_config_builds_on_meta():
     proj_s, proj_t = tl.output_projection(student), tl.output_projection(teacher)
     assert (proj_s.weight.shape[0], proj_t.weight.shape[0]) == (151936, 152064)
     loss_fn = config.instantiate(cfg.loss)
-    assert loss_fn.kwargs["teacher_vocab"] == "drop"
+    assert loss_fn.options.kd.teacher_vocab == "drop"

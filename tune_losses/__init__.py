@@ -50,7 +50,7 @@ from tune_losses.fused import (
     linear_log_probs,
 )
 from tune_losses.heads import OutputProjection, configure_model_for_loss, output_projection, set_output_mode
-from tune_losses.options import CEOptions, KDOptions
+from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions, VocabParallelOptions
 
 globals().update(_KD_LOSS_CLASSES)
 
@@ -102,5 +102,8 @@ __all__ = [
     # options
     "CEOptions",
     "KDOptions",
+    "DistillationOptions",
+    "ExecutionOptions",
+    "VocabParallelOptions",
 ]
 __all__ += [name for name in _KD_LOSS_CLASSES if name not in __all__]

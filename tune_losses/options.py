@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -194,6 +194,88 @@ class KDOptions:
         return self.temperature**2 if self.scale_by_temperature_squared else 1.0
 
 
+ALGORITHMS = ("auto", "grad_in_forward", "recompute")
+"""How a fused loss computes its gradients (:mod:`tune_losses.fused.engine`)."""
+
+
+@dataclass(frozen=True)
+class VocabParallelOptions:
+    """Where the output weight's vocabulary rows live (one object instead of four arguments).
+
+    Attributes:
+        process_group: vocabulary parallelism with a local shard: the weight (and bias) hold this
+            rank's consecutive rows of the ``[V, H]`` projection, ranks in group order; hidden states
+            and labels are the same on every rank of the group.
+        vocab_parallel: for a DTensor weight: None (auto: ``Shard(0)`` on a mesh dimension named
+            ``tp`` / ``tensor`` is vocabulary-parallel, any other DTensor is gathered once per call),
+            True (required), False (never).
+        vocab_start, vocab_size: with ``process_group``: this shard's first row and the global V
+            (one all-gather of the shard sizes finds them when not both given).
+    """
+
+    process_group: object = None
+    vocab_parallel: Optional[bool] = None
+    vocab_start: Optional[int] = None
+    vocab_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.vocab_parallel is not None and not isinstance(self.vocab_parallel, bool):
+            raise ArgumentTypeError(
+                f"vocab_parallel: expected None, True or False, got {self.vocab_parallel!r} "
+                f"({_type_name(self.vocab_parallel)})"
+            )
+        check_int_option("vocab_start", self.vocab_start, 0, allow_none=True)
+        check_int_option("vocab_size", self.vocab_size, 1, allow_none=True)
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How a fused call runs; the values and gradients are the same either way.
+
+    Attributes:
+        algorithm: ``"auto"`` / ``"grad_in_forward"`` (gradients made in forward, logits made once;
+            sum and mean reductions) or ``"recompute"`` (backward recomputes each chunk: any
+            ``grad_output``, several backward passes).
+        drop_ignored_tokens: leave the rows of ignored tokens out before the chunk loop: no logits
+            and no matmul work for them, at one host sync per call to find the rows.
+    """
+
+    algorithm: str = "auto"
+    drop_ignored_tokens: bool = False
+
+    def __post_init__(self):
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_bool_option("drop_ignored_tokens", self.drop_ignored_tokens)
+
+
+@dataclass(frozen=True)
+class DistillationOptions:
+    """``(1 - kd_ratio) * CE + kd_ratio * KD``: the mix and each term's options.
+
+    Attributes:
+        kd_ratio: weight of the distillation term, in [0, 1].
+        kd: the divergence's options (its ``ignore_index`` and ``validate`` hold for the call).
+        ce: the cross-entropy's options; its ``ignore_index`` must be the divergence's.
+    """
+
+    kd_ratio: float = 0.5
+    kd: KDOptions = field(default_factory=KDOptions)
+    ce: Optional[CEOptions] = None
+
+    def __post_init__(self):
+        check_float_option("kd_ratio", self.kd_ratio, 0.0, 1.0)
+        if not isinstance(self.kd, KDOptions):
+            raise ArgumentTypeError(f"kd: expected a KDOptions, got {_type_name(self.kd)}")
+        if self.ce is None:  # the divergence's ignore_index and validate, no smoothing
+            object.__setattr__(self, "ce", CEOptions(ignore_index=self.kd.ignore_index, validate=self.kd.validate))
+        elif not isinstance(self.ce, CEOptions):
+            raise ArgumentTypeError(f"ce: expected a CEOptions, got {_type_name(self.ce)}")
+        elif self.ce.ignore_index != self.kd.ignore_index:
+            raise ValueError(
+                f"ce.ignore_index: expected {self.kd.ignore_index} (as kd.ignore_index), got {self.ce.ignore_index}"
+            )
+
+
 def check_reduction(reduction: str) -> str:
     check_choice("reduction", reduction, REDUCTIONS)
     return reduction
@@ -211,9 +293,4 @@ def check_run_options(
     ``vocab_start`` (an int >= 0 or None), ``vocab_size`` (an int >= 1 or None)."""
     check_int_option("chunk_size", chunk_size, 1, allow_none=True)
     check_bool_option("validate", validate)
-    if vocab_parallel is not None and not isinstance(vocab_parallel, bool):
-        raise ArgumentTypeError(
-            f"vocab_parallel: expected None, True or False, got {vocab_parallel!r} ({_type_name(vocab_parallel)})"
-        )
-    check_int_option("vocab_start", vocab_start, 0, allow_none=True)
-    check_int_option("vocab_size", vocab_size, 1, allow_none=True)
+    VocabParallelOptions(None, vocab_parallel, vocab_start, vocab_size)

@@ -53,11 +53,19 @@ def check_labels_dtype(labels: torch.Tensor, name: str = "labels") -> None:
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Raise if any label other than ``ignore_index`` lies outside ``[0, vocab_size)``.
 
-    One host sync; skipped by callers when their ``validate`` option is off.
+    One host sync; skipped by callers when their ``validate`` option is off. Inside a
+    ``torch.compile`` trace (a user's compiled model + loss) the check runs on the device instead
+    (``torch._assert_async``: no host sync, no graph break; a bad label fails the step with the
+    message below, on CUDA as a device-side assertion).
     """
     if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if torch.compiler.is_compiling():
+        torch._assert_async(
+            ~bad.any(), f"labels: expected class ids in [0, {vocab_size}) or ignore_index={ignore_index}"
+        )
+        return
     if bool(bad.any()):
         first = labels[bad].flatten()[0].item()
         raise ValueError(

@@ -125,18 +125,50 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
     return fn
 
 
+def _compiler_errors() -> Tuple[type, ...]:
+    """The exceptions that mean "the compiler cannot build this here" (no C++ compiler, an
+    unsupported operation, a lowering failure), not an error of the computation itself."""
+    errors: List[type] = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor import exc as inductor_exc
+    except ImportError:  # pragma: no cover - torch without Inductor
+        return tuple(errors)
+    for name in ("CppCompileError", "InvalidCxxCompiler", "OperatorIssue", "CppWrapperCodegenError"):
+        cls = getattr(inductor_exc, name, None)
+        if isinstance(cls, type):
+            errors.append(cls)
+    return tuple(errors)
+
+
+COMPILER_ERRORS = _compiler_errors()
+
+
+def _caused_by_oom(e: BaseException) -> bool:
+    """Whether an out-of-memory error is anywhere in ``e``'s chain (a compiler error can wrap one)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def run_compiled(
     fn: Callable, z, zt, labels, valid, weights, inputs=None
 ) -> Optional[Tuple[list, Optional[torch.Tensor]]]:
     """Call a compiled chunk function: ``(outputs, gradient)`` as :func:`terms_on_chunk`, the
     gradient written over ``z`` (``z`` itself, or None when no term has a gradient weight); None
-    (and compilation off from now on, said once) if it fails."""
+    (and compilation off from now on, said once) if the compiler fails. Any other error (an
+    out-of-memory error included, also one a compiler error wraps) propagates."""
     try:
         # A key's code compiles once per (rows, dtype, gradient pattern): a few powers of two of rows,
         # with and without gradients, exceed torch's default limit of 8 for one code object.
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             outs, has_grad = fn(z, zt, labels, valid, weights, dict(inputs or {}))
             return outs, (z if has_grad else None)
-    except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same eager math
+    except COMPILER_ERRORS as e:
+        if _caused_by_oom(e):
+            raise
         _turn_off(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return None

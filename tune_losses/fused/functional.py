@@ -15,26 +15,41 @@ runs the chunk loop (:mod:`tune_losses.fused.engine`).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from tune_losses.fused.engine import LossPlan, run_terms
-from tune_losses.fused.placement import VocabParallelOptions, place
+from tune_losses.fused.placement import place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
 from tune_losses.options import (
+    ALGORITHMS,
+    ArgumentTypeError,
     CEOptions,
+    DistillationOptions,
+    ExecutionOptions,
     KDOptions,
+    VocabParallelOptions,
     check_bool_option,
     check_float_option,
+    check_int_option,
     check_reduction,
     check_run_options,
 )
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
 from tune_losses.validation import check_float, check_fused_inputs, check_label_range, check_labels_dtype
 
-ALGORITHMS = ("auto", "grad_in_forward", "recompute")
+__all__ = [
+    "ALGORITHMS",
+    "FusedOutput",
+    "linear_cross_entropy",
+    "linear_log_probs",
+    "linear_kd_loss",
+    "linear_distillation_loss",
+    "check_run_options",
+]
 
 
 class FusedOutput(NamedTuple):
@@ -76,9 +91,11 @@ class RunOptions:
     drop_ignored_tokens: bool = False
 
     def __post_init__(self):
+        # reduction and chunk_size are the flat arguments no other options object checks; the rest
+        # come from CEOptions / KDOptions / ExecutionOptions / VocabParallelOptions, checked when made.
         check_reduction(self.reduction)
-        check_bool_option("drop_ignored_tokens", self.drop_ignored_tokens)
-        if self.algorithm not in ALGORITHMS:
+        check_int_option("chunk_size", self.chunk_size, 1, allow_none=True)
+        if self.algorithm not in ALGORITHMS:  # a membership test at the engine's door, no re-validation
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
 
 
@@ -248,69 +265,82 @@ def _parallel(process_group, vocab_parallel, vocab_start, vocab_size) -> VocabPa
     )
 
 
-def _distillation_setup(
-    *,
-    student_hidden,
-    student_weight,
-    teacher_hidden,
-    teacher_weight,
-    labels,
-    student_bias,
-    teacher_bias,
-    divergence,
-    temperature,
-    beta,
-    sym_kd_ratio,
-    scale_by_temperature_squared,
-    ignore_index,
-    reduction,
-    chunk_size,
-    algorithm,
-    validate,
-    process_group,
-    vocab_parallel,
-    vocab_start,
-    vocab_size,
-    drop_ignored_tokens,
-    teacher_vocab,
-    **_,
-) -> Tuple[RunOptions, KDOptions, Tuple[Side, Side]]:
-    """The checks and options shared by the distillation entry points (their arguments by name)."""
-    check_fused_inputs(
-        labels,
-        local_shard=process_group is not None,
-        student_hidden=student_hidden,
-        student_weight=student_weight,
-        teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
-    )
-    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
-    opts = RunOptions(
+# ------------------------------------------------------------------- old flat keyword arguments
+
+_PARALLEL_FIELDS = ("process_group", "vocab_parallel", "vocab_start", "vocab_size")
+_EXECUTION_FIELDS = ("algorithm", "drop_ignored_tokens")
+_CE_FIELDS = ("label_smoothing", "z_loss", "softcap", "validate")
+_KD_FIELDS = (
+    "divergence",
+    "temperature",
+    "beta",
+    "sym_kd_ratio",
+    "scale_by_temperature_squared",
+    "ignore_index",
+    "validate",
+    "teacher_vocab",
+)
+
+
+def _option(
+    fn: str, param: str, cls: type, given, flat: Dict[str, object], current: Optional[Dict[str, object]] = None
+):
+    """The options object of parameter ``param``: ``given`` (an instance of ``cls``, already checked
+    when it was made), or one made once from the old flat keyword arguments ``flat`` (with a
+    DeprecationWarning naming the new form) and the current flat ones ``current`` (e.g.
+    ``ignore_index``). Old flat keywords together with ``param`` are an error (said twice); a
+    current one must agree with ``given``."""
+    current = {k: v for k, v in (current or {}).items() if v is not None}
+    if given is not None:
+        if not isinstance(given, cls):
+            raise ArgumentTypeError(f"{param}: expected a {cls.__name__} or None, got {type(given).__name__}")
+        if flat:
+            names = ", ".join(f"{k}=" for k in flat)
+            raise TypeError(f"{fn}: {names} and {param}= both given; put them in {param}={cls.__name__}(...)")
+        for k, v in current.items():
+            if getattr(given, k) != v:
+                raise ValueError(f"{k}: got {v!r}, but {param}.{k} is {getattr(given, k)!r}; give it once")
+        return given
+    if flat and not torch.compiler.is_compiling():  # a warning inside a user's trace would break the graph
+        names = ", ".join(f"{k}=" for k in flat)
+        warnings.warn(
+            f"{fn}({names}...) is deprecated: pass {param}={cls.__name__}({names}...) instead",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return cls(**flat, **current)
+
+
+def _take(legacy: Dict[str, object], names: Sequence[str]) -> Dict[str, object]:
+    return {k: legacy.pop(k) for k in names if k in legacy}
+
+
+def _no_more(fn: str, legacy: Dict[str, object]) -> None:
+    if legacy:
+        raise TypeError(f"{fn}() got unexpected keyword arguments {sorted(legacy)}")
+
+
+def _placement_and_execution(fn: str, parallel, execution, deprecated: Dict[str, object]):
+    """The ``parallel`` and ``execution`` objects (old flat keywords folded in); no keyword left over."""
+    parallel = _option(fn, "parallel", VocabParallelOptions, parallel, _take(deprecated, _PARALLEL_FIELDS))
+    execution = _option(fn, "execution", ExecutionOptions, execution, _take(deprecated, _EXECUTION_FIELDS))
+    _no_more(fn, deprecated)
+    return parallel, execution
+
+
+def _run_options(reduction, chunk_size, ignore_index, validate, parallel, execution) -> RunOptions:
+    return RunOptions(
         reduction=reduction,
-        algorithm=algorithm,
+        algorithm=execution.algorithm,
         validate=validate,
         chunk_size=chunk_size,
-        drop_ignored_tokens=drop_ignored_tokens,
         ignore_index=ignore_index,
-        parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size),
+        parallel=parallel,
+        drop_ignored_tokens=execution.drop_ignored_tokens,
     )
-    kd = KDOptions(
-        divergence=divergence,
-        temperature=temperature,
-        scale_by_temperature_squared=scale_by_temperature_squared,
-        beta=beta,
-        sym_kd_ratio=sym_kd_ratio,
-        true_kl=True,
-        ignore_index=ignore_index,
-        teacher_vocab=teacher_vocab,
-    )
-    sides = (
-        Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
-        Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES),
-    )
-    return opts, kd, sides
+
+
+# ----------------------------------------------------------------------------- public functions
 
 
 def linear_cross_entropy(
@@ -319,21 +349,15 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: Optional[int] = None,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
-    algorithm: str = "auto",
-    validate: bool = True,
-    drop_ignored_tokens: bool = False,
-    process_group=None,
-    vocab_parallel: Optional[bool] = None,
-    vocab_start: Optional[int] = None,
-    vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
+    options: Optional[CEOptions] = None,
+    parallel: Optional[VocabParallelOptions] = None,
+    execution: Optional[ExecutionOptions] = None,
+    **deprecated,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, one chunk of logits at a time.
 
@@ -342,55 +366,36 @@ def linear_cross_entropy(
         weight: ``[V, H]`` output projection, same dtype (a DTensor is gathered once).
         labels: ``[...]`` class ids, hidden's leading shape; ``ignore_index`` marks skipped tokens.
         bias: ``[V]`` or None.
+        ignore_index: label value left out (default: ``options.ignore_index``, -100); given with
+            ``options``, the two must agree.
         reduction: ``"mean"`` over valid tokens (0 if none), ``"sum"``, or ``"none"`` (labels' shape).
-        label_smoothing, z_loss, softcap: see :class:`tune_losses.options.CEOptions`.
-        chunk_size: tokens per chunk; None picks one from V and the device.
-        algorithm: ``"grad_in_forward"`` (default for mean / sum), ``"recompute"`` (always for none),
-            or ``"auto"``.
-        validate: check the label range (one host sync per call).
-        drop_ignored_tokens: leave the rows of ignored tokens out before the chunk loop: no logits
-            and no matmul work for them (a saving where many tokens are prompt or padding), at
-            one host sync per call to find the rows. Values and gradients are unchanged.
-        process_group: vocabulary parallelism with a local shard: ``weight`` (and ``bias``) hold this
-            rank's consecutive rows of the ``[V, H]`` projection, ranks in group order; hidden states
-            and labels are the same on every rank of the group. Values and the hidden-state gradient
-            come back complete on every rank, the weight gradient for the local rows.
-        vocab_parallel: for a DTensor weight: None (auto) treats ``Shard(0)`` on a mesh dimension named
-            ``tp`` / ``tensor`` as vocabulary-parallel over it (other mesh dimensions, e.g. FSDP2's
-            ``dp``, are gathered once per call) and gathers any other DTensor once per call; True
-            requires vocabulary parallelism, False never uses it.
-        vocab_start, vocab_size: with ``process_group``, this shard's first row and the global V;
-            when not both given, one all-gather of the shard sizes (and a host read) finds them.
+        chunk_size: tokens per chunk; None picks one from V and the device
+            (:func:`tune_losses.chunking.chunk_policy`).
         num_tokens: with ``reduction="mean"``: divide by this count (e.g. the valid tokens of the
             whole optimizer step, a 0-dim tensor) instead of this call's. The ``1 / num_tokens``
             then reaches the gradients in fp32 before any low-precision cast, as in eager PyTorch.
         scale: with ``reduction="sum"``: multiply the sum by this factor (a 0-dim tensor such as
             ``1 / global_count``), applied to the gradients in fp32 as ``num_tokens`` is.
+        options: :class:`~tune_losses.options.CEOptions`: label smoothing, z-loss, softcap,
+            ``validate`` (check the label range, one host sync per call).
+        parallel: :class:`~tune_losses.options.VocabParallelOptions`: where the weight's vocabulary
+            rows live (a local shard with ``process_group``: values and the hidden-state gradient come
+            back complete on every rank, the weight gradient for the local rows).
+        execution: :class:`~tune_losses.options.ExecutionOptions`: ``algorithm``,
+            ``drop_ignored_tokens`` (same results, different work).
+        deprecated: the old flat keywords (``label_smoothing``, ``z_loss``, ``softcap``, ``validate``,
+            ``algorithm``, ``drop_ignored_tokens``, ``process_group``, ``vocab_parallel``,
+            ``vocab_start``, ``vocab_size``) still work, with a DeprecationWarning naming the new form.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): 0-dim, or per token for ``reduction="none"``.
     """
-    check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
-    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
-    opts = RunOptions(
-        reduction=reduction,
-        algorithm=algorithm,
-        validate=validate,
-        chunk_size=chunk_size,
-        drop_ignored_tokens=drop_ignored_tokens,
-        ignore_index=ignore_index,
-        parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size),
-    )
-    term = CrossEntropyTerm(
-        CEOptions(
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            validate=validate,
-        )
-    )
-    loss, _, _ = _run([term], Side(hidden, weight, bias), None, labels, opts, num_tokens, scale)
+    fn = "linear_cross_entropy"
+    options = _option(fn, "options", CEOptions, options, _take(deprecated, _CE_FIELDS), {"ignore_index": ignore_index})
+    parallel, execution = _placement_and_execution(fn, parallel, execution, deprecated)
+    check_fused_inputs(labels, local_shard=parallel.process_group is not None, hidden=hidden, weight=weight, bias=bias)
+    opts = _run_options(reduction, chunk_size, options.ignore_index, options.validate, parallel, execution)
+    loss, _, _ = _run([CrossEntropyTerm(options)], Side(hidden, weight, bias), None, labels, opts, num_tokens, scale)
     return loss
 
 
@@ -406,42 +411,59 @@ def linear_log_probs(
     chunk_size: Optional[int] = None,
     validate: bool = True,
     drop_ignored_tokens: bool = False,
-    process_group=None,
-    vocab_parallel: Optional[bool] = None,
-    vocab_start: Optional[int] = None,
-    vocab_size: Optional[int] = None,
+    parallel: Optional[VocabParallelOptions] = None,
+    **deprecated,
 ):
     """Per-token log-probability of the label, ``log softmax(hidden @ weight.T + bias) / T)[label]``,
     one chunk of logits at a time (the building block of DPO / GRPO-style losses).
 
     Args:
         hidden: ``[..., H]``; weight ``[V, H]``; bias ``[V]`` or None (placements as
-            :func:`linear_cross_entropy`, ``process_group`` / ``vocab_parallel`` included).
+            :func:`linear_cross_entropy`, ``parallel`` included).
         labels: ``[...]`` class ids; ``ignore_index`` marks tokens whose outputs are 0.
         temperature: T, the logits are divided by it.
         return_entropy: also return the entropy ``-sum_v q_v log q_v`` of each token's distribution.
+        chunk_size, validate, drop_ignored_tokens: as :func:`linear_cross_entropy`.
+        deprecated: the old flat ``process_group``, ``vocab_parallel``, ``vocab_start``,
+            ``vocab_size`` still work (a DeprecationWarning names ``parallel=``).
 
     Returns:
         ``log_probs`` ``[...]`` (labels' shape, fp32; fp64 for fp64 inputs), or the pair
         ``(log_probs, entropy)``. Both are differentiable with respect to hidden, weight and bias,
         each with its own per-token ``grad_output`` (the backward recomputes the chunks).
     """
-    check_fused_inputs(labels, local_shard=process_group is not None, hidden=hidden, weight=weight, bias=bias)
-    check_run_options(chunk_size, validate, vocab_parallel, vocab_start, vocab_size)
+    fn = "linear_log_probs"
+    parallel = _option(fn, "parallel", VocabParallelOptions, parallel, _take(deprecated, _PARALLEL_FIELDS))
+    _no_more(fn, deprecated)
+    check_fused_inputs(labels, local_shard=parallel.process_group is not None, hidden=hidden, weight=weight, bias=bias)
+    check_int_option("ignore_index", ignore_index)
+    check_bool_option("validate", validate)
     check_float_option("temperature", temperature, 0.0, low_open=True)
     check_bool_option("return_entropy", return_entropy)
-    opts = RunOptions(
-        reduction="none",
-        algorithm="recompute",
-        validate=validate,
-        chunk_size=chunk_size,
-        drop_ignored_tokens=drop_ignored_tokens,
-        ignore_index=ignore_index,
-        parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size),
-    )
+    execution = ExecutionOptions("recompute", drop_ignored_tokens)
+    opts = _run_options("none", chunk_size, ignore_index, validate, parallel, execution)
     term = LogProbTerm(temperature=float(temperature), entropy=bool(return_entropy))
     log_probs, parts, _ = _run([term], Side(hidden, weight, bias), None, labels, opts)
     return (log_probs, parts["entropy"]) if return_entropy else log_probs
+
+
+def _sides(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
+):
+    check_fused_inputs(
+        labels,
+        local_shard=parallel.process_group is not None,
+        student_hidden=student_hidden,
+        student_weight=student_weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+    )
+    return (
+        Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
+        Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES),
+    )
 
 
 def linear_kd_loss(
@@ -451,58 +473,56 @@ def linear_kd_loss(
     teacher_weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    sym_kd_ratio: float = 0.5,
-    scale_by_temperature_squared: bool = True,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
     chunk_size: Optional[int] = None,
-    algorithm: str = "auto",
-    validate: bool = True,
-    drop_ignored_tokens: bool = False,
-    process_group=None,
-    vocab_parallel: Optional[bool] = None,
-    vocab_start: Optional[int] = None,
-    vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
-    teacher_vocab: Optional[str] = None,
+    options: Optional[KDOptions] = None,
+    parallel: Optional[VocabParallelOptions] = None,
+    execution: Optional[ExecutionOptions] = None,
+    **deprecated,
 ) -> torch.Tensor:
     """Distillation divergence between teacher and student, never materializing either's logits.
 
     Args:
         student_hidden: ``[..., Hs]``; student_weight ``[V, Hs]``.
         teacher_hidden: ``[..., Ht]``; teacher_weight ``[V, Ht]`` (no gradient flows to the teacher).
-        labels: ``[...]``; only tokens with ``labels != ignore_index`` count.
-        divergence: ``forward_kl`` (KL(p||q), p teacher, q student), ``reverse_kl``, ``symmetric_kl``,
-            ``jsd`` (generalized, ``beta``), ``tvd``. True divergences: 0 when the two agree.
-        temperature: both sides' logits divided by T; the loss times T^2 (``scale_by_temperature_squared``).
-        reduction: ``mean`` over valid tokens, ``sum`` or ``none``.
-        validate: check that every label is in ``[0, V)`` or ``ignore_index`` (one host sync per
-            call). The divergence reads only the ignore mask, but a label outside the vocabulary
-            (e.g. -1 meant as "ignore" under ``ignore_index=-100``) would otherwise count silently.
-        process_group, vocab_parallel, vocab_start, vocab_size: as :func:`linear_cross_entropy`.
-            Vocabulary-parallel, the teacher's weight is sharded like the student's (a DTensor
-            on the same rows, or with ``process_group`` its local shard of the same rows); a
-            teacher weight that is not vocabulary-parallel is gathered and its rows sliced.
-        num_tokens, scale: as :func:`linear_cross_entropy`.
-        teacher_vocab: a teacher_weight with more rows than student_weight (padding rows, e.g.
-            Qwen2.5 7B's 152064 against 0.5B's 151936): None (default) makes any size mismatch an
-            error naming both sizes (another tokenizer's rows mean other tokens); ``"drop"`` compares the shared first
-            ``V_s`` rows, the teacher's softmax taken over them only (its extra rows' logits are never
-            made); ``"pad_student"`` keeps the teacher's whole softmax and pads the student's logits
-            with zeros (Liger-Kernel's convention). A smaller teacher vocabulary is an error.
+        labels: ``[...]``; only tokens with ``labels != options.ignore_index`` count.
+        reduction, chunk_size, num_tokens, scale, execution: as :func:`linear_cross_entropy`.
+        options: :class:`~tune_losses.options.KDOptions`: ``divergence`` (``forward_kl`` (KL(p||q), p
+            teacher, q student), ``reverse_kl``, ``symmetric_kl``, ``jsd``, ``tvd`` or any registered
+            one; true divergences, 0 when the two agree), ``temperature`` (both sides' logits divided
+            by T, the loss times T^2 unless ``scale_by_temperature_squared=False``), ``beta``,
+            ``sym_kd_ratio``, ``true_kl``, ``ignore_index``, ``teacher_vocab`` and ``validate``: check
+            that every label is in ``[0, V)`` or ``ignore_index`` (one host sync per call; the
+            divergence reads only the ignore mask, but a label outside the vocabulary, e.g. -1 meant as
+            "ignore" under ``ignore_index=-100``, would otherwise count silently).
+        parallel: as :func:`linear_cross_entropy`. Vocabulary-parallel, the teacher's weight is
+            sharded like the student's (a DTensor on the same rows, or with ``process_group`` its local
+            shard of the same rows); a teacher weight that is not vocabulary-parallel is gathered and
+            its rows sliced.
+        deprecated: the old flat keywords (the KDOptions fields, ``algorithm``,
+            ``drop_ignored_tokens`` and the vocabulary-parallel ones) still work, with a
+            DeprecationWarning naming the new form.
+
+    A teacher vocabulary of another size than the student's is an error naming both sizes unless
+    ``options.teacher_vocab`` says what to do: ``"drop"`` compares the shared first ``V_s`` rows (the
+    teacher's softmax over them only), ``"pad_student"`` keeps the teacher's whole softmax and pads
+    the student's logits with zeros (Liger-Kernel's convention); a smaller teacher is an error.
 
     Returns:
         fp32 loss, 0-dim or per token.
     """
-    args = dict(locals())
-    opts, kd, sides = _distillation_setup(**args)
-    loss, _, _ = _run([DivergenceTerm(kd)], *sides, labels, opts, num_tokens, scale)
+    fn = "linear_kd_loss"
+    options = _option(fn, "options", KDOptions, options, _take(deprecated, _KD_FIELDS))
+    parallel, execution = _placement_and_execution(fn, parallel, execution, deprecated)
+    sides = _sides(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
+    )
+    opts = _run_options(reduction, chunk_size, options.ignore_index, options.validate, parallel, execution)
+    loss, _, _ = _run([DivergenceTerm(options)], *sides, labels, opts, num_tokens, scale)
     return loss
 
 
@@ -513,44 +533,56 @@ def linear_distillation_loss(
     teacher_weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    kd_ratio: float = 0.5,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    sym_kd_ratio: float = 0.5,
-    scale_by_temperature_squared: bool = True,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
-    label_smoothing: float = 0.0,
+    reduction: str = "mean",
     chunk_size: Optional[int] = None,
-    algorithm: str = "auto",
-    validate: bool = True,
-    drop_ignored_tokens: bool = False,
-    process_group=None,
-    vocab_parallel: Optional[bool] = None,
-    vocab_start: Optional[int] = None,
-    vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
-    teacher_vocab: Optional[str] = None,
+    options: Optional[DistillationOptions] = None,
+    parallel: Optional[VocabParallelOptions] = None,
+    execution: Optional[ExecutionOptions] = None,
+    **deprecated,
 ) -> FusedOutput:
     """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * KD(student, teacher)``; each chunk of student
     logits is made once and serves both terms.
 
-    Both terms are normalized over the same valid tokens. Arguments as :func:`linear_kd_loss`
-    (``process_group``, ``vocab_parallel``, ``vocab_start``, ``vocab_size``, ``num_tokens``, ``scale``,
-    ``teacher_vocab``, ``drop_ignored_tokens`` included).
+    Both terms are normalized over the same valid tokens. ``options`` is a
+    :class:`~tune_losses.options.DistillationOptions` (``kd_ratio``, ``kd``: KDOptions, ``ce``:
+    CEOptions); the other arguments as :func:`linear_kd_loss`. The old flat keywords (``kd_ratio``,
+    ``label_smoothing``, the KDOptions fields, ...) still work, with a DeprecationWarning.
 
     Returns:
         :class:`FusedOutput`: ``loss`` (differentiable), ``ce`` and ``kd`` (detached, same reduction,
         for logging), ``num_tokens`` (this call's valid tokens).
     """
-    args = dict(locals())
-    check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
-    opts, kd, sides = _distillation_setup(**args)
-    ce = CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, validate=validate)
-    terms = [CrossEntropyTerm(ce, weight=1.0 - kd_ratio), DivergenceTerm(kd, weight=float(kd_ratio))]
+    fn = "linear_distillation_loss"
+    kd_flat = _take(deprecated, _KD_FIELDS)
+    mix_flat = _take(deprecated, ("kd_ratio", "label_smoothing"))
+    if options is None and (kd_flat or mix_flat):
+        if not torch.compiler.is_compiling():  # a warning inside a user's trace would break the graph
+            warnings.warn(
+                f"{fn}({', '.join(f'{k}=' for k in {**mix_flat, **kd_flat})}...) is deprecated: pass "
+                "options=DistillationOptions(kd_ratio=..., kd=KDOptions(...), ce=CEOptions(...)) instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        kd = KDOptions(**kd_flat)
+        ce = CEOptions(
+            ignore_index=kd.ignore_index, label_smoothing=mix_flat.get("label_smoothing", 0.0), validate=kd.validate
+        )
+        options = DistillationOptions(mix_flat.get("kd_ratio", 0.5), kd, ce)
+    else:
+        options = _option(fn, "options", DistillationOptions, options, {**mix_flat, **kd_flat})
+    parallel, execution = _placement_and_execution(fn, parallel, execution, deprecated)
+    sides = _sides(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
+    )
+    kd = options.kd
+    opts = _run_options(reduction, chunk_size, kd.ignore_index, kd.validate, parallel, execution)
+    terms = [
+        CrossEntropyTerm(options.ce, weight=1.0 - options.kd_ratio),
+        DivergenceTerm(kd, weight=float(options.kd_ratio)),
+    ]
     loss, parts, count = _run(terms, *sides, labels, opts, num_tokens, scale)
     return _fused_output(loss, parts, count)

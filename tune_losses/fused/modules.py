@@ -2,6 +2,10 @@
 
 Both follow torchtune's SFTLoss protocol: ``set_model_output(model)`` takes the model's output
 projection and switches the model to return hidden states; ``forward`` then takes hidden states.
+
+The constructors keep their flat, positional torchtune-compatible arguments (YAML configs name them
+one by one), so they are the exception to "options as objects"; each builds its options objects
+(:class:`~tune_losses.options.CEOptions`, ...) once, and every call passes those down unchecked.
 """
 
 from __future__ import annotations
@@ -14,16 +18,16 @@ from torch import nn
 from tune_losses.accounting import LossSum
 from tune_losses.chunking import _MIN_CHUNK_TOKENS as MIN_CHUNK_TOKENS
 from tune_losses.chunking import chunk_policy
-from tune_losses.fused.functional import ALGORITHMS, FusedOutput, linear_cross_entropy, linear_distillation_loss
+from tune_losses.fused.functional import FusedOutput, linear_cross_entropy, linear_distillation_loss
 from tune_losses.heads import OutputProjection, set_output_mode
 from tune_losses.options import (
     CEOptions,
+    DistillationOptions,
+    ExecutionOptions,
     KDOptions,
+    VocabParallelOptions,
     check_bool_option,
-    check_choice,
-    check_float_option,
     check_int_option,
-    check_run_options,
 )
 
 
@@ -95,24 +99,16 @@ class LinearCrossEntropyLoss(nn.Module):
         mask_ignored_tokens: bool = True,
     ):
         super().__init__()
-        # Checked here, not at the first forward, so a bad config fails when it is built.
-        CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate)
-        check_run_options(chunk_size, validate)
-        check_choice("algorithm", algorithm, ALGORITHMS)
+        # The options objects are made (and checked) once here: a bad config fails when it is built,
+        # and no call re-checks them.
         check_torchtune_main_options(num_output_chunks, tp_enabled, mask_ignored_tokens)
+        check_int_option("chunk_size", chunk_size, 1, allow_none=True)
+        self.options = CEOptions(ignore_index, label_smoothing, z_loss, softcap, validate)
+        self.execution = ExecutionOptions(algorithm, mask_ignored_tokens)
+        self.parallel = VocabParallelOptions(vocab_parallel=True if tp_enabled else None)
         self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
         self.num_output_chunks = num_output_chunks
-        self.kwargs = dict(
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            chunk_size=chunk_size,
-            algorithm=algorithm,
-            validate=validate,
-            vocab_parallel=True if tp_enabled else None,
-            drop_ignored_tokens=mask_ignored_tokens,
-        )
         self.projection: Optional[OutputProjection] = None
 
     def apply_compile_strategy(self, *args, **kwargs) -> LinearCrossEntropyLoss:
@@ -132,14 +128,19 @@ class LinearCrossEntropyLoss(nn.Module):
         normalization, see :mod:`tune_losses.training.protocol`); the count is unchanged.
         """
         proj = _require(self.projection, type(self).__name__)
-        kwargs = dict(
-            self.kwargs,
-            chunk_size=chunk_size_hint(self.kwargs["chunk_size"], self.num_output_chunks, hidden, proj.weight),
-        )
         # The scale goes into the loss, which applies it to the fp32 gradients before their cast to a
         # low-precision dtype (one rounding, as eager autograd); scaling the result would round twice.
         total = linear_cross_entropy(
-            hidden, proj.weight, labels, bias=proj.bias, reduction="sum", scale=scale, **kwargs
+            hidden,
+            proj.weight,
+            labels,
+            bias=proj.bias,
+            reduction="sum",
+            scale=scale,
+            chunk_size=chunk_size_hint(self.chunk_size, self.num_output_chunks, hidden, proj.weight),
+            options=self.options,
+            parallel=self.parallel,
+            execution=self.execution,
         )
         return LossSum(total, (labels != self.ignore_index).sum())
 
@@ -181,9 +182,11 @@ class LinearDistillationLoss(nn.Module):
         mask_ignored_tokens: bool = True,
     ):
         super().__init__()
-        # Checked here, not at the first forward, so a bad config fails when it is built.
-        check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
-        KDOptions(
+        # The options objects are made (and checked) once here: a bad config fails when it is built,
+        # and no call re-checks them.
+        check_torchtune_main_options(None, False, mask_ignored_tokens)
+        check_int_option("chunk_size", chunk_size, 1, allow_none=True)
+        kd = KDOptions(
             divergence,
             temperature,
             scale_by_temperature_squared,
@@ -191,29 +194,14 @@ class LinearDistillationLoss(nn.Module):
             sym_kd_ratio,
             True,
             ignore_index,
-            teacher_vocab=teacher_vocab,
+            validate,
+            teacher_vocab,
         )
-        check_torchtune_main_options(None, False, mask_ignored_tokens)
-        CEOptions(ignore_index, label_smoothing, validate=validate)
-        check_run_options(chunk_size, validate)
-        check_choice("algorithm", algorithm, ALGORITHMS)
+        self.options = DistillationOptions(kd_ratio, kd, CEOptions(ignore_index, label_smoothing, validate=validate))
+        self.execution = ExecutionOptions(algorithm, mask_ignored_tokens)
         self.ignore_index = ignore_index
         self.kd_ratio = kd_ratio
-        self.kwargs = dict(
-            kd_ratio=kd_ratio,
-            divergence=divergence,
-            temperature=temperature,
-            beta=beta,
-            sym_kd_ratio=sym_kd_ratio,
-            scale_by_temperature_squared=scale_by_temperature_squared,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-            algorithm=algorithm,
-            validate=validate,
-            teacher_vocab=teacher_vocab,
-            drop_ignored_tokens=mask_ignored_tokens,
-        )
+        self.chunk_size = chunk_size
         self.projection: Optional[OutputProjection] = None
         self.teacher_projection: Optional[OutputProjection] = None
 
@@ -245,7 +233,9 @@ class LinearDistillationLoss(nn.Module):
             teacher_bias=t.bias,
             reduction=reduction,
             scale=scale,
-            **self.kwargs,
+            chunk_size=self.chunk_size,
+            options=self.options,
+            execution=self.execution,
         )
 
     def sum_and_count(

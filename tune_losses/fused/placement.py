@@ -12,30 +12,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from tune_losses.fused.vocab_parallel import GroupReducer, even_shard_sizes, shard_layout
+from tune_losses.options import VocabParallelOptions  # noqa: F401 - defined with the other options; imported from here too
 from tune_losses.vocab_alignment import check_teacher_vocab
-
-
-@dataclass(frozen=True)
-class VocabParallelOptions:
-    """How the output weight is split over the vocabulary (see the public functions' docstrings).
-
-    Attributes:
-        process_group: with a local shard ``weight``: the tensor-parallel group.
-        vocab_parallel: for a DTensor weight: None (auto), True (required), False (never).
-        vocab_start, vocab_size: with ``process_group``: this shard's first row and the global V
-            (found by one all-gather when not both given).
-    """
-
-    process_group: object = None
-    vocab_parallel: Optional[bool] = None
-    vocab_start: Optional[int] = None
-    vocab_size: Optional[int] = None
 
 
 class Placed(NamedTuple):

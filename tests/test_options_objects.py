@@ -1,0 +1,105 @@
+"""Options travel as objects (CEOptions, KDOptions, DistillationOptions, VocabParallelOptions,
+ExecutionOptions); the old flat keyword arguments keep working with a DeprecationWarning that names
+the new form, and give the same results; saying one thing twice is an error."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from reference import make_labels
+
+import tune_losses as tl
+from tune_losses import (
+    CEOptions,
+    DistillationOptions,
+    ExecutionOptions,
+    KDOptions,
+    VocabParallelOptions,
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_kd_loss,
+    linear_log_probs,
+)
+
+
+def _inputs(seed=0, n=13, hdim=8, vocab=31):
+    g = torch.Generator().manual_seed(seed)
+    h, th = torch.randn(n, hdim, generator=g), torch.randn(n, hdim, generator=g)
+    w, tw = torch.randn(vocab, hdim, generator=g) / 3, torch.randn(vocab, hdim, generator=g) / 3
+    labels = make_labels((n,), vocab, "some", g)
+    return h, w, th, tw, labels
+
+
+def test_public_functions_take_about_twelve_parameters():
+    for fn in (linear_cross_entropy, linear_log_probs, linear_kd_loss, linear_distillation_loss):
+        named = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+        assert len(named) <= 14, (fn.__name__, len(named))
+
+
+def test_flat_ce_options_warn_and_match_the_object_form():
+    h, w, _, _, labels = _inputs()
+    new = linear_cross_entropy(
+        h, w, labels, options=CEOptions(label_smoothing=0.1, z_loss=1e-3), execution=ExecutionOptions("recompute")
+    )
+    with pytest.warns(DeprecationWarning, match=r"options=CEOptions\(label_smoothing=, z_loss="):
+        old = linear_cross_entropy(h, w, labels, label_smoothing=0.1, z_loss=1e-3, algorithm="recompute")
+    torch.testing.assert_close(old, new)
+
+
+def test_flat_kd_and_distillation_options_warn_and_match():
+    h, w, th, tw, labels = _inputs(1)
+    kd = KDOptions("jsd", temperature=2.0, beta=0.3, ignore_index=-100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the object form warns nothing
+        new_kd = linear_kd_loss(h, w, th, tw, labels, options=kd)
+        new = linear_distillation_loss(h, w, th, tw, labels, options=DistillationOptions(0.3, kd))
+    with pytest.warns(DeprecationWarning, match="options=KDOptions"):
+        old_kd = linear_kd_loss(h, w, th, tw, labels, divergence="jsd", temperature=2.0, beta=0.3)
+    with pytest.warns(DeprecationWarning, match="options=DistillationOptions"):
+        old = linear_distillation_loss(h, w, th, tw, labels, kd_ratio=0.3, divergence="jsd", temperature=2.0, beta=0.3)
+    torch.testing.assert_close(old_kd, new_kd)
+    torch.testing.assert_close(old.loss, new.loss)
+
+
+def test_flat_vocab_parallel_arguments_become_one_object():
+    h, w, _, _, labels = _inputs(2)
+    with pytest.warns(DeprecationWarning, match=r"parallel=VocabParallelOptions\(vocab_parallel="):
+        old = linear_log_probs(h, w, labels, vocab_parallel=False)
+    new = linear_log_probs(h, w, labels, parallel=VocabParallelOptions(vocab_parallel=False))
+    torch.testing.assert_close(old, new)
+
+
+def test_saying_one_thing_twice_or_wrongly_raises():
+    h, w, th, tw, labels = _inputs(3)
+    with pytest.raises(TypeError, match="label_smoothing= and options= both given"):
+        linear_cross_entropy(h, w, labels, options=CEOptions(), label_smoothing=0.1)
+    with pytest.raises(ValueError, match="ignore_index"):
+        linear_cross_entropy(h, w, labels, ignore_index=0, options=CEOptions(ignore_index=-100))
+    with pytest.raises(TypeError, match="options: expected a KDOptions"):
+        linear_kd_loss(h, w, th, tw, labels, options=CEOptions())
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        linear_cross_entropy(h, w, labels, label_smothing=0.1)
+    with pytest.raises(ValueError, match="vocab_start"):
+        VocabParallelOptions(vocab_start=-1)
+    with pytest.raises(ValueError, match="algorithm"):
+        ExecutionOptions("fast")
+    with pytest.raises(ValueError, match=r"ce.ignore_index: expected -1"):
+        DistillationOptions(kd=KDOptions(ignore_index=-1), ce=CEOptions(ignore_index=-100))
+
+
+def test_flat_ignore_index_of_cross_entropy_is_a_common_argument():
+    h, w, _, _, labels = _inputs(4)
+    labels = labels.masked_fill(labels == -100, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = linear_cross_entropy(h, w, labels, ignore_index=0)
+    b = linear_cross_entropy(h, w, labels, options=CEOptions(ignore_index=0))
+    torch.testing.assert_close(a, b)
+
+
+def test_new_options_are_exported():
+    for name in ("CEOptions", "KDOptions", "DistillationOptions", "ExecutionOptions", "VocabParallelOptions"):
+        assert name in tl.__all__
