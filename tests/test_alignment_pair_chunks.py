@@ -75,7 +75,7 @@ def test_pair_chunks_match_fp64_reference(loss_type, reference, average):
         )
     budget = 2 * max(_pair_sizes(labels))  # at least two pairs in the first chunk
     out = linear_preference_loss(hidden, weight, labels, algorithm="grad_in_forward", chunk_size=budget, **kwargs)
-    assert type(out.loss.grad_fn).__name__ == "PairChunkedPreferenceBackward"
+    assert type(out.loss.grad_fn).__name__ == "GradInForwardBackward"
     ref = ref_preference(hidden, weight, labels, **kwargs)
     _close(out.loss, ref["loss"], 1e-9)
     for name in ("chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps", "nll"):
@@ -105,7 +105,7 @@ def test_pair_over_budget_falls_back_to_per_token_path():
     small = min(s for s in _pair_sizes(labels) if s) - 1
     kwargs = dict(bias=bias, nll_weight=0.2, chunk_size=small)
     out = linear_preference_loss(hidden, weight, labels, **kwargs)
-    assert type(out.loss.grad_fn).__name__ != "PairChunkedPreferenceBackward"
+    assert type(out.loss.grad_fn).__name__ != "GradInForwardBackward"
     ref = ref_preference(hidden, weight, labels, bias=bias, nll_weight=0.2)
     _close(out.loss, ref["loss"], 1e-9)
     for g, r in zip(_grads(out.loss, [hidden, weight, bias]), _grads(ref["loss"], [hidden, weight, bias])):
@@ -118,7 +118,7 @@ def test_auto_takes_pair_chunks_by_default_and_recompute_allows_gradcheck():
     gen, hidden, weight, _ = _inputs(seed=8, bias=False)
     labels = _labels(gen)
     auto = linear_preference_loss(hidden, weight, labels)
-    assert type(auto.loss.grad_fn).__name__ == "PairChunkedPreferenceBackward"
+    assert type(auto.loss.grad_fn).__name__ == "GradInForwardBackward"
     with torch.no_grad():  # no gradient wanted: the per-token path computes values only
         assert linear_preference_loss(hidden, weight, labels).loss.grad_fn is None
     small = (hidden[:, :4].detach().clone().requires_grad_(), weight.detach().clone().requires_grad_())
@@ -166,7 +166,7 @@ def test_terms_gradient_is_exact_for_any_normalizer():
     labels = _labels(gen)
     for nll_weight, fast in ((0.0, True), (0.5, False)):
         terms = linear_preference_terms(hidden, weight, labels, beta=0.3, nll_weight=nll_weight)
-        assert (type(terms.pair_loss_sum.grad_fn).__name__ == "PairChunkedPreferenceBackward") == fast
+        assert (type(terms.pair_loss_sum.grad_fn).__name__ == "GradInForwardBackward") == fast
         pairs, tokens = torch.tensor(7), torch.tensor(40)
         loss = terms.loss(num_pairs=pairs, num_chosen_tokens=tokens)
         pair_mean = ref_preference(hidden, weight, labels, beta=0.3)["loss"]
@@ -197,7 +197,7 @@ def test_given_normalizers_fold_into_the_gradient():
         part = linear_preference_loss(
             hidden[idx], weight, labels[idx], num_pairs=n_pairs, num_chosen_tokens=n_tok, **kwargs
         )
-        assert type(part.loss.grad_fn).__name__ == "PairChunkedPreferenceBackward"
+        assert type(part.loss.grad_fn).__name__ == "GradInForwardBackward"
         total = total + part.loss.detach()
         g = _grads(part.loss, [hidden, weight, bias])
         grads = g if grads is None else [a + b for a, b in zip(grads, g)]

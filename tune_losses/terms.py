@@ -59,11 +59,15 @@ class Term:
         name: the term's part name in results (``"ce"``, ``"kd"``, ...).
         weight: the term's factor in the summed loss.
         needs_teacher: whether :meth:`compute` reads ``chunk.teacher``.
+        compilable: whether :meth:`compute` may run inside the compiled chunk math.
     """
 
     name: str = "term"
     weight: float = 1.0
     needs_teacher: bool = False
+    # False for a term whose chunk math cannot run inside the compiled chunk function (e.g. one that
+    # differentiates a formula with autograd over per-sequence values): the chunk then runs eagerly.
+    compilable = True
 
     @property
     def outputs(self) -> Tuple[str, ...]:
@@ -164,3 +168,39 @@ class LogProbTerm(Term):
         return log_prob_chunk(
             chunk.student, chunk.labels, chunk.valid, self.temperature, chunk.reducer, self.entropy, w, consume_student
         )
+
+
+@dataclass(frozen=True)
+class TokenStatsTerm(Term):
+    """Values only, for training logs (TRL's ``entropy`` and ``mean_token_accuracy``): the entropy of
+    ``softmax(z)`` (``z`` softcapped first when ``softcap``) and whether ``argmax z`` is the label.
+
+    Outputs ``("entropy", "correct")`` per token (``correct`` 1.0 / 0.0), 0 at ignored tokens; no
+    gradient. The entropy is :func:`~tune_losses.divergences.log_prob_chunk`'s; the argmax needs the
+    whole vocabulary on this process.
+    """
+
+    softcap: Optional[float] = None
+    weight: float = 0.0
+    name: str = "entropy"
+    compilable = False  # logging only: not worth a compilation per shape
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        return ("entropy", "correct")
+
+    def compute(self, chunk, weights, consume_student, consume_teacher):
+        if weights is not None and any(w is not None for w in weights):
+            raise NotImplementedError("TokenStatsTerm: values only, no gradient")
+        if chunk.reducer.distributed:
+            raise NotImplementedError("TokenStatsTerm: the argmax needs the whole vocabulary on this process")
+        z = chunk.student
+        if self.softcap is not None:
+            s = self.softcap
+            z = (z if consume_student else z.clone()).div_(s).tanh_().mul_(s)
+            consume_student = True
+        correct = (z.argmax(-1) == chunk.labels) & chunk.valid
+        (_, entropy), _ = log_prob_chunk(
+            z, chunk.labels, chunk.valid, 1.0, chunk.reducer, entropy=True, consume=consume_student
+        )
+        return (entropy, correct.to(entropy.dtype)), None

@@ -1,28 +1,28 @@
-"""Preference losses with their gradients made in forward, one chunk of whole pairs at a time.
+"""Preference losses with their gradients made in forward, one chunk of whole pairs at a time, on the engine.
 
 The per-token path (:func:`tune_losses.linear_log_probs`) makes a chunk's logits in forward and again in
 backward: 4 ``[n, H] x [H, V]`` matmul-equivalents per token for the policy (logits, logits again, dX,
 dW). A preference loss needs, at one token, only the sequence log-probabilities of that token's pair.
 So when a chunk holds whole pairs (chosen row i and rejected row i + B, their valid tokens only), the
-chunk can finish its part of the loss and of the gradient at once:
+chunk can finish its part of the loss and of the gradient at once. This module runs that on the
+engine's one chunk loop (:func:`tune_losses.fused.engine.run_terms`, grad-in-forward):
 
-1. the reference's logits of the chunk (no grad) -> its sequence log-probabilities;
-2. the policy's logits, once -> per-token log-probabilities and ``onehot - softmax`` in one buffer
-   (:func:`tune_losses.divergences.log_prob_chunk`);
-3. sequence log-probabilities (sum or mean) -> the chunk's pair losses
-   (:func:`tune_losses.alignment.formulas.counted_pair_losses`) and their derivatives with respect to
-   each sequence log-probability (autograd on ``[pairs]`` tensors);
-4. per-token weight x ``(onehot - softmax)`` = the logit gradient -> dX, dW, db
-   (:func:`tune_losses.fused.engine.accumulate_chunk_grads`).
-
-That is 3 matmul-equivalents for the policy (+1 for the reference), over valid tokens only: prompt and
-padding rows never reach a matmul. Between forward and backward the autograd function keeps dX
-``[2B, S, H]``, dW ``[V, H]`` and db, like :class:`tune_losses.fused.engine.GradInForward`; backward
-scales them by ``grad_output`` and can run once.
+* the valid tokens are gathered pair by pair and the engine gets explicit chunk bounds (whole pairs,
+  :func:`pair_chunk_layout`); the reference model, when given as hidden states, is the engine's
+  second ("teacher") side, so its logits are made per chunk too, without gradient;
+* :class:`PreferencePairTerm` reads the pair layout through ``Chunk.inputs`` and, per chunk: the
+  policy's per-token log-probabilities and ``onehot - softmax`` in one buffer
+  (:func:`tune_losses.divergences.log_prob_chunk`), the reference's log-probabilities, the chunk's
+  sequence log-probabilities (sum or mean), its pair losses
+  (:func:`tune_losses.alignment.formulas.counted_pair_losses`) and their derivatives with respect to
+  each sequence log-probability (autograd on ``[pairs]`` tensors), then per token the logit gradient;
+* the engine turns that into dX, dW, db (3 matmul-equivalents for the policy, +1 for the reference,
+  over valid tokens only) and hands them over in backward, once.
 
 It applies to plain tensors (and FSDP2 weights, gathered once per call), with a gradient wanted and
-every pair within the row budget (:func:`pair_chunk_layout` returns None otherwise); callers keep the
+every pair within the chunk budget (:func:`pair_chunk_layout` returns None otherwise); callers keep the
 per-token path for everything else (vocabulary-parallel weights, long pairs, ``algorithm="recompute"``).
+``chunk_size`` means tokens per chunk, as everywhere (:mod:`tune_losses.chunking`).
 """
 
 from __future__ import annotations
@@ -33,24 +33,22 @@ from typing import Optional, Tuple
 import torch
 
 from tune_losses.alignment.formulas import counted_pair_losses
+from tune_losses.chunking import chunk_policy, max_pair_chunk
 from tune_losses.divergences import VocabReducer, log_prob_chunk
-from tune_losses.fused.engine import GradInForward, _logits, accumulate_chunk_grads, compute_dtype
+from tune_losses.fused.engine import LossPlan, compute_dtype, run_terms
 from tune_losses.fused.placement import TP_MESH_DIM_NAMES, materialize_weight
+from tune_losses.terms import Term
 from tune_losses.validation import LABEL_DTYPES
 
-# Logit elements of one chunk ([rows, V], fp32): the row budget is this divided by V. CPU, fp32,
-# N=2048 (8 rows of 256, a prompt of 64 ignored), H=256, V=32768 (`python -m benchmarks.alignment`):
-# 2^24 gives 512 rows, one pair (2 x 192 valid tokens) per chunk, peak 83 MiB (full logits 768 MiB;
-# two pairs per chunk: 11% faster, 131 MiB). CUDA, H200, bf16, 4 pairs of 2 x 1024 tokens (prompt 256
-# ignored), H=2048, V=128256: 2^28 gives 2093 rows (one pair): 44 ms and 2.6 GiB above the inputs
-# (per-token path 68 ms, 1.9 GiB; full logits 42 ms, 11.7 GiB; median of 5).
-_TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}
 
-
-def default_row_budget(vocab_size: int, device: torch.device) -> int:
-    """Valid-token rows per chunk of pairs when the caller gives no ``chunk_size``."""
-    target = _TARGET_CHUNK_ELEMENTS.get(device.type, _TARGET_CHUNK_ELEMENTS["cuda"])
-    return max(target // max(vocab_size, 1), 1)
+def default_row_budget(
+    vocab_size: int, device: torch.device, hidden_size: Optional[int] = None, reference: bool = False
+) -> int:
+    """The most valid tokens a chunk of whole pairs may hold when the caller gives no ``chunk_size``:
+    the chunk policy's tokens (:func:`tune_losses.chunking.chunk_policy`, two logit sets with a
+    reference model), widened for a long pair up to :func:`tune_losses.chunking.max_pair_chunk`."""
+    policy = chunk_policy(1 << 62, vocab_size, device, 2 if reference else 1, hidden_size)
+    return max_pair_chunk(policy)
 
 
 @dataclass(frozen=True)
@@ -71,10 +69,14 @@ class PairLayout:
     chunks: Tuple[Tuple[int, int, int, int], ...]
 
 
-def pair_chunk_layout(labels: torch.Tensor, ignore_index: int, budget: int) -> Optional[PairLayout]:
-    """Pack consecutive pairs of ``labels`` ``[2B, S]`` into chunks of at most ``budget`` valid tokens.
+def pair_chunk_layout(
+    labels: torch.Tensor, ignore_index: int, budget: int, target: Optional[int] = None
+) -> Optional[PairLayout]:
+    """Pack consecutive pairs of ``labels`` ``[2B, S]`` into chunks of valid tokens.
 
-    Returns None when one pair alone holds more than ``budget`` valid tokens.
+    A chunk takes pairs while it holds at most ``max(target, the longest pair)`` tokens (``target``
+    defaults to ``budget``): whole pairs, never split. Returns None when one pair alone holds more
+    than ``budget`` valid tokens.
     """
     rows_n, seq = labels.shape
     batch = rows_n // 2
@@ -83,12 +85,13 @@ def pair_chunk_layout(labels: torch.Tensor, ignore_index: int, budget: int) -> O
     # The chunk boundaries are Python integers (they slice tensors and bound the loop), so the [2B]
     # valid-token counts are read to the host once per call: this path's only host sync.
     counts = lengths.tolist()
+    pair_sizes = [counts[p] + counts[batch + p] for p in range(batch)]
+    if max(pair_sizes, default=0) > budget:
+        return None
+    limit = max(budget if target is None else target, max(pair_sizes, default=0))
     chunks, first_pair, first_token, size = [], 0, 0, 0
-    for p in range(batch):
-        n = counts[p] + counts[batch + p]
-        if n > budget:
-            return None
-        if size + n > budget:
+    for p, n in enumerate(pair_sizes):
+        if size + n > limit:
             chunks.append((first_pair, p, first_token, first_token + size))
             first_pair, first_token, size = p, first_token + size, 0
         size += n
@@ -180,115 +183,171 @@ def local_weights(weight, bias, dtype: torch.dtype):
     return materialize_weight(weight, dtype), None if bias is None else materialize_weight(bias, dtype)
 
 
-class PairChunkedPreference(torch.autograd.Function):
-    """A preference loss over chunks of whole pairs, gradients made in forward.
+PAIR, SIDE, ROW_SCALE, COUNTED, REF_SEQ = "pair", "side", "row_scale", "counted", "ref_seq"
 
-    Inputs: hidden ``[2B, S, H]``, weight ``[V, H]``, bias ``[V]`` or None (differentiable); the
-    reference as ``ref_hidden`` ``[2B, S, H']`` + ``ref_weight`` ``[V', H']`` + ``ref_bias``, or as
+
+@dataclass(frozen=True)
+class PreferencePairTerm(Term):
+    """The preference loss of the whole pairs in a chunk, and its NLL term, as one engine term.
+
+    Per-token side inputs (``Chunk.inputs``): ``pair`` (int64, the pair of the token's row), ``side``
+    (0 chosen, 1 rejected), ``row_scale`` (1 / the row's valid tokens for mean log-probabilities, else
+    1), ``counted`` (1 where the pair counts: both rows have a valid token), ``scales`` ``[n, 2]``
+    (``pair_scale``, ``nll_scale``), and ``ref_seq`` (the reference's sequence log-probability of the
+    row) when the reference is not a model on the engine's second side.
+
+    Outputs per token: ``total`` (``pair_scale`` x the pair's loss at its first token + ``nll_scale``
+    x ``-log p`` at chosen tokens: the loss, whose sum is the call's), then, values only, ``pair``
+    (the pair losses at their first tokens), ``nll`` (``-log p`` at chosen tokens), ``logp`` and
+    ``ref_logp`` (per-token log-probabilities of the policy and the reference model, 0 without one).
+    """
+
+    opts: PairOptions
+    name: str = "total"
+    needs_teacher: bool = False  # True when the reference is a model (its logits: the chunk's teacher)
+    weight: float = 1.0
+    compilable = False  # autograd on the chunk's [pairs] tensors (the formula's derivatives)
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        return ("total", "pair", "nll", "logp", "ref_logp")
+
+    def compute(self, chunk, weights, consume_student, consume_teacher):
+        if weights is not None and any(w is not None for w in weights[1:]):
+            raise NotImplementedError("PreferencePairTerm: only its first output (the loss) has a gradient")
+        inp = chunk.inputs
+        n = chunk.labels.shape[0]
+        dtype = chunk.student.dtype
+        pair, chosen = inp[PAIR], inp[SIDE] == 0
+        # Pair slots of this chunk: 0 .. k-1 (k <= n), and slot n takes what belongs to no slot. All on
+        # device: the chunk's first pair is a tensor, never read on the host.
+        slot = pair - pair[0]
+        slot_c = torch.where(chosen, slot, n)
+        slot_r = torch.where(chosen, n, slot)
+        scale = inp[ROW_SCALE].to(dtype)
+
+        def per_slot(values, index):  # sum of per-token values into [n + 1] slots
+            return torch.zeros(n + 1, dtype=dtype, device=values.device).index_add_(0, index, values)
+
+        def row_value(values, index):  # one value per row, the same at each of its tokens
+            return torch.zeros(n + 1, dtype=dtype, device=values.device).scatter_(0, index, values)
+
+        ref_lp = torch.zeros(n, dtype=dtype, device=chunk.labels.device)
+        if chunk.teacher is not None:
+            red = VocabReducer(chunk.teacher.shape[-1])
+            (ref_lp,), _ = log_prob_chunk(chunk.teacher, chunk.labels, chunk.valid, 1.0, red, consume=consume_teacher)
+            ref_c, ref_r = per_slot(ref_lp * scale, slot_c), per_slot(ref_lp * scale, slot_r)
+        else:
+            ref_tok = inp[REF_SEQ].to(dtype)
+            ref_c, ref_r = row_value(ref_tok, slot_c), row_value(ref_tok, slot_r)
+        need_grad = weights is not None and weights[0] is not None
+        ones = torch.ones(n, dtype=dtype, device=chunk.labels.device) if need_grad else None
+        # weight 1 on log p[y]: the gradient buffer holds onehot - softmax, scaled per token below.
+        (lp,), g = log_prob_chunk(
+            chunk.student, chunk.labels, chunk.valid, 1.0, chunk.reducer, weights=(ones, None), consume=consume_student
+        )
+        seq_c, seq_r = per_slot(lp * scale, slot_c), per_slot(lp * scale, slot_r)
+        counted = row_value(inp[COUNTED].to(dtype), slot).bool()
+        positions = torch.arange(n, device=pair.device)
+        first = torch.full((n + 1,), n, dtype=positions.dtype, device=pair.device)
+        first = first.scatter_reduce_(0, slot, positions, reduce="amin")
+        at_first = first.index_select(0, slot) == positions
+        scales = inp["scales"].to(dtype)
+        pair_scale, nll_scale = scales[:, 0], scales[:, 1]
+        if need_grad:
+            losses, (d_c, d_r) = _pair_losses_and_grads(seq_c, seq_r, ref_c, ref_r, counted, self.opts)
+        else:
+            losses = counted_pair_losses(seq_c, seq_r, ref_c, ref_r, counted, **self.opts.formula())
+        pair_tok = torch.where(at_first, losses.index_select(0, slot), 0.0)
+        nll_tok = torch.where(chosen, -lp, 0.0)
+        total = pair_scale * pair_tok + nll_scale * nll_tok
+        outs = (total, pair_tok, nll_tok, lp, ref_lp)
+        if not need_grad:
+            return outs, None
+        w = weights[0]
+        # d(sum_i w_i total_i) / d log p_i: the pair's weight (at its first token) times d loss / d seq
+        # times d seq / d log p_i (row_scale), and -w_i nll_scale at chosen tokens.
+        w_pair = (w * pair_scale).index_select(0, first.clamp(max=n - 1).index_select(0, slot))
+        d_seq = torch.where(chosen, d_c.index_select(0, slot), d_r.index_select(0, slot))
+        coef = w_pair * d_seq * scale - torch.where(chosen, w * nll_scale, 0.0)
+        return outs, g.mul_(coef.unsqueeze(-1))
+
+
+def _pair_losses_and_grads(chosen, rejected, ref_c, ref_r, counted, opts: PairOptions):
+    """Pair losses ``[k]`` and their derivatives with respect to ``chosen`` and ``rejected`` (autograd on ``[k]``)."""
+    with torch.enable_grad():
+        c = chosen.detach().requires_grad_()
+        r = rejected.detach().requires_grad_()
+        losses = counted_pair_losses(c, r, ref_c, ref_r, counted, **opts.formula())
+        grads = torch.autograd.grad(losses.sum(), (c, r))
+    return losses.detach(), grads
+
+
+class PairChunkedPreference:
+    """A preference loss over chunks of whole pairs, gradients made in forward (the engine's grad-in-forward).
+
+    :meth:`apply` takes hidden ``[2B, S, H]``, weight ``[V, H]``, bias ``[V]`` or None (differentiable);
+    the reference as ``ref_hidden`` ``[2B, S, H']`` + ``ref_weight`` ``[V', H']`` + ``ref_bias``, or as
     sequence log-probabilities ``ref_seq`` ``[2B]``, or neither (0); labels ``[2B, S]``; the
     :class:`PairLayout` and :class:`PairOptions`; ``pair_scale``, ``nll_scale`` (0-dim).
 
-    Outputs ``(total, pair_sum, nll_sum, seq_logps [2B], ref_seq_logps [2B])`` in the compute dtype:
-    ``total = pair_scale * pair_sum + nll_scale * nll_sum`` is differentiable, where ``pair_sum`` sums
-    the counted pairs' losses and ``nll_sum`` the chosen rows' ``-log p``; the rest are detached.
+    Returns ``(total, pair_sum, nll_sum, seq_logps [2B], ref_seq_logps [2B])`` in the compute dtype:
+    ``total = pair_scale * pair_sum + nll_scale * nll_sum`` is differentiable (backward can run once),
+    where ``pair_sum`` sums the counted pairs' losses and ``nll_sum`` the chosen rows' ``-log p``; the
+    rest are detached.
     """
 
     @staticmethod
-    def forward(
-        ctx, x, w, b, ref_x, ref_w, ref_b, ref_seq, labels, layout: PairLayout, opts: PairOptions, pair_scale, nll_scale
+    def apply(
+        x, w, b, ref_x, ref_w, ref_b, ref_seq, labels, layout: PairLayout, opts: PairOptions, pair_scale, nll_scale
     ):
         rows_n, seq_len = labels.shape
         batch = rows_n // 2
         dtype = compute_dtype(x.dtype)
-        xf = x.reshape(rows_n * seq_len, x.shape[-1])
-        rxf = None if ref_x is None else ref_x.reshape(rows_n * seq_len, ref_x.shape[-1])
-        flat_labels = labels.reshape(-1)
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = b is not None and ctx.needs_input_grad[2]
-        num_valid = layout.tokens.shape[0]
-        dx_valid = x.new_empty(num_valid, x.shape[-1]) if need_dx else None
-        dw = torch.zeros(w.shape, dtype=dtype, device=w.device) if need_dw else None
-        db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if need_db else None
-        pair_scale, nll_scale = pair_scale.to(dtype), nll_scale.to(dtype)
-
+        tokens, rows = layout.tokens, layout.rows
+        num_valid = tokens.shape[0]
+        # The valid tokens, pair by pair: the gather is differentiable (its backward puts dX back in place).
+        xs = x.reshape(rows_n * seq_len, x.shape[-1]).index_select(0, tokens)
+        lab = labels.reshape(-1).index_select(0, tokens)
+        rxs = None if ref_x is None else ref_x.reshape(rows_n * seq_len, ref_x.shape[-1]).index_select(0, tokens)
         lengths = layout.lengths.to(dtype)
-        per_token = 1.0 / lengths.clamp(min=1) if opts.average else torch.ones_like(lengths)
-        counted = (layout.lengths[:batch] > 0) & (layout.lengths[batch:] > 0)
-        sums = torch.zeros(rows_n, dtype=dtype, device=x.device)
-        ref_sums = torch.zeros(rows_n, dtype=dtype, device=x.device)
-        # d total / d (a token's log-prob), per row: its pair's coefficient, and -nll_scale on chosen rows.
-        row_coef = torch.zeros(rows_n, dtype=dtype, device=x.device)
-        row_coef[:batch] = -nll_scale
-        red = VocabReducer(w.shape[0])
-        for p0, p1, t0, t1 in layout.chunks:
-            if t1 == t0:
-                continue
-            idx, seq = layout.tokens[t0:t1], layout.rows[t0:t1]
-            lab = flat_labels.index_select(0, idx)
-            valid = torch.ones_like(lab, dtype=torch.bool)
-            if rxf is not None:
-                rz = _logits(rxf.index_select(0, idx), ref_w, ref_b)
-                (ref_lp,), _ = log_prob_chunk(rz, lab, valid, 1.0, VocabReducer(ref_w.shape[0]), consume=True)
-                del rz
-                ref_sums.index_add_(0, seq, ref_lp.to(dtype))
-            xc = xf.index_select(0, idx)
-            # weight 1 on log p[y]: the gradient buffer holds onehot - softmax, scaled per token below.
-            (lp,), g = log_prob_chunk(
-                _logits(xc, w, b), lab, valid, 1.0, red, weights=(torch.ones_like(lab, dtype=dtype), None), consume=True
-            )
-            sums.index_add_(0, seq, lp)
-            chosen, rejected = slice(p0, p1), slice(batch + p0, batch + p1)
-            ref_c, ref_r = _reference(ref_seq, ref_sums, per_token, rxf is not None, chosen, rejected)
-            coef_c, coef_r = _sequence_grads(
-                sums[chosen] * per_token[chosen],
-                sums[rejected] * per_token[rejected],
-                ref_c,
-                ref_r,
-                counted[chosen],
-                opts,
-            )
-            row_coef[chosen] += pair_scale * coef_c * per_token[chosen]
-            row_coef[rejected] = pair_scale * coef_r * per_token[rejected]
-            g.mul_(row_coef.index_select(0, seq).unsqueeze(-1))
-            accumulate_chunk_grads(g, xc, w, slice(t0, t1), dx_valid, dw, db)
-            del g
-
-        seq_logps = sums * per_token
-        all_rows = slice(0, rows_n)
-        ref_logps = _reference(ref_seq, ref_sums, per_token, rxf is not None, all_rows, all_rows)[0]
-        pair_sum = counted_pair_losses(
-            seq_logps[:batch], seq_logps[batch:], ref_logps[:batch], ref_logps[batch:], counted, **opts.formula()
-        ).sum()
-        nll_sum = -sums[:batch].sum()
-        total = pair_scale * pair_sum + nll_scale * nll_sum
-        dx = None
-        if need_dx:
-            dx = torch.zeros_like(xf).index_copy_(0, layout.tokens, dx_valid).view_as(x)
-        ctx.grads = (dx, dw, db)
-        ctx.dtypes = (w.dtype, None if b is None else b.dtype)
-        ctx.save_for_backward(x, w, b)
-        ctx.mark_non_differentiable(pair_sum, nll_sum, seq_logps, ref_logps)
-        return total, pair_sum, nll_sum, seq_logps, ref_logps
-
-    @staticmethod
-    def backward(ctx, grad_total, *_grad_rest):
-        # The same hand-over as the engine's grad-in-forward loss (ctx.grads, ctx.dtypes, saved x, w, b):
-        # dX, dW, db scaled by grad_total, once.
-        dx, dw, db = GradInForward.backward(ctx, grad_total)[:3]
-        return (dx, dw, db) + (None,) * 9
+        per_row = 1.0 / lengths.clamp(min=1) if opts.average else torch.ones_like(lengths)
+        counted_rows = ((layout.lengths[:batch] > 0) & (layout.lengths[batch:] > 0)).repeat(2)
+        inputs = {
+            PAIR: rows % batch,
+            SIDE: (rows >= batch).to(torch.int64),
+            ROW_SCALE: per_row.index_select(0, rows),
+            COUNTED: counted_rows.index_select(0, rows).to(dtype),
+            "scales": torch.stack([pair_scale.to(dtype), nll_scale.to(dtype)]).expand(num_valid, 2),
+        }
+        if rxs is None:
+            ref_rows = torch.zeros(rows_n, dtype=dtype, device=x.device) if ref_seq is None else ref_seq.to(dtype)
+            inputs[REF_SEQ] = ref_rows.index_select(0, rows)
+        term = PreferencePairTerm(opts, needs_teacher=rxs is not None)
+        bounds = tuple((t0, t1) for _, _, t0, t1 in layout.chunks if t1 > t0)
+        plan = LossPlan((term,), ignore_index=_NO_IGNORED, bounds=bounds)
+        total, parts = run_terms(
+            xs,
+            w,
+            b,
+            lab,
+            rxs,
+            ref_w,
+            ref_b,
+            plan,
+            per_token=False,
+            recompute=False,
+            inputs=inputs,
+            per_token_parts=True,
+        )
+        scale = inputs[ROW_SCALE]
+        seq_logps = torch.zeros(rows_n, dtype=dtype, device=x.device).index_add_(0, rows, parts["logp"] * scale)
+        if rxs is None:
+            ref_logps = torch.zeros(rows_n, dtype=dtype, device=x.device) if ref_seq is None else ref_seq.to(dtype)
+        else:
+            ref_logps = torch.zeros(rows_n, dtype=dtype, device=x.device).index_add_(0, rows, parts["ref_logp"] * scale)
+        return total, parts["pair"].sum(), parts["nll"].sum(), seq_logps, ref_logps.detach()
 
 
-def _reference(ref_seq, ref_sums, per_token, from_hidden: bool, chosen: slice, rejected: slice):
-    """The reference's sequence log-probabilities of the chosen and rejected rows ``(rows, rows)``."""
-    if from_hidden:
-        return ref_sums[chosen] * per_token[chosen], ref_sums[rejected] * per_token[rejected]
-    return ref_seq[chosen], ref_seq[rejected]
-
-
-def _sequence_grads(chosen, rejected, ref_c, ref_r, counted, opts: PairOptions):
-    """``d pair_sum / d chosen``, ``d pair_sum / d rejected`` ``[k]`` for k pairs (autograd on ``[k]``)."""
-    with torch.enable_grad():
-        c = chosen.detach().requires_grad_()
-        r = rejected.detach().requires_grad_()
-        total = counted_pair_losses(c, r, ref_c, ref_r, counted, **opts.formula()).sum()
-        return torch.autograd.grad(total, (c, r))
+# The gathered tokens are all valid: no label equals this (labels are >= 0 there).
+_NO_IGNORED = -(1 << 62)

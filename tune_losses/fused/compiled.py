@@ -91,6 +91,8 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
         return None
     if device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
         return None
+    if not all(t.compilable for t in terms):
+        return None
     if _mode() == "auto" and device.type == "cpu" and all(isinstance(t, CrossEntropyTerm) for t in terms):
         # Measured (python -m benchmarks.run, CPU fp32, N=2048, H=256, V=32768, idle 2 cores): the
         # cross-entropy math alone is one exp pass the eager code already writes in place, and the

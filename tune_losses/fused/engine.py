@@ -45,12 +45,16 @@ class LossPlan:
         chunk_size: tokens per chunk (None: :func:`tune_losses.chunking.chunk_policy`).
         reducer: reductions over the vocabulary: None for the whole vocabulary on this process, or
             a vocabulary-parallel one (:class:`tune_losses.fused.vocab_parallel.GroupReducer`).
+        bounds: explicit ``(start, end)`` token bounds of the chunks, consecutive from 0 to N (e.g.
+            whole preference pairs per chunk, :mod:`tune_losses.alignment.pair_chunks`), or None
+            for chunks of ``chunk_size`` tokens.
     """
 
     terms: Tuple[Term, ...]
     ignore_index: int = -100
     chunk_size: Optional[int] = None
     reducer: Optional[VocabReducer] = None
+    bounds: Optional[Tuple[Tuple[int, int], ...]] = None
 
     @property
     def needs_teacher(self) -> bool:
@@ -197,7 +201,12 @@ def chunk_pass(
     red = plan.reducer or VocabReducer(w.shape[0])
     valid = labels != plan.ignore_index
     teacher = plan.needs_teacher
-    size = plan.chunk_size or chunk_policy(num_tokens, red.vocab, x.device, 2 if teacher else 1, hidden_size=x.shape[1])
+    if plan.bounds is not None:
+        bounds = list(plan.bounds)
+        size = max((end - start for start, end in bounds), default=1)
+    else:
+        size = plan.chunk_size or chunk_policy(num_tokens, red.vocab, x.device, 2 if teacher else 1, x.shape[1])
+        bounds = token_chunk_bounds(num_tokens, size)
     outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
     need_dx, need_dw, need_db = need
     any_grad = weights is not None and (need_dx or need_dw or need_db)
@@ -215,7 +224,7 @@ def chunk_pass(
     zbuf = torch.empty(buf_rows, w.shape[0], dtype=dtype, device=x.device)
     ztbuf = torch.empty(buf_rows, tw.shape[0], dtype=dtype, device=x.device) if teacher else None
 
-    for start, end in token_chunk_bounds(num_tokens, size):
+    for start, end in bounds:
         rows = slice(start, end)
         n = end - start
         ok, lab = valid[rows], labels[rows]
@@ -313,7 +322,7 @@ class GradInForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, labels, tx, tw, tb, plan: LossPlan, scale=None, inputs=None):
+    def forward(ctx, x, w, b, labels, tx, tw, tb, plan: LossPlan, scale=None, inputs=None, per_token_parts=False):
         need = _needs(ctx, b)
         outputs, dx, dw, db = chunk_pass(
             x, w, b, labels, tx, tw, tb, plan, plan.loss_weights(), need, scale, inputs=inputs
@@ -328,6 +337,8 @@ class GradInForward(torch.autograd.Function):
         if scale is not None:
             scale = scale.to(total.dtype)
             total, parts = total * scale, [p * scale for p in parts]
+        if per_token_parts:  # every output per token (unscaled), for terms whose outputs are not sums
+            parts = [outputs[name] for name in plan.output_names]
         ctx.mark_non_differentiable(*parts)
         return (total, *parts)
 
@@ -346,7 +357,7 @@ class GradInForward(torch.autograd.Function):
             dw = dw.mul_(grad_total.to(dw.dtype)).to(w_dtype)
         if db is not None:
             db = db.mul_(grad_total.to(db.dtype)).to(b_dtype)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 class Recompute(torch.autograd.Function):
@@ -388,6 +399,7 @@ def run_terms(
     recompute: bool,
     scale: Optional[torch.Tensor] = None,
     inputs: Optional[Dict[str, torch.Tensor]] = None,
+    per_token_parts: bool = False,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Run a plan through the right autograd function.
 
@@ -397,6 +409,8 @@ def run_terms(
             wanted), else :class:`GradInForward`.
         scale: 0-dim factor of the sums (the mean's ``1 / tokens``), None for 1.
         inputs: per-token side inputs by name, ``[N, ...]`` each, read by the terms per chunk.
+        per_token_parts: with a summed loss, give ``parts`` as every output by name per token
+            (detached, unscaled) instead of the first outputs' sums.
 
     Returns:
         ``(loss, parts)``: ``loss`` the weighted sum of the terms' first outputs (per token or
@@ -404,8 +418,10 @@ def run_terms(
     """
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
     if not per_token and not recompute and grad_wanted:
-        total, *sums = GradInForward.apply(x, w, b, labels, tx, tw, tb, plan, scale, inputs)
-        return total, {t.name: s for t, s in zip(plan.terms, sums)}
+        total, *rest = GradInForward.apply(x, w, b, labels, tx, tw, tb, plan, scale, inputs, per_token_parts)
+        if per_token_parts:
+            return total, dict(zip(plan.output_names, rest))
+        return total, {t.name: s for t, s in zip(plan.terms, rest)}
     values = Recompute.apply(x, w, b, labels, tx, tw, tb, plan, inputs)
     parts = dict(zip(plan.output_names, values))
     total = None
@@ -416,4 +432,6 @@ def run_terms(
     if per_token:
         return total, parts
     factor = 1.0 if scale is None else scale.to(total.dtype)
+    if per_token_parts:
+        return total.sum() * factor, {k: v.detach() for k, v in parts.items()}
     return total.sum() * factor, {t.name: parts[t.outputs[0]].detach().sum() * factor for t in plan.terms}

@@ -1,5 +1,6 @@
 """Detached per-token statistics for training logs (TRL's ``entropy`` and ``mean_token_accuracy``),
-one chunk of logits at a time: no ``[tokens, V]`` tensor, no autograd graph."""
+on the engine's one chunk loop: a values-only term (:class:`tune_losses.terms.TokenStatsTerm`), no
+``[tokens, V]`` tensor, no autograd graph."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from tune_losses.chunking import chunk_policy
+from tune_losses.fused.engine import LossPlan, chunk_pass
 from tune_losses.fused.placement import materialize_weight
+from tune_losses.fused.valid_rows import select_valid_rows
+from tune_losses.terms import TokenStatsTerm
 
 
 class TokenStats(NamedTuple):
@@ -35,22 +38,17 @@ def token_stats(
 
     Args:
         hidden: ``[..., H]``; weight ``[V, H]`` (a DTensor is gathered); labels ``[...]``.
+        chunk_size: tokens per chunk (None: :func:`tune_losses.chunking.chunk_policy`).
     """
     weight = materialize_weight(weight.detach(), hidden.dtype)
     bias = None if bias is None else materialize_weight(bias.detach(), hidden.dtype)
     flat_labels = labels.reshape(-1)
     valid = flat_labels != ignore_index
-    x = hidden.detach().reshape(-1, hidden.shape[-1])[valid]
-    y = flat_labels[valid]
-    entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
-    size = chunk_size or chunk_policy(max(x.shape[0], 1), weight.shape[0], hidden.device)
-    for start in range(0, x.shape[0], size):
-        xc, yc = x[start : start + size], y[start : start + size]
-        z = torch.nn.functional.linear(xc, weight, bias).float()
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        lse = torch.logsumexp(z, dim=-1)
-        entropy += (lse - (torch.softmax(z, dim=-1) * z).sum(-1)).sum()
-        correct += (z.argmax(-1) == yc).sum()
+    x = hidden.detach().reshape(-1, hidden.shape[-1])
+    # Only the valid tokens' rows reach the chunk loop (one host sync, as logging can afford).
+    x, _, y, _ = select_valid_rows(x, None, flat_labels, ignore_index)
+    plan = LossPlan((TokenStatsTerm(softcap),), ignore_index, chunk_size)
+    outputs, *_ = chunk_pass(x, weight, bias, y, None, None, None, plan)
+    entropy = outputs["entropy"].sum().to(torch.float32)
+    correct = outputs["correct"].sum().round().to(torch.int64)
     return TokenStats(entropy, correct, valid.sum())
