@@ -3,6 +3,14 @@
 Public API only; see the README for the map of modules.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("tune-losses")
+except PackageNotFoundError:  # a source tree on the import path, not installed
+    __version__ = "0.0.0+unknown"
+
 from tune_losses.accounting import (
     LossSum,
     all_reduce_token_count,
@@ -48,6 +56,7 @@ from tune_losses.heads import OutputProjection, configure_model_for_loss, output
 from tune_losses.options import CEOptions, KDOptions
 
 __all__ = [
+    "__version__",
     # chunked-output losses (torchtune API)
     "CEWithChunkedOutputLoss",
     "ForwardKLWithChunkedOutputLoss",

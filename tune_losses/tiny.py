@@ -64,6 +64,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from tune_losses.extras import require_extra
+
+require_extra("train", "tune_losses.tiny", ("torchtune", "sentencepiece"))
+
 # The one vocabulary size: the tokenizer is trained to exactly this many pieces and every model
 # builder below sizes its embedding and output projection with it, so they cannot disagree.
 TINY_VOCAB_SIZE = 4096
