@@ -435,8 +435,9 @@ class LossRecipe:
         log.info(f"resumed from {self.settings.output_dir}/{checkpointing.RESUME_FILE} at step {self.global_step}")
 
     def cleanup(self) -> None:
-        if getattr(self, "metric_logger", None) is not None:
-            self.metric_logger.close()
+        metric_logger = getattr(self, "metric_logger", None)
+        if metric_logger is not None:
+            metric_logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
