@@ -518,6 +518,7 @@ def build(out: str | os.PathLike = DEFAULT_OUT, force: bool = False, verbose: bo
         entry = old_steps.get(name)
         t0 = time.perf_counter()
         if not force and _step_valid(out, entry, spec):
+            assert entry is not None  # a valid step has a manifest entry
             steps[name] = dict(entry, built=False)
             if verbose:
                 print(f"[tiny] {name}: up to date, skipped ({', '.join(entry['files'])})")
