@@ -44,6 +44,7 @@ from tune_losses.fused import (
     linear_kd_loss,
     linear_log_probs,
 )
+from tune_losses.fused.sparse import linear_sparse_distillation_loss, linear_sparse_kd_loss
 from tune_losses.heads import OutputProjection, configure_model_for_loss, output_projection, set_output_mode
 from tune_losses.options import CEOptions, KDOptions
 
@@ -65,6 +66,8 @@ __all__ = [
     "linear_kd_loss",
     "linear_distillation_loss",
     "linear_log_probs",
+    "linear_sparse_kd_loss",
+    "linear_sparse_distillation_loss",
     "FusedOutput",
     "LinearCrossEntropyLoss",
     "LinearDistillationLoss",
