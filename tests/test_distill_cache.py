@@ -262,3 +262,17 @@ def test_batches_align_teacher_rows_with_shifted_labels(tmp_path):
     with pytest.raises(CacheMismatchError, match="sequence 0: expected 5 tokens with the cached token hash"):
         wrong[0]
     assert math.isfinite(float(lps[ids >= 0].sum()))
+
+
+def test_loss_temperature_must_be_the_caches(tmp_path):
+    pytest.importorskip("torchtune")
+    from types import SimpleNamespace
+
+    from tune_losses.training.offline_kd import check_temperature
+
+    _write(tmp_path, CacheSpec(vocab_size=V, k=4, temperature=2.0))
+    cache = TeacherCache(tmp_path)
+    check_temperature(SimpleNamespace(temperature=2.0), cache)
+    check_temperature(SimpleNamespace(), cache)  # a loss without one (no soft targets at a temperature)
+    with pytest.raises(CacheMismatchError, match=r"loss.temperature: expected the cache's temperature 2.0 .*got 1.0"):
+        check_temperature(SimpleNamespace(temperature=1.0), cache)

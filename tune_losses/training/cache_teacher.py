@@ -40,6 +40,7 @@ CONFIG_KEYS = (
     "device",
     "dtype",
     "process_group_timeout_s",
+    "metric_logger",
 )
 
 
@@ -79,6 +80,9 @@ class CacheTeacherRecipe:
 
     def setup(self, cfg: DictConfig) -> None:
         refuse_packed(cfg.dataset)
+        self.metric_logger = None
+        if self.par.is_rank_zero and cfg.get("metric_logger", None) is not None:
+            self.metric_logger = config.instantiate(cfg.metric_logger)
         self.output_dir = Path(cfg.output_dir)
         self.batch_size = int(cfg.batch_size)
         c = cfg.cache
@@ -145,13 +149,20 @@ class CacheTeacherRecipe:
         if p.is_rank_zero:
             index = writer.write_index()
             size = sum(f.stat().st_size for f in self.output_dir.iterdir() if f.is_file())
+            seconds = time.perf_counter() - start
             log.info(
                 f"teacher cache complete: {index} ({len(writer.ranges)} shards, {len(self.ds)} sequences, "
-                f"k={self.spec.k} {self.spec.mode}, {size / 2**20:.1f} MiB)"
+                f"k={self.spec.k} {self.spec.mode}, {size / 2**20:.1f} MiB, {seconds:.1f} s)"
             )
+            if self.metric_logger is not None:
+                summary = {"sequences": len(self.ds), "shards_written": n, "shards_kept": skipped}
+                summary.update(cache_mib=size / 2**20, seconds=seconds)
+                self.metric_logger.log_dict(summary, step=0)
         barrier("barrier after writing the cache index", self.timeout_s)
 
     def cleanup(self) -> None:
+        if getattr(self, "metric_logger", None) is not None:
+            self.metric_logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -85,6 +85,17 @@ def check_cache(cache: TeacherCache, ds: Dataset, cfg: DictConfig, vocab_size: i
     )
 
 
+def check_temperature(loss, cache: TeacherCache) -> None:
+    """The loss divides the student's logits by its temperature; the cached log-probabilities are the
+    teacher's at the cache's. Different ones would distil towards a distribution at another temperature."""
+    t = getattr(loss, "temperature", None)
+    if t is not None and float(t) != cache.spec.temperature:
+        raise CacheMismatchError(
+            f"loss.temperature: expected the cache's temperature {cache.spec.temperature} (its log-probabilities "
+            f"are the teacher's at that temperature), got {t}; rebuild the cache at {t} or set loss.temperature"
+        )
+
+
 class OfflineKDRecipe(LossRecipe):
     """Distillation from ``teacher_cache`` (task ``"offline_kd"``): the loop of :class:`LossRecipe`
     (exact token normalization, accumulation, FSDP2) with the teacher's entries read from the batch."""
@@ -104,6 +115,7 @@ class OfflineKDRecipe(LossRecipe):
         ds = config.instantiate(cfg.dataset, self.tokenizer)
         self.cache = TeacherCache(cfg.teacher_cache)
         check_cache(self.cache, ds, cfg, int(output_projection(self.model).weight.shape[0]))
+        check_temperature(self.loss.loss, self.cache)
         self.kd_ratio = float(getattr(self.loss.loss, "kd_ratio", 1.0))
         cached = CachedTeacherDataset(ds, self.cache)
         self.dataloader, self.sampler = data.build_dataloader(
