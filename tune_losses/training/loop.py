@@ -299,7 +299,8 @@ class LossRecipe:
         if problem is not None:
             self._on_nonfinite(problem)
         metrics["lr"] = lr
-        metrics["tokens_per_second_per_rank"] = float(global_tokens) / p.dp_size / (time.perf_counter() - start)
+        metrics["step_seconds"] = time.perf_counter() - start
+        metrics["tokens_per_second_per_rank"] = float(global_tokens) / p.dp_size / metrics["step_seconds"]
         return metrics
 
     def _step_normalizer(self, labels: List[torch.Tensor]):
