@@ -14,7 +14,7 @@ from multiproc import run_ranks
 from reference import make_labels
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tune_losses import linear_kd_loss, linear_sparse_distillation_loss, linear_sparse_kd_loss
+from tune_losses import SparseDistillationLoss, linear_kd_loss, linear_sparse_distillation_loss, linear_sparse_kd_loss
 from tune_losses.fused import compiled
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -301,6 +301,53 @@ def test_distillation_is_weighted_ce_plus_sparse_kd(eager, tail, temperature, re
     assert int(out.num_tokens) == int((labels != -100).sum())
     for got, want in zip(leaves, lr):
         torch.testing.assert_close(got.grad.double(), want.grad, **TOL)
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, vocab=45, dim=16):
+        super().__init__()
+        g = gen(40)
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.output = torch.nn.Linear(dim, vocab)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, tokens):
+        return self.output(torch.tanh(self.embed(tokens)))
+
+
+def test_module_for_recipes(eager):
+    """``SparseDistillationLoss``: the recipes' protocol (projection from the model, no teacher
+    model, sum and count with parts, ``scale``) and the same values as the functional loss."""
+    from tune_losses.training.protocol import TeacherOutputLoss, TrainingLoss
+
+    _, _, _, labels, ids, lp, _ = make_case((2, 9), 16, 45, 5, seed=41)
+    tokens = torch.randint(0, 45, (2, 9), generator=gen(42))
+    model = _TinyLM()
+    full = model(tokens)
+    loss_fn = SparseDistillationLoss(kd_ratio=0.4, temperature=2.0, tail="bucket", chunk_size=4)
+    assert not isinstance(loss_fn, TeacherOutputLoss)  # the loop loads no teacher for it
+    with pytest.raises(ValueError, match="set_model_output"):
+        loss_fn(torch.randn(2, 9, 16), ids, lp, labels)
+    loss_fn.set_model_output(model)
+    hidden = model(tokens)
+    assert hidden.shape == (2, 9, 16)
+    loss = loss_fn(hidden, ids, lp, labels)
+    z = full.double()
+    ce = torch.where(labels != -100, F.cross_entropy(z.transpose(1, 2), labels, reduction="none"), 0.0)
+    kd = ref_sparse_kd(z, labels, ids, lp.double(), temperature=2.0, tail="bucket", reduction="sum")
+    ref = (0.6 * ce.sum() + 0.4 * kd) / (labels != -100).sum()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    scale = torch.tensor(0.25)
+    s = TrainingLoss(loss_fn)(hidden, ids, lp, labels=labels, scale=scale)
+    assert set(s.parts) == {"class_loss", "kd_loss"} and int(s.num_tokens) == int((labels != -100).sum())
+    torch.testing.assert_close(s.total, loss * s.num_tokens * scale)
+    torch.testing.assert_close(s.parts["kd_loss"].double(), 0.25 * kd, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="tail"):
+        SparseDistillationLoss(tail="rest")
+    with pytest.raises(ValueError, match="kd_ratio"):
+        SparseDistillationLoss(kd_ratio=-0.1)
 
 
 # -------------------------------------------------------------------------------------- bad input

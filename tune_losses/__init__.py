@@ -58,6 +58,7 @@ from tune_losses.fused import (
     linear_log_probs,
 )
 from tune_losses.fused.sparse import linear_sparse_distillation_loss, linear_sparse_kd_loss
+from tune_losses.fused.sparse_module import SparseDistillationLoss
 from tune_losses.heads import OutputProjection, configure_model_for_loss, output_projection, set_output_mode
 from tune_losses.options import CEOptions, KDOptions
 
@@ -88,6 +89,7 @@ __all__ = [
     "FusedOutput",
     "LinearCrossEntropyLoss",
     "LinearDistillationLoss",
+    "SparseDistillationLoss",
     # model side
     "OutputProjection",
     "output_projection",
