@@ -522,7 +522,7 @@ def linear_kd_loss(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
     )
     opts = _run_options(reduction, chunk_size, options.ignore_index, options.validate, parallel, execution)
-    loss, _, _ = _run([DivergenceTerm(options)], *sides, labels, opts, num_tokens, scale)
+    loss, _, _ = _run([DivergenceTerm(options)], sides[0], sides[1], labels, opts, num_tokens, scale)
     return loss
 
 
@@ -584,5 +584,5 @@ def linear_distillation_loss(
         CrossEntropyTerm(options.ce, weight=1.0 - options.kd_ratio),
         DivergenceTerm(kd, weight=float(options.kd_ratio)),
     ]
-    loss, parts, count = _run(terms, *sides, labels, opts, num_tokens, scale)
+    loss, parts, count = _run(terms, sides[0], sides[1], labels, opts, num_tokens, scale)
     return _fused_output(loss, parts, count)
