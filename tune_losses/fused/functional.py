@@ -178,7 +178,7 @@ def _run(
     if scale is not None and opts.reduction != "sum":
         raise ValueError(f"scale: only meaningful with reduction='sum', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
-    teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), "drop")
+    teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), None)
     placed = place(
         student.weight,
         student.bias,
@@ -197,7 +197,7 @@ def _run(
         tw, tb = placed.teacher_weight, placed.teacher_bias
         tx = _flat(teacher.names, teacher.hidden, tw, tb, labels)
         # Placement left the teacher the student's rows ("drop"), or those and its padding rows.
-        if tw.shape[0] < w.shape[0] or (teacher_vocab == "drop" and tw.shape[0] != w.shape[0]):
+        if tw.shape[0] < w.shape[0] or (teacher_vocab != "pad_student" and tw.shape[0] != w.shape[0]):
             raise ValueError(
                 f"teacher_weight: expected vocab size {w.shape[0]} (student_weight {tuple(w.shape)}), "
                 f"got {tuple(tw.shape)}"
@@ -470,7 +470,7 @@ def linear_kd_loss(
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
-    teacher_vocab: str = "drop",
+    teacher_vocab: Optional[str] = None,
 ) -> torch.Tensor:
     """Distillation divergence between teacher and student, never materializing either's logits.
 
@@ -491,7 +491,8 @@ def linear_kd_loss(
             teacher weight that is not vocabulary-parallel is gathered and its rows sliced.
         num_tokens, scale: as :func:`linear_cross_entropy`.
         teacher_vocab: a teacher_weight with more rows than student_weight (padding rows, e.g.
-            Qwen2.5 7B's 152064 against 0.5B's 151936): ``"drop"`` compares the shared first
+            Qwen2.5 7B's 152064 against 0.5B's 151936): None (default) makes any size mismatch an
+            error naming both sizes (another tokenizer's rows mean other tokens); ``"drop"`` compares the shared first
             ``V_s`` rows, the teacher's softmax taken over them only (its extra rows' logits are never
             made); ``"pad_student"`` keeps the teacher's whole softmax and pads the student's logits
             with zeros (Liger-Kernel's convention). A smaller teacher vocabulary is an error.
@@ -533,7 +534,7 @@ def linear_distillation_loss(
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
-    teacher_vocab: str = "drop",
+    teacher_vocab: Optional[str] = None,
 ) -> FusedOutput:
     """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * KD(student, teacher)``; each chunk of student
     logits is made once and serves both terms.
