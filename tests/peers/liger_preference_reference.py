@@ -131,3 +131,38 @@ def alignment_loss(
     losses = pair_loss(pc, pr, rc, rr)
     loss = nll * alpha + losses.mean()
     return loss, (pc, pr, nll, beta * (pc - rc), beta * (pr - rr))
+
+
+def kto_loss(
+    x,
+    weight,
+    target,
+    preference_labels,
+    bias,
+    ref_x,
+    ref_weight,
+    ref_bias,
+    kl,
+    *,
+    beta,
+    ignore_index=-100,
+    average_log_prob=True,
+):
+    """Liger's ``HFKTOLoss`` (test/chunked_loss/test_kto_loss.py) through ``HFAlignmentLoss`` unpaired:
+    ``(loss, (chosen_logps_sum, rejected_logps_sum, chosen_rewards_sum, rejected_rewards_sum))``; the
+    given ``kl`` used as is (0 when None); the loss the mean over all rows."""
+    logits = x @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    logps = _batch_logps(logits.float(), target, ignore_index, average_log_prob)
+    with torch.no_grad():
+        ref_logits = ref_x @ ref_weight.t()
+        if ref_bias is not None:
+            ref_logits = ref_logits + ref_bias
+        ref_logps = _batch_logps(ref_logits, target, ignore_index, average_log_prob)
+    kl = torch.zeros(1) if kl is None else kl
+    c = logps[preference_labels] - ref_logps[preference_labels]
+    r = logps[~preference_labels] - ref_logps[~preference_labels]
+    losses = torch.cat((1 - torch.sigmoid(beta * (c - kl)), 1 - torch.sigmoid(beta * (kl - r))), 0)
+    aux = (logps[preference_labels].sum(), logps[~preference_labels].sum(), (beta * c).sum(), (beta * r).sum())
+    return losses.mean(), aux
