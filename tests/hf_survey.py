@@ -88,6 +88,9 @@ TINY = dict(
     linear_key_head_dim=16,
     linear_value_head_dim=16,
     time_step_rank=4,
+    # per-layer input embeddings (Gemma 3n / 4)
+    vocab_size_per_layer_input=V,
+    hidden_size_per_layer_input=8,
     # windows
     sliding_window=16,
     attention_window_size=16,
@@ -96,8 +99,24 @@ TINY = dict(
 
 SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder", "encoder", "speech_config")
 
-OVERRIDES: Dict[str, dict] = {}
+OVERRIDES: Dict[str, dict] = {
+    "bamba": dict(attn_layer_indices=[1]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "zamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "zamba2": dict(hybrid_layer_ids=[1]),
+    "codegen": dict(rotary_dim=8),
+    "gptj": dict(rotary_dim=8),
+    "reformer": dict(is_decoder=True, attn_layers=["local", "local"], axial_pos_embds=False),
+    "prophetnet": dict(num_encoder_layers=1, num_decoder_layers=1),
+    "xmod": dict(default_language="en_XX"),
+    "dots1": dict(num_experts_per_tok=2, n_shared_experts=1),
+}
 """Per model type, settings the generic sizes do not cover (odd required fields)."""
+
+ATTENTION = {"dory": "sdpa"}
+"""Attention implementation per model type where eager cannot run the tiny model (Dory's loops: its eager
+mask does not cover the concatenated past); "eager" otherwise."""
 
 MAX_PARAMS = 3_000_000
 
@@ -131,6 +150,22 @@ def _tiny_kwargs(default, extra: dict) -> dict:
             _get(default, k), float
         ):
             kw[k] = 0.0
+    for key in ("layer_types", "mlp_layer_types"):
+        # One layer of each kind the model has (hybrid stacks: linear and full attention, dense and MoE MLP).
+        types = _get(default, key)
+        derived = isinstance(getattr(type(default), "layers_block_type", None), property)  # set from other fields
+        if (
+            not derived
+            and _has(default, key)
+            and isinstance(types, list)
+            and types
+            and all(isinstance(t, str) for t in types)
+        ):
+            kinds = list(dict.fromkeys(types))
+            n = max(2, len(kinds), kw.get("num_hidden_layers", 2))
+            kw[key] = (kinds * n)[:n]
+            if "num_hidden_layers" in kw:
+                kw["num_hidden_layers"] = n
     for name in SUB_CONFIGS:
         sub = _get(default, name)
         if sub is not None and hasattr(sub, "to_dict") and name not in extra:
@@ -154,7 +189,7 @@ def tiny_config(model_type: str):
     cfg = cfg_cls(**_tiny_kwargs(default, OVERRIDES.get(model_type, {})))
     for c in [cfg] + [getattr(cfg, n) for n in SUB_CONFIGS if getattr(cfg, n, None) is not None]:
         if hasattr(c, "_attn_implementation"):
-            c._attn_implementation = "eager"
+            c._attn_implementation = ATTENTION.get(model_type, "eager")
     return cfg
 
 
@@ -169,6 +204,8 @@ def build(model_type: str, seed: int = 0):
     """A tiny fp32 model in training mode with every parameter moved off its initial value."""
     cls = model_class(model_type)
     cfg = tiny_config(model_type)
+    if not isinstance(cfg, cls.config_class) and getattr(cfg, "text_config", None) is not None:
+        cfg = cfg.text_config  # e.g. "llama4" maps to Llama4ForCausalLM, which takes the text config
     with torch.device("meta"):
         n = sum(p.numel() for p in cls(cfg).parameters())
     if n > MAX_PARAMS:

@@ -122,6 +122,7 @@ def patch(model, *, train_only: bool = True, **ce_options):
             f"ce_options: softcap is set by {spec.model_type} itself ({'.'.join(spec.softcap)}); don't pass softcap"
         )
     _check_loss_function(hf, spec)
+    output_weight(read_chain(hf, spec.head), ".".join(spec.head))  # an unrecognised output layer fails now
     if "logits_to_keep" not in inspect.signature(type(hf).forward).parameters:
         raise ValueError(
             f"model: {type(hf).__name__}.forward takes no logits_to_keep argument, which the patch "
