@@ -6,25 +6,42 @@ linear losses (:mod:`tune_losses.alignment.preference`, :mod:`tune_losses.alignm
 torchtune drop-ins (:mod:`tune_losses.alignment.torchtune_compat`) and the modules all call these.
 
 Shapes: a batch of pairs is ``[2B, S]``, the B chosen rows first (torchtune's ``padded_collate_dpo``);
-sequence quantities are ``[2B]`` or ``[B]``; policy batches are ``[G, S]`` with advantages ``[G]``.
+sequence quantities are ``[2B]`` or ``[B]``. The policy (GRPO family) formulas live in
+:mod:`tune_losses.alignment.policy_formulas` and are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-PREFERENCE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
-"""``sigmoid`` (DPO), ``ipo``, ``hinge`` (RSO / SLiC), ``simpo`` and ``orpo`` (both reference-free)."""
+PREFERENCE_LOSS_TYPES = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "simpo",
+    "orpo",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+)
+"""``sigmoid`` (DPO), ``ipo``, ``hinge`` (RSO / SLiC), ``simpo`` and ``orpo`` (both reference-free), and
+TRL's other ``DPOConfig.loss_type`` values (formulas in :func:`preference_pair_losses`)."""
+
+LABEL_SMOOTHING_TYPES = ("sigmoid", "simpo", "robust", "exo_pair")
+"""Loss types that read ``label_smoothing`` (the rest refuse a nonzero one)."""
 
 REFERENCE_FREE = ("simpo", "orpo")
 MEAN_LOG_PROB_TYPES = ("ipo", "simpo", "orpo")
 """Loss types whose sequence log-probability defaults to the mean over tokens (the others: the sum)."""
-
-POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def sequence_log_probs(token_logps: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
@@ -66,17 +83,27 @@ def preference_pair_losses(
     beta: float,
     gamma: float = 0.0,
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
 ) -> torch.Tensor:
     """Per-pair preference loss ``[B]`` from sequence log-probabilities ``[B]`` (policy and reference).
 
-    With ``d = (pc - pr) - (rc - rr)`` and ``eps = label_smoothing``:
+    With the log-ratios ``c = pc - rc``, ``r = pr - rr``, ``d = c - r``, ``eps = label_smoothing`` and
+    ``s`` the logistic sigmoid (TRL 1.16's ``DPOTrainer`` definitions where TRL has the type):
 
-    * ``sigmoid``: ``-(1 - eps) log s(beta d) - eps log s(-beta d)``
+    * ``sigmoid``: ``-(1 - eps) log s(beta d) - eps log s(-beta d)`` (eps > 0: conservative DPO)
     * ``ipo``: ``(d - 1 / (2 beta))^2``
     * ``hinge``: ``max(0, 1 - beta d)``
     * ``simpo``: ``z = beta (pc - pr) - gamma``; ``-(1 - eps) log s(z) - eps log s(-z)`` (no reference)
     * ``orpo``: ``-beta log s(L)``, ``L = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr))`` (no reference;
       pc, pr are mean log-probabilities, so negative; the chosen NLL is added by the caller)
+    * ``robust``: ``(-(1 - eps) log s(beta d) + eps log s(-beta d)) / (1 - 2 eps)``, eps in [0, 0.5)
+    * ``exo_pair``: ``KL([s(beta d), s(-beta d)] || [1 - eps, eps])``, eps in (0, 1)
+    * ``nca_pair``: ``-log s(beta c) - log s(-beta c) / 2 - log s(-beta r) / 2``
+    * ``bco_pair``: ``-log s(beta c) - log s(-beta r)`` (TRL 1.16 and Liger: no running-mean shift)
+    * ``sppo_hard``: ``(c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2``
+    * ``apo_zero``: ``1 - s(beta c) + s(beta r)``
+    * ``apo_down``: ``s(beta c) + 1 - s(beta d)``
+    * ``discopop``: ``m = s(beta d / tau)``; ``(1 - m) (-log s(beta d)) + m exp(-beta d)``
     """
     if loss_type == "orpo":
         log_odds = (policy_chosen - policy_rejected) - (_log1m_exp(policy_chosen) - _log1m_exp(policy_rejected))
@@ -84,13 +111,36 @@ def preference_pair_losses(
     if loss_type == "simpo":
         z = beta * (policy_chosen - policy_rejected) - gamma
         return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    c = policy_chosen - ref_chosen
+    r = policy_rejected - ref_rejected
     d = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    eps = label_smoothing
     if loss_type == "sigmoid":
-        return -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+        return -(1 - eps) * F.logsigmoid(beta * d) - eps * F.logsigmoid(-beta * d)
     if loss_type == "ipo":
         return (d - 1 / (2 * beta)).square()
     if loss_type == "hinge":
         return torch.relu(1 - beta * d)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps)
+    if loss_type == "exo_pair":
+        # KL of the policy's two-way softmax over (chosen, rejected) from the smoothed labels.
+        log_q_win, log_q_lose = F.logsigmoid(beta * d), F.logsigmoid(-beta * d)
+        return log_q_win.exp() * (log_q_win - math.log1p(-eps)) + log_q_lose.exp() * (log_q_lose - math.log(eps))
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r)
+    if loss_type == "sppo_hard":
+        return (c - 0.5 / beta).square() + (r + 0.5 / beta).square()
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * d)
+    if loss_type == "discopop":
+        z = beta * d
+        # m exp(-z) as exp(-z + log m): finite where exp(-z) alone overflows and m underflows to 0.
+        return -torch.sigmoid(-z / discopop_tau) * F.logsigmoid(z) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
     raise ValueError(f"loss_type: expected one of {PREFERENCE_LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -104,7 +154,7 @@ def counted_pair_losses(
 ) -> torch.Tensor:
     """:func:`preference_pair_losses` ``[B]`` at the pairs that count (``counted`` ``[B]`` bool), 0 elsewhere.
 
-    ``options``: ``loss_type``, ``beta``, ``gamma``, ``label_smoothing``. An uncounted pair's loss and
+    ``options``: ``loss_type``, ``beta``, ``gamma``, ``label_smoothing``, ``discopop_tau``. An uncounted pair's loss and
     its gradient are exactly 0 (never NaN), whatever its sequence log-probabilities are.
     """
     # ORPO's log(1 - e^p) is -inf at p = 0 (an empty sequence): feed uncounted pairs a harmless value so
@@ -115,84 +165,10 @@ def counted_pair_losses(
     return torch.where(counted, per_pair, torch.zeros_like(per_pair))
 
 
-def policy_token_losses(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-    beta: float = 0.0,
-    ref_logps: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Per-token clipped policy-gradient loss (GRPO family) ``[G, S]`` and its per-token diagnostics.
-
-    ``r = exp(logp - old)``, ``l = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, plus with
-    ``beta > 0`` the k3 KL estimate ``beta (exp(ref - logp) - (ref - logp) - 1)``.
-
-    Args:
-        logps, old_logps: ``[G, S]`` (callers mask invalid tokens; values there must be finite).
-        advantages: ``[G]``, one per sequence.
-        ref_logps: ``[G, S]``, needed when ``beta > 0``.
-
-    Returns:
-        ``(loss [G, S], {"low_clipped", "high_clipped": bool [G, S], "kl": [G, S] or absent})``.
-        A token is low-clipped when ``r < 1 - eps_low`` with ``A < 0`` and high-clipped when
-        ``r > 1 + eps_high`` with ``A > 0`` (where the clip takes the gradient away; TRL's definition).
-    """
-    adv = advantages.unsqueeze(-1).to(logps.dtype)
-    ratio = torch.exp(logps - old_logps)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    loss = -torch.min(ratio * adv, clipped * adv)
-    info = {
-        "low_clipped": (ratio < 1 - epsilon_low) & (adv < 0),
-        "high_clipped": (ratio > 1 + epsilon_high) & (adv > 0),
-    }
-    if beta > 0:
-        delta = ref_logps.to(logps.dtype) - logps
-        kl = torch.exp(delta) - delta - 1
-        loss = loss + beta * kl
-        info["kl"] = kl
-    return loss, info
-
-
-def aggregate_policy_loss(
-    token_losses: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    loss_type: str,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch=None,
-) -> torch.Tensor:
-    """Reduce per-token losses ``[G, S]`` over the valid tokens ``mask`` to a 0-dim loss.
-
-    * ``grpo``: mean over the G sequences of (sum over its tokens / its token count);
-    * ``bnpo``: sum / number of valid tokens;
-    * ``dr_grpo``: sum / (G * max_completion_length), the length defaulting to S;
-    * ``dapo``: sum / ``num_items_in_batch`` (default: the valid tokens here; pass the whole step's
-      count for exact gradient accumulation).
-
-    Counts are clamped to at least 1: no valid token gives 0, never NaN.
-    """
-    masked = torch.where(mask, token_losses, torch.zeros_like(token_losses))
-    if loss_type == "grpo":
-        per_seq = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1).to(masked.dtype)
-        return per_seq.mean() if per_seq.numel() else masked.sum()
-    total = masked.sum()
-    if loss_type == "bnpo":
-        return total / mask.sum().clamp(min=1).to(total.dtype)
-    if loss_type == "dr_grpo":
-        length = mask.shape[-1] if max_completion_length is None else max_completion_length
-        return total / max(mask.shape[0] * length, 1)
-    if loss_type == "dapo":
-        n = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        n = torch.as_tensor(n, device=total.device)
-        return total / n.clamp(min=1).to(total.dtype)
-    raise ValueError(f"loss_type: expected one of {POLICY_LOSS_TYPES}, got {loss_type!r}")
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Mean of ``x`` over ``mask`` (0 when the mask is empty), detached, in ``dtype``."""
-    x = x.detach().to(dtype)
-    total = torch.where(mask, x, torch.zeros_like(x)).sum()
-    return total / mask.sum().clamp(min=1).to(total.dtype)
+# Re-exported: the policy formulas moved to their own file; old imports keep working.
+from tune_losses.alignment.policy_formulas import (  # noqa: E402, F401
+    POLICY_LOSS_TYPES,
+    aggregate_policy_loss,
+    masked_mean,
+    policy_token_losses,
+)

@@ -14,13 +14,13 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from tune_losses.alignment.formulas import (
+from tune_losses.alignment.log_probs import token_log_probs
+from tune_losses.alignment.policy_formulas import (
     POLICY_LOSS_TYPES,
     aggregate_policy_loss,
     masked_mean,
     policy_token_losses,
 )
-from tune_losses.alignment.log_probs import token_log_probs
 from tune_losses.alignment.preference import check_count
 from tune_losses.options import check_choice, check_float_option, check_int_option
 

@@ -22,7 +22,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from trl import DistillationTrainer, SFTTrainer
+
+from tune_losses.extras import missing_extra
+
+try:
+    from trl import DistillationTrainer, SFTTrainer
+except ModuleNotFoundError as err:
+    raise missing_extra("hf", "tune_losses.integrations.trl", err) from err
 
 from tune_losses.fused.functional import linear_cross_entropy, linear_kd_loss
 from tune_losses.integrations.head_source import UNSHIFTED, read_head
