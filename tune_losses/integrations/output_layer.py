@@ -65,6 +65,23 @@ def output_weight(layer: nn.Module, name: str = "lm_head") -> Tuple[torch.Tensor
     return weight, bias
 
 
+def check_output_layer(layer: nn.Module) -> None:
+    """Raise now (ValueError) when the ``nn.Linear`` under ``layer`` (PEFT wrappers unwrapped) overrides its
+    forward with a step :func:`output_weight` does not recognise; state-dependent checks (LoRA dropout in
+    training) stay with :func:`output_weight`."""
+    peft = _peft_types()
+    while peft is not None:
+        ModulesToSaveWrapper, BaseTunerLayer, _ = peft
+        if isinstance(layer, ModulesToSaveWrapper):
+            layer = _active_copy(layer)
+        elif isinstance(layer, BaseTunerLayer) and hasattr(layer, "get_base_layer"):
+            layer = layer.get_base_layer()
+        else:
+            break
+    if isinstance(layer, nn.Linear):
+        _subclass_scale(_forward_owner(type(layer)))
+
+
 def _forward_owner(cls):
     """The class in ``cls``'s MRO that defines the ``forward`` instances run."""
     return next(k for k in cls.__mro__ if "forward" in vars(k))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tune_losses.fused.functional import ALGORITHMS, linear_cross_entropy, linear_distillation_loss, linear_log_probs
 from tune_losses.fused.placement import materialize_weight
 from tune_losses.integrations.head_source import UNSHIFTED, HeadSpec, forward_class, read_chain, read_head
-from tune_losses.integrations.output_layer import output_weight
+from tune_losses.integrations.output_layer import check_output_layer, output_weight
 from tune_losses.options import CEOptions, check_bool_option, check_choice, check_run_options
 
 __all__ = [
@@ -122,7 +122,7 @@ def patch(model, *, train_only: bool = True, **ce_options):
             f"ce_options: softcap is set by {spec.model_type} itself ({'.'.join(spec.softcap)}); don't pass softcap"
         )
     _check_loss_function(hf, spec)
-    output_weight(read_chain(hf, spec.head), ".".join(spec.head))  # an unrecognised output layer fails now
+    check_output_layer(read_chain(hf, spec.head))  # an unrecognised output layer forward fails now
     if "logits_to_keep" not in inspect.signature(type(hf).forward).parameters:
         raise ValueError(
             f"model: {type(hf).__name__}.forward takes no logits_to_keep argument, which the patch "
