@@ -30,6 +30,7 @@ import torch
 from tune_losses.chunking import token_chunk_bounds
 from tune_losses.divergences import VocabReducer
 from tune_losses.fused.compiled import compiled_math, run_compiled, terms_on_chunk
+from tune_losses.fused.dw_accumulation import blocked_pass, first_pass_chunk, resolve
 from tune_losses.terms import Term
 
 # Elements of one fp32 chunk of logits ([n, V]); the chunk size is this divided by V (a power of 2),
@@ -100,12 +101,15 @@ class LossPlan:
         chunk_size: tokens per chunk (None: :func:`default_chunk_size`).
         reducer: reductions over the vocabulary: None for the whole vocabulary on this process, or
             a vocabulary-parallel one (:class:`tune_losses.fused.vocab_parallel.GroupReducer`).
+        dw_accumulation: ``auto`` / ``fp32`` / ``blocked`` / ``chunk``
+            (:mod:`tune_losses.fused.dw_accumulation`).
     """
 
     terms: Tuple[Term, ...]
     ignore_index: int = -100
     chunk_size: Optional[int] = None
     reducer: Optional[VocabReducer] = None
+    dw_accumulation: str = "auto"
 
     @property
     def needs_teacher(self) -> bool:
@@ -158,7 +162,9 @@ def accumulate_chunk_grads(
     if dx is not None:
         torch.mm(g_lp, w, out=dx[rows])
     if dw is not None:
-        if g_lp.dtype == g.dtype:
+        if dw.dtype != g.dtype:  # dw_accumulation="chunk": each chunk's product rounded into dW
+            dw.addmm_(g_lp.t(), xc)
+        elif g_lp.dtype == g.dtype:
             dw.addmm_(g.t(), xc)
         elif xc.device.type == "cpu":
             # A low-precision product per chunk would be rounded before the fp32 accumulation (with
@@ -243,11 +249,18 @@ def chunk_pass(
     size = plan.chunk_size or default_chunk_size(
         num_tokens, red.vocab, x.device, 2 if teacher else 1, hidden_size=x.shape[1]
     )
-    outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
     need_dx, need_dw, need_db = need
     any_grad = weights is not None and (need_dx or need_dw or need_db)
+    accumulation = resolve(plan.dw_accumulation, plan.terms, red, x.dtype, x.device) if any_grad else "fp32"
+    if accumulation == "blocked":
+        first = first_pass_chunk(num_tokens, red.vocab, x.shape[1], x.device, size)
+        return blocked_pass(
+            x, w, b, labels, tx, tw, tb, plan.terms, plan.ignore_index, red, first, weights, need, grad_scale, inputs
+        )
+    outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
     dx = torch.empty_like(x) if any_grad and need_dx else None
-    dw = torch.zeros(w.shape, dtype=dtype, device=w.device) if any_grad and need_dw else None
+    dw_dtype = w.dtype if accumulation == "chunk" else dtype
+    dw = torch.zeros(w.shape, dtype=dw_dtype, device=w.device) if any_grad and need_dw else None
     db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if any_grad and need_db else None
     # Compiled chunk math (where available): every chunk padded to the same rows, one compilation.
     math = compiled_math(plan.terms, red, x.device)
