@@ -21,8 +21,13 @@ from tune_losses.alignment import (
     linear_policy_loss,
     linear_preference_loss,
 )
+
+# A divergence registered in its own file (tune_losses/divergences/) has its torchtune-style classes
+# made by chunked_output; they are exported here without a line per class.
+from tune_losses.chunked_output import KD_LOSS_CLASSES as _KD_LOSS_CLASSES  # noqa: E402
 from tune_losses.chunked_output import (
     CEWithChunkedOutputLoss,
+    DivergenceWithChunkedOutputLoss,
     ForwardKLLoss,
     ForwardKLWithChunkedOutputLoss,
     JSDLoss,
@@ -47,6 +52,8 @@ from tune_losses.fused import (
 from tune_losses.heads import OutputProjection, configure_model_for_loss, output_projection, set_output_mode
 from tune_losses.options import CEOptions, KDOptions
 
+globals().update(_KD_LOSS_CLASSES)
+
 __all__ = [
     # chunked-output losses (torchtune API)
     "CEWithChunkedOutputLoss",
@@ -60,6 +67,7 @@ __all__ = [
     "SymmetricKLLoss",
     "JSDLoss",
     "TVDLoss",
+    "DivergenceWithChunkedOutputLoss",
     # fused linear losses
     "linear_cross_entropy",
     "linear_kd_loss",
@@ -95,3 +103,4 @@ __all__ = [
     "CEOptions",
     "KDOptions",
 ]
+__all__ += [name for name in _KD_LOSS_CLASSES if name not in __all__]

@@ -16,14 +16,27 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from tune_losses.vocab_alignment import TEACHER_VOCAB_MODES
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def divergence_choices() -> Tuple[str, ...]:
+    """The registered divergences (:mod:`tune_losses.divergences`: one class per file registers itself)."""
+    from tune_losses.divergences import divergence_names  # the registry sits above options in the layers
+
+    return divergence_names()
+
+
+def __getattr__(name: str):
+    # DIVERGENCES is read from the registry when asked, so a divergence added by its own file is in it.
+    if name == "DIVERGENCES":
+        return divergence_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -131,8 +144,9 @@ class KDOptions:
     """Options of a distillation divergence between teacher p and student q, per token.
 
     Attributes:
-        divergence: one of ``forward_kl`` (KL(p||q)), ``reverse_kl`` (KL(q||p)),
-            ``symmetric_kl`` (``r * FKL + (1 - r) * RKL``), ``jsd`` (generalized JSD(beta)), ``tvd``.
+        divergence: a registered divergence (:func:`tune_losses.divergences.divergence_names`): built
+            in ``forward_kl`` (KL(p||q)), ``reverse_kl`` (KL(q||p)), ``symmetric_kl``
+            (``r * FKL + (1 - r) * RKL``), ``jsd`` (generalized JSD(beta)), ``tvd``.
         temperature: T > 0, finite; both sides' logits are divided by T.
         scale_by_temperature_squared: multiply the loss by T^2 (Hinton et al.), so gradient
             magnitudes do not shrink as T grows.
@@ -147,8 +161,8 @@ class KDOptions:
         validate: check once per call (one device sync) that every label is in ``[0, V)`` or
             ``ignore_index``, though the divergence reads only the ignore mask: a label of -1
             meant as "ignore" under ``ignore_index=-100`` would otherwise count silently.
-        teacher_vocab: a teacher vocabulary larger than the student's (padding rows):
-            ``"drop"`` leaves the teacher's extra entries out of its softmax, ``"pad_student"``
+        teacher_vocab: a teacher vocabulary larger than the student's (padding rows): None (default)
+            makes any size mismatch an error naming both sizes; ``"drop"`` leaves the teacher's extra entries out of its softmax, ``"pad_student"``
             keeps them and pads the student's logits with zeros (:mod:`tune_losses.vocab_alignment`).
     """
 
@@ -160,11 +174,12 @@ class KDOptions:
     true_kl: bool = True
     ignore_index: int = -100
     validate: bool = True
-    teacher_vocab: str = "drop"
+    teacher_vocab: Optional[str] = None
 
     def __post_init__(self):
-        check_choice("divergence", self.divergence, DIVERGENCES)
-        check_choice("teacher_vocab", self.teacher_vocab, TEACHER_VOCAB_MODES)
+        check_choice("divergence", self.divergence, divergence_choices())
+        if self.teacher_vocab is not None:
+            check_choice("teacher_vocab", self.teacher_vocab, TEACHER_VOCAB_MODES)
         check_float_option("temperature", self.temperature, 0.0, low_open=True)
         check_bool_option("scale_by_temperature_squared", self.scale_by_temperature_squared)
         check_float_option("beta", self.beta, 0.0, 1.0)

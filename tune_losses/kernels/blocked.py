@@ -38,7 +38,7 @@ def blocked_unsupported(terms: Sequence[Term], red: Optional[VocabReducer]) -> O
         return "the vocabulary is split across processes (vocabulary-parallel weights)"
     for t in terms:
         if isinstance(t, DivergenceTerm):
-            if t.opts.teacher_vocab != "drop":
+            if t.opts.teacher_vocab == "pad_student":
                 return f"term {t.name!r} keeps a wider teacher vocabulary (teacher_vocab={t.opts.teacher_vocab!r})"
         elif not isinstance(t, (CrossEntropyTerm, LogProbTerm)):
             return f"term {t.name!r} ({type(t).__name__}) has no column-local gradient"
