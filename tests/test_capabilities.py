@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tune_losses as tl
-from tune_losses.fused import compiled, engine
+from tune_losses.fused import capabilities, compiled, engine
 
 
 def _kd_call():
@@ -65,16 +65,16 @@ def test_compiler_failure_falls_back_to_eager_once(monkeypatch):
 
 
 def test_mixed_dtype_addmm_is_probed_once_and_oom_propagates(monkeypatch):
-    monkeypatch.setattr(engine, "_MIXED_ADDMM", {})
-    supported = engine.mixed_addmm_supported(torch.device("cpu"), torch.bfloat16)
-    assert isinstance(supported, bool) and engine._MIXED_ADDMM == {("cpu", torch.bfloat16): supported}
+    monkeypatch.setattr(capabilities, "_MIXED_ADDMM", {})
+    supported = capabilities.mixed_addmm_supported(torch.device("cpu"), torch.bfloat16)
+    assert isinstance(supported, bool) and capabilities._MIXED_ADDMM == {("cpu", torch.bfloat16): supported}
     # A real call's error is never taken as "unsupported": an OOM there propagates.
-    monkeypatch.setitem(engine._MIXED_ADDMM, ("cpu", torch.bfloat16), True)
-    monkeypatch.setattr(engine.torch, "addmm", _raising(torch.OutOfMemoryError("CUDA out of memory")))
+    monkeypatch.setitem(capabilities._MIXED_ADDMM, ("cpu", torch.bfloat16), True)
+    monkeypatch.setattr(capabilities.torch, "addmm", _raising(torch.OutOfMemoryError("CUDA out of memory")))
     acc, a = torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bfloat16)
     with pytest.raises(torch.OutOfMemoryError):
         engine._addmm_fp32(acc, a, a)
-    assert engine._MIXED_ADDMM[("cpu", torch.bfloat16)] is True
+    assert capabilities._MIXED_ADDMM[("cpu", torch.bfloat16)] is True
 
 
 # A user's torch.compile of model + loss (no graph break, the label check on device):

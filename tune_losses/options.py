@@ -197,6 +197,9 @@ class KDOptions:
 ALGORITHMS = ("auto", "grad_in_forward", "recompute")
 """How a fused loss computes its gradients (:mod:`tune_losses.fused.engine`)."""
 
+DW_ACCUMULATIONS = ("auto", "fp32", "blocked", "chunk")
+"""How dW is summed over chunks (:mod:`tune_losses.fused.dw_accumulation`)."""
+
 
 @dataclass(frozen=True)
 class VocabParallelOptions:
@@ -238,14 +241,19 @@ class ExecutionOptions:
             ``grad_output``, several backward passes).
         drop_ignored_tokens: leave the rows of ignored tokens out before the chunk loop: no logits
             and no matmul work for them, at one host sync per call to find the rows.
+        dw_accumulation: ``"auto"`` (default), ``"fp32"``, ``"blocked"`` or ``"chunk"``: how the
+            weight gradient is summed over chunks (precision against memory; see
+            :mod:`tune_losses.fused.dw_accumulation`).
     """
 
     algorithm: str = "auto"
     drop_ignored_tokens: bool = False
+    dw_accumulation: str = "auto"
 
     def __post_init__(self):
         check_choice("algorithm", self.algorithm, ALGORITHMS)
         check_bool_option("drop_ignored_tokens", self.drop_ignored_tokens)
+        check_choice("dw_accumulation", self.dw_accumulation, DW_ACCUMULATIONS)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from tune_losses.fused.placement import place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
 from tune_losses.options import (
     ALGORITHMS,
+    DW_ACCUMULATIONS,
     ArgumentTypeError,
     CEOptions,
     DistillationOptions,
@@ -80,6 +81,7 @@ class RunOptions:
         parallel: where the weights live (:class:`VocabParallelOptions`).
         drop_ignored_tokens: leave ignored tokens' rows out before the chunk loop
             (:mod:`tune_losses.fused.valid_rows`; one host sync per call).
+        dw_accumulation: how dW is accumulated over chunks (:mod:`tune_losses.fused.dw_accumulation`).
     """
 
     reduction: str = "mean"
@@ -89,14 +91,17 @@ class RunOptions:
     ignore_index: int = -100
     parallel: VocabParallelOptions = field(default_factory=VocabParallelOptions)
     drop_ignored_tokens: bool = False
+    dw_accumulation: str = "auto"
 
     def __post_init__(self):
         # reduction and chunk_size are the flat arguments no other options object checks; the rest
         # come from CEOptions / KDOptions / ExecutionOptions / VocabParallelOptions, checked when made.
         check_reduction(self.reduction)
         check_int_option("chunk_size", self.chunk_size, 1, allow_none=True)
-        if self.algorithm not in ALGORITHMS:  # a membership test at the engine's door, no re-validation
+        if self.algorithm not in ALGORITHMS:  # membership tests at the engine's door, no re-validation
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.dw_accumulation not in DW_ACCUMULATIONS:
+            raise ValueError(f"dw_accumulation: expected one of {DW_ACCUMULATIONS}, got {self.dw_accumulation!r}")
 
 
 class Side(NamedTuple):
@@ -229,7 +234,7 @@ def _run(
             check_inputs(vocab)
     flat_labels = labels.reshape(-1)
     count = (flat_labels != opts.ignore_index).sum()
-    plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer)
+    plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer, opts.dw_accumulation)
     if scale is not None:
         scale = _as_scale(scale, x.device)
     elif opts.reduction == "mean":
@@ -268,7 +273,7 @@ def _parallel(process_group, vocab_parallel, vocab_start, vocab_size) -> VocabPa
 # ------------------------------------------------------------------- old flat keyword arguments
 
 _PARALLEL_FIELDS = ("process_group", "vocab_parallel", "vocab_start", "vocab_size")
-_EXECUTION_FIELDS = ("algorithm", "drop_ignored_tokens")
+_EXECUTION_FIELDS = ("algorithm", "drop_ignored_tokens", "dw_accumulation")
 _CE_FIELDS = ("label_smoothing", "z_loss", "softcap", "validate")
 _KD_FIELDS = (
     "divergence",
@@ -337,6 +342,7 @@ def _run_options(reduction, chunk_size, ignore_index, validate, parallel, execut
         ignore_index=ignore_index,
         parallel=parallel,
         drop_ignored_tokens=execution.drop_ignored_tokens,
+        dw_accumulation=execution.dw_accumulation,
     )
 
 
@@ -411,6 +417,7 @@ def linear_log_probs(
     chunk_size: Optional[int] = None,
     validate: bool = True,
     drop_ignored_tokens: bool = False,
+    dw_accumulation: str = "auto",
     parallel: Optional[VocabParallelOptions] = None,
     **deprecated,
 ):
@@ -423,7 +430,8 @@ def linear_log_probs(
         labels: ``[...]`` class ids; ``ignore_index`` marks tokens whose outputs are 0.
         temperature: T, the logits are divided by it.
         return_entropy: also return the entropy ``-sum_v q_v log q_v`` of each token's distribution.
-        chunk_size, validate, drop_ignored_tokens: as :func:`linear_cross_entropy`.
+        chunk_size, validate, drop_ignored_tokens, dw_accumulation: as :func:`linear_cross_entropy`
+            (the last two are :class:`~tune_losses.options.ExecutionOptions` fields there).
         deprecated: the old flat ``process_group``, ``vocab_parallel``, ``vocab_start``,
             ``vocab_size`` still work (a DeprecationWarning names ``parallel=``).
 
@@ -440,7 +448,7 @@ def linear_log_probs(
     check_bool_option("validate", validate)
     check_float_option("temperature", temperature, 0.0, low_open=True)
     check_bool_option("return_entropy", return_entropy)
-    execution = ExecutionOptions("recompute", drop_ignored_tokens)
+    execution = ExecutionOptions("recompute", drop_ignored_tokens, dw_accumulation)
     opts = _run_options("none", chunk_size, ignore_index, validate, parallel, execution)
     term = LogProbTerm(temperature=float(temperature), entropy=bool(return_entropy))
     log_probs, parts, _ = _run([term], Side(hidden, weight, bias), None, labels, opts)
