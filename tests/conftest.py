@@ -8,13 +8,37 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# Tests run the eager per-chunk math (the same code, no compiler warm-up per process);
-# tests/test_compiled_math.py turns the compiled path on for its own small cases.
+# Most tests run the eager per-chunk math (the same code, no compiler warm-up per shape); the core
+# value and gradient cases run both ways through the `chunk_math` fixture below (the compiled math
+# is what users get by default), reusing a few shapes so that each term set compiles once.
 os.environ.setdefault("TUNE_LOSSES_COMPILE", "0")
 # Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (tests/test_kernels_triton.py);
 # Triton reads this when it is first imported, so it is set before any test module imports it.
 if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def set_chunk_math(monkeypatch):
+    """A function ``set_chunk_math("eager" | "compiled")``: the per-chunk math eager
+    (``TUNE_LOSSES_COMPILE=0``) or compiled (``=1``, even cross-entropy alone on CPU). A compiled run
+    must really compile: a fallback to eager fails the test at teardown."""
+    from tune_losses.fused import compiled
+
+    monkeypatch.setattr(compiled, "_BROKEN", [])
+
+    def set_mode(mode: str) -> None:
+        monkeypatch.setenv("TUNE_LOSSES_COMPILE", {"eager": "0", "compiled": "1"}[mode])
+
+    yield set_mode
+    assert not compiled._BROKEN, f"compiled chunk math fell back to eager: {compiled._BROKEN}"
+
+
+@pytest.fixture(params=["eager", "compiled"])
+def chunk_math(request, set_chunk_math):
+    """Run a test with the per-chunk math eager and compiled (see ``set_chunk_math``)."""
+    set_chunk_math(request.param)
+    return request.param
 
 
 @pytest.fixture(scope="session")

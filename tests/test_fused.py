@@ -26,6 +26,7 @@ from tune_losses import (
     CEOptions,
     ExecutionOptions,
     FusedOutput,
+    KDOptions,
     LinearCrossEntropyLoss,
     LinearDistillationLoss,
     linear_cross_entropy,
@@ -902,6 +903,80 @@ def test_modules_match_functional_and_reference():
     torch.testing.assert_close(s.mean(), loss)
     loss.backward()
     assert model.output.weight.grad is not None and teacher.output.weight.grad is None
+
+
+# ------------------------------------------------------------- the default path: compiled and eager
+
+CORE_CASES = {
+    "ce": ("ce", {}),
+    "ce-options": ("ce", dict(options=CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=5.0))),
+    "distillation": ("distillation", {}),
+    "reverse_kl": ("kd", dict(divergence="reverse_kl")),
+    "symmetric_kl": ("kd", dict(divergence="symmetric_kl", sym_kd_ratio=0.3)),
+    "jsd": ("kd", dict(divergence="jsd", beta=0.3, temperature=2.0)),
+    "tvd": ("kd", dict(divergence="tvd")),
+}
+
+
+# Compiling costs seconds per term set and gradient pattern (minutes on a loaded 2-core machine): the
+# fast suite compiles three representative cases, the slow suite (CI) all of them.
+_FAST_COMPILED = {("ce-options", "mean"), ("distillation", "mean"), ("jsd", "none")}
+CORE_PARAMS = [
+    pytest.param(
+        math,
+        case,
+        reduction,
+        id=f"{math}-{case}-{reduction}",
+        marks=[pytest.mark.slow] if math == "compiled" and (case, reduction) not in _FAST_COMPILED else [],
+    )
+    for math in ("eager", "compiled")
+    for case in CORE_CASES
+    for reduction in ("mean", "none")
+]
+
+
+@pytest.mark.parametrize("math,case,reduction", CORE_PARAMS)
+def test_core_values_and_gradients(set_chunk_math, math, case, reduction):
+    """Every term set on the compiled and the eager chunk math against fp64 full logits, values and
+    gradients (grad-in-forward for mean, recompute with a per-token grad_output for none), and a
+    non-finite hidden state at a counted token never hidden. One shape for all (24 tokens, chunks of
+    8): each term set compiles once per gradient pattern."""
+    set_chunk_math(math)
+    kind, kw = CORE_CASES[case]
+    h, w, b = make_inputs((24,), 8, 40, bias=True, seed=301)
+    th, tw, _ = make_inputs((24,), 8, 40, seed=302)
+    labels = make_labels((24,), 40, "some", gen(303))
+    go = grad_output_for(labels.float()) if reduction == "none" else None
+    if kind == "ce":
+        ref_kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0) if kw else {}
+
+        def fused(hh, ww, bb):
+            return linear_cross_entropy(hh, ww, labels, bias=bb, reduction=reduction, chunk_size=8, **kw)
+
+        ref = ce_ref(labels, reduction, **ref_kw)
+    elif kind == "distillation":
+
+        def fused(hh, ww, bb):
+            out = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, reduction=reduction, chunk_size=8)
+            return out.loss
+
+        ref = distill_ref(labels, 0.5, reduction, th, tw, None)
+    else:
+        options = KDOptions(**kw)
+
+        def fused(hh, ww, bb):
+            return linear_kd_loss(
+                hh, ww, th, tw, labels, student_bias=bb, reduction=reduction, chunk_size=8, options=options
+            )
+
+        def ref(hh, ww, bb):
+            return ref_kd(F.linear(hh, ww, bb), F.linear(th.double(), tw.double()), labels, reduction=reduction, **kw)
+
+    assert_matches(run(fused, (h, w, b), grad_output=go), ref_run(ref, (h, w, b), grad_output=go))
+    poisoned = h.clone()
+    poisoned[int((labels != -100).nonzero()[1])] = float("nan")
+    value, grads = run(fused, (poisoned, w, b), grad_output=go)
+    assert not torch.isfinite(value).all()
 
 
 # ------------------------------------------------------------------------------ compile
