@@ -73,6 +73,12 @@ def split_like(
     return list(torch.split(x, sizes, dim=dim))
 
 
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels for next-token prediction: ``labels[..., 1:]`` with an ignored last position, same shape
+    (``[B, S] -> [B, S]``): position ``t`` is scored against token ``t + 1``."""
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
 def token_chunk_bounds(num_tokens: int, chunk_size: int) -> List[tuple]:
     """``(start, end)`` bounds of consecutive chunks of at most ``chunk_size`` flat tokens.
 

@@ -25,6 +25,15 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (False where torch has no distributed)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def check_tensor(name: str, t, what: str = "") -> None:
     """``t`` must be a ``torch.Tensor`` (a DTensor is one). ``what`` describes the expected shape."""
     if not isinstance(t, torch.Tensor):

@@ -62,6 +62,12 @@ def sequence_log_probs(token_logps: torch.Tensor, mask: torch.Tensor, average: b
     return total / mask.sum(dim=-1).clamp(min=1).to(total.dtype)
 
 
+def counted_pairs(n_chosen: torch.Tensor, n_rejected: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: the pairs that count, those whose chosen and rejected rows both have a valid token
+    (``n_chosen``, ``n_rejected``: ``[B]`` valid-token counts)."""
+    return (n_chosen > 0) & (n_rejected > 0)
+
+
 def split_pairs(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``[2B, ...]`` -> (chosen ``[B, ...]``, rejected ``[B, ...]``): torchtune's DPO layout."""
     b = x.shape[0] // 2

@@ -32,13 +32,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from tune_losses.alignment.formulas import counted_pair_losses
+from tune_losses.alignment.formulas import counted_pair_losses, counted_pairs
 from tune_losses.chunking import chunk_policy, max_pair_chunk
 from tune_losses.divergences import VocabReducer, log_prob_chunk
 from tune_losses.fused.engine import LossPlan, compute_dtype, run_terms
 from tune_losses.fused.placement import TP_MESH_DIM_NAMES, materialize_weight
 from tune_losses.terms import Term
-from tune_losses.validation import LABEL_DTYPES
+from tune_losses.validation import LABEL_DTYPES, is_dtensor
 
 
 def default_row_budget(
@@ -136,11 +136,7 @@ def _gathered_dtensor(t) -> bool:
     """A DTensor sharded over data-parallel mesh dimensions only (FSDP2, HSDP): gathered once per call.
     A vocabulary-parallel one (a ``tp`` / ``tensor`` mesh dimension) is not: the per-token path has
     the vocabulary reducer."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor) and not any(n in TP_MESH_DIM_NAMES for n in (t.device_mesh.mesh_dim_names or ()))
+    return is_dtensor(t) and not any(n in TP_MESH_DIM_NAMES for n in (t.device_mesh.mesh_dim_names or ()))
 
 
 def applies(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias) -> bool:
@@ -312,7 +308,7 @@ class PairChunkedPreference:
         rxs = None if ref_x is None else ref_x.reshape(rows_n * seq_len, ref_x.shape[-1]).index_select(0, tokens)
         lengths = layout.lengths.to(dtype)
         per_row = 1.0 / lengths.clamp(min=1) if opts.average else torch.ones_like(lengths)
-        counted_rows = ((layout.lengths[:batch] > 0) & (layout.lengths[batch:] > 0)).repeat(2)
+        counted_rows = counted_pairs(layout.lengths[:batch], layout.lengths[batch:]).repeat(2)
         inputs = {
             PAIR: rows % batch,
             SIDE: (rows >= batch).to(torch.int64),

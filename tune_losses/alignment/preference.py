@@ -30,6 +30,7 @@ from tune_losses.alignment.formulas import (
     MEAN_LOG_PROB_TYPES,
     PREFERENCE_LOSS_TYPES,
     counted_pair_losses,
+    counted_pairs,
     sequence_log_probs,
     split_pairs,
 )
@@ -251,7 +252,7 @@ def preference_terms(
         ref_c = ref_r = torch.zeros_like(chosen).detach()
 
     n_c, n_r = split_pairs(mask.sum(dim=-1))
-    counted = (n_c > 0) & (n_r > 0)
+    counted = counted_pairs(n_c, n_r)
     per_pair = counted_pair_losses(
         chosen,
         rejected,
@@ -635,7 +636,7 @@ def _pair_chunked(
         else:
             ref_seq = torch.zeros(2 * batch, dtype=dtype, device=device)
     n_c, n_r = split_pairs(layout.lengths)
-    counted = (n_c > 0) & (n_r > 0)
+    counted = counted_pairs(n_c, n_r)
     if normalizers is None:
         pair_scale, nll_scale = torch.ones((), dtype=dtype, device=device), torch.zeros((), dtype=dtype, device=device)
     else:

@@ -18,6 +18,7 @@ import torch
 
 from tune_losses.fused.vocab_parallel import GroupReducer, even_shard_sizes, shard_layout
 from tune_losses.options import VocabParallelOptions  # noqa: F401 - defined with the other options; imported from here too
+from tune_losses.validation import is_dtensor
 from tune_losses.vocab_alignment import check_teacher_vocab
 
 
@@ -125,8 +126,7 @@ def _dtensor_types():
 
 
 def _is_dtensor(t) -> bool:
-    types = _dtensor_types()
-    return types is not None and isinstance(t, types[0])
+    return is_dtensor(t)
 
 
 def _vocab_mesh_dim(weight, vocab_parallel: Optional[bool], name: str) -> Optional[int]:

@@ -34,13 +34,14 @@ from dataclasses import dataclass, fields
 from typing import Any, Dict, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
+from tune_losses.chunking import shift_labels as shift_labels_of
 from tune_losses.fused.functional import ALGORITHMS, linear_cross_entropy, linear_distillation_loss, linear_log_probs
 from tune_losses.fused.placement import materialize_weight
 from tune_losses.integrations.head_source import UNSHIFTED, HeadSpec, forward_class, read_chain, read_head
 from tune_losses.integrations.output_layer import check_output_layer, output_weight
 from tune_losses.options import CEOptions, check_bool_option, check_choice, check_run_options
+from tune_losses.validation import is_dtensor
 
 __all__ = [
     "patch",
@@ -232,7 +233,7 @@ def _patched_forward(self, *args, **kwargs):
     if spec.loss == UNSHIFTED:  # torch's CrossEntropyLoss() on the labels as given: a mean, its default -100
         targets, num_items_in_batch, ignore_index = labels, None, IGNORE_INDEX
     elif shift_labels is None:
-        targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        targets = shift_labels_of(labels, ignore_index)
     else:
         targets = shift_labels
     targets = targets.to(head.hidden.device)
@@ -364,8 +365,8 @@ def apply_head(model, hidden: torch.Tensor, spec: Optional[HeadSpec] = None) -> 
         bias = None if bias is None else bias * scale
     dtype = _compute_dtype(hidden, weight)
     hidden = hidden.to(dtype)
-    weight = weight.to(dtype) if weight.dtype != dtype and not _is_dtensor(weight) else weight
-    bias = bias.to(dtype) if bias is not None and bias.dtype != dtype and not _is_dtensor(bias) else bias
+    weight = weight.to(dtype) if weight.dtype != dtype and not is_dtensor(weight) else weight
+    bias = bias.to(dtype) if bias is not None and bias.dtype != dtype and not is_dtensor(bias) else bias
     return HeadInputs(hidden, weight, bias, spec.softcap_value(hf), None)
 
 
@@ -402,14 +403,6 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def _no_autocast(hidden: torch.Tensor):
     """The fused loss chooses its own precision (fp32 math); autocast would recast its matmuls."""
     return torch.autocast(hidden.device.type, enabled=False)
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
 
 
 def distillation_loss(
@@ -449,7 +442,7 @@ def distillation_loss(
     if s.softcap is not None or t.softcap is not None:
         raise ValueError("model: distillation_loss does not support models with a logit softcap")
     if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shift_labels_of(labels, ignore_index)
     shift_labels = shift_labels.to(s.hidden.device)
     with _no_autocast(s.hidden):
         out = linear_distillation_loss(

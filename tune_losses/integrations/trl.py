@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from tune_losses.extras import missing_extra
 
@@ -30,6 +29,7 @@ try:
 except ModuleNotFoundError as err:
     raise missing_extra("hf", "tune_losses.integrations.trl", err) from err
 
+from tune_losses.chunking import shift_labels as shift_labels_of
 from tune_losses.fused.functional import linear_cross_entropy, linear_kd_loss
 from tune_losses.integrations import trl_cached
 from tune_losses.integrations.head_source import UNSHIFTED, read_head
@@ -50,7 +50,7 @@ smoothing comes from ``args.label_smoothing_factor``, the softcap from the model
 
 
 def _shift(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels_of(labels, ignore_index)
 
 
 def call_through_wrapper(wrapper: torch.nn.Module, inner: torch.nn.Module, fn, *args, **kwargs):

@@ -19,15 +19,11 @@ from omegaconf import DictConfig, ListConfig
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchtune.data import padded_collate_sft
 
+from tune_losses.chunking import shift_labels  # noqa: F401 - data.shift_labels: the loop's name for it
+
 log = logging.getLogger(__name__)
 
 Batch = Dict[str, torch.Tensor]
-
-
-def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Labels for next-token prediction: ``labels[:, 1:]`` with an ignored last column ([B, S] -> [B, S])."""
-    pad = torch.full_like(labels[:, :1], ignore_index)
-    return torch.cat([labels[:, 1:], pad], dim=1)
 
 
 def _data_files(cfg_dataset: DictConfig) -> List[Path]:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchtune import config, training
 
 from tune_losses.accounting import LossSum, all_reduce_token_count
-from tune_losses.alignment.formulas import split_pairs
+from tune_losses.alignment.formulas import counted_pairs, split_pairs
 from tune_losses.alignment.preference import PreferenceTerms
 from tune_losses.heads import configure_model_for_loss
 from tune_losses.training import data
@@ -67,7 +67,7 @@ def count_pairs_and_tokens(labels: Sequence[torch.Tensor], ignore_index: int) ->
     for lab in labels:
         n = (lab != ignore_index).sum(dim=-1)
         n_c, n_r = split_pairs(n)
-        here = torch.stack([((n_c > 0) & (n_r > 0)).sum(), n_c.sum()])
+        here = torch.stack([counted_pairs(n_c, n_r).sum(), n_c.sum()])
         total = here if total is None else total + here
     if total is None:
         raise ValueError("labels: expected at least one micro-batch of preference labels, got none")
@@ -138,7 +138,7 @@ class PreferenceForward:
         ref_c, ref_r = split_pairs(ref_logps)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(chosen, rejected, ref_c, ref_r)
         n_c, n_r = split_pairs((labels != self.ignore_index).sum(dim=-1))
-        counted = (n_c > 0) & (n_r > 0)
+        counted = counted_pairs(n_c, n_r)
         zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
         return PreferenceTerms(
             pair_loss_sum=torch.where(counted, losses, torch.zeros_like(losses)).sum(),
