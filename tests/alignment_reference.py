@@ -57,7 +57,9 @@ def ref_preference(
     beta=0.1,
     gamma=0.0,
     label_smoothing=0.0,
+    discopop_tau=0.05,
     nll_weight=0.0,
+    nll_target=None,
     ref_hidden=None,
     ref_weight=None,
     ref_logps=None,
@@ -69,7 +71,8 @@ def ref_preference(
     """The preference loss and its parts, fp64, from the issue's formulas.
 
     Pairs count where both sequences have a valid token; loss = mean over counted pairs (0 if none)
-    + nll_weight (+1 for ORPO) x the chosen rows' mean NLL per valid token.
+    + nll_weight (+1 for ORPO) x the chosen rows' mean NLL per valid token (of ``nll_target`` when
+    given). The loss types after ``orpo`` are written from TRL 1.16's ``DPOTrainer._compute_loss``.
     """
     if average_log_prob is None:
         average_log_prob = loss_type in ("ipo", "simpo", "orpo")
@@ -105,12 +108,35 @@ def ref_preference(
         prs = torch.where(counted, pr, torch.full_like(pr, -1.0))
         L = (pcs - prs) - (torch.log(1 - torch.exp(pcs)) - torch.log(1 - torch.exp(prs)))
         per = -beta * ls(L)
+    elif loss_type == "robust":
+        per = (-(1 - eps) * ls(beta * d) + eps * ls(-beta * d)) / (1 - 2 * eps)
+    elif loss_type == "exo_pair":
+        qw, ql = torch.sigmoid(beta * d), torch.sigmoid(-beta * d)
+        per = qw * (ls(beta * d) - math.log(1 - eps)) + ql * (ls(-beta * d) - math.log(eps))
+    elif loss_type == "nca_pair":
+        cr, rr_ = beta * (pc - rc), beta * (pr - rr)
+        per = -ls(cr) - 0.5 * ls(-cr) - 0.5 * ls(-rr_)
+    elif loss_type == "bco_pair":
+        per = -ls(beta * (pc - rc)) - ls(-beta * (pr - rr))
+    elif loss_type == "sppo_hard":
+        per = (pc - rc - 0.5 / beta) ** 2 + (pr - rr + 0.5 / beta) ** 2
+    elif loss_type == "apo_zero":
+        per = 1 - torch.sigmoid(beta * (pc - rc)) + torch.sigmoid(beta * (pr - rr))
+    elif loss_type == "apo_down":
+        per = torch.sigmoid(beta * (pc - rc)) + 1 - torch.sigmoid(beta * d)
+    elif loss_type == "discopop":
+        mod = torch.sigmoid(beta * d / discopop_tau)
+        per = -ls(beta * d) * (1 - mod) + torch.exp(-beta * d) * mod
     else:
         raise ValueError(loss_type)
     per = torch.where(counted, per, torch.zeros_like(per))
     loss = per.sum() / counted.sum().clamp(min=1)
     vc = labels[:B] != ignore_index
-    nll = -(tok[:B] * vc.double()).sum() / vc.sum().clamp(min=1)
+    nll_tok = tok
+    if nll_target is not None:
+        vc = nll_target[:B] != ignore_index
+        nll_tok = ref_token_logps(hidden, weight, nll_target, bias, ignore_index=ignore_index)
+    nll = -(nll_tok[:B] * vc.double()).sum() / vc.sum().clamp(min=1)
     w = nll_weight + (1.0 if loss_type == "orpo" else 0.0)
     total = loss + w * nll
     return {

@@ -115,7 +115,7 @@ def test_chunked_output_matches_reference(mode, cls):
 
 def test_bf16_no_worse_than_eager():
     xs, ws, xt, wt, bt, labels = _inputs(seed=3, shape=(4, 16), dtype=torch.bfloat16)
-    ours = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt)
+    ours = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt, teacher_vocab="drop")
     # eager PyTorch in bf16: the model's own F.linear, then the fp32 loss on the upcast logits
     eager = ref_kd(F.linear(xs, ws).float(), F.linear(xt, wt, bt).float()[..., :VS], labels, divergence="forward_kl")
     exact = ref_kd(
@@ -138,14 +138,32 @@ def test_smaller_teacher_vocabulary_is_an_error_that_says_what_to_do():
         tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_vocab="truncate")
 
 
+def test_another_vocabulary_size_is_an_error_unless_teacher_vocab_is_set():
+    """A teacher of another vocabulary size is often another tokenizer: by default an error naming both sizes."""
+    xs, ws, xt, wt, bt, labels = _inputs()
+    msg = rf"teacher_weight: the teacher's vocabulary has {VT} entries, the student's {VS}.*teacher_vocab='drop'"
+    with pytest.raises(ValueError, match=msg):
+        tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt)
+    with pytest.raises(ValueError, match=msg):
+        tl.linear_distillation_loss(xs, ws, xt, wt, labels, teacher_bias=bt)
+    loss_fn = tl.ForwardKLWithChunkedOutputLoss(num_output_chunks=1)
+    with pytest.raises(
+        ValueError, match=rf"teacher_logits: the teacher's vocabulary has {VT} entries, the student's {VS}"
+    ):
+        loss_fn([torch.randn(2, 9, VS)], [torch.randn(2, 9, VT)], labels)
+    assert tl.KDOptions().teacher_vocab is None
+    # the same size needs no setting
+    tl.linear_kd_loss(xs, ws, xt, wt[:VS], labels, teacher_bias=bt[:VS])
+
+
 def test_drop_never_computes_the_padding_rows():
     """With "drop" the teacher's padding rows take no part: changing them changes nothing."""
     xs, ws, xt, wt, bt, labels = _inputs(seed=4)
-    a = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt)
+    a = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt, teacher_vocab="drop")
     wt2, bt2 = wt.clone(), bt.clone()
     wt2[VS:] = float("nan")
     bt2[VS:] = float("inf")
-    b = tl.linear_kd_loss(xs, ws, xt, wt2, labels, teacher_bias=bt2)
+    b = tl.linear_kd_loss(xs, ws, xt, wt2, labels, teacher_bias=bt2, teacher_vocab="drop")
     assert torch.equal(a, b)
 
 

@@ -249,7 +249,7 @@ class ForwardKLWithChunkedOutputLoss(_KDLoss):
         temperature: float = 1.0,
         scale_by_temperature_squared: bool = True,
         validate: bool = True,
-        teacher_vocab: str = "drop",
+        teacher_vocab: Optional[str] = None,
     ):
         super().__init__(
             num_output_chunks,
@@ -276,7 +276,7 @@ class ReverseKLWithChunkedOutputLoss(_KDLoss):
         temperature: float = 1.0,
         scale_by_temperature_squared: bool = True,
         validate: bool = True,
-        teacher_vocab: str = "drop",
+        teacher_vocab: Optional[str] = None,
     ):
         super().__init__(
             num_output_chunks,
@@ -304,7 +304,7 @@ class SymmetricKLWithChunkedOutputLoss(_KDLoss):
         temperature: float = 1.0,
         scale_by_temperature_squared: bool = True,
         validate: bool = True,
-        teacher_vocab: str = "drop",
+        teacher_vocab: Optional[str] = None,
     ):
         super().__init__(
             num_output_chunks,
@@ -334,7 +334,7 @@ class JSDWithChunkedOutputLoss(_KDLoss):
         temperature: float = 1.0,
         scale_by_temperature_squared: bool = True,
         validate: bool = True,
-        teacher_vocab: str = "drop",
+        teacher_vocab: Optional[str] = None,
     ):
         super().__init__(
             num_output_chunks,
@@ -362,7 +362,7 @@ class TVDWithChunkedOutputLoss(_KDLoss):
         temperature: float = 1.0,
         scale_by_temperature_squared: bool = True,
         validate: bool = True,
-        teacher_vocab: str = "drop",
+        teacher_vocab: Optional[str] = None,
     ):
         super().__init__(
             num_output_chunks,

@@ -147,8 +147,8 @@ class KDOptions:
         validate: check once per call (one device sync) that every label is in ``[0, V)`` or
             ``ignore_index``, though the divergence reads only the ignore mask: a label of -1
             meant as "ignore" under ``ignore_index=-100`` would otherwise count silently.
-        teacher_vocab: a teacher vocabulary larger than the student's (padding rows):
-            ``"drop"`` leaves the teacher's extra entries out of its softmax, ``"pad_student"``
+        teacher_vocab: a teacher vocabulary larger than the student's (padding rows): None (default)
+            makes any size mismatch an error naming both sizes; ``"drop"`` leaves the teacher's extra entries out of its softmax, ``"pad_student"``
             keeps them and pads the student's logits with zeros (:mod:`tune_losses.vocab_alignment`).
     """
 
@@ -160,11 +160,12 @@ class KDOptions:
     true_kl: bool = True
     ignore_index: int = -100
     validate: bool = True
-    teacher_vocab: str = "drop"
+    teacher_vocab: Optional[str] = None
 
     def __post_init__(self):
         check_choice("divergence", self.divergence, DIVERGENCES)
-        check_choice("teacher_vocab", self.teacher_vocab, TEACHER_VOCAB_MODES)
+        if self.teacher_vocab is not None:
+            check_choice("teacher_vocab", self.teacher_vocab, TEACHER_VOCAB_MODES)
         check_float_option("temperature", self.temperature, 0.0, low_open=True)
         check_bool_option("scale_by_temperature_squared", self.scale_by_temperature_squared)
         check_float_option("beta", self.beta, 0.0, 1.0)

@@ -18,8 +18,26 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-PREFERENCE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
-"""``sigmoid`` (DPO), ``ipo``, ``hinge`` (RSO / SLiC), ``simpo`` and ``orpo`` (both reference-free)."""
+PREFERENCE_LOSS_TYPES = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "simpo",
+    "orpo",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+)
+"""``sigmoid`` (DPO), ``ipo``, ``hinge`` (RSO / SLiC), ``simpo`` and ``orpo`` (both reference-free), and
+TRL's other ``DPOConfig.loss_type`` values (formulas in :func:`preference_pair_losses`)."""
+
+LABEL_SMOOTHING_TYPES = ("sigmoid", "simpo", "robust", "exo_pair")
+"""Loss types that read ``label_smoothing`` (the rest refuse a nonzero one)."""
 
 REFERENCE_FREE = ("simpo", "orpo")
 MEAN_LOG_PROB_TYPES = ("ipo", "simpo", "orpo")
@@ -65,17 +83,27 @@ def preference_pair_losses(
     beta: float,
     gamma: float = 0.0,
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
 ) -> torch.Tensor:
     """Per-pair preference loss ``[B]`` from sequence log-probabilities ``[B]`` (policy and reference).
 
-    With ``d = (pc - pr) - (rc - rr)`` and ``eps = label_smoothing``:
+    With the log-ratios ``c = pc - rc``, ``r = pr - rr``, ``d = c - r``, ``eps = label_smoothing`` and
+    ``s`` the logistic sigmoid (TRL 1.16's ``DPOTrainer`` definitions where TRL has the type):
 
-    * ``sigmoid``: ``-(1 - eps) log s(beta d) - eps log s(-beta d)``
+    * ``sigmoid``: ``-(1 - eps) log s(beta d) - eps log s(-beta d)`` (eps > 0: conservative DPO)
     * ``ipo``: ``(d - 1 / (2 beta))^2``
     * ``hinge``: ``max(0, 1 - beta d)``
     * ``simpo``: ``z = beta (pc - pr) - gamma``; ``-(1 - eps) log s(z) - eps log s(-z)`` (no reference)
     * ``orpo``: ``-beta log s(L)``, ``L = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr))`` (no reference;
       pc, pr are mean log-probabilities, so negative; the chosen NLL is added by the caller)
+    * ``robust``: ``(-(1 - eps) log s(beta d) + eps log s(-beta d)) / (1 - 2 eps)``, eps in [0, 0.5)
+    * ``exo_pair``: ``KL([s(beta d), s(-beta d)] || [1 - eps, eps])``, eps in (0, 1)
+    * ``nca_pair``: ``-log s(beta c) - log s(-beta c) / 2 - log s(-beta r) / 2``
+    * ``bco_pair``: ``-log s(beta c) - log s(-beta r)`` (TRL 1.16 and Liger: no running-mean shift)
+    * ``sppo_hard``: ``(c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2``
+    * ``apo_zero``: ``1 - s(beta c) + s(beta r)``
+    * ``apo_down``: ``s(beta c) + 1 - s(beta d)``
+    * ``discopop``: ``m = s(beta d / tau)``; ``(1 - m) (-log s(beta d)) + m exp(-beta d)``
     """
     if loss_type == "orpo":
         log_odds = (policy_chosen - policy_rejected) - (_log1m_exp(policy_chosen) - _log1m_exp(policy_rejected))
@@ -83,13 +111,36 @@ def preference_pair_losses(
     if loss_type == "simpo":
         z = beta * (policy_chosen - policy_rejected) - gamma
         return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    c = policy_chosen - ref_chosen
+    r = policy_rejected - ref_rejected
     d = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    eps = label_smoothing
     if loss_type == "sigmoid":
-        return -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+        return -(1 - eps) * F.logsigmoid(beta * d) - eps * F.logsigmoid(-beta * d)
     if loss_type == "ipo":
         return (d - 1 / (2 * beta)).square()
     if loss_type == "hinge":
         return torch.relu(1 - beta * d)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps)
+    if loss_type == "exo_pair":
+        # KL of the policy's two-way softmax over (chosen, rejected) from the smoothed labels.
+        log_q_win, log_q_lose = F.logsigmoid(beta * d), F.logsigmoid(-beta * d)
+        return log_q_win.exp() * (log_q_win - math.log1p(-eps)) + log_q_lose.exp() * (log_q_lose - math.log(eps))
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * c) - F.logsigmoid(-beta * r)
+    if loss_type == "sppo_hard":
+        return (c - 0.5 / beta).square() + (r + 0.5 / beta).square()
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * c) + 1 - torch.sigmoid(beta * d)
+    if loss_type == "discopop":
+        z = beta * d
+        # m exp(-z) as exp(-z + log m): finite where exp(-z) alone overflows and m underflows to 0.
+        return -torch.sigmoid(-z / discopop_tau) * F.logsigmoid(z) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
     raise ValueError(f"loss_type: expected one of {PREFERENCE_LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -103,7 +154,7 @@ def counted_pair_losses(
 ) -> torch.Tensor:
     """:func:`preference_pair_losses` ``[B]`` at the pairs that count (``counted`` ``[B]`` bool), 0 elsewhere.
 
-    ``options``: ``loss_type``, ``beta``, ``gamma``, ``label_smoothing``. An uncounted pair's loss and
+    ``options``: ``loss_type``, ``beta``, ``gamma``, ``label_smoothing``, ``discopop_tau``. An uncounted pair's loss and
     its gradient are exactly 0 (never NaN), whatever its sequence log-probabilities are.
     """
     # ORPO's log(1 - e^p) is -inf at p = 0 (an empty sequence): feed uncounted pairs a harmless value so

@@ -94,8 +94,8 @@ class LinearPreferenceLoss(_AlignmentModule):
     """Fused preference loss (:func:`tune_losses.linear_preference_loss`) as a module.
 
     Args:
-        loss_type, beta, gamma, label_smoothing, nll_weight, average_log_prob, ignore_index, chunk_size:
-            as :func:`tune_losses.linear_preference_loss`.
+        loss_type, beta, gamma, label_smoothing, discopop_tau, nll_weight, average_log_prob, ignore_index,
+        chunk_size: as :func:`tune_losses.linear_preference_loss` (``nll_target`` is a call argument).
 
     Usage::
 
@@ -117,9 +117,10 @@ class LinearPreferenceLoss(_AlignmentModule):
         average_log_prob: Optional[bool] = None,
         ignore_index: int = -100,
         chunk_size: Optional[int] = None,
+        discopop_tau: float = 0.05,
     ):
         super().__init__(ignore_index, chunk_size)
-        check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight)
+        check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight, discopop_tau)
         self.loss_type = loss_type
         self.beta = beta
         self.options = dict(
@@ -127,6 +128,7 @@ class LinearPreferenceLoss(_AlignmentModule):
             beta=beta,
             gamma=gamma,
             label_smoothing=label_smoothing,
+            discopop_tau=discopop_tau,
             nll_weight=nll_weight,
             average_log_prob=average_log_prob,
         )
@@ -142,13 +144,15 @@ class LinearPreferenceLoss(_AlignmentModule):
         labels: torch.Tensor,
         ref_hidden: Optional[torch.Tensor] = None,
         ref_logps: Optional[Sequence[torch.Tensor]] = None,
+        nll_target: Optional[torch.Tensor] = None,
     ) -> PreferenceTerms:
         """Sums and counts (:class:`tune_losses.alignment.PreferenceTerms`) for step-exact normalization.
 
         hidden ``[2B, S, H]`` (chosen rows first), labels ``[2B, S]``; the reference as ``ref_hidden``
-        ``[2B, S, H']`` (needs :meth:`set_reference_output`), ``ref_logps`` ``([B], [B])``, or neither.
+        ``[2B, S, H']`` (needs :meth:`set_reference_output`), ``ref_logps`` ``([B], [B])``, or neither;
+        ``nll_target`` ``[2B, S]``: other labels for the NLL term (ORPO).
         """
-        return linear_preference_terms(hidden, labels=labels, **self._call_args(ref_hidden, ref_logps))
+        return linear_preference_terms(hidden, labels=labels, **self._call_args(ref_hidden, ref_logps, nll_target))
 
     def forward(
         self,
@@ -156,11 +160,12 @@ class LinearPreferenceLoss(_AlignmentModule):
         labels: torch.Tensor,
         ref_hidden: Optional[torch.Tensor] = None,
         ref_logps: Optional[Sequence[torch.Tensor]] = None,
+        nll_target: Optional[torch.Tensor] = None,
     ) -> PreferenceOutput:
         """:class:`tune_losses.PreferenceOutput` of this batch (normalized by its own pairs and tokens)."""
-        return linear_preference_loss(hidden, labels=labels, **self._call_args(ref_hidden, ref_logps))
+        return linear_preference_loss(hidden, labels=labels, **self._call_args(ref_hidden, ref_logps, nll_target))
 
-    def _call_args(self, ref_hidden, ref_logps) -> dict:
+    def _call_args(self, ref_hidden, ref_logps, nll_target=None) -> dict:
         p = _require(self.projection, type(self).__name__)
         ref = {}
         if ref_hidden is not None:
@@ -170,6 +175,7 @@ class LinearPreferenceLoss(_AlignmentModule):
             weight=p.weight,
             bias=p.bias,
             ref_logps=ref_logps,
+            **({} if nll_target is None else {"nll_target": nll_target}),
             ignore_index=self.ignore_index,
             chunk_size=self.chunk_size,
             **ref,

@@ -113,9 +113,16 @@ class PairOptions:
     gamma: float
     label_smoothing: float
     average: bool
+    discopop_tau: float = 0.05
 
     def formula(self) -> dict:
-        return dict(loss_type=self.loss_type, beta=self.beta, gamma=self.gamma, label_smoothing=self.label_smoothing)
+        return dict(
+            loss_type=self.loss_type,
+            beta=self.beta,
+            gamma=self.gamma,
+            label_smoothing=self.label_smoothing,
+            discopop_tau=self.discopop_tau,
+        )
 
 
 def _plain(t) -> bool:

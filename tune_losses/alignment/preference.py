@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from tune_losses.alignment.formulas import (
+    LABEL_SMOOTHING_TYPES,
     MEAN_LOG_PROB_TYPES,
     PREFERENCE_LOSS_TYPES,
     counted_pair_losses,
@@ -43,10 +44,20 @@ from tune_losses.alignment.pair_chunks import (
 )
 from tune_losses.fused.engine import compute_dtype
 from tune_losses.options import check_choice, check_float_option
-from tune_losses.validation import check_label_range
+from tune_losses.validation import LABEL_DTYPES, check_label_range
 
 ALGORITHMS = ("auto", "grad_in_forward", "recompute")
-_OPTION_NAMES = ("loss_type", "beta", "gamma", "label_smoothing", "nll_weight", "ref_logps", "average_log_prob")
+_OPTION_NAMES = (
+    "loss_type",
+    "beta",
+    "gamma",
+    "label_smoothing",
+    "discopop_tau",
+    "nll_weight",
+    "ref_logps",
+    "average_log_prob",
+    "nll_target",
+)
 
 
 class PreferenceOutput(NamedTuple):
@@ -116,17 +127,34 @@ class PreferenceTerms(NamedTuple):
 
 
 def check_preference_options(
-    loss_type: str, beta: float, gamma: float, label_smoothing: float, nll_weight: float
+    loss_type: str,
+    beta: float,
+    gamma: float,
+    label_smoothing: float,
+    nll_weight: float,
+    discopop_tau: float = 0.05,
 ) -> None:
     """Raise a ValueError / TypeError naming the first bad option (finite numbers only)."""
     check_choice("loss_type", loss_type, PREFERENCE_LOSS_TYPES)
     check_float_option("beta", beta, 0.0, low_open=True)
     check_float_option("gamma", gamma)
-    check_float_option("label_smoothing", label_smoothing, 0.0, 0.5)
-    if label_smoothing and loss_type not in ("sigmoid", "simpo"):
+    check_float_option("label_smoothing", label_smoothing, 0.0, 1.0)
+    check_float_option("discopop_tau", discopop_tau, 0.0, low_open=True)
+    if label_smoothing and loss_type not in LABEL_SMOOTHING_TYPES:
         raise ValueError(
-            f"label_smoothing: only the 'sigmoid' and 'simpo' losses take it, got "
+            f"label_smoothing: only the {LABEL_SMOOTHING_TYPES} losses take it, got "
             f"{label_smoothing} with loss_type={loss_type!r}"
+        )
+    if loss_type in ("sigmoid", "simpo") and label_smoothing > 0.5:
+        raise ValueError(
+            f"label_smoothing: expected a value in [0, 0.5] for loss_type={loss_type!r}, got {label_smoothing}"
+        )
+    if loss_type == "robust" and label_smoothing >= 0.5:
+        raise ValueError(f"label_smoothing: expected a value in [0, 0.5) for loss_type='robust', got {label_smoothing}")
+    if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(
+            f"label_smoothing: expected a value in (0, 1) for loss_type='exo_pair' (the EXO paper uses 1e-3), "
+            f"got {label_smoothing}"
         )
     check_float_option("nll_weight", nll_weight, 0.0)
 
@@ -170,10 +198,13 @@ def preference_terms(
     beta: float = 0.1,
     gamma: float = 0.0,
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
     nll_weight: float = 0.0,
     ref_token_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[Sequence[torch.Tensor]] = None,
     average_log_prob: Optional[bool] = None,
+    nll_target: Optional[torch.Tensor] = None,
+    nll_token_logps: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
 ) -> PreferenceTerms:
     """Preference-loss sums and counts from per-token log-probabilities (any source).
@@ -184,9 +215,13 @@ def preference_terms(
         ref_token_logps: ``[2B, S]`` the reference's per-token log-probabilities, or
         ref_logps: ``(ref_chosen [B], ref_rejected [B])`` sequence log-probabilities, or neither
             (a zero reference).
+        nll_target: ``[2B, S]`` other labels for the NLL term (ORPO's ``nll_target``; rejected rows not
+            read), with
+        nll_token_logps: ``[B, S]`` the policy's log-probabilities of the chosen rows' ``nll_target``
+            (differentiable).
         Other arguments: as :func:`linear_preference_loss`.
     """
-    check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight)
+    check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight, discopop_tau)
     _check_pair_labels(labels)
     if token_logps.shape != labels.shape:
         raise ValueError(
@@ -227,9 +262,12 @@ def preference_terms(
         beta=beta,
         gamma=gamma,
         label_smoothing=label_smoothing,
+        discopop_tau=discopop_tau,
     )
     mask_c, _ = split_pairs(mask)
     logps_c, _ = split_pairs(token_logps)
+    if nll_target is not None:
+        mask_c, logps_c = _nll_rows(nll_target, nll_token_logps, labels, ignore_index)
     nll_sum = -torch.where(mask_c, logps_c, torch.zeros_like(logps_c)).sum()
     return sequence_terms(
         chosen,
@@ -239,11 +277,36 @@ def preference_terms(
         counted,
         per_pair.sum(),
         nll_sum,
-        n_c.sum(),
+        mask_c.sum(),
         loss_type=loss_type,
         beta=beta,
         nll_weight=nll_weight,
     )
+
+
+def check_nll_target(nll_target, labels: torch.Tensor) -> None:
+    """ORPO's separate NLL labels: an integer tensor shaped as the preference labels ``[2B, S]``."""
+    if not isinstance(nll_target, torch.Tensor) or tuple(nll_target.shape) != tuple(labels.shape):
+        got = tuple(nll_target.shape) if isinstance(nll_target, torch.Tensor) else type(nll_target).__name__
+        raise ValueError(
+            f"nll_target: expected a [2B, S] tensor of shape {tuple(labels.shape)} (as labels; the rejected "
+            f"rows are not read), got {got}"
+        )
+    if nll_target.dtype not in LABEL_DTYPES:
+        raise ValueError(f"nll_target: expected an int64 or int32 tensor, got {nll_target.dtype}")
+
+
+def _nll_rows(nll_target, nll_token_logps, labels, ignore_index) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(mask [B, S], log-probs [B, S])`` of the chosen rows at ``nll_target``."""
+    check_nll_target(nll_target, labels)
+    batch = labels.shape[0] // 2
+    if nll_token_logps is None or tuple(nll_token_logps.shape) != (batch, labels.shape[1]):
+        got = None if nll_token_logps is None else tuple(nll_token_logps.shape)
+        raise ValueError(
+            f"nll_token_logps: expected the chosen rows' log-probabilities at nll_target, shape "
+            f"{(batch, labels.shape[1])}, got {got}"
+        )
+    return nll_target[:batch] != ignore_index, nll_token_logps
 
 
 def sequence_terms(
@@ -286,7 +349,9 @@ def linear_preference_loss(
     beta: float = 0.1,
     gamma: float = 0.0,
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
     nll_weight: float = 0.0,
+    nll_target: Optional[torch.Tensor] = None,
     ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     ref_logps: Optional[Sequence[torch.Tensor]] = None,
@@ -299,19 +364,27 @@ def linear_preference_loss(
     num_chosen_tokens=None,
     algorithm: str = "auto",
 ) -> PreferenceOutput:
-    """Fused preference loss (DPO, IPO, hinge/RSO, SimPO, ORPO; RPO/CPO via ``nll_weight``).
+    """Fused preference loss (DPO and TRL's variants, IPO, hinge/RSO, SimPO, ORPO; RPO/CPO via ``nll_weight``).
 
     Args:
         hidden: ``[2B, S, H]`` the policy's final hidden states, B chosen rows then B rejected rows.
         weight: ``[V, H]`` output projection (plain, FSDP2 or tensor-parallel, as the engine takes).
         labels: ``[2B, S]`` next-token labels aligned with ``hidden``; ``ignore_index`` at prompt/padding.
-        loss_type: ``sigmoid`` | ``ipo`` | ``hinge`` | ``simpo`` | ``orpo`` (formulas in
-            :func:`tune_losses.alignment.formulas.preference_pair_losses`).
+        loss_type: ``sigmoid`` | ``ipo`` | ``hinge`` | ``simpo`` | ``orpo`` | ``robust`` | ``exo_pair``
+            | ``nca_pair`` | ``bco_pair`` | ``sppo_hard`` | ``apo_zero`` | ``apo_down`` | ``discopop``
+            (formulas in :func:`tune_losses.alignment.formulas.preference_pair_losses`; TRL 1.16's
+            ``DPOConfig.loss_type`` names).
         beta: the inverse temperature of the implicit reward (> 0).
         gamma: SimPO's target margin.
-        label_smoothing: conservative DPO / SimPO (in [0, 0.5]).
+        label_smoothing: conservative DPO / SimPO (in [0, 0.5]), ``robust`` (in [0, 0.5)),
+            ``exo_pair`` (in (0, 1), required).
+        discopop_tau: DiscoPOP's modulation temperature (> 0; TRL's default 0.05).
         nll_weight: weight of the chosen sequences' mean NLL per valid token (RPO / CPO); ORPO always
             adds it with weight 1, plus this.
+        nll_target: ``[2B, S]`` labels for the NLL term when they differ from ``labels`` (Liger's ORPO
+            ``nll_target``; only the chosen rows are read; ``ignore_index`` marks tokens that do not
+            count); the NLL's token count is then nll_target's. Its log-probabilities take one more
+            pass over the chosen rows (the per-token path).
         ref_hidden, ref_weight, ref_bias: the frozen reference model's hidden states ``[2B, S, H']``
             and projection; its log-probabilities are made under no-grad by the same engine, or
         ref_logps: ``(ref_chosen [B], ref_rejected [B])`` precomputed, or neither (zero reference).
@@ -342,7 +415,9 @@ def linear_preference_loss(
         beta=beta,
         gamma=gamma,
         label_smoothing=label_smoothing,
+        discopop_tau=discopop_tau,
         nll_weight=nll_weight,
+        nll_target=nll_target,
         ref_hidden=ref_hidden,
         ref_weight=ref_weight,
         ref_logps=ref_logps,
@@ -418,6 +493,7 @@ def _linear_terms(
         options.get("gamma", 0.0),
         options.get("label_smoothing", 0.0),
         options.get("nll_weight", 0.0),
+        options.get("discopop_tau", 0.05),
     )
     check_choice("algorithm", algorithm, ALGORITHMS)
     unknown = sorted(set(options) - set(_OPTION_NAMES))
@@ -434,7 +510,14 @@ def _linear_terms(
         )
     if ref_hidden is not None and options.get("ref_logps") is not None:
         raise ValueError("ref_logps: give the reference either as ref_hidden + ref_weight or as ref_logps, not both")
-    if algorithm != "recompute":
+    nll_target = options.get("nll_target")
+    if nll_target is not None:
+        check_nll_target(nll_target, labels)
+        if algorithm == "grad_in_forward":
+            raise ValueError(
+                "algorithm: 'grad_in_forward' takes one set of labels; with nll_target use 'auto' or 'recompute'"
+            )
+    if algorithm != "recompute" and nll_target is None:
         result = _pair_chunked(
             hidden,
             weight,
@@ -454,6 +537,19 @@ def _linear_terms(
     logps = token_log_probs(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size, name="hidden"
     )
+    nll_token_logps = None
+    if nll_target is not None:
+        # The NLL's labels differ from the preference labels: one more pass over the chosen rows.
+        half = labels.shape[0] // 2
+        nll_token_logps = token_log_probs(
+            hidden[:half],
+            weight,
+            nll_target[:half],
+            bias=bias,
+            ignore_index=ignore_index,
+            chunk_size=chunk_size,
+            name="hidden",
+        )
     ref_token_logps = None
     if ref_hidden is not None:
         with torch.no_grad():
@@ -466,7 +562,14 @@ def _linear_terms(
                 chunk_size=chunk_size,
                 name="ref_hidden",
             )
-    return preference_terms(logps, labels, ref_token_logps=ref_token_logps, ignore_index=ignore_index, **options), None
+    return preference_terms(
+        logps,
+        labels,
+        ref_token_logps=ref_token_logps,
+        nll_token_logps=nll_token_logps,
+        ignore_index=ignore_index,
+        **options,
+    ), None
 
 
 def _pair_chunked(
@@ -550,6 +653,7 @@ def _pair_chunked(
         beta=beta,
         gamma=options.get("gamma", 0.0),
         label_smoothing=options.get("label_smoothing", 0.0),
+        discopop_tau=options.get("discopop_tau", 0.05),
         average=average,
     )
     detach = lambda t: None if t is None else t.detach()  # noqa: E731

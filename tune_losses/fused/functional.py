@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -157,12 +157,16 @@ def _run(
     opts: RunOptions,
     num_tokens=None,
     scale=None,
+    inputs: Optional[Dict[str, torch.Tensor]] = None,
+    check_inputs: Optional[Callable[[int], None]] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
     """Place the weights, check the tensors, run the terms.
 
     ``num_tokens`` (with ``reduction="mean"``) replaces this call's valid-token count; ``scale``
     (with ``reduction="sum"``) multiplies the sum. Either way the factor reaches the gradients in
-    the compute dtype, before any cast to a low-precision input dtype.
+    the compute dtype, before any cast to a low-precision input dtype. ``inputs``: per-token side
+    inputs ``[N, ...]`` by name for the terms (``Chunk.inputs``); ``check_inputs(V)``: their
+    value-reading checks against the global vocabulary size, run when ``opts.validate``.
 
     Returns:
         ``(loss, parts, count)``: ``loss`` reduced as ``opts.reduction`` says (fp32, fp64 for fp64
@@ -174,7 +178,7 @@ def _run(
     if scale is not None and opts.reduction != "sum":
         raise ValueError(f"scale: only meaningful with reduction='sum', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
-    teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), "drop")
+    teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), None)
     placed = place(
         student.weight,
         student.bias,
@@ -193,7 +197,7 @@ def _run(
         tw, tb = placed.teacher_weight, placed.teacher_bias
         tx = _flat(teacher.names, teacher.hidden, tw, tb, labels)
         # Placement left the teacher the student's rows ("drop"), or those and its padding rows.
-        if tw.shape[0] < w.shape[0] or (teacher_vocab == "drop" and tw.shape[0] != w.shape[0]):
+        if tw.shape[0] < w.shape[0] or (teacher_vocab != "pad_student" and tw.shape[0] != w.shape[0]):
             raise ValueError(
                 f"teacher_weight: expected vocab size {w.shape[0]} (student_weight {tuple(w.shape)}), "
                 f"got {tuple(tw.shape)}"
@@ -204,6 +208,8 @@ def _run(
     vocab = w.shape[0] if placed.reducer is None else placed.reducer.vocab
     if opts.validate:
         check_label_range(labels, vocab, opts.ignore_index)
+        if check_inputs is not None:
+            check_inputs(vocab)
     flat_labels = labels.reshape(-1)
     count = (flat_labels != opts.ignore_index).sum()
     plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer)
@@ -218,8 +224,10 @@ def _run(
     keep = None
     if opts.drop_ignored_tokens:
         x, tx, flat_labels, keep = select_valid_rows(x, tx, flat_labels, opts.ignore_index)
+        if keep is not None and inputs:
+            inputs = {k: v.index_select(0, keep) for k, v in inputs.items()}
     loss, parts = run_terms(
-        x, w, b, flat_labels, tx, tw, tb, plan, per_token=per_token, recompute=recompute, scale=scale
+        x, w, b, flat_labels, tx, tw, tb, plan, per_token=per_token, recompute=recompute, scale=scale, inputs=inputs
     )
     if per_token:
         loss = scatter_rows(loss, keep, labels.numel())
@@ -462,7 +470,7 @@ def linear_kd_loss(
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
-    teacher_vocab: str = "drop",
+    teacher_vocab: Optional[str] = None,
 ) -> torch.Tensor:
     """Distillation divergence between teacher and student, never materializing either's logits.
 
@@ -483,7 +491,8 @@ def linear_kd_loss(
             teacher weight that is not vocabulary-parallel is gathered and its rows sliced.
         num_tokens, scale: as :func:`linear_cross_entropy`.
         teacher_vocab: a teacher_weight with more rows than student_weight (padding rows, e.g.
-            Qwen2.5 7B's 152064 against 0.5B's 151936): ``"drop"`` compares the shared first
+            Qwen2.5 7B's 152064 against 0.5B's 151936): None (default) makes any size mismatch an
+            error naming both sizes (another tokenizer's rows mean other tokens); ``"drop"`` compares the shared first
             ``V_s`` rows, the teacher's softmax taken over them only (its extra rows' logits are never
             made); ``"pad_student"`` keeps the teacher's whole softmax and pads the student's logits
             with zeros (Liger-Kernel's convention). A smaller teacher vocabulary is an error.
@@ -525,7 +534,7 @@ def linear_distillation_loss(
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
-    teacher_vocab: str = "drop",
+    teacher_vocab: Optional[str] = None,
 ) -> FusedOutput:
     """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * KD(student, teacher)``; each chunk of student
     logits is made once and serves both terms.

@@ -177,7 +177,7 @@ class LinearDistillationLoss(nn.Module):
         algorithm: str = "auto",
         validate: bool = True,
         *,
-        teacher_vocab: str = "drop",
+        teacher_vocab: Optional[str] = None,
         mask_ignored_tokens: bool = True,
     ):
         super().__init__()

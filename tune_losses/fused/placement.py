@@ -57,7 +57,7 @@ def place(
     teacher_dtype: Optional[torch.dtype],
     opts: VocabParallelOptions,
     prefix: str = "",
-    teacher_vocab: str = "drop",
+    teacher_vocab: Optional[str] = None,
 ) -> Placed:
     """Resolve the student's (and teacher's) output weight and bias, once per call.
 
@@ -66,7 +66,7 @@ def place(
             FSDP2 mixed precision keeps fp32 shards outside the model's forward).
         prefix: ``"student_"`` for the distillation entry points (error messages name their arguments).
         teacher_vocab: a teacher with more vocabulary rows than the student (padding rows):
-            ``"drop"`` keeps only the student's rows of the teacher (their logits are never made),
+            None requires the same size, ``"drop"`` keeps only the student's rows of the teacher (their logits are never made),
             ``"pad_student"`` keeps them all (:mod:`tune_losses.vocab_alignment`).
     """
     parallel = _vocab_parallel_inputs(weight, bias, teacher_weight, teacher_bias, opts, prefix, teacher_vocab)
@@ -83,7 +83,7 @@ def place(
         teacher_weight = materialize_weight(teacher_weight, teacher_dtype)
         teacher_bias = materialize_weight(teacher_bias, teacher_dtype) if teacher_bias is not None else None
         if teacher_weight.dim() == 2 and weight.dim() == 2:
-            check_teacher_vocab(weight.shape[0], teacher_weight.shape[0])
+            check_teacher_vocab(weight.shape[0], teacher_weight.shape[0], mode=teacher_vocab)
             if teacher_vocab == "drop" and teacher_weight.shape[0] > weight.shape[0]:
                 teacher_weight = teacher_weight[: weight.shape[0]]
                 teacher_bias = None if teacher_bias is None else teacher_bias[: weight.shape[0]]
@@ -249,7 +249,7 @@ def _fsdp_over_tp(weight, mesh_dim: int, tp_rows: int, Shard) -> bool:
 
 
 def _vocab_parallel_inputs(
-    weight, bias, t_weight, t_bias, opts: VocabParallelOptions, prefix: str, teacher_vocab: str = "drop"
+    weight, bias, t_weight, t_bias, opts: VocabParallelOptions, prefix: str, teacher_vocab: Optional[str] = None
 ):
     """Decide the dispatch: ``(weight, bias, t_weight, t_bias, GroupReducer)`` with local shards,
     or None for the single-rank path (DTensor weights then gathered by :func:`materialize_weight`)."""
@@ -272,9 +272,9 @@ def _vocab_parallel_inputs(
                 )
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"{w_name}: expected a local shard [V_r, H], got {getattr(weight, 'shape', weight)}")
-        if t_weight is not None and teacher_vocab != "drop":
+        if t_weight is not None and teacher_vocab == "pad_student":
             raise ValueError(
-                f"teacher_vocab: with process_group, expected 'drop' (the teacher's local shard holds "
+                f"teacher_vocab: with process_group, expected None or 'drop' (the teacher's local shard holds "
                 f"the student's rows), got {teacher_vocab!r}"
             )
         sizes = [weight.shape[0]] + ([t_weight.shape[0]] if t_weight is not None else [])
@@ -314,7 +314,7 @@ def _vocab_parallel_inputs(
             full = materialize_weight(t_weight)
             if full.dim() != 2:
                 raise ValueError(f"teacher_weight: expected shape [V, H], got {tuple(full.shape)}")
-            check_teacher_vocab(vocab, full.shape[0])
+            check_teacher_vocab(vocab, full.shape[0], mode=teacher_vocab)
             local_tw = _teacher_rows(full, start, rows, vocab, teacher_vocab)
         if t_dim is not None and aligned:
             local_tb = _local_like(t_bias, "teacher_bias", start, vocab, rows)
@@ -356,7 +356,7 @@ def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _teacher_rows(full: torch.Tensor, start: int, rows: int, vocab: int, teacher_vocab: str) -> torch.Tensor:
+def _teacher_rows(full: torch.Tensor, start: int, rows: int, vocab: int, teacher_vocab: Optional[str]) -> torch.Tensor:
     """This rank's rows ``[start, start + rows)`` of a gathered teacher weight (or bias); with
     ``"pad_student"`` the rank holding the student's last rows also takes the teacher's rows beyond
     ``vocab`` (its student logits are padded with zeros to match)."""
