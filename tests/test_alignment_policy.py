@@ -249,4 +249,4 @@ def test_compiled_chunk_math(monkeypatch, loss_type, level):
         torch.testing.assert_close(out.metrics[k].double(), v, rtol=1e-5, atol=1e-6, msg=k)
     params = [c["hidden"], c["weight"], c["bias"]]
     for g, r in zip(_grads(out.loss, params), _grads(ref_loss, params)):
-        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-6)
