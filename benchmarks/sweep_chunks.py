@@ -1,6 +1,6 @@
 """Sweep the fused losses' chunk size: ``python -m benchmarks.sweep_chunks [--task ce|kd] [--size N,H,V]``.
 
-The evidence behind ``default_chunk_size`` in ``tune_losses/fused/engine.py``: for each chunk size
+The evidence behind ``chunk_policy`` in ``tune_losses/chunking.py`` (results: ``benchmarks/results/chunk_policy.md``): for each chunk size
 (tokens per chunk; by default those that ``2**20 .. 2**24`` logit elements per chunk give at this V),
 the peak memory (fresh process each) and the median time (all chunk sizes and ``plain`` interleaved
 in one process), measured as :mod:`benchmarks.run` does.

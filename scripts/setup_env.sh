@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Creates ./.venv (once) and installs tune-losses with its pinned dependencies, saying what it does
-# and how long each step takes. A repeat call takes seconds: pip runs again only when pyproject.toml
-# (or the extras installed) changed since the last install, recorded in .venv/.tune-losses-installed.
+# Creates ./.venv (once) and installs tune-losses with every extra (dev: tests, lint, type check;
+# train, torchtune, hf) at the exact versions of constraints.txt, saying what it does and how long each
+# step takes. A repeat call takes seconds: pip runs again only when pyproject.toml or constraints.txt
+# changed since the last install, recorded in .venv/.tune-losses-installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,26 +19,27 @@ if [ ! -x "$VENV/bin/python" ]; then
   took
 fi
 
-# The `hf` extra (transformers, PEFT, TRL) is installed with the dev tools whenever pyproject.toml
-# defines it, so the tests of the Hugging Face integration can run.
+# `dev` pulls in the other extras (train, torchtune, hf), so every test can run.
 extras=dev
-if grep -qE '^hf *=' pyproject.toml; then extras=dev,hf; fi
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) extras=$extras"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1) extras=$extras"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-  say "install up to date (pyproject.toml unchanged since the last install): pip skipped"
+  say "install up to date (pyproject.toml and constraints.txt unchanged since the last install): pip skipped"
   installed=0
 else
-  torch_pin=$(grep -oE '"torch==[^"]+"' pyproject.toml | tr -d '"' || true)
-  if [ -f "$STAMP" ]; then why="pyproject.toml or the extras changed since the last install"
+  torch_pin=$(grep -oE '^torch==[^ ]+' constraints.txt || true)
+  if [ -f "$STAMP" ]; then why="pyproject.toml, constraints.txt or the extras changed since the last install"
   else why="first install: a few minutes, longer on a busy machine"; fi
-  say "installing ${torch_pin:-torch} (CPU), torchtune, torchao and tune-losses[$extras] (editable; $why)"
+  say "installing ${torch_pin:-torch} (CPU) and tune-losses[$extras] at constraints.txt's versions (editable; $why)"
   # torchtune 0.6.1 requires `huggingface_hub[hf_transfer]`, an extra that the installed
   # huggingface-hub no longer has (nothing here downloads, so nothing needs it): pip's warning about
   # it is dropped, and so are the notes on missing local index folders; every other message is kept.
   pip_log=$VENV/pip-install.log
   status=0
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]" >"$pip_log" 2>&1 || status=$?
+  # torch first, alone, so that the CPU wheel is chosen before any other package asks for torch.
+  { "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt torch &&
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$extras]"; } \
+    >"$pip_log" 2>&1 || status=$?
   grep -v -E "is ignored: it is neither a file nor a directory|does not provide the extra 'hf_transfer'" \
     "$pip_log" || true
   [ "$status" = 0 ] || { say "pip install failed (exit $status)" >&2; exit 1; }

@@ -3,6 +3,14 @@
 Public API only; see the README for the map of modules.
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("tune-losses")
+except PackageNotFoundError:  # a source tree on the import path, not installed
+    __version__ = "0.0.0+unknown"
+
 from tune_losses.accounting import (
     LossSum,
     all_reduce_token_count,
@@ -21,8 +29,13 @@ from tune_losses.alignment import (
     linear_policy_loss,
     linear_preference_loss,
 )
+
+# A divergence registered in its own file (tune_losses/divergences/) has its torchtune-style classes
+# made by chunked_output; they are exported here without a line per class.
+from tune_losses.chunked_output import KD_LOSS_CLASSES as _KD_LOSS_CLASSES  # noqa: E402
 from tune_losses.chunked_output import (
     CEWithChunkedOutputLoss,
+    DivergenceWithChunkedOutputLoss,
     ForwardKLLoss,
     ForwardKLWithChunkedOutputLoss,
     JSDLoss,
@@ -44,10 +57,15 @@ from tune_losses.fused import (
     linear_kd_loss,
     linear_log_probs,
 )
+from tune_losses.fused.sparse import linear_sparse_distillation_loss, linear_sparse_kd_loss
+from tune_losses.fused.sparse_module import SparseDistillationLoss
 from tune_losses.heads import OutputProjection, configure_model_for_loss, output_projection, set_output_mode
 from tune_losses.options import CEOptions, KDOptions
 
+globals().update(_KD_LOSS_CLASSES)
+
 __all__ = [
+    "__version__",
     # chunked-output losses (torchtune API)
     "CEWithChunkedOutputLoss",
     "ForwardKLWithChunkedOutputLoss",
@@ -60,14 +78,18 @@ __all__ = [
     "SymmetricKLLoss",
     "JSDLoss",
     "TVDLoss",
+    "DivergenceWithChunkedOutputLoss",
     # fused linear losses
     "linear_cross_entropy",
     "linear_kd_loss",
     "linear_distillation_loss",
     "linear_log_probs",
+    "linear_sparse_kd_loss",
+    "linear_sparse_distillation_loss",
     "FusedOutput",
     "LinearCrossEntropyLoss",
     "LinearDistillationLoss",
+    "SparseDistillationLoss",
     # model side
     "OutputProjection",
     "output_projection",
@@ -95,3 +117,4 @@ __all__ = [
     "CEOptions",
     "KDOptions",
 ]
+__all__ += [name for name in _KD_LOSS_CLASSES if name not in __all__]

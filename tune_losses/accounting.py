@@ -98,8 +98,8 @@ def megatron_loss_func(
         )
     mask = loss_mask.reshape(-1).bool()
     # where, not multiply: a masked token's value (NaN from an ignored label, say) must not leak.
-    # Fix: sum in fp32 (Megatron's loss_func upcasts too); a bf16 sum over thousands of tokens
-    # loses digits, and the (sum, num_tokens) contract promises an fp32 total.
+    # Summed in fp32 (Megatron's loss_func upcasts too): a bf16 sum over thousands of tokens loses
+    # digits, and the (sum, num_tokens) contract promises an fp32 total.
     loss_sum = torch.where(mask, output_tensor.reshape(-1).float(), 0.0).sum()
     num_tokens = mask.sum()
     metric = torch.stack([loss_sum.detach().float(), num_tokens.float()])

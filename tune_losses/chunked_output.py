@@ -13,13 +13,15 @@ that name ``CEWithChunkedOutputLoss`` keep working. What differs from torchtune 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+import dataclasses
+import inspect
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from tune_losses.accounting import LossSum
 from tune_losses.chunking import split_like
-from tune_losses.divergences import VocabReducer
+from tune_losses.divergences import Divergence, VocabReducer, divergence_names, get_divergence
 from tune_losses.options import ArgumentTypeError, CEOptions, KDOptions, check_bool_option, check_int_option
 from tune_losses.terms import Chunk, CrossEntropyTerm, DivergenceTerm, Term
 from tune_losses.validation import (
@@ -231,185 +233,92 @@ class _KDLoss(_ChunkedLossBase):
         return result.mean() if normalize else result.total
 
 
-# --- torchtune's chunked KD classes (same names, positional orders and defaults) plus ours -----------
-# Extras, keyword-only everywhere: temperature, scale_by_temperature_squared, validate, teacher_vocab
-# (a teacher with extra padding rows; see KDOptions).
-# Forward KL defaults to torchtune's logged value (-sum p log q); true_kl=True gives the KL itself.
+# --- one chunked KD class per registered divergence (torchtune's names, positional orders, defaults) ----
+# ``ForwardKL`` gives ForwardKLWithChunkedOutputLoss(num_output_chunks=8, ignore_index=-100, *, ...)
+# and ForwardKLLoss(ignore_index=-100, *, ...); a divergence's ``torchtune_args`` (JSD: beta,
+# SymmetricKL: sym_kd_ratio) come between num_output_chunks and ignore_index, as in torchtune.
+# Extras, keyword-only everywhere: the other KDOptions fields (temperature,
+# scale_by_temperature_squared, validate, teacher_vocab, true_kl, ...).
+#
+# true_kl: the drop-in classes of torchtune's forward-KL family (ForwardKL*, SymmetricKL*) default
+# to torchtune's logged value -sum p log q (true_kl=False: the same gradient, KL plus the teacher's
+# entropy), so a torchtune config reproduces torchtune's numbers; everything else in the package
+# (the fused losses, KDOptions, DivergenceWithChunkedOutputLoss) defaults to the true KL. The
+# default lives in one place: Divergence.chunked_defaults.
 
 
-class ForwardKLWithChunkedOutputLoss(_KDLoss):
-    """Forward KL(p || q) over chunk lists. Default value is torchtune's ``-sum p log q``; ``true_kl=True`` for KL."""
-
-    def __init__(
-        self,
-        num_output_chunks: int = 8,
-        ignore_index: int = -100,
-        *,
-        true_kl: bool = False,
-        temperature: float = 1.0,
-        scale_by_temperature_squared: bool = True,
-        validate: bool = True,
-        teacher_vocab: Optional[str] = None,
-    ):
-        super().__init__(
-            num_output_chunks,
-            KDOptions(
-                "forward_kl",
-                temperature,
-                scale_by_temperature_squared,
-                true_kl=true_kl,
-                ignore_index=ignore_index,
-                validate=validate,
-                teacher_vocab=teacher_vocab,
-            ),
-        )
-
-
-class ReverseKLWithChunkedOutputLoss(_KDLoss):
-    """Reverse KL(q || p) over chunk lists."""
+class DivergenceWithChunkedOutputLoss(_KDLoss):
+    """Any registered divergence (``divergence=``, :func:`tune_losses.divergences.divergence_names`)
+    over chunk lists; the other keywords are :class:`~tune_losses.options.KDOptions` fields."""
 
     def __init__(
-        self,
-        num_output_chunks: int = 8,
-        ignore_index: int = -100,
-        *,
-        temperature: float = 1.0,
-        scale_by_temperature_squared: bool = True,
-        validate: bool = True,
-        teacher_vocab: Optional[str] = None,
+        self, num_output_chunks: int = 8, ignore_index: int = -100, *, divergence: str = "forward_kl", **options
     ):
-        super().__init__(
-            num_output_chunks,
-            KDOptions(
-                "reverse_kl",
-                temperature,
-                scale_by_temperature_squared,
-                ignore_index=ignore_index,
-                validate=validate,
-                teacher_vocab=teacher_vocab,
-            ),
-        )
+        super().__init__(num_output_chunks, KDOptions(divergence, ignore_index=ignore_index, **options))
 
 
-class SymmetricKLWithChunkedOutputLoss(_KDLoss):
-    """``r * FKL + (1 - r) * RKL`` over chunk lists; FKL is torchtune's value unless ``true_kl=True``."""
-
-    def __init__(
-        self,
-        num_output_chunks: int = 8,
-        sym_kd_ratio: float = 0.5,
-        ignore_index: int = -100,
-        *,
-        true_kl: bool = False,
-        temperature: float = 1.0,
-        scale_by_temperature_squared: bool = True,
-        validate: bool = True,
-        teacher_vocab: Optional[str] = None,
-    ):
-        super().__init__(
-            num_output_chunks,
-            KDOptions(
-                "symmetric_kl",
-                temperature,
-                scale_by_temperature_squared,
-                sym_kd_ratio=sym_kd_ratio,
-                true_kl=true_kl,
-                ignore_index=ignore_index,
-                validate=validate,
-                teacher_vocab=teacher_vocab,
-            ),
-        )
-        self.sym_kd_ratio = sym_kd_ratio
+_KD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KDOptions)}
+_COMMON_KD_OPTIONS = ("temperature", "scale_by_temperature_squared", "validate", "teacher_vocab")
 
 
-class JSDWithChunkedOutputLoss(_KDLoss):
-    """Generalized JSD(beta) over chunk lists; beta 0 / 1 are forward / reverse KL (TRL's limits)."""
+def _registered_class(div: Divergence, chunked: bool) -> type:
+    """The torchtune-style class of one registered divergence (chunked, or the unchunked one)."""
+    positional = (("num_output_chunks",) if chunked else ()) + tuple(div.torchtune_args) + ("ignore_index",)
+    fixed = {"divergence", "ignore_index", *div.torchtune_args}
+    keyword = [n for n in _KD_DEFAULTS if n not in fixed and (n in _COMMON_KD_OPTIONS or n in div.options)]
+    defaults = dict(_KD_DEFAULTS, num_output_chunks=8, **div.chunked_defaults)
 
-    def __init__(
-        self,
-        num_output_chunks: int = 8,
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        *,
-        temperature: float = 1.0,
-        scale_by_temperature_squared: bool = True,
-        validate: bool = True,
-        teacher_vocab: Optional[str] = None,
-    ):
-        super().__init__(
-            num_output_chunks,
-            KDOptions(
-                "jsd",
-                temperature,
-                scale_by_temperature_squared,
-                beta=beta,
-                ignore_index=ignore_index,
-                validate=validate,
-                teacher_vocab=teacher_vocab,
-            ),
-        )
-        self.beta = beta
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(positional):
+            raise TypeError(
+                f"{type(self).__name__}: at most {len(positional)} positional arguments {positional}, got {len(args)}"
+            )
+        for name, value in zip(positional, args):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}: got multiple values for argument {name!r}")
+            kwargs[name] = value
+        unknown = set(kwargs) - set(positional) - set(keyword)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unexpected keyword arguments {sorted(unknown)}")
+        values = {n: kwargs.get(n, defaults[n]) for n in positional + tuple(keyword)}
+        chunks = values.pop("num_output_chunks", 1)
+        _KDLoss.__init__(self, chunks, KDOptions(div.name, **values))
+        for name in div.torchtune_args:  # torchtune keeps these as attributes
+            setattr(self, name, values[name])
 
-
-class TVDWithChunkedOutputLoss(_KDLoss):
-    """Total variation distance ``0.5 sum |p - q|`` over chunk lists."""
-
-    def __init__(
-        self,
-        num_output_chunks: int = 8,
-        ignore_index: int = -100,
-        *,
-        temperature: float = 1.0,
-        scale_by_temperature_squared: bool = True,
-        validate: bool = True,
-        teacher_vocab: Optional[str] = None,
-    ):
-        super().__init__(
-            num_output_chunks,
-            KDOptions(
-                "tvd",
-                temperature,
-                scale_by_temperature_squared,
-                ignore_index=ignore_index,
-                validate=validate,
-                teacher_vocab=teacher_vocab,
-            ),
-        )
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in positional]
+    params += [P(n, P.KEYWORD_ONLY, default=defaults[n]) for n in keyword]
+    __init__.__signature__ = inspect.Signature(params)
+    stem = div.chunked_name
+    name = f"{stem}WithChunkedOutputLoss" if chunked else f"{stem}Loss"
+    doc = (type(div).__doc__ or div.name).strip().splitlines()[0]
+    what = "over chunk lists" if chunked else "unchunked: one [N, V] / [B, S, V] tensor per side"
+    cls = type(
+        name,
+        (_KDLoss,),
+        {"__init__": __init__, "__doc__": f"{doc} ({what}; divergence={div.name!r}).", "__module__": __name__},
+    )
+    cls.__signature__ = inspect.Signature(params[1:])
+    return cls
 
 
-# --- torchtune's unchunked classes: one [N, V] / [B, S, V] tensor per side, forward(..., normalize) -------
-
-
-class ForwardKLLoss(ForwardKLWithChunkedOutputLoss):
-    """Unchunked forward KL, torchtune's ``ForwardKLLoss(ignore_index)``; value as torchtune unless ``true_kl``."""
-
-    def __init__(self, ignore_index: int = -100, **kwargs):
-        super().__init__(1, ignore_index, **kwargs)
-
-
-class ReverseKLLoss(ReverseKLWithChunkedOutputLoss):
-    """Unchunked reverse KL, torchtune's ``ReverseKLLoss(ignore_index)``."""
-
-    def __init__(self, ignore_index: int = -100, **kwargs):
-        super().__init__(1, ignore_index, **kwargs)
-
-
-class SymmetricKLLoss(SymmetricKLWithChunkedOutputLoss):
-    """Unchunked symmetric KL, torchtune's ``SymmetricKLLoss(sym_kd_ratio, ignore_index)``."""
-
-    def __init__(self, sym_kd_ratio: float = 0.5, ignore_index: int = -100, **kwargs):
-        super().__init__(1, sym_kd_ratio, ignore_index, **kwargs)
-
-
-class JSDLoss(JSDWithChunkedOutputLoss):
-    """Unchunked generalized JSD(beta)."""
-
-    def __init__(self, beta: float = 0.5, ignore_index: int = -100, **kwargs):
-        super().__init__(1, beta, ignore_index, **kwargs)
-
-
-class TVDLoss(TVDWithChunkedOutputLoss):
-    """Unchunked total variation distance."""
-
-    def __init__(self, ignore_index: int = -100, **kwargs):
-        super().__init__(1, ignore_index, **kwargs)
+KD_LOSS_CLASSES: Dict[str, type] = {}
+for _div in (get_divergence(n) for n in divergence_names()):
+    if _div.chunked_name:
+        for _chunked in (True, False):
+            _cls = _registered_class(_div, _chunked)
+            KD_LOSS_CLASSES[_cls.__name__] = _cls
+globals().update(KD_LOSS_CLASSES)
+# Named here too, so that readers and linters see the torchtune classes this module provides.
+ForwardKLWithChunkedOutputLoss = KD_LOSS_CLASSES["ForwardKLWithChunkedOutputLoss"]
+ReverseKLWithChunkedOutputLoss = KD_LOSS_CLASSES["ReverseKLWithChunkedOutputLoss"]
+SymmetricKLWithChunkedOutputLoss = KD_LOSS_CLASSES["SymmetricKLWithChunkedOutputLoss"]
+JSDWithChunkedOutputLoss = KD_LOSS_CLASSES["JSDWithChunkedOutputLoss"]
+TVDWithChunkedOutputLoss = KD_LOSS_CLASSES["TVDWithChunkedOutputLoss"]
+ForwardKLLoss = KD_LOSS_CLASSES["ForwardKLLoss"]
+ReverseKLLoss = KD_LOSS_CLASSES["ReverseKLLoss"]
+SymmetricKLLoss = KD_LOSS_CLASSES["SymmetricKLLoss"]
+JSDLoss = KD_LOSS_CLASSES["JSDLoss"]
+TVDLoss = KD_LOSS_CLASSES["TVDLoss"]

@@ -1,4 +1,8 @@
-"""The one token splitter.
+"""The one token splitter and the one chunk-size policy.
+
+``chunk_size`` means tokens per chunk everywhere in this package (the fused losses, the
+preference losses' chunks of whole pairs, the token statistics); :func:`chunk_policy` picks it
+when the caller does not.
 
 Every producer of logit chunks in this package (model heads, recipes, the fused losses' own
 chunk loop) splits tokens with :func:`split_tokens`, which has ``torch.tensor_split`` semantics:
@@ -11,7 +15,7 @@ uses ``.chunk`` and may return fewer, uneven chunks) pair with the right labels 
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -79,3 +83,42 @@ def token_chunk_bounds(num_tokens: int, chunk_size: int) -> List[tuple]:
     check_int_option("num_tokens", num_tokens, 0)
     check_int_option("chunk_size", chunk_size, 1)
     return [(s, min(s + chunk_size, num_tokens)) for s in range(0, num_tokens, chunk_size)]
+
+
+# The rule and the measurements behind it: benchmarks/results/chunk_policy.md. A power of two near
+# _TARGET_CHUNK_ELEMENTS / (V * logit sets) tokens, at least _MIN_CHUNK_TOKENS per logit set, and on
+# CPU at least H / 2 once the fp32 dW [V, H] outgrows the caches.
+_TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+_MIN_CHUNK_TOKENS = 128
+_CACHED_DW_BYTES = 64 << 20
+# A chunk of whole pairs is widened to the longest pair, up to this many policy chunks.
+_MAX_PAIR_CHUNK_FACTOR = 4
+
+
+def chunk_policy(
+    num_tokens: int,
+    vocab_size: int,
+    device: torch.device,
+    num_logit_sets: int = 1,
+    hidden_size: Optional[int] = None,
+) -> int:
+    """Tokens per chunk: a power of two near ``target_elements / (V * num_logit_sets)``, within
+    [``_MIN_CHUNK_TOKENS * num_logit_sets``, N]; on CPU with an fp32 dW ``[V, hidden_size]`` larger
+    than the caches, at least ``hidden_size / 2``. On CUDA the target is not divided by the number
+    of logit sets (measured there: benchmarks/results/chunk_policy.md).
+
+    ``num_logit_sets`` is 2 for distillation (student and teacher chunks alive together).
+    """
+    target = _TARGET_CHUNK_ELEMENTS.get(device.type, _TARGET_CHUNK_ELEMENTS["cuda"])
+    sets = num_logit_sets if device.type == "cpu" else 1  # measured per device
+    n = max(target // max(vocab_size * sets, 1), 1)
+    n = max(1 << (n.bit_length() - 1), _MIN_CHUNK_TOKENS * num_logit_sets)
+    if hidden_size and device.type == "cpu" and vocab_size * hidden_size * 4 > _CACHED_DW_BYTES:
+        n = max(n, 1 << (max(hidden_size // 2, 1).bit_length() - 1))
+    return max(1, min(n, num_tokens))
+
+
+def max_pair_chunk(policy_tokens: int) -> int:
+    """The most tokens a chunk of whole pairs may hold when the policy chose ``policy_tokens``: a
+    pair is never split, so its chunk widens to the pair, up to this bound."""
+    return policy_tokens * _MAX_PAIR_CHUNK_FACTOR

@@ -126,9 +126,9 @@ def _has_skip_output_layer(model: nn.Module) -> bool:
     return isinstance(getattr(model, "skip_output_layer", None), bool)
 
 
-# Fix: the overrides used to be closures over the model / head, so ``copy.deepcopy(model)`` (an EMA,
-# reference or frozen copy) gave a copy whose output still ran the *original* model's norm and
-# projection, silently. Bound methods (types.MethodType) are rebound to the copy by deepcopy.
+# The overrides are bound methods (types.MethodType), not closures over the model / head:
+# ``copy.deepcopy(model)`` (an EMA, reference or frozen copy) rebinds them to the copy, so the copy's
+# output runs its own norm and projection, not the original model's.
 def _decoder_unembed_chunks(self, h: torch.Tensor) -> List[torch.Tensor]:
     return [self.output(c) for c in split_tokens(self.norm(h), self.num_output_chunks)]
 
@@ -189,9 +189,9 @@ def configure_model_for_loss(model: nn.Module, loss: nn.Module) -> str:
         return "hidden"
     n = getattr(loss, "num_output_chunks", 0)
     if isinstance(n, int) and n >= 1:
-        # Fix: torchtune 0.6.1's chunked-output losses re-split the labels with ``.chunk(n)`` and zip
-        # them with the logit chunks; our tensor_split chunks made them raise a shape error (or, where
-        # ``.chunk`` gives fewer chunks, drop tokens) whenever S % n != 0. Give them their own split.
+        # torchtune 0.6.1's chunked-output losses re-split the labels with ``.chunk(n)`` and zip them
+        # with the logit chunks: tensor_split chunks would raise a shape error (or, where ``.chunk``
+        # gives fewer chunks, drop tokens) whenever S % n != 0. Give them their own split.
         split = "chunk" if _is_torchtune_chunked_loss(loss) else "tensor_split"
         set_output_mode(model, "chunks", n, split=split)
         return "chunks"

@@ -16,14 +16,27 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from tune_losses.vocab_alignment import TEACHER_VOCAB_MODES
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def divergence_choices() -> Tuple[str, ...]:
+    """The registered divergences (:mod:`tune_losses.divergences`: one class per file registers itself)."""
+    from tune_losses.divergences import divergence_names  # the registry sits above options in the layers
+
+    return divergence_names()
+
+
+def __getattr__(name: str):
+    # DIVERGENCES is read from the registry when asked, so a divergence added by its own file is in it.
+    if name == "DIVERGENCES":
+        return divergence_choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -131,8 +144,9 @@ class KDOptions:
     """Options of a distillation divergence between teacher p and student q, per token.
 
     Attributes:
-        divergence: one of ``forward_kl`` (KL(p||q)), ``reverse_kl`` (KL(q||p)),
-            ``symmetric_kl`` (``r * FKL + (1 - r) * RKL``), ``jsd`` (generalized JSD(beta)), ``tvd``.
+        divergence: a registered divergence (:func:`tune_losses.divergences.divergence_names`): built
+            in ``forward_kl`` (KL(p||q)), ``reverse_kl`` (KL(q||p)), ``symmetric_kl``
+            (``r * FKL + (1 - r) * RKL``), ``jsd`` (generalized JSD(beta)), ``tvd``.
         temperature: T > 0, finite; both sides' logits are divided by T.
         scale_by_temperature_squared: multiply the loss by T^2 (Hinton et al.), so gradient
             magnitudes do not shrink as T grows.
@@ -163,7 +177,7 @@ class KDOptions:
     teacher_vocab: Optional[str] = None
 
     def __post_init__(self):
-        check_choice("divergence", self.divergence, DIVERGENCES)
+        check_choice("divergence", self.divergence, divergence_choices())
         if self.teacher_vocab is not None:
             check_choice("teacher_vocab", self.teacher_vocab, TEACHER_VOCAB_MODES)
         check_float_option("temperature", self.temperature, 0.0, low_open=True)

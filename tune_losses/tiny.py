@@ -64,6 +64,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from tune_losses.extras import require_extra
+
+require_extra("train", "tune_losses.tiny", ("torchtune", "sentencepiece"))
+
 # The one vocabulary size: the tokenizer is trained to exactly this many pieces and every model
 # builder below sizes its embedding and output projection with it, so they cannot disagree.
 TINY_VOCAB_SIZE = 4096
@@ -514,6 +518,7 @@ def build(out: str | os.PathLike = DEFAULT_OUT, force: bool = False, verbose: bo
         entry = old_steps.get(name)
         t0 = time.perf_counter()
         if not force and _step_valid(out, entry, spec):
+            assert entry is not None  # a valid step has a manifest entry
             steps[name] = dict(entry, built=False)
             if verbose:
                 print(f"[tiny] {name}: up to date, skipped ({', '.join(entry['files'])})")

@@ -27,67 +27,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from tune_losses.chunking import token_chunk_bounds
+from tune_losses.chunking import chunk_policy, token_chunk_bounds
 from tune_losses.divergences import VocabReducer
 from tune_losses.fused.compiled import compiled_math, run_compiled, terms_on_chunk
 from tune_losses.terms import Term
 
-# Elements of one fp32 chunk of logits ([n, V]); the chunk size is this divided by V (a power of 2),
-# but never fewer than _MIN_CHUNK_TOKENS tokens. Measured with `python -m benchmarks.sweep_chunks`
-# (fwd+bwd, CPU fp32, 2 threads, median of 5 interleaved rounds; peak = RSS above the inputs):
-#   CE N=2048 H=256 V=32768, chunk tokens 32/64/128/256/512: peak 38/42/50/66/98 MiB (plain 768,
-#     torch's chunked linear_cross_entropy 68), time 1.32/0.93/0.82/0.85/0.83x plain. 2^22 (128
-#     tokens here) is as fast as any and keeps a wide margin under torch's chunked peak.
-#   KD forward KL, same size, 32/64/128/256: peak 50/66/98/162 MiB (torchtune's chunked 1152), time
-#     1.09/0.92/0.83/0.87x torchtune's on a quiet machine (3.6/1.5/1.09/0.94x under a load average
-#     of 3): 128 tokens, not the 64 that 2^22 / (2 V) gives; 256 would leave no margin to 0.15x.
-#   CE N=1024 H=512 V=128256, 32/64/128/256: peak 268/284/315/378 MiB (plain 1503), time
-#     1.85/1.26/1.05/1.20x plain: 128 tokens, not the 32 that 2^22 / V gives.
-# Fewer than ~128 rows make every matmul and reduction of a chunk slow on CPU (the logits matmul
-# [n, H] @ [H, V] runs 1.5x slower at 128 rows and 2.2x at 64 than at 2048), hence the minimum; a
-# [128, V] buffer is no larger than dW [V, H] whenever H >= 128.
-# CUDA (H200, bf16, N=8192 H=4096 V=128256, CUDA events, median of 5): chunk tokens 256/512/1024/2048
-# took CE 89/62/53/50 ms and distillation 109/83/73/69 ms; the peak (held by the fp32 dW and its
-# final cast) grew only at 2048 tokens for CE (+518 MiB, 3588 MiB in the benchmark, over compiled
-# plain's 3070) and 1024 for distillation (+268 MiB, 3339 MiB, 0.42x compiled plain's): on CUDA a
-# chunk is 2^27 elements per chunk whatever the number of logit sets, i.e. 1024 tokens there.
-#
-# A large dW: every chunk reads and writes the whole fp32 dW accumulator [V, H] (dw.addmm_) and
-# streams W through its two matmuls; once dW outgrows the caches (_CACHED_DW_BYTES), fewer chunks cut
-# that traffic. Measured (chunk logits in reused buffers, CPU fp32, 1 thread, median of 3 interleaved
-# rounds of CPU time), N=1024 H=512 V=128256 (dW 250 MiB), chunk tokens 128/256/512:
-#   CE 4333/4157/4203 ms (compiled plain 4224, matmul floor 4061), peak 315/378/504 MiB;
-#   distillation 6248/5938/5725 ms (compiled plain 6061), peak 440/628/755 MiB (compiled plain 1003).
-# There the chunk gets at least H/2 tokens (256): its logits stay no larger than half of dW per
-# logit set.
-# A teacher: a chunk of distillation runs four matmuls and one compiled kernel over two logit sets,
-# and those per-chunk costs weigh more at 2 threads. N=2048 H=256 V=32768, 2 threads, wall clock,
-# median of 7 interleaved rounds, idle machine: distillation at 128 / 256 tokens 1019 / 907 ms
-# (compiled plain 937), peak 66 / 98 MiB (compiled plain 512); CE at 128 / 256 tokens 701 / 658 ms
-# (compiled plain 656), peak 50 / 66 MiB (compiled plain 290). Hence at least 128 tokens per logit
-# set: CE keeps 128 (its memory stays under a fifth of compiled plain's), distillation gets 256.
-_TARGET_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
-_MIN_CHUNK_TOKENS = 128
-_CACHED_DW_BYTES = 64 << 20
-
-
-def default_chunk_size(
-    num_tokens: int, vocab_size: int, device: torch.device, num_logit_sets: int = 1, hidden_size: Optional[int] = None
-) -> int:
-    """Tokens per chunk: a power of two near ``target_elements / (V * num_logit_sets)``, within
-    [``_MIN_CHUNK_TOKENS * num_logit_sets``, N]; on CPU with an fp32 dW ``[V, hidden_size]`` larger
-    than the caches, at least ``hidden_size / 2`` (see the measurements above). On CUDA the target
-    is not divided by the number of logit sets (measured there).
-
-    ``num_logit_sets`` is 2 for distillation (student and teacher chunks alive together).
-    """
-    target = _TARGET_CHUNK_ELEMENTS.get(device.type, _TARGET_CHUNK_ELEMENTS["cuda"])
-    sets = num_logit_sets if device.type == "cpu" else 1  # measured per device (see above)
-    n = max(target // max(vocab_size * sets, 1), 1)
-    n = max(1 << (n.bit_length() - 1), _MIN_CHUNK_TOKENS * num_logit_sets)
-    if hidden_size and device.type == "cpu" and vocab_size * hidden_size * 4 > _CACHED_DW_BYTES:
-        n = max(n, 1 << (max(hidden_size // 2, 1).bit_length() - 1))
-    return max(1, min(n, num_tokens))
+default_chunk_size = chunk_policy  # the name other modules import
 
 
 @dataclass(frozen=True)
@@ -97,7 +42,7 @@ class LossPlan:
     Attributes:
         terms: the loss terms; the loss is ``sum_t t.weight * t's first output`` per token.
         ignore_index: labels equal to it contribute nothing.
-        chunk_size: tokens per chunk (None: :func:`default_chunk_size`).
+        chunk_size: tokens per chunk (None: :func:`tune_losses.chunking.chunk_policy`).
         reducer: reductions over the vocabulary: None for the whole vocabulary on this process, or
             a vocabulary-parallel one (:class:`tune_losses.fused.vocab_parallel.GroupReducer`).
     """
@@ -240,9 +185,7 @@ def chunk_pass(
     red = plan.reducer or VocabReducer(w.shape[0])
     valid = labels != plan.ignore_index
     teacher = plan.needs_teacher
-    size = plan.chunk_size or default_chunk_size(
-        num_tokens, red.vocab, x.device, 2 if teacher else 1, hidden_size=x.shape[1]
-    )
+    size = plan.chunk_size or chunk_policy(num_tokens, red.vocab, x.device, 2 if teacher else 1, hidden_size=x.shape[1])
     outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
     need_dx, need_dw, need_db = need
     any_grad = weights is not None and (need_dx or need_dw or need_db)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from tune_losses.accounting import LossSum
-from tune_losses.fused.engine import _MIN_CHUNK_TOKENS as MIN_CHUNK_TOKENS
-from tune_losses.fused.engine import default_chunk_size
+from tune_losses.chunking import _MIN_CHUNK_TOKENS as MIN_CHUNK_TOKENS
+from tune_losses.chunking import chunk_policy
 from tune_losses.fused.functional import ALGORITHMS, FusedOutput, linear_cross_entropy, linear_distillation_loss
 from tune_losses.heads import OutputProjection, set_output_mode
 from tune_losses.options import (
@@ -43,7 +43,7 @@ def chunk_size_hint(
     if chunk_size is not None or not num_output_chunks or hidden.dim() < 1:
         return chunk_size
     tokens = hidden.numel() // max(hidden.shape[-1], 1)
-    rule = default_chunk_size(tokens, weight.shape[0], hidden.device, hidden_size=hidden.shape[-1])
+    rule = chunk_policy(tokens, weight.shape[0], hidden.device, hidden_size=hidden.shape[-1])
     cap = max(-(-tokens // num_output_chunks), min(MIN_CHUNK_TOKENS, tokens))
     return max(1, min(rule, cap))
 

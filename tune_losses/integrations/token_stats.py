@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from tune_losses.fused.engine import default_chunk_size
+from tune_losses.chunking import chunk_policy
 from tune_losses.fused.placement import materialize_weight
 
 
@@ -44,7 +44,7 @@ def token_stats(
     y = flat_labels[valid]
     entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
     correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
-    size = chunk_size or default_chunk_size(max(x.shape[0], 1), weight.shape[0], hidden.device)
+    size = chunk_size or chunk_policy(max(x.shape[0], 1), weight.shape[0], hidden.device)
     for start in range(0, x.shape[0], size):
         xc, yc = x[start : start + size], y[start : start + size]
         z = torch.nn.functional.linear(xc, weight, bias).float()

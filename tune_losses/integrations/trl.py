@@ -22,8 +22,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from trl import DistillationTrainer, SFTTrainer
-from trl.models.utils import _ForwardRedirection
+
+from tune_losses.extras import missing_extra
+
+try:
+    from trl import DistillationTrainer, SFTTrainer
+    from trl.models.utils import _ForwardRedirection
+except ModuleNotFoundError as err:
+    raise missing_extra("hf", "tune_losses.integrations.trl", err) from err
 
 from tune_losses.fused.functional import linear_cross_entropy, linear_kd_loss
 from tune_losses.integrations.head_source import read_head

@@ -9,6 +9,10 @@ metrics does not import torchtune.
 
 from importlib import import_module
 
+from tune_losses.extras import require_extra
+
+require_extra("train", "tune_losses.training", ("omegaconf", "torchtune", "torchdata", "tqdm"))
+
 _EXPORTS = {
     "LossRecipe": "loop",
     "run": "loop",

@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Union
 
 import torch
 
@@ -23,7 +23,7 @@ STAGING_DIR = ".export.tmp"
 TMP_SUFFIX = ".tmp"
 
 
-def remove_partial_files(*dirs: os.PathLike) -> List[Path]:
+def remove_partial_files(*dirs: Union[str, os.PathLike]) -> List[Path]:
     """Delete ``*.tmp`` files and staging folders left directly in ``dirs`` and their ``resume/``."""
     removed = []
     for d in dirs:
@@ -70,7 +70,7 @@ def export_atomically(checkpointer: Any, state_dict: Dict[str, Any], epoch: int)
     return moved
 
 
-def save_resume_state(output_dir: os.PathLike, state: Dict[str, Any]) -> Path:
+def save_resume_state(output_dir: Union[str, os.PathLike], state: Dict[str, Any]) -> Path:
     path = Path(output_dir) / RESUME_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TMP_SUFFIX)
@@ -79,7 +79,7 @@ def save_resume_state(output_dir: os.PathLike, state: Dict[str, Any]) -> Path:
     return path
 
 
-def load_resume_state(output_dir: os.PathLike) -> Dict[str, Any]:
+def load_resume_state(output_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
     path = Path(output_dir) / RESUME_FILE
     if not path.exists():
         raise ValueError(f"resume_from_checkpoint: expected a resume state at {path}, found none")

@@ -110,7 +110,9 @@ def build_dataloader(
 ) -> Tuple[DataLoader, DistributedSampler]:
     """Padded batches (``collate(samples, padding_idx, ignore_idx)``, SFT's by default); ranks of one
     data-parallel group (its tp ranks) read the same samples."""
-    sampler = DistributedSampler(ds, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed, drop_last=True)
+    sampler: DistributedSampler = DistributedSampler(
+        ds, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed, drop_last=True
+    )
     collate = partial(collate, padding_idx=pad_id, ignore_idx=ignore_index)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     return loader, sampler

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 class CollectiveTimeout(RuntimeError):
@@ -67,7 +68,7 @@ class Parallelism:
     dp_size: int = 1
     dp_rank: int = 0
     dp_group: Optional[dist.ProcessGroup] = None
-    mesh: Optional[object] = None
+    mesh: Optional[DeviceMesh] = None
 
     @property
     def is_rank_zero(self) -> bool:
@@ -86,8 +87,6 @@ class Parallelism:
             raise ValueError(f"tensor_parallel_dim: expected a divisor of the world size {world}, got {tp}")
         p = cls(world_size=world, rank=rank, tp=tp, dp_size=world, dp_rank=rank)
         if tp > 1:
-            from torch.distributed.device_mesh import init_device_mesh
-
             p.mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
             p.dp_size = world // tp
             p.dp_rank = p.mesh.get_local_rank("dp")

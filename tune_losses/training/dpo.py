@@ -18,7 +18,7 @@ and 2 ranks x batch 2 give the same loss and gradients.
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -89,7 +89,7 @@ class PreferenceForward:
     sequence-level losses leave the models returning full logits.
     """
 
-    def __init__(self, loss_fn: nn.Module, policy: nn.Module, reference: Optional[nn.Module], ignore_index: int):
+    def __init__(self, loss_fn: Any, policy: nn.Module, reference: Optional[nn.Module], ignore_index: int):
         self.loss_fn = loss_fn
         self.policy = policy
         self.reference = reference
@@ -263,7 +263,9 @@ class DPORecipe(LossRecipe):
             s, p = self.settings, self.par
             ds = config.instantiate(cfg.eval_dataset, self.tokenizer)
             # No shuffling; padded to equal counts per rank (every rank runs every forward under FSDP2).
-            sampler = DistributedSampler(ds, num_replicas=p.dp_size, rank=p.dp_rank, shuffle=False, drop_last=False)
+            sampler: DistributedSampler = DistributedSampler(
+                ds, num_replicas=p.dp_size, rank=p.dp_rank, shuffle=False, drop_last=False
+            )
             collate = partial(
                 padded_collate_preference, padding_idx=self.tokenizer.pad_id, ignore_idx=self.ignore_index
             )
@@ -292,7 +294,7 @@ class DPORecipe(LossRecipe):
         counts = torch.cat(
             [
                 count_pairs_and_tokens(labels, self.ignore_index),
-                sum((lab != self.ignore_index).sum() for lab in labels).reshape(1),
+                torch.stack([(lab != self.ignore_index).sum() for lab in labels]).sum().reshape(1),
             ]
         )
         counts = all_reduce_token_count(counts, group=self.par.dp_group)
@@ -328,6 +330,7 @@ class DPORecipe(LossRecipe):
 
     # ------------------------------------------------------------------------------------------ eval
     def _evaluate(self) -> Dict[str, float]:
+        assert self.eval_loader is not None
         self.model.eval()
         sums = evaluate(
             self.forward,

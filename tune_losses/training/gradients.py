@@ -7,6 +7,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def _replicas(grad: torch.Tensor, world: int) -> int:
@@ -17,7 +18,7 @@ def _replicas(grad: torch.Tensor, world: int) -> int:
     ``Replicate`` dimensions and over the ranks outside its mesh (a layer FSDP-sharded over ``dp`` is
     repeated on every ``tp`` rank). A plain tensor is repeated on every rank.
     """
-    if not hasattr(grad, "placements"):
+    if not isinstance(grad, DTensor):
         return world
     mesh, shards = grad.device_mesh, 1
     for i, p in enumerate(grad.placements):

@@ -299,7 +299,8 @@ class LossRecipe:
         if problem is not None:
             self._on_nonfinite(problem)
         metrics["lr"] = lr
-        metrics["tokens_per_second_per_rank"] = float(global_tokens) / p.dp_size / (time.perf_counter() - start)
+        metrics["step_seconds"] = time.perf_counter() - start
+        metrics["tokens_per_second_per_rank"] = float(global_tokens) / p.dp_size / metrics["step_seconds"]
         return metrics
 
     def _step_normalizer(self, labels: List[torch.Tensor]):
@@ -435,8 +436,9 @@ class LossRecipe:
         log.info(f"resumed from {self.settings.output_dir}/{checkpointing.RESUME_FILE} at step {self.global_step}")
 
     def cleanup(self) -> None:
-        if getattr(self, "metric_logger", None) is not None:
-            self.metric_logger.close()
+        metric_logger = getattr(self, "metric_logger", None)
+        if metric_logger is not None:
+            metric_logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
 from torchtune import config, training
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
@@ -52,8 +53,9 @@ def build_model(
     if distributed:
         from torch.distributed.fsdp import fully_shard
 
-        dp_mesh: Optional[object] = None
+        dp_mesh: Optional[DeviceMesh] = None
         if par.tp > 1:
+            assert par.mesh is not None  # a (dp, tp) mesh whenever tp > 1
             shard_output_over_vocab(model, par.mesh["tp"])
             dp_mesh = par.mesh["dp"]
         for layer in model.layers:

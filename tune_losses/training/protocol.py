@@ -68,7 +68,7 @@ class TrainingLoss:
     """
 
     def __init__(self, loss: nn.Module):
-        self.loss = loss
+        self.loss: Any = loss  # duck-typed: sum_and_count or forward, checked below
         self.ignore_index: int = getattr(loss, "ignore_index", -100)
         self.native = isinstance(loss, SumAndCountLoss)
         self.native_scale = self.native and _takes_scale(loss.sum_and_count)

@@ -40,6 +40,8 @@ COMPONENT_KEYS = frozenset(
         "eval_dataset",
         "eval_every_n_steps",
         "eval_batch_size",
+        # offline KD (tune_losses.training.offline_kd)
+        "teacher_cache",
     }
 )
 

@@ -1,0 +1,223 @@
+"""Fused distillation from a cached sparse teacher: no teacher model, no ``[N, V]`` logits.
+
+``linear_sparse_kd_loss`` is the forward KL of the student's ``softmax(hidden @ weight.T / T)``
+against k cached teacher log-probabilities per token (:mod:`tune_losses.sparse_teacher`);
+``linear_sparse_distillation_loss`` adds the cross-entropy on the labels in the same chunk pass.
+Both run the engine's chunk loop with the teacher's ids and log-probabilities as per-token side
+inputs, through the same weight placement (plain, FSDP2, tensor-parallel, local shard) as
+:func:`tune_losses.linear_kd_loss`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Union
+
+import torch
+
+from tune_losses.fused.functional import (
+    FusedOutput,
+    RunOptions,
+    Side,
+    _fused_output,
+    _parallel,
+    _run,
+)
+from tune_losses.options import ArgumentTypeError, CEOptions, check_float_option, check_run_options
+from tune_losses.sparse_teacher import TEACHER_IDS, TEACHER_LOGPROBS, SparseKDOptions, SparseKDTerm
+from tune_losses.terms import CrossEntropyTerm
+from tune_losses.validation import LABEL_DTYPES, check_fused_inputs, check_tensor
+
+POSITIVE_LOGPROB_TOLERANCE = 1e-3
+"""A cached log-probability above this is refused: log-probabilities are <= 0, and rounding (a
+log_softmax in low precision, an fp16 / bf16 cache) stays far below it."""
+
+
+def _check_teacher(
+    teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, labels: torch.Tensor
+) -> Dict[str, torch.Tensor]:
+    """Types and shapes of the cached teacher against the labels; the flat side inputs ``[N, k]``."""
+    check_tensor(TEACHER_IDS, teacher_ids, "[..., k] of vocabulary ids")
+    check_tensor(TEACHER_LOGPROBS, teacher_logprobs, "[..., k] of log-probabilities")
+    if teacher_ids.dtype not in LABEL_DTYPES:
+        raise ArgumentTypeError(
+            f"{TEACHER_IDS}: expected dtype torch.int64 or torch.int32 (vocabulary ids), got dtype {teacher_ids.dtype}"
+        )
+    if not teacher_logprobs.is_floating_point():
+        raise ArgumentTypeError(
+            f"{TEACHER_LOGPROBS}: expected a floating-point tensor (log-probabilities), got dtype {teacher_logprobs.dtype}"
+        )
+    if teacher_ids.dim() != labels.dim() + 1 or teacher_ids.shape[:-1] != labels.shape or teacher_ids.shape[-1] < 1:
+        raise ValueError(
+            f"{TEACHER_IDS}: expected shape {(*labels.shape, 'k')} (labels {tuple(labels.shape)} plus k >= 1 "
+            f"entries per token), got {tuple(teacher_ids.shape)}"
+        )
+    if teacher_logprobs.shape != teacher_ids.shape:
+        raise ValueError(
+            f"{TEACHER_LOGPROBS}: expected shape {tuple(teacher_ids.shape)} (as {TEACHER_IDS}), "
+            f"got {tuple(teacher_logprobs.shape)}"
+        )
+    if teacher_ids.device != labels.device or teacher_logprobs.device != labels.device:
+        raise ValueError(
+            f"{TEACHER_IDS}, {TEACHER_LOGPROBS}: expected device {labels.device} (as labels), "
+            f"got {teacher_ids.device} and {teacher_logprobs.device}"
+        )
+    k = teacher_ids.shape[-1]
+    return {TEACHER_IDS: teacher_ids.reshape(-1, k), TEACHER_LOGPROBS: teacher_logprobs.detach().reshape(-1, k)}
+
+
+def check_teacher_values(inputs: Dict[str, torch.Tensor], vocab_size: int) -> None:
+    """Value checks of a cached teacher (one host sync; raised errors name the argument):
+    ids in ``[0, vocab_size)`` or -1, no id twice in a token's row, no positive log-probability
+    (beyond :data:`POSITIVE_LOGPROB_TOLERANCE`) at a used slot."""
+    ids, lp = inputs[TEACHER_IDS], inputs[TEACHER_LOGPROBS]
+    if ids.numel() == 0:
+        return
+    used = ids >= 0
+    out_of_range = (ids < -1) | (ids >= vocab_size)
+    positive = used & (lp > POSITIVE_LOGPROB_TOLERANCE)
+    ordered = ids.sort(-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    flags = torch.stack([out_of_range.any(), repeated.any(), positive.any()])
+    if not bool(flags.any()):
+        return
+    if bool(flags[0]):
+        raise ValueError(
+            f"{TEACHER_IDS}: expected vocabulary ids in [0, {vocab_size}) or -1 (an unused slot), "
+            f"got {int(out_of_range.sum())} out of range (e.g. {ids[out_of_range][0].item()})"
+        )
+    if bool(flags[1]):
+        row = int(repeated.any(-1).nonzero()[0, 0])
+        dup = ordered[row, 1:][repeated[row]][0].item()
+        raise ValueError(
+            f"{TEACHER_IDS}: expected distinct ids within a token's entries, got id {dup} twice in token {row} "
+            "(a sampled cache collapses repeated draws into one id with log(count / k))"
+        )
+    raise ValueError(
+        f"{TEACHER_LOGPROBS}: expected log-probabilities <= 0, got {int(positive.sum())} above "
+        f"{POSITIVE_LOGPROB_TOLERANCE:g} (e.g. {lp[positive][0].item():g}); pass log-probabilities, not "
+        "logits or probabilities"
+    )
+
+
+def _setup(hidden, weight, bias, labels, teacher_ids, teacher_logprobs, temperature, tail, reduction, kw):
+    """The checks and options shared by the two entry points."""
+    check_fused_inputs(labels, local_shard=kw["process_group"] is not None, hidden=hidden, weight=weight, bias=bias)
+    check_run_options(kw["chunk_size"], kw["validate"], kw["vocab_parallel"], kw["vocab_start"], kw["vocab_size"])
+    sparse = SparseKDOptions(temperature=temperature, tail=tail)
+    inputs = _check_teacher(teacher_ids, teacher_logprobs, labels)
+    opts = RunOptions(
+        reduction=reduction,
+        algorithm=kw["algorithm"],
+        validate=kw["validate"],
+        chunk_size=kw["chunk_size"],
+        drop_ignored_tokens=kw["drop_ignored_tokens"],
+        ignore_index=kw["ignore_index"],
+        parallel=_parallel(kw["process_group"], kw["vocab_parallel"], kw["vocab_start"], kw["vocab_size"]),
+    )
+    check: Callable[[int], None] = lambda vocab: check_teacher_values(inputs, vocab)  # noqa: E731
+    return sparse, inputs, opts, check
+
+
+def linear_sparse_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    tail: str = "renormalize",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+    validate: bool = True,
+    algorithm: str = "auto",
+    drop_ignored_tokens: bool = False,
+    process_group=None,
+    vocab_parallel: Optional[bool] = None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    num_tokens: Optional[Union[torch.Tensor, int]] = None,
+    scale: Optional[Union[torch.Tensor, float]] = None,
+) -> torch.Tensor:
+    """Forward KL of the student against a cached sparse teacher, one chunk of logits at a time.
+
+    Args:
+        hidden: ``[N, H]`` or ``[B, S, H]`` student hidden states (fp32 / bf16 / fp16; fp64 in fp64).
+        weight: ``[V, H]`` output projection; bias ``[V]`` or None. Gradients reach these three only.
+        labels: hidden's leading shape; tokens with ``ignore_index`` count nothing (only the mask
+            is read; labels must still be in ``[0, V)`` there, checked with ``validate``).
+        teacher_ids: ``[..., k]`` (labels' shape plus k) int64 / int32 ids in ``[0, V)``, or -1 for
+            an unused slot (a token may have fewer than k entries); distinct within a token.
+        teacher_logprobs: ``[..., k]`` float: the teacher's log-probabilities of those ids at
+            ``temperature`` (as a serving engine returns them); ``-inf`` is probability 0.
+        temperature: T: the student's logits are divided by T, the loss multiplied by T^2.
+        tail: ``"renormalize"`` (the teacher's entries renormalized to sum 1) or ``"bucket"`` (the
+            teacher's left-out mass against the student's mass outside the ids); see
+            :mod:`tune_losses.sparse_teacher`.
+        reduction: ``"mean"`` over tokens whose label is not ``ignore_index`` (0 if none),
+            ``"sum"``, or ``"none"`` (labels' shape, 0 at ignored tokens).
+        validate: check once per call (one host sync) the labels' range, the ids' range and
+            distinctness, and that no used log-probability is positive.
+        algorithm, drop_ignored_tokens, process_group, vocab_parallel, vocab_start, vocab_size,
+            num_tokens, scale: as :func:`tune_losses.linear_cross_entropy`. Vocabulary-parallel,
+            ``teacher_ids`` hold global ids and are the same on every rank.
+
+    Returns:
+        fp32 loss (fp64 for fp64 inputs), 0-dim or per token.
+    """
+    kw = dict(locals())
+    sparse, inputs, opts, check = _setup(
+        hidden, weight, bias, labels, teacher_ids, teacher_logprobs, temperature, tail, reduction, kw
+    )
+    loss, _, _ = _run(
+        [SparseKDTerm(sparse)], Side(hidden, weight, bias), None, labels, opts, num_tokens, scale, inputs, check
+    )
+    return loss
+
+
+def linear_sparse_distillation_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    kd_ratio: float = 0.5,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    tail: str = "renormalize",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    chunk_size: Optional[int] = None,
+    validate: bool = True,
+    algorithm: str = "auto",
+    drop_ignored_tokens: bool = False,
+    process_group=None,
+    vocab_parallel: Optional[bool] = None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    num_tokens: Optional[Union[torch.Tensor, int]] = None,
+    scale: Optional[Union[torch.Tensor, float]] = None,
+) -> FusedOutput:
+    """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * sparse KD(student, cached teacher)`` in one
+    chunk pass (each chunk of student logits made once, serving both terms), both normalized over
+    the same valid tokens. Arguments as :func:`linear_sparse_kd_loss`; ``label_smoothing`` for the
+    cross-entropy.
+
+    Returns:
+        :class:`~tune_losses.fused.functional.FusedOutput`: ``loss`` (differentiable), ``ce`` and
+        ``kd`` (detached, same reduction), ``num_tokens`` (this call's valid tokens).
+    """
+    kw = dict(locals())
+    check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
+    sparse, inputs, opts, check = _setup(
+        hidden, weight, bias, labels, teacher_ids, teacher_logprobs, temperature, tail, reduction, kw
+    )
+    ce = CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, validate=validate)
+    # CE first: at T = 1 it leaves the student's (max, sum exp) for the sparse term to reuse.
+    terms = [CrossEntropyTerm(ce, weight=1.0 - kd_ratio), SparseKDTerm(sparse, weight=float(kd_ratio))]
+    loss, parts, count = _run(terms, Side(hidden, weight, bias), None, labels, opts, num_tokens, scale, inputs, check)
+    return _fused_output(loss, parts, count)
