@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from tune_losses.alignment.policy_formulas import CLIP_LOSS_TYPES, PolicyOptions, policy_token_terms
-from tune_losses.divergences import _add_at_label, _label_index, _row_max, _scaled
+from tune_losses.divergences.common import add_at_label, label_index, row_max, scaled
 from tune_losses.fused.engine import LossPlan, default_chunk_size, run_terms
 from tune_losses.terms import Term
 
@@ -72,9 +72,9 @@ class PolicyTerm(Term):
     def compute(self, chunk, weights, consume_student, consume_teacher):
         z, labels, valid, red = chunk.student, chunk.labels, chunk.valid, chunk.reducer
         inp = chunk.inputs
-        zz = _scaled(z, self.temperature, consume_student)
-        idx, owned = _label_index(labels, valid, zz.shape[1], red)
-        m = _row_max(zz.amax(-1), red)
+        zz = scaled(z, self.temperature, consume_student)
+        idx, owned = label_index(labels, valid, zz.shape[1], red)
+        m = row_max(zz.amax(-1), red)
         rows = [torch.where(owned, zz.gather(-1, idx).squeeze(-1), 0.0)]
         e = zz.sub_(m.unsqueeze(-1)).exp_()
         rows.insert(0, e.sum(-1))
@@ -111,7 +111,7 @@ class PolicyTerm(Term):
         # d(w l)/dz'_j = w dl/dlogp (onehot_j - q_j), written over the exp buffer.
         q = e.div_(r[0].unsqueeze(-1))
         g = q.mul_((-dlp).unsqueeze(-1))
-        g = _add_at_label(g, idx, owned, dlp)
+        g = add_at_label(g, idx, owned, dlp)
         if self.temperature != 1.0:
             g.div_(self.temperature)
         return outs, g
