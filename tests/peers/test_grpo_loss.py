@@ -17,8 +17,11 @@ test functions, parametrizations (1590 cases), inputs, tolerances and torch refe
   ``compiled`` -> our two paths (``grad_in_forward`` / ``recompute``); ``_reduce_grpo_loss`` ->
   :func:`aggregate_policy_loss`; the Triton per-token kernel -> :func:`policy_token_terms`.
 
-Cost: the ``(8, 128, 1024, 4096)`` shape dominates; its cases are marked slow, the small shape's run in
-the fast suite (see the measurements in the module's tests' markers).
+Cost (measured on the shared 2-core machine under a load average of 13-20, so an upper bound): the
+fast subset (every small-shape case) 2 min; the whole file as CI runs it (plus the slow cases: one
+large-shape case per dtype x loss type x level, Liger's 1 x 4096 shapes) 50 min under that load, each
+large-shape case 25-44 s there (13 GFLOP per side, about 1 s on 2 idle cores). The other large-shape
+cases (736) are skipped unless ``TUNE_LOSSES_PEER_FULL=1``.
 """
 
 from __future__ import annotations
@@ -389,7 +392,7 @@ CORRECTNESS_REFS = [(True, True, True), (True, False, False), (False, False, Tru
 LOSS_TYPES = ["bnpo", "grpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
 
-# Liger's large shape costs about 1 s per case on 2 idle cores (bf16 more), 768 cases: the slow suite
+# Liger's large shape: 768 cases, each about 1 s on 2 idle cores (bf16 more): the slow suite
 # runs one rotating choice of (bias, settings, reference, delta) per (dtype, loss type, level); all of
 # them run with TUNE_LOSSES_PEER_FULL=1. The small shape runs in full in the fast suite.
 FULL = os.environ.get("TUNE_LOSSES_PEER_FULL", "0") == "1"
