@@ -39,7 +39,8 @@ TASK_TITLES = {
     "sparse_kd": f"linear + forward KL to a cached top-{SPARSE_K} teacher (no teacher model)",
 }
 METHODS = {
-    # ours_compiled: the chunk math compiled even where "auto" keeps it eager (CE alone on CPU)
+    # ours_compiled: the chunk math compiled even where "auto" keeps it eager (CE alone on CPU);
+    # ours_fp32: dw_accumulation="fp32" (the fp32 [V, H] accumulator; the default is "blocked" for bf16 on CUDA)
     "ce": (
         "floor",
         "plain",
@@ -52,10 +53,11 @@ METHODS = {
         "ours_eager",
         "ours_compiled",
         "ours_recompute",
+        "ours_fp32",
     ),
     "kd": ("floor", "plain", "compile", "torchtune", "liger", "ours", "ours_eager", "ours_recompute"),
-    "distill": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
-    "distill_jsd": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
+    "distill": ("floor", "plain", "compile", "liger", "ours", "ours_eager", "ours_fp32"),
+    "distill_jsd": ("floor", "plain", "compile", "liger", "ours", "ours_eager", "ours_fp32"),
     # ours_drop: drop_ignored_tokens=True, the ignored rows left out before the chunk loop
     "ce_prompt": ("floor", "plain", "compile", "ours", "ours_drop"),
     # dense_kd: our fused dense forward KL (linear_kd_loss) from the teacher's hidden states and
@@ -157,6 +159,8 @@ def unavailable(task: str, method: str, size: Size) -> Optional[str]:
     """Why ``method`` cannot run here (shown as ``n/a (reason)``), or None."""
     if method not in METHODS[task]:
         return "not implemented for this loss"
+    if method == "ours_fp32" and (size.device == "cpu" or size.dtype == "fp32"):
+        return "the same as ours here (dw_accumulation 'auto' is 'fp32' on CPU and for fp32 inputs)"
     if method == "liger" and task in JSD_BETA:  # Liger's chunked losses: pure PyTorch, any device
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger_kernel not installed (pip install liger-kernel)"
@@ -308,14 +312,7 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
 
         def fn(hidden, weight, t_hidden, t_weight, labels):
             return tune_losses.linear_kd_loss(hidden, weight, t_hidden, t_weight, labels)
-    elif method.partition("@")[0] in (
-        "ours",
-        "ours_eager",
-        "ours_compiled",
-        "ours_recompute",
-        "ours_drop",
-        "ours_bucket",
-    ):
+    elif method.partition("@")[0].startswith("ours"):
         import os
 
         import tune_losses
@@ -329,6 +326,8 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
         }
         if name == "ours_drop":
             kw["drop_ignored_tokens"] = True
+        if name == "ours_fp32":
+            kw["dw_accumulation"] = "fp32"
         divergence = {"distill_jsd": "jsd"}.get(task, "forward_kl")
 
         def call(hidden, weight, labels, t_hidden=None, t_weight=None, teacher_ids=None, teacher_logprobs=None):
