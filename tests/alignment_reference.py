@@ -261,3 +261,71 @@ def ref_policy(
     ent = ref_entropy(hidden, weight, labels, bias, temperature, ignore_index)
     metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def ref_kto(
+    hidden,
+    weight,
+    labels,
+    kto_labels,
+    *,
+    loss_type="kto",
+    beta=0.1,
+    desirable_weight=1.0,
+    undesirable_weight=1.0,
+    ref_hidden=None,
+    ref_weight=None,
+    kl=None,
+    kl_hidden=None,
+    kl_labels=None,
+    kl_ref_hidden=None,
+    average_log_prob=False,
+    bias=None,
+    ignore_index=-100,
+):
+    """KTO, fp64, from TRL 1.16's ``KTOTrainer._compute_loss``: desirable and undesirable losses weighted,
+    concatenated and averaged over the sequences (here: those with a valid token); the KL point is the
+    given ``kl`` or ``max(mean(policy - reference on the mismatched completions), 0)``, detached."""
+    tok = ref_token_logps(hidden, weight, labels, bias, ignore_index=ignore_index)
+    seq = _seq(tok, labels, average_log_prob, ignore_index)
+    if ref_hidden is not None:
+        with torch.no_grad():
+            rseq = _seq(
+                ref_token_logps(ref_hidden, ref_weight, labels, ignore_index=ignore_index),
+                labels,
+                average_log_prob,
+                ignore_index,
+            )
+    else:
+        rseq = torch.zeros_like(seq)
+    if kl is not None:
+        kl_v = torch.as_tensor(kl, dtype=torch.float64).reshape(())
+    elif kl_hidden is not None:
+        with torch.no_grad():
+            p = _seq(
+                ref_token_logps(kl_hidden, weight, kl_labels, bias, ignore_index=ignore_index),
+                kl_labels,
+                average_log_prob,
+                ignore_index,
+            )
+            r = _seq(
+                ref_token_logps(kl_ref_hidden, ref_weight, kl_labels, ignore_index=ignore_index),
+                kl_labels,
+                average_log_prob,
+                ignore_index,
+            )
+            kl_v = (p - r).mean().clamp(min=0)
+    else:
+        kl_v = torch.zeros((), dtype=torch.float64)
+    lr = seq - rseq
+    if loss_type == "kto":
+        chosen = 1 - torch.sigmoid(beta * (lr - kl_v))
+        rejected = 1 - torch.sigmoid(beta * (kl_v - lr))
+    else:
+        chosen = 1 - torch.sigmoid(beta * lr)
+        rejected = torch.sigmoid(beta * lr)
+    per = torch.where(kto_labels, desirable_weight * chosen, undesirable_weight * rejected)
+    counted = (labels != ignore_index).any(-1)
+    per = torch.where(counted, per, torch.zeros_like(per))
+    loss = per.sum() / counted.sum().clamp(min=1)
+    return {"loss": loss, "rewards": (beta * lr).detach(), "logps": seq.detach(), "kl": kl_v}

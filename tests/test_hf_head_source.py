@@ -10,9 +10,8 @@ transformers = pytest.importorskip("transformers")
 from tune_losses.integrations.head_source import _read_forward  # noqa: E402
 
 
-def spec(name):
-    cls = getattr(transformers, name)
-    return _read_forward(cls, "lm_head", cls.base_model_prefix)
+def spec(name, head=("lm_head",)):
+    return _read_forward(getattr(transformers, name), head)
 
 
 @pytest.mark.parametrize(
@@ -31,20 +30,38 @@ def spec(name):
 )
 def test_recognised_heads(name, scales, softcap, aux):
     s = spec(name)
-    assert (s.scales, s.softcap, s.aux_coef) == (scales, softcap, aux)
+    assert (s.hidden_scales + s.scales, s.softcap, s.aux_coef) == (scales, softcap, aux)
+
+
+@pytest.mark.parametrize(
+    "name,head,field,value",
+    [
+        ("OPTForCausalLM", ("lm_head",), "base", ("model", "decoder")),  # nested backbone
+        ("Llama4ForCausalLM", ("lm_head",), "base", ("model",)),  # base_model_prefix says language_model
+        ("MllamaForCausalLM", ("lm_head",), "base", ("model",)),
+        ("BartForCausalLM", ("lm_head",), "loss", "unshifted"),  # CrossEntropyLoss() on unshifted labels
+        ("BambaForCausalLM", ("lm_head",), "z_loss", ("z_loss_coefficient",)),  # z-loss over every position
+        ("RecurrentGemmaForCausalLM", ("lm_head",), "softcap", ("config", "logits_soft_cap")),  # via a local
+        ("Gemma4ForCausalLM", ("lm_head",), "softcap", ("config", "final_logit_softcapping")),  # three steps
+        ("Inkling2ForCausalLM", ("lm_head",), "softcap_module", ("logit_softcap",)),  # a softcap module
+        ("ModernBertDecoderForCausalLM", ("decoder",), "transforms", (("lm_head",),)),  # a head before the layer
+        ("BertLMHeadModel", ("cls", "predictions", "decoder"), "call", ("cls",)),  # the layer inside a head
+        ("InklingForCausalLM", ("lm_head",), "hidden_scales", ((("config", "logits_mup_width_multiplier"), True),)),
+    ],
+)
+def test_structure_read_from_the_forward(name, head, field, value):
+    assert getattr(spec(name, head), field) == value
 
 
 @pytest.mark.parametrize(
     "name,what",
     [
-        ("BambaForCausalLM", "z_loss_coefficient"),  # an extra z-loss added to the loss
-        ("RecurrentGemmaForCausalLM", "nn.functional.tanh"),  # a softcap through a local variable
-        ("ModernBertDecoderForCausalLM", "self.decoder(self.lm_head"),  # a second layer after the head
+        ("XLMWithLMHeadModel", "self.pred_layer(hidden_states, labels)"),  # the head computes the loss itself
     ],
 )
 def test_unrecognised_steps_raise_naming_the_model_and_step(name, what):
     with pytest.raises(ValueError, match=rf"{name}\.forward .*{re.escape(what)}"):
-        spec(name)
+        spec(name, ("pred_layer", "proj"))
 
 
 def test_a_scale_under_an_unrelated_condition_raises():
@@ -59,4 +76,4 @@ def test_a_scale_under_an_unrelated_condition_raises():
             return loss, logits
 
     with pytest.raises(ValueError, match="unrecognised step"):
-        _read_forward(Conditional, "lm_head", "model")
+        _read_forward(Conditional, ("lm_head",))

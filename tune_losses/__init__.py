@@ -21,11 +21,13 @@ from tune_losses.accounting import (
 )
 from tune_losses.alignment import (
     DPOLoss,
+    KTOOutput,
     LinearPolicyLoss,
     LinearPreferenceLoss,
     PolicyOutput,
     PreferenceOutput,
     RSOLoss,
+    linear_kto_loss,
     linear_policy_loss,
     linear_preference_loss,
 )
@@ -106,8 +108,10 @@ __all__ = [
     "megatron_loss_func",
     # alignment (DPO family, GRPO family, torchtune's DPO losses)
     "linear_preference_loss",
+    "linear_kto_loss",
     "linear_policy_loss",
     "PreferenceOutput",
+    "KTOOutput",
     "PolicyOutput",
     "DPOLoss",
     "RSOLoss",

@@ -6,6 +6,7 @@ preference losses also have a grad-in-forward path over chunks of whole pairs
 (:mod:`tune_losses.alignment.pair_chunks`), taken where it applies.
 """
 
+from tune_losses.alignment.kto import KTOOutput, linear_kto_loss
 from tune_losses.alignment.modules import LinearPolicyLoss, LinearPreferenceLoss
 from tune_losses.alignment.policy import PolicyOutput, linear_policy_loss, policy_loss_from_log_probs
 from tune_losses.alignment.preference import (
@@ -19,12 +20,14 @@ from tune_losses.alignment.torchtune_compat import DPOLoss, RSOLoss
 
 __all__ = [
     "DPOLoss",
+    "KTOOutput",
     "LinearPolicyLoss",
     "LinearPreferenceLoss",
     "PolicyOutput",
     "PreferenceOutput",
     "PreferenceTerms",
     "RSOLoss",
+    "linear_kto_loss",
     "linear_policy_loss",
     "linear_preference_loss",
     "linear_preference_terms",

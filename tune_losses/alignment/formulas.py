@@ -165,6 +165,40 @@ def counted_pair_losses(
     return torch.where(counted, per_pair, torch.zeros_like(per_pair))
 
 
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+"""Unpaired (KTO-style) losses: TRL 1.16 ``KTOConfig.loss_type`` values."""
+
+
+def unpaired_preference_losses(
+    logratios: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    loss_type: str,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-sequence unpaired loss ``[B]`` from log-ratios ``r = policy - reference`` ``[B]``, labels
+    ``desirable`` ``[B]`` bool and the KL reference point ``kl`` (0-dim, no gradient); TRL 1.16's
+    ``KTOTrainer``:
+
+    * ``kto``: ``w_d (1 - s(beta (r - kl)))`` for a desirable sequence, ``w_u (1 - s(beta (kl - r)))``
+      for an undesirable one
+    * ``apo_zero_unpaired``: ``w_d (1 - s(beta r))``, ``w_u s(beta r)`` (no KL term)
+    """
+    if loss_type == "kto":
+        margin = torch.where(desirable, logratios - kl, kl - logratios)
+        per = 1 - torch.sigmoid(beta * margin)
+    elif loss_type == "apo_zero_unpaired":
+        z = torch.sigmoid(beta * logratios)
+        per = torch.where(desirable, 1 - z, z)
+    else:
+        raise ValueError(f"loss_type: expected one of {KTO_LOSS_TYPES}, got {loss_type!r}")
+    weights = torch.tensor([undesirable_weight, desirable_weight], dtype=per.dtype, device=per.device)
+    return per * weights[desirable.long()]
+
+
 # Re-exported: the policy formulas moved to their own file; old imports keep working.
 from tune_losses.alignment.policy_formulas import (  # noqa: E402, F401
     POLICY_LOSS_TYPES,

@@ -36,12 +36,26 @@ from typing import Any, Dict, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from tune_losses.fused.functional import ALGORITHMS, linear_cross_entropy, linear_distillation_loss
-from tune_losses.integrations.head_source import HeadSpec, forward_class, read_head
-from tune_losses.integrations.output_layer import output_weight
+from tune_losses.fused.functional import ALGORITHMS, linear_cross_entropy, linear_distillation_loss, linear_log_probs
+from tune_losses.fused.placement import materialize_weight
+from tune_losses.integrations.head_source import UNSHIFTED, HeadSpec, forward_class, read_chain, read_head
+from tune_losses.integrations.output_layer import check_output_layer, output_weight
 from tune_losses.options import CEOptions, check_bool_option, check_choice, check_run_options
 
-__all__ = ["patch", "unpatch", "is_patched", "lm_head_inputs", "HeadInputs", "distillation_loss", "unwrap_model"]
+__all__ = [
+    "patch",
+    "unpatch",
+    "is_patched",
+    "lm_head_inputs",
+    "apply_head",
+    "HeadInputs",
+    "distillation_loss",
+    "unwrap_model",
+    "IGNORE_INDEX",
+]
+
+IGNORE_INDEX = CEOptions().ignore_index
+"""The label that marks a token to skip unless a caller passes its own (Transformers' and torch's default)."""
 
 CE_OPTIONS = ("label_smoothing", "z_loss", "softcap", "chunk_size", "algorithm", "validate")
 """Keyword options of :func:`tune_losses.linear_cross_entropy` that :func:`patch` passes on."""
@@ -107,7 +121,8 @@ def patch(model, *, train_only: bool = True, **ce_options):
         raise ValueError(
             f"ce_options: softcap is set by {spec.model_type} itself ({'.'.join(spec.softcap)}); don't pass softcap"
         )
-    _check_loss_function(hf)
+    _check_loss_function(hf, spec)
+    check_output_layer(read_chain(hf, spec.head))  # an unrecognised output layer forward fails now
     if "logits_to_keep" not in inspect.signature(type(hf).forward).parameters:
         raise ValueError(
             f"model: {type(hf).__name__}.forward takes no logits_to_keep argument, which the patch "
@@ -139,18 +154,23 @@ def is_patched(model) -> bool:
     return _STATE in unwrap_model(model).__dict__
 
 
-def _check_loss_function(hf) -> None:
-    if "_loss_function" in hf.__dict__:
-        raise ValueError(
-            f"model: {type(hf).__name__} has a custom loss_function; the fused loss replaces "
-            f"Transformers' causal-LM loss only"
-        )
-    loss_type = getattr(hf, "loss_type", None)
-    if loss_type not in (None, "ForCausalLM"):
-        from transformers.loss.loss_utils import LOSS_MAPPING
+def _check_loss_function(hf, spec: HeadSpec) -> None:
+    """The forward's ``self.loss_function`` must be Transformers' causal-LM loss, compared as a function:
+    ``LOSS_MAPPING`` maps several names to it (``ForConditionalGeneration`` for Gemma 3, ...)."""
+    if spec.loss == UNSHIFTED:
+        return
+    from transformers.loss.loss_utils import LOSS_MAPPING
 
-        if loss_type in LOSS_MAPPING:  # Transformers falls back to ForCausalLM for unknown names
-            raise ValueError(f"model: loss_type {loss_type!r} of {type(hf).__name__} is not the causal-LM loss")
+    causal = LOSS_MAPPING["ForCausalLM"]
+    custom = hf.__dict__.get("_loss_function")
+    loss_type = getattr(hf, "loss_type", None)
+    fn = custom if custom is not None else LOSS_MAPPING.get(loss_type, causal)  # unknown names fall back to it
+    if inspect.unwrap(fn) is not inspect.unwrap(causal):
+        what = "custom loss_function" if custom is not None else f"loss_type {loss_type!r}"
+        raise ValueError(
+            f"model: the {what} of {type(hf).__name__} is {getattr(fn, '__name__', fn)!r}, not Transformers' "
+            f"causal-LM loss {causal.__name__}, which is what the fused loss replaces"
+        )
 
 
 @functools.cache
@@ -205,12 +225,17 @@ def _patched_forward(self, *args, **kwargs):
     labels = kwargs.pop("labels")
     shift_labels = kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-    ignore_index = kwargs.pop("ignore_index", -100)
+    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
     return_dict = kwargs.pop("return_dict", None)
-    head = lm_head_inputs(self, _spec=state.spec, **kwargs)
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    shift_labels = shift_labels.to(head.hidden.device)
+    spec = state.spec
+    head = lm_head_inputs(self, _spec=spec, **kwargs)
+    if spec.loss == UNSHIFTED:  # torch's CrossEntropyLoss() on the labels as given: a mean, its default -100
+        targets, num_items_in_batch, ignore_index = labels, None, IGNORE_INDEX
+    elif shift_labels is None:
+        targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    else:
+        targets = shift_labels
+    targets = targets.to(head.hidden.device)
     options = dict(state.ce_options)
     own_softcap = options.pop("softcap", None)  # patch() refuses it for models that softcap themselves
     softcap = head.softcap if head.softcap is not None else own_softcap
@@ -222,15 +247,18 @@ def _patched_forward(self, *args, **kwargs):
         loss = linear_cross_entropy(
             head.hidden,
             head.weight,
-            shift_labels,
+            targets,
             bias=head.bias,
             ignore_index=ignore_index,
             softcap=softcap,
             num_tokens=num_items_in_batch,
             **options,
         )
+        z_coef = spec.z_loss_coefficient(self)
+        if z_coef > 0:
+            loss = loss + z_coef * mean_squared_lse(head, softcap, options.get("chunk_size"))
     outputs = head.outputs
-    coef = state.spec.aux_coefficient(self)
+    coef = spec.aux_coefficient(self)
     aux = getattr(outputs, "aux_loss", None)
     if coef is not None and aux is not None:
         loss = loss + coef * aux.to(loss.device)
@@ -239,15 +267,33 @@ def _patched_forward(self, *args, **kwargs):
     )
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    return outputs if return_dict else outputs.to_tuple()
+    if return_dict:
+        return outputs
+    # Stock's tuple drops None fields; the logits slot is kept (None) so that `loss, logits = out[:2]`
+    # does not silently receive the cache.
+    return (loss, None) + tuple(v for k, v in outputs.items() if k not in ("loss", "logits"))
+
+
+def mean_squared_lse(head: HeadInputs, softcap, chunk_size) -> torch.Tensor:
+    """``mean(logsumexp(z)^2)`` over every position (Bamba's z-loss), without a ``[tokens, V]`` tensor:
+    ``lse = z_0 - log softmax(z)_0`` with the log-probability of token 0 from the fused log-prob pass."""
+    if softcap is not None:
+        raise ValueError("model: a z-loss over every position together with a logit softcap is not supported")
+    zeros = torch.zeros(head.hidden.shape[:-1], dtype=torch.long, device=head.hidden.device)
+    log_p0 = linear_log_probs(head.hidden, head.weight, zeros, bias=head.bias, chunk_size=chunk_size, validate=False)
+    z0 = head.hidden.float() @ head.weight[0].float()
+    if head.bias is not None:
+        z0 = z0 + head.bias[0].float()
+    return (z0 - log_p0.float()).pow(2).mean()
 
 
 class HeadInputs(NamedTuple):
     """What the output layer would see, for a fused loss: ``logits == softcap(hidden @ weight.T + bias)``.
 
-    ``hidden`` ``[B, S, H]`` already carries the model's logit scale; ``weight`` ``[V, H]`` and ``bias``
-    are in the compute dtype (the autocast dtype under autocast); ``softcap`` the model's, or None;
-    ``outputs`` the model's own output of that call (``logits`` empty, ``aux_loss`` etc. as stock).
+    ``hidden`` ``[B, S, H]`` already went through the model's steps before the output layer (head
+    transforms, logit scale); ``weight`` ``[V, H]`` and ``bias`` are in the compute dtype (the autocast
+    dtype under autocast); ``softcap`` the model's, or None; ``outputs`` the model's own output of that
+    call (``logits`` empty, ``aux_loss`` etc. as stock), None from :func:`apply_head`.
     """
 
     hidden: torch.Tensor
@@ -262,7 +308,8 @@ def lm_head_inputs(model, *, _spec: Optional[HeadSpec] = None, **inputs) -> Head
     logits, and return its final hidden states with the output layer's weight (:class:`HeadInputs`).
 
     ``inputs`` are the model's forward arguments (``input_ids``, ``attention_mask``, ...; no ``labels``).
-    Gradients flow as in the model's own forward. Used by :func:`distillation_loss` and the TRL trainers.
+    Gradients flow as in the model's own forward. Used by :func:`patch`, :func:`distillation_loss` and the
+    TRL trainers.
     """
     hf = unwrap_model(model)
     spec = _spec if _spec is not None else read_head(hf)
@@ -270,7 +317,7 @@ def lm_head_inputs(model, *, _spec: Optional[HeadSpec] = None, **inputs) -> Head
         raise ValueError("labels: lm_head_inputs runs the model without labels; compute the loss from its result")
     inputs.pop("labels", None)
     inputs.pop("return_dict", None)
-    base = getattr(hf, spec.base_attr)
+    base = read_chain(hf, spec.base)
     anchor = next((t for t in inputs.values() if torch.is_tensor(t)), None)
     device = anchor.device if anchor is not None else None
     inputs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=device)  # keep no position: no logits
@@ -281,18 +328,67 @@ def lm_head_inputs(model, *, _spec: Optional[HeadSpec] = None, **inputs) -> Head
     finally:
         handle.remove()
     if not captured:
-        raise ValueError(f"model: {spec.model_type}.forward did not call its backbone {spec.base_attr}")
+        raise ValueError(f"model: {spec.model_type}.forward did not call its backbone {'.'.join(spec.base)}")
     last = captured[-1]
     hidden = last.last_hidden_state if hasattr(last, "last_hidden_state") else last[0]
-    weight, bias = output_weight(getattr(hf, spec.head_attr), spec.head_attr)
-    scale = spec.logit_scale(hf)
+    return apply_head(hf, hidden, spec)._replace(outputs=outputs)
+
+
+def apply_head(model, hidden: torch.Tensor, spec: Optional[HeadSpec] = None) -> HeadInputs:
+    """The model's steps from its backbone's final hidden states ``[B, S, H]`` to its output layer, as
+    :class:`HeadInputs` (``outputs`` None): hidden-state scale, head transforms (run as the modules they
+    are, so they train), the output layer's weight and bias (PEFT and scaled ``nn.Linear`` subclasses
+    resolved, :func:`~tune_losses.integrations.output_layer.output_weight`), the logit scale, the softcap.
+
+    The one application of a :class:`~tune_losses.integrations.head_source.HeadSpec` shared by
+    :func:`patch`, :func:`distillation_loss` and the TRL trainers.
+    """
+    hf = unwrap_model(model)
+    spec = spec if spec is not None else read_head(hf)
+    scale = spec.hidden_scale(hf)
     if scale is not None:
         hidden = hidden * scale
+    for chain in spec.transforms:
+        hidden = read_chain(hf, chain)(hidden)
+    layer = read_chain(hf, spec.head)
+    if spec.call != spec.head:
+        hidden = _output_layer_input(read_chain(hf, spec.call), layer, hidden)
+    weight, bias = output_weight(layer, ".".join(spec.head))
+    rows = spec.vocab_rows(hf)
+    if rows is not None and rows < weight.shape[0]:  # logits[..., :rows] = x W[:rows]^T + b[:rows]
+        weight = materialize_weight(weight)[:rows]
+        bias = None if bias is None else materialize_weight(bias)[:rows]
+    scale = spec.logit_scale(hf)
+    if scale is not None:  # s * (x W^T + b) = (s x) W^T + s b
+        hidden = hidden * scale
+        bias = None if bias is None else bias * scale
     dtype = _compute_dtype(hidden, weight)
     hidden = hidden.to(dtype)
     weight = weight.to(dtype) if weight.dtype != dtype and not _is_dtensor(weight) else weight
     bias = bias.to(dtype) if bias is not None and bias.dtype != dtype and not _is_dtensor(bias) else bias
-    return HeadInputs(hidden, weight, bias, spec.softcap_value(hf), outputs)
+    return HeadInputs(hidden, weight, bias, spec.softcap_value(hf), None)
+
+
+def _output_layer_input(container: torch.nn.Module, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """What ``layer`` receives when ``container(hidden)`` runs (its transform steps, with autograd), without
+    computing the layer's output: the layer's forward is swapped for one that records its input and
+    returns an empty ``[..., 0]`` tensor (the container returns it untouched, checked by :func:`read_head`)."""
+    seen = []
+    prior = layer.__dict__.get("forward")
+
+    def record(x, *args, **kwargs):
+        seen.append(x)
+        return x.new_empty(*x.shape[:-1], 0)
+
+    layer.forward = record
+    try:
+        container(hidden)
+    finally:
+        if prior is None:
+            del layer.__dict__["forward"]
+        else:
+            layer.forward = prior
+    return seen[-1]
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -325,7 +421,7 @@ def distillation_loss(
     attention_mask: Optional[torch.Tensor] = None,
     shift_labels: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     **loss_options,
 ):
     """``(1 - kd_ratio) * CE + kd_ratio * KD`` between two Transformers causal LMs, with neither's logits.

@@ -27,15 +27,20 @@ from tune_losses.extras import missing_extra
 
 try:
     from trl import DistillationTrainer, SFTTrainer
-    from trl.models.utils import _ForwardRedirection
 except ModuleNotFoundError as err:
     raise missing_extra("hf", "tune_losses.integrations.trl", err) from err
 
 from tune_losses.fused.functional import linear_cross_entropy, linear_kd_loss
-from tune_losses.integrations.head_source import read_head
-from tune_losses.integrations.output_layer import output_weight
+from tune_losses.integrations import trl_cached
+from tune_losses.integrations.head_source import UNSHIFTED, read_head
 from tune_losses.integrations.token_stats import token_stats
-from tune_losses.integrations.transformers import lm_head_inputs, unwrap_model
+from tune_losses.integrations.transformers import (
+    IGNORE_INDEX,
+    HeadInputs,
+    lm_head_inputs,
+    mean_squared_lse,
+    unwrap_model,
+)
 
 __all__ = ["FusedSFTTrainer", "FusedDistillationTrainer"]
 
@@ -44,8 +49,31 @@ SFT_CE_OPTIONS = ("z_loss", "chunk_size", "algorithm", "validate")
 smoothing comes from ``args.label_smoothing_factor``, the softcap from the model)."""
 
 
-def _shift(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def _shift(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def call_through_wrapper(wrapper: torch.nn.Module, inner: torch.nn.Module, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run as the forward of ``inner`` called through ``wrapper`` (DDP, FSDP, ...),
+    so the wrapper's hooks (gradient synchronisation, parameter gathering) run around a computation that
+    is not ``inner``'s own forward: ``inner.forward`` is ``fn`` for that one call."""
+    prior = inner.__dict__.get("forward")
+
+    def restore():
+        if prior is None:
+            inner.__dict__.pop("forward", None)
+        else:
+            inner.forward = prior
+
+    def once(*a, **k):
+        restore()
+        return fn(*a, **k)
+
+    inner.forward = once
+    try:
+        return wrapper(*args, **kwargs)
+    finally:
+        restore()
 
 
 def _is_trl_fused_head(forward) -> bool:
@@ -95,7 +123,6 @@ class FusedSFTTrainer(SFTTrainer):
                 hf.forward = prior
         self._ce_options = ce_options
         self._head_spec = read_head(hf)  # fails early for models whose head steps are not understood
-        self._forward_redirection = _ForwardRedirection()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -107,7 +134,7 @@ class FusedSFTTrainer(SFTTrainer):
         if model is unwrapped:
             loss, stats, outputs = self._fused_loss(unwrapped, inputs, num_items_in_batch)
         else:  # through the DDP / FSDP wrapper's forward, so its hooks run around the backbone and the head
-            loss, stats, outputs = self._forward_redirection(
+            loss, stats, outputs = call_through_wrapper(
                 model, unwrapped, self._fused_loss, unwrapped, inputs, num_items_in_batch
             )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -144,9 +171,14 @@ class FusedSFTTrainer(SFTTrainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         shift_labels = inputs.pop("shift_labels", None)
-        head = lm_head_inputs(unwrapped, _spec=self._head_spec, **inputs)
-        targets = (_shift(labels) if shift_labels is None else shift_labels).to(head.hidden.device)
-        count = (targets != -100).sum()
+        spec = self._head_spec
+        head = lm_head_inputs(unwrapped, _spec=spec, **inputs)
+        if spec.loss == UNSHIFTED:  # the model's own loss takes its labels as given (encoder-decoder families)
+            targets = labels
+        else:
+            targets = _shift(labels) if shift_labels is None else shift_labels
+        targets = targets.to(head.hidden.device)
+        count = (targets != IGNORE_INDEX).sum()
         denom = torch.as_tensor(
             count if num_items_in_batch is None else num_items_in_batch, device=head.hidden.device
         ).clamp(min=1)
@@ -172,6 +204,9 @@ class FusedSFTTrainer(SFTTrainer):
                     num_tokens=denom,
                     **self._ce_options,
                 )
+            z_coef = spec.z_loss_coefficient(unwrapped)
+            if z_coef > 0:  # the model's own z-loss over every position (Bamba), as its forward adds it
+                loss = loss + z_coef * mean_squared_lse(head, head.softcap, self._ce_options.get("chunk_size"))
             stats = token_stats(
                 head.hidden,
                 head.weight,
@@ -197,6 +232,11 @@ class FusedDistillationTrainer(DistillationTrainer):
         chunk_size: tokens per chunk (None: tune-losses' rule).
 
     Teacher and student must share the vocabulary; models with a logit softcap are not supported.
+
+    A cached teacher instead of ``teacher_model`` (None): dataset rows with ``prompt_ids``,
+    ``completion_ids``, ``teacher_ids`` and ``teacher_logprobs`` are trained on as they are (no
+    generation) with :func:`tune_losses.linear_sparse_kd_loss` (``tail``: ``"renormalize"`` or
+    ``"bucket"``); see :mod:`tune_losses.integrations.trl_cached`.
     """
 
     def __init__(
@@ -205,11 +245,14 @@ class FusedDistillationTrainer(DistillationTrainer):
         divergence: str = "jsd",
         scale_by_temperature_squared: bool = False,
         chunk_size: Optional[int] = None,
+        tail: str = "renormalize",
         **kwargs,
     ):
         from tune_losses.options import KDOptions
+        from tune_losses.sparse_teacher import SparseKDOptions
 
         KDOptions(divergence=divergence)  # checks the name now
+        self._tail = SparseKDOptions(tail=tail).tail
         self._divergence = divergence
         self._scale_t2 = bool(scale_by_temperature_squared)
         self._chunk_size = chunk_size
@@ -235,27 +278,32 @@ class FusedDistillationTrainer(DistillationTrainer):
             )
             if k in inputs
         }
-        s_hidden = self._get_last_hidden_state(
-            unwrapped_student, input_ids, attention_mask, logits_to_keep, **multimodal
+        s_hidden, s_weight, s_bias = _completion_head(
+            unwrapped_student, input_ids, attention_mask, logits_to_keep, multimodal
         )
+        if "teacher_ids" in inputs or self.teacher_model is None:  # a cached teacher: no teacher model
+            return trl_cached.cached_teacher_loss(
+                s_hidden, s_weight, s_bias, loss_mask, inputs, num_items_in_batch,
+                temperature=self.temperature, tail=self._tail, scale_by_temperature_squared=self._scale_t2,
+                chunk_size=self._chunk_size,
+            )  # fmt: skip
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
-            t_hidden = self._forward_redirection(
+            t_hidden, t_weight, t_bias = self._forward_redirection(
                 self.teacher_model,
                 unwrapped_teacher,
-                self._get_last_hidden_state,
+                _completion_head,
                 unwrapped_teacher,
                 input_ids,
                 attention_mask,
                 logits_to_keep,
-                **multimodal,
+                multimodal,
             )
-        s_hidden, s_weight, s_bias = _head_of(unwrapped_student, s_hidden)
-        t_hidden, t_weight, t_bias = _head_of(unwrapped_teacher, t_hidden)
         device = s_weight.device
-        labels = torch.where(loss_mask.to(device) != 0, 0, -100)  # only the mask matters to a divergence
-        count = (labels != -100).sum()
+        # only the mask matters to a divergence
+        labels = torch.where(loss_mask.to(device) != 0, 0, IGNORE_INDEX)
+        count = (labels != IGNORE_INDEX).sum()
         denom = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         if torch.is_tensor(denom):
             denom = denom.to(device)
@@ -274,6 +322,7 @@ class FusedDistillationTrainer(DistillationTrainer):
                     reduction="sum",
                     student_bias=s_bias,
                     teacher_bias=t_bias,
+                    ignore_index=IGNORE_INDEX,
                     chunk_size=self._chunk_size,
                 )
                 / denom
@@ -284,26 +333,29 @@ class FusedDistillationTrainer(DistillationTrainer):
             )
         return loss, stats.entropy, stats.count
 
+    def _generate_and_score_completions(self, inputs):
+        if not trl_cached.is_cached_batch(inputs):
+            return super()._generate_and_score_completions(inputs)
+        acc = self.accelerator
+        return trl_cached.cached_batch(inputs, self._tokenizer.pad_token_id, acc.device, acc.gather)
 
-def _head_of(model, hidden):
-    """``(hidden with the model's logit scale, weight, bias)`` of a causal LM (PEFT heads resolved)."""
-    hf = unwrap_model(model)
-    spec = read_head(hf)
-    if spec.softcap_value(hf) is not None:
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = trl_cached.signature_columns(self._signature_columns)
+
+
+def _completion_head(model, input_ids, attention_mask, logits_to_keep: int, multimodal: dict):
+    """``(hidden [B, logits_to_keep, H], weight, bias)`` predicting the completion tokens: the model run
+    without logits through the head spec shared with :func:`~tune_losses.integrations.transformers.patch`
+    (backbone found from the forward, head transforms, scaled output layers, logit scale), the hidden
+    state at position ``t`` predicting token ``t + 1``."""
+    head: HeadInputs = lm_head_inputs(
+        model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **multimodal
+    )
+    if head.softcap is not None:
         raise ValueError(
-            f"model: {spec.model_type} softcaps its logits; FusedDistillationTrainer does not support softcapped models"
+            f"model: {type(unwrap_model(model)).__name__} softcaps its logits; FusedDistillationTrainer does "
+            f"not support softcapped models"
         )
-    weight, bias = output_weight(getattr(hf, spec.head_attr), spec.head_attr)
-    scale = spec.logit_scale(hf)
-    if scale is not None:
-        hidden = hidden * scale
-    if not _is_dtensor(weight) and weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
-        bias = None if bias is None else bias.to(hidden.dtype)
-    return hidden, weight, bias
-
-
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    hidden = head.hidden[:, :-1][:, -logits_to_keep:]
+    return hidden, head.weight, head.bias

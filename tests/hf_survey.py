@@ -1,0 +1,381 @@
+"""Every causal-LM class of the installed Transformers, built tiny from its config, patched and compared
+with stock: loss and every gradient (weights moved off their initial values), eval logits, greedy
+generation, and unpatch.
+
+Each model type ends in one of four outcomes:
+
+* ``matched``: ``patch`` accepted it and every comparison holds;
+* ``refused``: ``patch`` raised a ValueError (its message is the reason);
+* ``not buildable``: the tiny model cannot be built, or its stock forward cannot run on a plain token
+  batch (the stock error is recorded): nothing to compare;
+* ``MISMATCH`` / ``CRASH``: ``patch`` accepted it and then differed from stock, or raised something
+  other than a clear refusal. Both are bugs; the survey test requires there be none.
+
+Run as a script to write the generated table: ``python tests/hf_survey.py docs/hf_models.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+V = 96
+TINY = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    # GPT-2 / BERT / BART-style names
+    n_embd=32,
+    n_layer=2,
+    n_head=2,
+    n_inner=64,
+    n_positions=128,
+    n_ctx=128,
+    d_model=32,
+    d_ff=64,
+    num_layers=2,
+    num_heads=2,
+    ffn_dim=64,
+    decoder_layers=2,
+    decoder_attention_heads=2,
+    decoder_ffn_dim=64,
+    encoder_layers=2,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    num_decoder_layers=2,
+    embedding_size=32,
+    # mixture of experts
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    moe_k=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    moe_shared_expert_intermediate_size=32,
+    n_group=1,
+    topk_group=1,
+    # multi-head latent attention (DeepSeek-style)
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    qk_head_dim=16,
+    v_head_dim=16,
+    # state-space layers
+    state_size=8,
+    mamba_d_state=8,
+    mamba_n_heads=4,
+    mamba_d_head=16,
+    mamba_head_dim=16,
+    ssm_state_size=8,
+    n_groups=1,
+    mamba_n_groups=1,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    time_step_rank=4,
+    # per-layer input embeddings (Gemma 3n / 4)
+    vocab_size_per_layer_input=V,
+    hidden_size_per_layer_input=8,
+    # windows
+    sliding_window=16,
+    attention_window_size=16,
+)
+"""Tiny sizes, set where the model's config has the attribute."""
+
+SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder", "encoder", "speech_config")
+
+OVERRIDES: Dict[str, dict] = {
+    "bamba": dict(attn_layer_indices=[1]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "zamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "zamba2": dict(hybrid_layer_ids=[1]),
+    "codegen": dict(rotary_dim=8),
+    "gptj": dict(rotary_dim=8),
+    "reformer": dict(is_decoder=True, attn_layers=["local", "local"], axial_pos_embds=False),
+    "prophetnet": dict(num_encoder_layers=1, num_decoder_layers=1),
+    "xmod": dict(default_language="en_XX"),
+    "dots1": dict(num_experts_per_tok=2, n_shared_experts=1),
+}
+"""Per model type, settings the generic sizes do not cover (odd required fields)."""
+
+ATTENTION = {"dory": "sdpa"}
+"""Attention implementation per model type where eager cannot run the tiny model (Dory's loops: its eager
+mask does not cover the concatenated past); "eager" otherwise."""
+
+MAX_PARAMS = 3_000_000
+
+
+@dataclass
+class Outcome:
+    model_type: str
+    cls: str
+    status: str  # matched | refused | not buildable | MISMATCH | CRASH
+    reason: str = ""
+    seconds: float = 0.0
+
+
+def _has(config, key: str) -> bool:
+    """``key`` is a plain, settable attribute of ``config`` (not a read-only property, not per-layer only)."""
+    if isinstance(getattr(type(config), key, None), property):
+        return False
+    try:
+        return hasattr(config, key)
+    except Exception:  # noqa: BLE001 (per-layer attributes raise their own error type on read)
+        return False
+
+
+def _tiny_kwargs(default, extra: dict) -> dict:
+    kw = {k: v for k, v in TINY.items() if _has(default, k)}
+    for k, v in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        if _has(default, k) and (getattr(default, k) is None or isinstance(getattr(default, k), int)):
+            kw[k] = v
+    for k in dir(default):
+        if ("dropout" in k or "pdrop" in k or k.endswith("_drop") or k == "layerdrop") and isinstance(
+            _get(default, k), float
+        ):
+            kw[k] = 0.0
+    for key in ("layer_types", "mlp_layer_types"):
+        # One layer of each kind the model has (hybrid stacks: linear and full attention, dense and MoE MLP).
+        types = _get(default, key)
+        derived = isinstance(getattr(type(default), "layers_block_type", None), property)  # set from other fields
+        if (
+            not derived
+            and _has(default, key)
+            and isinstance(types, list)
+            and types
+            and all(isinstance(t, str) for t in types)
+        ):
+            kinds = list(dict.fromkeys(types))
+            n = max(2, len(kinds), kw.get("num_hidden_layers", 2))
+            kw[key] = (kinds * n)[:n]
+            if "num_hidden_layers" in kw:
+                kw["num_hidden_layers"] = n
+    for name in SUB_CONFIGS:
+        sub = _get(default, name)
+        if sub is not None and hasattr(sub, "to_dict") and name not in extra:
+            kw[name] = _tiny_kwargs(sub, {})
+    kw.update(extra)
+    return kw
+
+
+def _get(config, key: str):
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def tiny_config(model_type: str):
+    from transformers import CONFIG_MAPPING
+
+    cfg_cls = CONFIG_MAPPING[model_type]
+    default = cfg_cls()
+    cfg = cfg_cls(**_tiny_kwargs(default, OVERRIDES.get(model_type, {})))
+    for c in [cfg] + [getattr(cfg, n) for n in SUB_CONFIGS if getattr(cfg, n, None) is not None]:
+        if hasattr(c, "_attn_implementation"):
+            c._attn_implementation = ATTENTION.get(model_type, "eager")
+    return cfg
+
+
+def model_class(model_type: str):
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
+def build(model_type: str, seed: int = 0):
+    """A tiny fp32 model in training mode with every parameter moved off its initial value."""
+    cls = model_class(model_type)
+    cfg = tiny_config(model_type)
+    if not isinstance(cfg, cls.config_class) and getattr(cfg, "text_config", None) is not None:
+        cfg = cfg.text_config  # e.g. "llama4" maps to Llama4ForCausalLM, which takes the text config
+    with torch.device("meta"):
+        n = sum(p.numel() for p in cls(cfg).parameters())
+    if n > MAX_PARAMS:
+        raise RuntimeError(f"not tiny: {n} parameters with the generic sizes; add an override")
+    torch.manual_seed(seed)
+    model = cls(cfg).float().train()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # off the initial values: ones / zeros (norms, scales, biases) would hide steps
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        model.get_output_embeddings().weight.mul_(4.0)
+    return model
+
+
+def batch(seed: int = 1, b: int = 2, s: int = 9, vocab: int = V):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, s), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[-1, -2:] = -100
+    return ids, labels
+
+
+def _run(model, ids, labels, **kw):
+    torch.manual_seed(0)
+    return model(input_ids=ids, labels=labels, **kw)
+
+
+def _grads(model) -> Dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _close(a, b, atol=2e-5, rtol=2e-4) -> Optional[str]:
+    try:
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    except AssertionError as e:
+        return str(e).splitlines()[0] if str(e) else "differs"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text.splitlines()[0][:300]
+
+
+def check(model_type: str, generate: bool = True) -> Outcome:
+    """Build ``model_type`` tiny and compare the patched copy with stock."""
+    from tune_losses.integrations.transformers import is_patched, patch, unpatch
+
+    t0 = time.perf_counter()
+    name = "?"
+    try:
+        name = model_class(model_type).__name__
+        stock = build(model_type)
+    except Exception as e:  # noqa: BLE001 (a survey: any error building stock is recorded)
+        return Outcome(model_type, name, "not buildable", _first_line(e), time.perf_counter() - t0)
+    vocab = stock.get_output_embeddings().weight.shape[0]
+    ids, labels = batch(vocab=min(vocab, V))
+    try:
+        ref = _run(stock, ids, labels)
+        if ref.loss is None:
+            raise RuntimeError("stock forward returned no loss")
+        ref.loss.backward()
+    except Exception as e:  # noqa: BLE001
+        return Outcome(model_type, name, "not buildable", "stock forward: " + _first_line(e), time.perf_counter() - t0)
+    fused = copy.deepcopy(stock)
+    fused.zero_grad(set_to_none=True)
+
+    def done(status, reason=""):
+        return Outcome(model_type, name, status, reason, time.perf_counter() - t0)
+
+    try:
+        patch(fused)
+    except ValueError as e:
+        return done("refused", str(e).splitlines()[0])
+    except Exception as e:  # noqa: BLE001
+        return done("CRASH", "patch: " + _first_line(e))
+    try:
+        out = _run(fused, ids, labels)
+        if out.logits is not None:
+            return done("MISMATCH", "patched training forward returned logits")
+        bad = _close(out.loss, ref.loss)
+        if bad:
+            return done("MISMATCH", f"loss {out.loss.item():.6g} vs stock {ref.loss.item():.6g}: {bad}")
+        out.loss.backward()
+        want, got = _grads(stock), _grads(fused)
+        if set(want) != set(got):
+            return done("MISMATCH", f"gradients on different parameters: {sorted(set(want) ^ set(got))[:4]}")
+        for n in want:
+            bad = _close(got[n], want[n])
+            if bad:
+                return done("MISMATCH", f"gradient of {n}: {bad}")
+        tup = _run(fused, ids, labels, return_dict=False)
+        if not (isinstance(tup, tuple) and tup[1] is None and _close(tup[0], ref.loss) is None):
+            return done("MISMATCH", "return_dict=False: expected (loss, None, ...)")
+        stock.eval()
+        fused.eval()
+        with torch.no_grad():
+            a, b = _run(stock, ids, labels), _run(fused, ids, labels)
+        bad = _close(b.logits, a.logits) or _close(b.loss, a.loss)
+        if bad:
+            return done("MISMATCH", f"eval: {bad}")
+        if generate and hasattr(stock, "generate") and stock.can_generate():
+            kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+            try:
+                want_ids = stock.generate(ids[:1, :5], **kw)
+            except Exception:  # noqa: BLE001 (stock cannot generate from a plain prompt: nothing to compare)
+                want_ids = None
+            if want_ids is not None and not torch.equal(fused.generate(ids[:1, :5], **kw), want_ids):
+                return done("MISMATCH", "generate differs")
+        unpatch(fused)
+        fused.train()
+        stock.train()
+        if is_patched(fused) or "forward" in fused.__dict__:
+            return done("MISMATCH", "unpatch left a forward on the instance")
+        with torch.no_grad():
+            a, b = _run(stock, ids, labels), _run(fused, ids, labels)
+        if b.logits is None or _close(b.loss, a.loss):
+            return done("MISMATCH", "after unpatch: not stock")
+    except Exception as e:  # noqa: BLE001
+        return done("CRASH", _first_line(e))
+    return done("matched")
+
+
+def survey(model_types=None, generate: bool = True):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) if model_types is None else list(model_types)
+    out = []
+    for t in types:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out.append(check(t, generate=generate))
+    return out
+
+
+def markdown(outcomes) -> str:
+    import transformers
+
+    counts: Dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    lines = [
+        "# Hugging Face causal LMs under `patch`",
+        "",
+        f"Generated by `python tests/hf_survey.py` with transformers {transformers.__version__}: every entry of",
+        "`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` built tiny from its config, weights moved off their initial values,",
+        "then `patch` compared with stock (loss, every gradient, `return_dict=False`, eval logits, greedy",
+        "generation, unpatch). The same check runs as `tests/test_hf_survey.py` (slow).",
+        "",
+        f"{len(outcomes)} model types: "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("matched", "refused", "not buildable", "MISMATCH", "CRASH")),
+        "",
+        "| model type | class | outcome | reason |",
+        "|---|---|---|---|",
+    ]
+    order = {"MISMATCH": 0, "CRASH": 1, "refused": 2, "not buildable": 3, "matched": 4}
+    for o in sorted(outcomes, key=lambda o: (order[o.status], o.model_type)):
+        reason = o.reason.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {o.model_type} | {o.cls} | {o.status} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    t = time.perf_counter()
+    results = survey(sys.argv[2:] or None)
+    for o in results:
+        print(f"{o.status:14s} {o.seconds:6.2f}s {o.model_type:28s} {o.reason[:200]}", flush=True)
+    print(f"total {time.perf_counter() - t:.1f}s")
+    if len(sys.argv) > 1 and sys.argv[1] != "-":
+        with open(sys.argv[1], "w") as f:
+            f.write(markdown(results))

@@ -1,0 +1,36 @@
+"""Every causal-LM class of the installed Transformers, built tiny: ``patch`` equals stock (loss, every
+gradient with weights moved off their initial values, ``return_dict=False``, eval logits, greedy
+generation, unpatch) or refuses with a reason; never a silent difference or a crash (tests/hf_survey.py).
+
+A handful of families run in the fast suite; the whole survey is slow-marked (about a minute or two of
+CPU; docs/hf_models.md has the generated table)."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from hf_survey import check, survey  # noqa: E402
+
+FAST = ["llama", "qwen2", "gemma2", "gemma3", "opt", "bart", "bert", "cohere"]
+"""Llama, Qwen2, Gemma 2 (softcap), Gemma 3 (ForConditionalGeneration: the loss type's name differs),
+OPT (backbone self.model.decoder), BART's ForCausalLM (nested decoder, unshifted CrossEntropyLoss), BERT
+(output layer inside cls.predictions after a transform), Cohere (logit scale)."""
+
+MIN_MATCHED = 150
+"""Matched model types with transformers 5.24 (the table in docs/hf_models.md); a drop means a regression."""
+
+
+@pytest.mark.parametrize("model_type", FAST)
+def test_family_matches_stock(model_type):
+    outcome = check(model_type, generate=model_type in ("llama", "gemma2"))
+    assert outcome.status == "matched", outcome
+
+
+@pytest.mark.slow
+def test_every_causal_lm_matches_stock_or_is_refused_with_a_reason():
+    outcomes = survey()
+    bad = [o for o in outcomes if o.status in ("MISMATCH", "CRASH")]
+    assert not bad, bad
+    assert all(o.reason for o in outcomes if o.status != "matched")
+    matched = sum(o.status == "matched" for o in outcomes)
+    assert matched >= MIN_MATCHED, [(o.model_type, o.status, o.reason) for o in outcomes if o.status != "matched"]
