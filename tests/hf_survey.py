@@ -348,7 +348,7 @@ def survey(model_types=None, generate: bool = True):
     return out
 
 
-def markdown(outcomes) -> str:
+def markdown(outcomes, seconds: Optional[float] = None) -> str:
     import transformers
 
     counts: Dict[str, int] = {}
@@ -365,6 +365,14 @@ def markdown(outcomes) -> str:
         f"{len(outcomes)} model types: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("matched", "refused", "not buildable", "MISMATCH", "CRASH")),
         "",
+        *(
+            [
+                f"Survey time: {seconds:.0f} s on CPU (2 cores shared with other jobs), {sum(o.seconds for o in outcomes):.0f} s in checks.",
+                "",
+            ]
+            if seconds is not None
+            else []
+        ),
         "| model type | class | outcome | reason |",
         "|---|---|---|---|",
     ]
@@ -380,7 +388,8 @@ if __name__ == "__main__":
     results = survey(sys.argv[2:] or None)
     for o in results:
         print(f"{o.status:14s} {o.seconds:6.2f}s {o.model_type:28s} {o.reason[:200]}", flush=True)
-    print(f"total {time.perf_counter() - t:.1f}s")
+    total = time.perf_counter() - t
+    print(f"total {total:.1f}s")
     if len(sys.argv) > 1 and sys.argv[1] != "-":
         with open(sys.argv[1], "w") as f:
-            f.write(markdown(results))
+            f.write(markdown(results, total))
