@@ -35,7 +35,8 @@ TASK_TITLES = {
     "ce_prompt": f"linear + cross-entropy, first {PROMPT_SHARE:.0%} of the tokens ignored (prompt)",
 }
 METHODS = {
-    # ours_compiled: the chunk math compiled even where "auto" keeps it eager (CE alone on CPU)
+    # ours_compiled: the chunk math compiled even where "auto" keeps it eager (CE alone on CPU);
+    # ours_fp32: dw_accumulation="fp32" (the fp32 [V, H] accumulator; the default is "blocked" for bf16 on CUDA)
     "ce": (
         "floor",
         "plain",
@@ -48,10 +49,11 @@ METHODS = {
         "ours_eager",
         "ours_compiled",
         "ours_recompute",
+        "ours_fp32",
     ),
     "kd": ("floor", "plain", "compile", "torchtune", "liger", "ours", "ours_eager", "ours_recompute"),
-    "distill": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
-    "distill_jsd": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
+    "distill": ("floor", "plain", "compile", "liger", "ours", "ours_eager", "ours_fp32"),
+    "distill_jsd": ("floor", "plain", "compile", "liger", "ours", "ours_eager", "ours_fp32"),
     # ours_drop: drop_ignored_tokens=True, the ignored rows left out before the chunk loop
     "ce_prompt": ("floor", "plain", "compile", "ours", "ours_drop"),
 }
@@ -136,6 +138,8 @@ def unavailable(task: str, method: str, size: Size) -> Optional[str]:
     """Why ``method`` cannot run here (shown as ``n/a (reason)``), or None."""
     if method not in METHODS[task]:
         return "not implemented for this loss"
+    if method == "ours_fp32" and (size.device == "cpu" or size.dtype == "fp32"):
+        return "the same as ours here (dw_accumulation 'auto' is 'fp32' on CPU and for fp32 inputs)"
     if method == "liger" and task in JSD_BETA:  # Liger's chunked losses: pure PyTorch, any device
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger_kernel not installed (pip install liger-kernel)"
@@ -272,7 +276,7 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
 
         def fn(hidden, weight, labels):
             return cce(hidden.flatten(0, 1), weight, labels.flatten())
-    elif method.partition("@")[0] in ("ours", "ours_eager", "ours_compiled", "ours_recompute", "ours_drop"):
+    elif method.partition("@")[0].startswith("ours"):
         import os
 
         import tune_losses
@@ -286,6 +290,8 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
         }
         if name == "ours_drop":
             kw["drop_ignored_tokens"] = True
+        if name == "ours_fp32":
+            kw["dw_accumulation"] = "fp32"
         divergence = {"distill_jsd": "jsd"}.get(task, "forward_kl")
 
         def call(hidden, weight, labels, t_hidden=None, t_weight=None):

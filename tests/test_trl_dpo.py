@@ -155,3 +155,33 @@ def test_unsupported_options_raise(tmp_path):
             train_dataset=_dataset(),
             processing_class=tokenizer(),
         )
+
+
+@pytest.mark.slow
+def test_peft_lora_reference_is_the_base_model(tmp_path):
+    """No reference model with a LoRA adapter: the reference is the policy with its adapter disabled."""
+    peft = pytest.importorskip("peft")
+    from trl import DPOTrainer
+
+    from tune_losses.integrations.trl_dpo import FusedDPOTrainer
+
+    config = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    runs = []
+    for cls in (DPOTrainer, FusedDPOTrainer):
+        trainer = cls(
+            model=build("llama"),
+            args=_args(tmp_path / cls.__name__, loss_type="bco_pair"),
+            train_dataset=_dataset(),
+            processing_class=tokenizer(),
+            peft_config=peft.LoraConfig(**config),
+        )
+        trainer.train()
+        runs.append((trainer, [h for h in trainer.state.log_history if "loss" in h]))
+    (stock, ref_logs), (fused, logs) = runs
+    for a, b in zip(ref_logs, logs):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    theirs = dict(stock.model.named_parameters())
+    assert any("lora_B" in n for n in theirs)
+    for n, p in fused.model.named_parameters():
+        torch.testing.assert_close(p, theirs[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")

@@ -30,6 +30,8 @@ import torch
 from tune_losses.chunking import chunk_policy, token_chunk_bounds
 from tune_losses.divergences import VocabReducer
 from tune_losses.fused.compiled import compiled_math, run_compiled, terms_on_chunk
+from tune_losses.fused.dw_accumulation import blocked_pass, first_pass_chunk, resolve
+from tune_losses.kernels.triton_ce import triton_chunk_math
 from tune_losses.terms import Term
 
 default_chunk_size = chunk_policy  # the name other modules import
@@ -45,12 +47,15 @@ class LossPlan:
         chunk_size: tokens per chunk (None: :func:`tune_losses.chunking.chunk_policy`).
         reducer: reductions over the vocabulary: None for the whole vocabulary on this process, or
             a vocabulary-parallel one (:class:`tune_losses.fused.vocab_parallel.GroupReducer`).
+        dw_accumulation: ``auto`` / ``fp32`` / ``blocked`` / ``chunk``
+            (:mod:`tune_losses.fused.dw_accumulation`).
     """
 
     terms: Tuple[Term, ...]
     ignore_index: int = -100
     chunk_size: Optional[int] = None
     reducer: Optional[VocabReducer] = None
+    dw_accumulation: str = "auto"
 
     @property
     def needs_teacher(self) -> bool:
@@ -93,7 +98,7 @@ def accumulate_chunk_grads(
     dw: Optional[torch.Tensor],
     db: Optional[torch.Tensor],
 ) -> None:
-    """Turn one chunk's logit gradient ``g`` ``[n, V]`` (compute dtype) into the parameter gradients.
+    """Turn one chunk's logit gradient ``g`` ``[n, V]`` (compute or input dtype) into the parameter gradients.
 
     ``dx[rows] = g @ w`` (in x's dtype), ``dw += g.T @ xc`` and ``db += g.sum(0)`` (accumulators in
     the compute dtype); a None buffer is skipped. Every scale is already in ``g``: a low-precision
@@ -103,18 +108,18 @@ def accumulate_chunk_grads(
     if dx is not None:
         torch.mm(g_lp, w, out=dx[rows])
     if dw is not None:
-        if g_lp.dtype == g.dtype:
-            dw.addmm_(g.t(), xc)
+        if dw.dtype == g_lp.dtype:  # one dtype throughout, or dw_accumulation="chunk" (rounded per chunk)
+            dw.addmm_(g_lp.t(), xc)
         elif xc.device.type == "cpu":
             # A low-precision product per chunk would be rounded before the fp32 accumulation (with
             # many chunks, dW less accurate than eager's single rounding). CPU has no mixed-dtype
             # matmul (mm out_dtype is CUDA-only), so take the chunk's product in fp32: a chunk-sized
             # upcast; on CPUs without native bf16 it is also the faster matmul.
-            dw.addmm_(g.t(), xc.to(g.dtype))
+            dw.addmm_(g.to(dw.dtype).t(), xc.to(dw.dtype))
         else:
             _addmm_fp32(dw, g_lp.t(), xc)
     if db is not None:
-        db.add_(g.sum(0))
+        db.add_(g.sum(0, dtype=db.dtype))
 
 
 _MIXED_ADDMM: List[bool] = []  # [False] once this torch has been found to lack addmm's out_dtype
@@ -186,21 +191,30 @@ def chunk_pass(
     valid = labels != plan.ignore_index
     teacher = plan.needs_teacher
     size = plan.chunk_size or chunk_policy(num_tokens, red.vocab, x.device, 2 if teacher else 1, hidden_size=x.shape[1])
-    outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
     need_dx, need_dw, need_db = need
     any_grad = weights is not None and (need_dx or need_dw or need_db)
+    accumulation = resolve(plan.dw_accumulation, plan.terms, red, x.dtype, x.device) if any_grad else "fp32"
+    if accumulation == "blocked":
+        first = first_pass_chunk(num_tokens, red.vocab, x.shape[1], x.device, size)
+        return blocked_pass(
+            x, w, b, labels, tx, tw, tb, plan.terms, plan.ignore_index, red, first, weights, need, grad_scale, inputs
+        )
+    outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
     dx = torch.empty_like(x) if any_grad and need_dx else None
-    dw = torch.zeros(w.shape, dtype=dtype, device=w.device) if any_grad and need_dw else None
+    dw_dtype = w.dtype if accumulation == "chunk" else dtype
+    dw = torch.zeros(w.shape, dtype=dw_dtype, device=w.device) if any_grad and need_dw else None
     db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if any_grad and need_db else None
-    # Compiled chunk math (where available): every chunk padded to the same rows, one compilation.
-    math = compiled_math(plan.terms, red, x.device)
+    # A Triton kernel for the term set (CUDA), on logits in the input dtype (no fp32 [n, V] buffer);
+    # else compiled chunk math (where available): every chunk padded to the same rows, one compilation.
+    tri = triton_chunk_math(plan.terms, plan.reducer, x.device)
+    math = None if tri is not None else compiled_math(plan.terms, red, x.device)
     # A call whose tokens fit in one chunk pads them to a power of two (at least 8), so batches of
     # varying length compile a handful of shapes, not one per length.
     rows_fixed = size if size < num_tokens else 1 << max(3, (num_tokens - 1).bit_length())
     # The chunk's logits go into buffers made once per call (the matmuls write into them, the
     # compiled math writes the gradient over the student's): no [n, V] allocation per chunk.
     buf_rows = rows_fixed if math is not None else min(size, num_tokens)
-    zbuf = torch.empty(buf_rows, w.shape[0], dtype=dtype, device=x.device)
+    zbuf = torch.empty(buf_rows, w.shape[0], dtype=x.dtype if tri is not None else dtype, device=x.device)
     ztbuf = torch.empty(buf_rows, tw.shape[0], dtype=dtype, device=x.device) if teacher else None
 
     for start, end in token_chunk_bounds(num_tokens, size):
@@ -219,7 +233,7 @@ def chunk_pass(
             for i, ws in enumerate(weights):
                 if ws is not None and any(v is not None for v in ws):
                     chunk_weights[i] = [_chunk_weight(v, rows, ok, dtype, grad_scale) for v in ws]
-        result = None
+        result = None if tri is None else tri(zbuf[:n], lab, chunk_weights)
         if math is not None:
             result = _run_padded(math, n, zbuf, ztbuf, lab, ok, chunk_weights, plan.ignore_index, chunk_inputs)
             if result is None:

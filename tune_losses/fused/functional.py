@@ -20,6 +20,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from tune_losses.fused.dw_accumulation import check_dw_accumulation
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import VocabParallelOptions, place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
@@ -65,6 +66,7 @@ class RunOptions:
         parallel: where the weights live (:class:`VocabParallelOptions`).
         drop_ignored_tokens: leave ignored tokens' rows out before the chunk loop
             (:mod:`tune_losses.fused.valid_rows`; one host sync per call).
+        dw_accumulation: how dW is accumulated over chunks (:mod:`tune_losses.fused.dw_accumulation`).
     """
 
     reduction: str = "mean"
@@ -74,9 +76,11 @@ class RunOptions:
     ignore_index: int = -100
     parallel: VocabParallelOptions = field(default_factory=VocabParallelOptions)
     drop_ignored_tokens: bool = False
+    dw_accumulation: str = "auto"
 
     def __post_init__(self):
         check_reduction(self.reduction)
+        check_dw_accumulation(self.dw_accumulation)
         check_bool_option("drop_ignored_tokens", self.drop_ignored_tokens)
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
@@ -212,7 +216,7 @@ def _run(
             check_inputs(vocab)
     flat_labels = labels.reshape(-1)
     count = (flat_labels != opts.ignore_index).sum()
-    plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer)
+    plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer, opts.dw_accumulation)
     if scale is not None:
         scale = _as_scale(scale, x.device)
     elif opts.reduction == "mean":
@@ -273,6 +277,7 @@ def _distillation_setup(
     vocab_size,
     drop_ignored_tokens,
     teacher_vocab,
+    dw_accumulation="auto",
     **_,
 ) -> Tuple[RunOptions, KDOptions, Tuple[Side, Side]]:
     """The checks and options shared by the distillation entry points (their arguments by name)."""
@@ -295,6 +300,7 @@ def _distillation_setup(
         drop_ignored_tokens=drop_ignored_tokens,
         ignore_index=ignore_index,
         parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size),
+        dw_accumulation=dw_accumulation,
     )
     kd = KDOptions(
         divergence=divergence,
@@ -334,6 +340,7 @@ def linear_cross_entropy(
     vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
+    dw_accumulation: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, one chunk of logits at a time.
 
@@ -366,6 +373,9 @@ def linear_cross_entropy(
             then reaches the gradients in fp32 before any low-precision cast, as in eager PyTorch.
         scale: with ``reduction="sum"``: multiply the sum by this factor (a 0-dim tensor such as
             ``1 / global_count``), applied to the gradients in fp32 as ``num_tokens`` is.
+        dw_accumulation: ``"auto"`` (default), ``"fp32"``, ``"blocked"`` or ``"chunk"``: how the
+            weight gradient is summed over chunks (precision against memory; see
+            :mod:`tune_losses.fused.dw_accumulation`).
 
     Returns:
         fp32 loss (fp64 for fp64 inputs): 0-dim, or per token for ``reduction="none"``.
@@ -380,6 +390,7 @@ def linear_cross_entropy(
         drop_ignored_tokens=drop_ignored_tokens,
         ignore_index=ignore_index,
         parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size),
+        dw_accumulation=dw_accumulation,
     )
     term = CrossEntropyTerm(
         CEOptions(
@@ -410,6 +421,7 @@ def linear_log_probs(
     vocab_parallel: Optional[bool] = None,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
+    dw_accumulation: str = "auto",
 ):
     """Per-token log-probability of the label, ``log softmax(hidden @ weight.T + bias) / T)[label]``,
     one chunk of logits at a time (the building block of DPO / GRPO-style losses).
@@ -420,6 +432,7 @@ def linear_log_probs(
         labels: ``[...]`` class ids; ``ignore_index`` marks tokens whose outputs are 0.
         temperature: T, the logits are divided by it.
         return_entropy: also return the entropy ``-sum_v q_v log q_v`` of each token's distribution.
+        dw_accumulation: as :func:`linear_cross_entropy`.
 
     Returns:
         ``log_probs`` ``[...]`` (labels' shape, fp32; fp64 for fp64 inputs), or the pair
@@ -438,6 +451,7 @@ def linear_log_probs(
         drop_ignored_tokens=drop_ignored_tokens,
         ignore_index=ignore_index,
         parallel=_parallel(process_group, vocab_parallel, vocab_start, vocab_size),
+        dw_accumulation=dw_accumulation,
     )
     term = LogProbTerm(temperature=float(temperature), entropy=bool(return_entropy))
     log_probs, parts, _ = _run([term], Side(hidden, weight, bias), None, labels, opts)
@@ -471,6 +485,7 @@ def linear_kd_loss(
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
     teacher_vocab: Optional[str] = None,
+    dw_accumulation: str = "auto",
 ) -> torch.Tensor:
     """Distillation divergence between teacher and student, never materializing either's logits.
 
@@ -496,6 +511,7 @@ def linear_kd_loss(
             ``V_s`` rows, the teacher's softmax taken over them only (its extra rows' logits are never
             made); ``"pad_student"`` keeps the teacher's whole softmax and pads the student's logits
             with zeros (Liger-Kernel's convention). A smaller teacher vocabulary is an error.
+        dw_accumulation: as :func:`linear_cross_entropy` (``"blocked"`` not with ``teacher_vocab="pad_student"``).
 
     Returns:
         fp32 loss, 0-dim or per token.
@@ -535,13 +551,14 @@ def linear_distillation_loss(
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
     teacher_vocab: Optional[str] = None,
+    dw_accumulation: str = "auto",
 ) -> FusedOutput:
     """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * KD(student, teacher)``; each chunk of student
     logits is made once and serves both terms.
 
     Both terms are normalized over the same valid tokens. Arguments as :func:`linear_kd_loss`
     (``process_group``, ``vocab_parallel``, ``vocab_start``, ``vocab_size``, ``num_tokens``, ``scale``,
-    ``teacher_vocab``, ``drop_ignored_tokens`` included).
+    ``teacher_vocab``, ``drop_ignored_tokens``, ``dw_accumulation`` included).
 
     Returns:
         :class:`FusedOutput`: ``loss`` (differentiable), ``ce`` and ``kd`` (detached, same reduction,

@@ -28,10 +28,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from accelerate.utils import is_peft_model
-from trl import DPOTrainer
-from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+
+from tune_losses.extras import missing_extra
+
+try:
+    from accelerate.utils import is_peft_model
+    from trl import DPOTrainer
+    from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+except ModuleNotFoundError as err:
+    raise missing_extra("hf", "tune_losses.integrations.trl_dpo", err) from err
 
 from tune_losses.alignment.preference import linear_preference_loss
 from tune_losses.integrations.head_source import read_head

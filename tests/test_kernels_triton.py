@@ -1,0 +1,139 @@
+"""The Triton cross-entropy chunk kernel against the fp64 reference: under ``TRITON_INTERPRET=1`` on
+CPU tensors (small shapes, every run), and on CUDA (``gpu`` marker; skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import make_labels, ref_ce
+
+from tune_losses.fused.functional import linear_cross_entropy
+from tune_losses.kernels import triton_ce
+from tune_losses.options import CEOptions
+
+triton = pytest.importorskip("triton")
+# Triton fixes at its first import whether kernels are interpreted (tests/conftest.py sets it on a
+# machine without a GPU): the CPU tests need the interpreter, the gpu-marked ones need it off.
+INTERPRETED = type(triton.language.sum).__name__ == "InterpretedFunction"
+
+OPTS = [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"softcap": 2.5}]
+OPT_IDS = ["plain", "eps-z", "softcap"]
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Triton's interpreter for this test (CPU tensors)."""
+    if not INTERPRETED:
+        pytest.skip("Triton was imported without TRITON_INTERPRET=1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def case(n=9, v=37, dtype=torch.float32, ignore="some", seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, v, generator=g, dtype=torch.float64) * 2).to(dtype)
+    labels = make_labels((n,), v, ignore, g)
+    weight = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    weight = torch.where(labels != -100, weight, 0.0)
+    return z.to(device), labels.to(device), weight.to(device)
+
+
+def reference(z, labels, weight, **opts):
+    """fp64 per-token loss and the gradient of ``sum(weight * loss)`` w.r.t. the (rounded) logits."""
+    z64 = z.detach().cpu().double().requires_grad_()
+    loss = ref_ce(z64, labels.cpu(), reduction="none", **opts)
+    (g,) = torch.autograd.grad((loss * weight.cpu().double()).sum(), z64)
+    return loss.detach(), g
+
+
+def tolerances(dtype):
+    # bf16: the gradient is rounded to bf16 once (eager autograd's logit gradient is too)
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-3, rtol=1e-2)
+
+
+def check(dtype, ignore, opts, n=9, v=37, block=16, device="cpu"):
+    z, labels, weight = case(n, v, dtype, ignore, device=device)
+    want_loss, want_g = reference(z, labels, weight, **opts)
+    buf = z.clone()
+    loss, lse = triton_ce.ce_chunk_triton(buf, labels, CEOptions(**opts), weight.float(), block=block)
+    assert loss.dtype == torch.float32 and buf.dtype == dtype
+    torch.testing.assert_close(loss.cpu().double(), want_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(buf.cpu().double(), want_g, **tolerances(dtype))
+    capped = z.double() if opts.get("softcap") is None else opts["softcap"] * torch.tanh(z.double() / opts["softcap"])
+    torch.testing.assert_close(lse.cpu().double(), torch.logsumexp(capped, -1).cpu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+@pytest.mark.parametrize("opts", OPTS, ids=OPT_IDS)
+def test_ce_kernel_matches_fp64(dtype, ignore, opts, interpret):
+    # V = 37 with blocks of 16: three sweeps per row, the last one partial.
+    check(dtype, ignore, opts)
+
+
+def test_values_only_leave_the_logits(interpret):
+    z, labels, _ = case()
+    buf = z.clone()
+    loss, _ = triton_ce.ce_chunk_triton(buf, labels, CEOptions(), None, block=16)
+    assert torch.equal(buf, z)
+    torch.testing.assert_close(loss.double(), ref_ce(z.double(), labels, reduction="none"), atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_and_masked_logits(interpret):
+    z, labels, weight = case(ignore="some")
+    assert labels[0] == -100 and labels[-1] != -100
+    z[0, 3] = float("nan")  # an ignored token: loss 0, gradient 0
+    z[-1, 5] = float("nan")  # a counted token: NaN
+    z[1, 7] = float("-inf")  # a masked entry: probability 0, finite loss
+    buf = z.clone()
+    loss, _ = triton_ce.ce_chunk_triton(buf, labels, CEOptions(), weight, block=16)
+    assert loss[0] == 0 and torch.all(buf[0] == 0)
+    assert torch.isnan(loss[-1])
+    if labels[1] != -100 and labels[1] != 7:
+        assert torch.isfinite(loss[1]) and buf[1, 7] == 0
+
+
+def test_engine_uses_the_kernel(interpret, monkeypatch):
+    """``TUNE_LOSSES_TRITON=1``: the fused loss runs its chunks through the kernel (bf16 buffers)."""
+    monkeypatch.setenv("TUNE_LOSSES_TRITON", "1")
+    calls = []
+    real = triton_ce.ce_chunk_triton
+
+    def spy(z, *a, **k):
+        calls.append(z.dtype)
+        return real(z, *a, **k)
+
+    monkeypatch.setattr(triton_ce, "ce_chunk_triton", spy)
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(13, 8, generator=g, dtype=torch.float64)
+        w = torch.randn(29, 8, generator=g, dtype=torch.float64) / 8**0.5
+        labels = make_labels((13,), 29, "some", g)
+        xs, ws = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        loss = linear_cross_entropy(xs, ws, labels, chunk_size=4, label_smoothing=0.1, dw_accumulation="fp32")
+        loss.backward()
+        x64, w64 = xs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()
+        ref = ref_ce(F.linear(x64, w64), labels, label_smoothing=0.1)
+        ref.backward()
+        tol = tolerances(dtype)  # bf16: the logits are bf16 too (as in eager PyTorch)
+        torch.testing.assert_close(loss.double(), ref.detach(), **tol)
+        torch.testing.assert_close(xs.grad.double(), x64.grad, **tol)
+        torch.testing.assert_close(ws.grad.double(), w64.grad, **tol)
+        assert calls and calls[-1] == dtype
+    assert len(calls) == 8  # 4 chunks per call
+
+
+def test_off_by_default_on_cpu(monkeypatch):
+    monkeypatch.delenv("TUNE_LOSSES_TRITON", raising=False)
+    assert not triton_ce.triton_wanted(torch.device("cpu"))
+    monkeypatch.setenv("TUNE_LOSSES_TRITON", "0")
+    assert not triton_ce.triton_wanted(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (and Triton not interpreted)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("opts", OPTS, ids=OPT_IDS)
+def test_ce_kernel_on_cuda(dtype, opts, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    check(dtype, "some", opts, n=64, v=50257, block=None, device="cuda")

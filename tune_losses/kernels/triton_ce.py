@@ -1,0 +1,141 @@
+"""Cross-entropy over one chunk of logits as a Triton kernel, in the logits' own dtype.
+
+One program per token row: a first sweep over the vocabulary in blocks keeps the running maximum
+and sum of exponentials (online softmax), the label's logit and, with label smoothing, the sum of
+logits, all in fp32 registers; the token's loss and logsumexp are written out; a second sweep
+writes the gradient ``w (softmax (1 + 2 c lse) - (1 - eps) onehot - eps / V)`` (times the
+softcap's ``1 - tanh^2``) over the logits, in their dtype. For bf16 logits no fp32 ``[n, V]``
+buffer exists: the gradient is rounded to bf16 once, as eager autograd's logit gradient is, and
+goes straight into the dX / dW matmuls.
+
+Same contract as :func:`tune_losses.divergences.ce_chunk` (values 0 at ignored tokens, a NaN or
++inf logit at a counted token gives a NaN loss, ``-inf`` logits are masked entries) on one process.
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Triton is
+imported on first use: importing this module needs torch only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from tune_losses.options import CEOptions
+from tune_losses.terms import CrossEntropyTerm, Term
+
+_MAX_BLOCK = 4096
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Whether ``import triton`` works here."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means no Triton path
+        return False
+    return True
+
+
+def triton_wanted(device: torch.device) -> bool:
+    """The Triton path's switch: ``TUNE_LOSSES_TRITON`` ``0`` turns it off, ``1`` turns it on
+    wherever Triton runs (CPU tensors need ``TRITON_INTERPRET=1``), ``auto`` (default) on CUDA."""
+    mode = os.environ.get("TUNE_LOSSES_TRITON", "auto").strip().lower()
+    if mode in ("0", "false", "off", "no"):
+        return False
+    if device.type == "cuda":
+        return triton_importable()
+    if device.type == "cpu" and mode in ("1", "true", "on", "yes"):
+        return os.environ.get("TRITON_INTERPRET") == "1" and triton_importable()
+    return False
+
+
+def _kernel():
+    # Triton decides at decoration whether a kernel is interpreted (TRITON_INTERPRET): one per setting.
+    return _decorated(os.environ.get("TRITON_INTERPRET", "0"))
+
+
+@functools.cache
+def _decorated(interpret: str):
+    import triton
+
+    from tune_losses.kernels import triton_ce_source
+
+    return triton.jit(triton_ce_source.ce_kernel)
+
+
+def ce_chunk_triton(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    opts: CEOptions,
+    weight: Optional[torch.Tensor] = None,
+    block: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of one chunk; the gradient is written over ``z`` when ``weight`` is given.
+
+    Args:
+        z: ``[n, V]`` logits, bf16 / fp16 / fp32, rows contiguous (``z.stride(1) == 1``).
+        labels: ``[n]`` int64; ``opts.ignore_index`` marks ignored tokens.
+        weight: ``[n]`` per-token gradient weight (0 at ignored tokens), or None for values only.
+        block: vocabulary columns per step (a power of two; default ``min(4096, next pow2 of V)``).
+
+    Returns:
+        ``(loss [n], lse [n])`` in fp32; ``loss`` is 0 at ignored tokens.
+    """
+    import triton
+
+    if z.dim() != 2 or z.stride(1) != 1:
+        raise ValueError(f"z: expected [n, V] with contiguous rows, got shape {tuple(z.shape)} strides {z.stride()}")
+    n, vocab = z.shape
+    loss = torch.empty(n, dtype=torch.float32, device=z.device)
+    lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    if n == 0:
+        return loss, lse
+    block = block or min(_MAX_BLOCK, triton.next_power_of_2(vocab))
+    has_grad = weight is not None
+    w = loss if weight is None else weight.to(torch.float32).contiguous()  # unused without a gradient
+    _kernel()[(n,)](
+        z,
+        z.stride(0),
+        labels.contiguous(),
+        w,
+        loss,
+        lse,
+        vocab,
+        opts.ignore_index,
+        float(opts.label_smoothing),
+        float(opts.z_loss),
+        float(opts.softcap or 1.0),
+        HAS_GRAD=has_grad,
+        HAS_SMOOTH=opts.label_smoothing > 0,
+        HAS_ZLOSS=opts.z_loss > 0,
+        HAS_SOFTCAP=opts.softcap is not None,
+        BLOCK=block,
+    )
+    return loss, lse
+
+
+def triton_chunk_math(terms: Sequence[Term], reducer, device: torch.device):
+    """The Triton chunk math for this term set on ``device``, or None where the engine's eager /
+    compiled math must run (another term, vocabulary parallelism, no Triton, see :func:`triton_wanted`).
+
+    The callable takes ``(z [n, V] in the input dtype, labels [n], weights)`` (``weights`` as the
+    engine's per term, per output) and returns ``([loss [n]], g)``: ``g`` is ``z`` holding the
+    gradient, or None when no output has a weight.
+    """
+    if len(terms) != 1 or not isinstance(terms[0], CrossEntropyTerm):
+        return None
+    if reducer is not None and reducer.distributed:
+        return None
+    if not triton_wanted(device):
+        return None
+    opts = terms[0].opts
+
+    def math(z, labels, weights):
+        w = None if weights[0] is None else weights[0][0]
+        loss, _ = ce_chunk_triton(z, labels, opts, w)
+        return [loss.to(torch.float32)], (z if w is not None else None)
+
+    return math
