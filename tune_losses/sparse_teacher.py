@@ -29,15 +29,16 @@ NaN (never masked into a number). Duplicate ids within a row are refused by the 
 validation; unvalidated, each slot counts as an entry of its own and the result is unspecified.
 
 Vocabulary-parallel (:class:`tune_losses.divergences.VocabReducer` of a process group): each rank
-gathers the student's logits at the ids it owns (0 elsewhere) and one all-reduce of
-``[n, k + 2]`` per chunk (those logits, the sum of exponentials, the tail's sum) gives every rank
-the exact per-token values; each rank writes its own columns' gradient.
+gathers the student's logits at the ids it owns (0 elsewhere); per chunk, one all-reduce of the
+row maxima and one of ``[n, k + 1]`` (those logits and one sum of exponentials: the whole row's, or
+for ``bucket`` the tail's) give every rank the exact per-token values; each rank writes its own
+columns' gradient.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 
@@ -194,6 +195,12 @@ class SparseKDTerm(Term):
     opts: SparseKDOptions = SparseKDOptions()
     weight: float = 1.0
     name: str = "kd"
+    # TUNE_LOSSES_COMPILE=auto runs this term eagerly: its eager math works in place in the chunk's
+    # logits buffer, while Inductor keeps the gradient before the scatter of the K entries in buffers
+    # of its own. Measured (benchmarks/results/sparse_kd_cpu.md, N=2048 H=256 V=32768 k=64 fp32 CPU):
+    # peak 50.6 MiB eager vs 82.1 MiB compiled (a quarter of the fp32 logits is 64 MiB), for a step
+    # 15% faster compiled under a load average of 17 on 2 cores.
+    eager_in_auto: ClassVar[bool] = True
 
     def compute(self, chunk: Chunk, weights, consume_student, consume_teacher):
         value, g = sparse_kd_chunk(
