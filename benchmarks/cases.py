@@ -2,7 +2,9 @@
 
 Tasks: ``ce`` (linear + cross-entropy), ``kd`` (linear + forward KL to a teacher's projection),
 ``distill`` (``0.5 CE + 0.5 forward KL``, one call) and ``distill_jsd`` (``0.5 CE + 0.5 JSD(beta=0.5)``):
-the two distillation tasks are the settings of Liger-Kernel's ``LigerFusedLinearJSDLoss``
+``sparse_kd`` (forward KL to a teacher cached as its top-``SPARSE_K`` ids and log-probabilities,
+renormalized: no teacher model, set against the dense fused KD that needs the teacher's hidden states
+and projection); the two distillation tasks are the settings of Liger-Kernel's ``LigerFusedLinearJSDLoss``
 (``weight_hard_loss = weight_soft_loss = 0.5``, temperature 1, both terms over the valid tokens; its
 ``beta=0`` is forward KL(teacher || student), as ours). ``floor`` is the matmuls alone at the same
 shapes (3 for CE, 4 with a teacher: logits, teacher logits, dX, dW), the time no fused loss can beat.
@@ -26,16 +28,19 @@ import torch
 import torch.nn.functional as F
 
 PROMPT_SHARE = 0.6  # ce_prompt: instruction tuning, where the prompt is often more than half of the tokens
-TASKS = ("ce", "kd", "distill", "distill_jsd", "ce_prompt")
+TASKS = ("ce", "kd", "distill", "distill_jsd", "ce_prompt", "sparse_kd")
+SPARSE_K = 64  # sparse_kd: cached teacher entries per token
 TASK_TITLES = {
     "ce": "linear + cross-entropy",
     "kd": "linear + forward KL (distillation)",
     "distill": "0.5 CE + 0.5 forward KL",
     "distill_jsd": "0.5 CE + 0.5 JSD(beta=0.5)",
     "ce_prompt": f"linear + cross-entropy, first {PROMPT_SHARE:.0%} of the tokens ignored (prompt)",
+    "sparse_kd": f"linear + forward KL to a cached top-{SPARSE_K} teacher (no teacher model)",
 }
 METHODS = {
-    # ours_compiled: the chunk math compiled even where "auto" keeps it eager (CE alone on CPU)
+    # ours_compiled: the chunk math compiled even where "auto" keeps it eager (CE alone on CPU);
+    # ours_fp32: dw_accumulation="fp32" (the fp32 [V, H] accumulator; the default is "blocked" for bf16 on CUDA)
     "ce": (
         "floor",
         "plain",
@@ -48,14 +53,19 @@ METHODS = {
         "ours_eager",
         "ours_compiled",
         "ours_recompute",
+        "ours_fp32",
     ),
     "kd": ("floor", "plain", "compile", "torchtune", "liger", "ours", "ours_eager", "ours_recompute"),
-    "distill": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
-    "distill_jsd": ("floor", "plain", "compile", "liger", "ours", "ours_eager"),
+    "distill": ("floor", "plain", "compile", "liger", "ours", "ours_eager", "ours_fp32"),
+    "distill_jsd": ("floor", "plain", "compile", "liger", "ours", "ours_eager", "ours_fp32"),
     # ours_drop: drop_ignored_tokens=True, the ignored rows left out before the chunk loop
     "ce_prompt": ("floor", "plain", "compile", "ours", "ours_drop"),
+    # dense_kd: our fused dense forward KL (linear_kd_loss) from the teacher's hidden states and
+    # projection, what the cache replaces; ours_bucket: the sparse loss with tail="bucket"; ours:
+    # "auto", which keeps the sparse math eager (tune_losses.sparse_teacher.SparseKDTerm)
+    "sparse_kd": ("floor", "plain", "compile", "dense_kd", "ours", "ours_compiled", "ours_bucket"),
 }
-TEACHER_TASKS = ("kd", "distill", "distill_jsd")
+TEACHER_TASKS = ("kd", "distill", "distill_jsd", "sparse_kd")
 JSD_BETA = {"distill": 0.0, "distill_jsd": 0.5}  # Liger's beta: 0 is forward KL
 TORCHTUNE_CHUNKS = 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,13 +139,28 @@ def make_inputs(task: str, size: Size, seed: int = 0) -> Dict[str, torch.Tensor]
     if task in TEACHER_TASKS:
         out["t_hidden"] = rand(1, size.n, size.h)
         out["t_weight"] = rand(size.v, size.h, scale=size.h**-0.5)
+    if task == "sparse_kd":
+        out["teacher_ids"], out["teacher_logprobs"] = _teacher_top_k(out["t_hidden"], out["t_weight"], SPARSE_K)
     return out
+
+
+def _teacher_top_k(t_hidden: torch.Tensor, t_weight: torch.Tensor, k: int, rows: int = 256):
+    """The teacher's top-k ids ``[1, N, k]`` and fp32 log-probabilities, a few rows of logits at a
+    time (no ``[N, V]`` tensor before the memory baseline is read)."""
+    ids, lps = [], []
+    for x in t_hidden.flatten(0, 1).split(rows):
+        lp, i = F.log_softmax(F.linear(x, t_weight).float(), dim=-1).topk(k, dim=-1)
+        ids.append(i)
+        lps.append(lp)
+    return torch.cat(ids).unsqueeze(0), torch.cat(lps).unsqueeze(0)
 
 
 def unavailable(task: str, method: str, size: Size) -> Optional[str]:
     """Why ``method`` cannot run here (shown as ``n/a (reason)``), or None."""
     if method not in METHODS[task]:
         return "not implemented for this loss"
+    if method == "ours_fp32" and (size.device == "cpu" or size.dtype == "fp32"):
+        return "the same as ours here (dw_accumulation 'auto' is 'fp32' on CPU and for fp32 inputs)"
     if method == "liger" and task in JSD_BETA:  # Liger's chunked losses: pure PyTorch, any device
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger_kernel not installed (pip install liger-kernel)"
@@ -162,6 +187,15 @@ def _plain_kd(hidden, weight, t_hidden, t_weight, labels):
     log_q = F.log_softmax(F.linear(hidden, weight), dim=-1)
     log_p = F.log_softmax(F.linear(t_hidden, t_weight), dim=-1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    mask = labels != -100
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _plain_sparse_kd(hidden, weight, labels, teacher_ids, teacher_logprobs):
+    """Full logits: the student's log_softmax over V gathered at the cached ids (renormalize)."""
+    log_q = F.log_softmax(F.linear(hidden, weight).float(), dim=-1).gather(-1, teacher_ids)
+    p = teacher_logprobs.softmax(-1)
+    kl = (p * (p.log() - log_q)).sum(-1)
     mask = labels != -100
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
@@ -215,6 +249,7 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
         "kd": _plain_kd,
         "distill": _plain_distill,
         "distill_jsd": lambda *a, **k: _plain_distill(*a, **k, beta=JSD_BETA["distill_jsd"]),
+        "sparse_kd": _plain_sparse_kd,
     }
     if method == "floor":
         fn = _floor
@@ -272,7 +307,12 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
 
         def fn(hidden, weight, labels):
             return cce(hidden.flatten(0, 1), weight, labels.flatten())
-    elif method.partition("@")[0] in ("ours", "ours_eager", "ours_compiled", "ours_recompute", "ours_drop"):
+    elif method == "dense_kd":
+        import tune_losses
+
+        def fn(hidden, weight, t_hidden, t_weight, labels):
+            return tune_losses.linear_kd_loss(hidden, weight, t_hidden, t_weight, labels)
+    elif method.partition("@")[0].startswith("ours"):
         import os
 
         import tune_losses
@@ -286,9 +326,16 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
         }
         if name == "ours_drop":
             kw["drop_ignored_tokens"] = True
+        if name == "ours_fp32":
+            kw["dw_accumulation"] = "fp32"
         divergence = {"distill_jsd": "jsd"}.get(task, "forward_kl")
 
-        def call(hidden, weight, labels, t_hidden=None, t_weight=None):
+        def call(hidden, weight, labels, t_hidden=None, t_weight=None, teacher_ids=None, teacher_logprobs=None):
+            if task == "sparse_kd":
+                tail = "bucket" if name == "ours_bucket" else "renormalize"
+                return tune_losses.linear_sparse_kd_loss(
+                    hidden, weight, labels, teacher_ids, teacher_logprobs, tail=tail, **kw
+                )
             if task in ("ce", "ce_prompt"):
                 return tune_losses.linear_cross_entropy(hidden, weight, labels, **kw)
             if task == "kd":
@@ -311,6 +358,13 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
                     os.environ["TUNE_LOSSES_COMPILE"] = before
     else:
         raise ValueError(f"unknown method {method!r} (known: {sorted(set(METHODS['ce']) | set(METHODS['kd']))})")
+    if task == "sparse_kd":
+        # Each method takes its own teacher: the cache (ours, plain) or the model's side (dense_kd).
+        cached = method not in ("floor", "dense_kd")
+        drop = ("t_hidden", "t_weight") if cached else ("teacher_ids", "teacher_logprobs")
+        if method == "floor":
+            drop = drop + ("t_hidden", "t_weight")  # the sparse loss's matmuls: no teacher's
+        return lambda inputs: fn(**{k: v for k, v in inputs.items() if k not in drop})
     return lambda inputs: fn(**inputs)
 
 

@@ -13,7 +13,12 @@ Usage::
     python -m benchmarks.run --quick         # a tiny smoke run (4 to 8 minutes on 2 loaded cores,
                                              # mostly torch.compile warm-ups; printed at the end)
     python -m benchmarks.run --tasks distill --size 2048,256,32768 --methods floor,compile,liger,ours
-    python -m benchmarks.run --device cuda   # larger bf16 sizes on a GPU
+    python -m benchmarks.run --device cuda   # larger bf16 sizes on a GPU (with the meta plan)
+    python -m benchmarks.run --plan --size 8192,4096,128256,bf16 --methods floor   # the plan beside
+
+``--plan`` (default with ``--device cuda``) also prints the allocation plan of our default and fp32
+paths on ``meta`` tensors at each low-precision size (:mod:`benchmarks.memory_plan`) and writes it
+to ``memory_plan.md`` beside the results.
 """
 
 from __future__ import annotations
@@ -203,6 +208,11 @@ def main(argv=None) -> int:
     p.add_argument("--malloc-arena-max", type=int, default=2, help="MALLOC_ARENA_MAX for every worker")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     p.add_argument(
+        "--plan",
+        action="store_true",
+        help="also print the meta allocation plan at each bf16 / fp16 size (default with --device cuda)",
+    )
+    p.add_argument(
         "--alignment",
         action="store_true",
         help="also run the alignment benchmark (fused DPO / GRPO vs full logits and Liger), same command",
@@ -276,6 +286,19 @@ def main(argv=None) -> int:
     png = report.plot(results, os.path.join(args.out, "memory_vs_tokens.png"))
     print(md)
     print(f"Wrote {args.out}/results.json, results.md, {os.path.basename(png)} ({results['meta']['wall_s']:.0f} s)")
+    if args.plan or args.device == "cuda":
+        from benchmarks import memory_plan
+
+        plans = [
+            memory_plan.table(modes=(None, "fp32"), n=s.n, h=s.h, v=s.v, teacher_h=s.h)
+            for s in sizes
+            if s.dtype != "fp32"
+        ]
+        if plans:
+            text = "\n".join(plans)
+            with open(os.path.join(args.out, "memory_plan.md"), "w") as f:
+                f.write(text)
+            print(text)
     if args.alignment:
         from benchmarks import alignment
 

@@ -9,8 +9,11 @@ Stages (each training stage a real `tune run` of this repository's recipes on CP
 2. SFT of the teacher with the fused linear cross-entropy;
 3. KD of the student from that teacher with the fused distillation loss;
 4. SFT of the same student without KD (the control), same steps, data and seed;
-5. one-step runs with the chunked-output losses, for the loss's peak memory beside the fused runs';
-6. held-out loss of teacher, distilled student and control student; loss curves as a PNG plot.
+5. the teacher cached once (recipes/cache_teacher.py: top-k 32; with --full top-k 8, 32, 128 and 32 draws);
+6. the same student distilled offline from each cache (recipes/kd_offline_single_device.py, no teacher
+   in memory);
+7. one-step runs with the chunked-output losses, for the loss's peak memory beside the fused runs';
+8. held-out loss of teacher, distilled students and control student; loss curves as a PNG plot.
 
 Each run's full output goes to ``<out>/<run>.log``; the console shows the stages, a progress bar read
 from the run's metrics file, and the summary (also written to ``<out>/summary.md`` and ``.json``).
@@ -22,6 +25,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -40,9 +45,16 @@ BATCH_SIZE = 8  # the tiny configs' batch size; the step counts below follow fro
 # Seconds per optimizer step of each run and of one `tune run` start-up (imports, model and data
 # set-up) on 2 quiet cores (AMD EPYC, torch 2.13.0 CPU): the stage estimates. They are scaled by the
 # load average per core at the start, then by how long the teacher stage really took.
-STEP_SECONDS = {"teacher_sft": 0.21, "student_kd": 0.19, "student_sft": 0.06}
+STEP_SECONDS = {
+    "teacher_sft": 0.21,
+    "student_kd": 0.19,
+    "student_sft": 0.06,
+    "cache_teacher": 0.07,
+    "student_offline": 0.08,
+}
 STARTUP_SECONDS = 6.0
 Metrics = Dict[int, Dict[str, float]]
+PEAK_RSS_MIB: Dict[str, float] = {}  # run name -> its process's peak resident memory (MiB)
 
 
 def _poll_metrics(path: Path) -> Metrics:
@@ -63,7 +75,8 @@ def _about(seconds: float) -> str:
 
 
 def tune_run(recipe: str, config: str, out: Path, total_steps: int, *overrides: str) -> Metrics:
-    """Run one recipe with `tune run` (all output to ``<out>.log``); show progress; return its metrics."""
+    """Run one recipe with `tune run` (all output to ``<out>.log``); show progress; return its metrics
+    (empty for a run that logs none). Its peak resident memory goes to ``PEAK_RSS_MIB[out.name]``."""
     cmd = [
         str(Path(sys.executable).with_name("tune")),
         "run",
@@ -100,14 +113,19 @@ def tune_run(recipe: str, config: str, out: Path, total_steps: int, *overrides: 
 
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
+        while True:  # wait4: this child's own resource usage (single-device `tune run` runs the recipe in-process)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                PEAK_RSS_MIB[out.name] = usage.ru_maxrss / 1024  # KiB on Linux
+                break
             time.sleep(0.5)
             follow(_poll_metrics(metrics_file))
     if proc.returncode != 0:
         bar.close()
         print(log_file.read_text()[-3000:], file=sys.stderr)
         sys.exit(f"stage failed (exit {proc.returncode}): see {log_file}")
-    m = read_metrics(metrics_file)
+    m = read_metrics(metrics_file) if metrics_file.exists() else {}
     follow(m)
     bar.close()
     return m
@@ -168,6 +186,44 @@ def plot(curves: Dict[str, tuple], held: Dict[str, float], path: Path, title: st
     plt.close(fig)
 
 
+OFFLINE_COLUMNS = ("student", "heldout", "step_s", "peak_rss_mib", "loss_peak_mib", "teacher")
+
+
+def _median_step(m: Metrics) -> float:
+    """Median seconds per optimizer step, the first (warm-up) step left out."""
+    times = [m[s]["step_seconds"] for s in sorted(m) if s > 1 and "step_seconds" in m[s]]
+    return statistics.median(times) if times else float("nan")
+
+
+def _dir_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
+
+
+def offline_table(kd, control, offline, held, held_offline, caches, cache_seconds, teacher_mib) -> List[List[str]]:
+    """The offline-KD rows of the summary: online KD, each cache's student, no KD."""
+
+    def row(name: str, run: str, m: Metrics, loss: float, teacher: str) -> List[str]:
+        peak = m.get(0, {}).get("loss_peak_memory_mib", float("nan"))
+        rss = PEAK_RSS_MIB.get(run, float("nan"))
+        return [name, f"{loss:.3f}", f"{_median_step(m):.3f}", f"{rss:.0f}", f"{peak:.1f}", teacher]
+
+    rows = [
+        row(
+            "online KD",
+            "student_kd",
+            kd,
+            held["student KD"],
+            f"in memory ({teacher_mib:.1f} MiB weights), run every step",
+        )
+    ]
+    for (mode, k), m in offline.items():
+        label = f"top-{k}" if mode == "topk" else f"{k} draws"
+        cache = f"cache {_dir_mib(caches[(mode, k)]):.1f} MiB on disk, built in {cache_seconds[(mode, k)]:.0f} s"
+        rows.append(row(f"offline KD, {label}", f"student_offline_{mode}{k}", m, held_offline[(mode, k)], cache))
+    rows.append(row("no KD", "student_sft", control, held["student without KD"], "none"))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", help="the long version: 2 epochs per run (default 1)")
@@ -189,7 +245,7 @@ def main() -> None:
 
     from tune_losses.tiny import build, read_jsonl_texts, tiny_student, tiny_teacher
 
-    n_stages = 6
+    n_stages = 8
     stage_start = [time.time()]
 
     def stage(i: int, what: str, estimate: float) -> None:
@@ -250,7 +306,51 @@ def main() -> None:
     )
     done()
 
-    stage(5, "loss peak memory, chunked-output losses (one step each)", 2 * STARTUP_SECONDS * speed)
+    # Offline KD: the teacher runs once over the training set into a cache, then the student trains
+    # from the cache alone. The quick demo caches the top 32; --full adds 8 and 128 and 8/32/128 draws.
+    variants = [("topk", 8), ("topk", 32), ("topk", 128), ("sample", 8), ("sample", 32), ("sample", 128)]
+    variants = variants if args.full else [("topk", 32)]
+    n_train_batches = n_train // BATCH_SIZE
+    cache_estimate = len(variants) * speed * (STARTUP_SECONDS + n_train_batches * STEP_SECONDS["cache_teacher"])
+    stage(5, f"teacher cache ({', '.join(f'{m} {k}' for m, k in variants)}), one teacher pass each", cache_estimate)
+    caches, cache_seconds = {}, {}
+    for mode, k in variants:
+        name = f"cache_{mode}{k}"
+        shutil.rmtree(out / name, ignore_errors=True)  # a rerun's teacher is a new one: a new cache
+        t0 = time.time()
+        tune_run(
+            "cache_teacher",
+            "cache_teacher",
+            out / name,
+            1,
+            f"tokenizer.max_seq_len={args.max_seq_len}",
+            f"teacher_checkpointer.checkpoint_dir={teacher_ckpt.parent}",
+            f"teacher_checkpointer.checkpoint_files=[{teacher_ckpt.name}]",
+            f"cache.mode={mode}",
+            f"cache.k={k}",
+        )
+        caches[(mode, k)] = out / name
+        cache_seconds[(mode, k)] = time.time() - t0
+    done()
+
+    stage(
+        6,
+        f"the same student distilled from each cache (no teacher loaded), {steps} steps",
+        len(variants) * estimate("student_offline"),
+    )
+    offline = {}
+    for mode, k in variants:
+        offline[(mode, k)] = tune_run(
+            "kd_offline_single_device",
+            "kd_offline",
+            out / f"student_offline_{mode}{k}",
+            steps,
+            *common,
+            f"teacher_cache={caches[(mode, k)]}",
+        )
+    done()
+
+    stage(7, "loss peak memory, chunked-output losses (one step each)", 2 * STARTUP_SECONDS * speed)
     one = [*common, "stop_after_steps=1"]
     sft_chunked = tune_run(
         "sft_single_device",
@@ -275,11 +375,15 @@ def main() -> None:
     )
     done()
 
-    stage(6, "held-out losses and the plot", STARTUP_SECONDS * speed)
+    stage(8, "held-out losses and the plot", STARTUP_SECONDS * speed)
     held = {
         "teacher SFT": heldout_loss(tiny_teacher, teacher_ckpt, args.max_seq_len),
         "student KD": heldout_loss(tiny_student, out / "student_kd" / CKPT.format(last), args.max_seq_len),
         "student without KD": heldout_loss(tiny_student, out / "student_sft" / CKPT.format(last), args.max_seq_len),
+    }
+    held_offline = {
+        v: heldout_loss(tiny_student, out / f"student_offline_{v[0]}{v[1]}" / CKPT.format(last), args.max_seq_len)
+        for v in variants
     }
     shape = re.search(r"loss peak memory .*?batch \((\d+), (\d+)\)", (out / "teacher_sft.log").read_text())
     first_batch = f"{shape.group(1)} x {shape.group(2)} tokens" if shape else "first batch"
@@ -298,6 +402,9 @@ def main() -> None:
     final = lambda m, k="loss": m[max(s for s in m if k in m[s])][k]  # noqa: E731
     seconds = time.time() - start
     margin = held["student without KD"] - held["student KD"]
+    offline_rows = offline_table(
+        kd, control, offline, held, held_offline, caches, cache_seconds, teacher_ckpt.stat().st_size / 2**20
+    )
     lines = [
         "# tune-losses tiny demo",
         "",
@@ -312,6 +419,15 @@ def main() -> None:
         f"| student without KD (fused CE) | {final(control):.3f} | {held['student without KD']:.3f} |",
         "",
         f"KD lowers the student's held-out loss by {margin:.3f} nats/token.",
+        "",
+        "Offline distillation: the student trained from a teacher cache (recipes/cache_teacher.py, then "
+        "recipes/kd_offline_single_device.py; no teacher in memory) beside online KD and no KD. Step: median "
+        "seconds of an optimizer step (steps 2 on); peak RSS: the training process's peak resident memory; "
+        "loss peak: output projection + loss, forward + backward, first batch.",
+        "",
+        "| student | held-out loss | step (s) | peak RSS (MiB) | loss peak (MiB) | teacher |",
+        "|---|---|---|---|---|---|",
+        *[f"| {' | '.join(row)} |" for row in offline_rows],
         "",
         f"Loss peak memory (output projection + loss, forward + backward, first batch: {first_batch}):",
         "",
@@ -339,6 +455,7 @@ def main() -> None:
                     "student without KD": final(control),
                 },
                 "loss_peak_memory_mib": {k: {"chunked": c, "fused": f} for k, (c, f) in mem.items()},
+                "offline_kd": [dict(zip(OFFLINE_COLUMNS, row)) for row in offline_rows],
                 "first_batch": first_batch,
             },
             indent=2,

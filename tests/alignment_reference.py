@@ -161,46 +161,105 @@ def ref_policy(
     beta=0.0,
     epsilon_low=0.2,
     epsilon_high=None,
+    delta=None,
+    importance_sampling_level="token",
+    use_bias_correction_kl=False,
+    vllm_is_ratio=None,
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
     temperature=1.0,
     max_completion_length=None,
     num_items_in_batch=None,
     bias=None,
     ignore_index=-100,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """The GRPO-family loss and metrics, fp64, from the issue's formulas."""
+    """The GRPO-family loss and metrics, fp64, written as TRL 1.16's ``GRPOTrainer._compute_loss``:
+    ``[G, S]`` tensors, sequence-level quantities ``[G, 1]`` broadcast, masks multiplied in."""
     eh = epsilon_low if epsilon_high is None else epsilon_high
     m = labels != ignore_index
-    md = m.double()
+    mask = m.double()
     logp = ref_token_logps(hidden, weight, labels, bias, temperature, ignore_index)
     old = logp.detach() if old_logps is None else torch.where(m, old_logps.double(), logp.detach())
-    A = advantages.double().unsqueeze(-1)
-    r = torch.exp(logp - old)
-    per = -torch.minimum(r * A, torch.clamp(r, 1 - epsilon_low, 1 + eh) * A)
+    A = advantages.double()
+    A = A.unsqueeze(-1) if A.dim() == 1 else A
+    is_ratio = None
+    if vllm_is_ratio is not None:
+        is_ratio = vllm_is_ratio.double().reshape(labels.shape[0], -1)
+        is_ratio = torch.where(m, is_ratio, torch.ones_like(logp)) if is_ratio.shape[1] > 1 else is_ratio
+    log_ratio = logp - old
+    if importance_sampling_level == "token":
+        log_iw = log_ratio
+    else:
+        log_iw = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_iw)
     metrics = {}
-    if beta > 0:
+    if beta != 0.0:
         ref = torch.where(m, ref_logps.double(), logp.detach())
-        kl = torch.exp(ref - logp) - (ref - logp) - 1
-        per = per + beta * kl
-        metrics["kl"] = (kl * md).sum() / md.sum().clamp(min=1)
-    per = torch.where(m, per, torch.zeros_like(per))
-    G, S = labels.shape
-    if loss_type == "grpo":
-        loss = (per.sum(-1) / md.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = per.sum() / md.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = per.sum() / (G * (max_completion_length or S))
-    elif loss_type == "dapo":
-        n = md.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch))
-        loss = per.sum() / n.clamp(min=1)
+        per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+    if loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=eh).detach() * A * logp
+    elif loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eh)
+        c1 = coef_1 if delta is None else torch.clamp(coef_1, max=delta)
+        per_token_loss = -torch.min(c1 * A, coef_2 * A)
+    elif loss_type == "sapo":
+        temps = torch.where(A > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token_loss = -torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps * A
+    elif loss_type == "vespo":
+        with torch.no_grad():
+            seq_lr = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+            if is_ratio is not None:
+                seq_lr = seq_lr + torch.clamp(torch.log(is_ratio), math.log(1e-8), 20.0).sum(-1, keepdim=True)
+            log_w = torch.clamp(seq_lr, math.log(1e-8), 20.0)
+            k = torch.where(A >= 0, vespo_k_pos, vespo_k_neg)
+            lam = torch.where(A >= 0, vespo_lambda_pos, vespo_lambda_neg).clamp(min=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        per_token_loss = -phi * A * logp
     else:
         raise ValueError(loss_type)
-    low = ((r < 1 - epsilon_low) & (A < 0) & m).double().sum() / md.sum().clamp(min=1)
-    high = ((r > 1 + eh) & (A > 0) & m).double().sum() / md.sum().clamp(min=1)
-    metrics["clip_ratio/low"] = low.detach()
-    metrics["clip_ratio/high"] = high.detach()
+    if is_ratio is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * is_ratio
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    per_token_loss = torch.where(m, per_token_loss * torch.ones_like(logp), torch.zeros_like(logp))
+    G, S = labels.shape
+    if loss_type in ("grpo", "sapo"):
+        loss = (per_token_loss.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = per_token_loss.sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = per_token_loss.sum() / (G * (max_completion_length or S))
+    elif loss_type in ("dapo", "cispo", "vespo"):
+        n = mask.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch))
+        loss = per_token_loss.sum() / n.clamp(min=1.0)
+    else:  # luspo
+        loss = per_token_loss.sum(-1).mean()
+
+    def global_masked_mean(x):
+        if x.shape[1] == 1:  # one value per sequence
+            return x.sum() / max(x.shape[0], 1)
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+    if beta != 0.0:
+        metrics["kl"] = global_masked_mean(per_token_kl)
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        low = ((coef_1 < 1 - epsilon_low) & (A < 0)).double()
+        high = ((coef_1 > 1 + eh) & (A > 0)).double()
+        metrics["clip_ratio/low"] = global_masked_mean(low)
+        metrics["clip_ratio/high"] = global_masked_mean(high)
+        metrics["clip_ratio/region"] = global_masked_mean(((low + high) > 0).double())
+    elif loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1 > eh) & (A > 0)).double())
+    elif loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = global_masked_mean(phi)
     ent = ref_entropy(hidden, weight, labels, bias, temperature, ignore_index)
-    metrics["entropy"] = ((ent * md).sum() / md.sum().clamp(min=1)).detach()
+    metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 

@@ -129,6 +129,6 @@ def test_policy_module_matches_functional_with_reference_hook():
         num_items_in_batch=40,
     )
     torch.testing.assert_close(out.loss, fn.loss, rtol=1e-5, atol=1e-6)
-    assert set(out.metrics) == {"clip_ratio/low", "clip_ratio/high", "kl", "entropy"}
+    assert set(out.metrics) == {"clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "kl", "entropy"}
     for k in out.metrics:
         torch.testing.assert_close(out.metrics[k], fn.metrics[k], rtol=1e-5, atol=1e-6)

@@ -3,11 +3,13 @@ and a part whose extra is missing says which extra to install.
 
 Slow: a throwaway venv with torch alone (the CPU wheel of constraints.txt) and this repository
 installed without dependencies imports the package, runs a fused loss forward and backward, and
-gets an ImportError naming the extra for each optional part.
+gets an ImportError naming the extra for each optional part. Opt-in (TUNE_LOSSES_INSTALL_CHECKS=1,
+it downloads): torch, then `.[hf]`, then the newest PEFT; `pip check` clean and `patch` working.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +33,8 @@ def test_torch_is_the_only_dependency_and_extras_have_no_pins():
     assert [_name(r) for r in project["dependencies"]] == ["torch"]
     for extra, reqs in project["optional-dependencies"].items():
         for r in reqs:
-            assert "==" not in r and "<" not in r, f"[{extra}] {r}: extras carry lower bounds only"
+            version = r.split(";")[0]  # the environment marker may compare with ==
+            assert "==" not in version and "<" not in version, f"[{extra}] {r}: extras carry lower bounds only"
     hf = [_name(r) for r in project["optional-dependencies"]["hf"]]
     assert not {"torchtune", "torchao", "tune-losses"} & set(hf), hf
 
@@ -104,3 +107,51 @@ def test_torch_only_environment(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "torch-only ok" in out.stdout
+
+
+_HF_CHECK = r"""
+import importlib.util
+import peft, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from tune_losses.integrations.transformers import patch
+assert importlib.util.find_spec("torchtune") is None and importlib.util.find_spec("torchao") is None
+cfg = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=4)
+torch.manual_seed(0)
+model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+ids = torch.randint(0, 257, (2, 9))
+ref = model(input_ids=ids, labels=ids).loss
+patch(model)
+loss = model(input_ids=ids, labels=ids).loss
+loss.backward()
+torch.testing.assert_close(loss, ref)
+print("hf ok, peft", peft.__version__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("TUNE_LOSSES_INSTALL_CHECKS") != "1",
+    reason="downloads the newest PEFT and the hf extra's dependencies (minutes): TUNE_LOSSES_INSTALL_CHECKS=1",
+)
+def test_hf_environment_with_the_newest_peft(tmp_path):
+    """torch, then `.[hf]`, then `pip install -U peft`: `pip check` is clean, no torchtune or torchao
+    came along, and `patch` runs on a PEFT model with the loss of the unpatched model."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run(pip + ["install", "-q", "-c", str(ROOT / "constraints.txt"), "torch"], check=True, timeout=900)
+    subprocess.run(pip + ["install", "-q", "-e", f"{ROOT}[hf]"], check=True, timeout=1200)
+    subprocess.run(pip + ["install", "-q", "-U", "peft"], check=True, timeout=600)
+    check = subprocess.run(pip + ["check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    out = subprocess.run(
+        [py, "-W", "ignore", "-c", _HF_CHECK],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

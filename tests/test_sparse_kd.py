@@ -485,3 +485,36 @@ def test_vocab_parallel_local_shards_on_two_ranks():
     results = run_ranks(_vocab_parallel_ranks, 2, timeout=240)
     assert results[0] == results[1]
     assert results[0][-1] == "teacher_ids" and len(results[0]) == 5
+
+
+def test_benchmark_methods_run_at_a_tiny_size(eager):
+    """``python -m benchmarks.run --tasks sparse_kd``'s methods (the compiled ones aside) build and
+    step; the sparse methods agree with the full-logits one."""
+    from benchmarks.cases import METHODS, Size, build, clear_grads, make_inputs
+
+    inputs = make_inputs("sparse_kd", Size(64, 16, 512))
+    values = {}
+    for method in METHODS["sparse_kd"]:
+        if method in ("compile", "ours_compiled"):
+            continue
+        loss = build("sparse_kd", method)(inputs)
+        loss.backward()
+        assert inputs["hidden"].grad is not None
+        values[method] = float(loss)
+        clear_grads(inputs)
+    torch.testing.assert_close(values["ours"], values["plain"], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_mode_keeps_the_sparse_math_eager(monkeypatch):
+    """``TUNE_LOSSES_COMPILE=auto``: the sparse term's eager math (in place in the chunk's buffer) is
+    the default; ``1`` still compiles it (benchmarks/results/sparse_kd_cpu.md)."""
+    from tune_losses.divergences import VocabReducer
+    from tune_losses.sparse_teacher import SparseKDTerm
+    from tune_losses.terms import CrossEntropyTerm
+
+    monkeypatch.setattr(compiled, "_BROKEN", [])
+    monkeypatch.setenv("TUNE_LOSSES_COMPILE", "auto")
+    terms = (CrossEntropyTerm(), SparseKDTerm())
+    assert compiled.compiled_math(terms, VocabReducer(50), torch.device("cpu")) is None
+    monkeypatch.setenv("TUNE_LOSSES_COMPILE", "1")
+    assert compiled.compiled_math(terms, VocabReducer(50), torch.device("cpu")) is not None

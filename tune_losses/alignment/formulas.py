@@ -204,5 +204,4 @@ from tune_losses.alignment.policy_formulas import (  # noqa: E402, F401
     POLICY_LOSS_TYPES,
     aggregate_policy_loss,
     masked_mean,
-    policy_token_losses,
 )

@@ -16,7 +16,12 @@ from torch import nn
 
 from tune_losses.alignment.formulas import REFERENCE_FREE
 from tune_losses.alignment.log_probs import token_log_probs
-from tune_losses.alignment.policy import PolicyOutput, check_policy_options, policy_loss_from_log_probs
+from tune_losses.alignment.policy import (
+    POLICY_MODULE_OPTIONS,
+    PolicyOutput,
+    check_policy_options,
+    linear_policy_loss,
+)
 from tune_losses.alignment.preference import (
     PreferenceOutput,
     PreferenceTerms,
@@ -183,11 +188,13 @@ class LinearPolicyLoss(_AlignmentModule):
 
     Args:
         loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length, ignore_index,
-        chunk_size, return_entropy: as :func:`tune_losses.linear_policy_loss`.
+        chunk_size, return_entropy, algorithm: as :func:`tune_losses.linear_policy_loss`.
+        options: its other options by name (``delta``, ``importance_sampling_level``,
+            ``use_bias_correction_kl``, ``sapo_temperature_pos``, ``vespo_k_pos``, ...).
 
     ``forward(hidden [G, S, H], labels [G, S], advantages [G], old_logps=None, ref_logps=None,
-    num_items_in_batch=None)``; with a reference model hooked (:meth:`set_reference_output`), pass
-    ``ref_hidden=`` instead of ``ref_logps``.
+    num_items_in_batch=None, ref_hidden=None, vllm_is_ratio=None)``; with a reference model hooked
+    (:meth:`set_reference_output`), pass ``ref_hidden=`` instead of ``ref_logps``.
     """
 
     def __init__(
@@ -201,17 +208,27 @@ class LinearPolicyLoss(_AlignmentModule):
         ignore_index: int = -100,
         chunk_size: Optional[int] = None,
         return_entropy: bool = True,
+        algorithm: str = "auto",
+        **options,
     ):
         super().__init__(ignore_index, chunk_size)
-        check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length)
+        unknown = sorted(set(options) - set(POLICY_MODULE_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"LinearPolicyLoss: unexpected option(s) {unknown}; expected some of {POLICY_MODULE_OPTIONS}"
+            )
+        check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length, **options)
         self.temperature = temperature
-        self.return_entropy = return_entropy
         self.options = dict(
             loss_type=loss_type,
             beta=beta,
             epsilon_low=epsilon_low,
             epsilon_high=epsilon_high,
             max_completion_length=max_completion_length,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            algorithm=algorithm,
+            **options,
         )
 
     def forward(
@@ -223,21 +240,24 @@ class LinearPolicyLoss(_AlignmentModule):
         ref_logps: Optional[torch.Tensor] = None,
         num_items_in_batch=None,
         ref_hidden: Optional[torch.Tensor] = None,
+        vllm_is_ratio: Optional[torch.Tensor] = None,
     ) -> PolicyOutput:
         if ref_hidden is not None:
             if ref_logps is not None:
                 raise ValueError("ref_logps: give the reference either as ref_hidden or as ref_logps, not both")
             ref_logps = self.reference_log_probs(ref_hidden, labels, self.temperature)
-        out = self._log_probs(hidden, labels, self.temperature, self.return_entropy)
-        logps, entropy = out if self.return_entropy else (out, None)
-        return policy_loss_from_log_probs(
-            logps,
+        p = _require(self.projection, type(self).__name__)
+        return linear_policy_loss(
+            hidden,
+            p.weight,
             labels,
             advantages,
-            entropy=None if entropy is None else entropy.detach(),
+            bias=p.bias,
             old_logps=old_logps,
             ref_logps=ref_logps,
             num_items_in_batch=num_items_in_batch,
+            vllm_is_ratio=vllm_is_ratio,
             ignore_index=self.ignore_index,
+            chunk_size=self.chunk_size,
             **self.options,
         )

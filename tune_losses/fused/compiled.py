@@ -11,7 +11,7 @@ Compilation is an optimization only: the eager math is the same Python (:func:`t
 It is used when
 
 * ``TUNE_LOSSES_COMPILE`` is not ``0`` (``1`` forces it; default ``auto``, which keeps cross-entropy
-  alone eager on CPU, where that measured faster),
+  alone eager on CPU, where that measured faster, and any term marked ``eager_in_auto``),
 * the vocabulary is on one process (vocabulary-parallel math all-reduces mid-chunk: eager),
 * the call is not itself being traced by a user's ``torch.compile`` (their graph then contains
   our eager math, which their compiler fuses),
@@ -97,6 +97,8 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
         # compiled version was slower (801 vs 682 ms) and kept a chunk more (65.7 vs 50.1 MiB). With a
         # divergence term the compiled math wins (distillation 1437 vs 1618 ms, JSD 1817 vs 2094 ms).
         return None
+    if _mode() == "auto" and any(getattr(t, "eager_in_auto", False) for t in terms):
+        return None  # a term whose eager math is leaner (its class says why, with the measurement)
     key = (tuple(terms), red.vocab, device.type)
     fn = _CACHE.get(key)
     if fn is None:

@@ -168,6 +168,8 @@ def blocked_pass(
     names = [name for t in terms for name in t.outputs]
     outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in names}
     teacher = any(t.needs_teacher for t in terms)
+    if teacher and (tx is None or tw is None):
+        raise ValueError("teacher_hidden, teacher_weight: a divergence term needs the teacher's tensors, got None")
     stats: List[Dict[str, torch.Tensor]] = [{} for _ in terms]
     # Ignored tokens' hidden rows are zeroed (as the engine does): a non-finite hidden state at a
     # left-out token cannot reach dX / dW as 0 * NaN. The teacher's only reach the gradient through
@@ -178,7 +180,7 @@ def blocked_pass(
     for start, end in token_chunk_bounds(num_tokens, chunk_size):
         rows = slice(start, end)
         z = _linear(xz[rows], w, b, dtype)
-        zt = _linear(tx[rows], tw, tb, dtype) if teacher else None
+        zt = _linear(tx[rows], tw, tb, dtype) if teacher and tx is not None and tw is not None else None
         for i, t in enumerate(terms):
             for k, v in row_stats(t, z, zt).items():
                 stats[i].setdefault(k, torch.empty(num_tokens, dtype=dtype, device=x.device))[rows] = v
@@ -211,13 +213,16 @@ def blocked_pass(
     for v0 in range(0, vocab, vb):
         cols = slice(v0, min(v0 + vb, vocab))
         zb = _linear(xz, w[cols], None if b is None else b[cols], dtype)
-        ztb = _linear(tx, tw[cols], None if tb is None else tb[cols], dtype) if teacher else None
+        ztb = None
+        if teacher and tx is not None and tw is not None:
+            ztb = _linear(tx, tw[cols], None if tb is None else tb[cols], dtype)
         g = None
         for i, t in enumerate(terms):
-            if token_weights[i] is None:
+            term_weights = token_weights[i]
+            if term_weights is None:
                 continue
             last = i == len(terms) - 1
-            g_t = block_grad(t, zb, ztb, v0, vocab, labels, valid, stats[i], token_weights[i], outputs, last)
+            g_t = block_grad(t, zb, ztb, v0, vocab, labels, valid, stats[i], term_weights, outputs, last)
             if g_t is not None:
                 g = g_t if g is None else g.add_(g_t)
         del zb, ztb

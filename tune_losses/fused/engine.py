@@ -286,6 +286,12 @@ def _zero_ignored(rows: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return torch.where(ok.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
 
+def _summed_names(plan: LossPlan) -> List[str]:
+    """Output names in :class:`GradInForward`'s order: each term's first output, then the rest."""
+    firsts = [t.outputs[0] for t in plan.terms]
+    return firsts + [name for name in plan.output_names if name not in firsts]
+
+
 def _needs(ctx, b) -> Tuple[bool, bool, bool]:
     return (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
 
@@ -301,8 +307,9 @@ BACKWARD_ONCE = (
 class GradInForward(torch.autograd.Function):
     """Sum-reduced fused loss whose gradients are computed during forward.
 
-    Outputs ``(total, *parts)``: 0-dim, the weighted sum and each term's summed first output, each
-    times ``scale`` when given; only ``total`` is differentiable (the parts are for logging).
+    Outputs ``(total, *parts)``: 0-dim, the weighted sum and each output's sum (the terms' first
+    outputs, then the others), each times ``scale`` when given; only ``total`` is differentiable
+    (the parts are for logging).
     Backward scales the stored dX, dW, db by ``grad_output``; it can run once (the stored gradients
     are handed over, not copied).
 
@@ -323,7 +330,10 @@ class GradInForward(torch.autograd.Function):
         ctx.grads = (dx, dw, db)
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
         ctx.save_for_backward(x, w, b)
-        parts = [outputs[t.outputs[0]].sum() for t in plan.terms]
+        # Every output's sum (first outputs in term order, then the others in plan order): the
+        # first outputs make the loss, the others are statistics a term reports (a policy loss's
+        # clip fractions), summed here because their per-token values are not kept.
+        parts = [outputs[name].sum() for name in _summed_names(plan)]
         total = parts[0] * plan.terms[0].weight
         for p, t in zip(parts[1:], plan.terms[1:]):
             total = total + p * t.weight
@@ -402,12 +412,14 @@ def run_terms(
 
     Returns:
         ``(loss, parts)``: ``loss`` the weighted sum of the terms' first outputs (per token or
-        summed); ``parts`` every output by name per token, or each term's first output summed.
+        summed); ``parts`` every output by name per token, or summed (each term's first output
+        under the term's name, the others under their own).
     """
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
     if not per_token and not recompute and grad_wanted:
         total, *sums = GradInForward.apply(x, w, b, labels, tx, tw, tb, plan, scale, inputs)
-        return total, {t.name: s for t, s in zip(plan.terms, sums)}
+        names = [t.name for t in plan.terms] + _summed_names(plan)[len(plan.terms) :]
+        return total, dict(zip(names, sums))
     values = Recompute.apply(x, w, b, labels, tx, tw, tb, plan, inputs)
     parts = dict(zip(plan.output_names, values))
     total = None
@@ -418,4 +430,6 @@ def run_terms(
     if per_token:
         return total, parts
     factor = 1.0 if scale is None else scale.to(total.dtype)
-    return total.sum() * factor, {t.name: parts[t.outputs[0]].detach().sum() * factor for t in plan.terms}
+    sums = {t.name: parts[t.outputs[0]].detach().sum() * factor for t in plan.terms}
+    sums.update({name: parts[name].detach().sum() * factor for name in _summed_names(plan)[len(plan.terms) :]})
+    return total.sum() * factor, sums

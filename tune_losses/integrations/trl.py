@@ -31,6 +31,7 @@ except ModuleNotFoundError as err:
     raise missing_extra("hf", "tune_losses.integrations.trl", err) from err
 
 from tune_losses.fused.functional import linear_cross_entropy, linear_kd_loss
+from tune_losses.integrations import trl_cached
 from tune_losses.integrations.head_source import UNSHIFTED, read_head
 from tune_losses.integrations.token_stats import token_stats
 from tune_losses.integrations.transformers import (
@@ -231,6 +232,11 @@ class FusedDistillationTrainer(DistillationTrainer):
         chunk_size: tokens per chunk (None: tune-losses' rule).
 
     Teacher and student must share the vocabulary; models with a logit softcap are not supported.
+
+    A cached teacher instead of ``teacher_model`` (None): dataset rows with ``prompt_ids``,
+    ``completion_ids``, ``teacher_ids`` and ``teacher_logprobs`` are trained on as they are (no
+    generation) with :func:`tune_losses.linear_sparse_kd_loss` (``tail``: ``"renormalize"`` or
+    ``"bucket"``); see :mod:`tune_losses.integrations.trl_cached`.
     """
 
     def __init__(
@@ -239,11 +245,14 @@ class FusedDistillationTrainer(DistillationTrainer):
         divergence: str = "jsd",
         scale_by_temperature_squared: bool = False,
         chunk_size: Optional[int] = None,
+        tail: str = "renormalize",
         **kwargs,
     ):
         from tune_losses.options import KDOptions
+        from tune_losses.sparse_teacher import SparseKDOptions
 
         KDOptions(divergence=divergence)  # checks the name now
+        self._tail = SparseKDOptions(tail=tail).tail
         self._divergence = divergence
         self._scale_t2 = bool(scale_by_temperature_squared)
         self._chunk_size = chunk_size
@@ -272,6 +281,12 @@ class FusedDistillationTrainer(DistillationTrainer):
         s_hidden, s_weight, s_bias = _completion_head(
             unwrapped_student, input_ids, attention_mask, logits_to_keep, multimodal
         )
+        if "teacher_ids" in inputs or self.teacher_model is None:  # a cached teacher: no teacher model
+            return trl_cached.cached_teacher_loss(
+                s_hidden, s_weight, s_bias, loss_mask, inputs, num_items_in_batch,
+                temperature=self.temperature, tail=self._tail, scale_by_temperature_squared=self._scale_t2,
+                chunk_size=self._chunk_size,
+            )  # fmt: skip
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
@@ -317,6 +332,16 @@ class FusedDistillationTrainer(DistillationTrainer):
                 s_hidden / t, s_weight, labels, bias=None if s_bias is None else s_bias / t, chunk_size=self._chunk_size
             )
         return loss, stats.entropy, stats.count
+
+    def _generate_and_score_completions(self, inputs):
+        if not trl_cached.is_cached_batch(inputs):
+            return super()._generate_and_score_completions(inputs)
+        acc = self.accelerator
+        return trl_cached.cached_batch(inputs, self._tokenizer.pad_token_id, acc.device, acc.gather)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = trl_cached.signature_columns(self._signature_columns)
 
 
 def _completion_head(model, input_ids, attention_mask, logits_to_keep: int, multimodal: dict):

@@ -57,6 +57,8 @@ def row_stats(term: Term, z: torch.Tensor, zt: Optional[torch.Tensor]) -> Stats:
     if isinstance(term, LogProbTerm):
         return {"lse": torch.logsumexp(z / term.temperature, -1)}
     if isinstance(term, DivergenceTerm):
+        if zt is None:
+            raise ValueError("zt: a divergence term needs the teacher's logits, got None")
         t = term.opts.temperature
         zs, zt = z / t, zt / t
         lse_s, lse_t = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)
@@ -102,6 +104,8 @@ def block_grad(
     if isinstance(term, CrossEntropyTerm):
         o = term.opts
         w = weights[0]
+        if w is None:
+            return None
         z = _capped(zb, o.softcap)
         dcap = None if o.softcap is None else 1 - (z / o.softcap).square()
         lse = stats["lse"]
@@ -128,13 +132,13 @@ def block_grad(
             g.scatter_add_(-1, idx, torch.where(owned, w_lp, 0.0).unsqueeze(-1))
         return g.div_(t) if t != 1.0 else g
     if isinstance(term, DivergenceTerm):
-        o = term.opts
-        w = weights[0]
-        if w is None:
+        kd = term.opts
+        w_kd = weights[0]
+        if w_kd is None or ztb is None:
             return None
-        t = o.temperature
+        t = kd.temperature
         log_q = (zb / t).sub_(stats["lse_s"].unsqueeze(-1))
         log_p = (ztb / t).sub_(stats["lse_t"].unsqueeze(-1))
-        _, a, q = divergence_terms(log_p, log_q, o, True)
-        return a.sub_(q.mul_(stats["sum_a"].unsqueeze(-1))).mul_((w * (o.loss_scale / t)).unsqueeze(-1))
+        _, a, q = divergence_terms(log_p, log_q, kd, True)
+        return a.sub_(q.mul_(stats["sum_a"].unsqueeze(-1))).mul_((w_kd * (kd.loss_scale / t)).unsqueeze(-1))
     raise ValueError(f"terms: {type(term).__name__} has no column-local gradient (see blocked_unsupported)")

@@ -95,7 +95,7 @@ def ce_chunk_triton(
         return loss, lse
     block = block or min(_MAX_BLOCK, triton.next_power_of_2(vocab))
     has_grad = weight is not None
-    w = weight.to(torch.float32).contiguous() if has_grad else loss  # unused when no gradient
+    w = loss if weight is None else weight.to(torch.float32).contiguous()  # unused without a gradient
     _kernel()[(n,)](
         z,
         z.stride(0),

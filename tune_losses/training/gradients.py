@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 
@@ -56,12 +57,20 @@ def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def clip_grads_(params: Sequence[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
-    """Scale the gradients in place so that their global norm ``norm`` is at most ``max_norm``."""
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    """Scale the gradients in place so that their global norm ``norm`` is at most ``max_norm``.
+
+    torch's ``clip_grads_with_norm_`` does the scaling (``max_norm / (norm + 1e-6)`` clamped at 1, one
+    foreach multiply per device and dtype, on device: no host sync). It is called once per kind of
+    gradient: plain tensors, and DTensors per mesh (a foreach call cannot mix them, and under tensor
+    parallelism the output projection's mesh is not the layers'). The norm goes in as fp32, which
+    every device supports.
+    """
+    groups: Dict[Optional[DeviceMesh], List[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            g = _local(p.grad)
-            g.mul_(coef.to(g.dtype))  # in place on the local shard: no Tensor / DTensor mixing
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm.float())
 
 
 def nonfinite_grads(model: nn.Module) -> List[Tuple[str, str]]:

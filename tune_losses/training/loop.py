@@ -285,8 +285,11 @@ class LossRecipe:
         keys = sorted(sums)
         with collective("all-reduce of the step's metrics", s.process_group_timeout_s):
             stacked = all_reduce_token_count(torch.stack([sums[k] for k in keys]), group=p.dp_group) / p.dp_size
-        metrics = dict(zip(keys, stacked.tolist()))
-        metrics["grad_norm"] = float(norm)
+        # One host read per step: the logged metrics and the gradient norm together (fp32 sums widened
+        # exactly to fp64); the non-finite check below reads these values, not the device again.
+        metrics = dict(
+            zip(keys + ["grad_norm"], torch.cat([stacked.double(), norm.reshape(1).to(stacked.device)]).tolist())
+        )
         problem = self._nonfinite(metrics)
         if problem is None:
             if s.clip_grad_norm is not None:
