@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import make_labels, ref_ce
+from reference import make_labels, ref_ce, ref_kd
 
-from tune_losses.fused.functional import linear_cross_entropy
+from tune_losses.divergences import VocabReducer, kd_chunk
+from tune_losses.fused.functional import linear_cross_entropy, linear_distillation_loss, linear_kd_loss
 from tune_losses.kernels import triton_ce
-from tune_losses.options import CEOptions
+from tune_losses.options import CEOptions, KDOptions
 
 triton = pytest.importorskip("triton")
 # Triton fixes at its first import whether kernels are interpreted (tests/conftest.py sets it on a
@@ -137,3 +138,96 @@ def test_off_by_default_on_cpu(monkeypatch):
 def test_ce_kernel_on_cuda(dtype, opts, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     check(dtype, "some", opts, n=64, v=50257, block=None, device="cuda")
+
+
+# ------------------------------------------------------------------- distillation: CE + forward KL
+
+
+def check_distill(dtype, ignore, temperature, true_kl, with_ce, n=9, v=37, block=16, device="cpu"):
+    zs, labels, w_ce = case(n, v, dtype, ignore, seed=1, device=device)
+    zt, _, w_kd = case(n, v, dtype, ignore, seed=2, device=device)
+    w_kd = torch.where(labels != -100, w_kd, 0.0)
+    kd = KDOptions(temperature=temperature, true_kl=true_kl)
+    zs64 = zs.detach().cpu().double().requires_grad_()
+    ref_kd_tok = ref_kd(zs64, zt.cpu().double(), labels.cpu(), divergence="forward_kl", temperature=temperature,
+                        true_kl=true_kl, reduction="none")  # fmt: skip
+    ref_ce_tok = ref_ce(zs64, labels.cpu(), reduction="none")
+    total = (ref_kd_tok * w_kd.cpu().double()).sum()
+    if with_ce:
+        total = total + (ref_ce_tok * w_ce.cpu().double()).sum()
+    (want_g,) = torch.autograd.grad(total, zs64)
+    buf = zs.clone()
+    ce, kd_val = triton_ce.distill_chunk_triton(
+        buf, zt, labels, kd, -100, with_ce, w_ce.float() if with_ce else None, w_kd.float(), block=block
+    )
+    torch.testing.assert_close(kd_val.cpu().double(), ref_kd_tok.detach(), atol=1e-5, rtol=1e-5)
+    if with_ce:
+        torch.testing.assert_close(ce.cpu().double(), ref_ce_tok.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(buf.cpu().double(), want_g, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+@pytest.mark.parametrize("temperature,true_kl,with_ce", [(1.0, True, True), (2.0, False, True), (2.0, True, False)])
+def test_distill_kernel_matches_fp64(dtype, ignore, temperature, true_kl, with_ce, interpret):
+    check_distill(dtype, ignore, temperature, true_kl, with_ce)
+
+
+def test_distill_kernel_masked_and_non_finite(interpret):
+    zs, labels, w = case(ignore="some", seed=1)
+    zt, _, _ = case(ignore="some", seed=2)
+    zt[2, :5] = float("-inf")  # teacher entries masked: they count 0
+    zs[3, 4] = float("-inf")
+    zs[-1, 0] = float("nan")  # a counted token
+    buf = zs.clone()
+    ce, kd = triton_ce.distill_chunk_triton(buf, zt, labels, KDOptions(), -100, True, w, w, block=16)
+    assert torch.isnan(kd[-1]) and torch.isnan(ce[-1])
+    # Entries where either side is -inf count 0: the engine's eager math (the reference takes a
+    # student -inf under teacher mass as an infinite divergence), valid rows only.
+    want, _ = kd_chunk(zs[:-1].double(), zt[:-1].double(), KDOptions(), VocabReducer(zs.shape[1]))
+    keep = labels[:-1] != -100
+    torch.testing.assert_close(kd[:-1][keep].double(), want[keep], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kd_ratio", [0.5, 1.0], ids=["distill", "kd-only"])
+def test_engine_uses_the_distill_kernel(kd_ratio, interpret, monkeypatch):
+    monkeypatch.setenv("TUNE_LOSSES_TRITON", "1")
+    calls = []
+    real = triton_ce.distill_chunk_triton
+
+    def spy(zs, *a, **k):
+        calls.append(zs.dtype)
+        return real(zs, *a, **k)
+
+    monkeypatch.setattr(triton_ce, "distill_chunk_triton", spy)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(29, 8, generator=g, dtype=torch.float64) / 8**0.5
+    tx = torch.randn(11, 6, generator=g, dtype=torch.float64)
+    tw = torch.randn(29, 6, generator=g, dtype=torch.float64) / 6**0.5
+    labels = make_labels((11,), 29, "some", g)
+    xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
+    kw = dict(temperature=2.0, chunk_size=4, dw_accumulation="fp32")
+    if kd_ratio == 1.0:
+        loss = linear_kd_loss(xs, ws, tx.float(), tw.float(), labels, **kw)
+    else:
+        loss = linear_distillation_loss(xs, ws, tx.float(), tw.float(), labels, kd_ratio=kd_ratio, **kw).loss
+    loss.backward()
+    x64, w64 = x.requires_grad_(), w.requires_grad_()
+    z, zt = F.linear(x64, w64), F.linear(tx, tw)
+    ref = kd_ratio * ref_kd(z, zt, labels, divergence="forward_kl", temperature=2.0)
+    if kd_ratio < 1:
+        ref = ref + (1 - kd_ratio) * ref_ce(z, labels)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xs.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ws.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (and Triton not interpreted)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_distill_kernel_on_cuda(dtype, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    check_distill(dtype, "some", 2.0, True, True, n=64, v=50257, block=None, device="cuda")

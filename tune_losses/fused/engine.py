@@ -215,7 +215,8 @@ def chunk_pass(
     # compiled math writes the gradient over the student's): no [n, V] allocation per chunk.
     buf_rows = rows_fixed if math is not None else min(size, num_tokens)
     zbuf = torch.empty(buf_rows, w.shape[0], dtype=x.dtype if tri is not None else dtype, device=x.device)
-    ztbuf = torch.empty(buf_rows, tw.shape[0], dtype=dtype, device=x.device) if teacher else None
+    zt_dtype = x.dtype if tri is not None else dtype
+    ztbuf = torch.empty(buf_rows, tw.shape[0], dtype=zt_dtype, device=x.device) if teacher else None
 
     for start, end in token_chunk_bounds(num_tokens, size):
         rows = slice(start, end)
@@ -233,7 +234,7 @@ def chunk_pass(
             for i, ws in enumerate(weights):
                 if ws is not None and any(v is not None for v in ws):
                     chunk_weights[i] = [_chunk_weight(v, rows, ok, dtype, grad_scale) for v in ws]
-        result = None if tri is None else tri(zbuf[:n], lab, chunk_weights)
+        result = None if tri is None else tri(zbuf[:n], ztbuf[:n] if teacher else None, lab, chunk_weights)
         if math is not None:
             result = _run_padded(math, n, zbuf, ztbuf, lab, ok, chunk_weights, plan.ignore_index, chunk_inputs)
             if result is None:

@@ -8,6 +8,10 @@ softcap's ``1 - tanh^2``) over the logits, in their dtype. For bf16 logits no fp
 buffer exists: the gradient is rounded to bf16 once, as eager autograd's logit gradient is, and
 goes straight into the dX / dW matmuls.
 
+A second kernel does distillation's pair of terms in the same two sweeps over two logit sets:
+plain cross-entropy and forward KL at temperature T (:func:`distill_chunk_triton`), keeping the
+teacher's running maximum, sum of exponentials and ``sum e^t (t - s)`` online.
+
 Same contract as :func:`tune_losses.divergences.ce_chunk` (values 0 at ignored tokens, a NaN or
 +inf logit at a counted token gives a NaN loss, ``-inf`` logits are masked entries) on one process.
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Triton is
@@ -22,8 +26,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from tune_losses.options import CEOptions
-from tune_losses.terms import CrossEntropyTerm, Term
+from tune_losses.options import CEOptions, KDOptions
+from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, Term
 
 _MAX_BLOCK = 4096
 
@@ -58,12 +62,12 @@ def _kernel():
 
 
 @functools.cache
-def _decorated(interpret: str):
+def _decorated(interpret: str, name: str = "ce_kernel"):
     import triton
 
     from tune_losses.kernels import triton_ce_source
 
-    return triton.jit(triton_ce_source.ce_kernel)
+    return triton.jit(getattr(triton_ce_source, name))
 
 
 def ce_chunk_triton(
@@ -117,25 +121,119 @@ def ce_chunk_triton(
     return loss, lse
 
 
+def distill_chunk_triton(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    labels: torch.Tensor,
+    kd: KDOptions,
+    ignore_index: int,
+    with_ce: bool,
+    w_ce: Optional[torch.Tensor] = None,
+    w_kd: Optional[torch.Tensor] = None,
+    block: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (when ``with_ce``; plain options) and forward KL of one chunk, as the engine's
+    terms compute them; the gradient of ``w_ce * ce + w_kd * kd`` w.r.t. the student's logits is
+    written over ``zs`` when ``w_kd`` is given (with ``with_ce``, ``w_ce`` too).
+
+    Args:
+        zs, zt: ``[n, V]`` student / teacher logits (same dtype, rows contiguous).
+        kd: forward KL's options (temperature, ``true_kl``, the ``T^2`` scale).
+
+    Returns:
+        ``(ce [n], kd [n])`` in fp32, 0 at ignored tokens (``ce`` zeros without ``with_ce``).
+    """
+    import triton
+
+    n, vocab = zs.shape
+    ce = torch.zeros(n, dtype=torch.float32, device=zs.device)
+    kd_out = torch.empty(n, dtype=torch.float32, device=zs.device)
+    if n == 0:
+        return ce, kd_out
+    block = block or min(_MAX_BLOCK // 2, triton.next_power_of_2(vocab))
+    wk = kd_out if w_kd is None else w_kd.to(torch.float32).contiguous()
+    wc = kd_out if w_ce is None else w_ce.to(torch.float32).contiguous()
+    _decorated(os.environ.get("TRITON_INTERPRET", "0"), "distill_kernel")[(n,)](
+        zs,
+        zt,
+        zs.stride(0),
+        zt.stride(0),
+        labels.contiguous(),
+        wc,
+        wk,
+        ce,
+        kd_out,
+        vocab,
+        ignore_index,
+        1.0 / kd.temperature,
+        kd.loss_scale,
+        HAS_CE=with_ce,
+        HAS_GRAD=w_kd is not None,
+        TRUE_KL=kd.true_kl,
+        BLOCK=block,
+    )
+    return ce, kd_out
+
+
+def _plain_ce(t: Term) -> bool:
+    o = getattr(t, "opts", None)
+    return (
+        isinstance(t, CrossEntropyTerm)
+        and isinstance(o, CEOptions)
+        and o.label_smoothing == 0
+        and o.z_loss == 0
+        and o.softcap is None
+    )
+
+
+def _forward_kl(t: Term) -> bool:
+    o = getattr(t, "opts", None)
+    return (
+        isinstance(t, DivergenceTerm)
+        and isinstance(o, KDOptions)
+        and (o.divergence == "forward_kl" or (o.divergence == "jsd" and o.beta == 0.0))
+        and o.teacher_vocab != "pad_student"
+    )
+
+
 def triton_chunk_math(terms: Sequence[Term], reducer, device: torch.device):
     """The Triton chunk math for this term set on ``device``, or None where the engine's eager /
-    compiled math must run (another term, vocabulary parallelism, no Triton, see :func:`triton_wanted`).
+    compiled math must run (another term set, vocabulary parallelism, no Triton: :func:`triton_wanted`).
 
-    The callable takes ``(z [n, V] in the input dtype, labels [n], weights)`` (``weights`` as the
-    engine's per term, per output) and returns ``([loss [n]], g)``: ``g`` is ``z`` holding the
-    gradient, or None when no output has a weight.
+    Term sets: cross-entropy alone (any options); forward KL alone; plain cross-entropy then forward
+    KL (distillation).
+
+    The callable takes ``(z [n, V], zt [n, V] or None, labels [n], weights)`` (logits in the input
+    dtype; ``weights`` as the engine's, per term, per output) and returns ``(outputs, g)``: each
+    term's first output ``[n]``, and ``g`` = ``z`` holding the gradient, or None when no output has
+    a weight.
     """
-    if len(terms) != 1 or not isinstance(terms[0], CrossEntropyTerm):
-        return None
     if reducer is not None and reducer.distributed:
         return None
-    if not triton_wanted(device):
+    single_ce = len(terms) == 1 and isinstance(terms[0], CrossEntropyTerm)
+    kd_only = len(terms) == 1 and _forward_kl(terms[0])
+    distill = len(terms) == 2 and _plain_ce(terms[0]) and _forward_kl(terms[1])
+    if not (single_ce or kd_only or distill) or not triton_wanted(device):
         return None
-    opts = terms[0].opts
+    if single_ce:
+        opts = terms[0].opts  # type: ignore[attr-defined]
 
-    def math(z, labels, weights):
-        w = None if weights[0] is None else weights[0][0]
-        loss, _ = ce_chunk_triton(z, labels, opts, w)
-        return [loss.to(torch.float32)], (z if w is not None else None)
+        def ce_math(z, zt, labels, weights):
+            w = None if weights[0] is None else weights[0][0]
+            loss, _ = ce_chunk_triton(z, labels, opts, w)
+            return [loss], (z if w is not None else None)
 
-    return math
+        return ce_math
+    kd_opts: KDOptions = terms[-1].opts  # type: ignore[attr-defined]
+
+    def kd_math(z, zt, labels, weights):
+        w_kd = None if weights[-1] is None else weights[-1][0]
+        w_ce = None if not distill or weights[0] is None else weights[0][0]
+        if w_kd is None and w_ce is not None:
+            w_kd = torch.zeros_like(w_ce)
+        if w_kd is not None and distill and w_ce is None:
+            w_ce = torch.zeros_like(w_kd)
+        ce, kd = distill_chunk_triton(z, zt, labels, kd_opts, kd_opts.ignore_index, distill, w_ce, w_kd)
+        return ([ce, kd] if distill else [kd]), (z if w_kd is not None else None)
+
+    return kd_math
