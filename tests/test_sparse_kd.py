@@ -443,8 +443,9 @@ def test_peak_memory_far_below_full_logits(eager, tail):
 
 
 def _vocab_parallel_ranks(rank: int, world: int):
-    """Each rank holds its Shard(0) rows of the weight (and bias); compared with the single-process
-    loss on the full weight: values, dX, this rank's dW / db rows, both tails, the composition."""
+    """Each rank holds its Shard(0) rows of the weight (and bias), as a local shard with
+    ``process_group`` and as a DTensor on a "tp" mesh; compared with the single-process loss on the
+    full weight: values, dX, this rank's dW / db rows, both tails, the composition."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -471,6 +472,25 @@ def _vocab_parallel_ranks(rank: int, world: int):
             torch.testing.assert_close(local[1].grad, full[1].grad[rows], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(local[2].grad, full[2].grad[rows], rtol=1e-5, atol=1e-6)
             report.append((tail, composed, float(parallel)))
+    # A DTensor weight Shard(0) on a "tp" mesh (tensor parallelism): the same vocabulary-parallel path.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    full = [t.clone().requires_grad_() for t in (h, w, b)]
+    d_w = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    d_b = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
+    hd = h.clone().requires_grad_()
+    kw = dict(temperature=2.0, tail="bucket", chunk_size=8, reduction="sum")
+    single = linear_sparse_kd_loss(full[0], full[1], labels, ids, lp, bias=full[2], **kw)
+    single.backward()
+    parallel = linear_sparse_kd_loss(hd, d_w, labels, ids, lp, bias=d_b, **kw)
+    parallel.backward()
+    torch.testing.assert_close(parallel, single, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hd.grad, full[0].grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_w.grad.to_local(), full[1].grad[rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_b.grad.to_local(), full[2].grad[rows], rtol=1e-5, atol=1e-6)
+    report.append(("dtensor", float(parallel)))
     # Ids outside the global vocabulary are refused on every rank alike.
     try:
         linear_sparse_kd_loss(h, w[rows], labels, ids.masked_fill(ids == ids[0, 0, 0], 41), lp,
@@ -484,7 +504,7 @@ def _vocab_parallel_ranks(rank: int, world: int):
 def test_vocab_parallel_local_shards_on_two_ranks():
     results = run_ranks(_vocab_parallel_ranks, 2, timeout=240)
     assert results[0] == results[1]
-    assert results[0][-1] == "teacher_ids" and len(results[0]) == 5
+    assert results[0][-1] == "teacher_ids" and len(results[0]) == 6
 
 
 def test_benchmark_methods_run_at_a_tiny_size(eager):

@@ -107,3 +107,23 @@ def test_distillation_loss_matches_full_logits():
     g_ref = torch.autograd.grad(ref, list(student.parameters()))
     for a, b in zip(g_fused, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["opt", "bert", "cohere"])
+def test_trainer_head_is_the_shared_head_spec(model_type):
+    """The distillation trainer reads each model's head through the spec ``patch`` uses: a nested backbone
+    (OPT's self.model.decoder), a transform before the output layer (BERT), a logit scale (Cohere) give
+    the stock logits of the completion positions."""
+    import hf_survey
+
+    from tune_losses.integrations.trl import _completion_head
+
+    model = hf_survey.build(model_type).eval()
+    ids, _ = hf_survey.batch()
+    mask = torch.ones_like(ids)
+    keep = 4
+    hidden, weight, bias = _completion_head(model, ids, mask, keep, {})
+    logits = hidden @ weight.T + (0 if bias is None else bias)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits[:, :-1][:, -keep:]
+    torch.testing.assert_close(logits.detach(), ref, atol=1e-5, rtol=1e-5)

@@ -29,9 +29,10 @@ NaN (never masked into a number). Duplicate ids within a row are refused by the 
 validation; unvalidated, each slot counts as an entry of its own and the result is unspecified.
 
 Vocabulary-parallel (:class:`tune_losses.divergences.VocabReducer` of a process group): each rank
-gathers the student's logits at the ids it owns (0 elsewhere) and one all-reduce of
-``[n, k + 2]`` per chunk (those logits, the sum of exponentials, the tail's sum) gives every rank
-the exact per-token values; each rank writes its own columns' gradient.
+gathers the student's logits at the ids it owns (0 elsewhere); per chunk, one all-reduce of the
+row maxima and one of ``[n, k + 1]`` (those logits and one sum of exponentials: the whole row's, or
+for ``bucket`` the tail's) give every rank the exact per-token values; each rank writes its own
+columns' gradient.
 """
 
 from __future__ import annotations

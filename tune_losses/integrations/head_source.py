@@ -123,11 +123,25 @@ def _product(model, scales):
     return scale
 
 
+TEXT_CONFIG = "get_text_config()"
+"""A chain step that calls ``get_text_config()`` (composite configs: ``self.config.get_text_config().x``)."""
+
+
 def read_chain(model, chain: Chain):
     value = model
     for name in chain:
-        value = getattr(value, name)
+        value = value.get_text_config() if name == TEXT_CONFIG else getattr(value, name)
     return value
+
+
+def _is_text_config_call(n) -> bool:
+    return (
+        isinstance(n, ast.Call)
+        and not n.args
+        and not n.keywords
+        and isinstance(n.func, ast.Attribute)
+        and n.func.attr == "get_text_config"
+    )
 
 
 def read_head(model) -> HeadSpec:
@@ -308,7 +322,7 @@ def _resolve_aliases(func: ast.FunctionDef) -> ast.FunctionDef:
             n.targets
             if isinstance(n, ast.Assign)
             else [n.target]
-            if isinstance(n, (ast.AugAssign, ast.AnnAssign))
+            if isinstance(n, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr))
             else []
         )
         for t in targets:
@@ -316,7 +330,11 @@ def _resolve_aliases(func: ast.FunctionDef) -> ast.FunctionDef:
                 assigned.setdefault(t.id, []).append(n)
     aliases = {}
     for var, stmts in assigned.items():
-        if len(stmts) == 1 and isinstance(stmts[0], ast.Assign) and isinstance(stmts[0].value, ast.Attribute):
+        if (
+            len(stmts) == 1
+            and isinstance(stmts[0], (ast.Assign, ast.NamedExpr))
+            and isinstance(stmts[0].value, ast.Attribute)
+        ):
             chains = _chains(stmts[0].value)
             if len(chains) == 1 and ast.unparse(stmts[0].value) == "self." + ".".join(chains[0]):
                 aliases[var] = ast.unparse(stmts[0].value)
@@ -731,6 +749,8 @@ def _guarded_by(guards: tuple, chain: Chain) -> bool:
             and g.comparators[0].value is None
         ):
             g = g.left
+        if isinstance(g, ast.NamedExpr):  # (cap := self.config.cap) is not None
+            g = g.value
         if not (isinstance(g, ast.Attribute) and _chains(g) == [chain]):
             return False
     return True
@@ -809,11 +829,18 @@ def _mutates_in_place(s, name: str) -> bool:
 def _chains(node) -> List[Chain]:
     """``self.a.b`` attribute paths in ``node`` as ``("a", "b")``, outermost first."""
     found = []
+    methods = {id(n.func) for n in ast.walk(node) if _is_text_config_call(n)}  # read as a step, not an attribute
     for n in ast.walk(node):
+        if id(n) in methods:
+            continue
         parts = []
-        while isinstance(n, ast.Attribute):
-            parts.append(n.attr)
-            n = n.value
+        while isinstance(n, ast.Attribute) or _is_text_config_call(n):
+            if isinstance(n, ast.Attribute):
+                parts.append(n.attr)
+                n = n.value
+            else:
+                parts.append(TEXT_CONFIG)
+                n = n.func.value
         if parts and isinstance(n, ast.Name) and n.id == "self":
             chain = tuple(reversed(parts))
             if not any(c[: len(chain)] == chain for c in found):

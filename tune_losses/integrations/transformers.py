@@ -8,7 +8,8 @@
 
 With ``labels``, in training mode (or always with ``train_only=False``), and ``logits_to_keep`` 0, the
 patched forward runs the model's own forward with no logits to compute (``logits_to_keep`` an empty
-index), takes the backbone's final hidden states, and computes the loss with
+index; for a forward without that argument, its head module returns an empty tensor for that call),
+takes the backbone's final hidden states, applies the model's own head steps, and computes the loss with
 :func:`tune_losses.linear_cross_entropy` on the output layer's weight: no ``[tokens, V]`` tensor exists.
 It keeps Transformers' contract: the label shift (or ``shift_labels`` as given), ``ignore_index``,
 ``num_items_in_batch`` (the sum divided by it), and the MoE router auxiliary loss. Everything else
@@ -16,8 +17,10 @@ It keeps Transformers' contract: the label shift (or ``shift_labels`` as given),
 so ``generate()`` and evaluation see the model as built.
 
 The patch is per instance and model-agnostic: what the stock forward does between its backbone and
-its loss (logit scale, softcap, aux loss) is read from its source (:mod:`.head_source`); anything not
-recognised raises. It holds no reference to the model outside the model (``copy.deepcopy`` gives a
+its loss (head transforms, logit scale, softcap, vocabulary cut, aux loss, z-loss) is read from its source
+(:mod:`.head_source`), and a scaled ``nn.Linear`` subclass head from the layer's (:mod:`.output_layer`);
+anything not recognised raises. :func:`apply_head` is the one application of that reading, shared by
+:func:`patch`, :func:`distillation_loss` and the TRL trainers. It holds no reference to the model outside the model (``copy.deepcopy`` gives a
 patched copy training its own parameters) and keeps the forward's signature (``functools.wraps``), so
 ``Trainer`` still passes ``num_items_in_batch``.
 
@@ -27,6 +30,7 @@ FSDP2: the output weight is read inside every call; a sharded one is gathered by
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -124,11 +128,6 @@ def patch(model, *, train_only: bool = True, **ce_options):
         )
     _check_loss_function(hf, spec)
     check_output_layer(read_chain(hf, spec.head))  # an unrecognised output layer forward fails now
-    if "logits_to_keep" not in inspect.signature(type(hf).forward).parameters:
-        raise ValueError(
-            f"model: {type(hf).__name__}.forward takes no logits_to_keep argument, which the patch "
-            f"uses to run it without logits"
-        )
     inner = hf.__dict__.get("forward")  # a forward someone installed on the instance before us
     if inner is not None:
         setattr(hf, _INNER, inner)
@@ -321,11 +320,16 @@ def lm_head_inputs(model, *, _spec: Optional[HeadSpec] = None, **inputs) -> Head
     base = read_chain(hf, spec.base)
     anchor = next((t for t in inputs.values() if torch.is_tensor(t)), None)
     device = anchor.device if anchor is not None else None
-    inputs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=device)  # keep no position: no logits
+    takes_keep = "logits_to_keep" in _parameters(forward_class(type(hf)))
+    if takes_keep:
+        inputs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=device)  # keep no position: no logits
     captured = []
     handle = base.register_forward_hook(lambda module, args, output: captured.append(output))
+    # A forward without logits_to_keep: its head module returns an empty [..., 0] tensor for this call.
+    silence = contextlib.nullcontext() if takes_keep else _empty_output(read_chain(hf, spec.call))
     try:
-        outputs = _stock(hf)(return_dict=True, **inputs)
+        with silence:
+            outputs = _stock(hf)(return_dict=True, **inputs)
     finally:
         handle.remove()
     if not captured:
@@ -368,6 +372,26 @@ def apply_head(model, hidden: torch.Tensor, spec: Optional[HeadSpec] = None) -> 
     weight = weight.to(dtype) if weight.dtype != dtype and not is_dtensor(weight) else weight
     bias = bias.to(dtype) if bias is not None and bias.dtype != dtype and not is_dtensor(bias) else bias
     return HeadInputs(hidden, weight, bias, spec.softcap_value(hf), None)
+
+
+@functools.cache
+def _parameters(cls):
+    return tuple(inspect.signature(cls.forward).parameters)
+
+
+@contextlib.contextmanager
+def _empty_output(module: torch.nn.Module):
+    """``module`` returns ``x.new_empty(*x.shape[:-1], 0)`` for its input ``x`` inside the block: the stock
+    forward runs to its end with no ``[tokens, V]`` tensor."""
+    prior = module.__dict__.get("forward")
+    module.forward = lambda x, *args, **kwargs: x.new_empty(*x.shape[:-1], 0)
+    try:
+        yield
+    finally:
+        if prior is None:
+            del module.__dict__["forward"]
+        else:
+            module.forward = prior
 
 
 def _output_layer_input(container: torch.nn.Module, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
