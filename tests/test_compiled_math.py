@@ -72,3 +72,25 @@ def test_user_compile_of_model_and_loss_with_compiled_math_on(monkeypatch):
     torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
     for p, e in zip((*lin.parameters(), *head.parameters()), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+
+
+def test_under_a_user_dispatch_mode_the_eager_math_runs(monkeypatch):
+    """A memory tracker or operator profiler (a TorchDispatchMode) around the loss: Dynamo compiles
+    nothing under it, so the chunk math must run eagerly there, with the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(compiled, "_CACHE", {})
+    monkeypatch.setenv("TUNE_LOSSES_COMPILE", "1")
+    plain = _run(40, "forward_kl")
+    with CountOps():
+        tracked = _run(40, "forward_kl")
+    assert CountOps.calls > 0 and not compiled._BROKEN
+    for a, e in zip(tracked, plain):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
