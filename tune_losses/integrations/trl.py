@@ -54,6 +54,10 @@ SFT_CE_OPTIONS = ("z_loss", "chunk_size", "algorithm", "validate")
 smoothing comes from ``args.label_smoothing_factor``, the softcap from the model)."""
 
 
+def _shift(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    return shift_labels_of(labels, ignore_index)
+
+
 def call_through_wrapper(wrapper: torch.nn.Module, inner: torch.nn.Module, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` run as the forward of ``inner`` called through ``wrapper`` (DDP, FSDP, ...),
     so the wrapper's hooks (gradient synchronisation, parameter gathering) run around a computation that
@@ -175,7 +179,7 @@ class FusedSFTTrainer(SFTTrainer):
         if spec.loss == UNSHIFTED:  # the model's own loss takes its labels as given (encoder-decoder families)
             targets = labels
         else:
-            targets = shift_labels_of(labels, IGNORE_INDEX) if shift_labels is None else shift_labels
+            targets = _shift(labels) if shift_labels is None else shift_labels
         targets = targets.to(head.hidden.device)
         count = (targets != IGNORE_INDEX).sum()
         denom = torch.as_tensor(
