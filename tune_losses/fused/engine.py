@@ -35,7 +35,7 @@ from tune_losses.fused.capabilities import addmm_fp32 as _addmm_fp32
 from tune_losses.fused.chunk_ops import OutputWeight, compute_dtype, logits, token_weight, zero_ignored
 from tune_losses.fused.compiled import compiled_math, run_compiled, terms_on_chunk
 from tune_losses.fused.dw_accumulation import RowStats, blocked_backward, first_pass_chunk, resolve
-from tune_losses.kernels.triton_ce import triton_chunk_math
+from tune_losses.kernels.triton_select import triton_chunk_math
 from tune_losses.terms import Term
 
 default_chunk_size = chunk_policy  # the name other modules import
@@ -239,7 +239,9 @@ def _token_chunks(
     db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if weights is not None and need_db else None
     # A Triton kernel for the term set (CUDA), on logits in the input dtype (no fp32 [n, V] buffer);
     # else compiled chunk math (where available): every chunk padded to the same rows, one compilation.
-    tri = None if stats is not None else triton_chunk_math(plan.terms, plan.reducer, x.device)
+    tri = (
+        None if stats is not None else triton_chunk_math(plan.terms, plan.reducer, x.device, x.dtype, plan.ignore_index)
+    )
     math = None if tri is not None or stats is not None else compiled_math(plan.terms, red, x.device)
     # A call whose tokens fit in one chunk pads them to a power of two (at least 8), so batches of
     # varying length compile a handful of shapes, not one per length.
