@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 REDUCTIONS = ("mean", "sum", "none")
 
+IGNORE_INDEX = -100
+"""The label that marks a token to skip unless a caller passes its own (torch's and Transformers' default)."""
+
 
 def divergence_choices() -> Tuple[str, ...]:
     """The registered divergences (:mod:`tune_losses.divergences`: one class per file registers itself)."""
@@ -129,7 +132,7 @@ class CEOptions:
         validate: check label range on the host once per call (one device sync); turn off for speed.
     """
 
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: Optional[float] = None
@@ -176,7 +179,7 @@ class KDOptions:
     beta: float = 0.5
     sym_kd_ratio: float = 0.5
     true_kl: bool = True
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     validate: bool = True
     teacher_vocab: Optional[str] = None
 
