@@ -10,7 +10,7 @@ inputs, through the same weight placement (plain, FSDP2, tensor-parallel, local 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -117,7 +117,7 @@ def _sparse_run(
     labels: torch.Tensor,
     teacher: Dict[str, torch.Tensor],
     reduction: str,
-    common: Dict[str, object],
+    common: Dict[str, Any],
 ):
     """The run both entry points share: the placement and execution objects (old flat keywords
     folded in, with a DeprecationWarning), the tensors' checks, one chunk pass with the cached teacher
