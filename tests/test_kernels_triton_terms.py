@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from reference import make_labels, ref_ce, ref_kd, ref_log_probs
 
 from tune_losses.divergences import VocabReducer, kd_chunk, log_prob_chunk
-from tune_losses.fused.functional import linear_distillation_loss, linear_log_probs
+from tune_losses.fused.functional import linear_distillation_loss, linear_kd_loss, linear_log_probs
 from tune_losses.kernels import triton_select, triton_terms
 from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, TokenStatsTerm
@@ -253,6 +253,21 @@ def test_divergence_kernel_masked_and_non_finite(divergence, fields, interpret):
     torch.testing.assert_close(buf[keep].double(), want_g, atol=1e-5, rtol=1e-5)
 
 
+def test_wider_teacher_columns_are_not_read(interpret):
+    """``teacher_vocab="drop"``: the engine's teacher buffer is wider than the student's; the kernel
+    reads the first V columns of each row (its row stride is the teacher's)."""
+    zs, zt = logits(5, 37, torch.float32, 31), logits(5, 45, torch.float32, 32)
+    labels = make_labels((5,), 37, "some", torch.Generator().manual_seed(33))
+    w = token_weights(labels, 34).float()
+    kd = KDOptions(divergence="jsd", temperature=2.0, teacher_vocab="drop")
+    got, want = zs.clone(), zs.clone()
+    ce, val = triton_terms.divergence_chunk_triton(got, zt, labels, kd, -100, True, w, w, block=16)
+    ce2, val2 = triton_terms.divergence_chunk_triton(
+        want, zt[:, :37].contiguous(), labels, kd, -100, True, w, w, block=16
+    )
+    assert torch.equal(val, val2) and torch.equal(ce, ce2) and torch.equal(got, want)
+
+
 # ------------------------------------------------------------------------------------ selection
 
 
@@ -329,6 +344,24 @@ def test_distillation_loss_jsd_through_the_kernel(interpret, monkeypatch):
     torch.testing.assert_close(results["1"][0].double(), ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results["1"][1].double(), x64.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results["1"][2].double(), w64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_kd_loss_alone_through_the_kernel(interpret, monkeypatch):
+    """linear_kd_loss (one divergence term, bf16) with TVD at T = 2: the kernel's path matches the default one."""
+    x, w, tx, tw, labels = _linear_case(37)
+    opts = KDOptions(divergence="tvd", temperature=2.0)
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
+        calls = _spy(monkeypatch, triton_terms, "divergence_chunk_triton")
+        xs, ws = x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+        loss = linear_kd_loss(xs, ws, tx.bfloat16(), tw.bfloat16(), labels, chunk_size=4, options=opts,
+                              execution=ExecutionOptions(dw_accumulation="fp32"))  # fmt: skip
+        loss.backward()
+        assert len(calls) == (3 if mode == "1" else 0)
+        results[mode] = (loss.detach(), xs.grad, ws.grad)
+    for a, b in zip(results["0"], results["1"]):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
