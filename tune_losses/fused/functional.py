@@ -495,8 +495,8 @@ def _two_model_run(fn: str, terms: Sequence[Term], kd: KDOptions, call: Dict[str
     checked, one chunk pass. ``call``: the public function's arguments by name; ``kd`` the divergence's
     options (its ``ignore_index`` and ``validate`` hold for the call)."""
     parallel, execution = _placement_and_execution(fn, call["parallel"], call["execution"], call["deprecated"])
-    student = Side(*(call[f"student_{k}"] for k in ("hidden", "weight", "bias")), STUDENT_NAMES)
-    teacher = Side(*(call[f"teacher_{k}"] for k in ("hidden", "weight", "bias")), TEACHER_NAMES)
+    student = Side(call["student_hidden"], call["student_weight"], call["student_bias"], STUDENT_NAMES)
+    teacher = Side(call["teacher_hidden"], call["teacher_weight"], call["teacher_bias"], TEACHER_NAMES)
     labels = call["labels"]
     tensors = dict(zip(STUDENT_NAMES + TEACHER_NAMES, student[:3] + teacher[:3]))
     check_fused_inputs(labels, local_shard=parallel.process_group is not None, **tensors)
