@@ -10,7 +10,7 @@ from test_alignment_losses import _pair_labels
 
 from tune_losses import linear_preference_loss
 from tune_losses.alignment import linear_preference_terms
-from tune_losses.alignment.pair_chunks import default_row_budget, pair_chunk_layout
+from tune_losses.alignment.pair_chunks import default_row_budget, pair_chunk_layout, pair_chunk_limits
 
 PREF_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
 B, S, H, V = 4, 11, 16, 37
@@ -90,19 +90,29 @@ def test_layout_packs_whole_pairs_in_order():
     labels[3, 4] = 2
     labels[1, :5] = 3  # pair 1: chosen 5, rejected 0
     labels[5, 0] = 4  # pair 2: chosen 0, rejected 1
-    layout = pair_chunk_layout(labels, -100, budget=6)
+    layout = pair_chunk_layout(labels, -100, chunk_size=6)
     assert layout.chunks == ((0, 1, 0, 3), (1, 3, 3, 9))
     assert layout.rows.tolist() == [0, 0, 3, 1, 1, 1, 1, 1, 5]
     assert layout.tokens.tolist() == [1, 2, 19, 5, 6, 7, 8, 9, 25]
     assert layout.lengths.tolist() == [2, 5, 0, 1, 0, 1]
-    assert pair_chunk_layout(labels, -100, budget=4) is None  # pair 1 alone holds 5 tokens
+    # chunk_size is tokens per chunk: whole pairs up to that many, at least one pair per chunk
+    assert pair_chunk_layout(labels, -100, chunk_size=4).chunks == ((0, 1, 0, 3), (1, 2, 3, 8), (2, 3, 8, 9))
+    assert pair_chunk_layout(labels, -100, chunk_size=2).chunks == ((0, 1, 0, 3), (1, 2, 3, 8), (2, 3, 8, 9))
+    assert pair_chunk_layout(labels, -100, chunk_size=4, max_pair=4) is None  # pair 1 alone holds 5 tokens
+    assert pair_chunk_layout(labels, -100, chunk_size=1) is None  # 5 tokens: more than 4 chunks of 1
     assert default_row_budget(32768, torch.device("cpu")) == 512
+    assert pair_chunk_limits(None, 32768, torch.device("cpu")) == (512, 512)
+    assert pair_chunk_limits(100, 32768, torch.device("cpu")) == (100, 400)
 
 
-def test_pair_over_budget_falls_back_to_per_token_path():
+def test_pair_over_four_chunks_falls_back_to_per_token_path():
     gen, hidden, weight, bias = _inputs(seed=7)
     labels = _labels(gen)
-    small = min(s for s in _pair_sizes(labels) if s) - 1
+    sizes = _pair_sizes(labels)
+    # chunk_size below the shortest pair: one pair per chunk, still grad-in-forward
+    one_pair = linear_preference_loss(hidden, weight, labels, bias=bias, chunk_size=min(s for s in sizes if s) - 1)
+    assert type(one_pair.loss.grad_fn).__name__ == "GradInForwardBackward"
+    small = (max(sizes) - 1) // 4  # the longest pair holds more than 4 chunks of this many tokens
     kwargs = dict(bias=bias, nll_weight=0.2, chunk_size=small)
     out = linear_preference_loss(hidden, weight, labels, **kwargs)
     assert type(out.loss.grad_fn).__name__ != "GradInForwardBackward"
