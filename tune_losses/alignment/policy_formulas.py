@@ -76,9 +76,9 @@ class PolicyOptions:
         sapo_temperature_pos, sapo_temperature_neg, vespo_*: those losses' parameters (TRL's defaults).
         temperature: logits are divided by it before the log-softmax (as at sampling); not read by
             :func:`~tune_losses.alignment.policy.policy_loss_from_log_probs` (log-probs made already).
-        max_completion_length: ``dr_grpo``'s normalizer (None: S).
         return_entropy: also compute the per-token entropy for the ``entropy`` metric (one more
             reduction over the vocabulary per chunk).
+        max_completion_length: ``dr_grpo``'s normalizer (None: S).
         validate: check the label range (one host sync per call).
     """
 
@@ -96,8 +96,8 @@ class PolicyOptions:
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
     temperature: float = 1.0
-    max_completion_length: Optional[int] = None
     return_entropy: bool = True
+    max_completion_length: Optional[int] = None
     validate: bool = True
 
     def __post_init__(self):
