@@ -197,3 +197,28 @@ def test_modules_build_their_options_once_and_warn_nothing():
         policy(hidden, labels, torch.linspace(-1, 1, 2 * B, dtype=torch.float64), ref_hidden=rh).loss.backward()
     with pytest.raises(TypeError, match="unexpected option"):
         tl.LinearPolicyLoss(bogus=1)
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "recompute"])
+def test_execution_options_change_the_work_not_the_result(algorithm):
+    """``drop_ignored_tokens`` and ``dw_accumulation`` reach both paths: same loss and gradients."""
+    hidden, weight, bias, labels, (rh, rw) = _tensors(9, 2 * B)
+    adv = torch.linspace(-1, 1, 2 * B, dtype=torch.float64)
+    inputs = (hidden, weight, bias)
+    results = []
+    for ex in (
+        tl.ExecutionOptions(algorithm=algorithm),
+        tl.ExecutionOptions(algorithm=algorithm, drop_ignored_tokens=True, dw_accumulation="fp32"),
+    ):
+        policy = tl.linear_policy_loss(hidden, weight, labels, adv, bias=bias, execution=ex).loss
+        pref = tl.linear_preference_loss(
+            hidden, weight, labels, bias=bias, reference=tl.Reference(rh, rw), execution=ex
+        )
+        kto = tl.linear_kto_loss(hidden, weight, labels, adv > 0, bias=bias, execution=ex).loss
+        results.append([(loss, torch.autograd.grad(loss, inputs)) for loss in (policy, pref.loss, kto)])
+    for (a, ga), (b, gb) in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="algorithm"):
+        tl.linear_kto_loss(hidden, weight, labels, adv > 0, execution=tl.ExecutionOptions(algorithm="grad_in_forward"))

@@ -12,8 +12,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from tune_losses.fused.functional import RunOptions, Side, log_probs_run
-from tune_losses.options import ExecutionOptions, check_int_option
+from tune_losses.fused.functional import RunOptions, Side, _run_options, log_probs_run
+from tune_losses.options import ExecutionOptions, VocabParallelOptions, check_int_option
 from tune_losses.validation import check_float
 
 POLICY_NAMES = ("hidden", "weight", "bias")
@@ -36,16 +36,9 @@ def run_options(
     object) and ``execution``'s ``drop_ignored_tokens`` / ``dw_accumulation`` (the per-token path
     always recomputes in backward)."""
     check_int_option("ignore_index", ignore_index)
-    execution = ExecutionOptions() if execution is None else execution
-    return RunOptions(
-        reduction="none",
-        algorithm="recompute",
-        validate=validate,
-        chunk_size=chunk_size,
-        ignore_index=ignore_index,
-        drop_ignored_tokens=execution.drop_ignored_tokens,
-        dw_accumulation=execution.dw_accumulation,
-    )
+    ex = ExecutionOptions() if execution is None else execution
+    per_token = ExecutionOptions("recompute", ex.drop_ignored_tokens, ex.dw_accumulation)
+    return _run_options("none", chunk_size, ignore_index, validate, VocabParallelOptions(), per_token)
 
 
 def token_log_probs(

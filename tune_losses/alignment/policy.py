@@ -12,7 +12,7 @@ per completion ``[G]``. Two paths, same math (:mod:`tune_losses.alignment.policy
 * recompute: per-token log-probabilities from :func:`tune_losses.linear_log_probs` (its backward
   makes each chunk's logits again: 4 matmuls), then the formula over ``[G, S]``
   (:func:`policy_loss_from_log_probs`). Vocabulary-parallel weights, very long sequences with a
-  sequence-level loss, ``algorithm="recompute"``, and log-probs from elsewhere take it.
+  sequence-level loss, ``execution.algorithm="recompute"``, and log-probs from elsewhere take it.
 """
 
 from __future__ import annotations

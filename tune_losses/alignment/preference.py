@@ -7,7 +7,7 @@ sequence log-probabilities either way):
 * grad-in-forward over chunks of whole pairs (:mod:`tune_losses.alignment.pair_chunks`; the default
   where it applies: plain tensors, a gradient wanted, every pair within a chunk): each chunk's logits
   made once, over valid tokens only, its gradient taken in forward;
-* per-token (everything else, ``algorithm="recompute"``): per-token log-probabilities from
+* per-token (everything else, ``execution.algorithm="recompute"``): per-token log-probabilities from
   :func:`tune_losses.linear_log_probs` (the engine's one chunk loop), their masked sum (or mean), and
   autograd carries each token's weight back into the loop, whose backward makes each chunk again.
 
@@ -84,6 +84,9 @@ class PreferenceTerms(NamedTuple):
         """The loss, normalized by these counts or by the given (e.g. step-global) ones."""
         check_count("num_pairs", num_pairs)
         check_count("num_chosen_tokens", num_chosen_tokens)
+        return self._loss(num_pairs, num_chosen_tokens)
+
+    def _loss(self, num_pairs, num_chosen_tokens) -> torch.Tensor:
         pairs = self.num_pairs if num_pairs is None else torch.as_tensor(num_pairs, device=self.num_pairs.device)
         tokens = (
             self.num_chosen_tokens
@@ -97,9 +100,10 @@ class PreferenceTerms(NamedTuple):
         return loss
 
     def output(self, num_pairs=None, num_chosen_tokens=None) -> PreferenceOutput:
+        """:class:`PreferenceOutput` with the loss normalized as :meth:`loss` (counts checked by the caller)."""
         nll = self.nll_sum.detach() / self.num_chosen_tokens.clamp(min=1).to(self.nll_sum.dtype)
         return PreferenceOutput(
-            self.loss(num_pairs, num_chosen_tokens),
+            self._loss(num_pairs, num_chosen_tokens),
             self.chosen_rewards,
             self.rejected_rewards,
             self.chosen_logps,
