@@ -2,7 +2,7 @@
 
     bash scripts/demo.sh                 # set-up included; quick version (minutes on 2 cores)
     bash scripts/demo.sh --full          # the long version (2 epochs per run)
-    python scripts/demo.py [--full] [--epochs N] [--seed S] [--out outputs/demo]   # environment active
+    python scripts/demo.py [--full] [--epochs N] [--all-caches] [--seed S] [--out outputs/demo]   # environment active
 
 Stages (each training stage a real `tune run` of this repository's recipes on CPU, fp32):
 1. build the tiny assets (Python's own documentation, a SentencePiece tokenizer, tiny llama models);
@@ -228,6 +228,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", help="the long version: 2 epochs per run (default 1)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (overrides --full)")
+    p.add_argument(
+        "--all-caches",
+        action="store_true",
+        help="offline KD from every cache (top-k and sampled, k = 8, 32, 128), as --full does, at the chosen epochs",
+    )
     p.add_argument("--seed", type=int, default=1234, help="data order seed, the same for every run")
     p.add_argument("--out", default="outputs/demo", help="where runs, logs, plot and summary go")
     p.add_argument("--max-seq-len", type=int, default=256)
@@ -307,9 +312,10 @@ def main() -> None:
     done()
 
     # Offline KD: the teacher runs once over the training set into a cache, then the student trains
-    # from the cache alone. The quick demo caches the top 32; --full adds 8 and 128 and 8/32/128 draws.
+    # from the cache alone. The quick demo caches the top 32; --full and --all-caches add 8 and 128 and
+    # 8/32/128 draws.
     variants = [("topk", 8), ("topk", 32), ("topk", 128), ("sample", 8), ("sample", 32), ("sample", 128)]
-    variants = variants if args.full else [("topk", 32)]
+    variants = variants if args.full or args.all_caches else [("topk", 32)]
     n_train_batches = n_train // BATCH_SIZE
     cache_estimate = len(variants) * speed * (STARTUP_SECONDS + n_train_batches * STEP_SECONDS["cache_teacher"])
     stage(5, f"teacher cache ({', '.join(f'{m} {k}' for m, k in variants)}), one teacher pass each", cache_estimate)

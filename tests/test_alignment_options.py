@@ -12,6 +12,7 @@ import torch
 
 import tune_losses as tl
 from tune_losses.alignment import linear_preference_terms, policy_loss_from_log_probs, preference_terms
+from tune_losses.deprecation import PREFIX, TuneLossesDeprecationWarning
 
 G, B, S, H, V = 4, 2, 6, 8, 13
 
@@ -130,7 +131,7 @@ def test_old_flat_keywords_warn_and_give_the_same_loss_and_gradients(name):
         warnings.simplefilter("error", DeprecationWarning)  # the new form warns nothing
         new, new_inputs = CASES[name](old=False)
         new_grads = torch.autograd.grad(new, new_inputs)
-    with pytest.warns(DeprecationWarning, match=rf"{name}\(.*\) is deprecated: pass .*=") as record:
+    with pytest.warns(TuneLossesDeprecationWarning, match=rf"^{PREFIX}{name}\(.*\.\.\.\): pass .*=") as record:
         old, old_inputs = CASES[name](old=True)
     assert all(w.filename == __file__ for w in record if issubclass(w.category, DeprecationWarning))
     old_grads = torch.autograd.grad(old, old_inputs)

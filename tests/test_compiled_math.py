@@ -9,6 +9,7 @@ from reference import make_labels
 
 from tune_losses import linear_cross_entropy, linear_distillation_loss
 from tune_losses.fused import compiled
+from tune_losses.options import CEOptions, DistillationOptions, KDOptions
 
 
 def gen(seed):
@@ -22,18 +23,8 @@ def _run(n, divergence, seed=0, hdim=16, vocab=300, temperature=2.0):
     b = torch.randn(vocab, generator=g)
     labels = make_labels((n,), vocab, "some", gen(seed + 1))
     hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
-    out = linear_distillation_loss(
-        hh,
-        ww,
-        th,
-        tw,
-        labels,
-        student_bias=bb,
-        divergence=divergence,
-        chunk_size=32,
-        label_smoothing=0.1,
-        temperature=temperature,
-    )
+    options = DistillationOptions(kd=KDOptions(divergence, temperature), ce=CEOptions(label_smoothing=0.1))
+    out = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, chunk_size=32, options=options)
     out.loss.backward()
     return [out.loss.detach(), out.ce, out.kd, hh.grad, ww.grad, bb.grad]
 
@@ -68,7 +59,7 @@ def test_user_compile_of_model_and_loss_with_compiled_math_on(monkeypatch):
 
     def step(inp):
         return linear_cross_entropy(
-            torch.tanh(lin(inp)), head.weight, labels, bias=head.bias, chunk_size=5, validate=False
+            torch.tanh(lin(inp)), head.weight, labels, bias=head.bias, chunk_size=5, options=CEOptions(validate=False)
         )
 
     eager = step(x)
@@ -81,3 +72,25 @@ def test_user_compile_of_model_and_loss_with_compiled_math_on(monkeypatch):
     torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
     for p, e in zip((*lin.parameters(), *head.parameters()), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+
+
+def test_under_a_user_dispatch_mode_the_eager_math_runs(monkeypatch):
+    """A memory tracker or operator profiler (a TorchDispatchMode) around the loss: Dynamo compiles
+    nothing under it, so the chunk math must run eagerly there, with the same result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(compiled, "_CACHE", {})
+    monkeypatch.setenv("TUNE_LOSSES_COMPILE", "1")
+    plain = _run(40, "forward_kl")
+    with CountOps():
+        tracked = _run(40, "forward_kl")
+    assert CountOps.calls > 0 and not compiled._BROKEN
+    for a, e in zip(tracked, plain):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

@@ -24,6 +24,9 @@ from tune_losses.vocab_alignment import TEACHER_VOCAB_MODES
 
 REDUCTIONS = ("mean", "sum", "none")
 
+IGNORE_INDEX = -100
+"""The label that marks a token to skip unless a caller passes its own (torch's and Transformers' default)."""
+
 
 def divergence_choices() -> Tuple[str, ...]:
     """The registered divergences (:mod:`tune_losses.divergences`: one class per file registers itself)."""
@@ -125,7 +128,7 @@ class CEOptions:
         validate: check label range on the host once per call (one device sync); turn off for speed.
     """
 
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: Optional[float] = None
@@ -172,7 +175,7 @@ class KDOptions:
     beta: float = 0.5
     sym_kd_ratio: float = 0.5
     true_kl: bool = True
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     validate: bool = True
     teacher_vocab: Optional[str] = None
 

@@ -30,7 +30,7 @@ from tune_losses.alignment.formulas import sequence_log_probs, unpaired_preferen
 from tune_losses.alignment.log_probs import POLICY_NAMES, REFERENCE_NAMES, run_options, token_log_probs
 from tune_losses.alignment.options import KLEstimate, KTOOptions, Reference
 from tune_losses.alignment.preference import check_count, reference_argument
-from tune_losses.legacy_kwargs import no_more, options_object, take, warn_deprecated
+from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
 from tune_losses.options import ExecutionOptions, check_float_option
 
 
@@ -78,7 +78,9 @@ def _kl_argument(fn: str, kl, deprecated: dict):
         raise ValueError("kl: give the KL reference point either as kl or as kl_hidden + kl_labels, not both")
     if "kl_hidden" not in flat or "kl_labels" not in flat:
         raise ValueError("kl_hidden: the KL estimate needs kl_hidden and kl_labels (the mismatched completions)")
-    warn_deprecated(fn, list(flat), "kl=KLEstimate(hidden, labels, ref_hidden, ref_logps)", stacklevel=4)
+    warn_deprecated(
+        f"{fn}({', '.join(f'{k}=' for k in flat)}...)", "kl=KLEstimate(hidden, labels, ref_hidden, ref_logps)"
+    )
     return KLEstimate(flat["kl_hidden"], flat["kl_labels"], flat.get("kl_ref_hidden"), flat.get("kl_ref_logps"))
 
 

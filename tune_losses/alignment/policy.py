@@ -37,9 +37,9 @@ from tune_losses.alignment.policy_term import (
     stat_names,
 )
 from tune_losses.alignment.preference import check_count
+from tune_losses.deprecation import no_more, options_object, take
 from tune_losses.fused.engine import compute_dtype
 from tune_losses.fused.valid_rows import select_valid_rows
-from tune_losses.legacy_kwargs import no_more, options_object, take
 from tune_losses.options import ExecutionOptions, check_int_option
 from tune_losses.validation import check_label_range
 
@@ -158,8 +158,7 @@ def _check_labels(labels) -> None:
 
 
 def _policy_options(fn: str, options, deprecated: dict) -> PolicyOptions:
-    # Four frames up: options_object, this helper, the public function, its caller.
-    return options_object(fn, "options", PolicyOptions, options, take(deprecated, _POLICY_FIELDS), stacklevel=5)
+    return options_object(fn, "options", PolicyOptions, options, take(deprecated, _POLICY_FIELDS))
 
 
 def policy_loss_from_log_probs(

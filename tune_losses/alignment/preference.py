@@ -35,9 +35,9 @@ from tune_losses.alignment.pair_chunks import (
     pair_chunk_layout,
     pair_chunk_limits,
 )
+from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
 from tune_losses.fused.engine import compute_dtype
 from tune_losses.fused.functional import RunOptions
-from tune_losses.legacy_kwargs import no_more, options_object, take, warn_deprecated
 from tune_losses.options import ArgumentTypeError, ExecutionOptions, check_float_option, check_int_option
 from tune_losses.validation import LABEL_DTYPES, check_label_range
 
@@ -148,15 +148,13 @@ _EXECUTION_FIELDS = ("algorithm", "drop_ignored_tokens", "dw_accumulation")
 _REFERENCE_FIELDS = ("ref_hidden", "ref_weight", "ref_bias")
 
 
-def preference_options(fn: str, options, deprecated: dict, stacklevel: int = 5) -> PreferenceOptions:
+def preference_options(fn: str, options, deprecated: dict) -> PreferenceOptions:
     """``options`` (a :class:`PreferenceOptions`), or one made from the old flat keywords in
     ``deprecated`` (taken out of it) with a DeprecationWarning."""
-    return options_object(
-        fn, "options", PreferenceOptions, options, take(deprecated, _PREFERENCE_FIELDS), stacklevel=stacklevel
-    )
+    return options_object(fn, "options", PreferenceOptions, options, take(deprecated, _PREFERENCE_FIELDS))
 
 
-def reference_argument(fn: str, reference, deprecated: dict, stacklevel: int = 4) -> Optional[Reference]:
+def reference_argument(fn: str, reference, deprecated: dict) -> Optional[Reference]:
     """``reference`` (a :class:`Reference` or None), or one made from the old flat ``ref_hidden``,
     ``ref_weight``, ``ref_bias`` in ``deprecated`` (taken out of it) with a DeprecationWarning."""
     flat = take(deprecated, _REFERENCE_FIELDS)
@@ -174,7 +172,7 @@ def reference_argument(fn: str, reference, deprecated: dict, stacklevel: int = 4
             "ref_weight: expected ref_hidden and ref_weight together (the reference model's hidden "
             f"states and output projection), got {sorted(flat)}"
         )
-    warn_deprecated(fn, list(flat), "reference=Reference(hidden, weight, bias)", stacklevel)
+    warn_deprecated(f"{fn}({', '.join(f'{k}=' for k in flat)}...)", "reference=Reference(hidden, weight, bias)")
     return Reference(flat["ref_hidden"], flat["ref_weight"], flat.get("ref_bias"))
 
 
@@ -325,11 +323,9 @@ class _Call(NamedTuple):
 def _parse(fn: str, hidden, weight, labels, bias, reference, ref_logps, nll_target, ignore_index, chunk_size,
            options, execution, deprecated) -> _Call:  # fmt: skip
     """The public functions' one check of their arguments (old flat keywords folded in)."""
-    opts = preference_options(fn, options, deprecated, stacklevel=6)
-    reference = reference_argument(fn, reference, deprecated, stacklevel=5)
-    execution = options_object(
-        fn, "execution", ExecutionOptions, execution, take(deprecated, _EXECUTION_FIELDS), stacklevel=5
-    )
+    opts = preference_options(fn, options, deprecated)
+    reference = reference_argument(fn, reference, deprecated)
+    execution = options_object(fn, "execution", ExecutionOptions, execution, take(deprecated, _EXECUTION_FIELDS))
     no_more(fn, deprecated)
     run = run_options(chunk_size, ignore_index, opts.validate, execution)
     _check_pair_labels(labels)

@@ -14,7 +14,8 @@ It is used when
   alone eager on CPU, where that measured faster, and any term marked ``eager_in_auto``),
 * the vocabulary is on one process (vocabulary-parallel math all-reduces mid-chunk: eager),
 * the call is not itself being traced by a user's ``torch.compile`` (their graph then contains
-  our eager math, which their compiler fuses),
+  our eager math, which their compiler fuses), nor made under a user's ``TorchDispatchMode`` (a
+  memory tracker, a profiler of operators): Dynamo compiles nothing under such a mode,
 * and Inductor works here; otherwise the eager math runs and a warning says why, once per process.
 """
 
@@ -84,12 +85,23 @@ def _turn_off(reason: str) -> None:
         log.warning("per-chunk loss math runs eagerly: %s", reason)
 
 
+def _in_user_dispatch_mode() -> bool:
+    """Whether a (non-infrastructure) ``TorchDispatchMode`` is active, under which ``torch.compile``
+    with ``fullgraph=True`` refuses to run (it finds no frame it may compile)."""
+    from torch.utils import _python_dispatch as dispatch
+
+    probe = getattr(dispatch, "is_in_torch_dispatch_mode", None)
+    if probe is not None:
+        return bool(probe(include_infra_modes=False))
+    return dispatch._get_current_dispatch_mode() is not None
+
+
 def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device) -> Optional[Callable]:
     """The compiled :func:`terms_on_chunk` for these terms (signature without ``terms``, ``red`` and
     ``consume``), or None where the eager math must run (see the module docstring)."""
     if _mode() in ("0", "false", "off", "no") or _BROKEN or red.distributed:
         return None
-    if device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
+    if device.type not in ("cpu", "cuda") or torch.compiler.is_compiling() or _in_user_dispatch_mode():
         return None
     if not all(t.compilable for t in terms):
         return None

@@ -20,10 +20,10 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
-from tune_losses.legacy_kwargs import no_more, options_object, take, warn_deprecated
 from tune_losses.options import (
     ALGORITHMS,
     DW_ACCUMULATIONS,
@@ -49,6 +49,7 @@ __all__ = [
     "linear_kd_loss",
     "linear_distillation_loss",
     "check_run_options",
+    "flat_distillation_options",
 ]
 
 
@@ -289,6 +290,43 @@ _KD_FIELDS = (
 _option = options_object
 _take = take
 _no_more = no_more
+
+
+_DISTILLATION_FIELDS = ("kd_ratio", "label_smoothing") + _KD_FIELDS
+
+
+def _distillation_options(flat: Dict[str, object]) -> DistillationOptions:
+    """A DistillationOptions from the flat ``kd_ratio``, ``label_smoothing`` and KDOptions fields: the
+    cross-entropy shares the divergence's ``ignore_index`` and ``validate``."""
+    kd = KDOptions(**{k: v for k, v in flat.items() if k in _KD_FIELDS})
+    ce = CEOptions(ignore_index=kd.ignore_index, label_smoothing=flat.get("label_smoothing", 0.0), validate=kd.validate)
+    return DistillationOptions(flat.get("kd_ratio", 0.5), kd, ce)
+
+
+def flat_distillation_options(flat: Dict[str, object], ignore_index: int) -> Dict[str, object]:
+    """Keyword arguments of :func:`linear_distillation_loss` in the object form, from flat ones (no
+    warning), for APIs that take them flat (e.g. Transformers' ``distillation_loss(**loss_options)``):
+    the distillation fields become ``options``, the placement and execution ones ``parallel`` and
+    ``execution``; other keywords (``chunk_size``, ...) pass through. ``ignore_index`` holds for the call."""
+    kw = dict(flat)
+    given = _take(kw, _DISTILLATION_FIELDS)
+    if "ignore_index" in given:
+        raise ValueError("ignore_index: give it as the function's own argument, not among the loss options")
+    options = kw.get("options")
+    if options is None:
+        kw["options"] = _distillation_options({**given, "ignore_index": ignore_index})
+    elif given:
+        raise TypeError(f"{', '.join(f'{k}=' for k in given)} and options= both given; put them in options=")
+    elif isinstance(options, DistillationOptions) and options.kd.ignore_index != ignore_index:
+        raise ValueError(
+            f"ignore_index: got {ignore_index!r}, but options.kd.ignore_index is {options.kd.ignore_index!r}"
+        )
+    for param, cls, fields in (
+        ("parallel", VocabParallelOptions, _PARALLEL_FIELDS),
+        ("execution", ExecutionOptions, _EXECUTION_FIELDS),
+    ):
+        kw[param] = _option("distillation_loss", param, cls, kw.get(param), {}, _take(kw, fields))
+    return kw
 
 
 def _placement_and_execution(fn: str, parallel, execution, deprecated: Dict[str, object]):
@@ -540,21 +578,15 @@ def linear_distillation_loss(
         for logging), ``num_tokens`` (this call's valid tokens).
     """
     fn = "linear_distillation_loss"
-    kd_flat = _take(deprecated, _KD_FIELDS)
-    mix_flat = _take(deprecated, ("kd_ratio", "label_smoothing"))
-    if options is None and (kd_flat or mix_flat):
+    flat = _take(deprecated, _DISTILLATION_FIELDS)
+    if options is None and flat:
+        names = ", ".join(f"{k}=" for k in flat)
         warn_deprecated(
-            fn,
-            list({**mix_flat, **kd_flat}),
-            "options=DistillationOptions(kd_ratio=..., kd=KDOptions(...), ce=CEOptions(...))",
+            f"{fn}({names}...)", "options=DistillationOptions(kd_ratio=..., kd=KDOptions(...), ce=CEOptions(...))"
         )
-        kd = KDOptions(**kd_flat)
-        ce = CEOptions(
-            ignore_index=kd.ignore_index, label_smoothing=mix_flat.get("label_smoothing", 0.0), validate=kd.validate
-        )
-        options = DistillationOptions(mix_flat.get("kd_ratio", 0.5), kd, ce)
+        options = _distillation_options(flat)
     else:
-        options = _option(fn, "options", DistillationOptions, options, {**mix_flat, **kd_flat})
+        options = _option(fn, "options", DistillationOptions, options, flat)
     parallel, execution = _placement_and_execution(fn, parallel, execution, deprecated)
     sides = _sides(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
