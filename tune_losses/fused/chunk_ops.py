@@ -4,13 +4,25 @@ weight gradients the same way."""
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 # A term output's gradient weight as the engine receives it: a float for every token, a per-token
 # tensor (``grad_output``, a policy's weights), or None for no gradient.
 OutputWeight = Union[float, torch.Tensor, None]
+
+
+class Operands(NamedTuple):
+    """One fused call's tensors, as the chunk loop and the blocked backward take them."""
+
+    x: torch.Tensor  # [N, H] student hidden states
+    w: torch.Tensor  # [V_r, H] output weight (this process's vocabulary rows)
+    b: Optional[torch.Tensor]  # [V_r] bias
+    labels: torch.Tensor  # [N]
+    tx: Optional[torch.Tensor]  # [N, Ht] teacher hidden states (a term needs the teacher)
+    tw: Optional[torch.Tensor]  # [V_r, Ht] teacher weight
+    tb: Optional[torch.Tensor]  # [V_r] teacher bias
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -33,7 +33,7 @@ import torch
 
 from tune_losses.divergences import VocabReducer
 from tune_losses.fused.capabilities import addmm_fp32
-from tune_losses.fused.chunk_ops import OutputWeight, compute_dtype, logits, token_weight, zero_ignored
+from tune_losses.fused.chunk_ops import Operands, OutputWeight, compute_dtype, logits, token_weight, zero_ignored
 from tune_losses.kernels.blocked import block_grad, blocked_unsupported, row_stats
 from tune_losses.options import DW_ACCUMULATIONS, check_choice
 from tune_losses.terms import Term
@@ -126,13 +126,7 @@ class RowStats:
 
 @torch.no_grad()
 def blocked_backward(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor],
-    labels: torch.Tensor,
-    tx: Optional[torch.Tensor],
-    tw: Optional[torch.Tensor],
-    tb: Optional[torch.Tensor],
+    ops: Operands,
     terms: Sequence[Term],
     ignore_index: int,
     red: VocabReducer,
@@ -146,7 +140,8 @@ def blocked_backward(
     (:func:`tune_losses.fused.engine.chunk_pass`) gave the values and statistics.
 
     Args:
-        x: ``[N, H]``; w ``[V, H]``; b ``[V]`` or None; labels ``[N]``; tx, tw, tb the teacher's or None.
+        ops: the call's tensors: x ``[N, H]``, w ``[V, H]``, b ``[V]`` or None, labels ``[N]``, the
+            teacher's tx, tw, tb or None.
         terms: the loss terms (every one column-local: :func:`blocked_unsupported` is None).
         stats: each term's per-token statistics, for all N tokens.
         outputs: every output's values by name ``[N]`` (the entropy's gradient reads its own value).
@@ -158,6 +153,7 @@ def blocked_backward(
         ``(dx, dw, db)``: dx ``[N, H]`` in x's dtype, dw ``[V, H]`` in w's dtype, db ``[V]`` in the
         compute dtype, or None where not needed.
     """
+    x, w, b, labels, tx, tw, tb = ops
     num_tokens, vocab = x.shape[0], w.shape[0]
     dtype = compute_dtype(x.dtype)
     valid = labels != ignore_index

@@ -32,7 +32,7 @@ import torch
 from tune_losses.chunking import chunk_policy, token_chunk_bounds
 from tune_losses.divergences import VocabReducer
 from tune_losses.fused.capabilities import addmm_fp32 as _addmm_fp32
-from tune_losses.fused.chunk_ops import OutputWeight, compute_dtype, logits, token_weight, zero_ignored
+from tune_losses.fused.chunk_ops import Operands, OutputWeight, compute_dtype, logits, token_weight, zero_ignored
 from tune_losses.fused.compiled import compiled_math, run_compiled, terms_on_chunk
 from tune_losses.fused.dw_accumulation import RowStats, blocked_backward, first_pass_chunk, resolve
 from tune_losses.kernels.triton_select import triton_chunk_math
@@ -164,17 +164,16 @@ def chunk_pass(
     red = plan.reducer or VocabReducer(w.shape[0])
     if plan.needs_teacher and (tx is None or tw is None):
         raise ValueError("teacher_hidden, teacher_weight: a divergence term needs the teacher's tensors, got None")
+    ops = Operands(x, w, b, labels, tx, tw, tb)
     if weights is None or not any(need):
-        return _token_chunks(x, w, b, labels, tx, tw, tb, plan, red, None, need, "fp32", grad_scale, inputs)
+        return _token_chunks(ops, plan, red, None, need, "fp32", grad_scale, inputs)
     accumulation = resolve(plan.dw_accumulation, plan.terms, red, x.dtype, x.device)
     if accumulation != "blocked":
-        return _token_chunks(x, w, b, labels, tx, tw, tb, plan, red, weights, need, accumulation, grad_scale, inputs)
+        return _token_chunks(ops, plan, red, weights, need, accumulation, grad_scale, inputs)
     stats = RowStats(plan.terms, x.shape[0])
-    outputs, *_ = _token_chunks(x, w, b, labels, tx, tw, tb, plan, red, None, need, "fp32", None, inputs, stats)
+    outputs, *_ = _token_chunks(ops, plan, red, None, need, "fp32", None, inputs, stats)
     # The loop's chunk buffers died with it: the blocked backward's block temporaries are not on top of them.
-    grads = blocked_backward(
-        x, w, b, labels, tx, tw, tb, plan.terms, plan.ignore_index, red, stats, outputs, weights, need, grad_scale
-    )
+    grads = blocked_backward(ops, plan.terms, plan.ignore_index, red, stats, outputs, weights, need, grad_scale)
     return (outputs, *grads)
 
 
@@ -202,13 +201,7 @@ def _chunk_bounds(
 
 
 def _token_chunks(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor],
-    labels: torch.Tensor,
-    tx: Optional[torch.Tensor],
-    tw: Optional[torch.Tensor],
-    tb: Optional[torch.Tensor],
+    ops: Operands,
     plan: LossPlan,
     red: VocabReducer,
     weights: Optional[Sequence[Optional[Sequence[OutputWeight]]]],
@@ -226,6 +219,7 @@ def _token_chunks(
     take the logits in the input dtype, and with no gradient there is nothing for a compiled chunk
     function to fuse).
     """
+    x, w, b, labels, tx, tw, tb = ops
     num_tokens = x.shape[0]
     dtype = compute_dtype(x.dtype)
     valid = labels != plan.ignore_index
