@@ -50,26 +50,7 @@ def test_preference_module_hooks_match_functional_and_full_logits():
     with torch.no_grad():
         ref_hidden = reference(tokens)
     out = loss_fn(hidden, labels, ref_hidden=ref_hidden)
-    fn = linear_preference_loss(
-        hidden,
-        policy.lm_head.weight,
-        labels,
-        **alignment_calls.preference(
-            bias=policy.lm_head.bias,
-            beta=0.2,
-            nll_weight=0.1,
-            ref_hidden=ref_hidden,
-            ref_weight=reference.lm_head.weight,
-            ref_bias=reference.lm_head.bias,
-        ),
-    )
-    for a, b in zip(out, fn):
-        torch.testing.assert_close(a, b)
-    # the model-output hook changed nothing about the math: full logits of the unmodified model agree
-    ref = ref_preference(
-        hidden,
-        policy.lm_head.weight,
-        labels,
+    kw = dict(
         bias=policy.lm_head.bias,
         beta=0.2,
         nll_weight=0.1,
@@ -77,6 +58,11 @@ def test_preference_module_hooks_match_functional_and_full_logits():
         ref_weight=reference.lm_head.weight,
         ref_bias=reference.lm_head.bias,
     )
+    fn = linear_preference_loss(hidden, policy.lm_head.weight, labels, **alignment_calls.preference(**kw))
+    for a, b in zip(out, fn):
+        torch.testing.assert_close(a, b)
+    # the model-output hook changed nothing about the math: full logits of the unmodified model agree
+    ref = ref_preference(hidden, policy.lm_head.weight, labels, **kw)
     torch.testing.assert_close(out.loss.double(), ref["loss"], rtol=1e-5, atol=1e-6)
     tok = ref_token_logps(hidden.detach(), policy.lm_head.weight.detach(), labels, policy.lm_head.bias.detach())
     full = torch.log_softmax(policy_logits.double(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
