@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -468,23 +468,19 @@ def log_probs_run(side: Side, labels: torch.Tensor, opts: RunOptions, temperatur
     return (log_probs, parts["entropy"]) if return_entropy else log_probs
 
 
-def _sides(
-    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
-):
-    check_fused_inputs(
-        labels,
-        local_shard=parallel.process_group is not None,
-        student_hidden=student_hidden,
-        student_weight=student_weight,
-        teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
-    )
-    return (
-        Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
-        Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES),
-    )
+def _two_model_run(fn: str, terms: Sequence[Term], kd: KDOptions, call: Dict[str, Any]):
+    """The run :func:`linear_kd_loss` and :func:`linear_distillation_loss` share: the placement and
+    execution objects (old flat keywords folded in, with a DeprecationWarning), both models' tensors
+    checked, one chunk pass. ``call``: the public function's arguments by name; ``kd`` the divergence's
+    options (its ``ignore_index`` and ``validate`` hold for the call)."""
+    parallel, execution = _placement_and_execution(fn, call["parallel"], call["execution"], call["deprecated"])
+    student = Side(call["student_hidden"], call["student_weight"], call["student_bias"], STUDENT_NAMES)
+    teacher = Side(call["teacher_hidden"], call["teacher_weight"], call["teacher_bias"], TEACHER_NAMES)
+    labels = call["labels"]
+    tensors = dict(zip(STUDENT_NAMES + TEACHER_NAMES, student[:3] + teacher[:3]))
+    check_fused_inputs(labels, local_shard=parallel.process_group is not None, **tensors)
+    opts = _run_options(call["reduction"], call["chunk_size"], kd.ignore_index, kd.validate, parallel, execution)
+    return _run(terms, student, teacher, labels, opts, call["num_tokens"], call["scale"])
 
 
 def linear_kd_loss(
@@ -538,12 +534,7 @@ def linear_kd_loss(
     """
     fn = "linear_kd_loss"
     options = _option(fn, "options", KDOptions, options, _take(deprecated, _KD_FIELDS))
-    parallel, execution = _placement_and_execution(fn, parallel, execution, deprecated)
-    sides = _sides(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
-    )
-    opts = _run_options(reduction, chunk_size, options.ignore_index, options.validate, parallel, execution)
-    loss, _, _ = _run([DivergenceTerm(options)], sides[0], sides[1], labels, opts, num_tokens, scale)
+    loss, _, _ = _two_model_run(fn, [DivergenceTerm(options)], options, locals())
     return loss
 
 
@@ -587,15 +578,8 @@ def linear_distillation_loss(
         options = _distillation_options(flat)
     else:
         options = _option(fn, "options", DistillationOptions, options, flat)
-    parallel, execution = _placement_and_execution(fn, parallel, execution, deprecated)
-    sides = _sides(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
-    )
-    kd = options.kd
-    opts = _run_options(reduction, chunk_size, kd.ignore_index, kd.validate, parallel, execution)
     terms = [
         CrossEntropyTerm(options.ce, weight=1.0 - options.kd_ratio),
-        DivergenceTerm(kd, weight=float(options.kd_ratio)),
+        DivergenceTerm(options.kd, weight=float(options.kd_ratio)),
     ]
-    loss, parts, count = _run(terms, sides[0], sides[1], labels, opts, num_tokens, scale)
-    return _fused_output(loss, parts, count)
+    return _fused_output(*_two_model_run(fn, terms, options.kd, locals()))

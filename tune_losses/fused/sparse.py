@@ -10,7 +10,7 @@ inputs, through the same weight placement (plain, FSDP2, tensor-parallel, local 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -33,7 +33,7 @@ from tune_losses.options import (
     check_int_option,
 )
 from tune_losses.sparse_teacher import TEACHER_IDS, TEACHER_LOGPROBS, SparseKDOptions, SparseKDTerm
-from tune_losses.terms import CrossEntropyTerm
+from tune_losses.terms import CrossEntropyTerm, Term
 from tune_losses.validation import LABEL_DTYPES, check_fused_inputs, check_tensor
 
 POSITIVE_LOGPROB_TOLERANCE = 1e-3
@@ -108,31 +108,20 @@ def check_teacher_values(inputs: Dict[str, torch.Tensor], vocab_size: int) -> No
     )
 
 
-def _sparse_run(
-    fn: str,
-    terms: List,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    labels: torch.Tensor,
-    teacher: Dict[str, torch.Tensor],
-    reduction: str,
-    common: Dict[str, object],
-):
+def _sparse_run(fn: str, terms: List[Term], call: Dict[str, Any]):
     """The run both entry points share: the placement and execution objects (old flat keywords
     folded in, with a DeprecationWarning), the tensors' checks, one chunk pass with the cached teacher
-    as per-token side inputs. ``teacher``: the raw ``teacher_ids`` / ``teacher_logprobs``; ``common``:
-    ``ignore_index``, ``validate``, ``chunk_size``, ``num_tokens``, ``scale``, ``parallel``,
-    ``execution`` and the leftover keywords (checked by the caller or by the objects built here)."""
-    parallel, execution = _placement_and_execution(fn, common["parallel"], common["execution"], common["deprecated"])
-    check_fused_inputs(labels, local_shard=parallel.process_group is not None, hidden=hidden, weight=weight, bias=bias)
-    inputs = _check_teacher(teacher[TEACHER_IDS], teacher[TEACHER_LOGPROBS], labels)
+    as per-token side inputs. ``call``: the public function's arguments by name (the scalar ones
+    already checked by the caller or by the options objects it made)."""
+    parallel, execution = _placement_and_execution(fn, call["parallel"], call["execution"], call["deprecated"])
+    side, labels = Side(call["hidden"], call["weight"], call["bias"]), call["labels"]
+    check_fused_inputs(labels, local_shard=parallel.process_group is not None, **dict(zip(side.names, side[:3])))
+    inputs = _check_teacher(call[TEACHER_IDS], call[TEACHER_LOGPROBS], labels)
     opts = _run_options(
-        reduction, common["chunk_size"], common["ignore_index"], common["validate"], parallel, execution
+        call["reduction"], call["chunk_size"], call["ignore_index"], call["validate"], parallel, execution
     )
     check: Callable[[int], None] = lambda vocab: check_teacher_values(inputs, vocab)  # noqa: E731
-    side = Side(hidden, weight, bias)
-    return _run(terms, side, None, labels, opts, common["num_tokens"], common["scale"], inputs, check)
+    return _run(terms, side, None, labels, opts, call["num_tokens"], call["scale"], inputs, check)
 
 
 def linear_sparse_kd_loss(
@@ -190,9 +179,7 @@ def linear_sparse_kd_loss(
     check_int_option("ignore_index", ignore_index)
     check_bool_option("validate", validate)
     term = SparseKDTerm(SparseKDOptions(temperature=temperature, tail=tail))
-    teacher = {TEACHER_IDS: teacher_ids, TEACHER_LOGPROBS: teacher_logprobs}
-    common = dict(locals(), deprecated=deprecated)
-    loss, _, _ = _sparse_run("linear_sparse_kd_loss", [term], hidden, weight, bias, labels, teacher, reduction, common)
+    loss, _, _ = _sparse_run("linear_sparse_kd_loss", [term], locals())
     return loss
 
 
@@ -232,7 +219,4 @@ def linear_sparse_distillation_loss(
     sparse = SparseKDOptions(temperature=temperature, tail=tail)
     # CE first: at T = 1 it leaves the student's (max, sum exp) for the sparse term to reuse.
     terms = [CrossEntropyTerm(ce, weight=1.0 - kd_ratio), SparseKDTerm(sparse, weight=float(kd_ratio))]
-    teacher = {TEACHER_IDS: teacher_ids, TEACHER_LOGPROBS: teacher_logprobs}
-    common = dict(locals(), deprecated=deprecated)
-    fn = "linear_sparse_distillation_loss"
-    return _fused_output(*_sparse_run(fn, terms, hidden, weight, bias, labels, teacher, reduction, common))
+    return _fused_output(*_sparse_run("linear_sparse_distillation_loss", terms, locals()))

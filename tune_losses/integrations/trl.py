@@ -271,7 +271,8 @@ class FusedDistillationTrainer(DistillationTrainer):
             self.teacher_model.eval()
             unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
             with torch.no_grad():
-                t_hidden, t_weight, t_bias = self._forward_redirection(
+                # Through the teacher's wrapper (DDP / FSDP / DeepSpeed), so its hooks run around the head.
+                t_hidden, t_weight, t_bias = call_through_wrapper(
                     self.teacher_model,
                     unwrapped_teacher,
                     _completion_head,
