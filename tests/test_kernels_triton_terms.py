@@ -9,16 +9,19 @@ bf16 once, must be no further from fp64 than the eager chunk math's gradient rou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import make_labels, ref_ce, ref_kd, ref_log_probs
 
 from tune_losses.divergences import VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
+from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.functional import linear_distillation_loss, linear_kd_loss, linear_log_probs
 from tune_losses.kernels import triton_select, triton_terms
 from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
-from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, TokenStatsTerm
+from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term, TokenStatsTerm
 
 triton = pytest.importorskip("triton")
 INTERPRETED = type(triton.language.sum).__name__ == "InterpretedFunction"
@@ -405,6 +408,64 @@ def test_linear_log_probs_through_the_kernel(dtype, interpret, monkeypatch):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for a, b in zip(results["0"], results["1"]):
         torch.testing.assert_close(a.double(), b.double(), **tol)
+
+
+@dataclass(frozen=True)
+class _RatioTerm(Term):
+    """A policy-like term over the label's log-probability: ``-adv * exp(log q[y] - old)`` per token
+    (``adv``, ``old`` per-token side inputs); ``d value / d log q[y] = value``. Its Triton math uses
+    the log-prob kernel twice: values, then the gradient for the formula's per-token weight."""
+
+    temperature: float = 2.0
+    name: str = "ratio"
+    compilable = False
+
+    def _value(self, lp, inputs, valid):
+        ratio = torch.exp(lp - inputs["old"].to(lp.dtype))
+        return torch.where(valid, -inputs["adv"].to(lp.dtype) * ratio, 0.0)
+
+    def compute(self, chunk, weights, consume_student, consume_teacher):
+        red, t = chunk.reducer, self.temperature
+        (lp,), _ = log_prob_chunk(chunk.student, chunk.labels, chunk.valid, t, red)
+        value = self._value(lp, chunk.inputs, chunk.valid)
+        if weights is None or weights[0] is None:
+            return (value,), None
+        (_,), g = log_prob_chunk(chunk.student, chunk.labels, chunk.valid, t, red, weights=(weights[0] * value, None))
+        return (value,), g
+
+    def triton_chunk_math(self, ignore_index):
+        def run(z, zt, labels, weights, inputs=None):
+            (lp,) = triton_terms.log_prob_chunk_triton(z, labels, self.temperature, ignore_index)
+            value = self._value(lp, inputs, labels != ignore_index)
+            w = None if weights[0] is None else weights[0][0]
+            if w is None:
+                return [value], None
+            triton_terms.log_prob_chunk_triton(z, labels, self.temperature, ignore_index, w_lp=w * value)
+            return [value], z
+
+        return run
+
+
+def test_a_term_of_its_own_through_the_log_prob_kernel(interpret, monkeypatch):
+    """A term defining ``triton_chunk_math`` (an alignment-style formula over log q[y]) runs through
+    the engine's Triton path with its side inputs, matching its eager math."""
+    x, w, _, _, labels = _linear_case(51)
+    g = torch.Generator().manual_seed(52)
+    inputs = {"old": -torch.rand(11, generator=g) * 3, "adv": torch.randn(11, generator=g)}
+    plan = LossPlan(terms=(_RatioTerm(),), chunk_size=4, dw_accumulation="fp32")
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
+        calls = _spy(monkeypatch, triton_terms, "log_prob_chunk_triton")
+        xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
+        loss, _ = run_terms(
+            xs, ws, None, labels, None, None, None, plan, per_token=False, recompute=False, inputs=inputs
+        )
+        loss.backward()
+        assert len(calls) == (6 if mode == "1" else 0)  # 3 chunks: values, then the gradient
+        results[mode] = (loss.detach(), xs.grad, ws.grad)
+    for a, b in zip(results["0"], results["1"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- CUDA
