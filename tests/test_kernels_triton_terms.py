@@ -105,9 +105,11 @@ def test_log_prob_kernel_matches_fp64(dtype, ignore, temperature, entropy, inter
     check_log_probs(dtype, ignore, temperature, entropy)
 
 
-@pytest.mark.parametrize("n,v,block", [(3, 300, 64), (13, 101, 64)])
-def test_log_prob_kernel_odd_shapes_entropy_weight_only(n, v, block, interpret):
-    check_log_probs(torch.float32, "some", 2.0, True, n=n, v=v, block=block, w_lp=False)
+@pytest.mark.parametrize(
+    "n,v,block,dtype", [(3, 300, 64, torch.float32), (13, 101, 64, torch.float16)], ids=["fp32", "fp16"]
+)
+def test_log_prob_kernel_odd_shapes_entropy_weight_only(n, v, block, dtype, interpret):
+    check_log_probs(dtype, "some", 2.0, True, n=n, v=v, block=block, w_lp=False)
 
 
 def test_log_prob_values_only_leave_the_logits(interpret):
@@ -216,7 +218,8 @@ def test_divergence_kernel_matches_fp64(divergence, fields, dtype, temperature, 
     ids=["fkl-eps-z", "jsd-eps", "tvd-softcap", "rkl-softcap-z"],
 )
 def test_divergence_kernel_with_ce_options(divergence, temperature, ce, interpret):
-    for dtype in (torch.float32, torch.bfloat16):
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if divergence == "jsd" else ())
+    for dtype in dtypes:
         check_divergence(divergence, {}, dtype, "some", temperature, ce)
 
 

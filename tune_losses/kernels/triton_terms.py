@@ -162,7 +162,7 @@ def divergence_chunk_triton(
         return ce_out, kd_out
     wk = kd_out if w_kd is None else w_kd.to(torch.float32).contiguous()  # a dummy pointer without a weight
     wc = kd_out if w_ce is None else w_ce.to(torch.float32).contiguous()
-    beta = min(max(kd.beta, 1e-30), 1.0 - 1e-7)  # logs of the mixture weights (read for 0 < beta < 1 only)
+    mixed = 0.0 < kd.beta < 1.0  # JSD's mixture weights' logs (read only then)
     c = ce or CEOptions()
     _kernel("divergence_kernel")[(n,)](
         zs,
@@ -179,8 +179,8 @@ def divergence_chunk_triton(
         1.0 / kd.temperature,
         kd.loss_scale,
         float(mix),
-        math.log(beta),
-        math.log1p(-beta),
+        math.log(kd.beta) if mixed else 0.0,
+        math.log1p(-kd.beta) if mixed else 0.0,
         float(c.label_smoothing),
         float(c.z_loss),
         float(c.softcap or 1.0),
