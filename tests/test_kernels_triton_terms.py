@@ -123,6 +123,22 @@ def test_log_prob_values_only_leave_the_logits(interpret):
     torch.testing.assert_close(h.double(), want_h, **VALUE_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_log_prob_gradient_from_stored_lse(dtype, interpret):
+    """Values first (with the logsumexp), then the gradient sweep alone: the same bits as one call."""
+    z = logits(7, 83, dtype, 41)
+    labels = make_labels((7,), 83, "some", torch.Generator().manual_seed(42))
+    w_lp, w_h = token_weights(labels, 43).float(), token_weights(labels, 44).float()
+    one = z.clone()
+    lp, h = triton_terms.log_prob_chunk_triton(one, labels, 2.0, -100, True, w_lp, w_h, block=32)
+    two = z.clone()
+    lp2, h2, lse = triton_terms.log_prob_chunk_triton(two, labels, 2.0, -100, True, block=32, return_lse=True)
+    assert torch.equal(two, z) and torch.equal(lp, lp2) and torch.equal(h, h2)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z.double() / 2, -1), atol=1e-5, rtol=1e-5)
+    out = triton_terms.log_prob_grad_triton(two, labels, 2.0, -100, lse, w_lp, w_h, entropy=h2, block=32)
+    assert out is two and torch.equal(two, one)
+
+
 def test_log_prob_masked_and_non_finite(interpret):
     z = logits(9, 37, torch.float32, 7)
     labels = make_labels((9,), 37, "some", torch.Generator().manual_seed(8))
@@ -438,13 +454,13 @@ class _RatioTerm(Term):
 
     def triton_chunk_math(self, ignore_index):
         def run(z, zt, labels, weights, inputs=None):
-            (lp,) = triton_terms.log_prob_chunk_triton(z, labels, self.temperature, ignore_index)
+            t = self.temperature
+            lp, lse = triton_terms.log_prob_chunk_triton(z, labels, t, ignore_index, return_lse=True)
             value = self._value(lp, inputs, labels != ignore_index)
             w = None if weights[0] is None else weights[0][0]
             if w is None:
                 return [value], None
-            triton_terms.log_prob_chunk_triton(z, labels, self.temperature, ignore_index, w_lp=w * value)
-            return [value], z
+            return [value], triton_terms.log_prob_grad_triton(z, labels, t, ignore_index, lse, w_lp=w * value)
 
         return run
 
@@ -459,13 +475,14 @@ def test_a_term_of_its_own_through_the_log_prob_kernel(interpret, monkeypatch):
     results = {}
     for mode in ("0", "1"):
         monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
-        calls = _spy(monkeypatch, triton_terms, "log_prob_chunk_triton")
+        values = _spy(monkeypatch, triton_terms, "log_prob_chunk_triton")
+        grads = _spy(monkeypatch, triton_terms, "log_prob_grad_triton")
         xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
         loss, _ = run_terms(
             xs, ws, None, labels, None, None, None, plan, per_token=False, recompute=False, inputs=inputs
         )
         loss.backward()
-        assert len(calls) == (6 if mode == "1" else 0)  # 3 chunks: values, then the gradient
+        assert (len(values), len(grads)) == ((3, 3) if mode == "1" else (0, 0))  # 3 chunks: values, gradient
         results[mode] = (loss.detach(), xs.grad, ws.grad)
     for a, b in zip(results["0"], results["1"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

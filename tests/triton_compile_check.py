@@ -48,9 +48,24 @@ def variants():
     the fullest set of each."""
     for dt in ("bf16", "fp32"):
         rb, full_only = dt == "bf16", dt == "fp32"
-        for ent, wl, wh in [(True, True, True), (False, True, False), (True, False, False)][: 1 if full_only else 3]:
-            flags = dict(HAS_ENTROPY=ent, HAS_GRAD=wl or wh, HAS_W_LP=wl, HAS_W_H=wh, ROUND_BF16=rb, BLOCK=4096)
-            yield dt, f"logprob ent={ent} w_lp={wl} w_h={wh}", triton_terms_source.logprob_kernel, flags
+        sets = [
+            (True, False, True, True),
+            (False, False, True, False),
+            (True, False, False, False),
+            (True, True, True, True),
+        ]
+        for ent, from_lse, wl, wh in sets[: 1 if full_only else 4]:
+            flags = dict(
+                HAS_ENTROPY=ent,
+                FROM_LSE=from_lse,
+                HAS_GRAD=wl or wh,
+                HAS_W_LP=wl,
+                HAS_W_H=wh,
+                ROUND_BF16=rb,
+                BLOCK=4096,
+            )
+            name = f"logprob ent={ent} from_lse={from_lse} w_lp={wl} w_h={wh}"
+            yield dt, name, triton_terms_source.logprob_kernel, flags
         for code in range(5):
             sets = [(True, True, True, True), (False, False, False, True), (True, False, False, False)]
             for ce, own, opts, grad in sets[: 1 if full_only else (3 if code == 3 else 2)]:
