@@ -1,7 +1,9 @@
 """head_source: what Transformers' own forwards do between backbone and loss, read from their source
 (no model is built: class source only)."""
 
+import importlib
 import re
+import sys
 
 import pytest
 
@@ -54,14 +56,46 @@ def test_structure_read_from_the_forward(name, head, field, value):
 
 
 @pytest.mark.parametrize(
-    "name,what",
+    "name,head,what",
     [
-        ("XLMWithLMHeadModel", "self.pred_layer(hidden_states, labels)"),  # the head computes the loss itself
+        ("XLMWithLMHeadModel", ("pred_layer", "proj"), "self.pred_layer(hidden_states, labels)"),  # its own loss
+        # GIT drops its image tokens' logits and shifts the labels itself before self.loss_function.
+        ("GitForCausalLM", ("output",), "loss_function(logits=shifted_logits, labels=None"),
     ],
 )
-def test_unrecognised_steps_raise_naming_the_model_and_step(name, what):
+def test_unrecognised_steps_raise_naming_the_model_and_step(name, head, what):
     with pytest.raises(ValueError, match=rf"{name}\.forward .*{re.escape(what)}"):
-        spec(name, ("pred_layer", "proj"))
+        spec(name, head)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "self.loss_function(logits=logits[:, 1:], labels=labels, vocab_size=self.config.vocab_size)",
+        "self.loss_function(logits=logits, labels=labels[:, 1:], vocab_size=self.config.vocab_size)",
+        "self.loss_function(logits=other, labels=labels, vocab_size=self.config.vocab_size)",
+        "self.loss_function(logits, None, self.config.vocab_size, shift_labels=labels)",
+    ],
+)
+def test_a_loss_function_given_other_logits_or_labels_raises(call, tmp_path, monkeypatch):
+    # A module file, so that the reader gets the forward's source as it does for Transformers' classes.
+    (tmp_path / "custom_loss_call.py").write_text(
+        "import transformers\n\n\n"
+        "class Custom(transformers.LlamaForCausalLM):\n"
+        "    def forward(self, input_ids=None, labels=None, **kwargs):\n"
+        "        outputs = self.model(input_ids=input_ids, **kwargs)\n"
+        "        logits = self.lm_head(outputs.last_hidden_state)\n"
+        "        other = logits * 2\n"
+        f"        loss = {call}\n"
+        "        return loss, logits\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("custom_loss_call")
+    try:
+        with pytest.raises(ValueError, match="passes self.loss_function something other than `logits`"):
+            _read_forward(module.Custom, ("lm_head",))
+    finally:
+        sys.modules.pop("custom_loss_call", None)
 
 
 def test_a_scale_under_an_unrelated_condition_raises():

@@ -159,6 +159,11 @@ def read_head(model) -> HeadSpec:
         raise ValueError(
             f"model: {name} has no output embeddings (get_output_embeddings() gave None); expected a causal LM"
         )
+    if isinstance(head, torch.nn.ModuleList):  # MusicGen: one output layer per codebook, losses summed
+        raise ValueError(
+            f"model: {name}'s output embeddings are {len(head)} layers (a ModuleList, one per codebook); the "
+            f"fused loss takes one output layer, so it is not patched"
+        )
     head_path = next((tuple(p.split(".")) for p, m in model.named_modules() if m is head and p), None)
     if head_path is None:
         raise ValueError(f"model: {name}'s output layer (get_output_embeddings()) is not one of its modules")
@@ -427,6 +432,9 @@ def _read_forward(cls, head: Chain) -> HeadSpec:
         raise fail("computes its loss neither with self.loss_function nor with a plain CrossEntropyLoss()")
     if loss_kind is None:
         raise fail("uses self.loss_function in an unrecognised way", stmts[i_loss])
+    if loss_kind == CAUSAL and not _loss_reads(stmts[i_loss].value, logits):
+        # e.g. GIT: loss_function(logits=logits[:, num_image_tokens:-1], labels=None, shift_labels=...)
+        raise fail(f"passes self.loss_function something other than `{logits}` and `labels`", stmts[i_loss])
     softcap: Optional[Chain] = None
     softcap_module: Optional[Chain] = None
     pending_cap: Optional[Chain] = None  # logits = logits / s, awaiting tanh and * s
@@ -596,6 +604,20 @@ def _find_loss(stmts, i_head: int, logits: str):
         ):
             return i, UNSHIFTED
     return None, None
+
+
+def _loss_reads(call: ast.Call, logits: str) -> bool:
+    """``self.loss_function`` gets the output layer's logits (``logits``, maybe cast) and the forward's
+    ``labels``, by keyword or as its first two arguments: what the fused loss is given in their place."""
+    given = dict(zip(("logits", "labels"), call.args))
+    given.update({k.arg: k.value for k in call.keywords if k.arg in ("logits", "labels")})
+    got, labels = given.get("logits"), given.get("labels")
+    return (
+        got is not None
+        and ((isinstance(got, ast.Name) and got.id == logits) or _is_cast(got, logits))
+        and isinstance(labels, ast.Name)
+        and labels.id == "labels"
+    )
 
 
 def _call_name(call) -> Optional[str]:

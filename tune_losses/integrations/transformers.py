@@ -121,6 +121,7 @@ def patch(model, *, train_only: bool = True, **ce_options):
     hf = unwrap_model(model)
     if is_patched(hf):
         unpatch(hf)
+    _check_takes_labels(hf)
     spec = read_head(hf)
     if "softcap" in ce_options and spec.softcap is not None:
         raise ValueError(
@@ -152,6 +153,17 @@ def unpatch(model):
 
 def is_patched(model) -> bool:
     return _STATE in unwrap_model(model).__dict__
+
+
+def _check_takes_labels(hf) -> None:
+    """A forward without a ``labels`` argument computes no loss (a speculative-decoding drafter's, fed
+    another model's hidden states): there is nothing for the fused loss to replace."""
+    cls = forward_class(type(hf))
+    if "labels" not in inspect.signature(cls.forward).parameters:
+        raise ValueError(
+            f"model: {cls.__name__}.forward takes no labels, so it computes no loss for the fused loss to "
+            f"replace; it is not patched"
+        )
 
 
 def _check_loss_function(hf, spec: HeadSpec) -> None:
