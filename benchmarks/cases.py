@@ -320,15 +320,13 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
         # "ours@128": an explicit chunk size (tokens), for benchmarks.sweep_chunks. "ours_eager": the
         # per-chunk math without torch.compile (the environment switch is read at every call).
         name, _, chunk = method.partition("@")
-        kw = {
-            "algorithm": "recompute" if name == "ours_recompute" else "auto",
-            "chunk_size": int(chunk) if chunk else None,
-        }
-        if name == "ours_drop":
-            kw["drop_ignored_tokens"] = True
-        if name == "ours_fp32":
-            kw["dw_accumulation"] = "fp32"
-        divergence = {"distill_jsd": "jsd"}.get(task, "forward_kl")
+        execution = tune_losses.ExecutionOptions(
+            algorithm="recompute" if name == "ours_recompute" else "auto",
+            drop_ignored_tokens=name == "ours_drop",
+            dw_accumulation="fp32" if name == "ours_fp32" else "auto",
+        )
+        kw = {"execution": execution, "chunk_size": int(chunk) if chunk else None}
+        kd = tune_losses.KDOptions({"distill_jsd": "jsd"}.get(task, "forward_kl"), beta=0.5)
 
         def call(hidden, weight, labels, t_hidden=None, t_weight=None, teacher_ids=None, teacher_logprobs=None):
             if task == "sparse_kd":
@@ -339,11 +337,10 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
             if task in ("ce", "ce_prompt"):
                 return tune_losses.linear_cross_entropy(hidden, weight, labels, **kw)
             if task == "kd":
-                return tune_losses.linear_kd_loss(
-                    hidden, weight, t_hidden, t_weight, labels, divergence=divergence, **kw
-                )
+                return tune_losses.linear_kd_loss(hidden, weight, t_hidden, t_weight, labels, options=kd, **kw)
+            options = tune_losses.DistillationOptions(kd_ratio=0.5, kd=kd)
             return tune_losses.linear_distillation_loss(
-                hidden, weight, t_hidden, t_weight, labels, kd_ratio=0.5, divergence=divergence, beta=0.5, **kw
+                hidden, weight, t_hidden, t_weight, labels, options=options, **kw
             ).loss
 
         def fn(**inputs):

@@ -62,7 +62,7 @@ def _worker(job: dict) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from tune_losses import linear_cross_entropy, linear_kd_loss
+    from tune_losses import VocabParallelOptions, linear_cross_entropy, linear_kd_loss
     from tune_losses.fused.vocab_parallel import even_shard_sizes
 
     device = job["device"]
@@ -91,7 +91,7 @@ def _worker(job: dict) -> None:
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     group = dist.group.WORLD if world > 1 else None
-    par = dict(process_group=group, vocab_start=start, vocab_size=v) if world > 1 else {}
+    par = dict(parallel=VocabParallelOptions(process_group=group, vocab_start=start, vocab_size=v)) if world > 1 else {}
     mesh = None
     if method == "loss_parallel":
         from torch.distributed.device_mesh import init_device_mesh

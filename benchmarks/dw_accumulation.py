@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tune_losses.fused.functional import linear_cross_entropy
+from tune_losses.options import CEOptions, ExecutionOptions
 
 MODES = ("fp32", "chunk", "blocked")
 
@@ -40,7 +41,14 @@ def measure(n: int, h: int, v: int, chunks, seed: int = 0) -> dict:
     for mode in MODES:
         for c in chunks:
             wl = w.clone().requires_grad_()
-            linear_cross_entropy(x, wl, labels, chunk_size=n // c, dw_accumulation=mode, validate=False).backward()
+            linear_cross_entropy(
+                x,
+                wl,
+                labels,
+                chunk_size=n // c,
+                options=CEOptions(validate=False),
+                execution=ExecutionOptions(dw_accumulation=mode),
+            ).backward()
             out[(mode, c)] = rel_error(wl.grad, ref)
     return out
 

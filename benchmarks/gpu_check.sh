@@ -63,7 +63,7 @@ for stage in "${STAGES[@]}"; do
       env_report ;;
     tests)
       log "gpu-marked tests"
-      timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_triton.py 2>&1 | tail -n 40 \
+      timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_triton*.py 2>&1 | tail -n 40 \
         | tee "$OUT_DIR/gpu_tests.txt"
       log "gpu tests: exit ${PIPESTATUS[0]}" ;;
     plan)

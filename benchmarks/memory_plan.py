@@ -75,21 +75,23 @@ def plan(
         ``{"peak": bytes, "floor": bytes (dX + dW in ``dtype``), "ratio": peak / floor}``.
     """
     from tune_losses.fused.functional import linear_cross_entropy, linear_distillation_loss
+    from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
 
     meta = torch.device("meta")
     x = torch.empty(n, h, dtype=dtype, device=meta, requires_grad=True)
     w = torch.empty(v, h, dtype=dtype, device=meta, requires_grad=True)
     labels = torch.empty(n, dtype=torch.long, device=meta)
-    kw = {} if dw_accumulation is None else {"dw_accumulation": dw_accumulation}
+    execution = ExecutionOptions(dw_accumulation="auto" if dw_accumulation is None else dw_accumulation)
     if task == "distill":
         tx = torch.empty(n, teacher_h, dtype=dtype, device=meta)
         tw = torch.empty(v, teacher_h, dtype=dtype, device=meta)
     mode = LiveBytes()
     with mode:
         if task == "ce":
-            loss = linear_cross_entropy(x, w, labels, validate=False, **kw)
+            loss = linear_cross_entropy(x, w, labels, options=CEOptions(validate=False), execution=execution)
         elif task == "distill":
-            loss = linear_distillation_loss(x, w, tx, tw, labels, validate=False, **kw).loss
+            options = DistillationOptions(kd=KDOptions(validate=False))
+            loss = linear_distillation_loss(x, w, tx, tw, labels, options=options, execution=execution).loss
         else:
             raise ValueError(f"task: expected 'ce' or 'distill', got {task!r}")
         loss.backward()

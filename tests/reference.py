@@ -283,3 +283,43 @@ def ref_log_probs(logits: Logits, labels: torch.Tensor, *, temperature: float = 
     ent = -_kl(q, log_q, torch.zeros_like(log_q))
     zero = torch.zeros_like(lp)
     return torch.where(valid, lp, zero).reshape(labels.shape), torch.where(valid, ent, zero).reshape(labels.shape)
+
+
+# ------------------------------------------------------------------ options of a parameter sweep
+
+_PARALLEL = ("process_group", "vocab_parallel", "vocab_start", "vocab_size")
+_EXECUTION = ("algorithm", "drop_ignored_tokens", "dw_accumulation")
+_KD = ("divergence", "temperature", "beta", "sym_kd_ratio", "scale_by_temperature_squared", "teacher_vocab")
+
+
+def object_form(loss: str, **flat) -> dict:
+    """Keyword arguments for a fused loss (``loss``: ``"ce"``, ``"kd"``, ``"distillation"``,
+    ``"log_probs"`` or ``"sparse"``) from a sweep's flat options: the term options go into
+    ``options=`` (CEOptions / KDOptions / DistillationOptions), the placement ones into ``parallel=``,
+    the execution ones into ``execution=``; ``ignore_index`` and ``validate`` join the term options
+    (the cross-entropy's ``ignore_index`` and the plain arguments of ``log_probs`` / ``sparse`` stay)."""
+    from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions, VocabParallelOptions
+
+    kw = dict(flat)
+
+    def take(names):
+        return {k: kw.pop(k) for k in names if k in kw}
+
+    parallel, execution = take(_PARALLEL), take(_EXECUTION)
+    if loss == "ce":
+        ce = take(("label_smoothing", "z_loss", "softcap", "validate"))
+        if ce:
+            kw["options"] = CEOptions(ignore_index=kw.pop("ignore_index", -100), **ce)
+    elif loss == "kd":
+        kw["options"] = KDOptions(**take(_KD + ("ignore_index", "validate")))
+    elif loss == "distillation":
+        mix, kd = take(("kd_ratio", "label_smoothing")), KDOptions(**take(_KD + ("ignore_index", "validate")))
+        ce = CEOptions(kd.ignore_index, mix.get("label_smoothing", 0.0), validate=kd.validate)
+        kw["options"] = DistillationOptions(mix.get("kd_ratio", 0.5), kd, ce)
+    elif loss not in ("log_probs", "sparse"):
+        raise ValueError(f"loss: expected ce, kd, distillation, log_probs or sparse, got {loss!r}")
+    if parallel:
+        kw["parallel"] = VocabParallelOptions(**parallel)
+    if execution:
+        kw["execution"] = ExecutionOptions(**execution)
+    return kw

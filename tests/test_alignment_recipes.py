@@ -6,6 +6,8 @@ Slow (each run pays torchtune's import); the 2-rank one also distributed.
 import pytest
 from test_recipes import _assert_same_first_steps, tune_run
 
+from tune_losses.training.dpo import METRICS  # torchtune's DPO metric names
+
 pytestmark = pytest.mark.slow
 
 SHORT = [
@@ -19,14 +21,6 @@ SHORT = [
     "optimizer.lr=1e-3",
 ]
 TORCHTUNE_DPO = ["loss._component_=torchtune.rlhf.loss.DPOLoss", "~loss.loss_type", "~loss.nll_weight"]
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "log_probs/chosen",
-    "log_probs/rejected",
-)
 
 
 @pytest.mark.distributed

@@ -9,6 +9,7 @@ from reference import make_labels
 
 from tune_losses import linear_cross_entropy, linear_distillation_loss
 from tune_losses.fused import compiled
+from tune_losses.options import CEOptions, DistillationOptions, KDOptions
 
 
 def gen(seed):
@@ -22,18 +23,8 @@ def _run(n, divergence, seed=0, hdim=16, vocab=300, temperature=2.0):
     b = torch.randn(vocab, generator=g)
     labels = make_labels((n,), vocab, "some", gen(seed + 1))
     hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
-    out = linear_distillation_loss(
-        hh,
-        ww,
-        th,
-        tw,
-        labels,
-        student_bias=bb,
-        divergence=divergence,
-        chunk_size=32,
-        label_smoothing=0.1,
-        temperature=temperature,
-    )
+    options = DistillationOptions(kd=KDOptions(divergence, temperature), ce=CEOptions(label_smoothing=0.1))
+    out = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, chunk_size=32, options=options)
     out.loss.backward()
     return [out.loss.detach(), out.ce, out.kd, hh.grad, ww.grad, bb.grad]
 
@@ -68,7 +59,7 @@ def test_user_compile_of_model_and_loss_with_compiled_math_on(monkeypatch):
 
     def step(inp):
         return linear_cross_entropy(
-            torch.tanh(lin(inp)), head.weight, labels, bias=head.bias, chunk_size=5, validate=False
+            torch.tanh(lin(inp)), head.weight, labels, bias=head.bias, chunk_size=5, options=CEOptions(validate=False)
         )
 
     eager = step(x)

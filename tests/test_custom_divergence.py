@@ -44,7 +44,13 @@ def test_fused_loss_with_an_autograd_divergence_matches_fp64(dtype, ignore):
     labels = make_labels((n,), vocab, ignore, torch.Generator().manual_seed(1))
     x, wx = h.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
     loss = linear_kd_loss(
-        x, wx, th.to(dtype), tw.to(dtype), labels, divergence="test_hellinger", temperature=temperature, chunk_size=8
+        x,
+        wx,
+        th.to(dtype),
+        tw.to(dtype),
+        labels,
+        chunk_size=8,
+        options=KDOptions(divergence="test_hellinger", temperature=temperature),
     )
     loss.backward()
     xr, wr = h.to(dtype).double().requires_grad_(), w.to(dtype).double().requires_grad_()

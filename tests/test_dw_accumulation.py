@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import make_labels, ref_ce, ref_kd, ref_log_probs
+from reference import make_labels, object_form, ref_ce, ref_kd, ref_log_probs
 
 from tune_losses.fused import dw_accumulation as dwa
 from tune_losses.fused.functional import (
@@ -15,6 +15,7 @@ from tune_losses.fused.functional import (
     linear_kd_loss,
     linear_log_probs,
 )
+from tune_losses.options import CEOptions, ExecutionOptions, KDOptions
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -60,11 +61,20 @@ def ref_grads(loss_fn, x, w, b=None):
     return loss.detach(), grads
 
 
+_KINDS = {
+    linear_cross_entropy: "ce",
+    linear_kd_loss: "kd",
+    linear_distillation_loss: "distillation",
+    linear_log_probs: "log_probs",
+}
+
+
 def ours(fn, x, w, b, *args, **kw):
+    """``fn``'s loss and gradients; ``kw`` flat options, put in the options objects here."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
     if b is not None:
         kw["bias" if fn in (linear_cross_entropy, linear_log_probs) else "student_bias"] = leaves[2]
-    out = fn(leaves[0], leaves[1], *args, **kw)
+    out = fn(leaves[0], leaves[1], *args, **object_form(_KINDS[fn], **kw))
     loss = out.loss if hasattr(out, "loss") else out
     loss.backward()
     return loss.detach(), [t.grad for t in leaves]
@@ -139,7 +149,12 @@ def test_blocked_fp64_passes_gradcheck(small_blocks):
 
     def f(x, w):
         return linear_cross_entropy(
-            x, w, labels, label_smoothing=0.1, chunk_size=2, algorithm="recompute", dw_accumulation="blocked"
+            x,
+            w,
+            labels,
+            chunk_size=2,
+            options=CEOptions(label_smoothing=0.1),
+            execution=ExecutionOptions(algorithm="recompute", dw_accumulation="blocked"),
         )
 
     assert torch.autograd.gradcheck(f, (x, w))
@@ -201,10 +216,18 @@ def test_blocked_refuses_unsupported_terms():
     x, w, _, labels, tx, tw = make(teacher=True)
     tw = torch.cat([tw, tw[:3]])  # padding rows
     with pytest.raises(ValueError, match="dw_accumulation.*teacher_vocab='pad_student'"):
-        linear_kd_loss(x.requires_grad_(), w, tx, tw, labels, teacher_vocab="pad_student", dw_accumulation="blocked")
+        linear_kd_loss(
+            x.requires_grad_(),
+            w,
+            tx,
+            tw,
+            labels,
+            options=KDOptions(teacher_vocab="pad_student"),
+            execution=ExecutionOptions(dw_accumulation="blocked"),
+        )
 
 
 def test_bad_value_names_the_argument():
     x, w, _, labels = make()
     with pytest.raises(ValueError, match="dw_accumulation: expected one of"):
-        linear_cross_entropy(x, w, labels, dw_accumulation="bf16")
+        linear_cross_entropy(x, w, labels, execution=ExecutionOptions(dw_accumulation="bf16"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import make_labels, ref_ce
+from reference import make_labels, object_form, ref_ce
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tune_losses import (
@@ -20,6 +20,7 @@ from tune_losses import (
     linear_distillation_loss,
     linear_kd_loss,
 )
+from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
 
 DIVERGENCES = [
     ("forward_kl", {}),
@@ -81,11 +82,15 @@ def test_matmul_work_per_call(kind, algorithm):
     unit = 2 * n * hdim * vocab
     with MatmulFlops() as counter:
         if kind == "ce":
-            loss = linear_cross_entropy(hh, ww, labels, chunk_size=16, algorithm=algorithm)
+            loss = linear_cross_entropy(hh, ww, labels, chunk_size=16, execution=ExecutionOptions(algorithm=algorithm))
         elif kind == "kd":
-            loss = linear_kd_loss(hh, ww, th, tw, labels, chunk_size=16, algorithm=algorithm)
+            loss = linear_kd_loss(
+                hh, ww, th, tw, labels, chunk_size=16, execution=ExecutionOptions(algorithm=algorithm)
+            )
         else:
-            loss = linear_distillation_loss(hh, ww, th, tw, labels, chunk_size=16, algorithm=algorithm).loss
+            loss = linear_distillation_loss(
+                hh, ww, th, tw, labels, chunk_size=16, execution=ExecutionOptions(algorithm=algorithm)
+            ).loss
         loss.backward()
     # student logits, dX, dW (+ the teacher's logits); recompute makes the logits once more in backward.
     expected = {"ce": 3, "kd": 4, "distillation": 4}[kind] + (1 + (kind != "ce") if algorithm == "recompute" else 0)
@@ -103,10 +108,19 @@ def _poison(t, value, row):
 
 def _fused_losses(h, w, b, th, tw, labels, divergence, extra):
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    out = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=b, divergence=divergence, chunk_size=5, **extra)
+    options = DistillationOptions(kd=KDOptions(divergence, **extra))
+    out = linear_distillation_loss(hh, ww, th, tw, labels, student_bias=b, chunk_size=5, options=options)
     out.loss.backward()
     kd = linear_kd_loss(
-        h, w, th, tw, labels, student_bias=b, divergence=divergence, chunk_size=5, algorithm="recompute", **extra
+        h,
+        w,
+        th,
+        tw,
+        labels,
+        student_bias=b,
+        chunk_size=5,
+        options=KDOptions(divergence=divergence, **extra),
+        execution=ExecutionOptions(algorithm="recompute"),
     )
     return out, kd, hh.grad
 
@@ -143,7 +157,9 @@ def test_non_finite_hidden_state_in_cross_entropy(value):
     row = int((labels != -100).nonzero()[0])
     h = _poison(h, value, row)
     for algorithm in ("grad_in_forward", "recompute"):
-        assert not torch.isfinite(linear_cross_entropy(h, w, labels, bias=b, algorithm=algorithm, chunk_size=7))
+        assert not torch.isfinite(
+            linear_cross_entropy(h, w, labels, bias=b, chunk_size=7, execution=ExecutionOptions(algorithm=algorithm))
+        )
     z = F.linear(h, w, b)[None]
     assert not torch.isfinite(CEWithChunkedOutputLoss(2)(list(z.tensor_split(2, 1)), labels[None]))
 
@@ -152,7 +168,9 @@ def test_non_finite_at_an_ignored_token_does_not_reach_the_loss():
     h, w, b, th, tw, labels = inputs(seed=7)
     row = int((labels == -100).nonzero()[0])
     h, th = _poison(h, float("nan"), row), _poison(th, float("nan"), row)
-    out = linear_distillation_loss(h, w, th, tw, labels, student_bias=b, chunk_size=5, divergence="jsd")
+    out = linear_distillation_loss(
+        h, w, th, tw, labels, student_bias=b, chunk_size=5, options=DistillationOptions(kd=KDOptions(divergence="jsd"))
+    )
     assert torch.isfinite(out.loss) and torch.isfinite(out.kd) and torch.isfinite(out.ce)
 
 
@@ -163,8 +181,9 @@ def test_masked_vocabulary_entries_stay_finite(divergence, extra):
     b = b.clone()
     b[[3, 11]] = float("-inf")
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    options = DistillationOptions(kd=KDOptions(divergence, **extra))
     out = linear_distillation_loss(
-        hh, ww, th, tw, labels, student_bias=b, teacher_bias=b, divergence=divergence, chunk_size=5, **extra
+        hh, ww, th, tw, labels, student_bias=b, teacher_bias=b, chunk_size=5, options=options
     )
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(hh.grad).all() and torch.isfinite(ww.grad).all()
@@ -177,7 +196,7 @@ def test_masked_vocabulary_entries_stay_finite(divergence, extra):
 def test_modified_in_place_between_forward_and_backward_raises(which):
     h, w, b, th, tw, labels = inputs(seed=9)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = linear_cross_entropy(hh, ww, labels, algorithm="grad_in_forward")
+    loss = linear_cross_entropy(hh, ww, labels, execution=ExecutionOptions(algorithm="grad_in_forward"))
     with torch.no_grad():
         (ww if which == "weight" else hh).mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -193,7 +212,7 @@ def test_modified_in_place_between_forward_and_backward_raises(which):
 def test_backward_twice_error_explains_gradcheck():
     h, w, b, th, tw, labels = inputs(seed=10)
     hh = h.clone().requires_grad_()
-    loss = linear_cross_entropy(hh, w, labels, algorithm="grad_in_forward")
+    loss = linear_cross_entropy(hh, w, labels, execution=ExecutionOptions(algorithm="grad_in_forward"))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="gradcheck"):
         loss.backward()
@@ -214,11 +233,9 @@ def test_fp64_cross_entropy_gradcheck(reduction):
             labels,
             bias=bb,
             reduction=reduction,
-            algorithm="recompute",
             chunk_size=3,
-            label_smoothing=0.1,
-            z_loss=1e-2,
-            softcap=3.0,
+            options=CEOptions(label_smoothing=0.1, z_loss=1e-2, softcap=3.0),
+            execution=ExecutionOptions(algorithm="recompute"),
         )
 
     out = fn(*leaves)
@@ -233,20 +250,12 @@ def test_fp64_divergence_gradcheck(divergence, extra):
     h, w, b, th, tw, labels = inputs(n=7, hdim=3, vocab=6, seed=12, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
 
+    kw = dict(
+        options=DistillationOptions(kd=KDOptions(divergence, 1.5, **extra)), execution=ExecutionOptions("recompute")
+    )
+
     def fn(hh, ww, bb):
-        return linear_distillation_loss(
-            hh,
-            ww,
-            th,
-            tw,
-            labels,
-            student_bias=bb,
-            divergence=divergence,
-            temperature=1.5,
-            algorithm="recompute",
-            chunk_size=3,
-            **extra,
-        ).loss
+        return linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, chunk_size=3, **kw).loss
 
     assert fn(*leaves).dtype == torch.float64
     assert torch.autograd.gradcheck(fn, leaves)
@@ -275,7 +284,7 @@ def test_scale_multiplies_the_sum_before_the_cast():
     grads = []
     for kw in (dict(num_tokens=count), dict(reduction="sum", scale=1.0 / count.double())):
         hh = h.clone().requires_grad_()
-        loss = linear_cross_entropy(hh, w, labels, bias=b, chunk_size=16, **kw)
+        loss = linear_cross_entropy(hh, w, labels, bias=b, chunk_size=16, **object_form("ce", **kw))
         loss.backward()
         grads.append((loss.detach(), hh.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tune_losses as tl
+from tune_losses.options import ExecutionOptions, KDOptions
 
 V, H = 11, 6
 
@@ -33,9 +34,11 @@ def _grads(fn, x, w):
 CASES = {
     "ce": lambda x, w, tx, tw, y: tl.linear_cross_entropy(x, w, y),
     "kd_forward_kl": lambda x, w, tx, tw, y: tl.linear_kd_loss(x, w, tx, tw, y),
-    "kd_jsd": lambda x, w, tx, tw, y: tl.linear_kd_loss(x, w, tx, tw, y, divergence="jsd"),
+    "kd_jsd": lambda x, w, tx, tw, y: tl.linear_kd_loss(x, w, tx, tw, y, options=KDOptions(divergence="jsd")),
     "distillation": lambda x, w, tx, tw, y: tl.linear_distillation_loss(x, w, tx, tw, y).loss,
-    "ce_recompute": lambda x, w, tx, tw, y: tl.linear_cross_entropy(x, w, y, algorithm="recompute"),
+    "ce_recompute": lambda x, w, tx, tw, y: tl.linear_cross_entropy(
+        x, w, y, execution=ExecutionOptions(algorithm="recompute")
+    ),
 }
 
 

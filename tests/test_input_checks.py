@@ -43,7 +43,7 @@ from tune_losses import (
     split_tokens,
 )
 from tune_losses.chunking import token_chunk_bounds
-from tune_losses.options import ArgumentTypeError
+from tune_losses.options import ArgumentTypeError, DistillationOptions, ExecutionOptions, VocabParallelOptions
 
 B, S, H, HT, V = 2, 5, 8, 6, 11
 
@@ -118,7 +118,7 @@ CASES = [
     ("fused_ce_V0", lambda: linear_cross_entropy(h, w[:0], labels), VE, "weight", r"\(0, 8\)"),
     (
         "fused_ce_V0_unvalidated",
-        lambda: linear_cross_entropy(h, w[:0], labels, validate=False),
+        lambda: linear_cross_entropy(h, w[:0], labels, options=CEOptions(validate=False)),
         VE,
         "weight",
         r"\(0, 8\)",
@@ -141,8 +141,14 @@ CASES = [
     ("fused_hidden_list", lambda: linear_cross_entropy(list(h), w, labels), T, "hidden", "list of 2"),
     ("fused_teacher_hidden_list", lambda: linear_kd_loss(h, w, list(th), tw, labels), T, "teacher_hidden", "list of 2"),
     ("module_hidden_list", lambda: _lce_forward(list(h), labels), T, "hidden", "list of 2"),
-    ("temperature_inf", lambda: linear_kd_loss(h, w, th, tw, labels, temperature=math.inf), VE, "temperature", "inf"),
-    ("z_loss_nan", lambda: linear_cross_entropy(h, w, labels, z_loss=math.nan), VE, "z_loss", "nan"),
+    (
+        "temperature_inf",
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(temperature=math.inf)),
+        VE,
+        "temperature",
+        "inf",
+    ),
+    ("z_loss_nan", lambda: linear_cross_entropy(h, w, labels, options=CEOptions(z_loss=math.nan)), VE, "z_loss", "nan"),
     ("chunk_size_true", lambda: linear_cross_entropy(h, w, labels, chunk_size=True), T, "chunk_size", "True"),
     ("kd_label_minus_one", lambda: linear_kd_loss(h, w, th, tw, minus_one), VE, "labels", "-1"),
     ("distill_label_minus_one", lambda: linear_distillation_loss(h, w, th, tw, minus_one), VE, "labels", "-1"),
@@ -171,15 +177,45 @@ CASES = [
         "0",
     ),
     # --- the rest of the sweep: non-finite / bool / wrong-type options ------------------------------
-    ("temperature_nan", lambda: linear_kd_loss(h, w, th, tw, labels, temperature=math.nan), VE, "temperature", "nan"),
-    ("temperature_bool", lambda: linear_kd_loss(h, w, th, tw, labels, temperature=True), T, "temperature", "True"),
-    ("temperature_str", lambda: linear_kd_loss(h, w, th, tw, labels, temperature="2"), T, "temperature", "'2'"),
-    ("z_loss_inf", lambda: linear_cross_entropy(h, w, labels, z_loss=math.inf), VE, "z_loss", "inf"),
-    ("z_loss_negative", lambda: linear_cross_entropy(h, w, labels, z_loss=-0.1), VE, "z_loss", r"-0\.1"),
-    ("softcap_inf", lambda: linear_cross_entropy(h, w, labels, softcap=math.inf), VE, "softcap", "inf"),
+    (
+        "temperature_nan",
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(temperature=math.nan)),
+        VE,
+        "temperature",
+        "nan",
+    ),
+    (
+        "temperature_bool",
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(temperature=True)),
+        T,
+        "temperature",
+        "True",
+    ),
+    (
+        "temperature_str",
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(temperature="2")),
+        T,
+        "temperature",
+        "'2'",
+    ),
+    ("z_loss_inf", lambda: linear_cross_entropy(h, w, labels, options=CEOptions(z_loss=math.inf)), VE, "z_loss", "inf"),
+    (
+        "z_loss_negative",
+        lambda: linear_cross_entropy(h, w, labels, options=CEOptions(z_loss=-0.1)),
+        VE,
+        "z_loss",
+        r"-0\.1",
+    ),
+    (
+        "softcap_inf",
+        lambda: linear_cross_entropy(h, w, labels, options=CEOptions(softcap=math.inf)),
+        VE,
+        "softcap",
+        "inf",
+    ),
     (
         "label_smoothing_bool",
-        lambda: linear_cross_entropy(h, w, labels, label_smoothing=True),
+        lambda: linear_cross_entropy(h, w, labels, options=CEOptions(label_smoothing=True)),
         T,
         "label_smoothing",
         "True",
@@ -193,20 +229,66 @@ CASES = [
         "ignore_index",
         r"-100\.0",
     ),
-    ("ignore_index_none", lambda: linear_kd_loss(h, w, th, tw, labels, ignore_index=None), T, "ignore_index", "None"),
-    ("validate_str", lambda: linear_cross_entropy(h, w, labels, validate="no"), T, "validate", "'no'"),
-    ("kd_validate_int", lambda: linear_kd_loss(h, w, th, tw, labels, validate=1), T, "validate", "1"),
-    ("kd_ratio_bool", lambda: linear_distillation_loss(h, w, th, tw, labels, kd_ratio=True), T, "kd_ratio", "True"),
-    ("kd_ratio_nan", lambda: linear_distillation_loss(h, w, th, tw, labels, kd_ratio=math.nan), VE, "kd_ratio", "nan"),
-    ("beta_inf", lambda: linear_kd_loss(h, w, th, tw, labels, divergence="jsd", beta=math.inf), VE, "beta", "inf"),
+    (
+        "ignore_index_none",
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(ignore_index=None)),
+        T,
+        "ignore_index",
+        "None",
+    ),
+    (
+        "validate_str",
+        lambda: linear_cross_entropy(h, w, labels, options=CEOptions(validate="no")),
+        T,
+        "validate",
+        "'no'",
+    ),
+    (
+        "kd_validate_int",
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(validate=1)),
+        T,
+        "validate",
+        "1",
+    ),
+    (
+        "kd_ratio_bool",
+        lambda: linear_distillation_loss(
+            h, w, th, tw, labels, options=DistillationOptions(kd_ratio=True, kd=KDOptions())
+        ),
+        T,
+        "kd_ratio",
+        "True",
+    ),
+    (
+        "kd_ratio_nan",
+        lambda: linear_distillation_loss(
+            h, w, th, tw, labels, options=DistillationOptions(kd_ratio=math.nan, kd=KDOptions())
+        ),
+        VE,
+        "kd_ratio",
+        "nan",
+    ),
+    (
+        "beta_inf",
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(divergence="jsd", beta=math.inf)),
+        VE,
+        "beta",
+        "inf",
+    ),
     (
         "scale_by_temperature_squared_str",
-        lambda: linear_kd_loss(h, w, th, tw, labels, scale_by_temperature_squared="yes"),
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(scale_by_temperature_squared="yes")),
         T,
         "scale_by_temperature_squared",
         "'yes'",
     ),
-    ("divergence_none", lambda: linear_kd_loss(h, w, th, tw, labels, divergence=None), VE, "divergence", "None"),
+    (
+        "divergence_none",
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(divergence=None)),
+        VE,
+        "divergence",
+        "None",
+    ),
     # --- wrong tensor types and shapes at the fused entry points ------------------------------------
     ("fused_weight_list", lambda: linear_cross_entropy(h, list(w), labels), T, "weight", "list of 11"),
     ("fused_hidden_numpy", lambda: linear_cross_entropy(h.numpy(), w, labels), T, "hidden", "ndarray"),
@@ -224,13 +306,25 @@ CASES = [
     ),
     (
         "vocab_parallel_str",
-        lambda: linear_cross_entropy(h, w, labels, vocab_parallel="yes"),
+        lambda: linear_cross_entropy(h, w, labels, parallel=VocabParallelOptions(vocab_parallel="yes")),
         T,
         "vocab_parallel",
         "'yes'",
     ),
-    ("vocab_start_bool", lambda: linear_kd_loss(h, w, th, tw, labels, vocab_start=True), T, "vocab_start", "True"),
-    ("vocab_size_zero", lambda: linear_cross_entropy(h, w, labels, vocab_size=0), VE, "vocab_size", "0"),
+    (
+        "vocab_start_bool",
+        lambda: linear_kd_loss(h, w, th, tw, labels, parallel=VocabParallelOptions(vocab_start=True)),
+        T,
+        "vocab_start",
+        "True",
+    ),
+    (
+        "vocab_size_zero",
+        lambda: linear_cross_entropy(h, w, labels, parallel=VocabParallelOptions(vocab_size=0)),
+        VE,
+        "vocab_size",
+        "0",
+    ),
     ("log_probs_int16_labels", lambda: linear_log_probs(h, w, labels.short()), T, "labels", r"torch\.int16"),
     ("log_probs_hidden_list", lambda: linear_log_probs(list(h), w, labels), T, "hidden", "list of 2"),
     ("log_probs_V0", lambda: linear_log_probs(h, w[:0], labels), VE, "weight", r"\(0, 8\)"),
@@ -256,14 +350,14 @@ CASES = [
     ("scale_nan", lambda: linear_cross_entropy(h, w, labels, reduction="sum", scale=math.nan), VE, "scale", "nan"),
     (
         "drop_ignored_tokens_str",
-        lambda: linear_cross_entropy(h, w, labels, drop_ignored_tokens="yes"),
+        lambda: linear_cross_entropy(h, w, labels, execution=ExecutionOptions(drop_ignored_tokens="yes")),
         T,
         "drop_ignored_tokens",
         "'yes'",
     ),
     (
         "teacher_vocab_unknown",
-        lambda: linear_kd_loss(h, w, th, tw, labels, teacher_vocab="x"),
+        lambda: linear_kd_loss(h, w, th, tw, labels, options=KDOptions(teacher_vocab="x")),
         VE,
         "teacher_vocab",
         "'x'",
@@ -445,8 +539,8 @@ def test_int64_and_int32_labels_accepted_everywhere(dtype):
 
 def test_numbers_of_any_real_type_are_accepted_for_float_options():
     """ints and numpy floats (YAML / numpy configs) are fine: only bool, str, nan and inf are refused."""
-    a = linear_kd_loss(h, w, th, tw, labels, temperature=2)
-    b = linear_kd_loss(h, w, th, tw, labels, temperature=np.float64(2.0))
+    a = linear_kd_loss(h, w, th, tw, labels, options=KDOptions(temperature=2))
+    b = linear_kd_loss(h, w, th, tw, labels, options=KDOptions(temperature=np.float64(2.0)))
     torch.testing.assert_close(a, b)
     LinearDistillationLoss(kd_ratio=1, temperature=np.float32(1.5))
     CEWithChunkedOutputLoss(2, label_smoothing=0, z_loss=1e-4, softcap=30)
@@ -455,7 +549,7 @@ def test_numbers_of_any_real_type_are_accepted_for_float_options():
 
 def test_validate_false_lets_kd_labels_through_without_a_check():
     """The range check is the one host sync; validate=False skips it (a label of -1 then counts)."""
-    out = linear_kd_loss(h, w, th, tw, minus_one, validate=False, reduction="sum")
+    out = linear_kd_loss(h, w, th, tw, minus_one, reduction="sum", options=KDOptions(validate=False))
     ref = linear_kd_loss(h, w, th, tw, minus_one.masked_fill(minus_one == -1, 0), reduction="sum")
     torch.testing.assert_close(out, ref)
     ForwardKLWithChunkedOutputLoss(2, validate=False)(chunks, tchunks, minus_one)

@@ -1,10 +1,12 @@
 """What `pip install tune-losses` promises: torch is the one dependency, extras carry lower bounds,
 and a part whose extra is missing says which extra to install.
 
-Slow: a throwaway venv with torch alone (the CPU wheel of constraints.txt) and this repository
-installed without dependencies imports the package, runs a fused loss forward and backward, and
-gets an ImportError naming the extra for each optional part. Opt-in (TUNE_LOSSES_INSTALL_CHECKS=1,
-it downloads): torch, then `.[hf]`, then the newest PEFT; `pip check` clean and `patch` working.
+Slow (CI runs both; each builds a throwaway venv, minutes): a venv with torch alone (the CPU wheel of
+constraints.txt) and this repository installed without dependencies imports the package, runs a fused
+loss forward and backward, gets an ImportError naming the extra for each optional part, and `pip
+check` is clean; a venv with torch, then `.[hf]`, then the newest PEFT: `pip check` clean, no
+torchtune or torchao, `patch` working on a PEFT model. Both install packages (a package index or
+pip's configured local wheels); TUNE_LOSSES_INSTALL_CHECKS=0 skips them on a machine with neither.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+fresh_venv = pytest.mark.skipif(
+    os.environ.get("TUNE_LOSSES_INSTALL_CHECKS") == "0", reason="TUNE_LOSSES_INSTALL_CHECKS=0: no fresh venvs"
+)
 
 
 def _project() -> dict:
@@ -64,6 +70,18 @@ def test_a_missing_extra_names_it(monkeypatch):
     require_extra("train", "tune_losses.training", ("torch",))
 
 
+def test_the_teacher_cache_without_safetensors_names_the_train_extra(monkeypatch):
+    import importlib.util
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "safetensors" else real(n, *a))
+    for name in [m for m in sys.modules if m.startswith("tune_losses.distill_cache")]:
+        monkeypatch.delitem(sys.modules, name)  # restored afterwards
+    with pytest.raises(ImportError, match=r"tune_losses.distill_cache needs safetensors, .*'tune-losses\[train\]'"):
+        importlib.import_module("tune_losses.distill_cache")
+
+
 _TORCH_ONLY_CHECK = r"""
 import importlib, importlib.util
 import torch
@@ -77,7 +95,7 @@ loss.backward()
 ref = torch.nn.functional.cross_entropy((x @ w.T).reshape(-1, 11), y.reshape(-1))
 torch.testing.assert_close(loss, ref)
 for part, extra in [("tune_losses.training", "train"), ("tune_losses.tiny", "train"),
-                    ("tune_losses.integrations.trl", "hf")]:
+                    ("tune_losses.distill_cache", "train"), ("tune_losses.integrations.trl", "hf")]:
     try:
         importlib.import_module(part)
     except ImportError as e:
@@ -89,14 +107,18 @@ print("torch-only ok", tl.__version__)
 
 
 @pytest.mark.slow
+@fresh_venv
 def test_torch_only_environment(tmp_path):
-    """A fresh venv with torch alone: the losses import and run (about 2-3 min: torch's wheel)."""
+    """A fresh venv with torch alone: the losses import and run, `pip check` is clean (about 2-3 min:
+    torch's wheel)."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = str(venv / "bin" / "python")
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run(pip + ["-c", str(ROOT / "constraints.txt"), "torch"], check=True, timeout=900)
     subprocess.run(pip + ["--no-deps", "-e", str(ROOT)], check=True, timeout=300)
+    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
     out = subprocess.run(
         [py, "-W", "ignore", "-c", _TORCH_ONLY_CHECK],
         cwd=tmp_path,
@@ -130,10 +152,7 @@ print("hf ok, peft", peft.__version__)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("TUNE_LOSSES_INSTALL_CHECKS") != "1",
-    reason="downloads the newest PEFT and the hf extra's dependencies (minutes): TUNE_LOSSES_INSTALL_CHECKS=1",
-)
+@fresh_venv
 def test_hf_environment_with_the_newest_peft(tmp_path):
     """torch, then `.[hf]`, then `pip install -U peft`: `pip check` is clean, no torchtune or torchao
     came along, and `patch` runs on a PEFT model with the loss of the unpatched model."""

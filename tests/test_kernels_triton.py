@@ -11,7 +11,7 @@ from reference import make_labels, ref_ce, ref_kd
 from tune_losses.divergences import VocabReducer, kd_chunk
 from tune_losses.fused.functional import linear_cross_entropy, linear_distillation_loss, linear_kd_loss
 from tune_losses.kernels import triton_ce
-from tune_losses.options import CEOptions, KDOptions
+from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
 
 triton = pytest.importorskip("triton")
 # Triton fixes at its first import whether kernels are interpreted (tests/conftest.py sets it on a
@@ -111,7 +111,14 @@ def test_engine_uses_the_kernel(interpret, monkeypatch):
         w = torch.randn(29, 8, generator=g, dtype=torch.float64) / 8**0.5
         labels = make_labels((13,), 29, "some", g)
         xs, ws = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
-        loss = linear_cross_entropy(xs, ws, labels, chunk_size=4, label_smoothing=0.1, dw_accumulation="fp32")
+        loss = linear_cross_entropy(
+            xs,
+            ws,
+            labels,
+            chunk_size=4,
+            options=CEOptions(label_smoothing=0.1),
+            execution=ExecutionOptions(dw_accumulation="fp32"),
+        )
         loss.backward()
         x64, w64 = xs.detach().double().requires_grad_(), ws.detach().double().requires_grad_()
         ref = ref_ce(F.linear(x64, w64), labels, label_smoothing=0.1)
@@ -207,11 +214,13 @@ def test_engine_uses_the_distill_kernel(kd_ratio, interpret, monkeypatch):
     tw = torch.randn(29, 6, generator=g, dtype=torch.float64) / 6**0.5
     labels = make_labels((11,), 29, "some", g)
     xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
-    kw = dict(temperature=2.0, chunk_size=4, dw_accumulation="fp32")
+    kd = KDOptions(temperature=2.0)
+    kw = dict(chunk_size=4, execution=ExecutionOptions(dw_accumulation="fp32"))
     if kd_ratio == 1.0:
-        loss = linear_kd_loss(xs, ws, tx.float(), tw.float(), labels, **kw)
+        loss = linear_kd_loss(xs, ws, tx.float(), tw.float(), labels, options=kd, **kw)
     else:
-        loss = linear_distillation_loss(xs, ws, tx.float(), tw.float(), labels, kd_ratio=kd_ratio, **kw).loss
+        options = DistillationOptions(kd_ratio, kd)
+        loss = linear_distillation_loss(xs, ws, tx.float(), tw.float(), labels, options=options, **kw).loss
     loss.backward()
     x64, w64 = x.requires_grad_(), w.requires_grad_()
     z, zt = F.linear(x64, w64), F.linear(tx, tw)

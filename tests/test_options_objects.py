@@ -23,6 +23,7 @@ from tune_losses import (
     linear_kd_loss,
     linear_log_probs,
 )
+from tune_losses.deprecation import PREFIX, TuneLossesDeprecationWarning
 
 
 def _inputs(seed=0, n=13, hdim=8, vocab=31):
@@ -44,8 +45,13 @@ def test_flat_ce_options_warn_and_match_the_object_form():
     new = linear_cross_entropy(
         h, w, labels, options=CEOptions(label_smoothing=0.1, z_loss=1e-3), execution=ExecutionOptions("recompute")
     )
-    with pytest.warns(DeprecationWarning, match=r"options=CEOptions\(label_smoothing=, z_loss="):
+    with pytest.warns(DeprecationWarning) as record:  # one warning per options object
         old = linear_cross_entropy(h, w, labels, label_smoothing=0.1, z_loss=1e-3, algorithm="recompute")
+    messages = sorted(str(r.message) for r in record)
+    assert "pass execution=ExecutionOptions(algorithm=...)" in messages[0]
+    assert "pass options=CEOptions(label_smoothing=, z_loss=...)" in messages[1]
+    assert all(m.startswith(PREFIX) for m in messages)
+    assert all(r.category is TuneLossesDeprecationWarning and r.filename == __file__ for r in record)
     torch.testing.assert_close(old, new)
 
 

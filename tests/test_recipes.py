@@ -3,10 +3,12 @@
 Marked slow (each run pays torchtune's ~10 s import); the 2-rank ones also distributed. CI runs both.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from multiproc import child_env, run_command
 
 from tune_losses.training.metrics import read_metrics
@@ -120,14 +122,31 @@ def test_kd_chunked_losses_and_lora_student(tmp_path, tiny_assets):
 
 @pytest.mark.parametrize("task", ["sft", "kd"])
 def test_resume_matches_uninterrupted_run(task, tmp_path, tiny_assets):
+    """Stopped mid-epoch (after step 4 of 2 epochs x 3 steps, shuffled) and resumed: steps 5-6 log the
+    uninterrupted run's loss and grad norm, continuing from the data loader's state in the checkpoint;
+    (sft) a checkpoint without one, as older versions wrote, too, by reading the done batches again."""
     common = ["max_steps_per_epoch=3", "epochs=2", "tokenizer.max_seq_len=64", "save_every_n_steps=2"]
     full = tune_run(f"{task}_single_device", task, tmp_path / "full", *common)
     tune_run(f"{task}_single_device", task, tmp_path / "cut", *common, "stop_after_steps=4")
-    cut = tune_run(f"{task}_single_device", task, tmp_path / "cut", *common, "resume_from_checkpoint=true")
-    assert sorted(s for s in cut if s > 0) == list(range(1, 7))
-    for step in (5, 6):
-        for k in ("loss", "grad_norm"):
-            assert abs(full[step][k] - cut[step][k]) <= 1e-5 * abs(full[step][k]), (step, k, full[step], cut[step])
+    state = torch.load(tmp_path / "cut" / "resume" / "state.pt", weights_only=False)
+    assert state["data"]["epoch"] == 1 and state["data"]["batches"] == 1 and state["data"]["loader"] is not None
+    runs = {"cut": tmp_path / "cut"}
+    if task == "sft":
+        runs["older"] = tmp_path / "older"
+        shutil.copytree(tmp_path / "cut", runs["older"])
+        del state["data"]
+        torch.save(state, runs["older"] / "resume" / "state.pt")
+    for name, out in runs.items():
+        proc = tune_run(f"{task}_single_device", task, out, *common, "resume_from_checkpoint=true", check=False)
+        logs = proc.stdout + proc.stderr
+        assert proc.returncode == 0, logs[-3000:]
+        assert ("the checkpoint has no data loader state" in logs) == (name == "older"), logs[-3000:]
+        cut = read_metrics(out / "logs" / "metrics.txt")
+        assert sorted(s for s in cut if s > 0) == list(range(1, 7))
+        for step in (5, 6):
+            for k in ("loss", "grad_norm"):
+                a, b = full[step][k], cut[step][k]
+                assert abs(a - b) <= 1e-5 * abs(a), (name, step, k, full[step], cut[step])
 
 
 def test_readme_command_runs_without_pythonpath(tmp_path, tiny_assets):

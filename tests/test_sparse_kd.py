@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tune_losses import SparseDistillationLoss, linear_kd_loss, linear_sparse_distillation_loss, linear_sparse_kd_loss
 from tune_losses.fused import compiled
+from tune_losses.options import ExecutionOptions, KDOptions, VocabParallelOptions
 
 REDUCTIONS = ("mean", "sum", "none")
 TAILS = ("renormalize", "bucket")
@@ -138,8 +139,9 @@ def test_matches_full_logits_reference(eager, tail, reduction, temperature, bias
 def test_flat_tokens_int32_ids_and_algorithms(eager, tail, algorithm):
     h, w, b, labels, ids, lp, _ = make_case((29,), 8, 31, 5, seed=3, bias=True)
     out, ref, lf, lr = run_both(
-        h, w, b, labels, ids.int(), lp.half(), tail=tail, algorithm=algorithm, chunk_size=7, reduction="sum"
-    )
+        h, w, b, labels, ids.int(), lp.half(), tail=tail, execution=ExecutionOptions(algorithm), chunk_size=7,
+        reduction="sum",
+    )  # fmt: skip
     torch.testing.assert_close(out.double(), ref.detach(), **TOL)
     for got, want in zip(lf, lr):
         torch.testing.assert_close(got.grad.double(), want.grad, **TOL)
@@ -214,7 +216,7 @@ def test_full_support_equals_dense_forward_kl(eager, temperature, tail):
     sparse = linear_sparse_kd_loss(hs, ws, labels, ids, lp, temperature=temperature, tail=tail, chunk_size=4)
     sparse.backward()
     hd, wd = h.clone().requires_grad_(), w.clone().requires_grad_()
-    dense = linear_kd_loss(hd, wd, th, tw, labels, temperature=temperature, chunk_size=4)
+    dense = linear_kd_loss(hd, wd, th, tw, labels, chunk_size=4, options=KDOptions(temperature=temperature))
     dense.backward()
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hs.grad, hd.grad, rtol=1e-4, atol=1e-6)
@@ -251,9 +253,13 @@ def test_non_finite_teacher_value_at_a_counted_token(eager):
 def test_drop_ignored_tokens_and_num_tokens(eager):
     h, w, b, labels, ids, lp, _ = make_case((4, 6), 8, 30, 5, seed=4, bias=True)
     base = linear_sparse_kd_loss(h, w, labels, ids, lp, bias=b, reduction="sum")
-    dropped = linear_sparse_kd_loss(h, w, labels, ids, lp, bias=b, reduction="sum", drop_ignored_tokens=True)
+    dropped = linear_sparse_kd_loss(
+        h, w, labels, ids, lp, bias=b, reduction="sum", execution=ExecutionOptions(drop_ignored_tokens=True)
+    )
     torch.testing.assert_close(dropped, base)
-    per_token = linear_sparse_kd_loss(h, w, labels, ids, lp, bias=b, reduction="none", drop_ignored_tokens=True)
+    per_token = linear_sparse_kd_loss(
+        h, w, labels, ids, lp, bias=b, reduction="none", execution=ExecutionOptions(drop_ignored_tokens=True)
+    )
     torch.testing.assert_close(per_token.sum(), base)
     torch.testing.assert_close(linear_sparse_kd_loss(h, w, labels, ids, lp, bias=b, num_tokens=100), base / 100)
 
@@ -368,6 +374,10 @@ def test_bad_inputs_name_the_argument():
         ("tail", dict(tail="top")),
         ("temperature", dict(temperature=0.0)),
         ("reduction", dict(reduction="avg")),
+        ("ignore_index", dict(ignore_index=-100.0)),
+        ("validate", dict(validate="yes")),
+        ("chunk_size", dict(chunk_size=0)),
+        ("execution", dict(execution="recompute")),  # the object, not one of its fields
     ]
     for name, change in cases:
         kw = {k: v for k, v in change.items() if k not in ("ids", "lp")}
@@ -378,6 +388,75 @@ def test_bad_inputs_name_the_argument():
     # A tiny positive log-probability (rounding) passes; validate=False skips the value checks.
     linear_sparse_kd_loss(h, w, labels, ids, lp.masked_fill(lp == lp.max(), 1e-4))
     linear_sparse_kd_loss(h, w, labels, ids, lp.exp(), validate=False)
+
+
+def test_old_flat_keywords_warn_and_give_the_same_values_and_gradients(eager):
+    """The flat ``algorithm``, ``drop_ignored_tokens`` and vocabulary-parallel keywords of before the
+    options objects still work: same values and gradients, a DeprecationWarning naming the new form."""
+    h, w, b, labels, ids, lp, _ = make_case((3, 5), 8, 30, 5, seed=41, bias=True)
+    flat = dict(algorithm="recompute", drop_ignored_tokens=True, vocab_parallel=False)
+    objects = dict(
+        execution=ExecutionOptions("recompute", drop_ignored_tokens=True),
+        parallel=VocabParallelOptions(vocab_parallel=False),
+    )
+    for fn, extra in ((linear_sparse_kd_loss, {}), (linear_sparse_distillation_loss, dict(kd_ratio=0.3))):
+        results = []
+        for form, kw in (("objects", objects), ("flat", flat)):
+            leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+            call = lambda kw=kw, leaves=leaves: fn(  # noqa: E731
+                leaves[0], leaves[1], labels, ids, lp, bias=leaves[2], tail="bucket", **extra, **kw
+            )
+            if form == "flat":
+                with pytest.warns(DeprecationWarning) as rec:
+                    out = call()
+                messages = " ".join(str(r.message) for r in rec)
+                assert "pass execution=ExecutionOptions(algorithm=, drop_ignored_tokens=...)" in messages
+                assert "pass parallel=VocabParallelOptions(vocab_parallel=...)" in messages
+                assert all(r.filename == __file__ for r in rec), "the warning points at the caller"
+            else:
+                out = call()
+            loss = out if torch.is_tensor(out) else out.loss
+            loss.backward()
+            results.append((loss.detach(), *[t.grad for t in leaves]))
+        for new, old in zip(*results):
+            torch.testing.assert_close(old, new, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="algorithm= and execution= both given"):
+        linear_sparse_kd_loss(h, w, labels, ids, lp, algorithm="recompute", execution=ExecutionOptions())
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        linear_sparse_kd_loss(h, w, labels, ids, lp, algoritm="recompute")
+
+
+@pytest.mark.parametrize("fn", ["kd", "distillation"])
+def test_each_argument_is_checked_once_per_call(fn, monkeypatch):
+    """Every scalar argument is checked once per call, wherever it travels (flat, or inside the
+    options objects the call builds)."""
+    import collections
+
+    import tune_losses.fused.functional as functional
+    import tune_losses.fused.sparse as sparse
+    import tune_losses.options as options
+    import tune_losses.sparse_teacher as sparse_teacher
+
+    seen = collections.Counter()
+    names = ("check_int_option", "check_float_option", "check_bool_option", "check_choice")
+    reals = {name: getattr(options, name) for name in names}
+    for mod in (options, functional, sparse, sparse_teacher):
+        for name, real in reals.items():
+            if hasattr(mod, name):
+                spy = lambda arg, *a, real=real, **k: seen.update([arg]) or real(arg, *a, **k)  # noqa: E731
+                monkeypatch.setattr(mod, name, spy)
+    h, w, b, labels, ids, lp, _ = make_case((2, 5), 8, 20, 4, seed=42)
+    kw = dict(temperature=2.0, tail="bucket", chunk_size=4, execution=ExecutionOptions("recompute"))
+    seen.clear()  # the objects above were checked when made, before the call
+    if fn == "kd":
+        linear_sparse_kd_loss(h, w, labels, ids, lp, **kw)
+    else:
+        linear_sparse_distillation_loss(h, w, labels, ids, lp, kd_ratio=0.3, label_smoothing=0.1, **kw)
+    expected = {"temperature", "tail", "ignore_index", "validate", "chunk_size", "reduction"}
+    if fn == "distillation":
+        expected |= {"kd_ratio", "label_smoothing", "z_loss", "softcap"}  # CEOptions checks its defaults too
+    assert expected <= set(seen), expected - set(seen)
+    assert all(n == 1 for n in seen.values()), {k: n for k, n in seen.items() if n != 1}
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -465,7 +544,7 @@ def _vocab_parallel_ranks(rank: int, world: int):
 
             single = call(*full)
             single.backward()
-            parallel = call(*local, process_group=dist.group.WORLD)
+            parallel = call(*local, parallel=VocabParallelOptions(process_group=dist.group.WORLD))
             parallel.backward()
             torch.testing.assert_close(parallel, single, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(local[0].grad, full[0].grad, rtol=1e-5, atol=1e-6)
@@ -493,8 +572,10 @@ def _vocab_parallel_ranks(rank: int, world: int):
     report.append(("dtensor", float(parallel)))
     # Ids outside the global vocabulary are refused on every rank alike.
     try:
-        linear_sparse_kd_loss(h, w[rows], labels, ids.masked_fill(ids == ids[0, 0, 0], 41), lp,
-                              process_group=dist.group.WORLD)  # fmt: skip
+        bad = ids.masked_fill(ids == ids[0, 0, 0], 41)
+        linear_sparse_kd_loss(
+            h, w[rows], labels, bad, lp, parallel=VocabParallelOptions(process_group=dist.group.WORLD)
+        )
     except ValueError as e:
         report.append(str(e).split(":")[0])
     return report

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from reference import DIVERGENCES, make_labels, ref_ce, ref_kd
 
 import tune_losses as tl
+from tune_losses.options import DistillationOptions, KDOptions
 
 VS, VT, HS, HT = 37, 45, 16, 24
 
@@ -39,18 +40,8 @@ def test_fused_kd_matches_reference(mode, divergence, ignore):
     xs, ws, xt, wt, bt, labels = _inputs(ignore=ignore)
     xs.requires_grad_(True)
     ws.requires_grad_(True)
-    loss = tl.linear_kd_loss(
-        xs,
-        ws,
-        xt,
-        wt,
-        labels,
-        teacher_bias=bt,
-        divergence=divergence,
-        temperature=1.5,
-        teacher_vocab=mode,
-        chunk_size=5,
-    )
+    options = KDOptions(divergence=divergence, temperature=1.5, teacher_vocab=mode)
+    loss = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt, chunk_size=5, options=options)
     loss.backward()
     rx = xs.detach().double().requires_grad_(True)
     rw = ws.detach().double().requires_grad_(True)
@@ -66,7 +57,8 @@ def test_fused_kd_matches_reference(mode, divergence, ignore):
 def test_fused_distillation_matches_reference(mode):
     xs, ws, xt, wt, bt, labels = _inputs(seed=1, shape=(3, 7))
     xs.requires_grad_(True)
-    out = tl.linear_distillation_loss(xs, ws, xt, wt, labels, teacher_bias=bt, kd_ratio=0.3, teacher_vocab=mode)
+    options = DistillationOptions(kd_ratio=0.3, kd=KDOptions(teacher_vocab=mode))
+    out = tl.linear_distillation_loss(xs, ws, xt, wt, labels, teacher_bias=bt, options=options)
     out.loss.backward()
     rx = xs.detach().double().requires_grad_(True)
     zs_full = rx @ ws.double().T
@@ -115,7 +107,7 @@ def test_chunked_output_matches_reference(mode, cls):
 
 def test_bf16_no_worse_than_eager():
     xs, ws, xt, wt, bt, labels = _inputs(seed=3, shape=(4, 16), dtype=torch.bfloat16)
-    ours = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt, teacher_vocab="drop")
+    ours = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt, options=KDOptions(teacher_vocab="drop"))
     # eager PyTorch in bf16: the model's own F.linear, then the fp32 loss on the upcast logits
     eager = ref_kd(F.linear(xs, ws).float(), F.linear(xt, wt, bt).float()[..., :VS], labels, divergence="forward_kl")
     exact = ref_kd(
@@ -135,7 +127,7 @@ def test_smaller_teacher_vocabulary_is_an_error_that_says_what_to_do():
     with pytest.raises(ValueError, match=r"teacher_logits\[0\].*smaller than the student's"):
         loss_fn([torch.randn(2, 9, VS)], [torch.randn(2, 9, 30)], labels)
     with pytest.raises(ValueError, match="teacher_vocab"):
-        tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_vocab="truncate")
+        tl.linear_kd_loss(xs, ws, xt, wt, labels, options=KDOptions(teacher_vocab="truncate"))
 
 
 def test_another_vocabulary_size_is_an_error_unless_teacher_vocab_is_set():
@@ -159,11 +151,11 @@ def test_another_vocabulary_size_is_an_error_unless_teacher_vocab_is_set():
 def test_drop_never_computes_the_padding_rows():
     """With "drop" the teacher's padding rows take no part: changing them changes nothing."""
     xs, ws, xt, wt, bt, labels = _inputs(seed=4)
-    a = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt, teacher_vocab="drop")
+    a = tl.linear_kd_loss(xs, ws, xt, wt, labels, teacher_bias=bt, options=KDOptions(teacher_vocab="drop"))
     wt2, bt2 = wt.clone(), bt.clone()
     wt2[VS:] = float("nan")
     bt2[VS:] = float("inf")
-    b = tl.linear_kd_loss(xs, ws, xt, wt2, labels, teacher_bias=bt2, teacher_vocab="drop")
+    b = tl.linear_kd_loss(xs, ws, xt, wt2, labels, teacher_bias=bt2, options=KDOptions(teacher_vocab="drop"))
     assert torch.equal(a, b)
 
 
@@ -176,17 +168,14 @@ def _vocab_parallel_rank(rank: int, world: int, mode: str, teacher_sharded: bool
     xs, ws, xt, wt, bt, labels = _inputs(seed=5, shape=(2, 13))
     single_x = xs.clone().requires_grad_(True)
     single_w = ws.clone().requires_grad_(True)
-    single = tl.linear_kd_loss(
-        single_x, single_w, xt, wt, labels, teacher_bias=bt, teacher_vocab=mode, divergence=divergence, chunk_size=4
-    )
+    kw = dict(chunk_size=4, options=KDOptions(divergence=divergence, teacher_vocab=mode))
+    single = tl.linear_kd_loss(single_x, single_w, xt, wt, labels, teacher_bias=bt, **kw)
     single.backward()
     x = xs.clone().requires_grad_(True)
     w = distribute_tensor(ws, mesh, [Shard(0)]).requires_grad_(True)
     t_w = distribute_tensor(wt, mesh, [Shard(0)]) if teacher_sharded else wt
     t_b = distribute_tensor(bt, mesh, [Shard(0)]) if teacher_sharded else bt
-    loss = tl.linear_kd_loss(
-        x, w, xt, t_w, labels, teacher_bias=t_b, teacher_vocab=mode, divergence=divergence, chunk_size=4
-    )
+    loss = tl.linear_kd_loss(x, w, xt, t_w, labels, teacher_bias=t_b, **kw)
     loss.backward()
     torch.testing.assert_close(loss, single, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, single_x.grad, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tune_losses import set_output_mode
+from tune_losses.options import ExecutionOptions
 
 torchtune_models = pytest.importorskip("torchtune.models.llama2")
 from torchtune.modules import TransformerDecoder  # noqa: E402
@@ -167,7 +168,13 @@ def test_dropped_rows_change_nothing_but_the_work(reduction, ignore, dtype):
     bias = torch.randn(VOCAB, generator=g).to(dtype).requires_grad_(True)
     labels = _labels((3, 20), ignore, seed=3)
     loss = tl.linear_cross_entropy(
-        hidden, weight, labels, bias=bias, reduction=reduction, drop_ignored_tokens=True, chunk_size=16
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        reduction=reduction,
+        chunk_size=16,
+        execution=ExecutionOptions(drop_ignored_tokens=True),
     )
     grad_out = torch.rand(loss.shape, generator=g) if reduction == "none" else torch.tensor(1.0)
     (loss * grad_out).sum().backward()

@@ -139,6 +139,91 @@ def test_dataset_smaller_than_one_step_is_an_error():
         data.steps_per_epoch(3, loader, batch_size=4, grad_accum=1, dp_size=1, max_steps_per_epoch=None)
 
 
+class _Counted(torch.utils.data.Dataset):
+    """Samples ``{"tokens": [i]}``; counts the reads, to show a resume reads none it skips."""
+
+    def __init__(self, n: int):
+        self.n, self.reads = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return {"tokens": [i], "labels": [i]}
+
+
+def _loader(ds, rank=0, dp=1, batch_size=2):
+    return data.build_dataloader(
+        ds, batch_size=batch_size, shuffle=True, seed=7, dp_size=dp, dp_rank=rank, pad_id=0, ignore_index=-100
+    )
+
+
+def _ids(steps):
+    return [[b["tokens"].flatten().tolist() for b in micro] for micro in steps]
+
+
+@pytest.mark.parametrize("saved_state", [True, False], ids=["loader_state", "older_checkpoint"])
+@pytest.mark.parametrize("dp", [1, 2])
+def test_resumed_epoch_sees_the_batches_of_an_uninterrupted_one(saved_state, dp, caplog):
+    """Stopped after 2 of 5 steps (epoch 1, shuffled, 2 micro-batches a step) and resumed in a fresh
+    loader: the remaining steps hold exactly the uninterrupted epoch's batches, on every dp rank
+    (rank 0's state loaded everywhere, as the loop saves it). From the loader state no skipped sample
+    is read; from an older checkpoint (no state) they are read and dropped, with a log line."""
+    epoch, steps, accum, done = 1, 5, 2, 2
+    for rank in range(dp):
+        loader, sampler = _loader(_Counted(48), rank, dp)
+        full = _ids(data.step_batches(loader, sampler, epoch, steps, 0, accum))
+        assert len(full) == steps and full[0] != full[1]
+
+        loader, sampler = _loader(_Counted(48), 0, dp)  # the run that stopped; rank 0 saves
+        gen = data.step_batches(loader, sampler, epoch, steps, 0, accum)
+        first = _ids([next(gen) for _ in range(done)])
+        state = data.loader_state(loader, epoch, batches=done * accum, epoch_done=False)
+        if rank == 0:
+            assert first == full[:done]
+        state = torch.load(_saved(state), weights_only=False)  # through torch.save, as the checkpoint
+
+        ds = _Counted(48)
+        loader, sampler = _loader(ds, rank, dp)
+        with caplog.at_level(logging.INFO, logger=data.__name__):
+            caplog.clear()
+            rest = _ids(data.step_batches(loader, sampler, epoch, steps, done, accum, state if saved_state else None))
+        assert rest == full[done:], rank
+        skipped = done * accum * 2  # micro-batches x batch size
+        assert ds.reads == (steps - done) * accum * 2 + (0 if saved_state else skipped)
+        logged = [r.getMessage() for r in caplog.records if "no data loader state" in r.getMessage()]
+        assert len(logged) == (0 if saved_state else 1)
+        if not saved_state:
+            assert "reading and dropping the 4 micro-batches of epoch 1" in logged[0]
+
+
+def _saved(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_a_finished_epoch_saves_no_loader_state_and_the_next_starts_fresh():
+    loader, sampler = _loader(_Counted(16))
+    list(data.step_batches(loader, sampler, 0, 2, 0, 1))  # a truncated epoch: the loader is not exhausted
+    state = data.loader_state(loader, 0, batches=2, epoch_done=True)
+    assert state == {"epoch": 0, "batches": 2, "loader": None}
+    fresh, fresh_sampler = _loader(_Counted(16))
+    want = _ids(data.step_batches(fresh, fresh_sampler, 1, 2, 0, 1))
+    assert _ids(data.step_batches(loader, sampler, 1, 2, 0, 1, state)) == want
+
+
+def test_a_loader_state_from_other_batch_settings_is_an_error():
+    loader, sampler = _loader(_Counted(16))
+    gen = data.step_batches(loader, sampler, 0, 4, 0, 1)
+    next(gen)
+    state = data.loader_state(loader, 0, batches=1, epoch_done=False)
+    with pytest.raises(ValueError, match=r"epoch 0 after 1 micro-batches, the run resumes at epoch 0 after 2 "):
+        next(data.step_batches(loader, sampler, 0, 2, 1, 2, state))
+
+
 # --------------------------------------------------------------------------------- protocol
 
 

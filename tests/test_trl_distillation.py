@@ -79,7 +79,7 @@ def test_trains_with_the_fused_loss(tmp_path, monkeypatch):
 
     calls = []
     real = ours.linear_kd_loss
-    monkeypatch.setattr(ours, "linear_kd_loss", lambda *a, **k: calls.append(k["divergence"]) or real(*a, **k))
+    monkeypatch.setattr(ours, "linear_kd_loss", lambda *a, **k: calls.append(k["options"].divergence) or real(*a, **k))
     _, fused = _trainers(tmp_path, build("llama"), build("llama", seed=7))
     fused.train()
     losses = [h["loss"] for h in fused.state.log_history if "loss" in h]

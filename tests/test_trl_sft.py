@@ -50,11 +50,12 @@ def _train(cls, model, tmp_path, **kw):
 def test_three_steps_equal_trl_sft(kind, tmp_path, monkeypatch):
     from trl import SFTTrainer
 
+    from tune_losses.integrations import transformers as shared
     from tune_losses.integrations import trl as ours
 
     calls = []
-    real = ours.linear_cross_entropy
-    monkeypatch.setattr(ours, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = shared.linear_cross_entropy  # the fused LM loss patch() and the trainer share
+    monkeypatch.setattr(shared, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
     stock = build(kind)
     fused = copy.deepcopy(stock)
     _, ref_logs = _train(SFTTrainer, stock, tmp_path / "stock")

@@ -25,10 +25,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference import make_labels, ref_ce, ref_kd, ref_log_probs  # noqa: E402
+from reference import make_labels, object_form, ref_ce, ref_kd, ref_log_probs  # noqa: E402
 
 from tune_losses import linear_cross_entropy, linear_distillation_loss, linear_kd_loss, linear_log_probs  # noqa: E402
 from tune_losses.accounting import count_step_tokens  # noqa: E402
+from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions, VocabParallelOptions
 
 RANK = WORLD = 0
 B, S, H, V = 2, 13, 16, 257  # V odd: shards of 129 and 128 rows
@@ -164,9 +165,11 @@ def suite_pg():
                         f"pg ce {algorithm} {reduction} ignore={ignore} chunk={chunk}",
                         check,
                         lambda hh, ww, bb, kw=kw, labels=labels: linear_cross_entropy(
-                            hh, ww, labels, bias=bb, process_group=group, **kw
+                            hh, ww, labels, bias=bb, **object_form("ce", process_group=group, **kw)
                         ),
-                        lambda hh, ww, bb, kw=kw, labels=labels: linear_cross_entropy(hh, ww, labels, bias=bb, **kw),
+                        lambda hh, ww, bb, kw=kw, labels=labels: linear_cross_entropy(
+                            hh, ww, labels, bias=bb, **object_form("ce", **kw)
+                        ),
                         lambda hh, ww, bb, reduction=reduction, labels=labels: ref_ce(
                             F.linear(hh, ww, bb), labels, reduction=reduction
                         ),
@@ -184,10 +187,16 @@ def suite_pg():
                 f"pg ce options {opts} {reduction}",
                 check,
                 lambda hh, ww, bb, opts=opts, reduction=reduction, labels=labels: linear_cross_entropy(
-                    hh, ww, labels, bias=bb, reduction=reduction, chunk_size=7, process_group=group, **opts
+                    hh,
+                    ww,
+                    labels,
+                    bias=bb,
+                    reduction=reduction,
+                    chunk_size=7,
+                    **object_form("ce", process_group=group, **opts),
                 ),
                 lambda hh, ww, bb, opts=opts, reduction=reduction, labels=labels: linear_cross_entropy(
-                    hh, ww, labels, bias=bb, reduction=reduction, chunk_size=7, **opts
+                    hh, ww, labels, bias=bb, reduction=reduction, chunk_size=7, **object_form("ce", **opts)
                 ),
                 lambda hh, ww, bb, opts=opts, reduction=reduction, labels=labels: ref_ce(
                     F.linear(hh, ww, bb), labels, reduction=reduction, **opts
@@ -201,7 +210,12 @@ def suite_pg():
         "pg ce explicit vocab_start / vocab_size",
         check,
         lambda hh, ww, bb: linear_cross_entropy(
-            hh, ww, labels, bias=bb, process_group=group, chunk_size=6, vocab_start=rows.start, vocab_size=V
+            hh,
+            ww,
+            labels,
+            bias=bb,
+            chunk_size=6,
+            parallel=VocabParallelOptions(process_group=group, vocab_start=rows.start, vocab_size=V),
         ),
         lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, bias=bb, chunk_size=6),
         lambda hh, ww, bb: ref_ce(F.linear(hh, ww, bb), labels),
@@ -212,7 +226,9 @@ def suite_pg():
     case(
         "pg ce V=256 no bias",
         check,
-        lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, process_group=group, chunk_size=8),
+        lambda hh, ww, bb: linear_cross_entropy(
+            hh, ww, labels, chunk_size=8, parallel=VocabParallelOptions(process_group=group)
+        ),
         lambda hh, ww, bb: linear_cross_entropy(hh, ww, labels, chunk_size=8),
         lambda hh, ww, bb: ref_ce(F.linear(hh, ww), labels),
         (h, w, None),
@@ -230,9 +246,11 @@ def suite_pg():
             f"pg log_probs + entropy T={temperature} ignore={ignore}",
             check,
             lambda hh, ww, bb, kw=kw, labels=labels: both(
-                linear_log_probs(hh, ww, labels, bias=bb, process_group=group, **kw)
+                linear_log_probs(hh, ww, labels, bias=bb, **object_form("log_probs", process_group=group, **kw))
             ),
-            lambda hh, ww, bb, kw=kw, labels=labels: both(linear_log_probs(hh, ww, labels, bias=bb, **kw)),
+            lambda hh, ww, bb, kw=kw, labels=labels: both(
+                linear_log_probs(hh, ww, labels, bias=bb, **object_form("log_probs", **kw))
+            ),
             lambda hh, ww, bb, temperature=temperature, labels=labels: both(
                 ref_log_probs(F.linear(hh, ww, bb), labels, temperature=temperature)
             ),
@@ -257,11 +275,11 @@ def suite_pg():
                 case(
                     f"pg kd {div} {extra} T={temperature} {reduction}",
                     check,
-                    lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_kd_loss(
-                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, process_group=group, **kw
+                    lambda hh, ww, bb, thh, tww, tbb, kw=object_form("kd", process_group=group, **kw), labels=labels: (
+                        linear_kd_loss(hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw)
                     ),
                     lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_kd_loss(
-                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw
+                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **object_form("kd", **kw)
                     ),
                     lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: ref_kd(
                         F.linear(hh, ww, bb),
@@ -288,13 +306,10 @@ def suite_pg():
                 thh,
                 tww,
                 labels,
-                divergence="jsd",
-                beta=0.3,
-                temperature=1.5,
                 reduction=reduction,
-                scale_by_temperature_squared=False,
-                process_group=group,
                 chunk_size=4,
+                options=KDOptions(divergence="jsd", temperature=1.5, beta=0.3, scale_by_temperature_squared=False),
+                parallel=VocabParallelOptions(process_group=group),
             ),
             lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: linear_kd_loss(
                 hh,
@@ -302,12 +317,9 @@ def suite_pg():
                 thh,
                 tww,
                 labels,
-                divergence="jsd",
-                beta=0.3,
-                temperature=1.5,
                 reduction=reduction,
-                scale_by_temperature_squared=False,
                 chunk_size=4,
+                options=KDOptions(divergence="jsd", temperature=1.5, beta=0.3, scale_by_temperature_squared=False),
             ),
             lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: ref_kd(
                 F.linear(hh, ww),
@@ -354,13 +366,13 @@ def suite_pg():
             case(
                 f"pg distillation {div} {reduction}",
                 check,
-                lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: (
-                    linear_distillation_loss(
-                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, process_group=group, **kw
-                    ).loss
+                lambda hh, ww, bb, thh, tww, tbb, kw=object_form("distillation", process_group=group, **kw), labels=labels: (
+                    linear_distillation_loss(hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw).loss
                 ),
                 lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: (
-                    linear_distillation_loss(hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw).loss
+                    linear_distillation_loss(
+                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **object_form("distillation", **kw)
+                    ).loss
                 ),
                 ref,
                 (h, w, b, th, tw, tb),
@@ -380,11 +392,10 @@ def suite_pg():
                 labels,
                 bias=bb,
                 reduction=reduction,
-                algorithm=algorithm,
-                process_group=group,
-                label_smoothing=0.1,
-                z_loss=1e-3,
                 chunk_size=4,
+                options=CEOptions(label_smoothing=0.1, z_loss=1e-3),
+                parallel=VocabParallelOptions(process_group=group),
+                execution=ExecutionOptions(algorithm=algorithm),
             )
         else:
             out = linear_distillation_loss(
@@ -395,10 +406,10 @@ def suite_pg():
                 labels,
                 student_bias=bb,
                 reduction=reduction,
-                divergence="jsd",
-                algorithm=algorithm,
-                process_group=group,
                 chunk_size=4,
+                options=DistillationOptions(kd=KDOptions(divergence="jsd")),
+                parallel=VocabParallelOptions(process_group=group),
+                execution=ExecutionOptions(algorithm=algorithm),
             ).loss
         backward(out, torch.ones_like(out) if out.dim() else None)
         assert torch.equal(out.detach(), torch.zeros_like(out)), f"loss {out}"
@@ -419,7 +430,11 @@ def suite_pg():
         poisoned.view(-1, H)[row, 3] = value
         h, th = (poisoned, th) if side == "student" else (h, poisoned)
         rows = shard_rows()
-        outs = [linear_cross_entropy(h, w[rows], labels, bias=b[rows], process_group=group, chunk_size=4)]
+        outs = [
+            linear_cross_entropy(
+                h, w[rows], labels, bias=b[rows], chunk_size=4, parallel=VocabParallelOptions(process_group=group)
+            )
+        ]
         for div, extra in DIVERGENCES:
             outs.append(
                 linear_kd_loss(
@@ -429,10 +444,8 @@ def suite_pg():
                     tw[rows],
                     labels,
                     student_bias=b[rows],
-                    divergence=div,
-                    process_group=group,
                     chunk_size=4,
-                    **extra,
+                    **object_form("kd", divergence=div, process_group=group, **extra),
                 )
             )
         if side == "teacher":
@@ -448,7 +461,9 @@ def suite_pg():
         h, w, b, labels = inputs(40)
         rows = shard_rows()
         with torch.no_grad():
-            got = linear_cross_entropy(h, w[rows], labels, bias=b[rows], process_group=group, chunk_size=5)
+            got = linear_cross_entropy(
+                h, w[rows], labels, bias=b[rows], chunk_size=5, parallel=VocabParallelOptions(process_group=group)
+            )
             expected = linear_cross_entropy(h, w, labels, bias=b, chunk_size=5)
         close("loss", got, expected, TOL_SINGLE)
 
@@ -461,16 +476,31 @@ def suite_pg():
         bad = labels.clone()
         bad[0, 0] = V  # out of range of the *global* vocabulary
         for call, match in [
-            (lambda: linear_cross_entropy(h, w[rows], bad, process_group=group), "labels"),
-            (lambda: linear_kd_loss(h, w[rows], h, w[: 3 + RANK], labels, process_group=group), "teacher_weight"),
             (
-                lambda: linear_cross_entropy(h, w[rows], labels, process_group=group, vocab_parallel=False),
+                lambda: linear_cross_entropy(h, w[rows], bad, parallel=VocabParallelOptions(process_group=group)),
+                "labels",
+            ),
+            (
+                lambda: linear_kd_loss(
+                    h, w[rows], h, w[: 3 + RANK], labels, parallel=VocabParallelOptions(process_group=group)
+                ),
+                "teacher_weight",
+            ),
+            (
+                lambda: linear_cross_entropy(
+                    h, w[rows], labels, parallel=VocabParallelOptions(process_group=group, vocab_parallel=False)
+                ),
                 "vocab_parallel",
             ),
-            (lambda: linear_cross_entropy(h, w, labels, vocab_parallel=True), "vocab_parallel"),
-            (lambda: linear_cross_entropy(h, w, labels, vocab_start=0), "vocab_start"),
             (
-                lambda: linear_cross_entropy(h, w[rows], labels, process_group=group, vocab_start=rows.start + 1),
+                lambda: linear_cross_entropy(h, w, labels, parallel=VocabParallelOptions(vocab_parallel=True)),
+                "vocab_parallel",
+            ),
+            (lambda: linear_cross_entropy(h, w, labels, parallel=VocabParallelOptions(vocab_start=0)), "vocab_start"),
+            (
+                lambda: linear_cross_entropy(
+                    h, w[rows], labels, parallel=VocabParallelOptions(process_group=group, vocab_start=rows.start + 1)
+                ),
                 "vocab_start",
             ),
         ]:
@@ -481,7 +511,7 @@ def suite_pg():
             else:
                 raise AssertionError(f"no ValueError mentioning {match}")
         # Labels valid globally but outside this rank's rows are fine (checked against the global V).
-        linear_cross_entropy(h, w[rows], labels, process_group=group)
+        linear_cross_entropy(h, w[rows], labels, parallel=VocabParallelOptions(process_group=group))
 
     case("pg errors", errors)
 
@@ -514,11 +544,8 @@ def suite_dtensor():
                     labels,
                     bias=bx,
                     reduction=reduction,
-                    algorithm=algorithm,
-                    label_smoothing=0.1,
-                    z_loss=1e-3,
                     chunk_size=6,
-                    **extra,
+                    **object_form("ce", algorithm=algorithm, label_smoothing=0.1, z_loss=1e-3, **extra),
                 )
             if kind == "kd":
                 return linear_kd_loss(
@@ -529,13 +556,9 @@ def suite_dtensor():
                     labels,
                     student_bias=bx,
                     teacher_bias=tbx,
-                    divergence="jsd",
-                    beta=0.3,
-                    temperature=2.0,
                     reduction=reduction,
-                    algorithm=algorithm,
                     chunk_size=6,
-                    **extra,
+                    **object_form("kd", divergence="jsd", beta=0.3, temperature=2.0, algorithm=algorithm, **extra),
                 )
             return linear_distillation_loss(
                 hx,
@@ -545,12 +568,9 @@ def suite_dtensor():
                 labels,
                 student_bias=bx,
                 teacher_bias=tbx,
-                kd_ratio=0.4,
-                divergence="reverse_kl",
                 reduction=reduction,
-                algorithm=algorithm,
                 chunk_size=6,
-                **extra,
+                **object_form("distillation", kd_ratio=0.4, divergence="reverse_kl", algorithm=algorithm, **extra),
             ).loss
 
         out = call(hh, d_w, d_b, d_tw, d_tb, vocab_parallel=vocab_parallel)
@@ -781,11 +801,8 @@ def suite_memory():
                     labels,
                     bias=bb,
                     chunk_size=chunk,
-                    process_group=group,
-                    vocab_start=rows.start,
-                    vocab_size=vocab,
                     reduction="none" if family == "ce-none" else "mean",
-                    **kw,
+                    **object_form("ce", process_group=group, vocab_start=rows.start, vocab_size=vocab, **kw),
                 )
             else:
                 out = linear_distillation_loss(
@@ -795,11 +812,9 @@ def suite_memory():
                     tw[rows],
                     labels,
                     student_bias=bb,
-                    divergence=family.split("-")[1],
                     chunk_size=chunk,
-                    process_group=group,
-                    vocab_start=rows.start,
-                    vocab_size=vocab,
+                    options=DistillationOptions(kd=KDOptions(divergence=family.split("-")[1])),
+                    parallel=VocabParallelOptions(process_group=group, vocab_start=rows.start, vocab_size=vocab),
                 ).loss
             fwd = mode.ops
             out.backward(torch.ones_like(out) if out.dim() else None)
@@ -831,7 +846,12 @@ def suite_ignored():
         d_w = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(True)
         hh = h_all[RANK].clone().requires_grad_(True)
         loss_sum = linear_cross_entropy(
-            hh, d_w, labels_all[RANK], reduction="sum", chunk_size=4, algorithm=reduction_path
+            hh,
+            d_w,
+            labels_all[RANK],
+            reduction="sum",
+            chunk_size=4,
+            execution=ExecutionOptions(algorithm=reduction_path),
         )
         (loss_sum * WORLD / total.float()).backward()  # the recipe's exact normalization
         s_w = w.clone().requires_grad_(True)

@@ -1,7 +1,7 @@
 """Optional dependencies: a part of the package that needs an extra says which one when it is missing.
 
-The losses need torch alone; ``tune_losses.training`` and ``tune_losses.tiny`` need the ``train``
-extra, ``tune_losses.integrations.trl`` the ``hf`` extra. Checking with ``importlib.util.find_spec``
+The losses need torch alone; ``tune_losses.training``, ``tune_losses.tiny`` and
+``tune_losses.distill_cache`` need the ``train`` extra, ``tune_losses.integrations.trl`` the ``hf`` extra. Checking with ``importlib.util.find_spec``
 imports nothing, so a present library costs no import time here.
 """
 

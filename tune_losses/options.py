@@ -16,13 +16,19 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
 
 from tune_losses.vocab_alignment import TEACHER_VOCAB_MODES
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 REDUCTIONS = ("mean", "sum", "none")
+
+IGNORE_INDEX = -100
+"""The label that marks a token to skip unless a caller passes its own (torch's and Transformers' default)."""
 
 
 def divergence_choices() -> Tuple[str, ...]:
@@ -93,10 +99,11 @@ def check_float_option(
     expected = f"a finite float{rng}" + (" or None" if allow_none else "")
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise ArgumentTypeError(f"{name}: expected {expected}, got {value!r} ({_type_name(value)})")
-    if not math.isfinite(value):
+    v = float(value)
+    if not math.isfinite(v):
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and v > high
     if too_low or too_high:
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
@@ -125,7 +132,7 @@ class CEOptions:
         validate: check label range on the host once per call (one device sync); turn off for speed.
     """
 
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: Optional[float] = None
@@ -172,7 +179,7 @@ class KDOptions:
     beta: float = 0.5
     sym_kd_ratio: float = 0.5
     true_kl: bool = True
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     validate: bool = True
     teacher_vocab: Optional[str] = None
 
@@ -216,7 +223,7 @@ class VocabParallelOptions:
             (one all-gather of the shard sizes finds them when not both given).
     """
 
-    process_group: object = None
+    process_group: Optional[ProcessGroup] = None
     vocab_parallel: Optional[bool] = None
     vocab_start: Optional[int] = None
     vocab_size: Optional[int] = None

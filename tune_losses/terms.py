@@ -138,10 +138,12 @@ class DivergenceTerm(Term):
     def teacher_gradients(self, chunk: Chunk, weight: torch.Tensor, teacher_weight: torch.Tensor):
         """``(grad w.r.t. the student logits, grad w.r.t. the teacher's)`` for a teacher that
         requires grad (chunked-output losses); buffers are not overwritten."""
-        zs, zt = align_logits(chunk.student, chunk.teacher, self.opts.teacher_vocab)
+        teacher = chunk.teacher
+        assert teacher is not None  # needs_teacher: every chunk of this term has the teacher's logits
+        zs, zt = align_logits(chunk.student, teacher, self.opts.teacher_vocab)
         _, g, gt = kd_chunk(zs, zt, self.opts, chunk.reducer, weight, False, False, teacher_weight)
-        if gt.shape[-1] != chunk.teacher.shape[-1]:  # dropped teacher columns get no gradient
-            gt = torch.nn.functional.pad(gt, (0, chunk.teacher.shape[-1] - gt.shape[-1]))
+        if gt.shape[-1] != teacher.shape[-1]:  # dropped teacher columns get no gradient
+            gt = torch.nn.functional.pad(gt, (0, teacher.shape[-1] - gt.shape[-1]))
         return student_columns(g, chunk.student.shape[-1]), gt
 
 

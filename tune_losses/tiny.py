@@ -81,26 +81,30 @@ _HELDOUT_FRACTION = 0.05
 _MIN_DOC_CHARS = 200
 _MAX_DOC_CHARS = 600
 
+
+def _llama2_config(
+    num_layers: int, num_heads: int, num_kv_heads: int, embed_dim: int, intermediate_dim: int
+) -> Dict[str, int]:
+    """torchtune's ``llama2(...)`` arguments at the one vocabulary size and sequence length."""
+    return dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=embed_dim,
+        intermediate_dim=intermediate_dim,
+        max_seq_len=TINY_MAX_SEQ_LEN,
+    )
+
+
 # Both models are llama2 (GQA, RoPE, SwiGLU, RMSNorm, untied output) at toy sizes: small enough
 # that a forward+backward over a 512-token batch takes milliseconds on 2 CPU cores, big enough
 # that the teacher is strictly larger than the student in depth and width.
-TEACHER_CONFIG: Dict[str, int] = dict(
-    vocab_size=TINY_VOCAB_SIZE,
-    num_layers=4,
-    num_heads=8,
-    num_kv_heads=4,
-    embed_dim=256,
-    intermediate_dim=768,
-    max_seq_len=TINY_MAX_SEQ_LEN,
+TEACHER_CONFIG: Dict[str, int] = _llama2_config(
+    num_layers=4, num_heads=8, num_kv_heads=4, embed_dim=256, intermediate_dim=768
 )
-STUDENT_CONFIG: Dict[str, int] = dict(
-    vocab_size=TINY_VOCAB_SIZE,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    embed_dim=128,
-    intermediate_dim=384,
-    max_seq_len=TINY_MAX_SEQ_LEN,
+STUDENT_CONFIG: Dict[str, int] = _llama2_config(
+    num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=128, intermediate_dim=384
 )
 
 # llama2's id layout (torchtune's Llama2Tokenizer reads these from the model file, and sets its

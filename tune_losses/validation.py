@@ -34,13 +34,14 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def check_tensor(name: str, t, what: str = "") -> None:
-    """``t`` must be a ``torch.Tensor`` (a DTensor is one). ``what`` describes the expected shape."""
+def check_tensor(name: str, t, what: str = "") -> torch.Tensor:
+    """``t`` must be a ``torch.Tensor`` (a DTensor is one); returns it. ``what`` describes the expected shape."""
     if not isinstance(t, torch.Tensor):
         pieces = isinstance(t, (list, tuple)) and len(t) > 0 and all(isinstance(x, torch.Tensor) for x in t)
         hint = " (one tensor, not a list of pieces: torch.cat / torch.stack them)" if pieces else ""
         what = f" {what}" if what else ""
         raise ArgumentTypeError(f"{name}: expected a torch.Tensor{what}, got {_describe(t)}{hint}")
+    return t
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
@@ -102,13 +103,13 @@ def check_fused_inputs(labels: torch.Tensor, *, local_shard: bool = False, **ten
         if name.endswith("bias") and t is None:
             continue
         if name.endswith("weight"):
-            check_tensor(name, t, "[V, H]")
+            t = check_tensor(name, t, "[V, H]")
             if t.dim() != 2:
                 raise ValueError(f"{name}: expected shape [V, H], got {tuple(t.shape)}")
             if t.shape[1] < 1 or (t.shape[0] < 1 and not local_shard):
                 raise ValueError(f"{name}: expected shape [V, H] with V >= 1 and H >= 1, got {tuple(t.shape)}")
         elif name.endswith("hidden"):
-            check_tensor(name, t, "[..., H]")
+            t = check_tensor(name, t, "[..., H]")
             if t.dim() < 1:
                 raise ValueError(f"{name}: expected shape [..., H] (at least 1-D), got a 0-dim tensor")
         else:
@@ -120,7 +121,7 @@ def check_chunk_list(name: str, chunks: Sequence[torch.Tensor], labels: torch.Te
     """Check a list of logits chunks ``[B, S_i, V]`` against labels ``[B, S]``; return V (>= 1)."""
     if len(chunks) == 0:
         raise ValueError(f"{name}: expected a non-empty list of logits chunks [B, S_i, V], got an empty list")
-    vocab = None
+    vocab: Optional[int] = None
     for i, c in enumerate(chunks):
         check_float(f"{name}[{i}]", c)
         if c.dim() != 3:
@@ -138,7 +139,8 @@ def check_chunk_list(name: str, chunks: Sequence[torch.Tensor], labels: torch.Te
                 )
         elif c.shape[-1] != vocab:
             raise ValueError(f"{name}[{i}]: expected vocab size {vocab} like {name}[0], got shape {tuple(c.shape)}")
-    return int(vocab)
+    assert vocab is not None  # set by the first chunk
+    return vocab
 
 
 def check_paired_chunks(

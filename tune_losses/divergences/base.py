@@ -105,7 +105,8 @@ def _by_autograd(div: Divergence, log_p, log_q, opts: KDOptions, need_a: bool, n
     lp, lq = log_p.masked_fill(mask, 0.0), log_q.masked_fill(mask, 0.0)
     if not (need_a or need_b):
         return div.value(lp, lq, opts).masked_fill_(mask, 0.0), None, None
-    terms, vjp = torch.func.vjp(lambda a_, b_: div.value(b_, a_, opts), lq, lp)
+    out = torch.func.vjp(lambda a_, b_: div.value(b_, a_, opts), lq, lp)
+    terms, vjp = out[0], out[1]  # (value, vjp function): no has_aux
     a, b = vjp(torch.ones_like(terms))
     a = a.masked_fill(mask, 0.0) if need_a else None
     b = b.masked_fill(mask, 0.0) if need_b else None
@@ -182,10 +183,10 @@ def kd_chunk(
     r = red.sum(torch.stack(stats))
     value = r[0] * opts.loss_scale if opts.loss_scale != 1.0 else r[0]
     g = None
-    if need:
+    if weight is not None:
         g = a.sub_(q.mul_(r[1].unsqueeze(-1)))
         g = g.mul_((weight * (opts.loss_scale / t)).unsqueeze(-1))
-    if not need_b:
+    if teacher_weight is None:
         return value, g
     b, p = bp
     gt = b.sub_(p.mul_(r[-1].unsqueeze(-1))).mul_((teacher_weight * (opts.loss_scale / t)).unsqueeze(-1))

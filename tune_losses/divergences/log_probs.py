@@ -54,6 +54,7 @@ def log_prob_chunk(
     if w_lp is not None:
         row = row - w_lp
     if w_h is not None:
+        assert h is not None  # w_h is only taken with the entropy
         row = row - w_h * h
         g = torch.special.xlogy(q, q).mul_(-w_h.unsqueeze(-1)).add_(q.mul_(row.unsqueeze(-1)))
     else:

@@ -25,7 +25,7 @@ import logging
 import os
 import types
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -61,7 +61,7 @@ def terms_on_chunk(
     for i, t in enumerate(terms):
         if t.needs_teacher:
             last_teacher = i
-    outs = []
+    outs: List[torch.Tensor] = []
     g = None
     for i, term in enumerate(terms):
         values, g_t = term.compute(chunk, weights[i], consume and i == len(terms) - 1, consume and i == last_teacher)
@@ -141,17 +141,17 @@ def compiled_math(terms: Sequence[Term], red: VocabReducer, device: torch.device
     return fn
 
 
-def _compiler_errors() -> Tuple[type, ...]:
+def _compiler_errors() -> Tuple[Type[BaseException], ...]:
     """The exceptions that mean "the compiler cannot build this here" (no C++ compiler, an
     unsupported operation, a lowering failure), not an error of the computation itself."""
-    errors: List[type] = [torch._dynamo.exc.TorchDynamoException]
+    errors: List[Type[BaseException]] = [torch._dynamo.exc.TorchDynamoException]
     try:
         from torch._inductor import exc as inductor_exc
     except ImportError:  # pragma: no cover - torch without Inductor
         return tuple(errors)
     for name in ("CppCompileError", "InvalidCxxCompiler", "OperatorIssue", "CppWrapperCodegenError"):
         cls = getattr(inductor_exc, name, None)
-        if isinstance(cls, type):
+        if isinstance(cls, type) and issubclass(cls, BaseException):
             errors.append(cls)
     return tuple(errors)
 
@@ -162,11 +162,12 @@ COMPILER_ERRORS = _compiler_errors()
 def _caused_by_oom(e: BaseException) -> bool:
     """Whether an out-of-memory error is anywhere in ``e``'s chain (a compiler error can wrap one)."""
     seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, torch.OutOfMemoryError):
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, torch.OutOfMemoryError):
             return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
     return False
 
 

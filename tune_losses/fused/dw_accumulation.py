@@ -11,8 +11,9 @@ PyTorch's own:
 * ``"chunk"``: dW in the input dtype, each chunk's product added and rounded (Liger-Kernel's
   default): no extra memory, but the error grows with the number of chunks (several times eager's
   at 64 chunks), so never the default.
-* ``"blocked"``: the vocabulary-blocked backward (:func:`blocked_pass`): a first pass over token
-  chunks computes the values and each token's statistics (logsumexp, ...); then for each block of
+* ``"blocked"``: the vocabulary-blocked backward (:func:`blocked_backward`): the engine's chunk loop
+  computes the values and each token's statistics (logsumexp, ...: :class:`RowStats`), in chunks of
+  :func:`first_pass_chunk` tokens; then for each block of
   ``Vb`` vocabulary rows one matmul over all tokens gives the block's logits ``[N, Vb]``, their
   gradient from the statistics (:mod:`tune_losses.kernels.blocked`), ``dW[block] = g.T @ X`` in
   one matmul (written once, eager's rounding) and ``g @ W[block]`` added to an fp32 ``[N, H]``
@@ -30,10 +31,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from tune_losses.chunking import token_chunk_bounds
 from tune_losses.divergences import VocabReducer
 from tune_losses.fused.capabilities import addmm_fp32
-from tune_losses.fused.compiled import terms_on_chunk
+from tune_losses.fused.chunk_ops import Operands, OutputWeight, compute_dtype, logits, token_weight, zero_ignored
 from tune_losses.kernels.blocked import block_grad, blocked_unsupported, row_stats
 from tune_losses.options import DW_ACCUMULATIONS, check_choice
 from tune_losses.terms import Term
@@ -106,99 +106,69 @@ def block_rows(num_tokens: int, vocab: int, hidden: int) -> int:
     return max(1, min(n, vocab))
 
 
-def _token_weight(w, valid: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor]):
-    """A term output's gradient weight for all tokens ``[N]``, 0 at ignored tokens, times ``scale``."""
-    if w is None:
-        return None
-    t = torch.where(valid, w.to(dtype), 0.0) if isinstance(w, torch.Tensor) else valid.to(dtype) * w
-    return t if scale is None else t * scale.to(dtype)
+class RowStats:
+    """Each term's per-token statistics over the whole vocabulary (:func:`row_stats`: a logsumexp,
+    ...), ``{name: [N]}`` per term in the compute dtype, filled chunk by chunk by the engine's loop
+    for :func:`blocked_backward`."""
 
+    def __init__(self, terms: Sequence[Term], num_tokens: int):
+        self.terms = tuple(terms)
+        self.num_tokens = num_tokens
+        self.per_term: List[Dict[str, torch.Tensor]] = [{} for _ in self.terms]
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Logits in the input dtype (as eager PyTorch makes them), then in the compute dtype."""
-    z = torch.nn.functional.linear(x, w, b)
-    return z if z.dtype == dtype else z.to(dtype)
-
-
-def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` into an fp32 ``acc`` from low-precision ``a``, ``b`` off the CPU
-    (:func:`tune_losses.fused.capabilities.addmm_fp32`: ``out_dtype`` where a probe found it)."""
-    addmm_fp32(acc, a, b)
+    def add(self, rows: slice, z: torch.Tensor, zt: Optional[torch.Tensor]) -> None:
+        """Record the chunk ``rows``'s statistics from its raw logits ``[n, V]`` (compute dtype;
+        neither is modified), before any term reads (and overwrites) them."""
+        for stats, term in zip(self.per_term, self.terms):
+            for name, v in row_stats(term, z, zt).items():
+                stats.setdefault(name, v.new_empty(self.num_tokens))[rows] = v
 
 
 @torch.no_grad()
-def blocked_pass(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    b: Optional[torch.Tensor],
-    labels: torch.Tensor,
-    tx: Optional[torch.Tensor],
-    tw: Optional[torch.Tensor],
-    tb: Optional[torch.Tensor],
+def blocked_backward(
+    ops: Operands,
     terms: Sequence[Term],
     ignore_index: int,
     red: VocabReducer,
-    chunk_size: int,
-    weights: Sequence,
+    stats: RowStats,
+    outputs: Dict[str, torch.Tensor],
+    weights: Sequence[Optional[Sequence[OutputWeight]]],
     need: Tuple[bool, bool, bool],
     grad_scale: Optional[torch.Tensor] = None,
-    inputs: Optional[Dict[str, torch.Tensor]] = None,
-):
-    """The engine's chunk pass with a vocabulary-blocked backward (same arguments and results as
-    :func:`tune_losses.fused.engine.chunk_pass`, except that dW comes back in the weight's dtype).
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dX, dW, db one block of vocabulary rows at a time, after the engine's chunk loop
+    (:func:`tune_losses.fused.engine.chunk_pass`) gave the values and statistics.
 
     Args:
-        x: ``[N, H]``; w ``[V, H]``; b ``[V]`` or None; labels ``[N]``; tx, tw, tb the teacher's or None.
+        ops: the call's tensors: x ``[N, H]``, w ``[V, H]``, b ``[V]`` or None, labels ``[N]``, the
+            teacher's tx, tw, tb or None.
         terms: the loss terms (every one column-local: :func:`blocked_unsupported` is None).
-        chunk_size: tokens per chunk of the first pass.
+        stats: each term's per-token statistics, for all N tokens.
+        outputs: every output's values by name ``[N]`` (the entropy's gradient reads its own value).
         weights: per term, per output: a float, an ``[N]`` tensor or None (see ``chunk_pass``).
         need: which of (dx, dw, db) to compute.
+        grad_scale: 0-dim factor of every gradient (a mean's ``1 / tokens``), or None.
 
     Returns:
-        ``(outputs, dx, dw, db)``: outputs ``{name: [N]}`` in the compute dtype; dx ``[N, H]`` in
-        x's dtype, dw ``[V, H]`` in w's dtype, db ``[V]`` in the compute dtype, or None.
+        ``(dx, dw, db)``: dx ``[N, H]`` in x's dtype, dw ``[V, H]`` in w's dtype, db ``[V]`` in the
+        compute dtype, or None where not needed.
     """
+    x, w, b, labels, tx, tw, tb = ops
     num_tokens, vocab = x.shape[0], w.shape[0]
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(x.dtype)
     valid = labels != ignore_index
-    names = [name for t in terms for name in t.outputs]
-    outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in names}
-    teacher = any(t.needs_teacher for t in terms)
-    if teacher and (tx is None or tw is None):
-        raise ValueError("teacher_hidden, teacher_weight: a divergence term needs the teacher's tensors, got None")
-    stats: List[Dict[str, torch.Tensor]] = [{} for _ in terms]
-    # Ignored tokens' hidden rows are zeroed (as the engine does): a non-finite hidden state at a
-    # left-out token cannot reach dX / dW as 0 * NaN. The teacher's only reach the gradient through
-    # the student's logit gradient, whose ignored rows are set to 0 below.
-    xz = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-    # First pass: values and per-token statistics, one token chunk at a time.
-    for start, end in token_chunk_bounds(num_tokens, chunk_size):
-        rows = slice(start, end)
-        z = _linear(xz[rows], w, b, dtype)
-        zt = _linear(tx[rows], tw, tb, dtype) if teacher and tx is not None and tw is not None else None
-        for i, t in enumerate(terms):
-            for k, v in row_stats(t, z, zt).items():
-                stats[i].setdefault(k, torch.empty(num_tokens, dtype=dtype, device=x.device))[rows] = v
-        chunk_inputs = {k: v[rows] for k, v in inputs.items()} if inputs else {}
-        values, _ = terms_on_chunk(
-            terms, red, z, zt, labels[rows], valid[rows], [None] * len(terms), True, chunk_inputs
-        )
-        for name, v in zip(names, values):
-            outputs[name][rows] = v
-        del z, zt, values
-
     need_dx, need_dw, need_db = need
-    token_weights = [None if ws is None else [_token_weight(v, valid, dtype, grad_scale) for v in ws] for ws in weights]
+    token_weights = [None if ws is None else [token_weight(v, valid, dtype, grad_scale) for v in ws] for ws in weights]
     if not (need_dx or need_dw or need_db) or all(ws is None for ws in token_weights):
-        zeros = (
+        return (
             torch.zeros_like(x) if need_dx else None,
             torch.zeros_like(w) if need_dw else None,
             torch.zeros(vocab, dtype=dtype, device=w.device) if need_db else None,
         )
-        return outputs, *zeros
-
-    # Second pass: one block of vocabulary rows at a time, over all tokens.
+    teacher = tx is not None and tw is not None and any(t.needs_teacher for t in terms)
+    # The teacher's hidden rows are not zeroed: they reach the gradient only through the student's
+    # logit gradient, whose ignored rows are set to 0 below.
+    xz = zero_ignored(x, valid)
     cpu = x.device.type == "cpu"
     # CPU has no mixed-dtype matmul: its products take fp32 copies (X once, W one block at a time).
     x_mm = xz.to(dtype) if cpu else xz
@@ -208,17 +178,17 @@ def blocked_pass(
     vb = block_rows(num_tokens, vocab, x.shape[1])
     for v0 in range(0, vocab, vb):
         cols = slice(v0, min(v0 + vb, vocab))
-        zb = _linear(xz, w[cols], None if b is None else b[cols], dtype)
+        zb = logits(xz, w[cols], None if b is None else b[cols])
         ztb = None
         if teacher and tx is not None and tw is not None:
-            ztb = _linear(tx, tw[cols], None if tb is None else tb[cols], dtype)
+            ztb = logits(tx, tw[cols], None if tb is None else tb[cols])
         g = None
         for i, t in enumerate(terms):
             term_weights = token_weights[i]
             if term_weights is None:
                 continue
             last = i == len(terms) - 1
-            g_t = block_grad(t, zb, ztb, v0, vocab, labels, valid, stats[i], term_weights, outputs, last)
+            g_t = block_grad(t, zb, ztb, v0, vocab, labels, valid, stats.per_term[i], term_weights, outputs, last)
             if g_t is not None:
                 g = g_t if g is None else g.add_(g_t)
         del zb, ztb
@@ -236,7 +206,7 @@ def blocked_pass(
             if g_mm.dtype == dtype:
                 dx_acc.addmm_(g_mm, w[cols].to(dtype))
             else:
-                _add_mm_fp32(dx_acc, g_mm, w[cols])
+                addmm_fp32(dx_acc, g_mm, w[cols])
         if db is not None:
             db[cols] = g.sum(0)
         del g, g_mm
@@ -246,4 +216,4 @@ def blocked_pass(
         dx = dx_acc if dx_acc.dtype == x.dtype else dx_acc.to(x.dtype)
         del dx_acc
         red.finish_dx(dx)
-    return outputs, dx, dw, db
+    return dx, dw, db

@@ -7,7 +7,9 @@ no ``[N, V]`` tensor exists in forward or backward and a chunk allocates no ``[n
 terms' weighted logit gradients are summed into one ``[n, V]`` gradient per
 chunk, which becomes dX (``g @ W``), dW (``g.T @ x``) and db: a distillation call makes four
 ``2 N H V`` matmuls over forward and backward (student logits, teacher logits, dX, dW), a
-cross-entropy call three.
+cross-entropy call three. With ``dw_accumulation="blocked"`` the loop gives the values and each
+term's per-token statistics, and dX / dW / db come from the vocabulary-blocked backward after it
+(:mod:`tune_losses.fused.dw_accumulation`); this is the only loop over token chunks either way.
 
 Two autograd functions share the loop (:func:`chunk_pass`):
 
@@ -30,12 +32,16 @@ import torch
 from tune_losses.chunking import chunk_policy, token_chunk_bounds
 from tune_losses.divergences import VocabReducer
 from tune_losses.fused.capabilities import addmm_fp32 as _addmm_fp32
+from tune_losses.fused.chunk_ops import Operands, OutputWeight, compute_dtype, logits, token_weight, zero_ignored
 from tune_losses.fused.compiled import compiled_math, run_compiled, terms_on_chunk
-from tune_losses.fused.dw_accumulation import blocked_pass, first_pass_chunk, resolve
-from tune_losses.kernels.triton_ce import triton_chunk_math
+from tune_losses.fused.dw_accumulation import RowStats, blocked_backward, first_pass_chunk, resolve
+from tune_losses.kernels.triton_select import triton_chunk_math
 from tune_losses.terms import Term
 
 default_chunk_size = chunk_policy  # the name other modules import
+
+# (outputs by name [N] each, dx [N, H], dw [V_r, H], db [V_r]); a gradient is None when not made.
+ChunkPassResult = Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -75,25 +81,6 @@ class LossPlan:
         return [[t.weight] + [None] * (len(t.outputs) - 1) for t in self.terms]
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 inputs are computed in fp64 (so gradcheck works); everything else in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _logits(
-    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Logits of one chunk in the compute dtype: ``x @ w.T + b`` in the input dtype (as eager
-    PyTorch), then upcast; written into ``out`` (``[n, V_r]``, compute dtype) when given."""
-    if out is not None and x.dtype == out.dtype:
-        return torch.mm(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
-    z = torch.nn.functional.linear(x, w, b)
-    if out is not None:
-        return out.copy_(z)
-    dtype = compute_dtype(z.dtype)
-    return z if z.dtype == dtype else z.to(dtype)
-
-
 def accumulate_chunk_grads(
     g: torch.Tensor,
     xc: torch.Tensor,
@@ -127,16 +114,11 @@ def accumulate_chunk_grads(
         db.add_(g.sum(0, dtype=db.dtype))
 
 
-def _chunk_weight(w, rows: slice, ok: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor]):
-    """A term output's gradient weight for one chunk ``[n]``: a float or rows of an ``[N]`` tensor,
-    0 at ignored tokens, times ``scale``; None stays None."""
-    if w is None:
-        return None
-    if isinstance(w, torch.Tensor):
-        t = torch.where(ok, w[rows].to(dtype), 0.0)
-    else:
-        t = ok.to(dtype) * w
-    return t if scale is None else t * scale.to(dtype)
+def _chunk_weight(
+    w: OutputWeight, rows: slice, ok: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """A term output's gradient weight for one chunk ``[n]`` (``w`` a float or an ``[N]`` tensor)."""
+    return token_weight(w[rows] if isinstance(w, torch.Tensor) else w, ok, dtype, scale)
 
 
 @torch.no_grad()  # the gradients here are closed forms; a backward run with create_graph=True builds no graph
@@ -149,12 +131,18 @@ def chunk_pass(
     tw: Optional[torch.Tensor],
     tb: Optional[torch.Tensor],
     plan: LossPlan,
-    weights: Optional[Sequence[Sequence]] = None,
+    weights: Optional[Sequence[Optional[Sequence[OutputWeight]]]] = None,
     need: Tuple[bool, bool, bool] = (False, False, False),
     grad_scale: Optional[torch.Tensor] = None,
     inputs: Optional[Dict[str, torch.Tensor]] = None,
-):
-    """One pass over all token chunks.
+) -> ChunkPassResult:
+    """One pass over all token chunks: every term's values and, when weighted, the gradients.
+
+    The gradients come from the chunk loop itself, except with ``dw_accumulation`` resolved to
+    ``"blocked"``: the loop then gives the values and each term's per-token statistics over the
+    vocabulary (:class:`~tune_losses.fused.dw_accumulation.RowStats`), and the vocabulary-blocked
+    backward (:func:`~tune_losses.fused.dw_accumulation.blocked_backward`) makes dX, dW, db from
+    them after it, with no ``[V, H]`` accumulator.
 
     Args:
         x: ``[N, H]`` student hidden states; w ``[V_r, H]``; b ``[V_r]`` or None.
@@ -173,34 +161,82 @@ def chunk_pass(
         dtype, 0 at ignored tokens); a gradient is None when not needed; db is in the compute dtype,
         dw too, or in the weight's dtype with ``dw_accumulation`` ``chunk`` / ``blocked``.
     """
-    num_tokens = x.shape[0]
-    dtype = compute_dtype(x.dtype)
     red = plan.reducer or VocabReducer(w.shape[0])
-    valid = labels != plan.ignore_index
-    teacher = plan.needs_teacher
+    if plan.needs_teacher and (tx is None or tw is None):
+        raise ValueError("teacher_hidden, teacher_weight: a divergence term needs the teacher's tensors, got None")
+    ops = Operands(x, w, b, labels, tx, tw, tb)
+    if weights is None or not any(need):
+        return _token_chunks(ops, plan, red, None, need, "fp32", grad_scale, inputs)
+    accumulation = resolve(plan.dw_accumulation, plan.terms, red, x.dtype, x.device)
+    if accumulation != "blocked":
+        return _token_chunks(ops, plan, red, weights, need, accumulation, grad_scale, inputs)
+    stats = RowStats(plan.terms, x.shape[0])
+    outputs, *_ = _token_chunks(ops, plan, red, None, need, "fp32", None, inputs, stats)
+    # The loop's chunk buffers died with it: the blocked backward's block temporaries are not on top of them.
+    grads = blocked_backward(ops, plan.terms, plan.ignore_index, red, stats, outputs, weights, need, grad_scale)
+    return (outputs, *grads)
+
+
+def _chunk_bounds(
+    plan: LossPlan, num_tokens: int, red: VocabReducer, x: torch.Tensor, first_pass: bool
+) -> Tuple[List[Tuple[int, int]], int]:
+    """``(bounds, size)``: the chunks' ``(start, end)`` token bounds and the most tokens in one.
+
+    ``plan.bounds`` when given, else chunks of ``plan.chunk_size`` (or the chunk policy's) tokens; the
+    blocked backward's first pass (``first_pass``) takes its own, often smaller, chunks of
+    :func:`~tune_losses.fused.dw_accumulation.first_pass_chunk` tokens (its terms are column-local
+    and per token, so they need no pair-aware bounds).
+    """
     if plan.bounds is not None:
         bounds = list(plan.bounds)
         size = max((end - start for start, end in bounds), default=1)
     else:
-        size = plan.chunk_size or chunk_policy(num_tokens, red.vocab, x.device, 2 if teacher else 1, x.shape[1])
+        sides = 2 if plan.needs_teacher else 1
+        size = plan.chunk_size or chunk_policy(num_tokens, red.vocab, x.device, sides, x.shape[1])
         bounds = token_chunk_bounds(num_tokens, size)
+    if first_pass:
+        size = first_pass_chunk(num_tokens, red.vocab, x.shape[1], x.device, size)
+        bounds = token_chunk_bounds(num_tokens, size)
+    return bounds, size
+
+
+def _token_chunks(
+    ops: Operands,
+    plan: LossPlan,
+    red: VocabReducer,
+    weights: Optional[Sequence[Optional[Sequence[OutputWeight]]]],
+    need: Tuple[bool, bool, bool],
+    accumulation: str,
+    grad_scale: Optional[torch.Tensor],
+    inputs: Optional[Dict[str, torch.Tensor]],
+    stats: Optional[RowStats] = None,
+) -> ChunkPassResult:
+    """THE loop over token chunks (:func:`chunk_pass`'s arguments; ``weights`` None for values only).
+
+    ``accumulation``: ``"fp32"`` or ``"chunk"`` (dW's accumulator dtype). ``stats``: the first pass
+    of the blocked backward: each term's per-token statistics are collected from the chunk's raw
+    logits before the terms read (and overwrite) them, and the eager math runs (the Triton kernels
+    take the logits in the input dtype, and with no gradient there is nothing for a compiled chunk
+    function to fuse).
+    """
+    x, w, b, labels, tx, tw, tb = ops
+    num_tokens = x.shape[0]
+    dtype = compute_dtype(x.dtype)
+    valid = labels != plan.ignore_index
+    teacher = plan.needs_teacher
+    bounds, size = _chunk_bounds(plan, num_tokens, red, x, stats is not None)
     need_dx, need_dw, need_db = need
-    any_grad = weights is not None and (need_dx or need_dw or need_db)
-    accumulation = resolve(plan.dw_accumulation, plan.terms, red, x.dtype, x.device) if any_grad else "fp32"
-    if accumulation == "blocked":
-        first = first_pass_chunk(num_tokens, red.vocab, x.shape[1], x.device, size)
-        return blocked_pass(
-            x, w, b, labels, tx, tw, tb, plan.terms, plan.ignore_index, red, first, weights, need, grad_scale, inputs
-        )
     outputs = {name: torch.zeros(num_tokens, dtype=dtype, device=x.device) for name in plan.output_names}
-    dx = torch.empty_like(x) if any_grad and need_dx else None
+    dx = torch.empty_like(x) if weights is not None and need_dx else None
     dw_dtype = w.dtype if accumulation == "chunk" else dtype
-    dw = torch.zeros(w.shape, dtype=dw_dtype, device=w.device) if any_grad and need_dw else None
-    db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if any_grad and need_db else None
+    dw = torch.zeros(w.shape, dtype=dw_dtype, device=w.device) if weights is not None and need_dw else None
+    db = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if weights is not None and need_db else None
     # A Triton kernel for the term set (CUDA), on logits in the input dtype (no fp32 [n, V] buffer);
     # else compiled chunk math (where available): every chunk padded to the same rows, one compilation.
-    tri = triton_chunk_math(plan.terms, plan.reducer, x.device)
-    math = None if tri is not None else compiled_math(plan.terms, red, x.device)
+    tri = (
+        None if stats is not None else triton_chunk_math(plan.terms, plan.reducer, x.device, x.dtype, plan.ignore_index)
+    )
+    math = None if tri is not None or stats is not None else compiled_math(plan.terms, red, x.device)
     # A call whose tokens fit in one chunk pads them to a power of two (at least 8), so batches of
     # varying length compile a handful of shapes, not one per length.
     rows_fixed = size if size < num_tokens else 1 << max(3, (num_tokens - 1).bit_length())
@@ -208,35 +244,38 @@ def chunk_pass(
     # compiled math writes the gradient over the student's): no [n, V] allocation per chunk.
     buf_rows = rows_fixed if math is not None else min(size, num_tokens)
     zbuf = torch.empty(buf_rows, w.shape[0], dtype=x.dtype if tri is not None else dtype, device=x.device)
-    zt_dtype = x.dtype if tri is not None else dtype
-    ztbuf = torch.empty(buf_rows, tw.shape[0], dtype=zt_dtype, device=x.device) if teacher else None
+    ztbuf = None
+    if teacher:
+        assert tx is not None and tw is not None  # chunk_pass checked
+        ztbuf = torch.empty(buf_rows, tw.shape[0], dtype=zbuf.dtype, device=x.device)
 
     for start, end in bounds:
         rows = slice(start, end)
         n = end - start
         ok, lab = valid[rows], labels[rows]
         chunk_inputs = {k: v[rows] for k, v in inputs.items()} if inputs else {}
-        # Ignored tokens' hidden rows are zeroed ([n, H], cheap): a non-finite hidden state at a
-        # token the loss leaves out (a padding position) then cannot reach dX / dW as 0 * NaN.
-        xc = _zero_ignored(x[rows], ok)
-        if teacher:
-            _logits(_zero_ignored(tx[rows], ok), tw, tb, out=ztbuf[:n])
-        _logits(xc, w, b, out=zbuf[:n])
-        chunk_weights = [None] * len(plan.terms)
-        if any_grad:
+        # Ignored tokens' hidden rows are zeroed ([n, H], cheap; see zero_ignored).
+        xc = zero_ignored(x[rows], ok)
+        zt = None
+        if ztbuf is not None and tx is not None and tw is not None:
+            zt = logits(zero_ignored(tx[rows], ok), tw, tb, out=ztbuf[:n])
+        z = logits(xc, w, b, out=zbuf[:n])
+        if stats is not None:
+            stats.add(rows, z, zt)
+        chunk_weights: List[Optional[List[Optional[torch.Tensor]]]] = [None] * len(plan.terms)
+        if weights is not None:
             for i, ws in enumerate(weights):
                 if ws is not None and any(v is not None for v in ws):
                     chunk_weights[i] = [_chunk_weight(v, rows, ok, dtype, grad_scale) for v in ws]
-        result = None if tri is None else tri(zbuf[:n], ztbuf[:n] if teacher else None, lab, chunk_weights)
+        result = None if tri is None else tri(z, zt, lab, chunk_weights)
         if math is not None:
             result = _run_padded(math, n, zbuf, ztbuf, lab, ok, chunk_weights, plan.ignore_index, chunk_inputs)
             if result is None:
                 math = None
         if result is None:
-            zt = ztbuf[:n] if teacher else None
-            result = terms_on_chunk(plan.terms, red, zbuf[:n], zt, lab, ok, chunk_weights, True, chunk_inputs)
+            result = terms_on_chunk(plan.terms, red, z, zt, lab, ok, chunk_weights, True, chunk_inputs)
         values, g = result
-        del result
+        del result, z, zt
         for name, v in zip(plan.output_names, values):
             outputs[name][rows] = v
         if g is not None:
@@ -273,11 +312,6 @@ def _run_padded(math, n: int, zbuf, ztbuf, labels, valid, weights, ignore_index:
         return result
     values, g = result
     return [v[:n] for v in values], (None if g is None else g[:n])
-
-
-def _zero_ignored(rows: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """``rows`` ``[n, H]`` with the rows of ignored tokens set to 0 (a copy)."""
-    return torch.where(ok.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
 
 def _summed_names(plan: LossPlan) -> List[str]:

@@ -15,12 +15,12 @@ runs the chunk loop (:mod:`tune_losses.fused.engine`).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from tune_losses.deprecation import warn_deprecated
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
@@ -50,6 +50,7 @@ __all__ = [
     "linear_kd_loss",
     "linear_distillation_loss",
     "check_run_options",
+    "flat_distillation_options",
 ]
 
 
@@ -306,14 +307,47 @@ def _option(
             if getattr(given, k) != v:
                 raise ValueError(f"{k}: got {v!r}, but {param}.{k} is {getattr(given, k)!r}; give it once")
         return given
-    if flat and not torch.compiler.is_compiling():  # a warning inside a user's trace would break the graph
+    if flat:
         names = ", ".join(f"{k}=" for k in flat)
-        warnings.warn(
-            f"{fn}({names}...) is deprecated: pass {param}={cls.__name__}({names}...) instead",
-            DeprecationWarning,
-            stacklevel=3,
-        )
+        warn_deprecated(f"{fn}({names}...)", f"{param}={cls.__name__}({names}...)")
     return cls(**flat, **current)
+
+
+_DISTILLATION_FIELDS = ("kd_ratio", "label_smoothing") + _KD_FIELDS
+
+
+def _distillation_options(flat: Dict[str, object]) -> DistillationOptions:
+    """A DistillationOptions from the flat ``kd_ratio``, ``label_smoothing`` and KDOptions fields: the
+    cross-entropy shares the divergence's ``ignore_index`` and ``validate``."""
+    kd = KDOptions(**{k: v for k, v in flat.items() if k in _KD_FIELDS})
+    ce = CEOptions(ignore_index=kd.ignore_index, label_smoothing=flat.get("label_smoothing", 0.0), validate=kd.validate)
+    return DistillationOptions(flat.get("kd_ratio", 0.5), kd, ce)
+
+
+def flat_distillation_options(flat: Dict[str, object], ignore_index: int) -> Dict[str, object]:
+    """Keyword arguments of :func:`linear_distillation_loss` in the object form, from flat ones (no
+    warning), for APIs that take them flat (e.g. Transformers' ``distillation_loss(**loss_options)``):
+    the distillation fields become ``options``, the placement and execution ones ``parallel`` and
+    ``execution``; other keywords (``chunk_size``, ...) pass through. ``ignore_index`` holds for the call."""
+    kw = dict(flat)
+    given = _take(kw, _DISTILLATION_FIELDS)
+    if "ignore_index" in given:
+        raise ValueError("ignore_index: give it as the function's own argument, not among the loss options")
+    options = kw.get("options")
+    if options is None:
+        kw["options"] = _distillation_options({**given, "ignore_index": ignore_index})
+    elif given:
+        raise TypeError(f"{', '.join(f'{k}=' for k in given)} and options= both given; put them in options=")
+    elif isinstance(options, DistillationOptions) and options.kd.ignore_index != ignore_index:
+        raise ValueError(
+            f"ignore_index: got {ignore_index!r}, but options.kd.ignore_index is {options.kd.ignore_index!r}"
+        )
+    for param, cls, fields in (
+        ("parallel", VocabParallelOptions, _PARALLEL_FIELDS),
+        ("execution", ExecutionOptions, _EXECUTION_FIELDS),
+    ):
+        kw[param] = _option("distillation_loss", param, cls, kw.get(param), {}, _take(kw, fields))
+    return kw
 
 
 def _take(legacy: Dict[str, object], names: Sequence[str]) -> Dict[str, object]:
@@ -455,23 +489,19 @@ def linear_log_probs(
     return (log_probs, parts["entropy"]) if return_entropy else log_probs
 
 
-def _sides(
-    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
-):
-    check_fused_inputs(
-        labels,
-        local_shard=parallel.process_group is not None,
-        student_hidden=student_hidden,
-        student_weight=student_weight,
-        teacher_hidden=teacher_hidden,
-        teacher_weight=teacher_weight,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
-    )
-    return (
-        Side(student_hidden, student_weight, student_bias, STUDENT_NAMES),
-        Side(teacher_hidden, teacher_weight, teacher_bias, TEACHER_NAMES),
-    )
+def _two_model_run(fn: str, terms: Sequence[Term], kd: KDOptions, call: Dict[str, Any]):
+    """The run :func:`linear_kd_loss` and :func:`linear_distillation_loss` share: the placement and
+    execution objects (old flat keywords folded in, with a DeprecationWarning), both models' tensors
+    checked, one chunk pass. ``call``: the public function's arguments by name; ``kd`` the divergence's
+    options (its ``ignore_index`` and ``validate`` hold for the call)."""
+    parallel, execution = _placement_and_execution(fn, call["parallel"], call["execution"], call["deprecated"])
+    student = Side(call["student_hidden"], call["student_weight"], call["student_bias"], STUDENT_NAMES)
+    teacher = Side(call["teacher_hidden"], call["teacher_weight"], call["teacher_bias"], TEACHER_NAMES)
+    labels = call["labels"]
+    tensors = dict(zip(STUDENT_NAMES + TEACHER_NAMES, student[:3] + teacher[:3]))
+    check_fused_inputs(labels, local_shard=parallel.process_group is not None, **tensors)
+    opts = _run_options(call["reduction"], call["chunk_size"], kd.ignore_index, kd.validate, parallel, execution)
+    return _run(terms, student, teacher, labels, opts, call["num_tokens"], call["scale"])
 
 
 def linear_kd_loss(
@@ -525,12 +555,7 @@ def linear_kd_loss(
     """
     fn = "linear_kd_loss"
     options = _option(fn, "options", KDOptions, options, _take(deprecated, _KD_FIELDS))
-    parallel, execution = _placement_and_execution(fn, parallel, execution, deprecated)
-    sides = _sides(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
-    )
-    opts = _run_options(reduction, chunk_size, options.ignore_index, options.validate, parallel, execution)
-    loss, _, _ = _run([DivergenceTerm(options)], sides[0], sides[1], labels, opts, num_tokens, scale)
+    loss, _, _ = _two_model_run(fn, [DivergenceTerm(options)], options, locals())
     return loss
 
 
@@ -565,32 +590,17 @@ def linear_distillation_loss(
         for logging), ``num_tokens`` (this call's valid tokens).
     """
     fn = "linear_distillation_loss"
-    kd_flat = _take(deprecated, _KD_FIELDS)
-    mix_flat = _take(deprecated, ("kd_ratio", "label_smoothing"))
-    if options is None and (kd_flat or mix_flat):
-        if not torch.compiler.is_compiling():  # a warning inside a user's trace would break the graph
-            warnings.warn(
-                f"{fn}({', '.join(f'{k}=' for k in {**mix_flat, **kd_flat})}...) is deprecated: pass "
-                "options=DistillationOptions(kd_ratio=..., kd=KDOptions(...), ce=CEOptions(...)) instead",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-        kd = KDOptions(**kd_flat)
-        ce = CEOptions(
-            ignore_index=kd.ignore_index, label_smoothing=mix_flat.get("label_smoothing", 0.0), validate=kd.validate
+    flat = _take(deprecated, _DISTILLATION_FIELDS)
+    if options is None and flat:
+        names = ", ".join(f"{k}=" for k in flat)
+        warn_deprecated(
+            f"{fn}({names}...)", "options=DistillationOptions(kd_ratio=..., kd=KDOptions(...), ce=CEOptions(...))"
         )
-        options = DistillationOptions(mix_flat.get("kd_ratio", 0.5), kd, ce)
+        options = _distillation_options(flat)
     else:
-        options = _option(fn, "options", DistillationOptions, options, {**mix_flat, **kd_flat})
-    parallel, execution = _placement_and_execution(fn, parallel, execution, deprecated)
-    sides = _sides(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, parallel
-    )
-    kd = options.kd
-    opts = _run_options(reduction, chunk_size, kd.ignore_index, kd.validate, parallel, execution)
+        options = _option(fn, "options", DistillationOptions, options, flat)
     terms = [
         CrossEntropyTerm(options.ce, weight=1.0 - options.kd_ratio),
-        DivergenceTerm(kd, weight=float(options.kd_ratio)),
+        DivergenceTerm(options.kd, weight=float(options.kd_ratio)),
     ]
-    loss, parts, count = _run(terms, sides[0], sides[1], labels, opts, num_tokens, scale)
-    return _fused_output(loss, parts, count)
+    return _fused_output(*_two_model_run(fn, terms, options.kd, locals()))

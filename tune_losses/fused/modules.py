@@ -58,7 +58,21 @@ def _require(proj: Optional[OutputProjection], who: str) -> OutputProjection:
     return proj
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class HiddenStatesLoss(nn.Module):
+    """Base of the losses that take the model's final hidden states instead of its logits."""
+
+    projection: Optional[OutputProjection] = None
+
+    def set_model_output(self, model: nn.Module) -> None:
+        """Take ``model``'s output projection and make the model return hidden states."""
+        self.projection = set_output_mode(model, "hidden")
+
+    def output_projection(self) -> OutputProjection:
+        """The projection :meth:`set_model_output` took (an error naming the fix when there is none)."""
+        return _require(self.projection, type(self).__name__)
+
+
+class LinearCrossEntropyLoss(HiddenStatesLoss):
     """Fused linear cross-entropy as a module.
 
     Args:
@@ -115,10 +129,6 @@ class LinearCrossEntropyLoss(nn.Module):
         """torchtune main's compile hook: nothing to do, the per-chunk math compiles itself."""
         return self
 
-    def set_model_output(self, model: nn.Module) -> None:
-        """Take ``model``'s output projection and make the model return hidden states."""
-        self.projection = set_output_mode(model, "hidden")
-
     def sum_and_count(
         self, hidden: torch.Tensor, labels: torch.Tensor, scale: Optional[torch.Tensor] = None
     ) -> LossSum:
@@ -127,7 +137,7 @@ class LinearCrossEntropyLoss(nn.Module):
         ``scale`` (0-dim fp32, e.g. ``1 / global_count``) multiplies the sum (the training loop's
         normalization, see :mod:`tune_losses.training.protocol`); the count is unchanged.
         """
-        proj = _require(self.projection, type(self).__name__)
+        proj = self.output_projection()
         # The scale goes into the loss, which applies it to the fp32 gradients before their cast to a
         # low-precision dtype (one rounding, as eager autograd); scaling the result would round twice.
         total = linear_cross_entropy(
@@ -149,7 +159,7 @@ class LinearCrossEntropyLoss(nn.Module):
         return self.sum_and_count(hidden, labels).mean()
 
 
-class LinearDistillationLoss(nn.Module):
+class LinearDistillationLoss(HiddenStatesLoss):
     """``(1 - kd_ratio) * CE + kd_ratio * KD`` from student and teacher hidden states, fused.
 
     Args:
@@ -205,10 +215,6 @@ class LinearDistillationLoss(nn.Module):
         self.projection: Optional[OutputProjection] = None
         self.teacher_projection: Optional[OutputProjection] = None
 
-    def set_model_output(self, model: nn.Module) -> None:
-        """Take the student's output projection and make it return hidden states."""
-        self.projection = set_output_mode(model, "hidden")
-
     def set_teacher_output(self, teacher: nn.Module) -> None:
         """Take the teacher's output projection and make it return hidden states."""
         self.teacher_projection = set_output_mode(teacher, "hidden")
@@ -221,7 +227,7 @@ class LinearDistillationLoss(nn.Module):
         reduction: str = "mean",
         scale: Optional[torch.Tensor] = None,
     ) -> FusedOutput:
-        s = _require(self.projection, type(self).__name__)
+        s = self.output_projection()
         t = _require(self.teacher_projection, type(self).__name__ + " (teacher)")
         return linear_distillation_loss(
             student_hidden,

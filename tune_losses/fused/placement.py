@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -20,6 +20,10 @@ from tune_losses.fused.vocab_parallel import GroupReducer, even_shard_sizes, sha
 from tune_losses.options import VocabParallelOptions  # noqa: F401 - defined with the other options; imported from here too
 from tune_losses.validation import is_dtensor
 from tune_losses.vocab_alignment import check_teacher_vocab
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from torch.distributed.tensor import DTensor as DTensorType
 
 
 class Placed(NamedTuple):
@@ -158,7 +162,7 @@ def _vocab_mesh_dim(weight, vocab_parallel: Optional[bool], name: str) -> Option
     return None
 
 
-def local_vocab_shard(weight: torch.Tensor, mesh_dim: int) -> Tuple[torch.Tensor, object, int, int]:
+def local_vocab_shard(weight: DTensorType, mesh_dim: int) -> Tuple[torch.Tensor, ProcessGroup, int, int]:
     """This rank's vocabulary shard of a DTensor ``weight`` that is ``Shard(0)`` on ``mesh_dim``.
 
     Returns ``(local rows [V_r, ...], process group of mesh_dim, first row, global rows)``. The local
@@ -189,9 +193,11 @@ def local_vocab_shard(weight: torch.Tensor, mesh_dim: int) -> Tuple[torch.Tensor
         # Shard(0)) passes through a fully replicated weight for this layout).
         shape = (sizes[rank], *weight.shape[1:])
         stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        names = mesh.mesh_dim_names
+        assert names is not None  # _fsdp_over_tp found the mesh's dimensions named
         rows = DTensor.from_local(
             weight.to_local(),
-            mesh[mesh.mesh_dim_names[others[0]]],
+            mesh[names[others[0]]],
             [Shard(0)],
             run_check=False,
             shape=shape,

@@ -10,21 +10,30 @@ inputs, through the same weight placement (plain, FSDP2, tensor-parallel, local 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
 from tune_losses.fused.functional import (
     FusedOutput,
-    RunOptions,
     Side,
     _fused_output,
-    _parallel,
+    _placement_and_execution,
     _run,
+    _run_options,
 )
-from tune_losses.options import ArgumentTypeError, CEOptions, check_float_option, check_run_options
+from tune_losses.options import (
+    IGNORE_INDEX,
+    ArgumentTypeError,
+    CEOptions,
+    ExecutionOptions,
+    VocabParallelOptions,
+    check_bool_option,
+    check_float_option,
+    check_int_option,
+)
 from tune_losses.sparse_teacher import TEACHER_IDS, TEACHER_LOGPROBS, SparseKDOptions, SparseKDTerm
-from tune_losses.terms import CrossEntropyTerm
+from tune_losses.terms import CrossEntropyTerm, Term
 from tune_losses.validation import LABEL_DTYPES, check_fused_inputs, check_tensor
 
 POSITIVE_LOGPROB_TOLERANCE = 1e-3
@@ -99,23 +108,20 @@ def check_teacher_values(inputs: Dict[str, torch.Tensor], vocab_size: int) -> No
     )
 
 
-def _setup(hidden, weight, bias, labels, teacher_ids, teacher_logprobs, temperature, tail, reduction, kw):
-    """The checks and options shared by the two entry points."""
-    check_fused_inputs(labels, local_shard=kw["process_group"] is not None, hidden=hidden, weight=weight, bias=bias)
-    check_run_options(kw["chunk_size"], kw["validate"], kw["vocab_parallel"], kw["vocab_start"], kw["vocab_size"])
-    sparse = SparseKDOptions(temperature=temperature, tail=tail)
-    inputs = _check_teacher(teacher_ids, teacher_logprobs, labels)
-    opts = RunOptions(
-        reduction=reduction,
-        algorithm=kw["algorithm"],
-        validate=kw["validate"],
-        chunk_size=kw["chunk_size"],
-        drop_ignored_tokens=kw["drop_ignored_tokens"],
-        ignore_index=kw["ignore_index"],
-        parallel=_parallel(kw["process_group"], kw["vocab_parallel"], kw["vocab_start"], kw["vocab_size"]),
+def _sparse_run(fn: str, terms: List[Term], call: Dict[str, Any]):
+    """The run both entry points share: the placement and execution objects (old flat keywords
+    folded in, with a DeprecationWarning), the tensors' checks, one chunk pass with the cached teacher
+    as per-token side inputs. ``call``: the public function's arguments by name (the scalar ones
+    already checked by the caller or by the options objects it made)."""
+    parallel, execution = _placement_and_execution(fn, call["parallel"], call["execution"], call["deprecated"])
+    side, labels = Side(call["hidden"], call["weight"], call["bias"]), call["labels"]
+    check_fused_inputs(labels, local_shard=parallel.process_group is not None, **dict(zip(side.names, side[:3])))
+    inputs = _check_teacher(call[TEACHER_IDS], call[TEACHER_LOGPROBS], labels)
+    opts = _run_options(
+        call["reduction"], call["chunk_size"], call["ignore_index"], call["validate"], parallel, execution
     )
     check: Callable[[int], None] = lambda vocab: check_teacher_values(inputs, vocab)  # noqa: E731
-    return sparse, inputs, opts, check
+    return _run(terms, side, None, labels, opts, call["num_tokens"], call["scale"], inputs, check)
 
 
 def linear_sparse_kd_loss(
@@ -128,18 +134,15 @@ def linear_sparse_kd_loss(
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     tail: str = "renormalize",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     validate: bool = True,
-    algorithm: str = "auto",
-    drop_ignored_tokens: bool = False,
-    process_group=None,
-    vocab_parallel: Optional[bool] = None,
-    vocab_start: Optional[int] = None,
-    vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
+    parallel: Optional[VocabParallelOptions] = None,
+    execution: Optional[ExecutionOptions] = None,
+    **deprecated,
 ) -> torch.Tensor:
     """Forward KL of the student against a cached sparse teacher, one chunk of logits at a time.
 
@@ -160,20 +163,23 @@ def linear_sparse_kd_loss(
             ``"sum"``, or ``"none"`` (labels' shape, 0 at ignored tokens).
         validate: check once per call (one host sync) the labels' range, the ids' range and
             distinctness, and that no used log-probability is positive.
-        algorithm, drop_ignored_tokens, process_group, vocab_parallel, vocab_start, vocab_size,
-            num_tokens, scale: as :func:`tune_losses.linear_cross_entropy`. Vocabulary-parallel,
-            ``teacher_ids`` hold global ids and are the same on every rank.
+        chunk_size, num_tokens, scale: as :func:`tune_losses.linear_cross_entropy`.
+        parallel: :class:`~tune_losses.options.VocabParallelOptions`, as
+            :func:`tune_losses.linear_cross_entropy`. Vocabulary-parallel, ``teacher_ids`` hold global
+            ids and are the same on every rank.
+        execution: :class:`~tune_losses.options.ExecutionOptions` (``algorithm``,
+            ``drop_ignored_tokens``, ``dw_accumulation``): same results, different work.
+        deprecated: the old flat ``algorithm``, ``drop_ignored_tokens``, ``process_group``,
+            ``vocab_parallel``, ``vocab_start``, ``vocab_size`` still work, with a DeprecationWarning
+            naming ``execution=`` / ``parallel=``.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs), 0-dim or per token.
     """
-    kw = dict(locals())
-    sparse, inputs, opts, check = _setup(
-        hidden, weight, bias, labels, teacher_ids, teacher_logprobs, temperature, tail, reduction, kw
-    )
-    loss, _, _ = _run(
-        [SparseKDTerm(sparse)], Side(hidden, weight, bias), None, labels, opts, num_tokens, scale, inputs, check
-    )
+    check_int_option("ignore_index", ignore_index)
+    check_bool_option("validate", validate)
+    term = SparseKDTerm(SparseKDOptions(temperature=temperature, tail=tail))
+    loss, _, _ = _sparse_run("linear_sparse_kd_loss", [term], locals())
     return loss
 
 
@@ -188,19 +194,16 @@ def linear_sparse_distillation_loss(
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     tail: str = "renormalize",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     chunk_size: Optional[int] = None,
     validate: bool = True,
-    algorithm: str = "auto",
-    drop_ignored_tokens: bool = False,
-    process_group=None,
-    vocab_parallel: Optional[bool] = None,
-    vocab_start: Optional[int] = None,
-    vocab_size: Optional[int] = None,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
+    parallel: Optional[VocabParallelOptions] = None,
+    execution: Optional[ExecutionOptions] = None,
+    **deprecated,
 ) -> FusedOutput:
     """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * sparse KD(student, cached teacher)`` in one
     chunk pass (each chunk of student logits made once, serving both terms), both normalized over
@@ -211,13 +214,9 @@ def linear_sparse_distillation_loss(
         :class:`~tune_losses.fused.functional.FusedOutput`: ``loss`` (differentiable), ``ce`` and
         ``kd`` (detached, same reduction), ``num_tokens`` (this call's valid tokens).
     """
-    kw = dict(locals())
     check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
-    sparse, inputs, opts, check = _setup(
-        hidden, weight, bias, labels, teacher_ids, teacher_logprobs, temperature, tail, reduction, kw
-    )
     ce = CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, validate=validate)
+    sparse = SparseKDOptions(temperature=temperature, tail=tail)
     # CE first: at T = 1 it leaves the student's (max, sum exp) for the sparse term to reuse.
     terms = [CrossEntropyTerm(ce, weight=1.0 - kd_ratio), SparseKDTerm(sparse, weight=float(kd_ratio))]
-    loss, parts, count = _run(terms, Side(hidden, weight, bias), None, labels, opts, num_tokens, scale, inputs, check)
-    return _fused_output(loss, parts, count)
+    return _fused_output(*_sparse_run("linear_sparse_distillation_loss", terms, locals()))

@@ -13,17 +13,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from tune_losses.accounting import LossSum
-from tune_losses.fused.functional import ALGORITHMS, FusedOutput
+from tune_losses.fused.functional import FusedOutput
+from tune_losses.fused.modules import HiddenStatesLoss
 from tune_losses.fused.sparse import linear_sparse_distillation_loss
-from tune_losses.heads import OutputProjection, set_output_mode
-from tune_losses.options import CEOptions, check_bool_option, check_choice, check_float_option, check_run_options
+from tune_losses.options import IGNORE_INDEX, CEOptions, ExecutionOptions, check_float_option, check_int_option
 from tune_losses.sparse_teacher import SparseKDOptions
 
 
-class SparseDistillationLoss(nn.Module):
+class SparseDistillationLoss(HiddenStatesLoss):
     """``(1 - kd_ratio) * CE + kd_ratio * sparse KD`` from student hidden states and a cached teacher.
 
     Args:
@@ -49,7 +48,7 @@ class SparseDistillationLoss(nn.Module):
         kd_ratio: float = 0.5,
         temperature: float = 1.0,
         tail: str = "renormalize",
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         chunk_size: Optional[int] = None,
         label_smoothing: float = 0.0,
         algorithm: str = "auto",
@@ -58,33 +57,18 @@ class SparseDistillationLoss(nn.Module):
         mask_ignored_tokens: bool = True,
     ):
         super().__init__()
-        # Checked here, not at the first forward, so a bad config fails when it is built.
+        # The options objects are made (and checked) here, so a bad config fails when it is built.
         check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
-        SparseKDOptions(temperature=temperature, tail=tail)
-        CEOptions(ignore_index, label_smoothing, validate=validate)
-        check_run_options(chunk_size, validate)
-        check_choice("algorithm", algorithm, ALGORITHMS)
-        check_bool_option("mask_ignored_tokens", mask_ignored_tokens)
-        self.ignore_index = ignore_index
+        check_int_option("chunk_size", chunk_size, 1, allow_none=True)
+        self.sparse = SparseKDOptions(temperature=temperature, tail=tail)
+        self.ce = CEOptions(ignore_index, label_smoothing, validate=validate)
+        self.execution = ExecutionOptions(algorithm, mask_ignored_tokens)
         self.kd_ratio = kd_ratio
-        self.temperature = temperature
-        self.tail = tail
-        self.kwargs = dict(
-            kd_ratio=kd_ratio,
-            temperature=temperature,
-            tail=tail,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-            algorithm=algorithm,
-            validate=validate,
-            drop_ignored_tokens=mask_ignored_tokens,
-        )
-        self.projection: Optional[OutputProjection] = None
+        self.chunk_size = chunk_size
 
-    def set_model_output(self, model: nn.Module) -> None:
-        """Take the student's output projection and make it return hidden states."""
-        self.projection = set_output_mode(model, "hidden")
+    @property
+    def ignore_index(self) -> int:
+        return self.ce.ignore_index
 
     def fused(
         self,
@@ -95,12 +79,12 @@ class SparseDistillationLoss(nn.Module):
         reduction: str = "mean",
         scale: Optional[torch.Tensor] = None,
     ) -> FusedOutput:
-        if self.projection is None:
-            raise ValueError(f"{type(self).__name__}: no output projection; call set_model_output(model) first")
-        p = self.projection
+        p, ce = self.output_projection(), self.ce
         return linear_sparse_distillation_loss(
-            hidden, p.weight, labels, teacher_ids, teacher_logprobs, bias=p.bias, reduction=reduction, scale=scale,
-            **self.kwargs,
+            hidden, p.weight, labels, teacher_ids, teacher_logprobs, kd_ratio=self.kd_ratio, bias=p.bias,
+            temperature=self.sparse.temperature, tail=self.sparse.tail, ignore_index=ce.ignore_index,
+            reduction=reduction, label_smoothing=ce.label_smoothing, chunk_size=self.chunk_size,
+            validate=ce.validate, scale=scale, execution=self.execution,
         )  # fmt: skip
 
     def sum_and_count(

@@ -16,7 +16,7 @@ values, no host sync).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,9 @@ from tune_losses.divergences import VocabReducer
 _MAX = dist.ReduceOp.MAX if dist.is_available() else None
 _SUM = dist.ReduceOp.SUM if dist.is_available() else None
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single.
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_ALL_GATHER: Optional[Callable[..., object]] = getattr(dist, "all_gather_single", None) or getattr(
+    dist, "all_gather_into_tensor", None
+)
 
 
 def even_shard_sizes(vocab: int, ranks: int) -> List[int]:
@@ -68,6 +70,7 @@ def shard_layout(
     world = dist.get_world_size(group)
     mine = torch.tensor(list(local_sizes), dtype=torch.int64, device=device)
     gathered = torch.empty(world * len(local_sizes), dtype=torch.int64, device=device)
+    assert _ALL_GATHER is not None  # a process group exists, so torch.distributed has its collectives
     _ALL_GATHER(gathered, mine, group=group)
     table = gathered.view(world, len(local_sizes)).tolist()
     sizes = [row[0] for row in table]

@@ -11,6 +11,7 @@ import torch
 from tune_losses.fused.engine import LossPlan, chunk_pass
 from tune_losses.fused.placement import materialize_weight
 from tune_losses.fused.valid_rows import select_valid_rows
+from tune_losses.options import IGNORE_INDEX
 from tune_losses.terms import TokenStatsTerm
 
 
@@ -30,14 +31,15 @@ def token_stats(
     *,
     bias: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: Optional[int] = None,
 ) -> TokenStats:
     """Entropy of ``softmax(logits)`` and top-1 hits at the valid tokens of ``logits = hidden @ weight.T + bias``
     (softcapped when ``softcap``).
 
     Args:
-        hidden: ``[..., H]``; weight ``[V, H]`` (a DTensor is gathered); labels ``[...]``.
+        hidden: ``[..., H]``; weight ``[V, H]`` (a DTensor is gathered); labels ``[...]``, the
+            caller's ``ignore_index`` marking tokens left out.
         chunk_size: tokens per chunk (None: :func:`tune_losses.chunking.chunk_policy`).
     """
     weight = materialize_weight(weight.detach(), hidden.dtype)

@@ -31,20 +31,26 @@ FSDP2: the output weight is read inside every call; a sharded one is gathered by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import types
 from dataclasses import dataclass, fields
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
 from tune_losses.chunking import shift_labels as shift_labels_of
-from tune_losses.fused.functional import ALGORITHMS, linear_cross_entropy, linear_distillation_loss, linear_log_probs
+from tune_losses.fused.functional import (
+    flat_distillation_options,
+    linear_cross_entropy,
+    linear_distillation_loss,
+    linear_log_probs,
+)
 from tune_losses.fused.placement import materialize_weight
 from tune_losses.integrations.head_source import UNSHIFTED, HeadSpec, forward_class, read_chain, read_head
 from tune_losses.integrations.output_layer import check_output_layer, output_weight
-from tune_losses.options import CEOptions, check_bool_option, check_choice, check_run_options
+from tune_losses.options import IGNORE_INDEX, CEOptions, ExecutionOptions, check_bool_option, check_int_option
 from tune_losses.validation import is_dtensor
 
 __all__ = [
@@ -59,11 +65,47 @@ __all__ = [
     "IGNORE_INDEX",
 ]
 
-IGNORE_INDEX = CEOptions().ignore_index
-"""The label that marks a token to skip unless a caller passes its own (Transformers' and torch's default)."""
-
 CE_OPTIONS = ("label_smoothing", "z_loss", "softcap", "chunk_size", "algorithm", "validate")
 """Keyword options of :func:`tune_losses.linear_cross_entropy` that :func:`patch` passes on."""
+
+
+class CECall(NamedTuple):
+    """How :func:`patch` and the TRL SFT trainer call :func:`tune_losses.linear_cross_entropy`: the
+    options objects, made (and checked) once from the flat options those APIs take."""
+
+    options: CEOptions
+    execution: ExecutionOptions
+    chunk_size: Optional[int]
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], allowed: Sequence[str], **fixed) -> CECall:
+        """From ``flat`` (names in ``allowed``, else an error listing them) and ``fixed`` CE options."""
+        unknown = sorted(set(flat) - set(allowed))
+        if unknown:
+            raise ValueError(f"ce_options: unknown option(s) {unknown}; expected some of {list(allowed)}")
+        check_int_option("chunk_size", flat.get("chunk_size"), 1, allow_none=True)
+        ce = {k: flat[k] for k in ("label_smoothing", "z_loss", "softcap", "validate") if k in flat}
+        return cls(CEOptions(**ce, **fixed), ExecutionOptions(flat.get("algorithm", "auto")), flat.get("chunk_size"))
+
+
+def fused_lm_loss(model, spec: HeadSpec, head: HeadInputs, targets: torch.Tensor, ce: CECall, num_tokens, ignore_index):
+    """The causal-LM loss of ``model`` from its head inputs: :func:`tune_losses.linear_cross_entropy`
+    (the model's own softcap, else ``ce``'s) divided by ``num_tokens`` when given (else the mean), plus
+    the model's own z-loss over every position (Bamba) as its forward adds it. Shared by :func:`patch`
+    and :class:`tune_losses.integrations.trl.FusedSFTTrainer`."""
+    options = ce.options
+    softcap = head.softcap if head.softcap is not None else options.softcap
+    if (softcap, ignore_index) != (options.softcap, options.ignore_index):
+        options = dataclasses.replace(options, softcap=softcap, ignore_index=ignore_index)
+    if torch.is_tensor(num_tokens):
+        num_tokens = num_tokens.to(head.hidden.device)
+    kw = dict(chunk_size=ce.chunk_size, num_tokens=num_tokens, options=options, execution=ce.execution)
+    loss = linear_cross_entropy(head.hidden, head.weight, targets, bias=head.bias, **kw)
+    z_coef = spec.z_loss_coefficient(model)
+    if z_coef > 0:
+        loss = loss + z_coef * mean_squared_lse(head, softcap, ce.chunk_size)
+    return loss
+
 
 _STATE = "_tune_losses_patch"
 _INNER = "_tune_losses_inner_forward"
@@ -72,7 +114,7 @@ _INNER = "_tune_losses_inner_forward"
 @dataclass(frozen=True)
 class _PatchState:
     train_only: bool
-    ce_options: Dict[str, Any]
+    ce: CECall
     spec: HeadSpec
 
 
@@ -103,18 +145,7 @@ def patch(model, *, train_only: bool = True, **ce_options):
         ValueError: unknown option, a model whose forward post-processes its logits in a way the fused
             loss cannot reproduce, or whose loss is not Transformers' causal-LM loss.
     """
-    unknown = sorted(set(ce_options) - set(CE_OPTIONS))
-    if unknown:
-        raise ValueError(f"ce_options: unknown option(s) {unknown}; expected some of {list(CE_OPTIONS)}")
-    # Checked now, not at the first training step.
-    CEOptions(
-        label_smoothing=ce_options.get("label_smoothing", 0.0),
-        z_loss=ce_options.get("z_loss", 0.0),
-        softcap=ce_options.get("softcap"),
-        validate=ce_options.get("validate", True),
-    )
-    check_run_options(ce_options.get("chunk_size"), ce_options.get("validate", True))
-    check_choice("algorithm", ce_options.get("algorithm", "auto"), ALGORITHMS)
+    ce = CECall.from_flat(ce_options, CE_OPTIONS)  # checked now, not at the first training step
     check_bool_option("train_only", train_only)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a Transformers causal LM (torch.nn.Module), got {type(model).__name__}")
@@ -132,7 +163,7 @@ def patch(model, *, train_only: bool = True, **ce_options):
     inner = hf.__dict__.get("forward")  # a forward someone installed on the instance before us
     if inner is not None:
         setattr(hf, _INNER, inner)
-    object.__setattr__(hf, _STATE, _PatchState(train_only, dict(ce_options), spec))
+    object.__setattr__(hf, _STATE, _PatchState(train_only, ce, spec))
     hf.forward = types.MethodType(_forward_for(forward_class(type(hf))), hf)
     return model
 
@@ -248,27 +279,10 @@ def _patched_forward(self, *args, **kwargs):
     else:
         targets = shift_labels
     targets = targets.to(head.hidden.device)
-    options = dict(state.ce_options)
-    own_softcap = options.pop("softcap", None)  # patch() refuses it for models that softcap themselves
-    softcap = head.softcap if head.softcap is not None else own_softcap
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(head.hidden.device)
     with _no_autocast(head.hidden):
         # The sum over valid tokens divided by num_items_in_batch when given (Transformers' contract),
         # applied to the gradients in fp32 before any low-precision cast.
-        loss = linear_cross_entropy(
-            head.hidden,
-            head.weight,
-            targets,
-            bias=head.bias,
-            ignore_index=ignore_index,
-            softcap=softcap,
-            num_tokens=num_items_in_batch,
-            **options,
-        )
-        z_coef = spec.z_loss_coefficient(self)
-        if z_coef > 0:
-            loss = loss + z_coef * mean_squared_lse(head, softcap, options.get("chunk_size"))
+        loss = fused_lm_loss(self, spec, head, targets, state.ce, num_items_in_batch, ignore_index)
     outputs = head.outputs
     coef = spec.aux_coefficient(self)
     aux = getattr(outputs, "aux_loss", None)
@@ -461,8 +475,10 @@ def distillation_loss(
     vocabulary (``[V, H_t]`` and ``[V, H_s]``); models with a logit softcap are not supported here.
 
     Args:
-        loss_options: ``kd_ratio``, ``divergence``, ``temperature``, ``beta``, ``scale_by_temperature_squared``,
-            ``label_smoothing``, ``chunk_size``, ... of :func:`tune_losses.linear_distillation_loss`.
+        loss_options: ``chunk_size``, ``options``, ``parallel``, ``execution`` of
+            :func:`tune_losses.linear_distillation_loss`, or the flat ``kd_ratio``, ``divergence``,
+            ``temperature``, ``beta``, ``scale_by_temperature_squared``, ``label_smoothing``, ``algorithm``,
+            ... (made into those objects here).
         num_items_in_batch: when given, the loss is the sum over valid tokens divided by it (as
             Transformers' loss with gradient accumulation), else the mean over valid tokens.
 
@@ -472,6 +488,7 @@ def distillation_loss(
     for reserved in ("reduction", "student_bias", "teacher_bias"):
         if reserved in loss_options:
             raise ValueError(f"{reserved}: set by distillation_loss itself")
+    call = flat_distillation_options(loss_options, ignore_index)  # checked before the models run
     s = lm_head_inputs(student, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     with torch.no_grad():
         t = lm_head_inputs(teacher, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -489,9 +506,8 @@ def distillation_loss(
             shift_labels,
             student_bias=s.bias,
             teacher_bias=t.bias,
-            ignore_index=ignore_index,
             reduction="mean" if num_items_in_batch is None else "sum",
-            **loss_options,
+            **call,
         )
     if num_items_in_batch is None:
         return out

@@ -18,6 +18,7 @@ tune-losses' own functions default to the Hinton ``T^2`` scaling; pass True to g
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -30,17 +31,21 @@ except ModuleNotFoundError as err:
     raise missing_extra("hf", "tune_losses.integrations.trl", err) from err
 
 from tune_losses.chunking import shift_labels as shift_labels_of
-from tune_losses.fused.functional import linear_cross_entropy, linear_kd_loss
+from tune_losses.fused.functional import linear_kd_loss
 from tune_losses.integrations import trl_cached
 from tune_losses.integrations.head_source import UNSHIFTED, read_head
 from tune_losses.integrations.token_stats import token_stats
 from tune_losses.integrations.transformers import (
     IGNORE_INDEX,
+    CECall,
     HeadInputs,
+    fused_lm_loss,
     lm_head_inputs,
     mean_squared_lse,
     unwrap_model,
 )
+from tune_losses.options import KDOptions, check_int_option
+from tune_losses.sparse_teacher import SparseKDOptions
 
 __all__ = ["FusedSFTTrainer", "FusedDistillationTrainer"]
 
@@ -98,9 +103,7 @@ class FusedSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, ce_options: Optional[dict] = None, **kwargs):
         ce_options = dict(ce_options or {})
-        unknown = sorted(set(ce_options) - set(SFT_CE_OPTIONS))
-        if unknown:
-            raise ValueError(f"ce_options: unknown option(s) {unknown}; expected some of {list(SFT_CE_OPTIONS)}")
+        CECall.from_flat(ce_options, SFT_CE_OPTIONS)  # checked before the model is prepared
         given = kwargs.get("model", args[0] if args else None)
         prior = unwrap_model(given).__dict__.get("forward") if isinstance(given, torch.nn.Module) else None
         super().__init__(*args, **kwargs)
@@ -121,7 +124,7 @@ class FusedSFTTrainer(SFTTrainer):
                 del hf.__dict__["forward"]
             else:
                 hf.forward = prior
-        self._ce_options = ce_options
+        self._ce = CECall.from_flat(ce_options, SFT_CE_OPTIONS, label_smoothing=self.args.label_smoothing_factor)
         self._head_spec = read_head(hf)  # fails early for models whose head steps are not understood
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -182,38 +185,15 @@ class FusedSFTTrainer(SFTTrainer):
         denom = torch.as_tensor(
             count if num_items_in_batch is None else num_items_in_batch, device=head.hidden.device
         ).clamp(min=1)
+        ce = self._ce
         with torch.autocast(head.hidden.device.type, enabled=False):
             if self.args.loss_type == "dft":
-                from tune_losses import linear_log_probs
-
-                if head.softcap is not None:
-                    raise ValueError("loss_type: 'dft' is not supported for models with a logit softcap")
-                log_probs = linear_log_probs(
-                    head.hidden, head.weight, targets, bias=head.bias, chunk_size=self._ce_options.get("chunk_size")
-                )
-                # DFT (arXiv 2508.05629): each token's NLL weighted by its (detached) probability.
-                loss = (-log_probs * log_probs.detach().exp()).sum() / denom
+                loss = _dft_loss(unwrapped, spec, head, targets, ce, denom)
             else:
-                loss = linear_cross_entropy(
-                    head.hidden,
-                    head.weight,
-                    targets,
-                    bias=head.bias,
-                    softcap=head.softcap,
-                    label_smoothing=self.args.label_smoothing_factor,
-                    num_tokens=denom,
-                    **self._ce_options,
-                )
-            z_coef = spec.z_loss_coefficient(unwrapped)
-            if z_coef > 0:  # the model's own z-loss over every position (Bamba), as its forward adds it
-                loss = loss + z_coef * mean_squared_lse(head, head.softcap, self._ce_options.get("chunk_size"))
+                loss = fused_lm_loss(unwrapped, spec, head, targets, ce, denom, IGNORE_INDEX)
+            # token_stats' default ignore_index is IGNORE_INDEX, the targets' (one constant, not a literal).
             stats = token_stats(
-                head.hidden,
-                head.weight,
-                targets,
-                bias=head.bias,
-                softcap=head.softcap,
-                chunk_size=self._ce_options.get("chunk_size"),
+                head.hidden, head.weight, targets, bias=head.bias, softcap=head.softcap, chunk_size=ce.chunk_size
             )
         return loss, stats, head.outputs
 
@@ -248,13 +228,10 @@ class FusedDistillationTrainer(DistillationTrainer):
         tail: str = "renormalize",
         **kwargs,
     ):
-        from tune_losses.options import KDOptions
-        from tune_losses.sparse_teacher import SparseKDOptions
-
-        KDOptions(divergence=divergence)  # checks the name now
+        check_int_option("chunk_size", chunk_size, 1, allow_none=True)
+        # Checked now; TRL's beta and temperature join them at each step (TRL may change them during training).
+        self._kd = KDOptions(divergence=divergence, scale_by_temperature_squared=scale_by_temperature_squared)
         self._tail = SparseKDOptions(tail=tail).tail
-        self._divergence = divergence
-        self._scale_t2 = bool(scale_by_temperature_squared)
         self._chunk_size = chunk_size
         super().__init__(*args, **kwargs)
 
@@ -281,57 +258,40 @@ class FusedDistillationTrainer(DistillationTrainer):
         s_hidden, s_weight, s_bias = _completion_head(
             unwrapped_student, input_ids, attention_mask, logits_to_keep, multimodal
         )
-        if "teacher_ids" in inputs or self.teacher_model is None:  # a cached teacher: no teacher model
-            return trl_cached.cached_teacher_loss(
-                s_hidden, s_weight, s_bias, loss_mask, inputs, num_items_in_batch,
-                temperature=self.temperature, tail=self._tail, scale_by_temperature_squared=self._scale_t2,
-                chunk_size=self._chunk_size,
-            )  # fmt: skip
-        self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            t_hidden, t_weight, t_bias = self._forward_redirection(
-                self.teacher_model,
-                unwrapped_teacher,
-                _completion_head,
-                unwrapped_teacher,
-                input_ids,
-                attention_mask,
-                logits_to_keep,
-                multimodal,
-            )
         device = s_weight.device
-        # only the mask matters to a divergence
-        labels = torch.where(loss_mask.to(device) != 0, 0, IGNORE_INDEX)
-        count = (labels != IGNORE_INDEX).sum()
-        denom = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        if torch.is_tensor(denom):
-            denom = denom.to(device)
-        with torch.autocast(device.type, enabled=False):
-            loss = (
-                linear_kd_loss(
-                    s_hidden.to(device),
-                    s_weight,
-                    t_hidden.to(device),
-                    t_weight,
-                    labels,
-                    divergence=self._divergence,
-                    beta=self.beta,
-                    temperature=self.temperature,
-                    scale_by_temperature_squared=self._scale_t2,
-                    reduction="sum",
-                    student_bias=s_bias,
-                    teacher_bias=t_bias,
-                    ignore_index=IGNORE_INDEX,
-                    chunk_size=self._chunk_size,
+        s_hidden = s_hidden.to(device)
+        labels = trl_cached.completion_labels(loss_mask, device)
+        if "teacher_ids" in inputs or self.teacher_model is None:  # a cached teacher: no teacher model
+            with torch.autocast(device.type, enabled=False):
+                loss_sum = trl_cached.cached_teacher_sum(
+                    s_hidden, s_weight, s_bias, labels, inputs, temperature=self.temperature, tail=self._tail,
+                    scale_by_temperature_squared=self._kd.scale_by_temperature_squared, chunk_size=self._chunk_size,
+                )  # fmt: skip
+        else:
+            self.teacher_model.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with torch.no_grad():
+                # Through the teacher's wrapper (DDP / FSDP / DeepSpeed), so its hooks run around the head.
+                t_hidden, t_weight, t_bias = call_through_wrapper(
+                    self.teacher_model,
+                    unwrapped_teacher,
+                    _completion_head,
+                    unwrapped_teacher,
+                    input_ids,
+                    attention_mask,
+                    logits_to_keep,
+                    multimodal,
                 )
-                / denom
+            with torch.autocast(device.type, enabled=False):
+                loss_sum = linear_kd_loss(
+                    s_hidden, s_weight, t_hidden.to(device), t_weight, labels, student_bias=s_bias,
+                    teacher_bias=t_bias, reduction="sum", chunk_size=self._chunk_size,
+                    options=dataclasses.replace(self._kd, beta=self.beta, temperature=self.temperature),
+                )  # fmt: skip
+        with torch.autocast(device.type, enabled=False):
+            return trl_cached.normalized_with_stats(
+                loss_sum, s_hidden, s_weight, s_bias, labels, num_items_in_batch, self.temperature, self._chunk_size
             )
-            t = self.temperature
-            stats = token_stats(
-                s_hidden / t, s_weight, labels, bias=None if s_bias is None else s_bias / t, chunk_size=self._chunk_size
-            )
-        return loss, stats.entropy, stats.count
 
     def _generate_and_score_completions(self, inputs):
         if not trl_cached.is_cached_batch(inputs):
@@ -342,6 +302,23 @@ class FusedDistillationTrainer(DistillationTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         self._signature_columns = trl_cached.signature_columns(self._signature_columns)
+
+
+def _dft_loss(model, spec, head: HeadInputs, targets: torch.Tensor, ce: CECall, denom: torch.Tensor) -> torch.Tensor:
+    """DFT (arXiv 2508.05629): each token's NLL weighted by its (detached) probability, summed over
+    ``denom``, plus the model's own z-loss as :func:`fused_lm_loss` adds it."""
+    from tune_losses import linear_log_probs
+
+    if head.softcap is not None:
+        raise ValueError("loss_type: 'dft' is not supported for models with a logit softcap")
+    log_probs = linear_log_probs(
+        head.hidden, head.weight, targets, bias=head.bias, ignore_index=IGNORE_INDEX, chunk_size=ce.chunk_size
+    )
+    loss = (-log_probs * log_probs.detach().exp()).sum() / denom
+    z_coef = spec.z_loss_coefficient(model)
+    if z_coef > 0:
+        loss = loss + z_coef * mean_squared_lse(head, None, ce.chunk_size)
+    return loss
 
 
 def _completion_head(model, input_ids, attention_mask, logits_to_keep: int, multimodal: dict):

@@ -21,6 +21,7 @@ import torch
 
 from tune_losses.fused.sparse import linear_sparse_kd_loss
 from tune_losses.integrations.token_stats import token_stats
+from tune_losses.options import IGNORE_INDEX
 
 CACHED_COLUMNS = ("prompt_ids", "completion_ids", "teacher_ids", "teacher_logprobs")
 
@@ -70,21 +71,27 @@ def cached_batch(rows: Sequence[Dict[str, Any]], pad_id: int, device, gather) ->
     return out
 
 
-def cached_teacher_loss(
+def completion_labels(loss_mask: torch.Tensor, device) -> torch.Tensor:
+    """Labels ``[B, C]`` for a divergence over the completion tokens: 0 where ``loss_mask`` is set,
+    :data:`~tune_losses.options.IGNORE_INDEX` elsewhere (only the mask matters to a divergence)."""
+    return torch.where(loss_mask.to(device) != 0, 0, IGNORE_INDEX)
+
+
+def cached_teacher_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias,
-    loss_mask: torch.Tensor,
+    labels: torch.Tensor,
     inputs: Dict[str, torch.Tensor],
-    num_items_in_batch,
     *,
     temperature: float,
     tail: str,
     scale_by_temperature_squared: bool,
     chunk_size,
-):
-    """``(loss, entropy sum, token count)`` as the trainer's dense path returns them, from the student's
-    completion hidden states ``[B, C, H]`` (and its head) and the batch's cached teacher ``[B, C, k]``."""
+) -> torch.Tensor:
+    """The summed :func:`tune_losses.linear_sparse_kd_loss` of the student's completion hidden states
+    ``[B, C, H]`` (and its head) against the batch's cached teacher ``[B, C, k]``, at the tokens of
+    :func:`completion_labels`; no ``T^2`` unless ``scale_by_temperature_squared`` (TRL's convention)."""
     for name in ("teacher_ids", "teacher_logprobs"):
         if name not in inputs:
             raise ValueError(
@@ -92,30 +99,41 @@ def cached_teacher_loss(
                 f"with the cached columns {list(CACHED_COLUMNS)}"
             )
     device = weight.device
-    labels = torch.where(loss_mask.to(device) != 0, 0, -100)  # only the mask matters to a divergence
-    count = (labels != -100).sum()
-    denom = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = linear_sparse_kd_loss(
+        hidden,
+        weight,
+        labels,
+        inputs["teacher_ids"].to(device),
+        inputs["teacher_logprobs"].to(device),
+        bias=bias,
+        temperature=temperature,
+        tail=tail,
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        chunk_size=chunk_size,
+    )
+    return loss if scale_by_temperature_squared else loss / temperature**2
+
+
+def normalized_with_stats(
+    loss_sum: torch.Tensor, hidden, weight, bias, labels: torch.Tensor, num_items_in_batch, temperature, chunk_size
+):
+    """``(loss, entropy sum, token count)`` as TRL's distillation trainer returns them: ``loss_sum``
+    over ``num_items_in_batch`` (else this batch's tokens), and the student's entropy at temperature T
+    over the tokens of :func:`completion_labels` (dense and cached teacher alike)."""
+    t = temperature
+    stats = token_stats(
+        hidden / t,
+        weight,
+        labels,
+        bias=None if bias is None else bias / t,
+        ignore_index=IGNORE_INDEX,
+        chunk_size=chunk_size,
+    )
+    denom = stats.count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(denom):
-        denom = denom.to(device)
-    with torch.autocast(device.type, enabled=False):
-        loss = linear_sparse_kd_loss(
-            hidden.to(device),
-            weight,
-            labels,
-            inputs["teacher_ids"].to(device),
-            inputs["teacher_logprobs"].to(device),
-            bias=bias,
-            temperature=temperature,
-            tail=tail,
-            reduction="sum",
-            chunk_size=chunk_size,
-        )
-        if not scale_by_temperature_squared:  # TRL's convention: no T^2
-            loss = loss / temperature**2
-        loss = loss / denom
-        t = temperature
-        stats = token_stats(hidden / t, weight, labels, bias=None if bias is None else bias / t, chunk_size=chunk_size)
-    return loss, stats.entropy, stats.count
+        denom = denom.to(loss_sum.device)
+    return loss_sum / denom, stats.entropy, stats.count
 
 
 def signature_columns(columns: List[str]) -> List[str]:

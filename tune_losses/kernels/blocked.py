@@ -27,6 +27,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from tune_losses.divergences import VocabReducer, divergence_terms
+from tune_losses.divergences.common import add_at_label, label_index
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
 
 Stats = Dict[str, torch.Tensor]
@@ -97,10 +98,8 @@ def block_grad(
     """
     if all(w is None for w in weights):
         return None
-    width = zb.shape[1]
-    local = labels - col0
-    owned = valid & (local >= 0) & (local < width)
-    idx = torch.where(owned, local, torch.zeros_like(local)).unsqueeze(-1)
+    # The block holds columns [col0, col0 + Vb) of the vocabulary, as a vocabulary shard would.
+    idx, owned = label_index(labels, valid, zb.shape[1], VocabReducer(vocab, col0))
     if isinstance(term, CrossEntropyTerm):
         o = term.opts
         w = weights[0]
@@ -112,7 +111,7 @@ def block_grad(
         row = w * (1 + 2 * o.z_loss * lse) if o.z_loss > 0 else w
         shifted = z.sub_(lse.unsqueeze(-1)) if consume or o.softcap is not None else z - lse.unsqueeze(-1)
         g = shifted.exp_().mul_(row.unsqueeze(-1))
-        g.scatter_add_(-1, idx, torch.where(owned, -(1 - o.label_smoothing) * w, 0.0).unsqueeze(-1))
+        g = add_at_label(g, idx, owned, -(1 - o.label_smoothing) * w)
         if o.label_smoothing > 0:
             g.sub_((o.label_smoothing / vocab) * w.unsqueeze(-1))
         return g if dcap is None else g.mul_(dcap)
@@ -129,7 +128,7 @@ def block_grad(
             g.sub_(torch.special.xlogy(q, q).add_(q * ent.unsqueeze(-1)).mul_(w_h.unsqueeze(-1)))
         if w_lp is not None:
             g.sub_(q.mul_(w_lp.unsqueeze(-1)))
-            g.scatter_add_(-1, idx, torch.where(owned, w_lp, 0.0).unsqueeze(-1))
+            g = add_at_label(g, idx, owned, w_lp)
         return g.div_(t) if t != 1.0 else g
     if isinstance(term, DivergenceTerm):
         kd = term.opts

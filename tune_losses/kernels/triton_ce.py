@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from tune_losses.options import CEOptions, KDOptions
-from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, Term
 
 _MAX_BLOCK = 4096
 
@@ -116,6 +115,7 @@ def ce_chunk_triton(
         HAS_SMOOTH=opts.label_smoothing > 0,
         HAS_ZLOSS=opts.z_loss > 0,
         HAS_SOFTCAP=opts.softcap is not None,
+        ROUND_BF16=z.dtype == torch.bfloat16,
         BLOCK=block,
     )
     return loss, lse
@@ -170,70 +170,7 @@ def distill_chunk_triton(
         HAS_CE=with_ce,
         HAS_GRAD=w_kd is not None,
         TRUE_KL=kd.true_kl,
+        ROUND_BF16=zs.dtype == torch.bfloat16,
         BLOCK=block,
     )
     return ce, kd_out
-
-
-def _plain_ce(t: Term) -> bool:
-    o = getattr(t, "opts", None)
-    return (
-        isinstance(t, CrossEntropyTerm)
-        and isinstance(o, CEOptions)
-        and o.label_smoothing == 0
-        and o.z_loss == 0
-        and o.softcap is None
-    )
-
-
-def _forward_kl(t: Term) -> bool:
-    o = getattr(t, "opts", None)
-    return (
-        isinstance(t, DivergenceTerm)
-        and isinstance(o, KDOptions)
-        and (o.divergence == "forward_kl" or (o.divergence == "jsd" and o.beta == 0.0))
-        and o.teacher_vocab != "pad_student"
-    )
-
-
-def triton_chunk_math(terms: Sequence[Term], reducer, device: torch.device):
-    """The Triton chunk math for this term set on ``device``, or None where the engine's eager /
-    compiled math must run (another term set, vocabulary parallelism, no Triton: :func:`triton_wanted`).
-
-    Term sets: cross-entropy alone (any options); forward KL alone; plain cross-entropy then forward
-    KL (distillation).
-
-    The callable takes ``(z [n, V], zt [n, V] or None, labels [n], weights)`` (logits in the input
-    dtype; ``weights`` as the engine's, per term, per output) and returns ``(outputs, g)``: each
-    term's first output ``[n]``, and ``g`` = ``z`` holding the gradient, or None when no output has
-    a weight.
-    """
-    if reducer is not None and reducer.distributed:
-        return None
-    single_ce = len(terms) == 1 and isinstance(terms[0], CrossEntropyTerm)
-    kd_only = len(terms) == 1 and _forward_kl(terms[0])
-    distill = len(terms) == 2 and _plain_ce(terms[0]) and _forward_kl(terms[1])
-    if not (single_ce or kd_only or distill) or not triton_wanted(device):
-        return None
-    if single_ce:
-        opts = terms[0].opts  # type: ignore[attr-defined]
-
-        def ce_math(z, zt, labels, weights):
-            w = None if weights[0] is None else weights[0][0]
-            loss, _ = ce_chunk_triton(z, labels, opts, w)
-            return [loss], (z if w is not None else None)
-
-        return ce_math
-    kd_opts: KDOptions = terms[-1].opts  # type: ignore[attr-defined]
-
-    def kd_math(z, zt, labels, weights):
-        w_kd = None if weights[-1] is None else weights[-1][0]
-        w_ce = None if not distill or weights[0] is None else weights[0][0]
-        if w_kd is None and w_ce is not None:
-            w_kd = torch.zeros_like(w_ce)
-        if w_kd is not None and distill and w_ce is None:
-            w_ce = torch.zeros_like(w_kd)
-        ce, kd = distill_chunk_triton(z, zt, labels, kd_opts, kd_opts.ignore_index, distill, w_ce, w_kd)
-        return ([ce, kd] if distill else [kd]), (z if w_kd is not None else None)
-
-    return kd_math

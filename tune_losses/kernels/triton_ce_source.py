@@ -24,6 +24,7 @@ def ce_kernel(
     HAS_SMOOTH: tl.constexpr,
     HAS_ZLOSS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -80,6 +81,12 @@ def ce_kernel(
                 t = z / softcap
                 g = g * (1.0 - t * t)
             g = tl.where(valid, g, 0.0)
+            if ROUND_BF16:
+                # round to nearest even in fp32 bits, so that the cast (a truncation in Triton's
+                # interpreter) is exact: the interpreter's gradient is the GPU's to the bit
+                bits = g.to(tl.uint32, bitcast=True)
+                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                g = tl.where(g != g, g, bits.to(tl.float32, bitcast=True))
             tl.store(base + cols, g.to(z_ptr.dtype.element_ty), mask=inside)
 
 
@@ -100,6 +107,7 @@ def distill_kernel(
     HAS_CE: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     TRUE_KL: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Cross-entropy (raw logits) and forward KL(p || q) at temperature T of one token row; the
@@ -182,4 +190,10 @@ def distill_kernel(
             if HAS_CE:
                 g += (tl.exp(zr - lse_r) - tl.where(cols == label, 1.0, 0.0)) * w_ce
             g = tl.where(valid, g, 0.0)
+            if ROUND_BF16:
+                # round to nearest even in fp32 bits, so that the cast (a truncation in Triton's
+                # interpreter) is exact: the interpreter's gradient is the GPU's to the bit
+                bits = g.to(tl.uint32, bitcast=True)
+                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                g = tl.where(g != g, g, bits.to(tl.float32, bitcast=True))
             tl.store(s_base + cols, g.to(zs_ptr.dtype.element_ty), mask=inside)

@@ -11,7 +11,7 @@ from importlib import import_module
 
 from tune_losses.extras import require_extra
 
-require_extra("train", "tune_losses.training", ("omegaconf", "torchtune", "tqdm"))
+require_extra("train", "tune_losses.training", ("omegaconf", "torchtune", "torchdata", "tqdm"))
 
 _EXPORTS = {
     "LossRecipe": "loop",

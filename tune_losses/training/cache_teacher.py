@@ -24,6 +24,7 @@ from torchtune import config, training, utils
 from tune_losses.distill_cache import CacheSpec, CacheWriter, files_sha256, write_shards
 from tune_losses.heads import output_projection
 from tune_losses.training.distributed import Parallelism, barrier, init_process_group
+from tune_losses.training.loop import run
 from tune_losses.training.model import build_model
 from tune_losses.training.settings import warn_unknown_keys
 
@@ -65,7 +66,9 @@ def checkpoint_paths(cfg_ckpt: DictConfig) -> List[Path]:
 
 
 class CacheTeacherRecipe:
-    """setup / run / cleanup, torchtune-shaped; ``output_dir`` receives the cache."""
+    """setup / train / cleanup, torchtune-shaped (``train`` runs the teacher and writes the cache, so
+    :func:`tune_losses.training.loop.run` drives it as it drives the training recipes); ``output_dir``
+    receives the cache."""
 
     def __init__(self, cfg: DictConfig):
         self.device = utils.get_device(cfg.device)
@@ -124,7 +127,7 @@ class CacheTeacherRecipe:
         out = self.teacher(tokens)
         return torch.cat(out, dim=1) if isinstance(out, list) else out  # chunked-output models
 
-    def run(self) -> None:
+    def train(self) -> None:
         p = self.par
         writer = CacheWriter(
             self.output_dir, self.spec, len(self.ds), self.sequences_per_shard, rank=p.rank, world_size=p.world_size
@@ -168,11 +171,5 @@ class CacheTeacherRecipe:
 
 
 def run_cache_teacher(cfg: DictConfig) -> None:
-    """Entry point of recipes/cache_teacher.py: setup, run, and cleanup even on error."""
-    config.log_config(recipe_name=CacheTeacherRecipe.__name__, cfg=cfg)
-    recipe = CacheTeacherRecipe(cfg)
-    try:
-        recipe.setup(cfg)
-        recipe.run()
-    finally:
-        recipe.cleanup()
+    """Entry point of recipes/cache_teacher.py: setup, train (write the cache), and cleanup even on error."""
+    run(CacheTeacherRecipe, cfg)

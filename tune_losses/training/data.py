@@ -3,20 +3,29 @@
 A bad line (not UTF-8, not JSON, no text column) found by the tokenizer at step 300 loses the run's
 progress and names neither file nor line; :func:`validate_text_files` reads local JSON-lines / text
 files once at setup and names both (1-based line).
+
+Resume: the loader is torchdata's ``StatefulDataLoader`` over a ``StatefulDistributedSampler`` (as
+torchtune's recipes), so a checkpoint holds where the epoch's sampler stands (:func:`loader_state`)
+and a resumed run continues from there without reading or collating the batches it already trained
+on. A checkpoint written before the loader state was saved resumes by reading them (a log line
+says so): the same batches either way.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, ListConfig
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune.data import padded_collate_sft
 
 from tune_losses.chunking import shift_labels  # noqa: F401 - data.shift_labels: the loop's name for it
@@ -103,14 +112,19 @@ def build_dataloader(
     pad_id: int,
     ignore_index: int,
     collate=padded_collate_sft,
-) -> Tuple[DataLoader, DistributedSampler]:
+) -> Tuple[StatefulDataLoader, StatefulDistributedSampler]:
     """Padded batches (``collate(samples, padding_idx, ignore_idx)``, SFT's by default); ranks of one
-    data-parallel group (its tp ranks) read the same samples."""
-    sampler: DistributedSampler = DistributedSampler(
+    data-parallel group (its tp ranks) read the same samples. The loader's ``state_dict()`` is where
+    the current epoch stands (:func:`loader_state`)."""
+    sampler = StatefulDistributedSampler(
         ds, num_replicas=dp_size, rank=dp_rank, shuffle=shuffle, seed=seed, drop_last=True
     )
     collate = partial(collate, padding_idx=pad_id, ignore_idx=ignore_index)
-    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
+    with warnings.catch_warnings():
+        # torchdata 0.11's constructor calls torch.set_vital, which newer torch deprecates: its own
+        # call, harmless, and printed once per run otherwise.
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+        loader = StatefulDataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     return loader, sampler
 
 
@@ -135,15 +149,50 @@ def steps_per_epoch(
     return steps if max_steps_per_epoch is None else min(steps, max_steps_per_epoch)
 
 
+def loader_state(loader: StatefulDataLoader, epoch: int, batches: int, epoch_done: bool) -> Dict[str, Any]:
+    """What a checkpoint keeps of the data: the epoch, the micro-batches it has read, and the loader's
+    ``state_dict()`` (None once the epoch is done: the next one starts from its beginning).
+
+    Read on rank 0 and loaded on every rank: the sampler's state counts the samples read, which is the
+    same on every data-parallel rank (equal shards, ``drop_last``); the rank is in the sampler itself.
+    """
+    return {"epoch": epoch, "batches": batches, "loader": None if epoch_done else loader.state_dict()}
+
+
 def step_batches(
-    loader: DataLoader, sampler: DistributedSampler, epoch: int, steps: int, done: int, grad_accum: int
+    loader: StatefulDataLoader,
+    sampler: StatefulDistributedSampler,
+    epoch: int,
+    steps: int,
+    done: int,
+    grad_accum: int,
+    resume: Optional[Dict[str, Any]] = None,
 ) -> Iterator[List[Batch]]:
-    """The optimizer steps of one epoch, each a list of ``grad_accum`` micro-batches, skipping the
-    ``done`` steps a resumed run has already taken."""
+    """The optimizer steps of one epoch, each a list of ``grad_accum`` micro-batches, after the ``done``
+    steps a resumed run has already taken.
+
+    ``resume``: the checkpoint's :func:`loader_state` (None: a checkpoint without one). With ``done``
+    steps to pass over, the loader continues from it; without it, the done batches are read and dropped.
+    """
     sampler.set_epoch(epoch)
-    it = iter(loader)
     done = max(done, 0)
-    for _ in islice(it, done * grad_accum):
+    skip = done * grad_accum
+    if skip and resume is not None:
+        if (resume["epoch"], resume["batches"]) != (epoch, skip) or resume["loader"] is None:
+            raise ValueError(
+                f"resume_from_checkpoint: the checkpoint's data state is at epoch {resume['epoch']} after "
+                f"{resume['batches']} micro-batches, the run resumes at epoch {epoch} after {skip} "
+                f"({done} steps x gradient_accumulation_steps {grad_accum}); resume with the same batch settings"
+            )
+        loader.load_state_dict(resume["loader"])
+        skip = 0
+    elif skip:
+        log.warning(
+            f"resume: the checkpoint has no data loader state (written by an older version); "
+            f"reading and dropping the {skip} micro-batches of epoch {epoch} already trained on"
+        )
+    it = iter(loader)
+    for _ in islice(it, skip):
         pass
     for _ in range(steps - done):
         micro = list(islice(it, grad_accum))

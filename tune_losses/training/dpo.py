@@ -274,20 +274,7 @@ class DPORecipe(LossRecipe):
             )
 
     def _build_data(self, cfg: DictConfig):
-        s, p = self.settings, self.par
-        ds = config.instantiate(cfg.dataset, self.tokenizer)
-        self.dataloader, self.sampler = data.build_dataloader(
-            ds,
-            batch_size=s.batch_size,
-            shuffle=s.shuffle,
-            seed=s.seed,
-            dp_size=p.dp_size,
-            dp_rank=p.dp_rank,
-            pad_id=self.tokenizer.pad_id,
-            ignore_index=self.ignore_index,
-            collate=padded_collate_preference,
-        )
-        return ds
+        return self._load_batches_of(config.instantiate(cfg.dataset, self.tokenizer), padded_collate_preference)
 
     def _step_normalizer(self, labels: List[torch.Tensor]):
         """``([pairs, chosen tokens] of the step, valid tokens of the step)``, all-reduced over dp at once."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.utils.data import Dataset
 from torchtune import config, training, utils
+from torchtune.data import padded_collate_sft
 from torchtune.modules.peft import get_adapter_params, get_merged_lora_ckpt
 
 from tune_losses.accounting import LossSum, all_reduce_token_count, count_step_tokens
@@ -96,6 +98,8 @@ class LossRecipe:
         self.nonfinite_in_a_row = 0
         self.saved_at_step: Optional[int] = None
         self.progress: Optional[Progress] = None
+        # The resumed checkpoint's data state (data.loader_state); None for one written before it existed.
+        self.resume_data: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
@@ -169,9 +173,13 @@ class LossRecipe:
 
     def _build_data(self, cfg: DictConfig):
         """The training set (returned) and its loader and sampler (``self.dataloader``, ``self.sampler``)."""
-        s, p = self.settings, self.par
         data.validate_text_files(cfg.dataset, warn=self.is_rank_zero)
-        ds = config.instantiate(cfg.dataset, self.tokenizer)
+        return self._load_batches_of(config.instantiate(cfg.dataset, self.tokenizer))
+
+    def _load_batches_of(self, ds: Dataset, collate: Callable = padded_collate_sft) -> Dataset:
+        """Set ``self.dataloader`` and ``self.sampler`` over ``ds``, batched by ``collate(samples,
+        padding_idx, ignore_idx)`` with this run's batch size, seed and data-parallel rank; returns ``ds``."""
+        s, p = self.settings, self.par
         self.dataloader, self.sampler = data.build_dataloader(
             ds,
             batch_size=s.batch_size,
@@ -181,6 +189,7 @@ class LossRecipe:
             dp_rank=p.dp_rank,
             pad_id=self.tokenizer.pad_id,
             ignore_index=self.ignore_index,
+            collate=collate,
         )
         return ds
 
@@ -238,8 +247,15 @@ class LossRecipe:
         try:
             for epoch in range(self.global_step // self.steps_per_epoch, s.epochs):
                 done = self.global_step - epoch * self.steps_per_epoch
+                resume, self.resume_data = self.resume_data, None  # the resumed epoch only
                 for micro in data.step_batches(
-                    self.dataloader, self.sampler, epoch, self.steps_per_epoch, done, s.gradient_accumulation_steps
+                    self.dataloader,
+                    self.sampler,
+                    epoch,
+                    self.steps_per_epoch,
+                    done,
+                    s.gradient_accumulation_steps,
+                    resume=resume,
                 ):
                     metrics = self._train_step(micro)
                     self.global_step += 1
@@ -374,8 +390,8 @@ class LossRecipe:
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, epoch: int) -> None:
         """Export weights in torchtune format (``output_dir/epoch_<epoch>``) and the full resume state
-        (``output_dir/resume/state.pt``: model, optimizer, scheduler, step counters), each atomically;
-        once per step, and never a non-finite model."""
+        (``output_dir/resume/state.pt``: model, optimizer, scheduler, step counters, the data loader's
+        place in the epoch), each atomically; once per step, and never a non-finite model."""
         if self.saved_at_step == self.global_step:
             return
         s = self.settings
@@ -411,6 +427,12 @@ class LossRecipe:
                     "seed": s.seed,
                     "steps_per_epoch": self.steps_per_epoch,
                     "rng": torch.get_rng_state(),
+                    "data": data.loader_state(
+                        self.dataloader,
+                        epoch,
+                        batches=(self.global_step - epoch * self.steps_per_epoch) * s.gradient_accumulation_steps,
+                        epoch_done=self.epochs_run > epoch,
+                    ),
                 },
             )
             size = sum(f.stat().st_size for f in files) / 2**20
@@ -435,6 +457,7 @@ class LossRecipe:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.global_step, self.epochs_run = state["global_step"], state["epochs_run"]
         self.saved_at_step = self.global_step
+        self.resume_data = state.get("data")
         torch.set_rng_state(state["rng"])
         log.info(f"resumed from {self.settings.output_dir}/{checkpointing.RESUME_FILE} at step {self.global_step}")
 
@@ -447,7 +470,8 @@ class LossRecipe:
 
 
 def run(recipe_cls, cfg: DictConfig) -> None:
-    """Entry point shared by the recipes: ``recipe_cls(cfg)``, setup, train, and cleanup even on error."""
+    """Entry point shared by the recipes (recipes/cache_teacher.py's too): ``recipe_cls(cfg)``,
+    ``setup(cfg)``, ``train()``, and ``cleanup()`` even on error."""
     config.log_config(recipe_name=recipe_cls.__name__, cfg=cfg)
     recipe = recipe_cls(cfg)
     try:

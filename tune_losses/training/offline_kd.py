@@ -107,7 +107,6 @@ class OfflineKDRecipe(LossRecipe):
         super().__init__(cfg, task="offline_kd", distributed=distributed)
 
     def _build_data(self, cfg: DictConfig):
-        s, p = self.settings, self.par
         if cfg.get("teacher_cache", None) in (None, ""):
             raise ValueError("teacher_cache: expected the directory recipes/cache_teacher.py wrote, got nothing")
         refuse_packed(cfg.dataset)
@@ -117,18 +116,7 @@ class OfflineKDRecipe(LossRecipe):
         check_cache(self.cache, ds, cfg, int(output_projection(self.model).weight.shape[0]))
         check_temperature(self.loss.loss, self.cache)
         self.kd_ratio = float(getattr(self.loss.loss, "kd_ratio", 1.0))
-        cached = CachedTeacherDataset(ds, self.cache)
-        self.dataloader, self.sampler = data.build_dataloader(
-            cached,
-            batch_size=s.batch_size,
-            shuffle=s.shuffle,
-            seed=s.seed,
-            dp_size=p.dp_size,
-            dp_rank=p.dp_rank,
-            pad_id=self.tokenizer.pad_id,
-            ignore_index=self.ignore_index,
-            collate=collate_with_teacher,
-        )
+        cached = self._load_batches_of(CachedTeacherDataset(ds, self.cache), collate_with_teacher)
         spec = self.cache.spec
         self._note(
             f"teacher cache {self.cache.dir}: {len(self.cache)} sequences, k={spec.k} {spec.mode}, "

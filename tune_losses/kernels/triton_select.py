@@ -1,0 +1,125 @@
+"""Which Triton chunk kernel serves a term set (the engine's one call into the kernels).
+
+Term sets served (:func:`triton_chunk_math`), on one process, for bf16 / fp16 / fp32 logits:
+
+* cross-entropy alone, any :class:`~tune_losses.options.CEOptions` (``triton_ce.ce_chunk_triton``);
+* the label's log-probability, with or without the entropy (``triton_terms.log_prob_chunk_triton``);
+* a divergence alone, or plain cross-entropy then a divergence (distillation): forward KL and JSD at
+  beta = 0 in ``triton_ce.distill_chunk_triton``; reverse KL, symmetric KL, JSD, TVD in
+  ``triton_terms.divergence_chunk_triton``.
+
+Everything else gets None and runs the engine's compiled / eager math: other terms (a sparse
+teacher, the alignment terms with their own formulas, token statistics), a registered divergence
+without a kernel, ``teacher_vocab="pad_student"``, a vocabulary-parallel reducer, fp64 inputs (fp64
+math, for gradcheck), or no Triton here (:func:`~tune_losses.kernels.triton_ce.triton_wanted`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from tune_losses.kernels import triton_ce, triton_terms
+from tune_losses.options import CEOptions, KDOptions
+from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _plain_ce(t: Term) -> bool:
+    o = getattr(t, "opts", None)
+    return (
+        type(t) is CrossEntropyTerm
+        and isinstance(o, CEOptions)
+        and o.label_smoothing == 0
+        and o.z_loss == 0
+        and o.softcap is None
+    )
+
+
+def _kernel_divergence(t: Term) -> Optional[str]:
+    """``"forward"`` (the distill kernel), ``"other"`` (the divergence kernel) or None."""
+    o = getattr(t, "opts", None)
+    if type(t) is not DivergenceTerm or not isinstance(o, KDOptions) or o.teacher_vocab == "pad_student":
+        return None
+    if o.divergence == "forward_kl" or (o.divergence == "jsd" and o.beta == 0.0):
+        return "forward"
+    return "other" if o.divergence in triton_terms.DIVERGENCE_CODES else None
+
+
+def _first(ws) -> Optional[torch.Tensor]:
+    return None if ws is None else ws[0]
+
+
+def triton_chunk_math(
+    terms: Sequence[Term],
+    reducer,
+    device: torch.device,
+    dtype: Optional[torch.dtype] = None,
+    ignore_index: int = -100,
+) -> Optional[Callable]:
+    """The Triton chunk math for this term set on ``device``, or None where the engine's eager /
+    compiled math must run (see the module docstring).
+
+    Args:
+        dtype: the logits' dtype (None: not checked); ignore_index: the plan's (log-probabilities).
+
+    The callable takes ``(z [n, V], zt [n, V_t] or None, labels [n], weights)`` (logits in the input
+    dtype; ``weights`` as the engine's, per term, per output) and returns ``(outputs, g)``: every
+    output ``[n]`` of every term, in order, and ``g`` = ``z`` holding the gradient, or None when no
+    output has a weight.
+    """
+    if reducer is not None and reducer.distributed:
+        return None
+    if dtype is not None and dtype not in _DTYPES:
+        return None
+    math = _select(list(terms), ignore_index)
+    if math is None or not triton_ce.triton_wanted(device):
+        return None
+    return math
+
+
+def _select(terms: Sequence[Term], ignore_index: int) -> Optional[Callable]:
+    if len(terms) == 1 and type(terms[0]) is CrossEntropyTerm:
+        opts = terms[0].opts  # type: ignore[attr-defined]
+
+        def ce_math(z, zt, labels, weights):
+            w = _first(weights[0])
+            loss, _ = triton_ce.ce_chunk_triton(z, labels, opts, w)
+            return [loss], (z if w is not None else None)
+
+        return ce_math
+    if len(terms) == 1 and type(terms[0]) is LogProbTerm:
+        term: LogProbTerm = terms[0]  # type: ignore[assignment]
+
+        def log_prob_math(z, zt, labels, weights):
+            ws = weights[0] or [None, None]
+            w_lp, w_h = ws[0], (ws[1] if term.entropy and len(ws) > 1 else None)
+            outs = triton_terms.log_prob_chunk_triton(
+                z, labels, term.temperature, ignore_index, term.entropy, w_lp, w_h
+            )
+            return outs, (z if w_lp is not None or w_h is not None else None)
+
+        return log_prob_math
+    kind = _kernel_divergence(terms[-1]) if terms else None
+    distill = len(terms) == 2 and _plain_ce(terms[0])
+    if kind is None or not (len(terms) == 1 or distill):
+        return None
+    kd_opts: KDOptions = terms[-1].opts  # type: ignore[attr-defined]
+    module, name = (
+        (triton_ce, "distill_chunk_triton") if kind == "forward" else (triton_terms, "divergence_chunk_triton")
+    )
+
+    def kd_math(z, zt, labels, weights):
+        w_kd = _first(weights[-1])
+        w_ce = _first(weights[0]) if distill else None
+        if w_kd is None and w_ce is not None:
+            w_kd = torch.zeros_like(w_ce)
+        if w_kd is not None and distill and w_ce is None:
+            w_ce = torch.zeros_like(w_kd)
+        # looked up per call (the tests spy on these functions)
+        ce, kd = getattr(module, name)(z, zt, labels, kd_opts, kd_opts.ignore_index, distill, w_ce, w_kd)
+        return ([ce, kd] if distill else [kd]), (z if w_kd is not None else None)
+
+    return kd_math

@@ -1,0 +1,190 @@
+"""Log-probabilities (with entropy) and the divergences other than forward KL as Triton kernels over
+one chunk of logits in their own dtype (no fp32 ``[n, V]`` buffer for bf16 inputs).
+
+* :func:`log_prob_chunk_triton`: ``log softmax(z / T)[y]`` and the entropy ``H = -sum q log q``
+  (the engine's :class:`~tune_losses.terms.LogProbTerm`: ``linear_log_probs``, the DPO family's
+  log-probabilities). Sweep 1 keeps the maximum, the sum of exponentials and the entropy's
+  ``sum e^(x - m) (x - m)`` online; sweep 2 (with a gradient weight) writes
+  ``(w_lp (onehot - q) - w_h q (log q + H)) / T`` over the logits.
+* :func:`divergence_chunk_triton`: reverse KL, symmetric KL, JSD(beta) (the limits beta = 0 / 1 are
+  forward / reverse KL) and TVD at temperature T, alone or with plain cross-entropy. Sweep 1 keeps
+  both logit sets' maximum and sum of exponentials online, and the KL parts' sums
+  (``sum_u e^(s - m) (s - t)``, ``sum_u e^(t - m) (t - s)``), so reverse and symmetric KL have their
+  value after one sweep. JSD and TVD need both normalizers before any term: a second sweep sums the
+  value and the gradient's row reduction ``sum_v dD / dlog q_v``. With a gradient a last sweep writes
+  ``w T^2 / T (a - q sum a)`` (+ the cross-entropy's ``w_ce (softmax - onehot)``) over the student's
+  logits. Each sweep re-reads the chunk's logits from memory (a row is not kept in registers):
+  reverse / symmetric KL read both sets twice with a gradient, JSD / TVD three times.
+
+Same contract as the eager math (:func:`tune_losses.divergences.log_prob_chunk`,
+:func:`tune_losses.divergences.kd_chunk`) on one process: values 0 at ignored tokens, a NaN or +inf
+logit at a counted token gives a NaN value, ``-inf`` logits are masked entries (KL parts count 0
+where either side is -inf, JSD per side, TVD as ``|p - q|``); the gradient is 0 at ignored tokens.
+Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from tune_losses.options import KDOptions
+
+_MAX_BLOCK = 4096
+# Divergence codes of the kernel; forward KL (and JSD at beta = 0) is triton_ce's distill kernel.
+DIVERGENCE_CODES = {"reverse_kl": 1, "symmetric_kl": 2, "jsd": 3, "tvd": 4}
+
+
+@functools.cache
+def _decorated(interpret: str, name: str):
+    # Triton decides at decoration whether a kernel is interpreted (TRITON_INTERPRET): one per setting.
+    import triton
+
+    from tune_losses.kernels import triton_terms_source
+
+    return triton.jit(getattr(triton_terms_source, name))
+
+
+def _kernel(name: str):
+    return _decorated(os.environ.get("TRITON_INTERPRET", "0"), name)
+
+
+def _rows(z: torch.Tensor, name: str) -> None:
+    if z.dim() != 2 or z.stride(1) != 1:
+        raise ValueError(
+            f"{name}: expected [n, V] with contiguous rows, got shape {tuple(z.shape)} strides {z.stride()}"
+        )
+
+
+def _block(vocab: int, block: Optional[int], cap: int) -> int:
+    import triton
+
+    return block or min(cap, triton.next_power_of_2(vocab))
+
+
+def log_prob_chunk_triton(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    entropy: bool = False,
+    w_lp: Optional[torch.Tensor] = None,
+    w_h: Optional[torch.Tensor] = None,
+    block: Optional[int] = None,
+) -> List[torch.Tensor]:
+    """``log q[y]`` (and the entropy) of one chunk, ``q = softmax(z / T)``; the gradient of
+    ``w_lp * log q[y] + w_h * H`` w.r.t. ``z`` is written over ``z`` when a weight is given.
+
+    Args:
+        z: ``[n, V]`` logits, bf16 / fp16 / fp32, rows contiguous.
+        labels: ``[n]`` int64; ``ignore_index`` marks ignored tokens (values and gradient 0).
+        w_lp, w_h: ``[n]`` gradient weights of the log-probability and of the entropy, or None.
+        block: vocabulary columns per step (a power of two; default ``min(4096, next pow2 of V)``).
+
+    Returns:
+        ``[log_probs [n]]`` (+ ``[entropy [n]]`` with ``entropy``) in fp32.
+    """
+    _rows(z, "z")
+    n, vocab = z.shape
+    lp = torch.empty(n, dtype=torch.float32, device=z.device)
+    h = torch.empty(n, dtype=torch.float32, device=z.device) if entropy else lp
+    if entropy is False and w_h is not None:
+        raise ValueError("w_h: an entropy weight needs entropy=True")
+    if n:
+        wl = lp if w_lp is None else w_lp.to(torch.float32).contiguous()  # a dummy pointer without a weight
+        wh = lp if w_h is None else w_h.to(torch.float32).contiguous()
+        _kernel("logprob_kernel")[(n,)](
+            z,
+            z.stride(0),
+            labels.contiguous(),
+            wl,
+            wh,
+            lp,
+            h,
+            vocab,
+            ignore_index,
+            1.0 / temperature,
+            HAS_ENTROPY=entropy,
+            HAS_GRAD=w_lp is not None or w_h is not None,
+            HAS_W_LP=w_lp is not None,
+            HAS_W_H=w_h is not None,
+            ROUND_BF16=z.dtype == torch.bfloat16,
+            BLOCK=_block(vocab, block, _MAX_BLOCK),
+        )
+    return [lp, h] if entropy else [lp]
+
+
+def divergence_chunk_triton(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    labels: torch.Tensor,
+    kd: KDOptions,
+    ignore_index: int,
+    with_ce: bool,
+    w_ce: Optional[torch.Tensor] = None,
+    w_kd: Optional[torch.Tensor] = None,
+    block: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (when ``with_ce``; plain options) and ``kd.divergence`` (reverse_kl,
+    symmetric_kl, jsd, tvd) of one chunk; the gradient of ``w_ce * ce + w_kd * kd`` w.r.t. the
+    student's logits is written over ``zs`` when ``w_kd`` is given (with ``with_ce``, ``w_ce`` too).
+
+    Args:
+        zs: ``[n, V]`` student logits, rows contiguous; zt: ``[n, >= V]`` teacher logits of the same
+            dtype (a wider teacher's columns past V are not read: ``teacher_vocab="drop"``).
+        kd: the divergence's options (temperature, the ``T^2`` scale, beta, sym_kd_ratio, true_kl).
+
+    Returns:
+        ``(ce [n], kd [n])`` in fp32, 0 at ignored tokens (``ce`` zeros without ``with_ce``).
+    """
+    _rows(zs, "zs")
+    _rows(zt, "zt")
+    div = kd.divergence
+    mix = kd.sym_kd_ratio if div == "symmetric_kl" else kd.beta
+    if div == "jsd" and kd.beta == 1.0:
+        div = "reverse_kl"  # the limit beta -> 1 (the unscaled formula is 0 there)
+    if div not in DIVERGENCE_CODES or (div == "jsd" and kd.beta == 0.0):
+        raise ValueError(
+            f"kd.divergence: expected one of {tuple(DIVERGENCE_CODES)} (jsd with beta > 0), got {kd.divergence!r}"
+        )
+    code = DIVERGENCE_CODES[div]
+    n, vocab = zs.shape
+    ce = torch.zeros(n, dtype=torch.float32, device=zs.device)
+    kd_out = torch.empty(n, dtype=torch.float32, device=zs.device)
+    if n == 0:
+        return ce, kd_out
+    wk = kd_out if w_kd is None else w_kd.to(torch.float32).contiguous()
+    wc = kd_out if w_ce is None else w_ce.to(torch.float32).contiguous()
+    beta = min(max(kd.beta, 1e-30), 1.0)  # logs of the mixture weights; beta is in (0, 1) where read
+    _kernel("divergence_kernel")[(n,)](
+        zs,
+        zt,
+        zs.stride(0),
+        zt.stride(0),
+        labels.contiguous(),
+        wc,
+        wk,
+        ce,
+        kd_out,
+        vocab,
+        ignore_index,
+        1.0 / kd.temperature,
+        kd.loss_scale,
+        float(mix),
+        math.log(beta),
+        math.log1p(-beta) if beta < 1.0 else float("-inf"),
+        DIV=code,
+        ONLINE_RKL=code in (1, 2),
+        VALUE_SWEEP=code in (3, 4),
+        HAS_CE=with_ce,
+        CE_OWN_STATS=with_ce and kd.temperature != 1.0,
+        HAS_GRAD=w_kd is not None,
+        TRUE_KL=kd.true_kl,
+        ROUND_BF16=zs.dtype == torch.bfloat16,
+        BLOCK=_block(vocab, block, _MAX_BLOCK // 2),
+    )
+    return ce, kd_out
