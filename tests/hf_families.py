@@ -130,7 +130,8 @@ OVERRIDES: Dict[str, dict] = {
     "roc_bert": dict(shape_vocab_size=16, shape_embed_dim=8, pronunciation_vocab_size=16, pronunciation_embed_dim=8),
     # Its cache sizes the mLSTM state from qk / v widths rounded up to multiples of 64, the layers from the
     # unrounded ones: widths of 64 (hidden 32 times 2) keep both the same.
-    "xlstm": dict(qk_dim_factor=2.0, v_dim_factor=2.0),
+    # A small output softcap (default 30), so that it changes the tiny model's loss.
+    "xlstm": dict(qk_dim_factor=2.0, v_dim_factor=2.0, output_logit_soft_cap=2.0),
     # Its audio encoder's convolution channels (1024) and 24 conformer blocks.
     "phi4_multimodal": dict(
         audio_config=dict(

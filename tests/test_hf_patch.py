@@ -218,6 +218,20 @@ def test_a_forward_without_labels_is_refused():
     assert not is_patched(model)
 
 
+def test_eval_only_logit_steps_fuse_in_training_only():
+    import hf_survey
+
+    model = hf_survey.build("xlstm")  # its forward softcaps chunk by chunk under `not self.training`
+    ids, labels = hf_survey.batch()
+    with pytest.raises(ValueError, match=r"xLSTMForCausalLM\.forward post-processes its logits differently in eval"):
+        patch(model, train_only=False)
+    patch(model)
+    model.eval()
+    with pytest.raises(ValueError, match="in training mode only"):
+        model(input_ids=ids, labels=labels, skip_logits=True)
+    assert model(input_ids=ids, labels=labels).logits is not None  # eval runs stock
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_low_precision_close_to_stock(autocast):
     """bf16 weights, or fp32 weights under CPU autocast to bf16: the head computes in bf16 as stock's does."""

@@ -159,6 +159,8 @@ def patch(model, *, train_only: bool = True, **ce_options):
             f"ce_options: softcap is set by {spec.model_type} itself ({'.'.join(spec.softcap)}); don't pass softcap"
         )
     _check_loss_function(hf, spec)
+    if not train_only:
+        _check_training_mode(hf, spec)
     check_output_layer(read_chain(hf, spec.head))  # an unrecognised output layer forward fails now
     inner = hf.__dict__.get("forward")  # a forward someone installed on the instance before us
     if inner is not None:
@@ -194,6 +196,17 @@ def _check_takes_labels(hf) -> None:
         raise ValueError(
             f"model: {cls.__name__}.forward takes no labels, so it computes no loss for the fused loss to "
             f"replace; it is not patched"
+        )
+
+
+def _check_training_mode(hf, spec: HeadSpec) -> None:
+    """A forward with eval-only steps between its backbone and its loss (``spec.eval_steps``) is read for
+    training mode only."""
+    if spec.eval_steps:
+        raise ValueError(
+            f"model: {spec.model_type}.forward post-processes its logits differently in eval mode (under "
+            f"`if {spec.eval_steps[0]}`); the fused loss matches it in training mode only (train_only=True, "
+            f"the model in train())"
         )
 
 
@@ -376,6 +389,8 @@ def apply_head(model, hidden: torch.Tensor, spec: Optional[HeadSpec] = None) -> 
     """
     hf = unwrap_model(model)
     spec = spec if spec is not None else read_head(hf)
+    if not hf.training:
+        _check_training_mode(hf, spec)
     scale = spec.hidden_scale(hf)
     if scale is not None:
         hidden = hidden * scale
