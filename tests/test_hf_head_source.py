@@ -12,7 +12,6 @@ transformers = pytest.importorskip("transformers")
 
 from tune_losses.integrations.head_source import _read_forward  # noqa: E402
 
-
 XLSTM_EVAL = "not self.training and self.config.max_inference_chunksize < logits.shape[1]"
 
 
