@@ -9,16 +9,19 @@ bf16 once, must be no further from fp64 than the eager chunk math's gradient rou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import make_labels, ref_ce, ref_kd, ref_log_probs
 
-from tune_losses.divergences import VocabReducer, kd_chunk, log_prob_chunk
+from tune_losses.divergences import VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
+from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.functional import linear_distillation_loss, linear_kd_loss, linear_log_probs
 from tune_losses.kernels import triton_select, triton_terms
 from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
-from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, TokenStatsTerm
+from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term, TokenStatsTerm
 
 triton = pytest.importorskip("triton")
 INTERPRETED = type(triton.language.sum).__name__ == "InterpretedFunction"
@@ -102,9 +105,11 @@ def test_log_prob_kernel_matches_fp64(dtype, ignore, temperature, entropy, inter
     check_log_probs(dtype, ignore, temperature, entropy)
 
 
-@pytest.mark.parametrize("n,v,block", [(3, 300, 64), (13, 101, 64)])
-def test_log_prob_kernel_odd_shapes_entropy_weight_only(n, v, block, interpret):
-    check_log_probs(torch.float32, "some", 2.0, True, n=n, v=v, block=block, w_lp=False)
+@pytest.mark.parametrize(
+    "n,v,block,dtype", [(3, 300, 64, torch.float32), (13, 101, 64, torch.float16)], ids=["fp32", "fp16"]
+)
+def test_log_prob_kernel_odd_shapes_entropy_weight_only(n, v, block, dtype, interpret):
+    check_log_probs(dtype, "some", 2.0, True, n=n, v=v, block=block, w_lp=False)
 
 
 def test_log_prob_values_only_leave_the_logits(interpret):
@@ -116,6 +121,22 @@ def test_log_prob_values_only_leave_the_logits(interpret):
     want_lp, want_h = ref_log_probs(z.double(), labels)
     torch.testing.assert_close(lp.double(), want_lp, **VALUE_TOL)
     torch.testing.assert_close(h.double(), want_h, **VALUE_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_log_prob_gradient_from_stored_lse(dtype, interpret):
+    """Values first (with the logsumexp), then the gradient sweep alone: the same bits as one call."""
+    z = logits(7, 83, dtype, 41)
+    labels = make_labels((7,), 83, "some", torch.Generator().manual_seed(42))
+    w_lp, w_h = token_weights(labels, 43).float(), token_weights(labels, 44).float()
+    one = z.clone()
+    lp, h = triton_terms.log_prob_chunk_triton(one, labels, 2.0, -100, True, w_lp, w_h, block=32)
+    two = z.clone()
+    lp2, h2, lse = triton_terms.log_prob_chunk_triton(two, labels, 2.0, -100, True, block=32, return_lse=True)
+    assert torch.equal(two, z) and torch.equal(lp, lp2) and torch.equal(h, h2)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z.double() / 2, -1), atol=1e-5, rtol=1e-5)
+    out = triton_terms.log_prob_grad_triton(two, labels, 2.0, -100, lse, w_lp, w_h, entropy=h2, block=32)
+    assert out is two and torch.equal(two, one)
 
 
 def test_log_prob_masked_and_non_finite(interpret):
@@ -146,8 +167,10 @@ def test_log_prob_masked_and_non_finite(interpret):
 
 # ---------------------------------------------------------------------------------- divergences
 
-# (divergence, KDOptions fields): every divergence with a kernel; JSD's limit beta = 1 is reverse KL.
+# (divergence, KDOptions fields): JSD's limits beta = 0 / 1 run as forward / reverse KL (forward KL
+# itself: tests/test_kernels_triton.py).
 DIVS = [
+    ("jsd", {"beta": 0.0}),
     ("reverse_kl", {}),
     ("symmetric_kl", {"sym_kd_ratio": 0.3}),
     ("symmetric_kl", {"sym_kd_ratio": 0.7, "true_kl": False}),
@@ -155,10 +178,11 @@ DIVS = [
     ("jsd", {"beta": 1.0}),
     ("tvd", {}),
 ]
-DIV_IDS = ["rkl", "sym", "sym-torchtune", "jsd", "jsd-b1", "tvd"]
+DIV_IDS = ["jsd-b0", "rkl", "sym", "sym-torchtune", "jsd", "jsd-b1", "tvd"]
 
 
-def check_divergence(divergence, fields, dtype, ignore, temperature, with_ce, n=5, v=67, block=32, device="cpu"):
+def check_divergence(divergence, fields, dtype, ignore, temperature, ce, n=5, v=67, block=32, device="cpu"):
+    """``ce``: None (the divergence alone) or the cross-entropy's options as a dict."""
     zs, zt = logits(n, v, dtype, 11, device), logits(n, v, dtype, 12, device) * 1.5
     labels = make_labels((n,), v, ignore, torch.Generator().manual_seed(13)).to(device)
     w_ce, w_kd = token_weights(labels, 14), token_weights(labels, 15)
@@ -166,49 +190,66 @@ def check_divergence(divergence, fields, dtype, ignore, temperature, with_ce, n=
     zs64 = zs.detach().cpu().double().requires_grad_()
     ref_kd_tok = ref_kd(zs64, zt.cpu().double(), labels.cpu(), divergence=divergence, temperature=temperature,
                         reduction="none", **fields)  # fmt: skip
-    ref_ce_tok = ref_ce(zs64, labels.cpu(), reduction="none")
     total = (ref_kd_tok * w_kd.cpu()).sum()
-    if with_ce:
+    if ce is not None:
+        ref_ce_tok = ref_ce(zs64, labels.cpu(), reduction="none", **ce)
         total = total + (ref_ce_tok * w_ce.cpu()).sum()
     (want_g,) = torch.autograd.grad(total, zs64)
     buf = zs.clone()
-    ce, kd_val = triton_terms.divergence_chunk_triton(
-        buf, zt, labels, kd, -100, with_ce, w_ce.float() if with_ce else None, w_kd.float(), block=block
+    ce_opts = None if ce is None else CEOptions(**ce)
+    ce_val, kd_val = triton_terms.divergence_chunk_triton(
+        buf, zt, labels, kd, -100, ce_opts, w_ce.float() if ce is not None else None, w_kd.float(), block=block
     )
     torch.testing.assert_close(kd_val.cpu().double(), ref_kd_tok.detach(), **VALUE_TOL)
-    if with_ce:
-        torch.testing.assert_close(ce.cpu().double(), ref_ce_tok.detach(), **VALUE_TOL)
+    if ce is not None:
+        torch.testing.assert_close(ce_val.cpu().double(), ref_ce_tok.detach(), **VALUE_TOL)
     else:
-        assert torch.all(ce == 0)
+        assert torch.all(ce_val == 0)
     eager = None
     if dtype != torch.float32:
         _, g_eager = kd_chunk(zs.float(), zt.float(), kd, VocabReducer(v), w_kd.float())
-        if with_ce:
-            q = torch.softmax(zs.float(), -1)
-            onehot = F.one_hot(labels.clamp(min=0), v).float() * (labels != -100).unsqueeze(-1)
-            g_eager = g_eager + (q - onehot) * w_ce.float().unsqueeze(-1)
+        if ce_opts is not None:
+            valid = labels != -100
+            _, g_ce = ce_chunk(zs.float(), labels, valid, ce_opts, VocabReducer(v), w_ce.float())
+            g_eager = g_eager + g_ce
         eager = g_eager.to(dtype)
     grad_close(buf, want_g, eager, dtype)
 
 
 @DTYPES
-@pytest.mark.parametrize("temperature,with_ce", [(1.0, False), (2.0, True)], ids=["T1-kd", "T2-ce+kd"])
+@pytest.mark.parametrize("temperature,ce", [(1.0, None), (2.0, {})], ids=["T1-kd", "T2-ce+kd"])
 @pytest.mark.parametrize("divergence,fields", DIVS, ids=DIV_IDS)
-def test_divergence_kernel_matches_fp64(divergence, fields, dtype, temperature, with_ce, interpret):
-    check_divergence(divergence, fields, dtype, "some", temperature, with_ce)
+def test_divergence_kernel_matches_fp64(divergence, fields, dtype, temperature, ce, interpret):
+    check_divergence(divergence, fields, dtype, "some", temperature, ce)
 
 
 @pytest.mark.parametrize(
-    "divergence,ignore,temperature,with_ce,n,v,block",
+    "divergence,temperature,ce",
     [
-        ("symmetric_kl", "none", 1.0, True, 3, 300, 128),  # CE sharing the student's statistics (T = 1)
-        ("jsd", "all", 2.0, True, 3, 300, 128),
-        ("tvd", "none", 2.0, False, 13, 101, 64),
-        ("reverse_kl", "all", 1.0, False, 7, 83, 64),
+        ("forward_kl", 1.0, {"label_smoothing": 0.1, "z_loss": 1e-3}),  # the student's statistics shared
+        ("jsd", 2.0, {"label_smoothing": 0.2}),
+        ("tvd", 1.0, {"softcap": 2.5}),  # softcapped CE, raw logits for the divergence
+        ("reverse_kl", 2.0, {"softcap": 3.0, "z_loss": 1e-2}),
+    ],
+    ids=["fkl-eps-z", "jsd-eps", "tvd-softcap", "rkl-softcap-z"],
+)
+def test_divergence_kernel_with_ce_options(divergence, temperature, ce, interpret):
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if divergence == "jsd" else ())
+    for dtype in dtypes:
+        check_divergence(divergence, {}, dtype, "some", temperature, ce)
+
+
+@pytest.mark.parametrize(
+    "divergence,ignore,temperature,ce,n,v,block",
+    [
+        ("symmetric_kl", "none", 1.0, {}, 3, 300, 128),  # CE sharing the student's statistics (T = 1)
+        ("jsd", "all", 2.0, {}, 3, 300, 128),
+        ("tvd", "none", 2.0, None, 13, 101, 64),
+        ("reverse_kl", "all", 1.0, None, 7, 83, 64),
     ],
 )
-def test_divergence_kernel_shapes_and_ignored(divergence, ignore, temperature, with_ce, n, v, block, interpret):
-    check_divergence(divergence, {}, torch.float32, ignore, temperature, with_ce, n=n, v=v, block=block)
+def test_divergence_kernel_shapes_and_ignored(divergence, ignore, temperature, ce, n, v, block, interpret):
+    check_divergence(divergence, {}, torch.float32, ignore, temperature, ce, n=n, v=v, block=block)
 
 
 def test_divergence_values_only_leave_the_logits(interpret):
@@ -216,7 +257,9 @@ def test_divergence_values_only_leave_the_logits(interpret):
     labels = make_labels((7,), 45, "some", torch.Generator().manual_seed(3))
     for div in ("reverse_kl", "jsd", "tvd"):
         buf = zs.clone()
-        ce, kd = triton_terms.divergence_chunk_triton(buf, zt, labels, KDOptions(divergence=div), -100, True, block=16)
+        ce, kd = triton_terms.divergence_chunk_triton(
+            buf, zt, labels, KDOptions(divergence=div), -100, CEOptions(), block=16
+        )
         assert torch.equal(buf, zs)
         want = ref_kd(zs.double(), zt.double(), labels, divergence=div, reduction="none")
         torch.testing.assert_close(kd.double(), want, **VALUE_TOL)
@@ -239,7 +282,7 @@ def test_divergence_kernel_masked_and_non_finite(divergence, fields, interpret):
     kd = KDOptions(divergence=divergence, temperature=2.0, **fields)
     w = token_weights(labels, 24).float()
     buf = zs.clone()
-    ce, val = triton_terms.divergence_chunk_triton(buf, zt, labels, kd, -100, True, w, w, block=16)
+    ce, val = triton_terms.divergence_chunk_triton(buf, zt, labels, kd, -100, CEOptions(), w, w, block=16)
     assert val[0] == 0 and ce[0] == 0 and torch.all(buf[0] == 0)
     assert torch.isnan(val[-1]) and torch.isnan(ce[-1]) and torch.isnan(val[-2])
     keep = (torch.arange(9) < 7) & (labels != -100)
@@ -261,9 +304,9 @@ def test_wider_teacher_columns_are_not_read(interpret):
     w = token_weights(labels, 34).float()
     kd = KDOptions(divergence="jsd", temperature=2.0, teacher_vocab="drop")
     got, want = zs.clone(), zs.clone()
-    ce, val = triton_terms.divergence_chunk_triton(got, zt, labels, kd, -100, True, w, w, block=16)
+    ce, val = triton_terms.divergence_chunk_triton(got, zt, labels, kd, -100, CEOptions(), w, w, block=16)
     ce2, val2 = triton_terms.divergence_chunk_triton(
-        want, zt[:, :37].contiguous(), labels, kd, -100, True, w, w, block=16
+        want, zt[:, :37].contiguous(), labels, kd, -100, CEOptions(), w, w, block=16
     )
     assert torch.equal(val, val2) and torch.equal(ce, ce2) and torch.equal(got, want)
 
@@ -286,7 +329,8 @@ def test_selection(interpret, monkeypatch):
     kds = [DivergenceTerm(KDOptions(divergence=d)) for d in ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd")]
     for terms in [(ce,), (lp,)] + [(t,) for t in kds] + [(ce, t) for t in kds]:
         assert pick(terms) is not None, terms
-    assert pick((CrossEntropyTerm(CEOptions(label_smoothing=0.1)), kds[1])) is None  # CE options: eager
+    assert pick((CrossEntropyTerm(CEOptions(label_smoothing=0.1, softcap=3.0)), kds[1])) is not None
+    assert pick((kds[1], CrossEntropyTerm())) is None  # (the engine's order is CE first)
     assert pick((kds[3],), dtype=torch.float64) is None  # fp64 math for gradcheck
     assert pick((lp,), reducer=_Sharded(10)) is None  # vocabulary parallel
     assert pick((DivergenceTerm(KDOptions(divergence="jsd", teacher_vocab="pad_student")),)) is None
@@ -385,6 +429,65 @@ def test_linear_log_probs_through_the_kernel(dtype, interpret, monkeypatch):
         torch.testing.assert_close(a.double(), b.double(), **tol)
 
 
+@dataclass(frozen=True)
+class _RatioTerm(Term):
+    """A policy-like term over the label's log-probability: ``-adv * exp(log q[y] - old)`` per token
+    (``adv``, ``old`` per-token side inputs); ``d value / d log q[y] = value``. Its Triton math uses
+    the log-prob kernel twice: values, then the gradient for the formula's per-token weight."""
+
+    temperature: float = 2.0
+    name: str = "ratio"
+    compilable = False
+
+    def _value(self, lp, inputs, valid):
+        ratio = torch.exp(lp - inputs["old"].to(lp.dtype))
+        return torch.where(valid, -inputs["adv"].to(lp.dtype) * ratio, 0.0)
+
+    def compute(self, chunk, weights, consume_student, consume_teacher):
+        red, t = chunk.reducer, self.temperature
+        (lp,), _ = log_prob_chunk(chunk.student, chunk.labels, chunk.valid, t, red)
+        value = self._value(lp, chunk.inputs, chunk.valid)
+        if weights is None or weights[0] is None:
+            return (value,), None
+        (_,), g = log_prob_chunk(chunk.student, chunk.labels, chunk.valid, t, red, weights=(weights[0] * value, None))
+        return (value,), g
+
+    def triton_chunk_math(self, ignore_index):
+        def run(z, zt, labels, weights, inputs=None):
+            t = self.temperature
+            lp, lse = triton_terms.log_prob_chunk_triton(z, labels, t, ignore_index, return_lse=True)
+            value = self._value(lp, inputs, labels != ignore_index)
+            w = None if weights[0] is None else weights[0][0]
+            if w is None:
+                return [value], None
+            return [value], triton_terms.log_prob_grad_triton(z, labels, t, ignore_index, lse, w_lp=w * value)
+
+        return run
+
+
+def test_a_term_of_its_own_through_the_log_prob_kernel(interpret, monkeypatch):
+    """A term defining ``triton_chunk_math`` (an alignment-style formula over log q[y]) runs through
+    the engine's Triton path with its side inputs, matching its eager math."""
+    x, w, _, _, labels = _linear_case(51)
+    g = torch.Generator().manual_seed(52)
+    inputs = {"old": -torch.rand(11, generator=g) * 3, "adv": torch.randn(11, generator=g)}
+    plan = LossPlan(terms=(_RatioTerm(),), chunk_size=4, dw_accumulation="fp32")
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
+        values = _spy(monkeypatch, triton_terms, "log_prob_chunk_triton")
+        grads = _spy(monkeypatch, triton_terms, "log_prob_grad_triton")
+        xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
+        loss, _ = run_terms(
+            xs, ws, None, labels, None, None, None, plan, per_token=False, recompute=False, inputs=inputs
+        )
+        loss.backward()
+        assert (len(values), len(grads)) == ((3, 3) if mode == "1" else (0, 0))  # 3 chunks: values, gradient
+        results[mode] = (loss.detach(), xs.grad, ws.grad)
+    for a, b in zip(results["0"], results["1"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- CUDA
 
 
@@ -402,4 +505,4 @@ def test_log_prob_kernel_on_cuda(dtype, monkeypatch):
 @pytest.mark.parametrize("divergence,fields", DIVS, ids=DIV_IDS)
 def test_divergence_kernel_on_cuda(divergence, fields, dtype, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    check_divergence(divergence, fields, dtype, "some", 2.0, True, n=64, v=50257, block=None, device="cuda")
+    check_divergence(divergence, fields, dtype, "some", 2.0, {}, n=64, v=50257, block=None, device="cuda")
