@@ -98,9 +98,8 @@ def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
                     d["hidden"],
                     d["weight"],
                     d["labels"],
-                    beta=0.1,
-                    ref_hidden=d["ref_hidden"],
-                    ref_weight=d["ref_weight"],
+                    reference=tune_losses.Reference(d["ref_hidden"], d["ref_weight"]),
+                    options=tune_losses.PreferenceOptions(beta=0.1),
                 ).loss
             )
         if method == "full":
@@ -128,11 +127,9 @@ def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
                 d["weight"],
                 d["labels"],
                 d["advantages"],
-                loss_type="dapo",
                 old_logps=d["old_logps"],
                 ref_logps=d["ref_logps"],
-                beta=0.04,
-                return_entropy=False,
+                options=tune_losses.PolicyOptions(loss_type="dapo", beta=0.04, return_entropy=False),
             ).loss
         )
     if method == "full":

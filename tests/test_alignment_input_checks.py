@@ -1,5 +1,6 @@
 """Alignment losses reject meaningless options when called or built, naming the argument."""
 
+import alignment_calls
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ def _pref(**kw):
         torch.randn(4, 3, H, generator=g),
         torch.randn(V, H, generator=g),
         torch.randint(0, V, (4, 3), generator=g),
-        **kw,
+        **alignment_calls.preference(**kw),
     )
 
 
@@ -25,7 +26,7 @@ def _policy(**kw):
         torch.randn(V, H, generator=g),
         torch.randint(0, V, (4, 3), generator=g),
         torch.randn(4, generator=g),
-        **kw,
+        **alignment_calls.policy(**kw),
     )
 
 

@@ -4,6 +4,7 @@ tokens, fp32 / bf16, bad input."""
 
 from __future__ import annotations
 
+import alignment_calls
 import pytest
 import torch
 from alignment_reference import ref_kto
@@ -60,7 +61,7 @@ def test_kto_matches_fp64_reference(loss_type, kl_mode, average):
         kw.update(
             kl_hidden=hidden.detach().roll(1, 0), kl_labels=labels.roll(1, 0), kl_ref_hidden=ref_hidden.roll(1, 0)
         )
-    out = linear_kto_loss(hidden, weight, labels, kto_labels, **kw)
+    out = linear_kto_loss(hidden, weight, labels, kto_labels, **alignment_calls.kto(**kw))
     ref = ref_kto(hidden, weight, labels, kto_labels, **kw)
     _close(out.loss, ref["loss"], 1e-10)
     for name in ("rewards", "logps"):
@@ -76,7 +77,7 @@ def test_kto_matches_fp64_reference(loss_type, kl_mode, average):
 def test_kto_low_precision(dtype, tol):
     hidden, weight, _, ref_hidden, ref_weight, labels, kto_labels = _case(dtype=dtype, seed=1)
     kw = dict(beta=0.5, ref_hidden=ref_hidden, ref_weight=ref_weight, kl=0.2)
-    out = linear_kto_loss(hidden, weight, labels, kto_labels, **kw)
+    out = linear_kto_loss(hidden, weight, labels, kto_labels, **alignment_calls.kto(**kw))
     ref = ref_kto(hidden, weight, labels, kto_labels, **kw)
     assert out.loss.dtype == torch.float32
     _close(out.loss, ref["loss"], tol)
@@ -106,12 +107,14 @@ def test_kto_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="kto_labels.*bool"):
         linear_kto_loss(hidden, weight, labels, kto_labels.long())
     with pytest.raises(ValueError, match="loss_type"):
-        linear_kto_loss(hidden, weight, labels, kto_labels, loss_type="bco")
+        linear_kto_loss(hidden, weight, labels, kto_labels, **alignment_calls.kto(loss_type="bco"))
     with pytest.raises(ValueError, match="kl:"):
-        linear_kto_loss(hidden, weight, labels, kto_labels, kl=0.1, kl_hidden=hidden, kl_labels=labels)
+        linear_kto_loss(
+            hidden, weight, labels, kto_labels, **alignment_calls.kto(kl=0.1, kl_hidden=hidden, kl_labels=labels)
+        )
     with pytest.raises(ValueError, match="kl:"):
         linear_kto_loss(hidden, weight, labels, kto_labels, kl=torch.zeros(2))
     with pytest.raises(ValueError, match="ref_logps"):
         linear_kto_loss(hidden, weight, labels, kto_labels, ref_logps=torch.zeros(B + 1))
     with pytest.raises(ValueError, match="desirable_weight"):
-        linear_kto_loss(hidden, weight, labels, kto_labels, desirable_weight=-1.0)
+        linear_kto_loss(hidden, weight, labels, kto_labels, **alignment_calls.kto(desirable_weight=-1.0))

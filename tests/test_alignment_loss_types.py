@@ -5,6 +5,7 @@ tokens, uncounted pairs, fp32 / bf16, bad options."""
 
 from __future__ import annotations
 
+import alignment_calls
 import pytest
 import torch
 from alignment_reference import ref_preference
@@ -59,7 +60,7 @@ def test_new_types_match_fp64_reference(loss_type, algorithm):
     hidden, weight, bias, ref_hidden, ref_weight, labels = _case(empty_rejected=True)
     kwargs = dict(loss_type=loss_type, beta=0.6, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight)
     kwargs.update(_OPTIONS.get(loss_type, {}))
-    out = linear_preference_loss(hidden, weight, labels, algorithm=algorithm, **kwargs)
+    out = linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(algorithm=algorithm, **kwargs))
     ref = ref_preference(hidden, weight, labels, **kwargs)
     _close(out.loss, ref["loss"], 1e-9)
     for name in ("chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
@@ -76,7 +77,7 @@ def test_new_types_with_precomputed_reference_and_nll(loss_type):
     ref_logps = (-8 * torch.rand(B, generator=gen, dtype=torch.float64), -8 * torch.rand(B, generator=gen).double())
     kwargs = dict(loss_type=loss_type, beta=0.3, ref_logps=ref_logps, nll_weight=0.4, average_log_prob=True)
     kwargs.update(_OPTIONS.get(loss_type, {}))
-    out = linear_preference_loss(hidden, weight, labels, **kwargs)
+    out = linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(**kwargs))
     ref = ref_preference(hidden, weight, labels, **kwargs)
     _close(out.loss, ref["loss"], 1e-9)
     _close(out.nll, ref["nll"], 1e-9)
@@ -91,7 +92,7 @@ def test_new_types_low_precision(dtype, tol, algorithm, loss_type):
     hidden, weight, bias, ref_hidden, ref_weight, labels = _case(dtype=dtype, seed=2)
     kwargs = dict(loss_type=loss_type, beta=0.5, ref_hidden=ref_hidden, ref_weight=ref_weight)
     kwargs.update(_OPTIONS.get(loss_type, {}))
-    out = linear_preference_loss(hidden, weight, labels, algorithm=algorithm, **kwargs)
+    out = linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(algorithm=algorithm, **kwargs))
     assert out.loss.dtype == torch.float32
     ref = ref_preference(hidden, weight, labels, **kwargs)
     _close(out.loss, ref["loss"], tol)
@@ -107,14 +108,14 @@ def test_no_valid_token_is_zero_and_nan_is_not_hidden(loss_type, algorithm):
     hidden, weight, bias, ref_hidden, ref_weight, labels = _case(dtype=torch.float32, seed=3)
     kwargs = dict(loss_type=loss_type, ref_hidden=ref_hidden, ref_weight=ref_weight, algorithm=algorithm)
     kwargs.update(_OPTIONS.get(loss_type, {}))
-    out = linear_preference_loss(hidden, weight, torch.full_like(labels, -100), **kwargs)
+    out = linear_preference_loss(hidden, weight, torch.full_like(labels, -100), **alignment_calls.preference(**kwargs))
     assert out.loss.item() == 0.0
     gh, gw = _grads(out.loss, [hidden, weight])
     assert gh.abs().sum() == 0 and gw.abs().sum() == 0
     bad = hidden.detach().clone()
     valid = (labels[0] != -100).nonzero()[0, 0]
     bad[0, valid, 0] = float("nan")
-    out = linear_preference_loss(bad.requires_grad_(), weight, labels, **kwargs)
+    out = linear_preference_loss(bad.requires_grad_(), weight, labels, **alignment_calls.preference(**kwargs))
     assert not torch.isfinite(out.loss)
 
 
@@ -135,7 +136,7 @@ def test_orpo_nll_target(algorithm):
     gen = torch.Generator().manual_seed(9)
     nll_target = _labels(gen)
     kwargs = dict(loss_type="orpo", beta=0.2, bias=bias, nll_target=nll_target)
-    out = linear_preference_loss(hidden, weight, labels, algorithm=algorithm, **kwargs)
+    out = linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(algorithm=algorithm, **kwargs))
     ref = ref_preference(hidden, weight, labels, **kwargs)
     _close(out.loss, ref["loss"], 1e-9)
     _close(out.nll, ref["nll"], 1e-9)
@@ -150,16 +151,29 @@ def test_orpo_nll_target(algorithm):
 def test_bad_options_name_the_argument():
     hidden, weight, _, _, _, labels = _case(dtype=torch.float32)
     with pytest.raises(ValueError, match="label_smoothing.*exo_pair"):
-        linear_preference_loss(hidden, weight, labels, loss_type="exo_pair")
+        linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(loss_type="exo_pair"))
     with pytest.raises(ValueError, match=r"label_smoothing.*\[0, 0.5\).*robust"):
-        linear_preference_loss(hidden, weight, labels, loss_type="robust", label_smoothing=0.5)
+        linear_preference_loss(
+            hidden, weight, labels, **alignment_calls.preference(loss_type="robust", label_smoothing=0.5)
+        )
     with pytest.raises(ValueError, match="label_smoothing: only"):
-        linear_preference_loss(hidden, weight, labels, loss_type="apo_zero", label_smoothing=0.1)
+        linear_preference_loss(
+            hidden, weight, labels, **alignment_calls.preference(loss_type="apo_zero", label_smoothing=0.1)
+        )
     with pytest.raises(ValueError, match="discopop_tau"):
-        linear_preference_loss(hidden, weight, labels, loss_type="discopop", discopop_tau=0.0)
+        linear_preference_loss(
+            hidden, weight, labels, **alignment_calls.preference(loss_type="discopop", discopop_tau=0.0)
+        )
     with pytest.raises(ValueError, match="nll_target"):
-        linear_preference_loss(hidden, weight, labels, loss_type="orpo", nll_target=labels[:, :-1])
+        linear_preference_loss(
+            hidden, weight, labels, **alignment_calls.preference(loss_type="orpo", nll_target=labels[:, :-1])
+        )
     with pytest.raises(ValueError, match="grad_in_forward"):
-        linear_preference_loss(hidden, weight, labels, loss_type="orpo", nll_target=labels, algorithm="grad_in_forward")
+        linear_preference_loss(
+            hidden,
+            weight,
+            labels,
+            **alignment_calls.preference(loss_type="orpo", nll_target=labels, algorithm="grad_in_forward"),
+        )
     with pytest.raises(ValueError, match="loss_type"):
         LinearPreferenceLoss(loss_type="kto_pair")

@@ -3,6 +3,7 @@ and torchtune's DPOLoss / RSOLoss against ours."""
 
 from __future__ import annotations
 
+import alignment_calls
 import pytest
 import torch
 from alignment_reference import ref_policy, ref_preference, ref_token_logps
@@ -69,7 +70,7 @@ def test_preference_matches_fp64_reference(loss_type, reference):
                 -5 * torch.rand(B, generator=gen, dtype=torch.float64),
             )
         )
-    out = linear_preference_loss(hidden, weight, labels, **kwargs)
+    out = linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(**kwargs))
     ref = ref_preference(hidden, weight, labels, **kwargs)
     _close(out.loss, ref["loss"], 1e-9)
     for name in ("chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps", "nll"):
@@ -87,7 +88,7 @@ def test_preference_average_flag_unequal_lengths_and_uncounted_pair(loss_type):
     labels = _pair_labels(gen, empty_rejected=True)
     avg = loss_type not in ("ipo", "simpo", "orpo")  # the opposite of the default
     kwargs = dict(loss_type=loss_type, beta=0.3, average_log_prob=avg, nll_weight=0.25)
-    out = linear_preference_loss(hidden, weight, labels, **kwargs)
+    out = linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(**kwargs))
     ref = ref_preference(hidden, weight, labels, **kwargs)
     assert torch.isfinite(out.loss)
     _close(out.loss, ref["loss"], 1e-9)
@@ -102,7 +103,9 @@ def test_preference_reference_gets_no_gradient_and_default_reference_is_zero():
     labels = _pair_labels(gen)
     ref_hidden = hidden.detach().clone().requires_grad_()
     ref_weight = weight.detach().clone().requires_grad_()
-    out = linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    out = linear_preference_loss(
+        hidden, weight, labels, **alignment_calls.preference(ref_hidden=ref_hidden, ref_weight=ref_weight)
+    )
     # Reference = policy: rewards 0, d = 0, DPO loss log 2.
     _close(out.chosen_rewards, torch.zeros(B), 1e-12)
     _close(out.loss, torch.tensor(0.6931471805599453, dtype=torch.float64), 1e-12)
@@ -117,7 +120,9 @@ def test_preference_reference_gets_no_gradient_and_default_reference_is_zero():
 def test_preference_low_precision(dtype, tol, loss_type):
     gen, hidden, weight, bias = _inputs(dtype=dtype, seed=3)
     labels = _pair_labels(gen)
-    out = linear_preference_loss(hidden, weight, labels, loss_type=loss_type, bias=bias, nll_weight=0.1)
+    out = linear_preference_loss(
+        hidden, weight, labels, **alignment_calls.preference(loss_type=loss_type, bias=bias, nll_weight=0.1)
+    )
     ref = ref_preference(hidden, weight, labels, loss_type=loss_type, bias=bias, nll_weight=0.1)
     assert out.loss.dtype == torch.float32
     _close(out.loss, ref["loss"], tol)
@@ -133,7 +138,9 @@ def test_preference_low_precision(dtype, tol, loss_type):
 def test_preference_no_valid_token_is_zero_and_nan_is_not_hidden(loss_type):
     gen, hidden, weight, _ = _inputs(seed=4, bias=False)
     labels = torch.full((2 * B, S), -100)
-    out = linear_preference_loss(hidden, weight, labels, loss_type=loss_type, nll_weight=1.0)
+    out = linear_preference_loss(
+        hidden, weight, labels, **alignment_calls.preference(loss_type=loss_type, nll_weight=1.0)
+    )
     assert out.loss.item() == 0.0
     gh, gw = _grads(out.loss, [hidden, weight])
     assert (gh == 0).all() and (gw == 0).all()
@@ -141,20 +148,25 @@ def test_preference_no_valid_token_is_zero_and_nan_is_not_hidden(loss_type):
     bad = hidden.detach().clone()
     row, col = 0, int((labels[0] != -100).nonzero()[0])
     bad[row, col, 0] = float("nan")
-    assert not torch.isfinite(linear_preference_loss(bad, weight, labels, loss_type=loss_type).loss)
+    assert not torch.isfinite(
+        linear_preference_loss(bad, weight, labels, **alignment_calls.preference(loss_type=loss_type)).loss
+    )
 
 
 def test_preference_global_normalizers():
     """Two halves normalized by the whole batch's counts add up to the whole batch's loss and gradient."""
     gen, hidden, weight, _ = _inputs(seed=5, rows=8, bias=False)
     labels = _pair_labels(gen, b=4)
-    full = linear_preference_loss(hidden, weight, labels, nll_weight=0.5)
+    full = linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(nll_weight=0.5))
     g_full = _grads(full.loss, [weight])[0]
     n_pairs, n_tok = 4, int((labels[:4] != -100).sum())
     total, g = 0.0, torch.zeros_like(weight)
     for idx in ([0, 1, 4, 5], [2, 3, 6, 7]):
         part = linear_preference_loss(
-            hidden[idx], weight, labels[idx], nll_weight=0.5, num_pairs=n_pairs, num_chosen_tokens=n_tok
+            hidden[idx],
+            weight,
+            labels[idx],
+            **alignment_calls.preference(nll_weight=0.5, num_pairs=n_pairs, num_chosen_tokens=n_tok),
         )
         total = total + part.loss.detach()
         g += _grads(part.loss, [weight])[0]
@@ -166,17 +178,19 @@ def test_preference_bad_arguments():
     gen, hidden, weight, _ = _inputs(seed=6, bias=False)
     labels = _pair_labels(gen)
     with pytest.raises(ValueError, match="loss_type"):
-        linear_preference_loss(hidden, weight, labels, loss_type="kto")
+        linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(loss_type="kto"))
     with pytest.raises(ValueError, match="even number of rows"):
         linear_preference_loss(hidden[:5], weight, labels[:5])
     with pytest.raises(ValueError, match="beta"):
-        linear_preference_loss(hidden, weight, labels, beta=0.0)
+        linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(beta=0.0))
     with pytest.raises(ValueError, match="ref_weight"):
-        linear_preference_loss(hidden, weight, labels, ref_hidden=hidden.detach())
+        linear_preference_loss(hidden, weight, labels, **alignment_calls.preference(ref_hidden=hidden.detach()))
     with pytest.raises(ValueError, match="ref_logps"):
         linear_preference_loss(hidden, weight, labels, ref_logps=(torch.zeros(B + 1), torch.zeros(B)))
     with pytest.raises(ValueError, match="label_smoothing"):
-        linear_preference_loss(hidden, weight, labels, loss_type="ipo", label_smoothing=0.1)
+        linear_preference_loss(
+            hidden, weight, labels, **alignment_calls.preference(loss_type="ipo", label_smoothing=0.1)
+        )
     with pytest.raises(ValueError, match="hidden"):
         linear_preference_loss(hidden[:, :4], weight, labels)
 
@@ -217,7 +231,7 @@ def test_policy_matches_fp64_reference(loss_type, beta, temperature, eps_high, w
         kwargs["max_completion_length"] = 12
     if loss_type == "dapo":
         kwargs["num_items_in_batch"] = 50
-    out = linear_policy_loss(hidden, weight, labels, adv, **kwargs)
+    out = linear_policy_loss(hidden, weight, labels, adv, **alignment_calls.policy(**kwargs))
     ref_loss, ref_metrics = ref_policy(hidden, weight, labels, adv, **kwargs)
     _close(out.loss, ref_loss, 1e-9)
     assert set(out.metrics) == set(ref_metrics)
@@ -233,11 +247,19 @@ def test_policy_matches_fp64_reference(loss_type, beta, temperature, eps_high, w
 def test_policy_no_valid_token_and_low_precision(loss_type):
     hidden, weight, bias, labels, adv, old, ref_lp = _policy_case(seed=11)
     none = torch.full_like(labels, -100)
-    out = linear_policy_loss(hidden, weight, none, adv, loss_type=loss_type, beta=0.1, ref_logps=ref_lp, old_logps=old)
+    out = linear_policy_loss(
+        hidden,
+        weight,
+        none,
+        adv,
+        **alignment_calls.policy(loss_type=loss_type, beta=0.1, ref_logps=ref_lp, old_logps=old),
+    )
     assert out.loss.item() == 0.0 and all(torch.isfinite(v) for v in out.metrics.values())
     assert all((g == 0).all() for g in _grads(out.loss, [hidden, weight]))
     h32, w32 = hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_()
-    out = linear_policy_loss(h32, w32, labels, adv, loss_type=loss_type, old_logps=old.float())
+    out = linear_policy_loss(
+        h32, w32, labels, adv, **alignment_calls.policy(loss_type=loss_type, old_logps=old.float())
+    )
     ref_loss, _ = ref_policy(h32, w32, labels, adv, loss_type=loss_type, old_logps=old)
     _close(out.loss, ref_loss, 3e-2)
     gh = _grads(out.loss, [h32])[0]
@@ -247,15 +269,15 @@ def test_policy_no_valid_token_and_low_precision(loss_type):
 def test_policy_bad_arguments():
     hidden, weight, bias, labels, adv, old, ref_lp = _policy_case(seed=12)
     with pytest.raises(ValueError, match="loss_type"):
-        linear_policy_loss(hidden, weight, labels, adv, loss_type="ppo")
+        linear_policy_loss(hidden, weight, labels, adv, **alignment_calls.policy(loss_type="ppo"))
     with pytest.raises(ValueError, match="ref_logps"):
-        linear_policy_loss(hidden, weight, labels, adv, beta=0.1)
+        linear_policy_loss(hidden, weight, labels, adv, **alignment_calls.policy(beta=0.1))
     with pytest.raises(ValueError, match="advantages"):
         linear_policy_loss(hidden, weight, labels, adv[:2])
     with pytest.raises(ValueError, match="old_logps"):
         linear_policy_loss(hidden, weight, labels, adv, old_logps=old[:, :3])
     with pytest.raises(ValueError, match="temperature"):
-        linear_policy_loss(hidden, weight, labels, adv, temperature=0)
+        linear_policy_loss(hidden, weight, labels, adv, **alignment_calls.policy(temperature=0))
 
 
 # --------------------------------------------------------------------------- torchtune's DPO losses

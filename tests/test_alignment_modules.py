@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import alignment_calls
 import pytest
 import torch
 from alignment_reference import ref_preference, ref_token_logps
@@ -49,10 +50,7 @@ def test_preference_module_hooks_match_functional_and_full_logits():
     with torch.no_grad():
         ref_hidden = reference(tokens)
     out = loss_fn(hidden, labels, ref_hidden=ref_hidden)
-    fn = linear_preference_loss(
-        hidden,
-        policy.lm_head.weight,
-        labels,
+    kw = dict(
         bias=policy.lm_head.bias,
         beta=0.2,
         nll_weight=0.1,
@@ -60,20 +58,11 @@ def test_preference_module_hooks_match_functional_and_full_logits():
         ref_weight=reference.lm_head.weight,
         ref_bias=reference.lm_head.bias,
     )
+    fn = linear_preference_loss(hidden, policy.lm_head.weight, labels, **alignment_calls.preference(**kw))
     for a, b in zip(out, fn):
         torch.testing.assert_close(a, b)
     # the model-output hook changed nothing about the math: full logits of the unmodified model agree
-    ref = ref_preference(
-        hidden,
-        policy.lm_head.weight,
-        labels,
-        bias=policy.lm_head.bias,
-        beta=0.2,
-        nll_weight=0.1,
-        ref_hidden=ref_hidden,
-        ref_weight=reference.lm_head.weight,
-        ref_bias=reference.lm_head.bias,
-    )
+    ref = ref_preference(hidden, policy.lm_head.weight, labels, **kw)
     torch.testing.assert_close(out.loss.double(), ref["loss"], rtol=1e-5, atol=1e-6)
     tok = ref_token_logps(hidden.detach(), policy.lm_head.weight.detach(), labels, policy.lm_head.bias.detach())
     full = torch.log_softmax(policy_logits.double(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -120,13 +109,15 @@ def test_policy_module_matches_functional_with_reference_hook():
         policy.lm_head.weight,
         labels,
         adv,
-        bias=policy.lm_head.bias,
-        loss_type="dapo",
-        beta=0.04,
-        temperature=0.9,
-        epsilon_high=0.28,
-        ref_logps=ref_logps,
-        num_items_in_batch=40,
+        **alignment_calls.policy(
+            bias=policy.lm_head.bias,
+            loss_type="dapo",
+            beta=0.04,
+            temperature=0.9,
+            epsilon_high=0.28,
+            ref_logps=ref_logps,
+            num_items_in_batch=40,
+        ),
     )
     torch.testing.assert_close(out.loss, fn.loss, rtol=1e-5, atol=1e-6)
     assert set(out.metrics) == {"clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "kl", "entropy"}

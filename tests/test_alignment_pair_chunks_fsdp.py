@@ -4,6 +4,7 @@ whose pair does not fit a chunk takes the per-token path beside one that does (s
 
 from __future__ import annotations
 
+import alignment_calls
 import pytest
 import torch
 from multiproc import run_ranks
@@ -40,14 +41,16 @@ def _on_ranks(rank: int, world: int):
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
     weight, ref_weight, bias = _weights()
-    chunk = [None, 5][rank]  # rank 1: chunks smaller than its pairs (the per-token path)
+    chunk = [None, 3][rank]  # rank 1: a pair of 14 tokens, more than 4 chunks of 3 (the per-token path)
     kwargs = dict(loss_type="orpo", nll_weight=0.3)
     # One process: each rank's loss and gradients with plain tensors; dW and db averaged over the ranks.
     want_dw, want_db = torch.zeros_like(weight), torch.zeros_like(bias)
     for r in range(world):
         hidden, ref_hidden, labels = _batch(r)
         h, w, b = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
-        one = linear_preference_loss(h, w, labels, bias=b, ref_hidden=ref_hidden, ref_weight=ref_weight, **kwargs).loss
+        one = linear_preference_loss(
+            h, w, labels, **alignment_calls.preference(bias=b, ref_hidden=ref_hidden, ref_weight=ref_weight, **kwargs)
+        ).loss
         one.backward()
         want_dw += w.grad / world
         want_db += b.grad / world
@@ -59,7 +62,10 @@ def _on_ranks(rank: int, world: int):
     b = distribute_tensor(bias.clone(), mesh, [Shard(0)]).requires_grad_()
     rw = distribute_tensor(ref_weight.clone(), mesh, [Shard(0)])
     out = linear_preference_loss(
-        h, w, labels, bias=b, ref_hidden=ref_hidden, ref_weight=rw, chunk_size=chunk, **kwargs
+        h,
+        w,
+        labels,
+        **alignment_calls.preference(bias=b, ref_hidden=ref_hidden, ref_weight=rw, chunk_size=chunk, **kwargs),
     ).loss
     out.backward()
     return {

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import alignment_calls
 import pytest
 import torch
 from alignment_reference import ref_policy, ref_token_logps
@@ -44,7 +45,9 @@ def _grads(loss, tensors):
 def _check(c, path, tol=1e-9, chunk_size=None, **kwargs):
     args = (c["hidden"], c["weight"], c["labels"], c["adv"])
     kwargs.setdefault("old_logps", c["old"])
-    out = linear_policy_loss(*args, bias=c["bias"], algorithm=path, chunk_size=chunk_size, **kwargs)
+    out = linear_policy_loss(
+        *args, **alignment_calls.policy(bias=c["bias"], algorithm=path, chunk_size=chunk_size, **kwargs)
+    )
     ref_loss, ref_metrics = ref_policy(*args, bias=c["bias"], **kwargs)
     torch.testing.assert_close(out.loss.double(), ref_loss, rtol=tol, atol=tol)
     assert set(out.metrics) == set(ref_metrics), (set(out.metrics), set(ref_metrics))
@@ -143,12 +146,14 @@ def test_sequence_level_with_an_empty_sequence_and_many_chunks(loss_type, path):
         c["weight"],
         c["labels"],
         c["adv"],
-        bias=c["bias"],
-        old_logps=c["old"],
-        loss_type=loss_type,
-        importance_sampling_level="sequence",
-        chunk_size=2 * S + 3,
-        algorithm=path,
+        **alignment_calls.policy(
+            bias=c["bias"],
+            old_logps=c["old"],
+            loss_type=loss_type,
+            importance_sampling_level="sequence",
+            chunk_size=2 * S + 3,
+            algorithm=path,
+        ),
     )
     ref_loss, _ = ref_policy(
         c["hidden"],
@@ -171,20 +176,20 @@ def test_no_valid_token_nonfinite_and_bf16(loss_type, path):
     c = _case(seed=11)
     none = torch.full_like(c["labels"], -100)
     kw = dict(loss_type=loss_type, beta=0.1, ref_logps=c["ref"], old_logps=c["old"], algorithm=path)
-    out = linear_policy_loss(c["hidden"], c["weight"], none, c["adv"], **kw)
+    out = linear_policy_loss(c["hidden"], c["weight"], none, c["adv"], **alignment_calls.policy(**kw))
     assert out.loss.item() == 0.0 and all(torch.isfinite(v) for v in out.metrics.values())
     assert all((g == 0).all() for g in _grads(out.loss, [c["hidden"], c["weight"]]))
     # A non-finite hidden state at a counted token: a non-finite loss, never a number.
     bad = c["hidden"].detach().clone()
     bad[0, 3, 0] = float("nan")
     bad.requires_grad_()
-    out = linear_policy_loss(bad, c["weight"].detach(), c["labels"], c["adv"], **kw)
+    out = linear_policy_loss(bad, c["weight"].detach(), c["labels"], c["adv"], **alignment_calls.policy(**kw))
     assert not torch.isfinite(out.loss)
     # bf16 inputs, fp32 math: close to the fp64 reference, gradients bf16 and finite.
     h16 = c["hidden"].detach().bfloat16().requires_grad_()
     w16 = c["weight"].detach().bfloat16().requires_grad_()
     kw16 = dict(loss_type=loss_type, old_logps=c["old"].float(), importance_sampling_level="sequence")
-    out = linear_policy_loss(h16, w16, c["labels"], c["adv"].float(), algorithm=path, **kw16)
+    out = linear_policy_loss(h16, w16, c["labels"], c["adv"].float(), **alignment_calls.policy(algorithm=path, **kw16))
     ref_loss, _ = ref_policy(h16, w16, c["labels"], c["adv"], **kw16)
     torch.testing.assert_close(out.loss.double(), ref_loss, rtol=3e-2, atol=3e-2)
     gh = _grads(out.loss, [h16])[0]
@@ -195,7 +200,10 @@ def test_paths_agree_in_fp32():
     c = _case(dtype=torch.float32, seed=12)
     kw = dict(loss_type="dapo", beta=0.04, ref_logps=c["ref"].float(), old_logps=c["old"].float(), bias=c["bias"])
     outs = [
-        linear_policy_loss(c["hidden"], c["weight"], c["labels"], c["adv"].float(), algorithm=p, **kw) for p in PATHS
+        linear_policy_loss(
+            c["hidden"], c["weight"], c["labels"], c["adv"].float(), **alignment_calls.policy(algorithm=p, **kw)
+        )
+        for p in PATHS
     ]
     torch.testing.assert_close(outs[0].loss, outs[1].loss, rtol=1e-5, atol=1e-6)
     g0, g1 = (_grads(o.loss, [c["hidden"], c["weight"]]) for o in outs)
@@ -207,21 +215,21 @@ def test_bad_options_name_the_argument():
     c = _case(seed=13)
     args = (c["hidden"], c["weight"], c["labels"], c["adv"])
     with pytest.raises(ValueError, match="loss_type"):
-        linear_policy_loss(*args, loss_type="ppo")
+        linear_policy_loss(*args, **alignment_calls.policy(loss_type="ppo"))
     with pytest.raises(ValueError, match="importance_sampling_level"):
-        linear_policy_loss(*args, importance_sampling_level="group")
+        linear_policy_loss(*args, **alignment_calls.policy(importance_sampling_level="group"))
     with pytest.raises(ValueError, match="delta"):
-        linear_policy_loss(*args, loss_type="cispo", delta=2.0)
+        linear_policy_loss(*args, **alignment_calls.policy(loss_type="cispo", delta=2.0))
     with pytest.raises(ValueError, match="delta"):
-        linear_policy_loss(*args, delta=0.0)
+        linear_policy_loss(*args, **alignment_calls.policy(delta=0.0))
     with pytest.raises(ValueError, match="sapo_temperature_neg"):
-        linear_policy_loss(*args, loss_type="sapo", sapo_temperature_neg=0.0)
+        linear_policy_loss(*args, **alignment_calls.policy(loss_type="sapo", sapo_temperature_neg=0.0))
     with pytest.raises(ValueError, match="vllm_is_ratio"):
         linear_policy_loss(*args, vllm_is_ratio=torch.ones(G, S + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="algorithm"):
-        linear_policy_loss(*args, algorithm="fast")
+        linear_policy_loss(*args, **alignment_calls.policy(algorithm="fast"))
     with torch.no_grad(), pytest.raises(ValueError, match="grad_in_forward"):
-        linear_policy_loss(*args, algorithm="grad_in_forward")
+        linear_policy_loss(*args, **alignment_calls.policy(algorithm="grad_in_forward"))
 
 
 @pytest.mark.slow  # about a minute of compilation per case on 2 CPU cores
@@ -241,7 +249,9 @@ def test_compiled_chunk_math(monkeypatch, loss_type, level):
         old_logps=c["old"].float(),
         bias=c["bias"],
     )
-    out = linear_policy_loss(c["hidden"], c["weight"], c["labels"], c["adv"].float(), chunk_size=2 * S, **kw)
+    out = linear_policy_loss(
+        c["hidden"], c["weight"], c["labels"], c["adv"].float(), **alignment_calls.policy(chunk_size=2 * S, **kw)
+    )
     assert not compiled._BROKEN, compiled._BROKEN
     ref_loss, ref_metrics = ref_policy(c["hidden"], c["weight"], c["labels"], c["adv"], **kw)
     torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ then runs on identical per-token values on every rank.
 
 from __future__ import annotations
 
+import alignment_calls
 import pytest
 import torch
 from multiproc import run_ranks
@@ -35,15 +36,21 @@ def _loss(case, hidden, weight, ref_hidden, ref_weight, labels):
 
     if case == "dpo_ref_hidden":
         return tune_losses.linear_preference_loss(
-            hidden, weight, labels, beta=0.3, ref_hidden=ref_hidden, ref_weight=ref_weight
+            hidden, weight, labels, **alignment_calls.preference(beta=0.3, ref_hidden=ref_hidden, ref_weight=ref_weight)
         ).loss
     if case == "orpo_nll":
-        return tune_losses.linear_preference_loss(hidden, weight, labels, loss_type="orpo", nll_weight=0.5).loss
+        return tune_losses.linear_preference_loss(
+            hidden, weight, labels, **alignment_calls.preference(loss_type="orpo", nll_weight=0.5)
+        ).loss
     adv = torch.linspace(-1, 1, labels.shape[0])
     ref = -3 * torch.rand(labels.shape, generator=torch.Generator().manual_seed(1))
     loss_type = "grpo" if case.startswith("grpo") else "dapo"
     return tune_losses.linear_policy_loss(
-        hidden, weight, labels, adv, loss_type=loss_type, beta=0.1, ref_logps=ref, temperature=0.8
+        hidden,
+        weight,
+        labels,
+        adv,
+        **alignment_calls.policy(loss_type=loss_type, beta=0.1, ref_logps=ref, temperature=0.8),
     ).loss
 
 

@@ -77,5 +77,12 @@ def test_mixed_dtype_addmm_is_probed_once_and_oom_propagates(monkeypatch):
     assert capabilities._MIXED_ADDMM[("cpu", torch.bfloat16)] is True
 
 
+def test_mixed_dtype_addmm_probe_on_meta_tensors(monkeypatch):
+    """The meta allocation plan follows the CUDA path: the probe's operation runs on meta tensors,
+    and with no value to read, that it runs is the answer."""
+    monkeypatch.setattr(capabilities, "_MIXED_ADDMM", {})
+    assert capabilities.mixed_addmm_supported(torch.device("meta"), torch.bfloat16) is True
+
+
 # A user's torch.compile of model + loss (no graph break, the label check on device):
 # tests/test_fused.py::test_torch_compile*.

@@ -142,6 +142,14 @@ def test_log_probs_and_entropy_blocked_match_fp64(small_blocks):
         close(got, want, 1e-5)
 
 
+def test_blocked_values_come_from_the_engines_loop():
+    """The blocked backward takes its values from the engine's one chunk loop: on CPU (the same
+    chunks, eager math) its loss is the fp32 path's to the bit."""
+    x, w, b, labels = make(n=37, dtype=torch.bfloat16)
+    losses = [ours(linear_cross_entropy, x, w, b, labels, chunk_size=8, dw_accumulation=m)[0] for m in MODES[:3]]
+    assert all(torch.equal(loss, losses[0]) for loss in losses)
+
+
 def test_blocked_fp64_passes_gradcheck(small_blocks):
     x, w, _, labels = make(n=6, h=3, v=11, dtype=torch.float64)
     x.requires_grad_()

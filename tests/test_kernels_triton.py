@@ -10,7 +10,7 @@ from reference import make_labels, ref_ce, ref_kd
 
 from tune_losses.divergences import VocabReducer, kd_chunk
 from tune_losses.fused.functional import linear_cross_entropy, linear_distillation_loss, linear_kd_loss
-from tune_losses.kernels import triton_ce
+from tune_losses.kernels import triton_ce, triton_terms
 from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
 
 triton = pytest.importorskip("triton")
@@ -164,8 +164,16 @@ def check_distill(dtype, ignore, temperature, true_kl, with_ce, n=9, v=37, block
         total = total + (ref_ce_tok * w_ce.cpu().double()).sum()
     (want_g,) = torch.autograd.grad(total, zs64)
     buf = zs.clone()
-    ce, kd_val = triton_ce.distill_chunk_triton(
-        buf, zt, labels, kd, -100, with_ce, w_ce.float() if with_ce else None, w_kd.float(), block=block
+    ce, kd_val = triton_terms.divergence_chunk_triton(
+        buf,
+        zt,
+        labels,
+        kd,
+        -100,
+        CEOptions() if with_ce else None,
+        w_ce.float() if with_ce else None,
+        w_kd.float(),
+        block=block,
     )
     torch.testing.assert_close(kd_val.cpu().double(), ref_kd_tok.detach(), atol=1e-5, rtol=1e-5)
     if with_ce:
@@ -187,7 +195,7 @@ def test_distill_kernel_masked_and_non_finite(interpret):
     zs[3, 4] = float("-inf")
     zs[-1, 0] = float("nan")  # a counted token
     buf = zs.clone()
-    ce, kd = triton_ce.distill_chunk_triton(buf, zt, labels, KDOptions(), -100, True, w, w, block=16)
+    ce, kd = triton_terms.divergence_chunk_triton(buf, zt, labels, KDOptions(), -100, CEOptions(), w, w, block=16)
     assert torch.isnan(kd[-1]) and torch.isnan(ce[-1])
     # Entries where either side is -inf count 0: the engine's eager math (the reference takes a
     # student -inf under teacher mass as an infinite divergence), valid rows only.
@@ -200,13 +208,13 @@ def test_distill_kernel_masked_and_non_finite(interpret):
 def test_engine_uses_the_distill_kernel(kd_ratio, interpret, monkeypatch):
     monkeypatch.setenv("TUNE_LOSSES_TRITON", "1")
     calls = []
-    real = triton_ce.distill_chunk_triton
+    real = triton_terms.divergence_chunk_triton
 
     def spy(zs, *a, **k):
         calls.append(zs.dtype)
         return real(zs, *a, **k)
 
-    monkeypatch.setattr(triton_ce, "distill_chunk_triton", spy)
+    monkeypatch.setattr(triton_terms, "divergence_chunk_triton", spy)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(11, 8, generator=g, dtype=torch.float64)
     w = torch.randn(29, 8, generator=g, dtype=torch.float64) / 8**0.5

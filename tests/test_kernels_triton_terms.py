@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from reference import make_labels, ref_ce, ref_kd, ref_log_probs
 
-from tune_losses.divergences import VocabReducer, kd_chunk, log_prob_chunk
+from tune_losses.divergences import VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
 from tune_losses.fused.functional import linear_distillation_loss, linear_kd_loss, linear_log_probs
 from tune_losses.kernels import triton_select, triton_terms
 from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
@@ -146,8 +146,10 @@ def test_log_prob_masked_and_non_finite(interpret):
 
 # ---------------------------------------------------------------------------------- divergences
 
-# (divergence, KDOptions fields): every divergence with a kernel; JSD's limit beta = 1 is reverse KL.
+# (divergence, KDOptions fields): JSD's limits beta = 0 / 1 run as forward / reverse KL (forward KL
+# itself: tests/test_kernels_triton.py).
 DIVS = [
+    ("jsd", {"beta": 0.0}),
     ("reverse_kl", {}),
     ("symmetric_kl", {"sym_kd_ratio": 0.3}),
     ("symmetric_kl", {"sym_kd_ratio": 0.7, "true_kl": False}),
@@ -155,10 +157,11 @@ DIVS = [
     ("jsd", {"beta": 1.0}),
     ("tvd", {}),
 ]
-DIV_IDS = ["rkl", "sym", "sym-torchtune", "jsd", "jsd-b1", "tvd"]
+DIV_IDS = ["jsd-b0", "rkl", "sym", "sym-torchtune", "jsd", "jsd-b1", "tvd"]
 
 
-def check_divergence(divergence, fields, dtype, ignore, temperature, with_ce, n=5, v=67, block=32, device="cpu"):
+def check_divergence(divergence, fields, dtype, ignore, temperature, ce, n=5, v=67, block=32, device="cpu"):
+    """``ce``: None (the divergence alone) or the cross-entropy's options as a dict."""
     zs, zt = logits(n, v, dtype, 11, device), logits(n, v, dtype, 12, device) * 1.5
     labels = make_labels((n,), v, ignore, torch.Generator().manual_seed(13)).to(device)
     w_ce, w_kd = token_weights(labels, 14), token_weights(labels, 15)
@@ -166,49 +169,65 @@ def check_divergence(divergence, fields, dtype, ignore, temperature, with_ce, n=
     zs64 = zs.detach().cpu().double().requires_grad_()
     ref_kd_tok = ref_kd(zs64, zt.cpu().double(), labels.cpu(), divergence=divergence, temperature=temperature,
                         reduction="none", **fields)  # fmt: skip
-    ref_ce_tok = ref_ce(zs64, labels.cpu(), reduction="none")
     total = (ref_kd_tok * w_kd.cpu()).sum()
-    if with_ce:
+    if ce is not None:
+        ref_ce_tok = ref_ce(zs64, labels.cpu(), reduction="none", **ce)
         total = total + (ref_ce_tok * w_ce.cpu()).sum()
     (want_g,) = torch.autograd.grad(total, zs64)
     buf = zs.clone()
-    ce, kd_val = triton_terms.divergence_chunk_triton(
-        buf, zt, labels, kd, -100, with_ce, w_ce.float() if with_ce else None, w_kd.float(), block=block
+    ce_opts = None if ce is None else CEOptions(**ce)
+    ce_val, kd_val = triton_terms.divergence_chunk_triton(
+        buf, zt, labels, kd, -100, ce_opts, w_ce.float() if ce is not None else None, w_kd.float(), block=block
     )
     torch.testing.assert_close(kd_val.cpu().double(), ref_kd_tok.detach(), **VALUE_TOL)
-    if with_ce:
-        torch.testing.assert_close(ce.cpu().double(), ref_ce_tok.detach(), **VALUE_TOL)
+    if ce is not None:
+        torch.testing.assert_close(ce_val.cpu().double(), ref_ce_tok.detach(), **VALUE_TOL)
     else:
-        assert torch.all(ce == 0)
+        assert torch.all(ce_val == 0)
     eager = None
     if dtype != torch.float32:
         _, g_eager = kd_chunk(zs.float(), zt.float(), kd, VocabReducer(v), w_kd.float())
-        if with_ce:
-            q = torch.softmax(zs.float(), -1)
-            onehot = F.one_hot(labels.clamp(min=0), v).float() * (labels != -100).unsqueeze(-1)
-            g_eager = g_eager + (q - onehot) * w_ce.float().unsqueeze(-1)
+        if ce_opts is not None:
+            valid = labels != -100
+            _, g_ce = ce_chunk(zs.float(), labels, valid, ce_opts, VocabReducer(v), w_ce.float())
+            g_eager = g_eager + g_ce
         eager = g_eager.to(dtype)
     grad_close(buf, want_g, eager, dtype)
 
 
 @DTYPES
-@pytest.mark.parametrize("temperature,with_ce", [(1.0, False), (2.0, True)], ids=["T1-kd", "T2-ce+kd"])
+@pytest.mark.parametrize("temperature,ce", [(1.0, None), (2.0, {})], ids=["T1-kd", "T2-ce+kd"])
 @pytest.mark.parametrize("divergence,fields", DIVS, ids=DIV_IDS)
-def test_divergence_kernel_matches_fp64(divergence, fields, dtype, temperature, with_ce, interpret):
-    check_divergence(divergence, fields, dtype, "some", temperature, with_ce)
+def test_divergence_kernel_matches_fp64(divergence, fields, dtype, temperature, ce, interpret):
+    check_divergence(divergence, fields, dtype, "some", temperature, ce)
 
 
 @pytest.mark.parametrize(
-    "divergence,ignore,temperature,with_ce,n,v,block",
+    "divergence,temperature,ce",
     [
-        ("symmetric_kl", "none", 1.0, True, 3, 300, 128),  # CE sharing the student's statistics (T = 1)
-        ("jsd", "all", 2.0, True, 3, 300, 128),
-        ("tvd", "none", 2.0, False, 13, 101, 64),
-        ("reverse_kl", "all", 1.0, False, 7, 83, 64),
+        ("forward_kl", 1.0, {"label_smoothing": 0.1, "z_loss": 1e-3}),  # the student's statistics shared
+        ("jsd", 2.0, {"label_smoothing": 0.2}),
+        ("tvd", 1.0, {"softcap": 2.5}),  # softcapped CE, raw logits for the divergence
+        ("reverse_kl", 2.0, {"softcap": 3.0, "z_loss": 1e-2}),
+    ],
+    ids=["fkl-eps-z", "jsd-eps", "tvd-softcap", "rkl-softcap-z"],
+)
+def test_divergence_kernel_with_ce_options(divergence, temperature, ce, interpret):
+    for dtype in (torch.float32, torch.bfloat16):
+        check_divergence(divergence, {}, dtype, "some", temperature, ce)
+
+
+@pytest.mark.parametrize(
+    "divergence,ignore,temperature,ce,n,v,block",
+    [
+        ("symmetric_kl", "none", 1.0, {}, 3, 300, 128),  # CE sharing the student's statistics (T = 1)
+        ("jsd", "all", 2.0, {}, 3, 300, 128),
+        ("tvd", "none", 2.0, None, 13, 101, 64),
+        ("reverse_kl", "all", 1.0, None, 7, 83, 64),
     ],
 )
-def test_divergence_kernel_shapes_and_ignored(divergence, ignore, temperature, with_ce, n, v, block, interpret):
-    check_divergence(divergence, {}, torch.float32, ignore, temperature, with_ce, n=n, v=v, block=block)
+def test_divergence_kernel_shapes_and_ignored(divergence, ignore, temperature, ce, n, v, block, interpret):
+    check_divergence(divergence, {}, torch.float32, ignore, temperature, ce, n=n, v=v, block=block)
 
 
 def test_divergence_values_only_leave_the_logits(interpret):
@@ -216,7 +235,9 @@ def test_divergence_values_only_leave_the_logits(interpret):
     labels = make_labels((7,), 45, "some", torch.Generator().manual_seed(3))
     for div in ("reverse_kl", "jsd", "tvd"):
         buf = zs.clone()
-        ce, kd = triton_terms.divergence_chunk_triton(buf, zt, labels, KDOptions(divergence=div), -100, True, block=16)
+        ce, kd = triton_terms.divergence_chunk_triton(
+            buf, zt, labels, KDOptions(divergence=div), -100, CEOptions(), block=16
+        )
         assert torch.equal(buf, zs)
         want = ref_kd(zs.double(), zt.double(), labels, divergence=div, reduction="none")
         torch.testing.assert_close(kd.double(), want, **VALUE_TOL)
@@ -239,7 +260,7 @@ def test_divergence_kernel_masked_and_non_finite(divergence, fields, interpret):
     kd = KDOptions(divergence=divergence, temperature=2.0, **fields)
     w = token_weights(labels, 24).float()
     buf = zs.clone()
-    ce, val = triton_terms.divergence_chunk_triton(buf, zt, labels, kd, -100, True, w, w, block=16)
+    ce, val = triton_terms.divergence_chunk_triton(buf, zt, labels, kd, -100, CEOptions(), w, w, block=16)
     assert val[0] == 0 and ce[0] == 0 and torch.all(buf[0] == 0)
     assert torch.isnan(val[-1]) and torch.isnan(ce[-1]) and torch.isnan(val[-2])
     keep = (torch.arange(9) < 7) & (labels != -100)
@@ -261,9 +282,9 @@ def test_wider_teacher_columns_are_not_read(interpret):
     w = token_weights(labels, 34).float()
     kd = KDOptions(divergence="jsd", temperature=2.0, teacher_vocab="drop")
     got, want = zs.clone(), zs.clone()
-    ce, val = triton_terms.divergence_chunk_triton(got, zt, labels, kd, -100, True, w, w, block=16)
+    ce, val = triton_terms.divergence_chunk_triton(got, zt, labels, kd, -100, CEOptions(), w, w, block=16)
     ce2, val2 = triton_terms.divergence_chunk_triton(
-        want, zt[:, :37].contiguous(), labels, kd, -100, True, w, w, block=16
+        want, zt[:, :37].contiguous(), labels, kd, -100, CEOptions(), w, w, block=16
     )
     assert torch.equal(val, val2) and torch.equal(ce, ce2) and torch.equal(got, want)
 
@@ -286,7 +307,8 @@ def test_selection(interpret, monkeypatch):
     kds = [DivergenceTerm(KDOptions(divergence=d)) for d in ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd")]
     for terms in [(ce,), (lp,)] + [(t,) for t in kds] + [(ce, t) for t in kds]:
         assert pick(terms) is not None, terms
-    assert pick((CrossEntropyTerm(CEOptions(label_smoothing=0.1)), kds[1])) is None  # CE options: eager
+    assert pick((CrossEntropyTerm(CEOptions(label_smoothing=0.1, softcap=3.0)), kds[1])) is not None
+    assert pick((kds[1], CrossEntropyTerm())) is None  # (the engine's order is CE first)
     assert pick((kds[3],), dtype=torch.float64) is None  # fp64 math for gradcheck
     assert pick((lp,), reducer=_Sharded(10)) is None  # vocabulary parallel
     assert pick((DivergenceTerm(KDOptions(divergence="jsd", teacher_vocab="pad_student")),)) is None
@@ -402,4 +424,4 @@ def test_log_prob_kernel_on_cuda(dtype, monkeypatch):
 @pytest.mark.parametrize("divergence,fields", DIVS, ids=DIV_IDS)
 def test_divergence_kernel_on_cuda(divergence, fields, dtype, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    check_divergence(divergence, fields, dtype, "some", 2.0, True, n=64, v=50257, block=None, device="cuda")
+    check_divergence(divergence, fields, dtype, "some", 2.0, {}, n=64, v=50257, block=None, device="cuda")

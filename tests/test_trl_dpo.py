@@ -103,7 +103,7 @@ def test_three_steps_equal_trl_dpo(loss_type, extra, tmp_path, monkeypatch):
     fused, ref = copy.deepcopy(stock), copy.deepcopy(stock)
     _, ref_logs = _train(DPOTrainer, stock, copy.deepcopy(ref), tmp_path / "stock", loss_type=loss_type, **extra)
     trainer, logs = _train(trl_dpo.FusedDPOTrainer, fused, ref, tmp_path / "fused", loss_type=loss_type, **extra)
-    assert calls and calls[0]["loss_type"] == loss_type
+    assert calls and calls[0]["options"].loss_type == loss_type
     assert trainer.state.global_step == 3 and len(logs) == len(ref_logs) == 3
     for a, b in zip(ref_logs, logs):
         for key in KEYS:

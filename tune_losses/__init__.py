@@ -21,11 +21,16 @@ from tune_losses.accounting import (
 )
 from tune_losses.alignment import (
     DPOLoss,
+    KLEstimate,
+    KTOOptions,
     KTOOutput,
     LinearPolicyLoss,
     LinearPreferenceLoss,
+    PolicyOptions,
     PolicyOutput,
+    PreferenceOptions,
     PreferenceOutput,
+    Reference,
     RSOLoss,
     linear_kto_loss,
     linear_policy_loss,
@@ -117,11 +122,16 @@ __all__ = [
     "RSOLoss",
     "LinearPreferenceLoss",
     "LinearPolicyLoss",
+    "Reference",
+    "KLEstimate",
     # options
     "CEOptions",
     "KDOptions",
     "DistillationOptions",
     "ExecutionOptions",
     "VocabParallelOptions",
+    "PreferenceOptions",
+    "KTOOptions",
+    "PolicyOptions",
 ]
 __all__ += [name for name in _KD_LOSS_CLASSES if name not in __all__]

@@ -13,9 +13,11 @@ import os
 import sys
 import warnings
 from types import FrameType
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 import torch
+
+from tune_losses.options import ArgumentTypeError
 
 PREFIX = "tune-losses deprecates "
 """Start of every deprecation message of this package (no ``:``, so it fits a ``-W`` filter)."""
@@ -48,3 +50,46 @@ def warn_deprecated(old: str, new: str) -> None:
     warnings.warn(
         f"{PREFIX}{old}: pass {new} instead", TuneLossesDeprecationWarning, stacklevel=_stacklevel_outside_package()
     )
+
+
+# ------------------------------------------------------------- old flat keywords into options objects
+# A public function that moved keywords into an options object (``options=``, ``parallel=``,
+# ``execution=``, ...) takes the old ones through ``**deprecated``: :func:`take` picks a group out,
+# :func:`options_object` builds the object once from them (warning) or checks the one given, and
+# :func:`no_more` rejects what is left. The object's own ``__post_init__`` is the only check.
+
+
+def take(legacy: Dict[str, object], names: Sequence[str]) -> Dict[str, object]:
+    """Remove and return the keywords of ``legacy`` named in ``names``."""
+    return {k: legacy.pop(k) for k in names if k in legacy}
+
+
+def no_more(fn: str, legacy: Dict[str, object]) -> None:
+    """A TypeError naming the keywords left in ``legacy`` (as Python's for an unknown keyword)."""
+    if legacy:
+        raise TypeError(f"{fn}() got unexpected keyword arguments {sorted(legacy)}")
+
+
+def options_object(
+    fn: str, param: str, cls: type, given, flat: Dict[str, object], current: Optional[Dict[str, object]] = None
+):
+    """The options object of parameter ``param`` of ``fn``: ``given`` (an instance of ``cls``, already
+    checked when it was made), or one made once from the old flat keyword arguments ``flat`` (with a
+    deprecation warning naming ``param=cls(...)``) and the current flat ones ``current`` (e.g.
+    ``ignore_index``; None values left out). Old flat keywords together with ``param`` are an error
+    (said twice); a current one must agree with ``given``."""
+    current = {k: v for k, v in (current or {}).items() if v is not None}
+    if given is not None:
+        if not isinstance(given, cls):
+            raise ArgumentTypeError(f"{param}: expected a {cls.__name__} or None, got {type(given).__name__}")
+        if flat:
+            names = ", ".join(f"{k}=" for k in flat)
+            raise TypeError(f"{fn}: {names} and {param}= both given; put them in {param}={cls.__name__}(...)")
+        for k, v in current.items():
+            if getattr(given, k) != v:
+                raise ValueError(f"{k}: got {v!r}, but {param}.{k} is {getattr(given, k)!r}; give it once")
+        return given
+    if flat:
+        names = ", ".join(f"{k}=" for k in flat)
+        warn_deprecated(f"{fn}({names}...)", f"{param}={cls.__name__}({names}...)")
+    return cls(**flat, **current)

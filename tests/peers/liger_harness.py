@@ -29,7 +29,7 @@ import pytest
 import torch
 from liger_preference_reference import alignment_loss
 
-from tune_losses import linear_preference_loss
+from tune_losses import ExecutionOptions, PreferenceOptions, Reference, linear_preference_loss
 
 
 def _close(ours, theirs, atol, rtol, what, exact=None):
@@ -83,7 +83,8 @@ def check_case(
 ):
     """Run Liger's reference and ours on the same inputs and compare as Liger's test does.
 
-    ``ours``: the loss options for :func:`tune_losses.linear_preference_loss` (loss_type, ...).
+    ``ours``: :class:`tune_losses.PreferenceOptions` fields (loss_type, ...) for
+    :func:`tune_losses.linear_preference_loss`.
     """
     x, w, b, rx, rw, rb, target = inputs
     leaves = []
@@ -92,7 +93,6 @@ def check_case(
     (x1, x2), (w1, w2) = leaves[0], leaves[1]
     b1, b2 = leaves[2] if leaves[2] is not None else (None, None)
 
-    ref_args = {} if rx is None else dict(ref_hidden=rx, ref_weight=rw, ref_bias=rb)
     ref_kwargs = dict(
         beta=beta,
         ignore_index=ignore_index,
@@ -125,13 +125,11 @@ def check_case(
         w2,
         target,
         bias=b2,
-        beta=beta,
+        reference=None if rx is None else Reference(rx, rw, rb),
         ignore_index=ignore_index,
-        average_log_prob=average_log_prob,
         nll_target=nll_target,
-        algorithm=algorithm,
-        **ref_args,
-        **ours,
+        options=PreferenceOptions(beta=beta, average_log_prob=average_log_prob, **ours),
+        execution=ExecutionOptions(algorithm=algorithm),
     )
     _close(out.loss, loss1, atol, rtol, "loss", exact(0))
     if check_aux:

@@ -34,7 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tune_losses import linear_log_probs, linear_policy_loss
+from tune_losses import ExecutionOptions, linear_log_probs, linear_policy_loss
 from tune_losses.alignment.policy import policy_loss_from_log_probs
 from tune_losses.alignment.policy_formulas import PolicyOptions, aggregate_policy_loss, policy_token_terms
 
@@ -282,6 +282,7 @@ class OursLMHeadGRPO(torch.nn.Module):
             delta=delta,
             use_bias_correction_kl=use_bias_correction_kl,
             temperature=temperature,
+            return_entropy=False,
         )
 
     def forward(
@@ -312,14 +313,12 @@ class OursLMHeadGRPO(torch.nn.Module):
             labels,
             advantages,
             bias=self.lin.bias,
-            beta=beta,
             ref_logps=ref_per_token_logps,
             old_logps=old_per_token_logps,
             vllm_is_ratio=vllm_is_ratio,
             num_items_in_batch=num_items_in_batch,
-            return_entropy=False,
-            algorithm=self.algorithm,
-            **self.options,
+            options=PolicyOptions(beta=beta, **self.options),
+            execution=ExecutionOptions(algorithm=self.algorithm),
         )
         metrics = []
         if self.beta != 0.0:
@@ -694,19 +693,19 @@ def test_functional_correctness(B, T, H, V, scalar, dtype, atol, rtol, bias):
     ref_bias = _bias.detach() + torch.randn(V, device=device, dtype=dtype) * 0.01 if bias else None
     with torch.no_grad():
         ref_logps = linear_log_probs(ref_input, ref_weight, selected_token_ids, bias=ref_bias)
-    kw = dict(
+    options = PolicyOptions(
         beta=0.04,
         epsilon_low=0.2,
         epsilon_high=0.2,
         loss_type="bnpo",
         max_completion_length=max_completion_length,
-        ref_logps=ref_logps,
         return_entropy=False,
     )
-    out1 = linear_policy_loss(
-        input1, weight1, selected_token_ids, advantages, bias=bias1, algorithm="grad_in_forward", **kw
-    )
-    out2 = linear_policy_loss(input2, weight2, selected_token_ids, advantages, bias=bias2, algorithm="recompute", **kw)
+    kw = dict(ref_logps=ref_logps, options=options)
+    fused = ExecutionOptions(algorithm="grad_in_forward")
+    out1 = linear_policy_loss(input1, weight1, selected_token_ids, advantages, bias=bias1, execution=fused, **kw)
+    recompute = ExecutionOptions(algorithm="recompute")
+    out2 = linear_policy_loss(input2, weight2, selected_token_ids, advantages, bias=bias2, execution=recompute, **kw)
     assert not torch.isnan(out1.loss)
     assert not torch.isnan(out2.loss)
     assert_verbose_allclose(out1.loss, out2.loss, atol=atol, rtol=rtol)
@@ -818,9 +817,7 @@ def test_triton_grpo_loss_matches_reference(loss_type, beta):
         advantages,
         old_logps=old_logp,
         ref_logps=ref_logp,
-        beta=beta,
-        loss_type=loss_type,
-        max_completion_length=T,
+        options=PolicyOptions(beta=beta, loss_type=loss_type, max_completion_length=T),
     )
     m = completion_mask.float()
     expected = (reference_loss * m).sum() / m.sum().clamp(min=1.0)  # bnpo and dapo alike here

@@ -24,7 +24,7 @@ import torch
 from liger_harness import check_case, make_inputs, parametrize_cases
 from liger_preference_reference import dpo_pair_loss
 
-from tune_losses import LinearPreferenceLoss, linear_preference_loss
+from tune_losses import LinearPreferenceLoss, PreferenceOptions, Reference, linear_preference_loss
 from tune_losses.heads import OutputProjection
 
 BIG_SHAPES = [(8, 128, 1024, 4096), (3, 47, 31, 123)]
@@ -158,8 +158,9 @@ def test_alpha_scales_nll_loss(dtype):
     target = torch.randint(0, V, (B, T))
 
     def run(alpha):
+        options = PreferenceOptions(beta=0.1, nll_weight=alpha)
         return linear_preference_loss(
-            x.clone().requires_grad_(), w, target, beta=0.1, nll_weight=alpha, ref_hidden=x, ref_weight=rw
+            x.clone().requires_grad_(), w, target, reference=Reference(x, rw), options=options
         ).loss
 
     assert not torch.allclose(run(1.0), run(2.0), atol=atol)
@@ -171,7 +172,8 @@ def test_functional_positional_arg_contract():
     B, T, H, V = 4, 8, 16, 32
     x, target = torch.randn(B, T, H), torch.randint(0, V, (B, T))
     w, rw, rx = torch.randn(V, H), torch.randn(V, H), torch.randn(B, T, H)
-    fn = linear_preference_loss(x, w, target, beta=0.1, nll_weight=1.0, ref_hidden=rx, ref_weight=rw).loss
+    options = PreferenceOptions(beta=0.1, nll_weight=1.0)
+    fn = linear_preference_loss(x, w, target, reference=Reference(rx, rw), options=options).loss
     module = LinearPreferenceLoss(beta=0.1, nll_weight=1.0)
     heads = [torch.nn.Linear(H, V, bias=False) for _ in range(2)]
     heads[0].weight.data.copy_(w)

@@ -16,7 +16,7 @@ import torch
 from liger_harness import _close, parametrize_cases
 from liger_preference_reference import kto_loss
 
-from tune_losses import linear_kto_loss
+from tune_losses import KTOOptions, Reference, linear_kto_loss
 
 BIG_SHAPES = [(8, 128, 1024, 4096), (3, 47, 31, 123)]
 SMALL_SHAPES = [(2, 2, 8, 8), (3, 47, 31, 123)]
@@ -54,8 +54,8 @@ def _run(c, ignore_index, beta, average, ignore):
 
     ox, ow, ob = leaves()
     out = linear_kto_loss(
-        ox, ow, target, prefs, bias=ob, ref_hidden=rx, ref_weight=rw, ref_bias=rb, kl=kl,
-        beta=beta, ignore_index=ignore_index, average_log_prob=average,
+        ox, ow, target, prefs, bias=ob, reference=None if rx is None else Reference(rx, rw, rb), kl=kl,
+        ignore_index=ignore_index, options=KTOOptions(beta=beta, average_log_prob=average),
     )  # fmt: skip
     grads = torch.autograd.grad(out.loss, [t for t in (ox, ow, ob) if t is not None])
     ref = theirs()

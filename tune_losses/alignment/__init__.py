@@ -8,7 +8,9 @@ preference losses also have a grad-in-forward path over chunks of whole pairs
 
 from tune_losses.alignment.kto import KTOOutput, linear_kto_loss
 from tune_losses.alignment.modules import LinearPolicyLoss, LinearPreferenceLoss
+from tune_losses.alignment.options import KLEstimate, KTOOptions, PreferenceOptions, Reference
 from tune_losses.alignment.policy import PolicyOutput, linear_policy_loss, policy_loss_from_log_probs
+from tune_losses.alignment.policy_formulas import PolicyOptions
 from tune_losses.alignment.preference import (
     PreferenceOutput,
     PreferenceTerms,
@@ -20,13 +22,18 @@ from tune_losses.alignment.torchtune_compat import DPOLoss, RSOLoss
 
 __all__ = [
     "DPOLoss",
+    "KLEstimate",
+    "KTOOptions",
     "KTOOutput",
     "LinearPolicyLoss",
     "LinearPreferenceLoss",
+    "PolicyOptions",
     "PolicyOutput",
+    "PreferenceOptions",
     "PreferenceOutput",
     "PreferenceTerms",
     "RSOLoss",
+    "Reference",
     "linear_kto_loss",
     "linear_policy_loss",
     "linear_preference_loss",

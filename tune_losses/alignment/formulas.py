@@ -176,32 +176,25 @@ KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 def unpaired_preference_losses(
-    logratios: torch.Tensor,
-    desirable: torch.Tensor,
-    kl: torch.Tensor,
-    *,
-    loss_type: str,
-    beta: float,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+    logratios: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, opts
 ) -> torch.Tensor:
     """Per-sequence unpaired loss ``[B]`` from log-ratios ``r = policy - reference`` ``[B]``, labels
     ``desirable`` ``[B]`` bool and the KL reference point ``kl`` (0-dim, no gradient); TRL 1.16's
-    ``KTOTrainer``:
+    ``KTOTrainer``, with ``opts`` a :class:`~tune_losses.alignment.options.KTOOptions` (``beta``,
+    weights ``w_d`` / ``w_u``):
 
     * ``kto``: ``w_d (1 - s(beta (r - kl)))`` for a desirable sequence, ``w_u (1 - s(beta (kl - r)))``
       for an undesirable one
     * ``apo_zero_unpaired``: ``w_d (1 - s(beta r))``, ``w_u s(beta r)`` (no KL term)
     """
-    if loss_type == "kto":
+    beta = opts.beta
+    if opts.loss_type == "kto":
         margin = torch.where(desirable, logratios - kl, kl - logratios)
         per = 1 - torch.sigmoid(beta * margin)
-    elif loss_type == "apo_zero_unpaired":
+    else:  # apo_zero_unpaired (KTOOptions admits no other)
         z = torch.sigmoid(beta * logratios)
         per = torch.where(desirable, 1 - z, z)
-    else:
-        raise ValueError(f"loss_type: expected one of {KTO_LOSS_TYPES}, got {loss_type!r}")
-    weights = torch.tensor([undesirable_weight, desirable_weight], dtype=per.dtype, device=per.device)
+    weights = torch.tensor([opts.undesirable_weight, opts.desirable_weight], dtype=per.dtype, device=per.device)
     return per * weights[desirable.long()]
 
 

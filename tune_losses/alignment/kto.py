@@ -11,9 +11,9 @@ The KL reference point ``kl`` (no gradient, as TRL detaches it) is, in this orde
 * given: ``kl`` (a number or a 0-dim / ``[1]`` tensor; Liger's ``kl`` argument, or a value the caller
   estimated, e.g. gathered over data-parallel ranks as TRL does);
 * estimated as TRL's ``KTOTrainer`` does, from mismatched (prompt, completion) pairs of the same batch:
-  ``kl_hidden`` ``[B', S', H]`` + ``kl_labels`` ``[B', S']`` run through the policy (no grad) and
-  ``kl_ref_hidden`` (through the reference's weight) or ``kl_ref_logps`` ``[B']``:
-  ``kl = max(mean(policy - reference), 0)`` over the B' sequence log-probs;
+  ``kl=KLEstimate(hidden [B', S', H], labels [B', S'], ref_hidden=..., ref_logps=...)``: its hidden
+  states run through the policy (no grad) and ``ref_hidden`` through the reference's output layer,
+  or ``ref_logps`` ``[B']``: ``kl = max(mean(policy - reference), 0)`` over the B' sequence log-probs;
 * 0 (``apo_zero_unpaired``, or KTO without a KL estimate).
 
 A sequence counts when it has a valid token; the loss is the mean over counted sequences (TRL's mean
@@ -22,14 +22,16 @@ over the batch when every row has a completion), 0 with zero gradients when none
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
-from tune_losses.alignment.formulas import KTO_LOSS_TYPES, sequence_log_probs, unpaired_preference_losses
-from tune_losses.alignment.log_probs import token_log_probs
-from tune_losses.alignment.preference import check_count
-from tune_losses.options import check_choice, check_float_option
+from tune_losses.alignment.formulas import sequence_log_probs, unpaired_preference_losses
+from tune_losses.alignment.log_probs import POLICY_NAMES, REFERENCE_NAMES, run_options, token_log_probs
+from tune_losses.alignment.options import KLEstimate, KTOOptions, Reference
+from tune_losses.alignment.preference import check_count, reference_argument
+from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
+from tune_losses.options import ExecutionOptions, check_float_option
 
 
 class KTOOutput(NamedTuple):
@@ -55,11 +57,31 @@ def _check_kto_labels(kto_labels, batch: int) -> None:
         raise ValueError(f"kto_labels: expected a bool tensor (True: desirable), got {kto_labels.dtype}")
 
 
-def _sequences(hidden, weight, bias, labels, average, ignore_index, chunk_size, name):
-    tok = token_log_probs(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size, name=name
+_KTO_FIELDS = tuple(KTOOptions.__dataclass_fields__)
+_KL_FIELDS = ("kl_hidden", "kl_labels", "kl_ref_hidden", "kl_ref_logps")
+_EXECUTION_FIELDS = ("algorithm", "drop_ignored_tokens", "dw_accumulation")
+
+
+def _sequences(hidden, weight, bias, labels, average, run, names=POLICY_NAMES):
+    tok = token_log_probs(hidden, weight, bias, labels, run, names=names)
+    return sequence_log_probs(tok, labels != run.ignore_index, average)
+
+
+def _kl_argument(fn: str, kl, deprecated: dict):
+    """``kl`` (a number, a one-element tensor, a :class:`KLEstimate` or None), or a KLEstimate made
+    from the old flat ``kl_hidden`` / ``kl_labels`` / ``kl_ref_hidden`` / ``kl_ref_logps`` (taken out
+    of ``deprecated``) with a DeprecationWarning."""
+    flat = {k: v for k, v in take(deprecated, _KL_FIELDS).items() if v is not None}
+    if not flat:
+        return kl
+    if kl is not None:
+        raise ValueError("kl: give the KL reference point either as kl or as kl_hidden + kl_labels, not both")
+    if "kl_hidden" not in flat or "kl_labels" not in flat:
+        raise ValueError("kl_hidden: the KL estimate needs kl_hidden and kl_labels (the mismatched completions)")
+    warn_deprecated(
+        f"{fn}({', '.join(f'{k}=' for k in flat)}...)", "kl=KLEstimate(hidden, labels, ref_hidden, ref_logps)"
     )
-    return sequence_log_probs(tok, labels != ignore_index, average)
+    return KLEstimate(flat["kl_hidden"], flat["kl_labels"], flat.get("kl_ref_hidden"), flat.get("kl_ref_logps"))
 
 
 def linear_kto_loss(
@@ -68,24 +90,16 @@ def linear_kto_loss(
     labels: torch.Tensor,
     kto_labels: torch.Tensor,
     *,
-    loss_type: str = "kto",
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-    ref_hidden: Optional[torch.Tensor] = None,
-    ref_weight: Optional[torch.Tensor] = None,
-    ref_bias: Optional[torch.Tensor] = None,
-    ref_logps: Optional[torch.Tensor] = None,
-    kl=None,
-    kl_hidden: Optional[torch.Tensor] = None,
-    kl_labels: Optional[torch.Tensor] = None,
-    kl_ref_hidden: Optional[torch.Tensor] = None,
-    kl_ref_logps: Optional[torch.Tensor] = None,
-    average_log_prob: bool = False,
     bias: Optional[torch.Tensor] = None,
+    reference: Optional[Reference] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    kl: Union[float, torch.Tensor, KLEstimate, None] = None,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     num_sequences=None,
+    options: Optional[KTOOptions] = None,
+    execution: Optional[ExecutionOptions] = None,
+    **deprecated,
 ) -> KTOOutput:
     """Fused KTO loss (TRL 1.16's ``KTOTrainer``: ``loss_type`` ``kto`` or ``apo_zero_unpaired``).
 
@@ -94,39 +108,47 @@ def linear_kto_loss(
         weight: ``[V, H]`` output projection; bias ``[V]`` or None.
         labels: ``[B, S]`` next-token labels; ``ignore_index`` at prompt and padding.
         kto_labels: ``[B]`` bool, True where the completion is desirable.
-        beta: inverse temperature (> 0); desirable_weight, undesirable_weight: TRL's (>= 0).
-        ref_hidden, ref_weight, ref_bias: the reference model's hidden states ``[B, S, H']`` and output
-            layer (log-probs under no-grad), or
+        reference: the reference model as a :class:`~tune_losses.alignment.options.Reference`
+            ``(hidden [B, S, H'], weight, bias)`` (log-probs under no-grad), or
         ref_logps: ``[B]`` its sequence log-probs, or neither (zero reference).
-        kl, kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps: the KL reference point (module docstring).
-        average_log_prob: mean over valid tokens instead of TRL's sum.
+        kl: the KL reference point: a number or a one-element tensor, a
+            :class:`~tune_losses.alignment.options.KLEstimate` (TRL's estimate from mismatched
+            completions; its ``ref_hidden`` goes through ``reference``'s output layer), or None (0).
+        chunk_size: tokens per chunk (None: the engine's rule).
         num_sequences: normalizer for exact gradient accumulation (a whole step's counted sequences);
             default: this batch's.
+        options: :class:`~tune_losses.alignment.options.KTOOptions`: ``loss_type``, ``beta``,
+            ``desirable_weight``, ``undesirable_weight``, ``average_log_prob``, ``validate``.
+        execution: :class:`~tune_losses.options.ExecutionOptions`: ``dw_accumulation``,
+            ``drop_ignored_tokens``; ``algorithm`` ``auto`` or ``recompute`` (this loss has the
+            per-token path only).
+        deprecated: the old flat keywords (the KTOOptions fields, ``ref_hidden`` / ``ref_weight`` /
+            ``ref_bias``, ``kl_hidden`` / ``kl_labels`` / ``kl_ref_hidden`` / ``kl_ref_logps``) still
+            work, with a DeprecationWarning naming the new form.
     """
-    check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
-    check_float_option("beta", beta, 0.0, low_open=True)
-    check_float_option("desirable_weight", desirable_weight, 0.0)
-    check_float_option("undesirable_weight", undesirable_weight, 0.0)
+    fn = "linear_kto_loss"
+    opts = options_object(fn, "options", KTOOptions, options, take(deprecated, _KTO_FIELDS))
+    reference = reference_argument(fn, reference, deprecated)
+    kl = _kl_argument(fn, kl, deprecated)
+    execution = options_object(fn, "execution", ExecutionOptions, execution, take(deprecated, _EXECUTION_FIELDS))
+    no_more(fn, deprecated)
+    if execution.algorithm == "grad_in_forward":
+        raise ValueError("algorithm: linear_kto_loss has the per-token path only; use 'auto' or 'recompute'")
+    run = run_options(chunk_size, ignore_index, opts.validate, execution)
     check_count("num_sequences", num_sequences)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels: expected a [B, S] tensor, got {got}")
     batch = labels.shape[0]
     _check_kto_labels(kto_labels, batch)
-    if (ref_hidden is None) != (ref_weight is None):
-        raise ValueError("ref_weight: expected ref_hidden and ref_weight together")
-    if ref_hidden is not None and ref_logps is not None:
-        raise ValueError("ref_logps: give the reference either as ref_hidden + ref_weight or as ref_logps, not both")
-    if kl is not None and kl_hidden is not None:
-        raise ValueError("kl: give the KL reference point either as kl or as kl_hidden + kl_labels, not both")
+    if reference is not None and ref_logps is not None:
+        raise ValueError("ref_logps: give the reference either as reference= or as ref_logps, not both")
 
-    seq = _sequences(hidden, weight, bias, labels, average_log_prob, ignore_index, chunk_size, "hidden")
+    seq = _sequences(hidden, weight, bias, labels, opts.average_log_prob, run)
     dtype, device = seq.dtype, seq.device
-    if ref_hidden is not None:
+    if reference is not None:
         with torch.no_grad():
-            ref = _sequences(
-                ref_hidden, ref_weight, ref_bias, labels, average_log_prob, ignore_index, chunk_size, "ref_hidden"
-            )
+            ref = _sequences(*reference[:3], labels, opts.average_log_prob, run, REFERENCE_NAMES)
     elif ref_logps is not None:
         _seq_shape_check("ref_logps", ref_logps, (batch,))
         ref = ref_logps.detach().to(device=device, dtype=dtype)
@@ -134,59 +156,41 @@ def linear_kto_loss(
         ref = torch.zeros_like(seq)
     ref = ref.to(dtype)
 
-    kl_value = _kl_point(
-        kl, kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps, weight, bias, ref_weight, ref_bias,
-        average_log_prob, ignore_index, chunk_size, dtype, device,
-    )  # fmt: skip
-    if loss_type == "apo_zero_unpaired":
+    kl_value = _kl_point(kl, weight, bias, reference, opts.average_log_prob, run, dtype, device)
+    if opts.loss_type == "apo_zero_unpaired":
         kl_value = torch.zeros_like(kl_value)
     counted = (labels != ignore_index).any(dim=-1)
     logratios = seq - ref
-    desirable = kto_labels.to(device)
-    per = unpaired_preference_losses(
-        logratios,
-        desirable,
-        kl_value,
-        loss_type=loss_type,
-        beta=beta,
-        desirable_weight=desirable_weight,
-        undesirable_weight=undesirable_weight,
-    )
+    per = unpaired_preference_losses(logratios, kto_labels.to(device), kl_value, opts)
     total = torch.where(counted, per, torch.zeros_like(per)).sum()
     n = counted.sum() if num_sequences is None else torch.as_tensor(num_sequences, device=device)
     loss = total / n.clamp(min=1).to(dtype)
-    return KTOOutput(loss, (beta * logratios).detach(), seq.detach(), kl_value)
+    return KTOOutput(loss, (opts.beta * logratios).detach(), seq.detach(), kl_value)
 
 
-def _kl_point(
-    kl, kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps, weight, bias, ref_weight, ref_bias,
-    average, ignore_index, chunk_size, dtype, device,
-) -> torch.Tensor:  # fmt: skip
+def _kl_point(kl, weight, bias, reference, average, run, dtype, device) -> torch.Tensor:
     """The KL reference point, 0-dim, detached (module docstring)."""
-    if kl is not None:
-        if isinstance(kl, torch.Tensor):
-            if kl.numel() != 1 or not kl.is_floating_point():
-                raise ValueError(f"kl: expected a number or a one-element float tensor, got shape {tuple(kl.shape)}")
-            return kl.detach().reshape(()).to(device=device, dtype=dtype)
+    if kl is None:
+        return torch.zeros((), dtype=dtype, device=device)
+    if isinstance(kl, torch.Tensor):
+        if kl.numel() != 1 or not kl.is_floating_point():
+            raise ValueError(f"kl: expected a number or a one-element float tensor, got shape {tuple(kl.shape)}")
+        return kl.detach().reshape(()).to(device=device, dtype=dtype)
+    if not isinstance(kl, KLEstimate):
         check_float_option("kl", kl)
         return torch.tensor(float(kl), dtype=dtype, device=device)
-    if kl_hidden is None:
-        if kl_labels is not None or kl_ref_hidden is not None or kl_ref_logps is not None:
-            raise ValueError("kl_hidden: the KL estimate needs kl_hidden and kl_labels (the mismatched completions)")
-        return torch.zeros((), dtype=dtype, device=device)
-    if not isinstance(kl_labels, torch.Tensor) or kl_labels.dim() != 2:
-        raise ValueError("kl_labels: expected a [B', S'] tensor with kl_hidden")
+    if not isinstance(kl.labels, torch.Tensor) or kl.labels.dim() != 2:
+        raise ValueError("kl.labels: expected a [B', S'] tensor")
     with torch.no_grad():
-        policy = _sequences(kl_hidden, weight, bias, kl_labels, average, ignore_index, chunk_size, "kl_hidden")
-        if kl_ref_hidden is not None:
-            if ref_weight is None:
-                raise ValueError("kl_ref_hidden: needs ref_weight (the reference's output layer)")
-            ref = _sequences(
-                kl_ref_hidden, ref_weight, ref_bias, kl_labels, average, ignore_index, chunk_size, "kl_ref_hidden"
-            )
-        elif kl_ref_logps is not None:
-            _seq_shape_check("kl_ref_logps", kl_ref_logps, (kl_labels.shape[0],))
-            ref = kl_ref_logps.detach().to(device)
+        policy = _sequences(kl.hidden, weight, bias, kl.labels, average, run, ("kl.hidden", "weight", "bias"))
+        if kl.ref_hidden is not None:
+            if reference is None:
+                raise ValueError("kl.ref_hidden: needs reference= (the reference's output layer)")
+            names = ("kl.ref_hidden", "reference.weight", "reference.bias")
+            ref = _sequences(kl.ref_hidden, reference.weight, reference.bias, kl.labels, average, run, names)
+        elif kl.ref_logps is not None:
+            _seq_shape_check("kl.ref_logps", kl.ref_logps, (kl.labels.shape[0],))
+            ref = kl.ref_logps.detach().to(device)
         else:
             ref = torch.zeros_like(policy)
         return (policy.to(dtype) - ref.to(dtype)).mean().clamp(min=0)

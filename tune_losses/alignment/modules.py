@@ -15,21 +15,22 @@ import torch
 from torch import nn
 
 from tune_losses.alignment.formulas import REFERENCE_FREE
-from tune_losses.alignment.log_probs import token_log_probs
-from tune_losses.alignment.policy import (
-    POLICY_MODULE_OPTIONS,
-    PolicyOutput,
-    check_policy_options,
-    linear_policy_loss,
-)
+from tune_losses.alignment.log_probs import REFERENCE_NAMES, run_options, token_log_probs
+from tune_losses.alignment.options import PreferenceOptions, Reference
+from tune_losses.alignment.policy import PolicyOutput, linear_policy_loss
+from tune_losses.alignment.policy_formulas import PolicyOptions
 from tune_losses.alignment.preference import (
     PreferenceOutput,
     PreferenceTerms,
-    check_preference_options,
     linear_preference_loss,
     linear_preference_terms,
 )
 from tune_losses.heads import OutputProjection, set_output_mode
+from tune_losses.options import ExecutionOptions
+
+_NAMED = ("loss_type", "beta", "epsilon_low", "epsilon_high", "temperature", "max_completion_length", "return_entropy")
+POLICY_MODULE_OPTIONS = tuple(k for k in PolicyOptions.__dataclass_fields__ if k not in _NAMED)
+"""The :class:`PolicyOptions` fields :class:`LinearPolicyLoss` takes through ``**options``."""
 
 
 def _require(proj: Optional[OutputProjection], who: str) -> OutputProjection:
@@ -42,10 +43,11 @@ def _require(proj: Optional[OutputProjection], who: str) -> OutputProjection:
 
 
 class _AlignmentModule(nn.Module):
-    def __init__(self, ignore_index: int, chunk_size: Optional[int]):
+    def __init__(self, ignore_index: int, chunk_size: Optional[int], validate: bool = True):
         super().__init__()
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
+        self._run = run_options(chunk_size, ignore_index, validate, None)  # checked once, at construction
         self.projection: Optional[OutputProjection] = None
         self.reference_projection: Optional[OutputProjection] = None
 
@@ -57,45 +59,28 @@ class _AlignmentModule(nn.Module):
         """Take the frozen reference model's output projection and make it return hidden states."""
         self.reference_projection = set_output_mode(ref_model, "hidden")
 
-    def _log_probs(
-        self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
-    ):
-        p = _require(self.projection, type(self).__name__)
-        return token_log_probs(
-            hidden,
-            p.weight,
-            labels,
-            bias=p.bias,
-            temperature=temperature,
-            ignore_index=self.ignore_index,
-            return_entropy=return_entropy,
-            chunk_size=self.chunk_size,
-        )
+    def _reference(self, ref_hidden: torch.Tensor) -> Reference:
+        p = _require(self.reference_projection, type(self).__name__ + " (reference)")
+        return Reference(ref_hidden, p.weight, p.bias)
 
     def reference_log_probs(
         self, ref_hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
     ) -> torch.Tensor:
         """The reference model's per-token log-probabilities ``[B, S]`` (no-grad; 0 at ignored tokens)."""
-        p = _require(self.reference_projection, type(self).__name__ + " (reference)")
+        reference = self._reference(ref_hidden)
         with torch.no_grad():
-            return token_log_probs(
-                ref_hidden,
-                p.weight,
-                labels,
-                bias=p.bias,
-                temperature=temperature,
-                ignore_index=self.ignore_index,
-                chunk_size=self.chunk_size,
-                name="ref_hidden",
-            )
+            return token_log_probs(*reference, labels, self._run, names=REFERENCE_NAMES, temperature=temperature)
 
 
 class LinearPreferenceLoss(_AlignmentModule):
     """Fused preference loss (:func:`tune_losses.linear_preference_loss`) as a module.
 
     Args:
-        loss_type, beta, gamma, label_smoothing, discopop_tau, nll_weight, average_log_prob, ignore_index,
-        chunk_size: as :func:`tune_losses.linear_preference_loss` (``nll_target`` is a call argument).
+        loss_type, beta, gamma, label_smoothing, discopop_tau, nll_weight, average_log_prob: the
+            :class:`~tune_losses.alignment.options.PreferenceOptions` fields (made and checked once,
+            here; the flat keywords are the YAML surface).
+        ignore_index, chunk_size: as :func:`tune_losses.linear_preference_loss` (``nll_target`` is a
+            call argument).
 
     Usage::
 
@@ -119,11 +104,7 @@ class LinearPreferenceLoss(_AlignmentModule):
         chunk_size: Optional[int] = None,
         discopop_tau: float = 0.05,
     ):
-        super().__init__(ignore_index, chunk_size)
-        check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight, discopop_tau)
-        self.loss_type = loss_type
-        self.beta = beta
-        self.options = dict(
+        options = PreferenceOptions(
             loss_type=loss_type,
             beta=beta,
             gamma=gamma,
@@ -132,6 +113,10 @@ class LinearPreferenceLoss(_AlignmentModule):
             nll_weight=nll_weight,
             average_log_prob=average_log_prob,
         )
+        super().__init__(ignore_index, chunk_size)
+        self.options = options
+        self.loss_type = loss_type
+        self.beta = beta
 
     @property
     def needs_reference(self) -> bool:
@@ -165,21 +150,17 @@ class LinearPreferenceLoss(_AlignmentModule):
         """:class:`tune_losses.PreferenceOutput` of this batch (normalized by its own pairs and tokens)."""
         return linear_preference_loss(hidden, labels=labels, **self._call_args(ref_hidden, ref_logps, nll_target))
 
-    def _call_args(self, ref_hidden, ref_logps, nll_target=None) -> dict:
+    def _call_args(self, ref_hidden, ref_logps, nll_target) -> dict:
         p = _require(self.projection, type(self).__name__)
-        ref = {}
-        if ref_hidden is not None:
-            r = _require(self.reference_projection, type(self).__name__ + " (reference)")
-            ref = dict(ref_hidden=ref_hidden, ref_weight=r.weight, ref_bias=r.bias)
         return dict(
             weight=p.weight,
             bias=p.bias,
+            reference=None if ref_hidden is None else self._reference(ref_hidden),
             ref_logps=ref_logps,
-            **({} if nll_target is None else {"nll_target": nll_target}),
+            nll_target=nll_target,
             ignore_index=self.ignore_index,
             chunk_size=self.chunk_size,
-            **ref,
-            **self.options,
+            options=self.options,
         )
 
 
@@ -187,10 +168,13 @@ class LinearPolicyLoss(_AlignmentModule):
     """Fused policy loss (:func:`tune_losses.linear_policy_loss`) as a module.
 
     Args:
-        loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length, ignore_index,
-        chunk_size, return_entropy, algorithm: as :func:`tune_losses.linear_policy_loss`.
-        options: its other options by name (``delta``, ``importance_sampling_level``,
-            ``use_bias_correction_kl``, ``sapo_temperature_pos``, ``vespo_k_pos``, ...).
+        loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length,
+        return_entropy: :class:`~tune_losses.alignment.PolicyOptions` fields, and through
+            ``options`` its others by name (``delta``, ``importance_sampling_level``,
+            ``use_bias_correction_kl``, ``sapo_temperature_pos``, ``vespo_k_pos``, ``validate``, ...):
+            made and checked once, here (the flat keywords are the YAML surface).
+        ignore_index, chunk_size: as :func:`tune_losses.linear_policy_loss`.
+        algorithm: :class:`~tune_losses.options.ExecutionOptions`' ``algorithm``.
 
     ``forward(hidden [G, S, H], labels [G, S], advantages [G], old_logps=None, ref_logps=None,
     num_items_in_batch=None, ref_hidden=None, vllm_is_ratio=None)``; with a reference model hooked
@@ -211,25 +195,25 @@ class LinearPolicyLoss(_AlignmentModule):
         algorithm: str = "auto",
         **options,
     ):
-        super().__init__(ignore_index, chunk_size)
         unknown = sorted(set(options) - set(POLICY_MODULE_OPTIONS))
         if unknown:
             raise TypeError(
                 f"LinearPolicyLoss: unexpected option(s) {unknown}; expected some of {POLICY_MODULE_OPTIONS}"
             )
-        check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length, **options)
-        self.temperature = temperature
-        self.options = dict(
+        policy_options = PolicyOptions(
             loss_type=loss_type,
             beta=beta,
             epsilon_low=epsilon_low,
             epsilon_high=epsilon_high,
-            max_completion_length=max_completion_length,
             temperature=temperature,
+            max_completion_length=max_completion_length,
             return_entropy=return_entropy,
-            algorithm=algorithm,
             **options,
         )
+        execution = ExecutionOptions(algorithm=algorithm)
+        super().__init__(ignore_index, chunk_size, policy_options.validate)
+        self.options, self.execution = policy_options, execution
+        self.temperature = temperature
 
     def forward(
         self,
@@ -255,9 +239,10 @@ class LinearPolicyLoss(_AlignmentModule):
             bias=p.bias,
             old_logps=old_logps,
             ref_logps=ref_logps,
-            num_items_in_batch=num_items_in_batch,
             vllm_is_ratio=vllm_is_ratio,
+            num_items_in_batch=num_items_in_batch,
             ignore_index=self.ignore_index,
             chunk_size=self.chunk_size,
-            **self.options,
+            options=self.options,
+            execution=self.execution,
         )

@@ -33,6 +33,7 @@ from typing import Optional, Tuple
 import torch
 
 from tune_losses.alignment.formulas import counted_pair_losses, counted_pairs
+from tune_losses.alignment.options import PreferenceOptions
 from tune_losses.chunking import chunk_policy, max_pair_chunk
 from tune_losses.divergences import VocabReducer, log_prob_chunk
 from tune_losses.fused.engine import LossPlan, compute_dtype, run_terms
@@ -44,11 +45,26 @@ from tune_losses.validation import LABEL_DTYPES, is_dtensor
 def default_row_budget(
     vocab_size: int, device: torch.device, hidden_size: Optional[int] = None, reference: bool = False
 ) -> int:
-    """The most valid tokens a chunk of whole pairs may hold when the caller gives no ``chunk_size``:
-    the chunk policy's tokens (:func:`tune_losses.chunking.chunk_policy`, two logit sets with a
-    reference model), widened for a long pair up to :func:`tune_losses.chunking.max_pair_chunk`."""
+    """The most valid tokens a chunk of whole pairs holds when the caller gives no ``chunk_size``:
+    :func:`tune_losses.chunking.max_pair_chunk` of the chunk policy's tokens
+    (:func:`tune_losses.chunking.chunk_policy`, two logit sets with a reference model). Whole pairs
+    amortize the per-chunk work of the pair formula; the measurements: benchmarks/results/."""
     policy = chunk_policy(1 << 62, vocab_size, device, 2 if reference else 1, hidden_size)
     return max_pair_chunk(policy)
+
+
+def pair_chunk_limits(chunk_size: Optional[int], vocab_size: int, device: torch.device) -> Tuple[int, int]:
+    """``(tokens per chunk, the most valid tokens one pair may hold)`` of the chunks of whole pairs.
+
+    ``chunk_size`` means tokens per chunk, as everywhere: a chunk holds as many whole pairs as fit,
+    at least one, so a pair longer than ``chunk_size`` has a chunk of its own, up to
+    :func:`tune_losses.chunking.max_pair_chunk` tokens (a longer pair: the per-token path). None:
+    :func:`default_row_budget` for both.
+    """
+    if chunk_size is None:
+        budget = default_row_budget(vocab_size, device)
+        return budget, budget
+    return chunk_size, max_pair_chunk(chunk_size)
 
 
 @dataclass(frozen=True)
@@ -70,13 +86,13 @@ class PairLayout:
 
 
 def pair_chunk_layout(
-    labels: torch.Tensor, ignore_index: int, budget: int, target: Optional[int] = None
+    labels: torch.Tensor, ignore_index: int, chunk_size: int, max_pair: Optional[int] = None
 ) -> Optional[PairLayout]:
     """Pack consecutive pairs of ``labels`` ``[2B, S]`` into chunks of valid tokens.
 
-    A chunk takes pairs while it holds at most ``max(target, the longest pair)`` tokens (``target``
-    defaults to ``budget``): whole pairs, never split. Returns None when one pair alone holds more
-    than ``budget`` valid tokens.
+    A chunk takes whole pairs (never split) while it holds at most ``chunk_size`` tokens, and at
+    least one pair. Returns None when one pair alone holds more than ``max_pair`` valid tokens
+    (default :func:`tune_losses.chunking.max_pair_chunk` of ``chunk_size``).
     """
     rows_n, seq = labels.shape
     batch = rows_n // 2
@@ -86,12 +102,11 @@ def pair_chunk_layout(
     # valid-token counts are read to the host once per call: this path's only host sync.
     counts = lengths.tolist()
     pair_sizes = [counts[p] + counts[batch + p] for p in range(batch)]
-    if max(pair_sizes, default=0) > budget:
+    if max(pair_sizes, default=0) > (max_pair_chunk(chunk_size) if max_pair is None else max_pair):
         return None
-    limit = max(budget if target is None else target, max(pair_sizes, default=0))
     chunks, first_pair, first_token, size = [], 0, 0, 0
     for p, n in enumerate(pair_sizes):
-        if size + n > limit:
+        if size and size + n > chunk_size:
             chunks.append((first_pair, p, first_token, first_token + size))
             first_pair, first_token, size = p, first_token + size, 0
         size += n
@@ -105,27 +120,6 @@ def pair_chunk_layout(
     picked = key.sort().values[: sum(counts)]
     rows = order[picked // seq]
     return PairLayout(tokens=rows * seq + picked % seq, rows=rows, lengths=lengths, chunks=tuple(chunks))
-
-
-@dataclass(frozen=True)
-class PairOptions:
-    """The preference formula's options (see :func:`tune_losses.linear_preference_loss`)."""
-
-    loss_type: str
-    beta: float
-    gamma: float
-    label_smoothing: float
-    average: bool
-    discopop_tau: float = 0.05
-
-    def formula(self) -> dict:
-        return dict(
-            loss_type=self.loss_type,
-            beta=self.beta,
-            gamma=self.gamma,
-            label_smoothing=self.label_smoothing,
-            discopop_tau=self.discopop_tau,
-        )
 
 
 def _plain(t) -> bool:
@@ -198,7 +192,7 @@ class PreferencePairTerm(Term):
     ``ref_logp`` (per-token log-probabilities of the policy and the reference model, 0 without one).
     """
 
-    opts: PairOptions
+    opts: PreferenceOptions
     name: str = "total"
     needs_teacher: bool = False  # True when the reference is a model (its logits: the chunk's teacher)
     weight: float = 1.0
@@ -269,7 +263,7 @@ class PreferencePairTerm(Term):
         return outs, g.mul_(coef.unsqueeze(-1))
 
 
-def _pair_losses_and_grads(chosen, rejected, ref_c, ref_r, counted, opts: PairOptions):
+def _pair_losses_and_grads(chosen, rejected, ref_c, ref_r, counted, opts: PreferenceOptions):
     """Pair losses ``[k]`` and their derivatives with respect to ``chosen`` and ``rejected`` (autograd on ``[k]``)."""
     with torch.enable_grad():
         c = chosen.detach().requires_grad_()
@@ -285,7 +279,8 @@ class PairChunkedPreference:
     :meth:`apply` takes hidden ``[2B, S, H]``, weight ``[V, H]``, bias ``[V]`` or None (differentiable);
     the reference as ``ref_hidden`` ``[2B, S, H']`` + ``ref_weight`` ``[V', H']`` + ``ref_bias``, or as
     sequence log-probabilities ``ref_seq`` ``[2B]``, or neither (0); labels ``[2B, S]``; the
-    :class:`PairLayout` and :class:`PairOptions`; ``pair_scale``, ``nll_scale`` (0-dim).
+    :class:`PairLayout` and :class:`~tune_losses.alignment.options.PreferenceOptions`; ``pair_scale``,
+    ``nll_scale`` (0-dim); ``dw_accumulation`` as :class:`~tune_losses.options.ExecutionOptions`.
 
     Returns ``(total, pair_sum, nll_sum, seq_logps [2B], ref_seq_logps [2B])`` in the compute dtype:
     ``total = pair_scale * pair_sum + nll_scale * nll_sum`` is differentiable (backward can run once),
@@ -295,7 +290,19 @@ class PairChunkedPreference:
 
     @staticmethod
     def apply(
-        x, w, b, ref_x, ref_w, ref_b, ref_seq, labels, layout: PairLayout, opts: PairOptions, pair_scale, nll_scale
+        x,
+        w,
+        b,
+        ref_x,
+        ref_w,
+        ref_b,
+        ref_seq,
+        labels,
+        layout: PairLayout,
+        opts: PreferenceOptions,
+        pair_scale,
+        nll_scale,
+        dw_accumulation: str = "auto",
     ):
         rows_n, seq_len = labels.shape
         batch = rows_n // 2
@@ -321,7 +328,7 @@ class PairChunkedPreference:
             inputs[REF_SEQ] = ref_rows.index_select(0, rows)
         term = PreferencePairTerm(opts, needs_teacher=rxs is not None)
         bounds = tuple((t0, t1) for _, _, t0, t1 in layout.chunks if t1 > t0)
-        plan = LossPlan((term,), ignore_index=_NO_IGNORED, bounds=bounds)
+        plan = LossPlan((term,), ignore_index=_NO_IGNORED, dw_accumulation=dw_accumulation, bounds=bounds)
         total, parts = run_terms(
             xs,
             w,

@@ -12,7 +12,7 @@ per completion ``[G]``. Two paths, same math (:mod:`tune_losses.alignment.policy
 * recompute: per-token log-probabilities from :func:`tune_losses.linear_log_probs` (its backward
   makes each chunk's logits again: 4 matmuls), then the formula over ``[G, S]``
   (:func:`policy_loss_from_log_probs`). Vocabulary-parallel weights, very long sequences with a
-  sequence-level loss, ``algorithm="recompute"``, and log-probs from elsewhere take it.
+  sequence-level loss, ``execution.algorithm="recompute"``, and log-probs from elsewhere take it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from tune_losses.alignment import pair_chunks
-from tune_losses.alignment.log_probs import _check_hidden, token_log_probs
+from tune_losses.alignment.log_probs import _check_hidden, run_options, token_log_probs
 from tune_losses.alignment.policy_formulas import (
-    POLICY_LOSS_TYPES,
     PolicyOptions,
     policy_metrics,
     policy_token_terms,
@@ -38,11 +37,11 @@ from tune_losses.alignment.policy_term import (
     stat_names,
 )
 from tune_losses.alignment.preference import check_count
+from tune_losses.deprecation import no_more, options_object, take
 from tune_losses.fused.engine import compute_dtype
-from tune_losses.options import check_bool_option, check_choice, check_float_option, check_int_option
+from tune_losses.fused.valid_rows import select_valid_rows
+from tune_losses.options import ExecutionOptions, check_int_option
 from tune_losses.validation import check_label_range
-
-ALGORITHMS = ("auto", "grad_in_forward", "recompute")
 
 
 class PolicyOutput(NamedTuple):
@@ -57,22 +56,6 @@ class PolicyOutput(NamedTuple):
     metrics: Dict[str, torch.Tensor]
 
 
-def check_policy_options(loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length, **more):
-    """Raise a ValueError / TypeError naming the first bad option; return the :class:`PolicyOptions`.
-
-    ``more``: the other :class:`PolicyOptions` fields by name (``delta``, ``importance_sampling_level``, ...).
-    """
-    check_choice("loss_type", loss_type, POLICY_LOSS_TYPES)
-    check_float_option("epsilon_low", epsilon_low, 0.0, 1.0)
-    check_float_option("epsilon_high", epsilon_high, 0.0, allow_none=True)
-    check_float_option("temperature", temperature, 0.0, low_open=True)
-    check_int_option("max_completion_length", max_completion_length, 1, allow_none=True)
-    if "use_bias_correction_kl" in more:
-        check_bool_option("use_bias_correction_kl", more["use_bias_correction_kl"])
-    eh = epsilon_low if epsilon_high is None else epsilon_high
-    return PolicyOptions(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=eh, beta=beta, **more)
-
-
 def _check_like(name: str, t, shapes, device) -> torch.Tensor:
     """``t`` a floating-point tensor of one of ``shapes``; detached, on ``device``."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) not in shapes:
@@ -82,22 +65,26 @@ def _check_like(name: str, t, shapes, device) -> torch.Tensor:
     return t.detach().to(device)
 
 
+class PolicyBatch(NamedTuple):
+    """One call's per-completion tensors and counts, as the public functions take them (see
+    :func:`linear_policy_loss`); checked by :func:`_token_inputs`."""
+
+    labels: torch.Tensor
+    advantages: torch.Tensor
+    old_logps: Optional[torch.Tensor]
+    ref_logps: Optional[torch.Tensor]
+    vllm_is_ratio: Optional[torch.Tensor]
+    num_items_in_batch: object
+    ignore_index: int
+
+
 def _token_inputs(
-    opts: PolicyOptions,
-    labels: torch.Tensor,
-    advantages,
-    old_logps,
-    ref_logps,
-    vllm_is_ratio,
-    ignore_index: int,
-    max_completion_length,
-    num_items_in_batch,
-    device: torch.device,
-    dtype: torch.dtype,
+    opts: PolicyOptions, batch: PolicyBatch, device: torch.device, dtype: torch.dtype
 ) -> Dict[str, torch.Tensor]:
     """Every per-token side input ``[G, S]`` of the policy math, checked, in ``dtype``:
     ``advantages``, ``token_weights``, and where given / needed ``old_logps``, ``ref_logps``,
     ``is_ratio``, ``seq``. Values at ignored tokens are kept (the math never reads them)."""
+    labels, advantages, old_logps, ref_logps, vllm_is_ratio, num_items_in_batch, ignore_index = batch
     G, S = labels.shape
     mask = labels != ignore_index
     adv = _check_like("advantages", advantages, [(G,), (G, S)], device).to(dtype)
@@ -119,7 +106,7 @@ def _token_inputs(
     out["token_weights"] = policy_token_weights(
         mask,
         opts.loss_type,
-        max_completion_length=max_completion_length,
+        max_completion_length=opts.max_completion_length,
         num_items_in_batch=num_items_in_batch,
         dtype=dtype,
     )
@@ -158,85 +145,8 @@ class _PolicyFromLogProbs(torch.autograd.Function):
         return grad * grad_total.to(grad.dtype), None, None, None, None
 
 
-def policy_loss_from_log_probs(
-    logps: torch.Tensor,
-    labels: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    entropy: Optional[torch.Tensor] = None,
-    loss_type: str = "grpo",
-    old_logps: Optional[torch.Tensor] = None,
-    ref_logps: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = False,
-    vllm_is_ratio: Optional[torch.Tensor] = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch=None,
-    ignore_index: int = -100,
-) -> PolicyOutput:
-    """The policy loss from per-token log-probabilities ``logps [G, S]`` (any source; differentiable).
-
-    ``entropy [G, S]`` (optional) only feeds the ``entropy`` metric. Other arguments: as
-    :func:`linear_policy_loss`.
-    """
-    opts = check_policy_options(
-        loss_type, beta, epsilon_low, epsilon_high, 1.0, max_completion_length, **_more(locals())
-    )
-    check_count("num_items_in_batch", num_items_in_batch)
-    _check_labels(labels)
-    if not isinstance(logps, torch.Tensor) or tuple(logps.shape) != tuple(labels.shape):
-        got = tuple(logps.shape) if isinstance(logps, torch.Tensor) else type(logps).__name__
-        raise ValueError(f"logps: expected shape {tuple(labels.shape)} (labels'), got {got}")
-    dtype = logps.dtype if logps.is_floating_point() else torch.float32
-    inputs = _token_inputs(
-        opts,
-        labels,
-        advantages,
-        old_logps,
-        ref_logps,
-        vllm_is_ratio,
-        ignore_index,
-        max_completion_length,
-        num_items_in_batch,
-        logps.device,
-        dtype,
-    )
-    mask = labels != ignore_index
-    names = stat_names(opts, False)
-    flat = {k: v.reshape(-1) for k, v in inputs.items()}
-    loss, stacked = _PolicyFromLogProbs.apply(logps.reshape(-1), mask.reshape(-1), opts, names, flat)
-    sums = {k: stacked[i].sum() for i, k in enumerate(names)}
-    if entropy is not None:
-        sums["entropy"] = torch.where(mask, entropy.detach().to(dtype), 0.0).sum()
-    return PolicyOutput(loss, policy_metrics(opts, sums, mask.sum(), labels.shape[0], loss.dtype))
-
-
-POLICY_MODULE_OPTIONS = (
-    "delta",
-    "importance_sampling_level",
-    "use_bias_correction_kl",
-    "sapo_temperature_pos",
-    "sapo_temperature_neg",
-    "vespo_k_pos",
-    "vespo_lambda_pos",
-    "vespo_k_neg",
-    "vespo_lambda_neg",
-)
-"""The :class:`PolicyOptions` fields beyond the ones :func:`check_policy_options` names."""
-
-
-def _more(args: dict) -> dict:
-    return {k: args[k] for k in POLICY_MODULE_OPTIONS}
+_EXECUTION_FIELDS = ("algorithm", "drop_ignored_tokens", "dw_accumulation")
+_POLICY_FIELDS = tuple(PolicyOptions.__dataclass_fields__)
 
 
 def _check_labels(labels) -> None:
@@ -245,6 +155,61 @@ def _check_labels(labels) -> None:
             f"labels: expected a [G, S] tensor, got "
             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
         )
+
+
+def _policy_options(fn: str, options, deprecated: dict) -> PolicyOptions:
+    return options_object(fn, "options", PolicyOptions, options, take(deprecated, _POLICY_FIELDS))
+
+
+def policy_loss_from_log_probs(
+    logps: torch.Tensor,
+    labels: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    vllm_is_ratio: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    options: Optional[PolicyOptions] = None,
+    **deprecated,
+) -> PolicyOutput:
+    """The policy loss from per-token log-probabilities ``logps [G, S]`` (any source; differentiable).
+
+    ``entropy [G, S]`` (optional) only feeds the ``entropy`` metric. ``options``: a
+    :class:`PolicyOptions` (its ``temperature``, ``return_entropy`` and ``validate`` are not read
+    here). Other arguments: as :func:`linear_policy_loss`; the old flat option keywords still work,
+    with a DeprecationWarning.
+    """
+    fn = "policy_loss_from_log_probs"
+    opts = _policy_options(fn, options, deprecated)
+    no_more(fn, deprecated)
+    check_count("num_items_in_batch", num_items_in_batch)
+    check_int_option("ignore_index", ignore_index)
+    _check_labels(labels)
+    if not isinstance(logps, torch.Tensor) or tuple(logps.shape) != tuple(labels.shape):
+        got = tuple(logps.shape) if isinstance(logps, torch.Tensor) else type(logps).__name__
+        raise ValueError(f"logps: expected shape {tuple(labels.shape)} (labels'), got {got}")
+    batch = PolicyBatch(labels, advantages, old_logps, ref_logps, vllm_is_ratio, num_items_in_batch, ignore_index)
+    return _from_log_probs(opts, logps, entropy, batch)
+
+
+def _from_log_probs(
+    opts: PolicyOptions, logps: torch.Tensor, entropy: Optional[torch.Tensor], batch: PolicyBatch
+) -> PolicyOutput:
+    """:func:`policy_loss_from_log_probs` once its arguments are checked."""
+    labels = batch.labels
+    dtype = logps.dtype if logps.is_floating_point() else torch.float32
+    inputs = _token_inputs(opts, batch, logps.device, dtype)
+    mask = labels != batch.ignore_index
+    names = stat_names(opts, False)
+    flat = {k: v.reshape(-1) for k, v in inputs.items()}
+    loss, stacked = _PolicyFromLogProbs.apply(logps.reshape(-1), mask.reshape(-1), opts, names, flat)
+    sums = {k: stacked[i].sum() for i, k in enumerate(names)}
+    if entropy is not None:
+        sums["entropy"] = torch.where(mask, entropy.detach().to(dtype), 0.0).sum()
+    return PolicyOutput(loss, policy_metrics(opts, sums, mask.sum(), labels.shape[0], loss.dtype))
 
 
 def _fused_chunk_size(opts, hidden, weight, labels, chunk_size) -> Tuple[bool, Optional[int]]:
@@ -262,31 +227,16 @@ def linear_policy_loss(
     labels: torch.Tensor,
     advantages: torch.Tensor,
     *,
-    loss_type: str = "grpo",
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = False,
     vllm_is_ratio: Optional[torch.Tensor] = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    temperature: float = 1.0,
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch=None,
     bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
-    return_entropy: bool = True,
-    algorithm: str = "auto",
-    validate: bool = True,
+    num_items_in_batch=None,
+    options: Optional[PolicyOptions] = None,
+    execution: Optional[ExecutionOptions] = None,
+    **deprecated,
 ) -> PolicyOutput:
     """Fused GRPO-family policy loss (TRL 1.16 ``GRPOTrainer`` definitions) with its metrics.
 
@@ -295,47 +245,42 @@ def linear_policy_loss(
         weight: ``[V, H]`` output projection; bias ``[V]`` or None.
         labels: ``[G, S]`` completion tokens aligned with ``hidden``; ``ignore_index`` elsewhere.
         advantages: ``[G]`` one advantage per completion (or ``[G, S]`` per token).
-        loss_type: ``grpo`` (mean over sequences of per-sequence means), ``bnpo`` (sum / valid
-            tokens), ``dr_grpo`` (sum / (G * max_completion_length, default S)), ``dapo`` (sum /
-            ``num_items_in_batch``, default the valid tokens: pass the step's global count for exact
-            gradient accumulation), ``cispo`` (clipped, detached ratio times log-prob; dapo's
-            normalization), ``sapo`` (sigmoid gate; grpo's), ``luspo`` (clipped; each sequence's
-            token sum, mean over sequences), ``vespo`` (gamma-weighted log-prob; dapo's). Formulas:
-            :mod:`tune_losses.alignment.policy_formulas`.
         old_logps: ``[G, S]`` log-probs of the policy that sampled (default: the current ones,
             detached: ratio 1, the on-policy case).
-        ref_logps: ``[G, S]`` the reference's log-probs; needed when ``beta > 0``.
-        beta: weight of the k3 KL estimate ``exp(ref - logp) - (ref - logp) - 1``.
-        epsilon_low, epsilon_high: the clip range ``[1 - eps_low, 1 + eps_high]`` (high defaults to
-            low); for ``cispo``, ``epsilon_high`` is the ratio's cap (TRL recommends 5.0).
-        delta: two-sided clipping (INTELLECT-2): the unclipped ratio capped at ``delta`` (clip family).
-        importance_sampling_level: ``token``, or ``sequence`` (GSPO: each sequence's ratio is the exp of
-            its mean log-ratio), with any loss type as TRL allows.
-        use_bias_correction_kl: multiply the KL term by the (unclipped) ratio (DeepSeek-V3.2).
+        ref_logps: ``[G, S]`` the reference's log-probs; needed when ``options.beta > 0``.
         vllm_is_ratio: ``[G, S]``, ``[G, 1]`` or ``[G]`` importance-sampling correction for rollouts from
             another engine (already truncated / masked:
             :func:`tune_losses.alignment.policy_formulas.importance_sampling_ratio` makes it as TRL does);
             multiplies the policy term (``vespo``: enters its sequence weight).
-        sapo_temperature_pos, sapo_temperature_neg, vespo_*: those losses' parameters (TRL's defaults).
-        temperature: logits are divided by it before the log-softmax (as at sampling).
-        chunk_size: tokens per chunk of the engine's loop (None: its default; a sequence-level loss
-            rounds it down to whole sequences).
-        return_entropy: also compute the per-token entropy for the ``entropy`` metric (one more
-            reduction over the vocabulary per chunk; False skips it).
-        algorithm: ``auto`` (grad-in-forward where it applies, see the module docstring),
-            ``grad_in_forward`` (an error where it does not apply) or ``recompute``.
-        validate: check the label range (one host sync per call).
+        chunk_size: tokens per chunk (None: the engine's rule). A sequence-level loss
+            (``importance_sampling_level="sequence"``, ``vespo``) holds whole sequences in a chunk: as
+            many as fit in ``chunk_size`` tokens, at least one; a sequence longer than 4 chunks takes
+            the per-token path, whose chunks are ``chunk_size`` tokens.
+        num_items_in_batch: ``dapo`` / ``cispo`` / ``vespo``'s normalizer (default: the valid tokens;
+            pass the step's global count for exact gradient accumulation).
+        options: :class:`PolicyOptions`: ``loss_type``, ``beta``, the clip range, ``delta``,
+            ``importance_sampling_level``, ``use_bias_correction_kl``, the SAPO / VESPO parameters,
+            ``temperature``, ``max_completion_length``, ``return_entropy`` (the ``entropy`` metric)
+            and ``validate`` (the label range, one host sync per call).
+        execution: :class:`~tune_losses.options.ExecutionOptions`: ``algorithm`` (``auto``:
+            grad-in-forward where it applies, see the module docstring; ``grad_in_forward``: that
+            or a ValueError; ``recompute``), ``dw_accumulation``, ``drop_ignored_tokens`` (the
+            per-token path and token-level losses on the grad-in-forward path).
+        deprecated: the old flat keywords (the :class:`PolicyOptions` fields, ``algorithm``) still
+            work, with a DeprecationWarning naming the new form.
 
     Returns:
         :class:`PolicyOutput` ``(loss, metrics)``; the loss in fp32 (fp64 for fp64 inputs).
     """
-    opts = check_policy_options(
-        loss_type, beta, epsilon_low, epsilon_high, temperature, max_completion_length, **_more(locals())
-    )
+    fn = "linear_policy_loss"
+    opts = _policy_options(fn, options, deprecated)
+    execution = options_object(fn, "execution", ExecutionOptions, execution, take(deprecated, _EXECUTION_FIELDS))
+    no_more(fn, deprecated)
     check_count("num_items_in_batch", num_items_in_batch)
-    check_choice("algorithm", algorithm, ALGORITHMS)
-    check_bool_option("return_entropy", return_entropy)
     _check_labels(labels)
+    run = run_options(chunk_size, ignore_index, opts.validate, execution)
+    batch = PolicyBatch(labels, advantages, old_logps, ref_logps, vllm_is_ratio, num_items_in_batch, ignore_index)
+    algorithm = execution.algorithm
     fused = algorithm != "recompute" and pair_chunks.applies(hidden, weight, bias, labels, None, None, None)
     size = chunk_size
     if fused:
@@ -347,55 +292,26 @@ def linear_policy_loss(
         )
     if not fused:
         out = token_log_probs(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            return_entropy=return_entropy,
-            chunk_size=chunk_size,
+            hidden, weight, bias, labels, run, temperature=opts.temperature, return_entropy=opts.return_entropy
         )
-        logps, entropy = out if return_entropy else (out, None)
-        return policy_loss_from_log_probs(
-            logps,
-            labels,
-            advantages,
-            entropy=None if entropy is None else entropy.detach(),
-            old_logps=old_logps,
-            ref_logps=ref_logps,
-            vllm_is_ratio=vllm_is_ratio,
-            max_completion_length=max_completion_length,
-            num_items_in_batch=num_items_in_batch,
-            ignore_index=ignore_index,
-            **{k: getattr(opts, k) for k in PolicyOptions.__dataclass_fields__},
-        )
+        logps, entropy = out if opts.return_entropy else (out, None)
+        return _from_log_probs(opts, logps, None if entropy is None else entropy.detach(), batch)
     _check_hidden("hidden", hidden, labels)
     w, b = pair_chunks.local_weights(weight, bias, hidden.dtype)
-    if validate:
+    if opts.validate:
         check_label_range(labels, w.shape[0], ignore_index)
-    dtype = compute_dtype(hidden.dtype)
-    inputs = _token_inputs(
-        opts,
-        labels,
-        advantages,
-        old_logps,
-        ref_logps,
-        vllm_is_ratio,
-        ignore_index,
-        max_completion_length,
-        num_items_in_batch,
-        hidden.device,
-        dtype,
-    )
-    term = PolicyTerm(
-        opts=opts,
-        temperature=float(temperature),
-        entropy=bool(return_entropy),
-        has_ratio=vllm_is_ratio is not None,
-    )
+    inputs = _token_inputs(opts, batch, hidden.device, compute_dtype(hidden.dtype))
     flat = {k: v.reshape(-1) for k, v in inputs.items()}
-    x = hidden.reshape(-1, hidden.shape[-1])
-    loss, sums = run_policy_term(x, w, b, labels.reshape(-1), term, flat, ignore_index=ignore_index, chunk_size=size)
+    x, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if execution.drop_ignored_tokens and not opts.needs_sequences:
+        # Whole sequences stay whole for a sequence-level loss; a token-level one reads no neighbour.
+        x, _, flat_labels, keep = select_valid_rows(x, None, flat_labels, ignore_index)
+        if keep is not None:
+            flat = {k: v.index_select(0, keep) for k, v in flat.items()}
+    term = PolicyTerm(opts=opts, has_ratio=vllm_is_ratio is not None)
+    loss, sums = run_policy_term(
+        x, w, b, flat_labels, term, flat, ignore_index=ignore_index, chunk_size=size,
+        dw_accumulation=execution.dw_accumulation,
+    )  # fmt: skip
     mask = labels != ignore_index
     return PolicyOutput(loss, policy_metrics(opts, sums, mask.sum(), labels.shape[0], loss.dtype))

@@ -42,7 +42,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from tune_losses.options import check_choice, check_float_option
+from tune_losses.options import check_bool_option, check_choice, check_float_option, check_int_option
 
 POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -55,15 +55,36 @@ _LOG_1E8 = math.log(1e-8)
 
 @dataclass(frozen=True)
 class PolicyOptions:
-    """Non-tensor options of a policy loss (TRL ``GRPOConfig`` names); hashable.
+    """Non-tensor options of a policy loss (TRL 1.16 ``GRPOConfig`` names); hashable, checked when made.
 
-    ``use_bias_correction_kl`` defaults to False here (TRL 1.16 defaults to True; Liger to False): the
-    plain k3 estimate unless asked.
+    Attributes:
+        loss_type: ``grpo`` (mean over sequences of per-sequence means), ``bnpo`` (sum / valid
+            tokens), ``dr_grpo`` (sum / (G * max_completion_length, default S)), ``dapo`` (sum /
+            ``num_items_in_batch``, default the valid tokens), ``cispo`` (clipped, detached ratio
+            times log-prob; dapo's normalization), ``sapo`` (sigmoid gate; grpo's), ``luspo``
+            (clipped; each sequence's token sum, mean over sequences), ``vespo`` (gamma-weighted
+            log-prob; dapo's). Formulas: this module's docstring.
+        epsilon_low, epsilon_high: the clip range ``[1 - eps_low, 1 + eps_high]`` (None: high = low);
+            for ``cispo``, ``epsilon_high`` is the ratio's cap (TRL recommends 5.0).
+        beta: weight of the k3 KL estimate ``exp(ref - logp) - (ref - logp) - 1`` (>= 0; > 0 needs
+            the reference's log-probs).
+        delta: two-sided clipping (INTELLECT-2): the unclipped ratio capped at ``delta`` (clip family).
+        importance_sampling_level: ``token``, or ``sequence`` (GSPO: each sequence's ratio is the exp
+            of its mean log-ratio).
+        use_bias_correction_kl: multiply the KL term by the (unclipped) ratio (DeepSeek-V3.2). False
+            here (TRL 1.16 defaults to True; Liger to False): the plain k3 estimate unless asked.
+        sapo_temperature_pos, sapo_temperature_neg, vespo_*: those losses' parameters (TRL's defaults).
+        temperature: logits are divided by it before the log-softmax (as at sampling); not read by
+            :func:`~tune_losses.alignment.policy.policy_loss_from_log_probs` (log-probs made already).
+        return_entropy: also compute the per-token entropy for the ``entropy`` metric (one more
+            reduction over the vocabulary per chunk).
+        max_completion_length: ``dr_grpo``'s normalizer (None: S).
+        validate: check the label range (one host sync per call).
     """
 
     loss_type: str = "grpo"
     epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
+    epsilon_high: Optional[float] = None
     beta: float = 0.0
     delta: Optional[float] = None
     importance_sampling_level: str = "token"
@@ -74,6 +95,10 @@ class PolicyOptions:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    temperature: float = 1.0
+    return_entropy: bool = True
+    max_completion_length: Optional[int] = None
+    validate: bool = True
 
     def __post_init__(self):
         check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
@@ -82,17 +107,23 @@ class PolicyOptions:
         check_float_option("epsilon_low", self.epsilon_low, 0.0, 1.0)
         if self.loss_type in CLIP_LOSS_TYPES and self.epsilon_low == 1.0:
             raise ValueError(f"epsilon_low: expected a number in [0, 1), got {self.epsilon_low!r}")
-        check_float_option("epsilon_high", self.epsilon_high, 0.0)
+        check_float_option("epsilon_high", self.epsilon_high, 0.0, allow_none=True)
+        if self.epsilon_high is None:  # TRL's rule: the clip range is symmetric unless told otherwise
+            object.__setattr__(self, "epsilon_high", self.epsilon_low)
         check_float_option("delta", self.delta, 0.0, low_open=True, allow_none=True)
         if self.delta is not None and self.loss_type not in CLIP_LOSS_TYPES:
             raise ValueError(
                 f"delta: two-sided clipping applies to the clipped loss types {CLIP_LOSS_TYPES}, "
                 f"got delta={self.delta!r} with loss_type={self.loss_type!r}"
             )
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        check_bool_option("use_bias_correction_kl", self.use_bias_correction_kl)
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg", "temperature"):
             check_float_option(name, getattr(self, name), 0.0, low_open=True)
         for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
             check_float_option(name, getattr(self, name), 0.0)
+        check_int_option("max_completion_length", self.max_completion_length, 1, allow_none=True)
+        check_bool_option("return_entropy", self.return_entropy)
+        check_bool_option("validate", self.validate)
 
     @property
     def sequence_level(self) -> bool:

@@ -59,11 +59,17 @@ class PolicyTerm(Term):
     """
 
     opts: PolicyOptions = PolicyOptions()
-    temperature: float = 1.0
-    entropy: bool = False
     has_ratio: bool = False
     weight: float = 1.0
     name: str = "policy"
+
+    @property
+    def temperature(self) -> float:
+        return float(self.opts.temperature)
+
+    @property
+    def entropy(self) -> bool:
+        return self.opts.return_entropy
 
     @property
     def outputs(self) -> Tuple[str, ...]:
@@ -138,13 +144,15 @@ def run_policy_term(
     *,
     ignore_index: int,
     chunk_size: Optional[int],
+    dw_accumulation: str = "auto",
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The engine's grad-in-forward call: ``(loss 0-dim, {stat name: sum})``.
 
     x ``[N, H]``, w ``[V, H]``, b ``[V]`` or None (plain tensors on one device), labels ``[N]``,
     ``inputs`` ``[N]`` each (see :class:`PolicyTerm`); ``chunk_size`` already a multiple of the
-    sequence length where the term needs whole sequences.
+    sequence length where the term needs whole sequences; ``dw_accumulation`` as
+    :class:`~tune_losses.options.ExecutionOptions`.
     """
-    plan = LossPlan(terms=(term,), ignore_index=ignore_index, chunk_size=chunk_size)
+    plan = LossPlan(terms=(term,), ignore_index=ignore_index, chunk_size=chunk_size, dw_accumulation=dw_accumulation)
     loss, parts = run_terms(x, w, b, labels, None, None, None, plan, per_token=False, recompute=False, inputs=inputs)
     return loss, {k: v for k, v in parts.items() if k != term.name}

@@ -7,7 +7,7 @@ sequence log-probabilities either way):
 * grad-in-forward over chunks of whole pairs (:mod:`tune_losses.alignment.pair_chunks`; the default
   where it applies: plain tensors, a gradient wanted, every pair within a chunk): each chunk's logits
   made once, over valid tokens only, its gradient taken in forward;
-* per-token (everything else, ``algorithm="recompute"``): per-token log-probabilities from
+* per-token (everything else, ``execution.algorithm="recompute"``): per-token log-probabilities from
   :func:`tune_losses.linear_log_probs` (the engine's one chunk loop), their masked sum (or mean), and
   autograd carries each token's weight back into the loop, whose backward makes each chunk again.
 
@@ -25,40 +25,21 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from tune_losses.alignment.formulas import (
-    LABEL_SMOOTHING_TYPES,
-    MEAN_LOG_PROB_TYPES,
-    PREFERENCE_LOSS_TYPES,
-    counted_pair_losses,
-    counted_pairs,
-    sequence_log_probs,
-    split_pairs,
-)
-from tune_losses.alignment.log_probs import token_log_probs
+from tune_losses.alignment.formulas import counted_pair_losses, counted_pairs, sequence_log_probs, split_pairs
+from tune_losses.alignment.log_probs import REFERENCE_NAMES, run_options, token_log_probs
+from tune_losses.alignment.options import PreferenceOptions, Reference
 from tune_losses.alignment.pair_chunks import (
     PairChunkedPreference,
-    PairOptions,
     applies,
-    default_row_budget,
     local_weights,
     pair_chunk_layout,
+    pair_chunk_limits,
 )
+from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
 from tune_losses.fused.engine import compute_dtype
-from tune_losses.options import check_choice, check_float_option
+from tune_losses.fused.functional import RunOptions
+from tune_losses.options import ArgumentTypeError, ExecutionOptions, check_float_option, check_int_option
 from tune_losses.validation import LABEL_DTYPES, check_label_range
-
-ALGORITHMS = ("auto", "grad_in_forward", "recompute")
-_OPTION_NAMES = (
-    "loss_type",
-    "beta",
-    "gamma",
-    "label_smoothing",
-    "discopop_tau",
-    "nll_weight",
-    "ref_logps",
-    "average_log_prob",
-    "nll_target",
-)
 
 
 class PreferenceOutput(NamedTuple):
@@ -103,6 +84,9 @@ class PreferenceTerms(NamedTuple):
         """The loss, normalized by these counts or by the given (e.g. step-global) ones."""
         check_count("num_pairs", num_pairs)
         check_count("num_chosen_tokens", num_chosen_tokens)
+        return self._loss(num_pairs, num_chosen_tokens)
+
+    def _loss(self, num_pairs, num_chosen_tokens) -> torch.Tensor:
         pairs = self.num_pairs if num_pairs is None else torch.as_tensor(num_pairs, device=self.num_pairs.device)
         tokens = (
             self.num_chosen_tokens
@@ -116,48 +100,16 @@ class PreferenceTerms(NamedTuple):
         return loss
 
     def output(self, num_pairs=None, num_chosen_tokens=None) -> PreferenceOutput:
+        """:class:`PreferenceOutput` with the loss normalized as :meth:`loss` (counts checked by the caller)."""
         nll = self.nll_sum.detach() / self.num_chosen_tokens.clamp(min=1).to(self.nll_sum.dtype)
         return PreferenceOutput(
-            self.loss(num_pairs, num_chosen_tokens),
+            self._loss(num_pairs, num_chosen_tokens),
             self.chosen_rewards,
             self.rejected_rewards,
             self.chosen_logps,
             self.rejected_logps,
             nll,
         )
-
-
-def check_preference_options(
-    loss_type: str,
-    beta: float,
-    gamma: float,
-    label_smoothing: float,
-    nll_weight: float,
-    discopop_tau: float = 0.05,
-) -> None:
-    """Raise a ValueError / TypeError naming the first bad option (finite numbers only)."""
-    check_choice("loss_type", loss_type, PREFERENCE_LOSS_TYPES)
-    check_float_option("beta", beta, 0.0, low_open=True)
-    check_float_option("gamma", gamma)
-    check_float_option("label_smoothing", label_smoothing, 0.0, 1.0)
-    check_float_option("discopop_tau", discopop_tau, 0.0, low_open=True)
-    if label_smoothing and loss_type not in LABEL_SMOOTHING_TYPES:
-        raise ValueError(
-            f"label_smoothing: only the {LABEL_SMOOTHING_TYPES} losses take it, got "
-            f"{label_smoothing} with loss_type={loss_type!r}"
-        )
-    if loss_type in ("sigmoid", "simpo") and label_smoothing > 0.5:
-        raise ValueError(
-            f"label_smoothing: expected a value in [0, 0.5] for loss_type={loss_type!r}, got {label_smoothing}"
-        )
-    if loss_type == "robust" and label_smoothing >= 0.5:
-        raise ValueError(f"label_smoothing: expected a value in [0, 0.5) for loss_type='robust', got {label_smoothing}")
-    if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
-        raise ValueError(
-            f"label_smoothing: expected a value in (0, 1) for loss_type='exo_pair' (the EXO paper uses 1e-3), "
-            f"got {label_smoothing}"
-        )
-    check_float_option("nll_weight", nll_weight, 0.0)
 
 
 def check_count(name: str, count) -> None:
@@ -191,22 +143,50 @@ def _check_ref_logps(ref_logps, batch: int, device) -> Tuple[torch.Tensor, torch
     return out[0], out[1]
 
 
+_PREFERENCE_FIELDS = tuple(PreferenceOptions.__dataclass_fields__)
+_EXECUTION_FIELDS = ("algorithm", "drop_ignored_tokens", "dw_accumulation")
+_REFERENCE_FIELDS = ("ref_hidden", "ref_weight", "ref_bias")
+
+
+def preference_options(fn: str, options, deprecated: dict) -> PreferenceOptions:
+    """``options`` (a :class:`PreferenceOptions`), or one made from the old flat keywords in
+    ``deprecated`` (taken out of it) with a DeprecationWarning."""
+    return options_object(fn, "options", PreferenceOptions, options, take(deprecated, _PREFERENCE_FIELDS))
+
+
+def reference_argument(fn: str, reference, deprecated: dict) -> Optional[Reference]:
+    """``reference`` (a :class:`Reference` or None), or one made from the old flat ``ref_hidden``,
+    ``ref_weight``, ``ref_bias`` in ``deprecated`` (taken out of it) with a DeprecationWarning."""
+    flat = take(deprecated, _REFERENCE_FIELDS)
+    if reference is not None and not isinstance(reference, Reference):
+        raise ArgumentTypeError(
+            f"reference: expected a Reference(hidden, weight, bias) or None, got {type(reference).__name__}"
+        )
+    flat = {k: v for k, v in flat.items() if v is not None}
+    if not flat:
+        return reference
+    if reference is not None:
+        raise TypeError(f"{fn}: {', '.join(f'{k}=' for k in flat)} and reference= both given; give reference= only")
+    if ("ref_hidden" in flat) != ("ref_weight" in flat):
+        raise ValueError(
+            "ref_weight: expected ref_hidden and ref_weight together (the reference model's hidden "
+            f"states and output projection), got {sorted(flat)}"
+        )
+    warn_deprecated(f"{fn}({', '.join(f'{k}=' for k in flat)}...)", "reference=Reference(hidden, weight, bias)")
+    return Reference(flat["ref_hidden"], flat["ref_weight"], flat.get("ref_bias"))
+
+
 def preference_terms(
     token_logps: torch.Tensor,
     labels: torch.Tensor,
     *,
-    loss_type: str = "sigmoid",
-    beta: float = 0.1,
-    gamma: float = 0.0,
-    label_smoothing: float = 0.0,
-    discopop_tau: float = 0.05,
-    nll_weight: float = 0.0,
     ref_token_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[Sequence[torch.Tensor]] = None,
-    average_log_prob: Optional[bool] = None,
     nll_target: Optional[torch.Tensor] = None,
     nll_token_logps: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
+    options: Optional[PreferenceOptions] = None,
+    **deprecated,
 ) -> PreferenceTerms:
     """Preference-loss sums and counts from per-token log-probabilities (any source).
 
@@ -220,9 +200,13 @@ def preference_terms(
             read), with
         nll_token_logps: ``[B, S]`` the policy's log-probabilities of the chosen rows' ``nll_target``
             (differentiable).
-        Other arguments: as :func:`linear_preference_loss`.
+        options: :class:`PreferenceOptions` (``validate`` is not read: no vocabulary here). The old
+            flat option keywords still work, with a DeprecationWarning.
     """
-    check_preference_options(loss_type, beta, gamma, label_smoothing, nll_weight, discopop_tau)
+    fn = "preference_terms"
+    opts = preference_options(fn, options, deprecated)
+    no_more(fn, deprecated)
+    check_int_option("ignore_index", ignore_index)
     _check_pair_labels(labels)
     if token_logps.shape != labels.shape:
         raise ValueError(
@@ -233,56 +217,39 @@ def preference_terms(
             "ref_logps: give the reference either as hidden states / per-token log-probs or as "
             "sequence log-probs, not both"
         )
-    average = loss_type in MEAN_LOG_PROB_TYPES if average_log_prob is None else bool(average_log_prob)
+    if ref_token_logps is not None and ref_token_logps.shape != labels.shape:
+        raise ValueError(f"ref_token_logps: expected shape {tuple(labels.shape)}, got {tuple(ref_token_logps.shape)}")
+    if nll_target is not None:
+        check_nll_target(nll_target, labels)
+    return _terms_from_log_probs(
+        opts, token_logps, labels, ref_token_logps, ref_logps, nll_target, nll_token_logps, ignore_index
+    )
+
+
+def _terms_from_log_probs(
+    opts: PreferenceOptions, token_logps, labels, ref_token_logps, ref_logps, nll_target, nll_token_logps, ignore_index
+) -> PreferenceTerms:
+    """:func:`preference_terms` once its arguments are checked."""
     batch = labels.shape[0] // 2
     mask = labels != ignore_index
-
-    seq = sequence_log_probs(token_logps, mask, average)
+    seq = sequence_log_probs(token_logps, mask, opts.average)
     chosen, rejected = split_pairs(seq)
     if ref_token_logps is not None:
-        if ref_token_logps.shape != labels.shape:
-            raise ValueError(
-                f"ref_token_logps: expected shape {tuple(labels.shape)}, got {tuple(ref_token_logps.shape)}"
-            )
-        ref_c, ref_r = split_pairs(sequence_log_probs(ref_token_logps.detach().to(seq.dtype), mask, average))
+        ref_c, ref_r = split_pairs(sequence_log_probs(ref_token_logps.detach().to(seq.dtype), mask, opts.average))
     elif ref_logps is not None:
         ref_c, ref_r = _check_ref_logps(ref_logps, batch, seq.device)
         ref_c, ref_r = ref_c.to(seq.dtype), ref_r.to(seq.dtype)
     else:
         ref_c = ref_r = torch.zeros_like(chosen).detach()
-
     n_c, n_r = split_pairs(mask.sum(dim=-1))
     counted = counted_pairs(n_c, n_r)
-    per_pair = counted_pair_losses(
-        chosen,
-        rejected,
-        ref_c,
-        ref_r,
-        counted,
-        loss_type=loss_type,
-        beta=beta,
-        gamma=gamma,
-        label_smoothing=label_smoothing,
-        discopop_tau=discopop_tau,
-    )
+    per_pair = counted_pair_losses(chosen, rejected, ref_c, ref_r, counted, **opts.formula())
     mask_c, _ = split_pairs(mask)
     logps_c, _ = split_pairs(token_logps)
     if nll_target is not None:
         mask_c, logps_c = _nll_rows(nll_target, nll_token_logps, labels, ignore_index)
     nll_sum = -torch.where(mask_c, logps_c, torch.zeros_like(logps_c)).sum()
-    return sequence_terms(
-        chosen,
-        rejected,
-        ref_c,
-        ref_r,
-        counted,
-        per_pair.sum(),
-        nll_sum,
-        mask_c.sum(),
-        loss_type=loss_type,
-        beta=beta,
-        nll_weight=nll_weight,
-    )
+    return sequence_terms(opts, chosen, rejected, ref_c, ref_r, counted, per_pair.sum(), nll_sum, mask_c.sum())
 
 
 def check_nll_target(nll_target, labels: torch.Tensor) -> None:
@@ -311,6 +278,7 @@ def _nll_rows(nll_target, nll_token_logps, labels, ignore_index) -> Tuple[torch.
 
 
 def sequence_terms(
+    opts: PreferenceOptions,
     chosen,
     rejected,
     ref_chosen,
@@ -319,20 +287,16 @@ def sequence_terms(
     pair_loss_sum,
     nll_sum,
     num_chosen_tokens,
-    *,
-    loss_type: str,
-    beta: float,
-    nll_weight: float,
 ) -> PreferenceTerms:
     """:class:`PreferenceTerms` from the sequence log-probabilities ``[B]`` (policy, reference), the pairs
     that count ``[B]`` and the two sums (0-dim, differentiable or not)."""
-    weight = nll_weight + (1.0 if loss_type == "orpo" else 0.0)  # ORPO's loss includes the chosen NLL
+    beta = opts.beta
     return PreferenceTerms(
         pair_loss_sum=pair_loss_sum,
         num_pairs=counted.sum(),
         nll_sum=nll_sum,
         num_chosen_tokens=num_chosen_tokens,
-        nll_weight=weight,
+        nll_weight=opts.total_nll_weight,
         chosen_rewards=(beta * (chosen - ref_chosen)).detach(),
         rejected_rewards=(beta * (rejected - ref_rejected)).detach(),
         chosen_logps=chosen.detach(),
@@ -341,29 +305,57 @@ def sequence_terms(
     )
 
 
+class _Call(NamedTuple):
+    """One preference call's arguments, checked: the policy side, the reference, the options."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    labels: torch.Tensor
+    reference: Optional[Reference]
+    ref_logps: Optional[Sequence[torch.Tensor]]
+    nll_target: Optional[torch.Tensor]
+    opts: PreferenceOptions
+    execution: ExecutionOptions
+    run: RunOptions
+
+
+def _parse(fn: str, hidden, weight, labels, bias, reference, ref_logps, nll_target, ignore_index, chunk_size,
+           options, execution, deprecated) -> _Call:  # fmt: skip
+    """The public functions' one check of their arguments (old flat keywords folded in)."""
+    opts = preference_options(fn, options, deprecated)
+    reference = reference_argument(fn, reference, deprecated)
+    execution = options_object(fn, "execution", ExecutionOptions, execution, take(deprecated, _EXECUTION_FIELDS))
+    no_more(fn, deprecated)
+    run = run_options(chunk_size, ignore_index, opts.validate, execution)
+    _check_pair_labels(labels)
+    if reference is not None and ref_logps is not None:
+        raise ValueError("ref_logps: give the reference either as reference= or as ref_logps, not both")
+    if nll_target is not None:
+        check_nll_target(nll_target, labels)
+        if execution.algorithm == "grad_in_forward":
+            raise ValueError(
+                "algorithm: 'grad_in_forward' takes one set of labels; with nll_target use 'auto' or 'recompute'"
+            )
+    return _Call(hidden, weight, bias, labels, reference, ref_logps, nll_target, opts, execution, run)
+
+
 def linear_preference_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    loss_type: str = "sigmoid",
-    beta: float = 0.1,
-    gamma: float = 0.0,
-    label_smoothing: float = 0.0,
-    discopop_tau: float = 0.05,
-    nll_weight: float = 0.0,
-    nll_target: Optional[torch.Tensor] = None,
-    ref_hidden: Optional[torch.Tensor] = None,
-    ref_weight: Optional[torch.Tensor] = None,
-    ref_logps: Optional[Sequence[torch.Tensor]] = None,
-    average_log_prob: Optional[bool] = None,
     bias: Optional[torch.Tensor] = None,
-    ref_bias: Optional[torch.Tensor] = None,
+    reference: Optional[Reference] = None,
+    ref_logps: Optional[Sequence[torch.Tensor]] = None,
+    nll_target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     num_pairs=None,
     num_chosen_tokens=None,
-    algorithm: str = "auto",
+    options: Optional[PreferenceOptions] = None,
+    execution: Optional[ExecutionOptions] = None,
+    **deprecated,
 ) -> PreferenceOutput:
     """Fused preference loss (DPO and TRL's variants, IPO, hinge/RSO, SimPO, ORPO; RPO/CPO via ``nll_weight``).
 
@@ -371,36 +363,35 @@ def linear_preference_loss(
         hidden: ``[2B, S, H]`` the policy's final hidden states, B chosen rows then B rejected rows.
         weight: ``[V, H]`` output projection (plain, FSDP2 or tensor-parallel, as the engine takes).
         labels: ``[2B, S]`` next-token labels aligned with ``hidden``; ``ignore_index`` at prompt/padding.
-        loss_type: ``sigmoid`` | ``ipo`` | ``hinge`` | ``simpo`` | ``orpo`` | ``robust`` | ``exo_pair``
-            | ``nca_pair`` | ``bco_pair`` | ``sppo_hard`` | ``apo_zero`` | ``apo_down`` | ``discopop``
-            (formulas in :func:`tune_losses.alignment.formulas.preference_pair_losses`; TRL 1.16's
-            ``DPOConfig.loss_type`` names).
-        beta: the inverse temperature of the implicit reward (> 0).
-        gamma: SimPO's target margin.
-        label_smoothing: conservative DPO / SimPO (in [0, 0.5]), ``robust`` (in [0, 0.5)),
-            ``exo_pair`` (in (0, 1), required).
-        discopop_tau: DiscoPOP's modulation temperature (> 0; TRL's default 0.05).
-        nll_weight: weight of the chosen sequences' mean NLL per valid token (RPO / CPO); ORPO always
-            adds it with weight 1, plus this.
+        bias: ``[V]`` or None.
+        reference: the frozen reference model as a :class:`Reference` ``(hidden [2B, S, H'], weight
+            [V', H'], bias)``: its log-probabilities are made under no-grad by the same engine (one
+            argument: its three tensors only mean something together), or
+        ref_logps: ``(ref_chosen [B], ref_rejected [B])`` precomputed, or neither (zero reference).
         nll_target: ``[2B, S]`` labels for the NLL term when they differ from ``labels`` (Liger's ORPO
             ``nll_target``; only the chosen rows are read; ``ignore_index`` marks tokens that do not
             count); the NLL's token count is then nll_target's. Its log-probabilities take one more
             pass over the chosen rows (the per-token path).
-        ref_hidden, ref_weight, ref_bias: the frozen reference model's hidden states ``[2B, S, H']``
-            and projection; its log-probabilities are made under no-grad by the same engine, or
-        ref_logps: ``(ref_chosen [B], ref_rejected [B])`` precomputed, or neither (zero reference).
-        average_log_prob: sequence log-prob as the mean over valid tokens (default for ipo, simpo,
-            orpo) instead of the sum (default for the others).
-        bias: ``[V]`` or None.
-        chunk_size: valid tokens per chunk of whole pairs (grad-in-forward path) or tokens per chunk of
-            the engine's loop (per-token path); None: their defaults.
+        chunk_size: tokens per chunk, as everywhere (None: the default rule). The grad-in-forward
+            path holds whole pairs (their valid tokens) in a chunk: as many as fit in ``chunk_size``
+            tokens, at least one; a pair longer than 4 chunks takes the per-token path, whose chunks
+            are ``chunk_size`` tokens. Its default packs pairs up to 4 chunk-policy chunks
+            (:func:`tune_losses.alignment.pair_chunks.default_row_budget`).
         num_pairs, num_chosen_tokens: normalizers for exact gradient accumulation (a whole step's
             counted pairs and chosen valid tokens, all micro-batches and ranks); default: this batch's.
-        algorithm: ``auto`` (grad-in-forward over chunks of whole pairs where it applies,
+        options: :class:`PreferenceOptions`: ``loss_type`` (TRL 1.16's ``DPOConfig.loss_type``
+            names), ``beta``, ``gamma``, ``label_smoothing``, ``discopop_tau``, ``nll_weight``,
+            ``average_log_prob``, ``validate``.
+        execution: :class:`~tune_losses.options.ExecutionOptions`: ``algorithm`` (``auto``:
+            grad-in-forward over chunks of whole pairs where it applies,
             :mod:`tune_losses.alignment.pair_chunks`: plain tensors, a gradient wanted, every pair
-            within the chunk; else the per-token path), ``grad_in_forward`` (that path or a ValueError
-            saying why not), ``recompute`` (the per-token path: each chunk's logits made again in
-            backward; several backward passes allowed, e.g. ``torch.autograd.gradcheck``).
+            within the chunk; else the per-token path; ``grad_in_forward``: that path or a
+            ValueError saying why not; ``recompute``: the per-token path, each chunk's logits made
+            again in backward, several backward passes allowed), ``dw_accumulation``,
+            ``drop_ignored_tokens`` (the per-token path; the pair path takes valid tokens only).
+        deprecated: the old flat keywords (the :class:`PreferenceOptions` fields, ``ref_hidden`` /
+            ``ref_weight`` / ``ref_bias``, ``algorithm``) still work, with a DeprecationWarning
+            naming the new form.
 
     Returns:
         :class:`PreferenceOutput` ``(loss, chosen_rewards, rejected_rewards, chosen_logps,
@@ -408,28 +399,11 @@ def linear_preference_loss(
     """
     check_count("num_pairs", num_pairs)
     check_count("num_chosen_tokens", num_chosen_tokens)
-    terms, loss = _linear_terms(
-        hidden,
-        weight,
-        labels,
-        loss_type=loss_type,
-        beta=beta,
-        gamma=gamma,
-        label_smoothing=label_smoothing,
-        discopop_tau=discopop_tau,
-        nll_weight=nll_weight,
-        nll_target=nll_target,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_logps=ref_logps,
-        average_log_prob=average_log_prob,
-        bias=bias,
-        ref_bias=ref_bias,
-        ignore_index=ignore_index,
-        chunk_size=chunk_size,
-        algorithm=algorithm,
-        normalizers=(num_pairs, num_chosen_tokens),
-    )
+    call = _parse(
+        "linear_preference_loss", hidden, weight, labels, bias, reference, ref_logps, nll_target,
+        ignore_index, chunk_size, options, execution, deprecated,
+    )  # fmt: skip
+    terms, loss = _linear_terms(call, (num_pairs, num_chosen_tokens))
     out = terms.output(num_pairs, num_chosen_tokens)
     return out if loss is None else out._replace(loss=loss)
 
@@ -439,159 +413,62 @@ def linear_preference_terms(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ref_hidden: Optional[torch.Tensor] = None,
-    ref_weight: Optional[torch.Tensor] = None,
-    ref_bias: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
+    reference: Optional[Reference] = None,
+    ref_logps: Optional[Sequence[torch.Tensor]] = None,
+    nll_target: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
-    algorithm: str = "auto",
-    **options,
+    options: Optional[PreferenceOptions] = None,
+    execution: Optional[ExecutionOptions] = None,
+    **deprecated,
 ) -> PreferenceTerms:
     """:func:`linear_preference_loss`'s sums and counts (for trainers that normalize over a step).
 
     ``terms.loss(num_pairs, num_chosen_tokens)`` is exact for any normalizers: the grad-in-forward path
     applies when the loss has no NLL term (its gradient is then linear in ``1 / num_pairs``); with one,
-    the per-token path runs (or pass the normalizers to :func:`linear_preference_loss`).
+    the per-token path runs (or pass the normalizers to :func:`linear_preference_loss`). Arguments
+    as :func:`linear_preference_loss`.
     """
-    return _linear_terms(
-        hidden,
-        weight,
-        labels,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
-        bias=bias,
-        ignore_index=ignore_index,
-        chunk_size=chunk_size,
-        algorithm=algorithm,
-        normalizers=None,
-        **options,
-    )[0]
+    call = _parse(
+        "linear_preference_terms", hidden, weight, labels, bias, reference, ref_logps, nll_target,
+        ignore_index, chunk_size, options, execution, deprecated,
+    )  # fmt: skip
+    return _linear_terms(call, None)[0]
 
 
-def _linear_terms(
-    hidden,
-    weight,
-    labels,
-    *,
-    ref_hidden,
-    ref_weight,
-    ref_bias,
-    bias,
-    ignore_index,
-    chunk_size,
-    algorithm,
-    normalizers,
-    **options,
-) -> Tuple[PreferenceTerms, Optional[torch.Tensor]]:
+def _linear_terms(call: _Call, normalizers) -> Tuple[PreferenceTerms, Optional[torch.Tensor]]:
     """``(terms, loss)``: ``loss`` is the loss normalized by ``normalizers`` ``(num_pairs, num_chosen_tokens)``
     (None: this batch's) when the grad-in-forward path folded them into its gradients, else None (then
     ``terms.loss(...)`` is differentiable). ``normalizers=None``: the caller normalizes later."""
-    check_preference_options(
-        options.get("loss_type", "sigmoid"),
-        options.get("beta", 0.1),
-        options.get("gamma", 0.0),
-        options.get("label_smoothing", 0.0),
-        options.get("nll_weight", 0.0),
-        options.get("discopop_tau", 0.05),
-    )
-    check_choice("algorithm", algorithm, ALGORITHMS)
-    unknown = sorted(set(options) - set(_OPTION_NAMES))
-    if unknown:
-        raise TypeError(
-            f"linear_preference_terms: unexpected keyword argument(s) {unknown}; expected some of {_OPTION_NAMES}"
-        )
-    _check_pair_labels(labels)
-    if (ref_hidden is None) != (ref_weight is None):
-        raise ValueError(
-            "ref_weight: expected ref_hidden and ref_weight together (the reference model's hidden "
-            f"states and output projection), got ref_hidden={'set' if ref_hidden is not None else None}, "
-            f"ref_weight={'set' if ref_weight is not None else None}"
-        )
-    if ref_hidden is not None and options.get("ref_logps") is not None:
-        raise ValueError("ref_logps: give the reference either as ref_hidden + ref_weight or as ref_logps, not both")
-    nll_target = options.get("nll_target")
-    if nll_target is not None:
-        check_nll_target(nll_target, labels)
-        if algorithm == "grad_in_forward":
-            raise ValueError(
-                "algorithm: 'grad_in_forward' takes one set of labels; with nll_target use 'auto' or 'recompute'"
-            )
-    if algorithm != "recompute" and nll_target is None:
-        result = _pair_chunked(
-            hidden,
-            weight,
-            labels,
-            bias,
-            ref_hidden,
-            ref_weight,
-            ref_bias,
-            ignore_index,
-            chunk_size,
-            normalizers,
-            algorithm == "grad_in_forward",
-            options,
-        )
+    hidden, weight, bias, labels, reference, ref_logps, nll_target, opts, execution, run = call
+    if execution.algorithm != "recompute" and nll_target is None:
+        result = _pair_chunked(call, normalizers, execution.algorithm == "grad_in_forward")
         if result is not None:
             return result
-    logps = token_log_probs(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size, name="hidden"
-    )
+    logps = token_log_probs(hidden, weight, bias, labels, run)
     nll_token_logps = None
     if nll_target is not None:
         # The NLL's labels differ from the preference labels: one more pass over the chosen rows.
         half = labels.shape[0] // 2
-        nll_token_logps = token_log_probs(
-            hidden[:half],
-            weight,
-            nll_target[:half],
-            bias=bias,
-            ignore_index=ignore_index,
-            chunk_size=chunk_size,
-            name="hidden",
-        )
+        nll_token_logps = token_log_probs(hidden[:half], weight, bias, nll_target[:half], run)
     ref_token_logps = None
-    if ref_hidden is not None:
+    if reference is not None:
         with torch.no_grad():
-            ref_token_logps = token_log_probs(
-                ref_hidden,
-                ref_weight,
-                labels,
-                bias=ref_bias,
-                ignore_index=ignore_index,
-                chunk_size=chunk_size,
-                name="ref_hidden",
-            )
-    return preference_terms(
-        logps,
-        labels,
-        ref_token_logps=ref_token_logps,
-        nll_token_logps=nll_token_logps,
-        ignore_index=ignore_index,
-        **options,
-    ), None
+            ref_token_logps = token_log_probs(*reference[:3], labels, run, names=REFERENCE_NAMES)
+    terms = _terms_from_log_probs(
+        opts, logps, labels, ref_token_logps, ref_logps, nll_target, nll_token_logps, run.ignore_index
+    )
+    return terms, None
 
 
-def _pair_chunked(
-    hidden,
-    weight,
-    labels,
-    bias,
-    ref_hidden,
-    ref_weight,
-    ref_bias,
-    ignore_index,
-    chunk_size,
-    normalizers,
-    required: bool,
-    options,
-) -> Optional[Tuple[PreferenceTerms, Optional[torch.Tensor]]]:
+def _pair_chunked(call: _Call, normalizers, required: bool) -> Optional[Tuple[PreferenceTerms, Optional[torch.Tensor]]]:
     """The grad-in-forward path over chunks of whole pairs (:mod:`tune_losses.alignment.pair_chunks`), or
     None where it does not apply (a ValueError instead when ``required``)."""
-    loss_type = options.get("loss_type", "sigmoid")
-    beta = options.get("beta", 0.1)
-    nll_weight = options.get("nll_weight", 0.0) + (1.0 if loss_type == "orpo" else 0.0)
+    hidden, weight, bias, labels, reference, ref_logps, _, opts, execution, run = call
+    ref_hidden, ref_weight, ref_bias = (None, None, None) if reference is None else reference
+    ignore_index = run.ignore_index
+    nll_weight = opts.total_nll_weight
     if normalizers is None and nll_weight:
         # Two sums with gradients normalized later by two counts: the per-token path keeps them apart.
         if required:
@@ -608,16 +485,17 @@ def _pair_chunked(
                 "use 'auto' or 'recompute'"
             )
         return None
-    check_label_range(labels, weight.shape[0], ignore_index)
-    if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:
-        check_label_range(labels, ref_weight.shape[0], ignore_index)
-    budget = chunk_size or default_row_budget(weight.shape[0], hidden.device)
-    layout = pair_chunk_layout(labels, ignore_index, budget)
+    if opts.validate:
+        check_label_range(labels, weight.shape[0], ignore_index)
+        if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:
+            check_label_range(labels, ref_weight.shape[0], ignore_index)
+    chunk_tokens, max_pair = pair_chunk_limits(run.chunk_size, weight.shape[0], hidden.device)
+    layout = pair_chunk_layout(labels, ignore_index, chunk_tokens, max_pair)
     if layout is None:
         if required:
             raise ValueError(
-                f"chunk_size: a pair has more valid tokens than a chunk of {budget} rows "
-                "(algorithm='grad_in_forward' keeps whole pairs in a chunk); raise chunk_size or "
+                f"chunk_size: a pair has more valid tokens than {max_pair} (4 chunks of {chunk_tokens} tokens; "
+                "algorithm='grad_in_forward' keeps whole pairs in a chunk); raise chunk_size or "
                 "use algorithm='auto'"
             )
         return None
@@ -630,8 +508,8 @@ def _pair_chunked(
         ref_weight, ref_bias = local_weights(ref_weight, ref_bias, ref_hidden.dtype)
     ref_seq = None
     if ref_hidden is None:
-        if options.get("ref_logps") is not None:
-            ref_c, ref_r = _check_ref_logps(options["ref_logps"], batch, device)
+        if ref_logps is not None:
+            ref_c, ref_r = _check_ref_logps(ref_logps, batch, device)
             ref_seq = torch.cat([ref_c, ref_r]).to(dtype)
         else:
             ref_seq = torch.zeros(2 * batch, dtype=dtype, device=device)
@@ -644,19 +522,6 @@ def _pair_chunked(
         tokens = n_c.sum() if normalizers[1] is None else torch.as_tensor(normalizers[1], device=device)
         pair_scale = 1.0 / pairs.clamp(min=1).to(dtype)
         nll_scale = nll_weight / tokens.clamp(min=1).to(dtype)
-    average = (
-        loss_type in MEAN_LOG_PROB_TYPES
-        if options.get("average_log_prob") is None
-        else bool(options["average_log_prob"])
-    )
-    opts = PairOptions(
-        loss_type=loss_type,
-        beta=beta,
-        gamma=options.get("gamma", 0.0),
-        label_smoothing=options.get("label_smoothing", 0.0),
-        discopop_tau=options.get("discopop_tau", 0.05),
-        average=average,
-    )
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     total, pair_sum, nll_sum, seq, ref = PairChunkedPreference.apply(
         hidden,
@@ -671,10 +536,10 @@ def _pair_chunked(
         opts,
         pair_scale,
         nll_scale,
+        execution.dw_accumulation,
     )
     chosen, rejected = split_pairs(seq)
     ref_c, ref_r = split_pairs(ref)
-    common = dict(loss_type=loss_type, beta=beta, nll_weight=options.get("nll_weight", 0.0))
-    if normalizers is None:
-        return sequence_terms(chosen, rejected, ref_c, ref_r, counted, total, nll_sum, n_c.sum(), **common), None
-    return sequence_terms(chosen, rejected, ref_c, ref_r, counted, pair_sum, nll_sum, n_c.sum(), **common), total
+    sums = (total, None) if normalizers is None else (pair_sum, total)
+    terms = sequence_terms(opts, chosen, rejected, ref_c, ref_r, counted, sums[0], nll_sum, n_c.sum())
+    return terms, sums[1]

@@ -14,14 +14,19 @@ _MIXED_ADDMM: Dict[Tuple[str, torch.dtype], bool] = {}
 def mixed_addmm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.addmm`` writes an fp32 result of ``dtype`` inputs on this device type
     (``out_dtype``; CUDA in recent torch). Decided once per (device type, dtype) by a probe on 1 x 1
-    tensors, never by catching the error of a real call (which could be an out-of-memory error)."""
+    tensors, never by catching the error of a real call (which could be an out-of-memory error).
+
+    On ``meta`` tensors (the allocation plan, which stands for the CUDA path) the probe has no value to
+    read: that the operation runs is the answer.
+    """
     key = (device.type, dtype)
     if key not in _MIXED_ADDMM:
         a = torch.ones(1, 1, dtype=dtype, device=device)
         acc = torch.zeros(1, 1, dtype=torch.float32, device=device)
         try:
             torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            _MIXED_ADDMM[key] = bool(acc.item() == 1.0)  # one host read, once per process
+            # one host read, once per process
+            _MIXED_ADDMM[key] = device.type == "meta" or bool(acc.item() == 1.0)
         except (TypeError, RuntimeError, NotImplementedError):  # the probe's own error: no such kernel here
             _MIXED_ADDMM[key] = False
     return _MIXED_ADDMM[key]

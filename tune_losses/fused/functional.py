@@ -20,14 +20,13 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, U
 
 import torch
 
-from tune_losses.deprecation import warn_deprecated
+from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
 from tune_losses.options import (
     ALGORITHMS,
     DW_ACCUMULATIONS,
-    ArgumentTypeError,
     CEOptions,
     DistillationOptions,
     ExecutionOptions,
@@ -282,29 +281,9 @@ _KD_FIELDS = (
 )
 
 
-def _option(
-    fn: str, param: str, cls: type, given, flat: Dict[str, object], current: Optional[Dict[str, object]] = None
-):
-    """The options object of parameter ``param``: ``given`` (an instance of ``cls``, already checked
-    when it was made), or one made once from the old flat keyword arguments ``flat`` (with a
-    DeprecationWarning naming the new form) and the current flat ones ``current`` (e.g.
-    ``ignore_index``). Old flat keywords together with ``param`` are an error (said twice); a
-    current one must agree with ``given``."""
-    current = {k: v for k, v in (current or {}).items() if v is not None}
-    if given is not None:
-        if not isinstance(given, cls):
-            raise ArgumentTypeError(f"{param}: expected a {cls.__name__} or None, got {type(given).__name__}")
-        if flat:
-            names = ", ".join(f"{k}=" for k in flat)
-            raise TypeError(f"{fn}: {names} and {param}= both given; put them in {param}={cls.__name__}(...)")
-        for k, v in current.items():
-            if getattr(given, k) != v:
-                raise ValueError(f"{k}: got {v!r}, but {param}.{k} is {getattr(given, k)!r}; give it once")
-        return given
-    if flat:
-        names = ", ".join(f"{k}=" for k in flat)
-        warn_deprecated(f"{fn}({names}...)", f"{param}={cls.__name__}({names}...)")
-    return cls(**flat, **current)
+_option = options_object
+_take = take
+_no_more = no_more
 
 
 _DISTILLATION_FIELDS = ("kd_ratio", "label_smoothing") + _KD_FIELDS
@@ -342,15 +321,6 @@ def flat_distillation_options(flat: Dict[str, object], ignore_index: int) -> Dic
     ):
         kw[param] = _option("distillation_loss", param, cls, kw.get(param), {}, _take(kw, fields))
     return kw
-
-
-def _take(legacy: Dict[str, object], names: Sequence[str]) -> Dict[str, object]:
-    return {k: legacy.pop(k) for k in names if k in legacy}
-
-
-def _no_more(fn: str, legacy: Dict[str, object]) -> None:
-    if legacy:
-        raise TypeError(f"{fn}() got unexpected keyword arguments {sorted(legacy)}")
 
 
 def _placement_and_execution(fn: str, parallel, execution, deprecated: Dict[str, object]):
@@ -471,15 +441,24 @@ def linear_log_probs(
     fn = "linear_log_probs"
     parallel = _option(fn, "parallel", VocabParallelOptions, parallel, _take(deprecated, _PARALLEL_FIELDS))
     _no_more(fn, deprecated)
-    check_fused_inputs(labels, local_shard=parallel.process_group is not None, hidden=hidden, weight=weight, bias=bias)
     check_int_option("ignore_index", ignore_index)
     check_bool_option("validate", validate)
     check_float_option("temperature", temperature, 0.0, low_open=True)
     check_bool_option("return_entropy", return_entropy)
     execution = ExecutionOptions("recompute", drop_ignored_tokens, dw_accumulation)
     opts = _run_options("none", chunk_size, ignore_index, validate, parallel, execution)
+    return log_probs_run(Side(hidden, weight, bias), labels, opts, temperature, return_entropy)
+
+
+def log_probs_run(side: Side, labels: torch.Tensor, opts: RunOptions, temperature: float, return_entropy: bool):
+    """:func:`linear_log_probs` once its options are checked (``opts`` made once per call; its
+    ``reduction`` is ``"none"``): checks ``side``'s tensors under their argument names and runs the
+    log-probability term. The alignment losses call this for each model side of one call."""
+    h, w, b = side.names
+    local = opts.parallel.process_group is not None
+    check_fused_inputs(labels, local_shard=local, **{h: side.hidden, w: side.weight, b: side.bias})
     term = LogProbTerm(temperature=float(temperature), entropy=bool(return_entropy))
-    log_probs, parts, _ = _run([term], Side(hidden, weight, bias), None, labels, opts)
+    log_probs, parts, _ = _run([term], side, None, labels, opts)
     return (log_probs, parts["entropy"]) if return_entropy else log_probs
 
 

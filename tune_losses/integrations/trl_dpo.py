@@ -34,16 +34,18 @@ from tune_losses.extras import missing_extra
 try:
     from accelerate.utils import is_peft_model
     from trl import DPOTrainer
-    from trl.models.utils import _ForwardRedirection, disable_gradient_checkpointing
+    from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
 except ModuleNotFoundError as err:
     raise missing_extra("hf", "tune_losses.integrations.trl_dpo", err) from err
 
+from tune_losses.alignment.options import PreferenceOptions, Reference
 from tune_losses.alignment.preference import linear_preference_loss
 from tune_losses.integrations.head_source import read_head
 from tune_losses.integrations.token_stats import token_stats
-from tune_losses.integrations.transformers import lm_head_inputs, unwrap_model
-from tune_losses.integrations.trl import _shift
+from tune_losses.integrations.transformers import IGNORE_INDEX, lm_head_inputs, unwrap_model
+from tune_losses.integrations.trl import _shift, call_through_wrapper
+from tune_losses.options import ExecutionOptions
 
 __all__ = ["FusedDPOTrainer", "TRL_DPO_LOSS_TYPES"]
 
@@ -70,8 +72,9 @@ class FusedDPOTrainer(DPOTrainer):
     plus:
 
     Args:
-        chunk_size: valid tokens per chunk of whole pairs (pair-chunked path) or per chunk of the
-            per-token path; None: tune-losses' rule.
+        chunk_size: tokens per chunk (the pair-chunked path holds whole pairs, up to that many
+            tokens, at least one pair, as :func:`tune_losses.linear_preference_loss`); None:
+            tune-losses' rule.
         algorithm: ``auto`` (pair-chunked where it applies), ``grad_in_forward`` or ``recompute``, as
             :func:`tune_losses.linear_preference_loss`.
     """
@@ -80,7 +83,6 @@ class FusedDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         _check_supported(self.args)
         self._chunk_size = chunk_size
-        self._algorithm = algorithm
         self._head_spec = read_head(unwrap_model(self.model))  # fails early for heads we do not understand
         hf = unwrap_model(self.model)
         if self._head_spec.softcap_value(hf) is not None:
@@ -88,20 +90,14 @@ class FusedDPOTrainer(DPOTrainer):
                 f"model: {self._head_spec.model_type} softcaps its logits; FusedDPOTrainer does not support "
                 "softcapped models (use TRL's DPOTrainer)"
             )
-        self._forward_redirection = _ForwardRedirection()
-
-    def _loss_options(self) -> dict:
         loss_type = self.loss_types[0]
         # TRL 1.16 reads label_smoothing only in these two losses (its sigmoid has none).
         smoothing = self.args.label_smoothing if loss_type in ("robust", "exo_pair") else 0.0
-        return dict(
-            loss_type=loss_type,
-            beta=self.beta,
-            label_smoothing=smoothing,
-            discopop_tau=self.args.discopop_tau,
-            chunk_size=self._chunk_size,
-            algorithm=self._algorithm,
+        # Made (and checked) once here: every step passes the same objects.
+        self._options = PreferenceOptions(
+            loss_type=loss_type, beta=self.beta, label_smoothing=smoothing, discopop_tau=self.args.discopop_tau
         )
+        self._execution = ExecutionOptions(algorithm=algorithm)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -109,7 +105,7 @@ class FusedDPOTrainer(DPOTrainer):
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, IGNORE_INDEX)
         targets = _shift(labels)  # [2B, S], aligned with the hidden states
         ref = self._reference(inputs, model_kwargs)
 
@@ -117,7 +113,7 @@ class FusedDPOTrainer(DPOTrainer):
         if model is unwrapped:
             out, stats, outputs = self._fused_loss(unwrapped, model_kwargs, targets, ref)
         else:  # through the DDP / FSDP wrapper's forward, so its hooks run around the backbone and the head
-            out, stats, outputs = self._forward_redirection(
+            out, stats, outputs = call_through_wrapper(
                 model, unwrapped, self._fused_loss, unwrapped, model_kwargs, targets, ref
             )
         loss = out.loss * self.loss_weights[0]
@@ -149,25 +145,33 @@ class FusedDPOTrainer(DPOTrainer):
                 head = self._head_inputs(self.ref_model, kwargs)
         if head.softcap is not None:
             raise ValueError("ref_model: it softcaps its logits; FusedDPOTrainer does not support softcapped models")
-        return {"ref_hidden": head.hidden, "ref_weight": head.weight, "ref_bias": head.bias}
+        return {"reference": Reference(head.hidden, head.weight, head.bias)}
 
     def _head_inputs(self, model, kwargs):
         unwrapped = self.accelerator.unwrap_model(model)
         if model is unwrapped:
             return lm_head_inputs(unwrapped, **kwargs)
-        return self._forward_redirection(model, unwrapped, lm_head_inputs, unwrapped, **kwargs)
+        return call_through_wrapper(model, unwrapped, lm_head_inputs, unwrapped, **kwargs)
 
     def _fused_loss(self, unwrapped, model_kwargs, targets, ref):
         head = lm_head_inputs(unwrapped, _spec=self._head_spec, **model_kwargs)
         hidden = head.hidden
         targets = targets.to(hidden.device)
-        options = self._loss_options()
-        if "ref_logps" in ref and options["loss_type"] == "ipo":
+        if "ref_logps" in ref and self._options.loss_type == "ipo":
             # TRL's IPO divides both log-ratios by the completion lengths; the precomputed ones are sums.
-            n_c, n_r = (targets != -100).sum(-1).clamp(min=1).chunk(2)
+            n_c, n_r = (targets != IGNORE_INDEX).sum(-1).clamp(min=1).chunk(2)
             ref = {"ref_logps": (ref["ref_logps"][0] / n_c, ref["ref_logps"][1] / n_r)}
         with torch.autocast(hidden.device.type, enabled=False):
-            out = linear_preference_loss(hidden, head.weight, targets, bias=head.bias, **ref, **options)
+            out = linear_preference_loss(
+                hidden,
+                head.weight,
+                targets,
+                bias=head.bias,
+                chunk_size=self._chunk_size,
+                options=self._options,
+                execution=self._execution,
+                **ref,
+            )
             stats = _detached_stats(hidden, head.weight, head.bias, targets, self._chunk_size)
         return out, stats, head.outputs
 
@@ -190,7 +194,7 @@ class FusedDPOTrainer(DPOTrainer):
         # TRL logs rewards and log-probs of summed log-probs, also for IPO (whose loss uses the means).
         scale_c = scale_r = 1.0
         if self.loss_types[0] == "ipo":
-            scale_c, scale_r = (targets != -100).sum(-1).chunk(2)
+            scale_c, scale_r = (targets != IGNORE_INDEX).sum(-1).chunk(2)
         chosen = out.chosen_rewards * scale_c
         rejected = out.rejected_rewards * scale_r
         metrics["rewards/chosen"].append(self.accelerator.gather(chosen).mean().item())
@@ -212,7 +216,7 @@ def _detached_stats(hidden, weight, bias, targets, chunk_size) -> dict:
         b = None if bias is None else (bias.full_tensor() if hasattr(bias, "full_tensor") else bias)
         mean_w = w.detach().float().mean(0)
         per_token = hidden.detach().float() @ mean_w + (0.0 if b is None else b.detach().float().mean())
-        valid = targets != -100
+        valid = targets != IGNORE_INDEX
         sums = torch.where(valid, per_token, torch.zeros_like(per_token)).sum(-1)
     return {
         "entropy": chosen.entropy + rejected.entropy,

@@ -4,7 +4,7 @@ The blocked backward (:mod:`tune_losses.fused.dw_accumulation`) makes dW one blo
 rows at a time: the block's logits for *all* tokens ``[N, Vb]`` from one matmul, their gradient,
 then ``dW[block] = g.T @ X`` in one matmul (rounded once, no ``[V, H]`` accumulator). That works
 for a term whose gradient at column ``j`` depends only on column ``j``'s logits and a few numbers
-per token over the whole vocabulary, computed by a first pass over token chunks (:func:`row_stats`):
+per token over the whole vocabulary, computed by the engine's chunk loop before (:func:`row_stats`):
 
 * cross-entropy (label smoothing ``eps``, z-loss ``c``, softcap ``s``), with ``lse`` of the
   (capped) logits: ``g_j = w (softmax_j (1 + 2 c lse) - (1 - eps) [j = y] - eps / V)``, times

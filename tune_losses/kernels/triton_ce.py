@@ -8,9 +8,8 @@ softcap's ``1 - tanh^2``) over the logits, in their dtype. For bf16 logits no fp
 buffer exists: the gradient is rounded to bf16 once, as eager autograd's logit gradient is, and
 goes straight into the dX / dW matmuls.
 
-A second kernel does distillation's pair of terms in the same two sweeps over two logit sets:
-plain cross-entropy and forward KL at temperature T (:func:`distill_chunk_triton`), keeping the
-teacher's running maximum, sum of exponentials and ``sum e^t (t - s)`` online.
+Distillation (two logit sets, every divergence, with or without this cross-entropy) and the
+log-probabilities are :mod:`tune_losses.kernels.triton_terms`'s kernels.
 
 Same contract as :func:`tune_losses.divergences.ce_chunk` (values 0 at ignored tokens, a NaN or
 +inf logit at a counted token gives a NaN loss, ``-inf`` logits are masked entries) on one process.
@@ -26,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from tune_losses.options import CEOptions, KDOptions
+from tune_losses.options import CEOptions
 
 _MAX_BLOCK = 4096
 
@@ -119,58 +118,3 @@ def ce_chunk_triton(
         BLOCK=block,
     )
     return loss, lse
-
-
-def distill_chunk_triton(
-    zs: torch.Tensor,
-    zt: torch.Tensor,
-    labels: torch.Tensor,
-    kd: KDOptions,
-    ignore_index: int,
-    with_ce: bool,
-    w_ce: Optional[torch.Tensor] = None,
-    w_kd: Optional[torch.Tensor] = None,
-    block: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy (when ``with_ce``; plain options) and forward KL of one chunk, as the engine's
-    terms compute them; the gradient of ``w_ce * ce + w_kd * kd`` w.r.t. the student's logits is
-    written over ``zs`` when ``w_kd`` is given (with ``with_ce``, ``w_ce`` too).
-
-    Args:
-        zs, zt: ``[n, V]`` student / teacher logits (same dtype, rows contiguous).
-        kd: forward KL's options (temperature, ``true_kl``, the ``T^2`` scale).
-
-    Returns:
-        ``(ce [n], kd [n])`` in fp32, 0 at ignored tokens (``ce`` zeros without ``with_ce``).
-    """
-    import triton
-
-    n, vocab = zs.shape
-    ce = torch.zeros(n, dtype=torch.float32, device=zs.device)
-    kd_out = torch.empty(n, dtype=torch.float32, device=zs.device)
-    if n == 0:
-        return ce, kd_out
-    block = block or min(_MAX_BLOCK // 2, triton.next_power_of_2(vocab))
-    wk = kd_out if w_kd is None else w_kd.to(torch.float32).contiguous()
-    wc = kd_out if w_ce is None else w_ce.to(torch.float32).contiguous()
-    _decorated(os.environ.get("TRITON_INTERPRET", "0"), "distill_kernel")[(n,)](
-        zs,
-        zt,
-        zs.stride(0),
-        zt.stride(0),
-        labels.contiguous(),
-        wc,
-        wk,
-        ce,
-        kd_out,
-        vocab,
-        ignore_index,
-        1.0 / kd.temperature,
-        kd.loss_scale,
-        HAS_CE=with_ce,
-        HAS_GRAD=w_kd is not None,
-        TRUE_KL=kd.true_kl,
-        ROUND_BF16=zs.dtype == torch.bfloat16,
-        BLOCK=block,
-    )
-    return ce, kd_out

@@ -4,9 +4,8 @@ Term sets served (:func:`triton_chunk_math`), on one process, for bf16 / fp16 / 
 
 * cross-entropy alone, any :class:`~tune_losses.options.CEOptions` (``triton_ce.ce_chunk_triton``);
 * the label's log-probability, with or without the entropy (``triton_terms.log_prob_chunk_triton``);
-* a divergence alone, or plain cross-entropy then a divergence (distillation): forward KL and JSD at
-  beta = 0 in ``triton_ce.distill_chunk_triton``; reverse KL, symmetric KL, JSD, TVD in
-  ``triton_terms.divergence_chunk_triton``.
+* a divergence alone, or cross-entropy (any options) then a divergence (distillation): forward KL,
+  reverse KL, symmetric KL, JSD (beta in [0, 1]), TVD (``triton_terms.divergence_chunk_triton``).
 
 Everything else gets None and runs the engine's compiled / eager math: other terms (a sparse
 teacher, the alignment terms with their own formulas, token statistics), a registered divergence
@@ -27,25 +26,15 @@ from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Ter
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _plain_ce(t: Term) -> bool:
+def _kernel_divergence(t: Term) -> bool:
+    """A divergence term the divergence kernel serves."""
     o = getattr(t, "opts", None)
     return (
-        type(t) is CrossEntropyTerm
-        and isinstance(o, CEOptions)
-        and o.label_smoothing == 0
-        and o.z_loss == 0
-        and o.softcap is None
+        type(t) is DivergenceTerm
+        and isinstance(o, KDOptions)
+        and o.teacher_vocab != "pad_student"
+        and o.divergence in triton_terms.DIVERGENCE_CODES
     )
-
-
-def _kernel_divergence(t: Term) -> Optional[str]:
-    """``"forward"`` (the distill kernel), ``"other"`` (the divergence kernel) or None."""
-    o = getattr(t, "opts", None)
-    if type(t) is not DivergenceTerm or not isinstance(o, KDOptions) or o.teacher_vocab == "pad_student":
-        return None
-    if o.divergence == "forward_kl" or (o.divergence == "jsd" and o.beta == 0.0):
-        return "forward"
-    return "other" if o.divergence in triton_terms.DIVERGENCE_CODES else None
 
 
 def _first(ws) -> Optional[torch.Tensor]:
@@ -102,14 +91,11 @@ def _select(terms: Sequence[Term], ignore_index: int) -> Optional[Callable]:
             return outs, (z if w_lp is not None or w_h is not None else None)
 
         return log_prob_math
-    kind = _kernel_divergence(terms[-1]) if terms else None
-    distill = len(terms) == 2 and _plain_ce(terms[0])
-    if kind is None or not (len(terms) == 1 or distill):
+    distill = len(terms) == 2 and type(terms[0]) is CrossEntropyTerm
+    if not (terms and _kernel_divergence(terms[-1]) and (len(terms) == 1 or distill)):
         return None
     kd_opts: KDOptions = terms[-1].opts  # type: ignore[attr-defined]
-    module, name = (
-        (triton_ce, "distill_chunk_triton") if kind == "forward" else (triton_terms, "divergence_chunk_triton")
-    )
+    ce_opts: Optional[CEOptions] = terms[0].opts if distill else None  # type: ignore[attr-defined]
 
     def kd_math(z, zt, labels, weights):
         w_kd = _first(weights[-1])
@@ -118,8 +104,8 @@ def _select(terms: Sequence[Term], ignore_index: int) -> Optional[Callable]:
             w_kd = torch.zeros_like(w_ce)
         if w_kd is not None and distill and w_ce is None:
             w_ce = torch.zeros_like(w_kd)
-        # looked up per call (the tests spy on these functions)
-        ce, kd = getattr(module, name)(z, zt, labels, kd_opts, kd_opts.ignore_index, distill, w_ce, w_kd)
+        # looked up per call (the tests spy on it)
+        ce, kd = triton_terms.divergence_chunk_triton(z, zt, labels, kd_opts, kd_opts.ignore_index, ce_opts, w_ce, w_kd)
         return ([ce, kd] if distill else [kd]), (z if w_kd is not None else None)
 
     return kd_math

@@ -1,25 +1,27 @@
-"""Log-probabilities (with entropy) and the divergences other than forward KL as Triton kernels over
-one chunk of logits in their own dtype (no fp32 ``[n, V]`` buffer for bf16 inputs).
+"""Log-probabilities (with entropy) and distillation's divergences (with cross-entropy) as Triton
+kernels over one chunk of logits in their own dtype (no fp32 ``[n, V]`` buffer for bf16 inputs).
 
 * :func:`log_prob_chunk_triton`: ``log softmax(z / T)[y]`` and the entropy ``H = -sum q log q``
   (the engine's :class:`~tune_losses.terms.LogProbTerm`: ``linear_log_probs``, the DPO family's
   log-probabilities). Sweep 1 keeps the maximum, the sum of exponentials and the entropy's
   ``sum e^(x - m) (x - m)`` online; sweep 2 (with a gradient weight) writes
   ``(w_lp (onehot - q) - w_h q (log q + H)) / T`` over the logits.
-* :func:`divergence_chunk_triton`: reverse KL, symmetric KL, JSD(beta) (the limits beta = 0 / 1 are
-  forward / reverse KL) and TVD at temperature T, alone or with plain cross-entropy. Sweep 1 keeps
-  both logit sets' maximum and sum of exponentials online, and the KL parts' sums
-  (``sum_u e^(s - m) (s - t)``, ``sum_u e^(t - m) (t - s)``), so reverse and symmetric KL have their
-  value after one sweep. JSD and TVD need both normalizers before any term: a second sweep sums the
+* :func:`divergence_chunk_triton`: distillation's two logit sets: forward KL, reverse KL, symmetric
+  KL, JSD(beta) (the limits beta = 0 / 1 are forward / reverse KL) and TVD at temperature T, alone
+  or with the student's cross-entropy (label smoothing, z-loss, softcap). Sweep 1 keeps both logit
+  sets' maximum and sum of exponentials online, and the KL parts' sums
+  (``sum_u e^(s - m) (s - t)``, ``sum_u e^(t - m) (t - s)``), so the KL family has its value after
+  one sweep. JSD and TVD need both normalizers before any term: a second sweep sums the
   value and the gradient's row reduction ``sum_v dD / dlog q_v``. With a gradient a last sweep writes
-  ``w T^2 / T (a - q sum a)`` (+ the cross-entropy's ``w_ce (softmax - onehot)``) over the student's
-  logits. Each sweep re-reads the chunk's logits from memory (a row is not kept in registers):
-  reverse / symmetric KL read both sets twice with a gradient, JSD / TVD three times.
+  ``w T^2 / T (a - q sum a)`` (+ the cross-entropy's gradient, as in
+  :mod:`~tune_losses.kernels.triton_ce`) over the student's logits. Each sweep re-reads the chunk's logits from memory (a row is not kept in registers): the
+  KL family reads both sets twice with a gradient, JSD / TVD three times.
 
 Same contract as the eager math (:func:`tune_losses.divergences.log_prob_chunk`,
 :func:`tune_losses.divergences.kd_chunk`) on one process: values 0 at ignored tokens, a NaN or +inf
 logit at a counted token gives a NaN value, ``-inf`` logits are masked entries (KL parts count 0
 where either side is -inf, JSD per side, TVD as ``|p - q|``); the gradient is 0 at ignored tokens.
+The cross-entropy reads the student's logits only (a NaN teacher logit leaves it finite, as eager).
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests).
 """
 
@@ -32,11 +34,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from tune_losses.options import KDOptions
+from tune_losses.options import CEOptions, KDOptions
 
 _MAX_BLOCK = 4096
-# Divergence codes of the kernel; forward KL (and JSD at beta = 0) is triton_ce's distill kernel.
-DIVERGENCE_CODES = {"reverse_kl": 1, "symmetric_kl": 2, "jsd": 3, "tvd": 4}
+# The divergence kernel's codes (JSD at beta = 0 / 1 runs as forward / reverse KL).
+DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "symmetric_kl": 2, "jsd": 3, "tvd": 4}
 
 
 @functools.cache
@@ -124,42 +126,44 @@ def divergence_chunk_triton(
     labels: torch.Tensor,
     kd: KDOptions,
     ignore_index: int,
-    with_ce: bool,
+    ce: Optional[CEOptions] = None,
     w_ce: Optional[torch.Tensor] = None,
     w_kd: Optional[torch.Tensor] = None,
     block: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy (when ``with_ce``; plain options) and ``kd.divergence`` (reverse_kl,
-    symmetric_kl, jsd, tvd) of one chunk; the gradient of ``w_ce * ce + w_kd * kd`` w.r.t. the
-    student's logits is written over ``zs`` when ``w_kd`` is given (with ``with_ce``, ``w_ce`` too).
+    """``kd.divergence`` of one chunk and, when ``ce`` is given, the cross-entropy of the student's
+    raw logits (any :class:`~tune_losses.options.CEOptions`); the gradient of
+    ``w_ce * ce + w_kd * kd`` w.r.t. the student's logits is written over ``zs`` when ``w_kd`` is
+    given (with ``ce``, ``w_ce`` too).
 
     Args:
         zs: ``[n, V]`` student logits, rows contiguous; zt: ``[n, >= V]`` teacher logits of the same
             dtype (a wider teacher's columns past V are not read: ``teacher_vocab="drop"``).
-        kd: the divergence's options (temperature, the ``T^2`` scale, beta, sym_kd_ratio, true_kl).
+        kd: the divergence (forward_kl, reverse_kl, symmetric_kl, jsd, tvd) and its options
+            (temperature, the ``T^2`` scale, beta, sym_kd_ratio, true_kl).
+        ignore_index: labels equal to it are ignored tokens (values and gradient 0).
 
     Returns:
-        ``(ce [n], kd [n])`` in fp32, 0 at ignored tokens (``ce`` zeros without ``with_ce``).
+        ``(ce [n], kd [n])`` in fp32, 0 at ignored tokens (``ce`` zeros without ``ce``).
     """
     _rows(zs, "zs")
     _rows(zt, "zt")
     div = kd.divergence
-    mix = kd.sym_kd_ratio if div == "symmetric_kl" else kd.beta
-    if div == "jsd" and kd.beta == 1.0:
-        div = "reverse_kl"  # the limit beta -> 1 (the unscaled formula is 0 there)
-    if div not in DIVERGENCE_CODES or (div == "jsd" and kd.beta == 0.0):
-        raise ValueError(
-            f"kd.divergence: expected one of {tuple(DIVERGENCE_CODES)} (jsd with beta > 0), got {kd.divergence!r}"
-        )
+    if div == "jsd" and kd.beta in (0.0, 1.0):
+        div = "forward_kl" if kd.beta == 0.0 else "reverse_kl"  # the limits (the formula is 0 there)
+    if div not in DIVERGENCE_CODES:
+        raise ValueError(f"kd.divergence: expected one of {tuple(DIVERGENCE_CODES)}, got {kd.divergence!r}")
     code = DIVERGENCE_CODES[div]
+    mix = kd.sym_kd_ratio if div == "symmetric_kl" else kd.beta
     n, vocab = zs.shape
-    ce = torch.zeros(n, dtype=torch.float32, device=zs.device)
+    ce_out = torch.zeros(n, dtype=torch.float32, device=zs.device)
     kd_out = torch.empty(n, dtype=torch.float32, device=zs.device)
     if n == 0:
-        return ce, kd_out
-    wk = kd_out if w_kd is None else w_kd.to(torch.float32).contiguous()
+        return ce_out, kd_out
+    wk = kd_out if w_kd is None else w_kd.to(torch.float32).contiguous()  # a dummy pointer without a weight
     wc = kd_out if w_ce is None else w_ce.to(torch.float32).contiguous()
-    beta = min(max(kd.beta, 1e-30), 1.0)  # logs of the mixture weights; beta is in (0, 1) where read
+    beta = min(max(kd.beta, 1e-30), 1.0 - 1e-7)  # logs of the mixture weights (read for 0 < beta < 1 only)
+    c = ce or CEOptions()
     _kernel("divergence_kernel")[(n,)](
         zs,
         zt,
@@ -168,7 +172,7 @@ def divergence_chunk_triton(
         labels.contiguous(),
         wc,
         wk,
-        ce,
+        ce_out,
         kd_out,
         vocab,
         ignore_index,
@@ -176,15 +180,22 @@ def divergence_chunk_triton(
         kd.loss_scale,
         float(mix),
         math.log(beta),
-        math.log1p(-beta) if beta < 1.0 else float("-inf"),
+        math.log1p(-beta),
+        float(c.label_smoothing),
+        float(c.z_loss),
+        float(c.softcap or 1.0),
         DIV=code,
+        ONLINE_FKL=code in (0, 2),
         ONLINE_RKL=code in (1, 2),
         VALUE_SWEEP=code in (3, 4),
-        HAS_CE=with_ce,
-        CE_OWN_STATS=with_ce and kd.temperature != 1.0,
+        HAS_CE=ce is not None,
+        CE_OWN_STATS=ce is not None and (kd.temperature != 1.0 or c.softcap is not None),
+        HAS_SMOOTH=c.label_smoothing > 0,
+        HAS_ZLOSS=c.z_loss > 0,
+        HAS_SOFTCAP=c.softcap is not None,
         HAS_GRAD=w_kd is not None,
         TRUE_KL=kd.true_kl,
         ROUND_BF16=zs.dtype == torch.bfloat16,
         BLOCK=_block(vocab, block, _MAX_BLOCK // 2),
     )
-    return ce, kd_out
+    return ce_out, kd_out

@@ -111,29 +111,39 @@ def divergence_kernel(
     mix,
     log_beta,
     log_1m_beta,
+    eps,
+    z_loss,
+    softcap,
     DIV: tl.constexpr,
+    ONLINE_FKL: tl.constexpr,
     ONLINE_RKL: tl.constexpr,
     VALUE_SWEEP: tl.constexpr,
     HAS_CE: tl.constexpr,
     CE_OWN_STATS: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     TRUE_KL: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # A divergence of p = softmax(zt / T) and q = softmax(zs / T) (DIV: 1 reverse KL, 2 symmetric KL
-    # with r = mix, 3 JSD with beta = mix, 4 TVD), with cross-entropy of the raw student logits when
-    # HAS_CE (its own maximum and sum when CE_OWN_STATS, T != 1; else the student's). Sweep 1: both sides' maximum and
-    # sum of exponentials online, with reverse / forward KL's online sums. JSD and TVD: sweep 2 for
-    # the value (and the gradient's row sum). Last sweep: the gradient over the student's logits.
+    # A divergence of p = softmax(zt / T) and q = softmax(zs / T) (DIV: 0 forward KL, 1 reverse KL,
+    # 2 symmetric KL with r = mix, 3 JSD with beta = mix, 4 TVD), with the cross-entropy of the raw
+    # student logits when HAS_CE (label smoothing eps, z-loss, softcap; its own maximum and sum when
+    # CE_OWN_STATS: T != 1 or softcap, else the student's). Sweep 1: both sides' maximum and sum of
+    # exponentials online, with forward / reverse KL's online sums. JSD and TVD: sweep 2 for the
+    # value (and the gradient's row sum). Last sweep: the gradient over the student's logits.
     row = tl.program_id(0).to(tl.int64)
     s_base = zs_ptr + row * stride_s
     t_base = zt_ptr + row * stride_t
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    m_r = float("-inf")  # raw student logits (cross-entropy at T != 1)
+    m_r = float("-inf")  # the cross-entropy's logits (raw, softcapped) when CE_OWN_STATS
     s_r = 0.0
     z_y = 0.0
+    sum_z = 0.0
+    bad_ce = 0.0  # NaN among the cross-entropy's logits (+inf makes it NaN by itself)
     m_s = float("-inf")  # student at T
     s_s = 0.0
     q_u = 0.0  # sum_u e^(s - m_s) over entries where neither side is -inf
@@ -142,7 +152,7 @@ def divergence_kernel(
     s_t = 0.0
     p_u = 0.0  # sum_u e^(t - m_t)
     cross_f = 0.0  # sum_u e^(t - m_t) (t - s) (true KL) or sum_u e^(t - m_t) s
-    bad = 0.0
+    bad = 0.0  # NaN or +inf on either side: the divergence is NaN
     for off in range(0, V, BLOCK):
         cols = off + tl.arange(0, BLOCK)
         inside = cols < V
@@ -153,11 +163,19 @@ def divergence_kernel(
         t = zt * inv_t
         unmasked = (s != float("-inf")) & (t != float("-inf"))
         if HAS_CE:
-            z_y += tl.sum(tl.where(cols == label, zr, 0.0))
+            zc = zr
+            if HAS_SOFTCAP:
+                # s tanh(z / s), tanh from exp (NaN stays NaN, +-inf map to +-s)
+                zc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * zr / softcap) + 1.0))
+                zc = tl.where(inside, zc, float("-inf"))
+            bad_ce += tl.sum(tl.where(zc != zc, 1.0, 0.0))
+            z_y += tl.sum(tl.where(cols == label, zc, 0.0))
+            if HAS_SMOOTH:
+                sum_z += tl.sum(tl.where(inside, zc, 0.0))
             if CE_OWN_STATS:
-                m_new = tl.maximum(m_r, tl.max(zr, 0))
+                m_new = tl.maximum(m_r, tl.max(zc, 0))
                 shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s_r = s_r * tl.exp(m_r - shift) + tl.sum(tl.exp(zr - shift))
+                s_r = s_r * tl.exp(m_r - shift) + tl.sum(tl.exp(zc - shift))
                 m_r = m_new
         m_new = tl.maximum(m_s, tl.max(s, 0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -174,7 +192,7 @@ def divergence_kernel(
         rescale = tl.exp(m_t - shift)
         e_t = tl.exp(t - shift)
         s_t = s_t * rescale + tl.sum(e_t)
-        if DIV == 2:
+        if ONLINE_FKL:
             e_u = tl.where(unmasked, e_t, 0.0)
             p_u = p_u * rescale + tl.sum(e_u)
             if TRUE_KL:
@@ -187,18 +205,22 @@ def divergence_kernel(
     value = 0.0
     row_a = 0.0  # sum_v dD / dlog q_v: the gradient is (a - q row_a) / T
     rkl = 0.0
+    fkl = 0.0
     share_p = 0.0
     if ONLINE_RKL:
         rkl = tl.where(q_u == 0.0, 0.0, cross_r / s_s + (q_u / s_s) * (lse_t - lse_s))
         value = rkl
         row_a = rkl
-    if DIV == 2:
-        share_p = p_u / s_t
+    if ONLINE_FKL:
+        share_p = p_u / s_t  # the teacher's probability outside masked entries
         if TRUE_KL:
             fkl = cross_f / s_t + share_p * (lse_s - lse_t)
         else:
             fkl = -cross_f / s_t + share_p * lse_s
-        fkl = tl.where(p_u == 0.0, 0.0, fkl)
+        fkl = tl.where(p_u == 0.0, 0.0, fkl)  # every entry masked: 0, not 0 * inf
+        value = fkl
+        row_a = -share_p
+    if DIV == 2:
         value = mix * fkl + (1.0 - mix) * rkl
         row_a = -mix * share_p + (1.0 - mix) * rkl
     if VALUE_SWEEP:
@@ -230,13 +252,22 @@ def divergence_kernel(
     if HAS_CE:
         if CE_OWN_STATS:
             lse_r = tl.where(m_r == float("-inf"), 0.0, m_r) + tl.log(s_r)
-        ce = tl.where(bad > 0, float("nan"), lse_r - z_y)
+        ce = lse_r - z_y
+        if HAS_SMOOTH:
+            ce = (1.0 - eps) * ce + eps * (lse_r - sum_z / V)
+        if HAS_ZLOSS:
+            ce = ce + z_loss * lse_r * lse_r
+        ce = tl.where(bad_ce > 0, float("nan"), ce)
         tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
     if HAS_GRAD:
         w_kd = tl.load(w_kd_ptr + row).to(tl.float32) * loss_scale * inv_t
         w_ce = 0.0
+        w_soft = 0.0  # the softmax's factor in the cross-entropy's gradient
         if HAS_CE:
             w_ce = tl.load(w_ce_ptr + row).to(tl.float32)
+            w_soft = w_ce
+            if HAS_ZLOSS:
+                w_soft = w_ce * (1.0 + 2.0 * z_loss * lse_r)
         for off in range(0, V, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             inside = cols < V
@@ -246,7 +277,9 @@ def divergence_kernel(
             lp = zt * inv_t - lse_t
             q = tl.exp(lq)
             unmasked = (lq != float("-inf")) & (lp != float("-inf"))
-            if ONLINE_RKL:
+            if DIV == 0:
+                a = tl.where(unmasked, -tl.exp(lp), 0.0)
+            elif ONLINE_RKL:
                 a_r = tl.where(unmasked, q * (lq - lp), 0.0)  # reverse KL's terms (its a)
                 a = a_r
                 if DIV == 2:
@@ -262,10 +295,19 @@ def divergence_kernel(
             g = (a - q * row_a) * w_kd
             if HAS_CE:
                 if CE_OWN_STATS:
-                    q_r = tl.exp(zr - lse_r)
+                    zc = zr
+                    if HAS_SOFTCAP:
+                        zc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * zr / softcap) + 1.0))
+                    g_ce = tl.exp(zc - lse_r) * w_soft
                 else:
-                    q_r = q
-                g += (q_r - tl.where(cols == label, 1.0, 0.0)) * w_ce
+                    g_ce = q * w_soft
+                g_ce -= tl.where(cols == label, (1.0 - eps) * w_ce, 0.0)
+                if HAS_SMOOTH:
+                    g_ce -= eps * w_ce / V
+                if HAS_SOFTCAP:
+                    tc = zc / softcap
+                    g_ce = g_ce * (1.0 - tc * tc)
+                g += g_ce
             g = tl.where(valid, g, 0.0)
             if ROUND_BF16:
                 # round to nearest even in fp32 bits, so that the cast (a truncation in Triton's
