@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from tune_losses.kernels.triton_ce import num_warps
 from tune_losses.options import CEOptions, KDOptions
 
 _MAX_BLOCK = 4096
@@ -142,6 +143,7 @@ def _launch(z, labels, temperature, ignore_index, entropy, from_lse, w_lp, w_h, 
         return
     wl = lp if w_lp is None else w_lp.to(torch.float32).contiguous()  # a dummy pointer without a weight
     wh = lp if w_h is None else w_h.to(torch.float32).contiguous()
+    width = _block(vocab, block, _MAX_BLOCK)
     _kernel("logprob_kernel")[(n,)](
         z,
         z.stride(0),
@@ -160,7 +162,8 @@ def _launch(z, labels, temperature, ignore_index, entropy, from_lse, w_lp, w_h, 
         HAS_W_LP=w_lp is not None,
         HAS_W_H=w_h is not None,
         ROUND_BF16=z.dtype == torch.bfloat16,
-        BLOCK=_block(vocab, block, _MAX_BLOCK),
+        BLOCK=width,
+        num_warps=num_warps(width),
     )
 
 
@@ -208,6 +211,7 @@ def divergence_chunk_triton(
     wc = kd_out if w_ce is None else w_ce.to(torch.float32).contiguous()
     mixed = 0.0 < kd.beta < 1.0  # JSD's mixture weights' logs (read only then)
     c = ce or CEOptions()
+    width = _block(vocab, block, _MAX_BLOCK // 2)
     _kernel("divergence_kernel")[(n,)](
         zs,
         zt,
@@ -240,6 +244,7 @@ def divergence_chunk_triton(
         HAS_GRAD=w_kd is not None,
         TRUE_KL=kd.true_kl,
         ROUND_BF16=zs.dtype == torch.bfloat16,
-        BLOCK=_block(vocab, block, _MAX_BLOCK // 2),
+        BLOCK=width,
+        num_warps=num_warps(width),
     )
     return ce_out, kd_out
