@@ -5,11 +5,15 @@ generation, and unpatch.
 Each model type ends in one of four outcomes:
 
 * ``matched``: ``patch`` accepted it and every comparison holds;
-* ``refused``: ``patch`` raised a ValueError (its message is the reason);
-* ``not buildable``: the tiny model cannot be built, or its stock forward cannot run on a plain token
-  batch (the stock error is recorded): nothing to compare;
+* ``refused``: ``patch`` raised a ValueError (its message is the reason); a stock forward that returns
+  no loss (a drafter's) must be refused;
+* ``not buildable``: the tiny model cannot be built, or its stock forward cannot run on its batch (the
+  stock error is recorded, after the known reason from ``hf_families.UNRUNNABLE``): nothing to compare;
 * ``MISMATCH`` / ``CRASH``: ``patch`` accepted it and then differed from stock, or raised something
   other than a clear refusal. Both are bugs; the survey test requires there be none.
+
+The batch is ``input_ids`` / ``labels`` (``batch``), or what ``hf_families.INPUTS`` makes for a family
+whose stock forward needs more (codebooks, pixel values, a drafter's target states).
 
 Run as a script to write the generated table: ``python tests/hf_survey.py docs/hf_models.md``.
 """
@@ -21,11 +25,12 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
+import hf_families as families
 import torch
 
-V = 96
+V = families.V
 TINY = dict(
     vocab_size=V,
     unpadded_vocab_size=V,
@@ -100,36 +105,7 @@ TINY = dict(
 """Tiny sizes, set where the model's config has the attribute."""
 
 SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder", "encoder", "speech_config")
-
-OVERRIDES: Dict[str, dict] = {
-    "bamba": dict(attn_layer_indices=[1]),
-    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
-    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
-    "zamba": dict(attn_layer_period=2, attn_layer_offset=1),
-    "zamba2": dict(hybrid_layer_ids=[1]),
-    "codegen": dict(rotary_dim=8),
-    "gptj": dict(rotary_dim=8),
-    "reformer": dict(is_decoder=True, attn_layers=["local", "local"], axial_pos_embds=False),
-    "prophetnet": dict(num_encoder_layers=1, num_decoder_layers=1),
-    "xmod": dict(default_language="en_XX"),
-    "dots1": dict(num_experts_per_tok=2, n_shared_experts=1),
-    "mamba2": dict(num_heads=4, head_dim=16),
-    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
-    "zaya": dict(num_experts_per_tok=1),
-    "granitemoehybrid": dict(layer_types=["mamba", "attention"]),
-    "gemma4_assistant": dict(hidden_size_per_layer_input=0),
-    "musicgen": dict(
-        decoder=dict(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2, vocab_size=V)
-    ),
-    "musicgen_melody": dict(
-        decoder=dict(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2, vocab_size=V)
-    ),
-}
-"""Per model type, settings the generic sizes do not cover (odd required fields)."""
-
-ATTENTION = {"dory": "sdpa"}
-"""Attention implementation per model type where eager cannot run the tiny model (Dory's loops: its eager
-mask does not cover the concatenated past); "eager" otherwise."""
+"""Sub-configs every family gets the tiny sizes in (more per family: ``hf_families.SUB_CONFIGS``)."""
 
 MAX_PARAMS = 3_000_000
 
@@ -153,7 +129,9 @@ def _has(config, key: str) -> bool:
         return False
 
 
-def _tiny_kwargs(default, extra: dict) -> dict:
+def _tiny_kwargs(default, extra: dict, subs: Tuple[str, ...] = SUB_CONFIGS) -> dict:
+    """The generic tiny sizes ``default`` has, with ``extra`` on top (a dict under a sub-config's name in
+    ``subs`` is merged into that sub-config's own tiny sizes)."""
     kw = {k: v for k, v in TINY.items() if _has(default, k)}
     for k, v in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
         if _has(default, k) and (getattr(default, k) is None or isinstance(getattr(default, k), int)):
@@ -179,13 +157,16 @@ def _tiny_kwargs(default, extra: dict) -> dict:
             kw[key] = (kinds * n)[:n]
             if "num_hidden_layers" in kw:
                 kw["num_hidden_layers"] = n
-    for name in SUB_CONFIGS:
+    merged = set()
+    for name in subs:
         sub = _get(default, name)
-        if sub is not None and hasattr(sub, "to_dict") and name not in extra:
-            kw[name] = _tiny_kwargs(sub, {})
+        if sub is not None and hasattr(sub, "to_dict"):
+            own = extra.get(name)
+            kw[name] = _tiny_kwargs(sub, own if isinstance(own, dict) else {})
+            merged.add(name)
     if "qk_rope_head_dim" in kw and _has(default, "head_dim"):
         kw["head_dim"] = kw["qk_rope_head_dim"]  # multi-head latent attention: the rotary part's size
-    kw.update(extra)
+    kw.update({k: v for k, v in extra.items() if k not in merged})
     return kw
 
 
@@ -200,11 +181,12 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     cfg_cls = CONFIG_MAPPING[model_type]
-    default = cfg_cls()
-    cfg = cfg_cls(**_tiny_kwargs(default, OVERRIDES.get(model_type, {})))
-    for c in [cfg] + [getattr(cfg, n) for n in SUB_CONFIGS if getattr(cfg, n, None) is not None]:
+    default = cfg_cls(**families.DEFAULTS.get(model_type, {}))
+    subs = SUB_CONFIGS + families.SUB_CONFIGS.get(model_type, ())
+    cfg = cfg_cls(**_tiny_kwargs(default, families.OVERRIDES.get(model_type, {}), subs))
+    for c in [cfg] + [getattr(cfg, n) for n in subs if getattr(cfg, n, None) is not None]:
         if hasattr(c, "_attn_implementation"):
-            c._attn_implementation = ATTENTION.get(model_type, "eager")
+            c._attn_implementation = families.ATTENTION.get(model_type, "eager")
     return cfg
 
 
@@ -247,9 +229,18 @@ def batch(seed: int = 1, b: int = 2, s: int = 9, vocab: int = V):
     return ids, labels
 
 
-def _run(model, ids, labels, **kw):
+def inputs(model_type: str, model, seed: int = 1) -> dict:
+    """The forward's keyword arguments for a token batch: ``input_ids`` and ``labels`` (``batch``), or what
+    the family's stock forward needs instead (``hf_families.INPUTS``)."""
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None) or V
+    ids, labels = batch(seed, vocab=min(vocab, V))
+    make = families.INPUTS.get(model_type)
+    return make(model, ids, labels) if make is not None else dict(input_ids=ids, labels=labels)
+
+
+def _run(model, batch_kw: dict, **kw):
     torch.manual_seed(0)
-    return model(input_ids=ids, labels=labels, **kw)
+    return model(**batch_kw, **kw)
 
 
 def _grads(model) -> Dict[str, torch.Tensor]:
@@ -265,8 +256,8 @@ def _close(a, b, atol=2e-5, rtol=2e-4) -> Optional[str]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip()
-    return text.splitlines()[0][:300]
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # ImportError's start with a newline
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def check(model_type: str, generate: bool = True) -> Outcome:
@@ -283,16 +274,19 @@ def check(model_type: str, generate: bool = True) -> Outcome:
         except RuntimeError:  # a module holding a non-leaf tensor: the same seed builds the same weights
             fused = build(model_type)
     except Exception as e:  # noqa: BLE001 (a survey: any error building stock is recorded)
-        return Outcome(model_type, name, "not buildable", _first_line(e), time.perf_counter() - t0)
-    vocab = getattr(stock.config.get_text_config(), "vocab_size", None) or V
-    ids, labels = batch(vocab=min(vocab, V))
+        return Outcome(
+            model_type, name, "not buildable", _unrunnable(model_type, _first_line(e)), time.perf_counter() - t0
+        )
+    feed = inputs(model_type, stock)
+    ids = feed["input_ids"]
     try:
-        ref = _run(stock, ids, labels)
-        if ref.loss is None:
-            raise RuntimeError("stock forward returned no loss")
-        ref.loss.backward()
+        ref = _run(stock, feed)
+        ref_loss = getattr(ref, "loss", None)
+        if ref_loss is not None:
+            ref_loss.backward()
     except Exception as e:  # noqa: BLE001
-        return Outcome(model_type, name, "not buildable", "stock forward: " + _first_line(e), time.perf_counter() - t0)
+        reason = _unrunnable(model_type, "stock forward: " + _first_line(e))
+        return Outcome(model_type, name, "not buildable", reason, time.perf_counter() - t0)
 
     def done(status, reason=""):
         return Outcome(model_type, name, status, reason, time.perf_counter() - t0)
@@ -303,8 +297,10 @@ def check(model_type: str, generate: bool = True) -> Outcome:
         return done("refused", str(e).splitlines()[0])
     except Exception as e:  # noqa: BLE001
         return done("CRASH", "patch: " + _first_line(e))
+    if ref_loss is None:  # nothing to compare: patch must have refused it
+        return done("MISMATCH", "patch accepted a model whose stock forward returns no loss")
     try:
-        out = _run(fused, ids, labels)
+        out = _run(fused, feed)
         if out.logits is not None:
             return done("MISMATCH", "patched training forward returned logits")
         bad = _close(out.loss, ref.loss)
@@ -318,13 +314,13 @@ def check(model_type: str, generate: bool = True) -> Outcome:
             bad = _close(got[n], want[n])
             if bad:
                 return done("MISMATCH", f"gradient of {n}: {bad}")
-        tup = _run(fused, ids, labels, return_dict=False)
+        tup = _run(fused, feed, return_dict=False)
         if not (isinstance(tup, tuple) and tup[1] is None and _close(tup[0], ref.loss) is None):
             return done("MISMATCH", "return_dict=False: expected (loss, None, ...)")
         stock.eval()
         fused.eval()
         with torch.no_grad():
-            a, b = _run(stock, ids, labels), _run(fused, ids, labels)
+            a, b = _run(stock, feed), _run(fused, feed)
         bad = _close(b.logits, a.logits) or _close(b.loss, a.loss)
         if bad:
             return done("MISMATCH", f"eval: {bad}")
@@ -342,12 +338,18 @@ def check(model_type: str, generate: bool = True) -> Outcome:
         if is_patched(fused) or "forward" in fused.__dict__:
             return done("MISMATCH", "unpatch left a forward on the instance")
         with torch.no_grad():
-            a, b = _run(stock, ids, labels), _run(fused, ids, labels)
+            a, b = _run(stock, feed), _run(fused, feed)
         if b.logits is None or _close(b.loss, a.loss):
             return done("MISMATCH", "after unpatch: not stock")
     except Exception as e:  # noqa: BLE001
         return done("CRASH", _first_line(e))
     return done("matched")
+
+
+def _unrunnable(model_type: str, error: str) -> str:
+    """The stock error, after the known reason where the family cannot run tiny on CPU at all."""
+    known = families.UNRUNNABLE.get(model_type)
+    return f"{known} ({error})" if known else error
 
 
 def survey(model_types=None, generate: bool = True):
@@ -374,7 +376,9 @@ def markdown(outcomes, seconds: Optional[float] = None) -> str:
         f"Generated by `python tests/hf_survey.py` with transformers {transformers.__version__}: every entry of",
         "`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` built tiny from its config, weights moved off their initial values,",
         "then `patch` compared with stock (loss, every gradient, `return_dict=False`, eval logits, greedy",
-        "generation, unpatch). The same check runs as `tests/test_hf_survey.py` (slow).",
+        "generation, unpatch). The same check runs as `tests/test_hf_survey.py` (slow). Families the generic",
+        "tiny sizes do not cover get their settings, and the inputs their stock forward needs, from",
+        "`tests/hf_families.py`.",
         "",
         f"{len(outcomes)} model types: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("matched", "refused", "not buildable", "MISMATCH", "CRASH")),

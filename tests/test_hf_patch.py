@@ -205,6 +205,33 @@ def test_unknown_logit_post_processing_raises():
         patch(model)
 
 
+def test_a_forward_without_labels_is_refused():
+    from transformers import LlamaForCausalLM
+
+    class Drafter(LlamaForCausalLM):  # a speculative-decoding drafter: no labels, so no loss to replace
+        def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+            return self.lm_head(self.model(input_ids=input_ids, inputs_embeds=inputs_embeds).last_hidden_state)
+
+    model = Drafter(build("llama").config)
+    with pytest.raises(ValueError, match=r"^model: Drafter\.forward takes no labels"):
+        patch(model)
+    assert not is_patched(model)
+
+
+def test_eval_only_logit_steps_fuse_in_training_only():
+    import hf_survey
+
+    model = hf_survey.build("xlstm")  # its forward softcaps chunk by chunk under `not self.training`
+    ids, labels = hf_survey.batch()
+    with pytest.raises(ValueError, match=r"xLSTMForCausalLM\.forward post-processes its logits differently in eval"):
+        patch(model, train_only=False)
+    patch(model)
+    model.eval()
+    with pytest.raises(ValueError, match="in training mode only"):
+        model(input_ids=ids, labels=labels, skip_logits=True)
+    assert model(input_ids=ids, labels=labels).logits is not None  # eval runs stock
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_low_precision_close_to_stock(autocast):
     """bf16 weights, or fp32 weights under CPU autocast to bf16: the head computes in bf16 as stock's does."""

@@ -9,16 +9,19 @@ bf16 once, must be no further from fp64 than the eager chunk math's gradient rou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
 from reference import make_labels, ref_ce, ref_kd, ref_log_probs
 
 from tune_losses.divergences import VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
+from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.functional import linear_distillation_loss, linear_kd_loss, linear_log_probs
 from tune_losses.kernels import triton_select, triton_terms
 from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
-from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, TokenStatsTerm
+from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term, TokenStatsTerm
 
 triton = pytest.importorskip("triton")
 INTERPRETED = type(triton.language.sum).__name__ == "InterpretedFunction"
@@ -102,9 +105,11 @@ def test_log_prob_kernel_matches_fp64(dtype, ignore, temperature, entropy, inter
     check_log_probs(dtype, ignore, temperature, entropy)
 
 
-@pytest.mark.parametrize("n,v,block", [(3, 300, 64), (13, 101, 64)])
-def test_log_prob_kernel_odd_shapes_entropy_weight_only(n, v, block, interpret):
-    check_log_probs(torch.float32, "some", 2.0, True, n=n, v=v, block=block, w_lp=False)
+@pytest.mark.parametrize(
+    "n,v,block,dtype", [(3, 300, 64, torch.float32), (13, 101, 64, torch.float16)], ids=["fp32", "fp16"]
+)
+def test_log_prob_kernel_odd_shapes_entropy_weight_only(n, v, block, dtype, interpret):
+    check_log_probs(dtype, "some", 2.0, True, n=n, v=v, block=block, w_lp=False)
 
 
 def test_log_prob_values_only_leave_the_logits(interpret):
@@ -116,6 +121,22 @@ def test_log_prob_values_only_leave_the_logits(interpret):
     want_lp, want_h = ref_log_probs(z.double(), labels)
     torch.testing.assert_close(lp.double(), want_lp, **VALUE_TOL)
     torch.testing.assert_close(h.double(), want_h, **VALUE_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_log_prob_gradient_from_stored_lse(dtype, interpret):
+    """Values first (with the logsumexp), then the gradient sweep alone: the same bits as one call."""
+    z = logits(7, 83, dtype, 41)
+    labels = make_labels((7,), 83, "some", torch.Generator().manual_seed(42))
+    w_lp, w_h = token_weights(labels, 43).float(), token_weights(labels, 44).float()
+    one = z.clone()
+    lp, h = triton_terms.log_prob_chunk_triton(one, labels, 2.0, -100, True, w_lp, w_h, block=32)
+    two = z.clone()
+    lp2, h2, lse = triton_terms.log_prob_chunk_triton(two, labels, 2.0, -100, True, block=32, return_lse=True)
+    assert torch.equal(two, z) and torch.equal(lp, lp2) and torch.equal(h, h2)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z.double() / 2, -1), atol=1e-5, rtol=1e-5)
+    out = triton_terms.log_prob_grad_triton(two, labels, 2.0, -100, lse, w_lp, w_h, entropy=h2, block=32)
+    assert out is two and torch.equal(two, one)
 
 
 def test_log_prob_masked_and_non_finite(interpret):
@@ -213,7 +234,8 @@ def test_divergence_kernel_matches_fp64(divergence, fields, dtype, temperature, 
     ids=["fkl-eps-z", "jsd-eps", "tvd-softcap", "rkl-softcap-z"],
 )
 def test_divergence_kernel_with_ce_options(divergence, temperature, ce, interpret):
-    for dtype in (torch.float32, torch.bfloat16):
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float16,) if divergence == "jsd" else ())
+    for dtype in dtypes:
         check_divergence(divergence, {}, dtype, "some", temperature, ce)
 
 
@@ -405,6 +427,65 @@ def test_linear_log_probs_through_the_kernel(dtype, interpret, monkeypatch):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for a, b in zip(results["0"], results["1"]):
         torch.testing.assert_close(a.double(), b.double(), **tol)
+
+
+@dataclass(frozen=True)
+class _RatioTerm(Term):
+    """A policy-like term over the label's log-probability: ``-adv * exp(log q[y] - old)`` per token
+    (``adv``, ``old`` per-token side inputs); ``d value / d log q[y] = value``. Its Triton math uses
+    the log-prob kernel twice: values, then the gradient for the formula's per-token weight."""
+
+    temperature: float = 2.0
+    name: str = "ratio"
+    compilable = False
+
+    def _value(self, lp, inputs, valid):
+        ratio = torch.exp(lp - inputs["old"].to(lp.dtype))
+        return torch.where(valid, -inputs["adv"].to(lp.dtype) * ratio, 0.0)
+
+    def compute(self, chunk, weights, consume_student, consume_teacher):
+        red, t = chunk.reducer, self.temperature
+        (lp,), _ = log_prob_chunk(chunk.student, chunk.labels, chunk.valid, t, red)
+        value = self._value(lp, chunk.inputs, chunk.valid)
+        if weights is None or weights[0] is None:
+            return (value,), None
+        (_,), g = log_prob_chunk(chunk.student, chunk.labels, chunk.valid, t, red, weights=(weights[0] * value, None))
+        return (value,), g
+
+    def triton_chunk_math(self, ignore_index):
+        def run(z, zt, labels, weights, inputs=None):
+            t = self.temperature
+            lp, lse = triton_terms.log_prob_chunk_triton(z, labels, t, ignore_index, return_lse=True)
+            value = self._value(lp, inputs, labels != ignore_index)
+            w = None if weights[0] is None else weights[0][0]
+            if w is None:
+                return [value], None
+            return [value], triton_terms.log_prob_grad_triton(z, labels, t, ignore_index, lse, w_lp=w * value)
+
+        return run
+
+
+def test_a_term_of_its_own_through_the_log_prob_kernel(interpret, monkeypatch):
+    """A term defining ``triton_chunk_math`` (an alignment-style formula over log q[y]) runs through
+    the engine's Triton path with its side inputs, matching its eager math."""
+    x, w, _, _, labels = _linear_case(51)
+    g = torch.Generator().manual_seed(52)
+    inputs = {"old": -torch.rand(11, generator=g) * 3, "adv": torch.randn(11, generator=g)}
+    plan = LossPlan(terms=(_RatioTerm(),), chunk_size=4, dw_accumulation="fp32")
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
+        values = _spy(monkeypatch, triton_terms, "log_prob_chunk_triton")
+        grads = _spy(monkeypatch, triton_terms, "log_prob_grad_triton")
+        xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
+        loss, _ = run_terms(
+            xs, ws, None, labels, None, None, None, plan, per_token=False, recompute=False, inputs=inputs
+        )
+        loss.backward()
+        assert (len(values), len(grads)) == ((3, 3) if mode == "1" else (0, 0))  # 3 chunks: values, gradient
+        results[mode] = (loss.detach(), xs.grad, ws.grad)
+    for a, b in zip(results["0"], results["1"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- CUDA

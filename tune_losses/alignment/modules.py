@@ -104,14 +104,9 @@ class LinearPreferenceLoss(_AlignmentModule):
         chunk_size: Optional[int] = None,
         discopop_tau: float = 0.05,
     ):
+        # Every constructor keyword that names a PreferenceOptions field goes into it (no list to keep in step).
         options = PreferenceOptions(
-            loss_type=loss_type,
-            beta=beta,
-            gamma=gamma,
-            label_smoothing=label_smoothing,
-            discopop_tau=discopop_tau,
-            nll_weight=nll_weight,
-            average_log_prob=average_log_prob,
+            **{k: v for k, v in locals().items() if k in PreferenceOptions.__dataclass_fields__}
         )
         super().__init__(ignore_index, chunk_size)
         self.options = options
@@ -200,16 +195,8 @@ class LinearPolicyLoss(_AlignmentModule):
             raise TypeError(
                 f"LinearPolicyLoss: unexpected option(s) {unknown}; expected some of {POLICY_MODULE_OPTIONS}"
             )
-        policy_options = PolicyOptions(
-            loss_type=loss_type,
-            beta=beta,
-            epsilon_low=epsilon_low,
-            epsilon_high=epsilon_high,
-            temperature=temperature,
-            max_completion_length=max_completion_length,
-            return_entropy=return_entropy,
-            **options,
-        )
+        named = {k: v for k, v in locals().items() if k in PolicyOptions.__dataclass_fields__}
+        policy_options = PolicyOptions(**named, **options)
         execution = ExecutionOptions(algorithm=algorithm)
         super().__init__(ignore_index, chunk_size, policy_options.validate)
         self.options, self.execution = policy_options, execution

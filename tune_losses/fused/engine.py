@@ -267,7 +267,7 @@ def _token_chunks(
             for i, ws in enumerate(weights):
                 if ws is not None and any(v is not None for v in ws):
                     chunk_weights[i] = [_chunk_weight(v, rows, ok, dtype, grad_scale) for v in ws]
-        result = None if tri is None else tri(z, zt, lab, chunk_weights)
+        result = None if tri is None else tri(z, zt, lab, chunk_weights, chunk_inputs)
         if math is not None:
             result = _run_padded(math, n, zbuf, ztbuf, lab, ok, chunk_weights, plan.ignore_index, chunk_inputs)
             if result is None:

@@ -20,7 +20,10 @@ Recognised, in the order the forward applies them:
   ``logit_scale``, Granite's ``logits_scaling``, ``lm_head_multiplier``, ``output_multiplier``);
 * the softcap ``s * tanh(logits / s)`` in one expression or three statements, ``s`` an attribute (or a
   local variable holding one: RecurrentGemma), or a module whose forward is exactly that (Inkling 2);
+* the softcap as a call of a module function that is exactly one (xLSTM's ``soft_cap(logits, s)``);
 * dtype casts (``logits.float()``), which the fused loss's fp32 math makes moot;
+* steps under ``if not self.training ...``: never run in training, so set aside (``eval_steps``; the
+  patch then fuses in training mode only);
 * the loss: ``self.loss_function(...)`` (the caller checks it is Transformers' causal-LM loss), or
   ``CrossEntropyLoss()(logits.view(-1, V), labels.view(-1))`` on unshifted labels (the encoder-decoder
   families' ``*ForCausalLM``);
@@ -74,6 +77,8 @@ class HeadSpec:
         aux_coef: chain of the MoE router auxiliary-loss coefficient added to the loss, or None.
         z_loss: chain of a coefficient ``c`` of ``c * mean(lse^2)`` over every position (Bamba), added when > 0.
         loss: :data:`CAUSAL` or :data:`UNSHIFTED`.
+        eval_steps: the tests of branches the forward runs only in eval mode (``if not self.training and
+            ...``), not read: the spec holds in training mode only (xLSTM's chunked eval softcap).
     """
 
     model_type: str
@@ -89,6 +94,7 @@ class HeadSpec:
     loss: str = CAUSAL
     softcap_module: Optional[Chain] = None  # resolved into ``softcap`` by :func:`read_head`
     vocab_limit: Optional[Chain] = None  # logits cut to the first ``u`` vocabulary rows when ``u`` is set
+    eval_steps: Tuple[str, ...] = ()  # tests ``not self.training and ...`` whose branches were set aside
 
     def vocab_rows(self, model) -> Optional[int]:
         """The number of vocabulary rows the logits keep, or None for all."""
@@ -158,6 +164,11 @@ def read_head(model) -> HeadSpec:
     if head is None:
         raise ValueError(
             f"model: {name} has no output embeddings (get_output_embeddings() gave None); expected a causal LM"
+        )
+    if isinstance(head, torch.nn.ModuleList):  # MusicGen: one output layer per codebook, losses summed
+        raise ValueError(
+            f"model: {name}'s output embeddings are {len(head)} layers (a ModuleList, one per codebook); the "
+            f"fused loss takes one output layer, so it is not patched"
         )
     head_path = next((tuple(p.split(".")) for p, m in model.named_modules() if m is head and p), None)
     if head_path is None:
@@ -346,6 +357,10 @@ def _read_forward(cls, head: Chain) -> HeadSpec:
     name = cls.__name__
     func = _resolve_aliases(_function_ast(cls.forward, f"{name}.forward"))
     flat = list(_flatten(func.body))
+    # Statements under `not self.training` never run in training: set aside (HeadSpec.eval_steps). The
+    # else branch of such a test always runs in training: that guard is dropped.
+    eval_steps = tuple(ast.unparse(g[-1]) for _, g in flat if g and _is_eval_only(g[-1]))
+    flat = [(st, tuple(t for t in g if not _is_else_of_eval_only(t))) for st, g in flat if not _in_eval_only(g)]
     stmts = [st for st, _ in flat]
     guards = {id(st): g for st, g in flat}
 
@@ -427,6 +442,9 @@ def _read_forward(cls, head: Chain) -> HeadSpec:
         raise fail("computes its loss neither with self.loss_function nor with a plain CrossEntropyLoss()")
     if loss_kind is None:
         raise fail("uses self.loss_function in an unrecognised way", stmts[i_loss])
+    if loss_kind == CAUSAL and not _loss_reads(stmts[i_loss].value, logits):
+        # e.g. GIT: loss_function(logits=logits[:, num_image_tokens:-1], labels=None, shift_labels=...)
+        raise fail(f"passes self.loss_function something other than `{logits}` and `labels`", stmts[i_loss])
     softcap: Optional[Chain] = None
     softcap_module: Optional[Chain] = None
     pending_cap: Optional[Chain] = None  # logits = logits / s, awaiting tanh and * s
@@ -438,7 +456,7 @@ def _read_forward(cls, head: Chain) -> HeadSpec:
             continue
         value = _assigned_value(s, logits)
         guard = guards[id(s)]
-        one_step = _softcap_expr(value, logits)
+        one_step = _softcap_expr(value, logits) or _softcap_function_call(value, logits, cls)
         module = _self_call_chain(value)
         if one_step is not None and _guarded_by(guard, one_step) and softcap is None and pending_cap is None:
             softcap = one_step
@@ -526,6 +544,7 @@ def _read_forward(cls, head: Chain) -> HeadSpec:
         loss=loss_kind,
         softcap_module=softcap_module,
         vocab_limit=vocab_limit,
+        eval_steps=tuple(dict.fromkeys(eval_steps)),
     )
 
 
@@ -596,6 +615,20 @@ def _find_loss(stmts, i_head: int, logits: str):
         ):
             return i, UNSHIFTED
     return None, None
+
+
+def _loss_reads(call: ast.Call, logits: str) -> bool:
+    """``self.loss_function`` gets the output layer's logits (``logits``, maybe cast) and the forward's
+    ``labels``, by keyword or as its first two arguments: what the fused loss is given in their place."""
+    given = dict(zip(("logits", "labels"), call.args))
+    given.update({k.arg: k.value for k in call.keywords if k.arg in ("logits", "labels")})
+    got, labels = given.get("logits"), given.get("labels")
+    return (
+        got is not None
+        and ((isinstance(got, ast.Name) and got.id == logits) or _is_cast(got, logits))
+        and isinstance(labels, ast.Name)
+        and labels.id == "labels"
+    )
 
 
 def _call_name(call) -> Optional[str]:
@@ -735,6 +768,67 @@ def _flatten(body, guards: tuple = ()) -> Iterator[Tuple[ast.stmt, tuple]]:
             yield from _flatten(getattr(s, field, None) or [], inner)
         for handler in getattr(s, "handlers", None) or []:
             yield from _flatten(handler.body, guards + (handler,))
+
+
+def _is_eval_only(test) -> bool:
+    """``not self.training``, alone or as one operand of an ``and``: the branch never runs in training."""
+    parts = test.values if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And) else [test]
+    return any(
+        isinstance(p, ast.UnaryOp) and isinstance(p.op, ast.Not) and ast.unparse(p.operand) == "self.training"
+        for p in parts
+    )
+
+
+def _is_else_of_eval_only(guard) -> bool:
+    """The else branch's guard of an eval-only test (:func:`_flatten` negates the test): true in training."""
+    return isinstance(guard, ast.UnaryOp) and isinstance(guard.op, ast.Not) and _is_eval_only(guard.operand)
+
+
+def _in_eval_only(guards: tuple) -> bool:
+    return any(_is_eval_only(g) for g in guards if isinstance(g, ast.expr))
+
+
+def _softcap_function_call(value, logits: str, cls) -> Optional[Chain]:
+    """``s`` when ``value`` is ``f(logits, self.<s>)`` and ``f``, a function of the forward's module, is
+    exactly a softcap ``s * tanh(x / s)`` (returning ``x`` when ``s`` is None, as the spec skips None):
+    xLSTM's ``soft_cap``."""
+    if not (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and len(value.args) == 2
+        and not value.keywords
+        and isinstance(value.args[0], ast.Name)
+        and value.args[0].id == logits
+        and isinstance(value.args[1], ast.Attribute)
+    ):
+        return None
+    chains = _chains(value.args[1])
+    if len(chains) != 1 or ast.unparse(value.args[1]) != "self." + ".".join(chains[0]):
+        return None
+    module = inspect.getmodule(cls)
+    fn = getattr(module, value.func.id, None) if module is not None else None
+    return chains[0] if inspect.isfunction(fn) and _is_softcap_function(fn) else None
+
+
+@functools.cache
+def _is_softcap_function(fn) -> bool:
+    """``def f(x, s): [if s is None: return x]; return s * tanh(x / s)`` (either factor order)."""
+    try:
+        func = _function_ast(fn, fn.__name__)
+    except ValueError:
+        return False
+    params = [a.arg for a in func.args.args]
+    body = _body(func)
+    if len(params) != 2 or func.args.vararg or func.args.kwarg or not body:
+        return False
+    x, cap = params
+    if len(body) == 2 and ast.unparse(body[0]) != f"if {cap} is None:\n    return {x}":
+        return False
+    if len(body) not in (1, 2) or not isinstance(body[-1], ast.Return) or body[-1].value is None:
+        return False
+    forms = {f"{cap} * {t}({x} / {cap})" for t in ("torch.tanh", "tanh")}
+    forms |= {f"{t}({x} / {cap}) * {cap}" for t in ("torch.tanh", "tanh")}
+    return ast.unparse(body[-1].value) in forms
 
 
 def _guarded_by(guards: tuple, chain: Chain) -> bool:

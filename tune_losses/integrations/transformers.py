@@ -152,12 +152,15 @@ def patch(model, *, train_only: bool = True, **ce_options):
     hf = unwrap_model(model)
     if is_patched(hf):
         unpatch(hf)
+    _check_takes_labels(hf)
     spec = read_head(hf)
     if "softcap" in ce_options and spec.softcap is not None:
         raise ValueError(
             f"ce_options: softcap is set by {spec.model_type} itself ({'.'.join(spec.softcap)}); don't pass softcap"
         )
     _check_loss_function(hf, spec)
+    if not train_only:
+        _check_training_mode(hf, spec)
     check_output_layer(read_chain(hf, spec.head))  # an unrecognised output layer forward fails now
     inner = hf.__dict__.get("forward")  # a forward someone installed on the instance before us
     if inner is not None:
@@ -183,6 +186,28 @@ def unpatch(model):
 
 def is_patched(model) -> bool:
     return _STATE in unwrap_model(model).__dict__
+
+
+def _check_takes_labels(hf) -> None:
+    """A forward without a ``labels`` argument computes no loss (a speculative-decoding drafter's, fed
+    another model's hidden states): there is nothing for the fused loss to replace."""
+    cls = forward_class(type(hf))
+    if "labels" not in inspect.signature(cls.forward).parameters:
+        raise ValueError(
+            f"model: {cls.__name__}.forward takes no labels, so it computes no loss for the fused loss to "
+            f"replace; it is not patched"
+        )
+
+
+def _check_training_mode(hf, spec: HeadSpec) -> None:
+    """A forward with eval-only steps between its backbone and its loss (``spec.eval_steps``) is read for
+    training mode only."""
+    if spec.eval_steps:
+        raise ValueError(
+            f"model: {spec.model_type}.forward post-processes its logits differently in eval mode (under "
+            f"`if {spec.eval_steps[0]}`); the fused loss matches it in training mode only (train_only=True, "
+            f"the model in train())"
+        )
 
 
 def _check_loss_function(hf, spec: HeadSpec) -> None:
@@ -364,6 +389,8 @@ def apply_head(model, hidden: torch.Tensor, spec: Optional[HeadSpec] = None) -> 
     """
     hf = unwrap_model(model)
     spec = spec if spec is not None else read_head(hf)
+    if not hf.training:
+        _check_training_mode(hf, spec)
     scale = spec.hidden_scale(hf)
     if scale is not None:
         hidden = hidden * scale

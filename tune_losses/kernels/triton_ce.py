@@ -54,6 +54,14 @@ def triton_wanted(device: torch.device) -> bool:
     return False
 
 
+def num_warps(block: int) -> int:
+    """Warps per row program: more for wider blocks (Triton's softmax heuristic). At 4 warps the
+    widest kernels need 128-166 registers per thread on sm_90 (few programs per SM for a
+    memory-bound loop); 8 / 16 warps bring that to about 80 / 50, without spills
+    (benchmarks/results/triton_registers_sm90.md)."""
+    return 16 if block >= 4096 else 8 if block >= 2048 else 4
+
+
 def _kernel():
     # Triton decides at decoration whether a kernel is interpreted (TRITON_INTERPRET): one per setting.
     return _decorated(os.environ.get("TRITON_INTERPRET", "0"))
@@ -116,5 +124,6 @@ def ce_chunk_triton(
         HAS_SOFTCAP=opts.softcap is not None,
         ROUND_BF16=z.dtype == torch.bfloat16,
         BLOCK=block,
+        num_warps=num_warps(block),
     )
     return loss, lse

@@ -7,6 +7,12 @@ Term sets served (:func:`triton_chunk_math`), on one process, for bf16 / fp16 / 
 * a divergence alone, or cross-entropy (any options) then a divergence (distillation): forward KL,
   reverse KL, symmetric KL, JSD (beta in [0, 1]), TVD (``triton_terms.divergence_chunk_triton``).
 
+A term of a higher layer (an alignment term with its own per-token formula over the label's
+log-probability) joins by defining ``triton_chunk_math(ignore_index)``, returning a callable of the
+same form (or None for the compiled / eager math); it may call
+:func:`~tune_losses.kernels.triton_terms.log_prob_chunk_triton` twice: values first, then the
+gradient for the per-token weight its formula gives (``d loss / d log q[y]``).
+
 Everything else gets None and runs the engine's compiled / eager math: other terms (a sparse
 teacher, the alignment terms with their own formulas, token statistics), a registered divergence
 without a kernel, ``teacher_vocab="pad_student"``, a vocabulary-parallel reducer, fp64 inputs (fp64
@@ -54,10 +60,10 @@ def triton_chunk_math(
     Args:
         dtype: the logits' dtype (None: not checked); ignore_index: the plan's (log-probabilities).
 
-    The callable takes ``(z [n, V], zt [n, V_t] or None, labels [n], weights)`` (logits in the input
-    dtype; ``weights`` as the engine's, per term, per output) and returns ``(outputs, g)``: every
-    output ``[n]`` of every term, in order, and ``g`` = ``z`` holding the gradient, or None when no
-    output has a weight.
+    The callable takes ``(z [n, V], zt [n, V_t] or None, labels [n], weights, inputs)`` (logits in
+    the input dtype; ``weights`` as the engine's, per term, per output; ``inputs`` the chunk's
+    per-token side inputs by name) and returns ``(outputs, g)``: every output ``[n]`` of every
+    term, in order, and ``g`` = ``z`` holding the gradient, or None when no output has a weight.
     """
     if reducer is not None and reducer.distributed:
         return None
@@ -70,10 +76,13 @@ def triton_chunk_math(
 
 
 def _select(terms: Sequence[Term], ignore_index: int) -> Optional[Callable]:
+    own = getattr(terms[0], "triton_chunk_math", None) if len(terms) == 1 else None
+    if callable(own):
+        return own(ignore_index)
     if len(terms) == 1 and type(terms[0]) is CrossEntropyTerm:
         opts = terms[0].opts  # type: ignore[attr-defined]
 
-        def ce_math(z, zt, labels, weights):
+        def ce_math(z, zt, labels, weights, inputs=None):
             w = _first(weights[0])
             loss, _ = triton_ce.ce_chunk_triton(z, labels, opts, w)
             return [loss], (z if w is not None else None)
@@ -82,7 +91,7 @@ def _select(terms: Sequence[Term], ignore_index: int) -> Optional[Callable]:
     if len(terms) == 1 and type(terms[0]) is LogProbTerm:
         term: LogProbTerm = terms[0]  # type: ignore[assignment]
 
-        def log_prob_math(z, zt, labels, weights):
+        def log_prob_math(z, zt, labels, weights, inputs=None):
             ws = weights[0] or [None, None]
             w_lp, w_h = ws[0], (ws[1] if term.entropy and len(ws) > 1 else None)
             outs = triton_terms.log_prob_chunk_triton(
@@ -97,7 +106,7 @@ def _select(terms: Sequence[Term], ignore_index: int) -> Optional[Callable]:
     kd_opts: KDOptions = terms[-1].opts  # type: ignore[attr-defined]
     ce_opts: Optional[CEOptions] = terms[0].opts if distill else None  # type: ignore[attr-defined]
 
-    def kd_math(z, zt, labels, weights):
+    def kd_math(z, zt, labels, weights, inputs=None):
         w_kd = _first(weights[-1])
         w_ce = _first(weights[0]) if distill else None
         if w_kd is None and w_ce is not None:

@@ -5,7 +5,8 @@ kernels over one chunk of logits in their own dtype (no fp32 ``[n, V]`` buffer f
   (the engine's :class:`~tune_losses.terms.LogProbTerm`: ``linear_log_probs``, the DPO family's
   log-probabilities). Sweep 1 keeps the maximum, the sum of exponentials and the entropy's
   ``sum e^(x - m) (x - m)`` online; sweep 2 (with a gradient weight) writes
-  ``(w_lp (onehot - q) - w_h q (log q + H)) / T`` over the logits.
+  ``(w_lp (onehot - q) - w_h q (log q + H)) / T`` over the logits. :func:`log_prob_grad_triton`
+  runs sweep 2 alone from an earlier call's logsumexp, for a weight that depends on the values.
 * :func:`divergence_chunk_triton`: distillation's two logit sets: forward KL, reverse KL, symmetric
   KL, JSD(beta) (the limits beta = 0 / 1 are forward / reverse KL) and TVD at temperature T, alone
   or with the student's cross-entropy (label smoothing, z-loss, softcap). Sweep 1 keeps both logit
@@ -34,6 +35,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from tune_losses.kernels.triton_ce import num_warps
 from tune_losses.options import CEOptions, KDOptions
 
 _MAX_BLOCK = 4096
@@ -77,6 +79,7 @@ def log_prob_chunk_triton(
     w_lp: Optional[torch.Tensor] = None,
     w_h: Optional[torch.Tensor] = None,
     block: Optional[int] = None,
+    return_lse: bool = False,
 ) -> List[torch.Tensor]:
     """``log q[y]`` (and the entropy) of one chunk, ``q = softmax(z / T)``; the gradient of
     ``w_lp * log q[y] + w_h * H`` w.r.t. ``z`` is written over ``z`` when a weight is given.
@@ -86,38 +89,82 @@ def log_prob_chunk_triton(
         labels: ``[n]`` int64; ``ignore_index`` marks ignored tokens (values and gradient 0).
         w_lp, w_h: ``[n]`` gradient weights of the log-probability and of the entropy, or None.
         block: vocabulary columns per step (a power of two; default ``min(4096, next pow2 of V)``).
+        return_lse: also return ``logsumexp(z / T)`` per token (NaN at a non-finite row), for a
+            later :func:`log_prob_grad_triton` whose weight depends on these values.
 
     Returns:
-        ``[log_probs [n]]`` (+ ``[entropy [n]]`` with ``entropy``) in fp32.
+        ``[log_probs [n]]`` (+ ``[entropy [n]]`` with ``entropy``, + ``[lse [n]]`` with
+        ``return_lse``) in fp32.
     """
-    _rows(z, "z")
-    n, vocab = z.shape
-    lp = torch.empty(n, dtype=torch.float32, device=z.device)
-    h = torch.empty(n, dtype=torch.float32, device=z.device) if entropy else lp
     if entropy is False and w_h is not None:
         raise ValueError("w_h: an entropy weight needs entropy=True")
-    if n:
-        wl = lp if w_lp is None else w_lp.to(torch.float32).contiguous()  # a dummy pointer without a weight
-        wh = lp if w_h is None else w_h.to(torch.float32).contiguous()
-        _kernel("logprob_kernel")[(n,)](
-            z,
-            z.stride(0),
-            labels.contiguous(),
-            wl,
-            wh,
-            lp,
-            h,
-            vocab,
-            ignore_index,
-            1.0 / temperature,
-            HAS_ENTROPY=entropy,
-            HAS_GRAD=w_lp is not None or w_h is not None,
-            HAS_W_LP=w_lp is not None,
-            HAS_W_H=w_h is not None,
-            ROUND_BF16=z.dtype == torch.bfloat16,
-            BLOCK=_block(vocab, block, _MAX_BLOCK),
-        )
-    return [lp, h] if entropy else [lp]
+    _rows(z, "z")
+    n = z.shape[0]
+    lp = torch.empty(n, dtype=torch.float32, device=z.device)
+    h = torch.empty(n, dtype=torch.float32, device=z.device) if entropy else lp
+    lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    _launch(z, labels, temperature, ignore_index, entropy, False, w_lp, w_h, lp, h, lse, block)
+    return [lp] + ([h] if entropy else []) + ([lse] if return_lse else [])
+
+
+def log_prob_grad_triton(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    lse: torch.Tensor,
+    w_lp: Optional[torch.Tensor] = None,
+    w_h: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    block: Optional[int] = None,
+) -> torch.Tensor:
+    """The gradient of ``w_lp * log q[y] + w_h * H`` w.r.t. ``z``, written over ``z`` in one sweep
+    from the values a :func:`log_prob_chunk_triton` call returned for the same logits: ``lse``
+    (``return_lse``) and, with ``w_h``, ``entropy``. For a term whose gradient weight is a
+    function of the log-probabilities (a policy or preference loss): values, formula, gradient.
+
+    Returns:
+        ``z`` (holding the gradient).
+    """
+    if w_h is not None and entropy is None:
+        raise ValueError("entropy: an entropy weight needs the entropy values, got None")
+    if w_lp is None and w_h is None:
+        raise ValueError("w_lp, w_h: expected at least one gradient weight, got None for both")
+    _rows(z, "z")
+    h = lse if entropy is None else entropy.to(torch.float32).contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    _launch(z, labels, temperature, ignore_index, entropy is not None, True, w_lp, w_h, lse, h, lse, block)
+    return z
+
+
+def _launch(z, labels, temperature, ignore_index, entropy, from_lse, w_lp, w_h, lp, h, lse, block) -> None:
+    n, vocab = z.shape
+    if n == 0:
+        return
+    wl = lp if w_lp is None else w_lp.to(torch.float32).contiguous()  # a dummy pointer without a weight
+    wh = lp if w_h is None else w_h.to(torch.float32).contiguous()
+    width = _block(vocab, block, _MAX_BLOCK)
+    _kernel("logprob_kernel")[(n,)](
+        z,
+        z.stride(0),
+        labels.contiguous(),
+        wl,
+        wh,
+        lp,
+        h,
+        lse,
+        vocab,
+        ignore_index,
+        1.0 / temperature,
+        HAS_ENTROPY=entropy,
+        FROM_LSE=from_lse,
+        HAS_GRAD=w_lp is not None or w_h is not None,
+        HAS_W_LP=w_lp is not None,
+        HAS_W_H=w_h is not None,
+        ROUND_BF16=z.dtype == torch.bfloat16,
+        BLOCK=width,
+        num_warps=num_warps(width),
+    )
 
 
 def divergence_chunk_triton(
@@ -162,8 +209,9 @@ def divergence_chunk_triton(
         return ce_out, kd_out
     wk = kd_out if w_kd is None else w_kd.to(torch.float32).contiguous()  # a dummy pointer without a weight
     wc = kd_out if w_ce is None else w_ce.to(torch.float32).contiguous()
-    beta = min(max(kd.beta, 1e-30), 1.0 - 1e-7)  # logs of the mixture weights (read for 0 < beta < 1 only)
+    mixed = 0.0 < kd.beta < 1.0  # JSD's mixture weights' logs (read only then)
     c = ce or CEOptions()
+    width = _block(vocab, block, _MAX_BLOCK // 2)
     _kernel("divergence_kernel")[(n,)](
         zs,
         zt,
@@ -179,8 +227,8 @@ def divergence_chunk_triton(
         1.0 / kd.temperature,
         kd.loss_scale,
         float(mix),
-        math.log(beta),
-        math.log1p(-beta),
+        math.log(kd.beta) if mixed else 0.0,
+        math.log1p(-kd.beta) if mixed else 0.0,
         float(c.label_smoothing),
         float(c.z_loss),
         float(c.softcap or 1.0),
@@ -196,6 +244,7 @@ def divergence_chunk_triton(
         HAS_GRAD=w_kd is not None,
         TRUE_KL=kd.true_kl,
         ROUND_BF16=zs.dtype == torch.bfloat16,
-        BLOCK=_block(vocab, block, _MAX_BLOCK // 2),
+        BLOCK=width,
+        num_warps=num_warps(width),
     )
     return ce_out, kd_out

@@ -20,49 +20,59 @@ def logprob_kernel(
     w_h_ptr,
     lp_ptr,
     h_ptr,
+    lse_ptr,
     V,
     ignore_index,
     inv_t,
     HAS_ENTROPY: tl.constexpr,
+    FROM_LSE: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     HAS_W_LP: tl.constexpr,
     HAS_W_H: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # log q[y] and the entropy H of q = softmax(z / T) for one token row (two sweeps with a gradient).
+    # log q[y] and the entropy H of q = softmax(z / T) for one token row (two sweeps with a gradient);
+    # FROM_LSE: the gradient sweep alone, from the logsumexp (and entropy) an earlier call stored.
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    m = float("-inf")
-    s = 0.0
-    a = 0.0  # sum e^(x - m) (x - m), for the entropy
-    x_y = 0.0
-    bad = 0.0  # NaN or +inf logits: the token's values become NaN
-    for off in range(0, V, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        inside = cols < V
-        x = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_t
-        bad += tl.sum(tl.where((x != x) | (x == float("inf")), 1.0, 0.0))
-        x_y += tl.sum(tl.where(cols == label, x, 0.0))
-        m_new = tl.maximum(m, tl.max(x, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: no NaN
-        rescale = tl.exp(m - shift)
-        e = tl.exp(x - shift)
+    if FROM_LSE:
+        lse = tl.load(lse_ptr + row)
+        h = 0.0
+        if HAS_W_H:
+            h = tl.load(h_ptr + row)
+    else:
+        m = float("-inf")
+        s = 0.0
+        a = 0.0  # sum e^(x - m) (x - m), for the entropy
+        x_y = 0.0
+        bad = 0.0  # NaN or +inf logits: the token's values become NaN
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            inside = cols < V
+            x = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_t
+            bad += tl.sum(tl.where((x != x) | (x == float("inf")), 1.0, 0.0))
+            x_y += tl.sum(tl.where(cols == label, x, 0.0))
+            m_new = tl.maximum(m, tl.max(x, 0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: no NaN
+            rescale = tl.exp(m - shift)
+            e = tl.exp(x - shift)
+            if HAS_ENTROPY:
+                moved = tl.where(s > 0.0, (m - shift) * s, 0.0)
+                a = rescale * (a + moved) + tl.sum(tl.where(e > 0.0, e * (x - shift), 0.0))
+            s = s * rescale + tl.sum(e)
+            m = m_new
+        log_s = tl.log(s)
+        lse = tl.where(m == float("-inf"), 0.0, m) + log_s
+        lse = tl.where(bad > 0, float("nan"), lse)
+        tl.store(lse_ptr + row, lse)
+        tl.store(lp_ptr + row, tl.where(valid, x_y - lse, 0.0))
+        h = 0.0
         if HAS_ENTROPY:
-            moved = tl.where(s > 0.0, (m - shift) * s, 0.0)
-            a = rescale * (a + moved) + tl.sum(tl.where(e > 0.0, e * (x - shift), 0.0))
-        s = s * rescale + tl.sum(e)
-        m = m_new
-    log_s = tl.log(s)
-    lse = tl.where(m == float("-inf"), 0.0, m) + log_s
-    lp = tl.where(bad > 0, float("nan"), x_y - lse)
-    tl.store(lp_ptr + row, tl.where(valid, lp, 0.0))
-    h = 0.0
-    if HAS_ENTROPY:
-        h = tl.where(bad > 0, float("nan"), log_s - a / s)
-        tl.store(h_ptr + row, tl.where(valid, h, 0.0))
+            h = tl.where(bad > 0, float("nan"), log_s - a / s)
+            tl.store(h_ptr + row, tl.where(valid, h, 0.0))
     if HAS_GRAD:
         # d log q[y] / dx_j = onehot_j - q_j;  dH / dx_j = -q_j (log q_j + H);  x = z / T.
         w_lp = 0.0
