@@ -109,6 +109,24 @@ def test_distillation_loss_matches_full_logits():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_distillation_loss_takes_the_options_objects_too():
+    """``distillation_loss``'s flat loss options are made into the objects the fused loss takes; the
+    objects themselves are accepted as they are; an ``ignore_index`` said twice must agree."""
+    from tune_losses import DistillationOptions, ExecutionOptions, KDOptions
+    from tune_losses.integrations.transformers import distillation_loss
+
+    student, teacher = build("qwen2"), build("llama", seed=9)
+    ids, labels = batch()
+    flat = distillation_loss(student, teacher, ids, labels, kd_ratio=0.25, temperature=2.0, algorithm="recompute")
+    options = DistillationOptions(0.25, KDOptions(temperature=2.0))
+    objects = distillation_loss(student, teacher, ids, labels, options=options, execution=ExecutionOptions("recompute"))
+    torch.testing.assert_close(objects.loss, flat.loss, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="kd_ratio= and options= both given"):
+        distillation_loss(student, teacher, ids, labels, options=options, kd_ratio=0.5)
+    with pytest.raises(ValueError, match="ignore_index"):
+        distillation_loss(student, teacher, ids, labels, ignore_index=0, options=options)
+
+
 @pytest.mark.parametrize("model_type", ["opt", "bert", "cohere"])
 def test_trainer_head_is_the_shared_head_spec(model_type):
     """The distillation trainer reads each model's head through the spec ``patch`` uses: a nested backbone

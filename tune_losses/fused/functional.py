@@ -264,12 +264,6 @@ def _fused_output(loss, parts, count) -> FusedOutput:
     return FusedOutput(loss, parts.get("ce", zero).detach(), parts.get("kd", zero).detach(), count)
 
 
-def _parallel(process_group, vocab_parallel, vocab_start, vocab_size) -> VocabParallelOptions:
-    return VocabParallelOptions(
-        process_group=process_group, vocab_parallel=vocab_parallel, vocab_start=vocab_start, vocab_size=vocab_size
-    )
-
-
 # ------------------------------------------------------------------- old flat keyword arguments
 
 _PARALLEL_FIELDS = ("process_group", "vocab_parallel", "vocab_start", "vocab_size")
