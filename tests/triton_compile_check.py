@@ -1,5 +1,5 @@
 """Compile every Triton chunk kernel for a CUDA target on a machine without a GPU (Triton's code
-generation down to PTX and ptxas's cubin), so that an error only the compiler sees (a loop-carried
+generation down to PTX and ptxas's cubin, with the launches' warp counts), so that an error only the compiler sees (a loop-carried
 variable whose type changes, an unsupported construct) shows up where the tests run under
 ``TRITON_INTERPRET=1``. Run as a script with ``TRITON_INTERPRET`` unset
 (tests/test_kernels_triton_compile.py does); exits 1 if a kernel fails to compile.
@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tune_losses.kernels import triton_ce_source, triton_terms_source
+from tune_losses.kernels.triton_ce import num_warps
 
 _LOGITS = {"z_ptr", "zs_ptr", "zt_ptr"}
 
@@ -100,7 +101,7 @@ def main(sm: int = 90) -> int:
             jf, signature(jf, dt, flags), constexprs={(jf.arg_names.index(k),): v for k, v in flags.items()}
         )
         try:
-            triton.compile(src, target=target)
+            triton.compile(src, target=target, options={"num_warps": num_warps(flags["BLOCK"])})
             print(f"ok     {dt} {name}")
         except Exception as e:  # noqa: BLE001 - report every failing variant
             failed += 1
