@@ -426,6 +426,20 @@ def test_old_flat_keywords_warn_and_give_the_same_values_and_gradients(eager):
         linear_sparse_kd_loss(h, w, labels, ids, lp, algoritm="recompute")
 
 
+def test_signatures_keep_the_common_arguments_flat_and_the_rest_as_objects():
+    """The flat form issue 19 fixed, plus the objects; no other keyword (the old flat ones go through
+    ``**deprecated``)."""
+    import inspect
+
+    common = ["bias", "temperature", "tail", "ignore_index", "reduction", "chunk_size", "validate"]
+    tail = ["num_tokens", "scale", "parallel", "execution", "deprecated"]
+    tensors = ["hidden", "weight", "labels", "teacher_ids", "teacher_logprobs"]
+    for fn, extra in ((linear_sparse_kd_loss, []), (linear_sparse_distillation_loss, ["kd_ratio", "label_smoothing"])):
+        names = list(inspect.signature(fn).parameters)
+        assert names[:5] == tensors and names[-5:] == tail, names
+        assert sorted(names[5:-5]) == sorted(common + extra), names
+
+
 @pytest.mark.parametrize("fn", ["kd", "distillation"])
 def test_each_argument_is_checked_once_per_call(fn, monkeypatch):
     """Every scalar argument is checked once per call, wherever it travels (flat, or inside the
