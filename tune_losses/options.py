@@ -294,18 +294,3 @@ class DistillationOptions:
 def check_reduction(reduction: str) -> str:
     check_choice("reduction", reduction, REDUCTIONS)
     return reduction
-
-
-def check_run_options(
-    chunk_size: Optional[int],
-    validate: bool,
-    vocab_parallel: Optional[bool] = None,
-    vocab_start: Optional[int] = None,
-    vocab_size: Optional[int] = None,
-) -> None:
-    """The fused losses' per-call options that no dataclass holds: ``chunk_size`` (tokens per
-    chunk, an int >= 1 or None), ``validate`` (a bool), ``vocab_parallel`` (None or a bool),
-    ``vocab_start`` (an int >= 0 or None), ``vocab_size`` (an int >= 1 or None)."""
-    check_int_option("chunk_size", chunk_size, 1, allow_none=True)
-    check_bool_option("validate", validate)
-    VocabParallelOptions(None, vocab_parallel, vocab_start, vocab_size)

@@ -36,7 +36,6 @@ from tune_losses.options import (
     check_float_option,
     check_int_option,
     check_reduction,
-    check_run_options,
 )
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
 from tune_losses.validation import check_float, check_fused_inputs, check_label_range, check_labels_dtype
@@ -48,7 +47,6 @@ __all__ = [
     "linear_log_probs",
     "linear_kd_loss",
     "linear_distillation_loss",
-    "check_run_options",
     "flat_distillation_options",
 ]
 
