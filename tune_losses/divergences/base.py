@@ -23,7 +23,7 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
-from tune_losses.divergences.common import NEG_INF, VocabReducer, row_max, scaled
+from tune_losses.divergences.common import NEG_INF, ChunkRun, VocabReducer, row_max, scaled
 from tune_losses.options import KDOptions
 
 _REGISTRY: Dict[str, Divergence] = {}
@@ -147,9 +147,7 @@ def kd_chunk(
     zs: torch.Tensor,
     zt: torch.Tensor,
     opts: KDOptions,
-    red: VocabReducer,
-    weight: Optional[torch.Tensor] = None,
-    consume_student: bool = False,
+    run: ChunkRun,
     consume_teacher: bool = False,
     teacher_weight: Optional[torch.Tensor] = None,
     student_rows: Optional[dict] = None,
@@ -158,7 +156,8 @@ def kd_chunk(
 
     Args:
         zs, zt: ``[n, V_r]`` raw student / teacher logits.
-        weight: ``[n]`` gradient weight per token, or None for the value only.
+        run: the reducer, the gradient weight per token (None: the value only), whether ``zs`` may
+            be overwritten.
         teacher_weight: ``[n]``: also return the gradient w.r.t. ``zt`` (a teacher that requires
             grad, chunked-output losses only), as a third result.
         student_rows: ``(max, sum exp)`` of the raw student logits under key ``"raw"`` when another
@@ -168,6 +167,7 @@ def kd_chunk(
         ``(divergence [n] times loss_scale (no ignore mask), grad [n, V_r] w.r.t. zs or None)``.
     """
     t = opts.temperature
+    red, weight, consume_student = run
     div = get_divergence(opts.divergence)
     if teacher_weight is None:
         shared = student_rows.get("raw") if student_rows and t == 1.0 else None

@@ -10,6 +10,8 @@ vocabulary-parallel losses pass one that all-reduces over the tensor-parallel gr
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 NEG_INF = float("-inf")
@@ -39,6 +41,21 @@ class VocabReducer:
 
     def finish_dx(self, dx: torch.Tensor) -> None:
         """Complete a hidden-state gradient made from this process's columns (nothing to add here)."""
+
+
+class ChunkRun(NamedTuple):
+    """How a per-chunk function runs over its logits ``[n, V_r]``, besides its inputs and options.
+
+    Attributes:
+        red: reductions over the vocabulary.
+        weight: ``[n]`` gradient weight per token (0 at ignored tokens), or None for the value only
+            (then no gradient is built).
+        consume: whether the function may overwrite the (student's) logits buffer.
+    """
+
+    red: VocabReducer
+    weight: Optional[torch.Tensor] = None
+    consume: bool = False
 
 
 def row_max(z: torch.Tensor, red: VocabReducer) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from tune_losses.divergences.common import VocabReducer, add_at_label, label_index, row_max
+from tune_losses.divergences.common import ChunkRun, add_at_label, label_index, row_max
 from tune_losses.options import CEOptions
 
 
@@ -15,9 +15,7 @@ def ce_chunk(
     labels: torch.Tensor,
     valid: torch.Tensor,
     opts: CEOptions,
-    red: VocabReducer,
-    weight: Optional[torch.Tensor] = None,
-    consume: bool = False,
+    run: ChunkRun,
     student_rows: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Cross-entropy ``lse(z) - z[y]`` with label smoothing, z-loss and softcap, and its gradient.
@@ -25,7 +23,8 @@ def ce_chunk(
     Args:
         z: ``[n, V_r]`` raw logits.
         labels, valid: ``[n]`` class ids and the mask of counted tokens.
-        weight: ``[n]`` gradient weight per token, or None for the value only.
+        run: the reducer, the gradient weight per token (None: the value only), whether ``z`` may
+            be overwritten.
         student_rows: a dict to leave ``(max, sum exp)`` of the raw logits in (key ``"raw"``) for
             later terms of the same chunk (not with softcap, whose logits differ).
 
@@ -33,6 +32,7 @@ def ce_chunk(
         ``(loss [n], grad [n, V_r] or None)``; the loss is 0 at ignored tokens.
     """
     s, eps, c = opts.softcap, opts.label_smoothing, opts.z_loss
+    red, weight, consume = run
     if s is not None:
         z = (z if consume else z.clone()).div_(s).tanh_().mul_(s)
         consume = True
