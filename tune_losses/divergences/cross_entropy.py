@@ -11,12 +11,7 @@ from tune_losses.options import CEOptions
 
 
 def ce_chunk(
-    z: torch.Tensor,
-    labels: torch.Tensor,
-    valid: torch.Tensor,
-    opts: CEOptions,
-    run: ChunkRun,
-    student_rows: Optional[dict] = None,
+    z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, opts: CEOptions, run: ChunkRun
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Cross-entropy ``lse(z) - z[y]`` with label smoothing, z-loss and softcap, and its gradient.
 
@@ -24,15 +19,14 @@ def ce_chunk(
         z: ``[n, V_r]`` raw logits.
         labels, valid: ``[n]`` class ids and the mask of counted tokens.
         run: the reducer, the gradient weight per token (None: the value only), whether ``z`` may
-            be overwritten.
-        student_rows: a dict to leave ``(max, sum exp)`` of the raw logits in (key ``"raw"``) for
-            later terms of the same chunk (not with softcap, whose logits differ).
+            be overwritten, and a dict to leave ``(max, sum exp)`` of the raw logits in (``rows``,
+            key ``"raw"``) for later terms of the same chunk (not with softcap, whose logits differ).
 
     Returns:
         ``(loss [n], grad [n, V_r] or None)``; the loss is 0 at ignored tokens.
     """
     s, eps, c = opts.softcap, opts.label_smoothing, opts.z_loss
-    red, weight, consume = run
+    red, weight, consume, rows = run
     if s is not None:
         z = (z if consume else z.clone()).div_(s).tanh_().mul_(s)
         consume = True
@@ -47,8 +41,8 @@ def ce_chunk(
     stats.insert(0, e.sum(-1))
     r = red.sum(torch.stack(stats))
     sumexp = r[0]
-    if student_rows is not None and s is None:
-        student_rows.setdefault("raw", (m, sumexp))
+    if rows is not None and s is None:
+        rows.setdefault("raw", (m, sumexp))
     lse = m + sumexp.log()
     loss = lse - r[1]
     if eps > 0:
