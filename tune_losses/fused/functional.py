@@ -26,7 +26,7 @@ from tune_losses.fused.placement import place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
 from tune_losses.options import (
     ALGORITHMS,
-    DW_ACCUMULATIONS,
+    IGNORE_INDEX,
     CEOptions,
     DistillationOptions,
     ExecutionOptions,
@@ -72,34 +72,29 @@ class RunOptions:
 
     Attributes:
         reduction: ``mean`` (over valid tokens, or over ``num_tokens`` when given), ``sum`` or ``none``.
-        algorithm: ``auto``, ``grad_in_forward`` or ``recompute`` (see :mod:`tune_losses.fused.engine`).
         validate: check the label range (one host sync per call).
         chunk_size: tokens per chunk, or None for the default rule.
         ignore_index: label value of tokens left out.
         parallel: where the weights live (:class:`VocabParallelOptions`).
-        drop_ignored_tokens: leave ignored tokens' rows out before the chunk loop
-            (:mod:`tune_losses.fused.valid_rows`; one host sync per call).
-        dw_accumulation: how dW is accumulated over chunks (:mod:`tune_losses.fused.dw_accumulation`).
+        execution: ``algorithm`` (``auto``, ``grad_in_forward`` or ``recompute``, see
+            :mod:`tune_losses.fused.engine`), ``drop_ignored_tokens`` (leave ignored tokens' rows out
+            before the chunk loop, :mod:`tune_losses.fused.valid_rows`; one host sync per call) and
+            ``dw_accumulation`` (:mod:`tune_losses.fused.dw_accumulation`), checked when made
+            (:class:`ExecutionOptions`).
     """
 
     reduction: str = "mean"
-    algorithm: str = "auto"
     validate: bool = True
     chunk_size: Optional[int] = None
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     parallel: VocabParallelOptions = field(default_factory=VocabParallelOptions)
-    drop_ignored_tokens: bool = False
-    dw_accumulation: str = "auto"
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
 
     def __post_init__(self):
         # reduction and chunk_size are the flat arguments no other options object checks; the rest
         # come from CEOptions / KDOptions / ExecutionOptions / VocabParallelOptions, checked when made.
         check_reduction(self.reduction)
         check_int_option("chunk_size", self.chunk_size, 1, allow_none=True)
-        if self.algorithm not in ALGORITHMS:  # membership tests at the engine's door, no re-validation
-            raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.dw_accumulation not in DW_ACCUMULATIONS:
-            raise ValueError(f"dw_accumulation: expected one of {DW_ACCUMULATIONS}, got {self.dw_accumulation!r}")
 
 
 class Side(NamedTuple):
@@ -232,7 +227,8 @@ def _run(
             check_inputs(vocab)
     flat_labels = labels.reshape(-1)
     count = (flat_labels != opts.ignore_index).sum()
-    plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer, opts.dw_accumulation)
+    execution = opts.execution
+    plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer, execution.dw_accumulation)
     if scale is not None:
         scale = _as_scale(scale, x.device)
     elif opts.reduction == "mean":
@@ -240,9 +236,9 @@ def _run(
     # Without grad mode (eval, torch.no_grad) Recompute's forward computes values only; the
     # grad-in-forward path would compute dX and dW for nothing.
     per_token = opts.reduction == "none"
-    recompute = per_token or opts.algorithm == "recompute"
+    recompute = per_token or execution.algorithm == "recompute"
     keep = None
-    if opts.drop_ignored_tokens:
+    if execution.drop_ignored_tokens:
         x, tx, flat_labels, keep = select_valid_rows(x, tx, flat_labels, opts.ignore_index)
         if keep is not None and inputs:
             inputs = {k: v.index_select(0, keep) for k, v in inputs.items()}
@@ -332,16 +328,7 @@ def _placement_and_execution(fn: str, parallel, execution, deprecated: Dict[str,
 
 
 def _run_options(reduction, chunk_size, ignore_index, validate, parallel, execution) -> RunOptions:
-    return RunOptions(
-        reduction=reduction,
-        algorithm=execution.algorithm,
-        validate=validate,
-        chunk_size=chunk_size,
-        ignore_index=ignore_index,
-        parallel=parallel,
-        drop_ignored_tokens=execution.drop_ignored_tokens,
-        dw_accumulation=execution.dw_accumulation,
-    )
+    return RunOptions(reduction, validate, chunk_size, ignore_index, parallel, execution)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -410,7 +397,7 @@ def linear_log_probs(
     *,
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     validate: bool = True,

@@ -21,6 +21,7 @@ from tune_losses.chunking import chunk_policy
 from tune_losses.fused.functional import FusedOutput, linear_cross_entropy, linear_distillation_loss
 from tune_losses.heads import OutputProjection, set_output_mode
 from tune_losses.options import (
+    IGNORE_INDEX,
     CEOptions,
     DistillationOptions,
     ExecutionOptions,
@@ -138,7 +139,7 @@ class LinearCrossEntropyLoss(HiddenStatesLoss):
 
     def __init__(
         self,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: Optional[float] = None,
@@ -224,7 +225,7 @@ class LinearDistillationLoss(DistillationLossBase):
         beta: float = 0.5,
         sym_kd_ratio: float = 0.5,
         scale_by_temperature_squared: bool = True,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         label_smoothing: float = 0.0,
         chunk_size: Optional[int] = None,
         algorithm: str = "auto",
