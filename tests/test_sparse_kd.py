@@ -19,13 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tune_losses as tl
 from tune_losses import SparseDistillationLoss, linear_kd_loss, linear_sparse_distillation_loss, linear_sparse_kd_loss
 from tune_losses.fused import compiled
-from tune_losses.options import (
-    ExecutionOptions,
-    KDOptions,
-    SparseDistillationOptions,
-    SparseKDOptions,
-    VocabParallelOptions,
-)
+from tune_losses.options import ExecutionOptions, KDOptions, SparseKDOptions, VocabParallelOptions
 
 REDUCTIONS = ("mean", "sum", "none")
 TAILS = ("renormalize", "bucket")
@@ -294,7 +288,7 @@ def test_compiled_and_eager_chunk_math(monkeypatch, compile_mode):
 def test_distillation_is_weighted_ce_plus_sparse_kd(eager, tail, temperature, reduction):
     h, w, b, labels, ids, lp, _ = make_case((3, 7), 16, 45, 6, seed=13, bias=True, temperature=temperature)
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-    options = SparseDistillationOptions(0.3, SparseKDOptions(temperature, tail))
+    options = tl.SparseDistillationOptions(0.3, SparseKDOptions(temperature, tail))
     out = linear_sparse_distillation_loss(
         *leaves[:2], labels, ids, lp, bias=leaves[2], reduction=reduction, chunk_size=8, options=options
     )
@@ -381,7 +375,7 @@ def test_bad_inputs_name_the_argument():
         ("reduction", dict(reduction="avg")),
         ("chunk_size", dict(chunk_size=0)),
         ("execution", dict(execution="recompute")),  # the object, not one of its fields
-        ("options", dict(options=SparseDistillationOptions())),  # the distillation's object, not the KD's
+        ("options", dict(options=tl.SparseDistillationOptions())),  # the distillation's object, not the KD's
     ]
     for name, change in cases:
         kw = {k: v for k, v in change.items() if k not in ("ids", "lp")}
@@ -392,12 +386,12 @@ def test_bad_inputs_name_the_argument():
         with pytest.raises(ValueError, match=name):
             SparseKDOptions(**{name: bad})
     with pytest.raises(ValueError, match="kd_ratio"):
-        SparseDistillationOptions(kd_ratio=1.5)
+        tl.SparseDistillationOptions(kd_ratio=1.5)
     with pytest.raises(TypeError, match="kd: expected a SparseKDOptions, got KDOptions"):
-        SparseDistillationOptions(kd=KDOptions())
+        tl.SparseDistillationOptions(kd=KDOptions())
     with pytest.raises(ValueError, match="ce.ignore_index: expected -1"):
-        SparseDistillationOptions(kd=SparseKDOptions(ignore_index=-1), ce=tl.CEOptions(ignore_index=-100))
-    with pytest.raises(TypeError, match="options: expected a SparseDistillationOptions"):
+        tl.SparseDistillationOptions(kd=SparseKDOptions(ignore_index=-1), ce=tl.CEOptions(ignore_index=-100))
+    with pytest.raises(TypeError, match="options: expected a tl.SparseDistillationOptions"):
         linear_sparse_distillation_loss(h, w, labels, ids, lp, options=SparseKDOptions())
     # A tiny positive log-probability (rounding) passes; validate=False skips the value checks.
     linear_sparse_kd_loss(h, w, labels, ids, lp.masked_fill(lp == lp.max(), 1e-4))
@@ -421,9 +415,9 @@ def test_old_flat_keywords_warn_and_give_the_same_values_and_gradients(eager):
     forms = {
         linear_sparse_kd_loss: (dict(options=kd), term, "options=SparseKDOptions(temperature=, tail="),
         linear_sparse_distillation_loss: (
-            dict(options=SparseDistillationOptions(0.3, kd, tl.CEOptions(-1, 0.1, validate=False))),
+            dict(options=tl.SparseDistillationOptions(0.3, kd, tl.CEOptions(-1, 0.1, validate=False))),
             dict(kd_ratio=0.3, label_smoothing=0.1, **term),
-            "options=SparseDistillationOptions(kd_ratio=..., kd=SparseKDOptions(...), ce=CEOptions(...))",
+            "options=tl.SparseDistillationOptions(kd_ratio=..., kd=SparseKDOptions(...), ce=CEOptions(...))",
         ),
     }
     for fn, (new_kw, flat_kw, new_form) in forms.items():
@@ -455,7 +449,7 @@ def test_old_flat_keywords_warn_and_give_the_same_values_and_gradients(eager):
     with pytest.raises(TypeError, match="tail= and options= both given"):
         linear_sparse_kd_loss(h, w, labels, ids, lp, tail="bucket", options=kd)
     with pytest.raises(TypeError, match="kd_ratio= and options= both given"):
-        linear_sparse_distillation_loss(h, w, labels, ids, lp, kd_ratio=0.2, options=SparseDistillationOptions())
+        linear_sparse_distillation_loss(h, w, labels, ids, lp, kd_ratio=0.2, options=tl.SparseDistillationOptions())
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
         linear_sparse_kd_loss(h, w, labels, ids, lp, algoritm="recompute")
 
@@ -468,7 +462,7 @@ def test_signatures_are_the_tensors_the_common_arguments_and_the_objects():
     rest = ["bias", "reduction", "chunk_size", "num_tokens", "scale", "options", "parallel", "execution"]
     for fn, options in (
         (linear_sparse_kd_loss, SparseKDOptions),
-        (linear_sparse_distillation_loss, SparseDistillationOptions),
+        (linear_sparse_distillation_loss, tl.SparseDistillationOptions),
     ):
         params = inspect.signature(fn).parameters
         assert list(params) == tensors + rest + ["deprecated"], list(params)
@@ -504,7 +498,7 @@ def test_each_argument_is_checked_once_per_call(fn, form, monkeypatch):
     execution = ExecutionOptions("recompute")
     if form == "objects":
         kd = SparseKDOptions(**term)
-        opts = kd if fn == "kd" else SparseDistillationOptions(0.3, kd, tl.CEOptions(label_smoothing=0.1))
+        opts = kd if fn == "kd" else tl.SparseDistillationOptions(0.3, kd, tl.CEOptions(label_smoothing=0.1))
         kw = dict(options=opts)
     else:
         kw = {**term, **mix}
@@ -609,7 +603,7 @@ def _vocab_parallel_ranks(rank: int, world: int):
                 kd = SparseKDOptions(temperature=2.0, tail=tail)
                 common = dict(bias=bb, chunk_size=8, **kw)
                 if composed:
-                    options = SparseDistillationOptions(0.4, kd)
+                    options = tl.SparseDistillationOptions(0.4, kd)
                     return linear_sparse_distillation_loss(x, ww, labels, ids, lp, options=options, **common).loss
                 return linear_sparse_kd_loss(x, ww, labels, ids, lp, options=kd, **common)
 

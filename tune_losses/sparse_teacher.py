@@ -42,7 +42,7 @@ from typing import ClassVar, Optional, Tuple
 
 import torch
 
-from tune_losses.divergences import VocabReducer
+from tune_losses.divergences import ChunkRun, VocabReducer
 from tune_losses.options import TAILS, SparseKDOptions  # noqa: F401 (TAILS: this module's name for it, kept)
 from tune_losses.terms import Chunk, Term
 
@@ -72,27 +72,30 @@ def _teacher_renormalized(lp: torch.Tensor, used: torch.Tensor):
 
 
 def sparse_kd_chunk(
-    chunk: Chunk, opts: SparseKDOptions, weight: Optional[torch.Tensor] = None, consume: bool = False
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    valid: torch.Tensor,
+    opts: SparseKDOptions,
+    run: ChunkRun,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``T^2 KD`` of a sparse teacher against ``q = softmax(z / T)``, and its gradient w.r.t. ``z``.
 
     Args:
-        chunk: what the chunk's terms share (:class:`tune_losses.terms.Chunk`), read here:
-            ``student`` (z): ``[n, V_r]`` raw student logits (compute dtype), columns
-            ``[reducer.start, reducer.start + V_r)``; ``inputs["teacher_ids"]``: ``[n, k]`` integer
-            vocabulary ids in ``[0, V)``, or -1 for an unused slot; ``inputs["teacher_logprobs"]``:
-            ``[n, k]`` the teacher's log-probabilities of those ids at temperature T; ``valid``:
-            ``[n]`` mask of counted tokens; ``student_rows["raw"]``: ``(max [n], sum exp(z - max)
-            [n])`` of the raw logits over the whole vocabulary when another term of the chunk
-            computed them (used at T = 1 only).
-        weight: ``[n]`` gradient weight per token (0 at ignored tokens), or None for the value only.
-        consume: ``chunk.student`` may be overwritten.
+        z: ``[n, V_r]`` raw student logits (compute dtype), columns ``[red.start, red.start + V_r)``.
+        ids: ``[n, k]`` integer vocabulary ids in ``[0, V)``, or -1 for an unused slot.
+        logprobs: ``[n, k]`` the teacher's log-probabilities of ``ids`` at temperature T.
+        valid: ``[n]`` bool mask of counted tokens.
+        run: the reducer ``red``, the gradient weight per token (0 at ignored tokens; None: the value
+            only), whether ``z`` may be overwritten, and the chunk's shared student statistics:
+            ``rows["raw"] = (max [n], sum exp(z - max) [n])`` of the raw logits over the whole
+            vocabulary when another term of the chunk computed them (used at T = 1 only).
 
     Returns:
         ``(loss [n] (0 at ignored tokens), grad [n, V_r] or None)``.
     """
-    z, valid, red, student_stats = chunk.student, chunk.valid, chunk.reducer, chunk.student_rows.get("raw")
-    ids, logprobs = chunk.inputs[TEACHER_IDS], chunk.inputs[TEACHER_LOGPROBS]
+    red, weight, consume, rows = run
+    student_stats = None if rows is None else rows.get("raw")
     t = opts.temperature
     bucket = opts.tail == "bucket"
     width = z.shape[-1]
@@ -180,5 +183,7 @@ class SparseKDTerm(Term):
     eager_in_auto: ClassVar[bool] = True
 
     def compute(self, chunk: Chunk, weights, consume_student, consume_teacher):
-        value, g = sparse_kd_chunk(chunk, self.opts, None if weights is None else weights[0], consume_student)
+        run = ChunkRun(chunk.reducer, None if weights is None else weights[0], consume_student, chunk.student_rows)
+        ids, logprobs = chunk.inputs[TEACHER_IDS], chunk.inputs[TEACHER_LOGPROBS]
+        value, g = sparse_kd_chunk(chunk.student, ids, logprobs, chunk.valid, self.opts, run)
         return (value,), g
