@@ -391,7 +391,7 @@ def test_bad_inputs_name_the_argument():
         tl.SparseDistillationOptions(kd=KDOptions())
     with pytest.raises(ValueError, match="ce.ignore_index: expected -1"):
         tl.SparseDistillationOptions(kd=SparseKDOptions(ignore_index=-1), ce=tl.CEOptions(ignore_index=-100))
-    with pytest.raises(TypeError, match="options: expected a tl.SparseDistillationOptions"):
+    with pytest.raises(TypeError, match="options: expected a SparseDistillationOptions"):
         linear_sparse_distillation_loss(h, w, labels, ids, lp, options=SparseKDOptions())
     # A tiny positive log-probability (rounding) passes; validate=False skips the value checks.
     linear_sparse_kd_loss(h, w, labels, ids, lp.masked_fill(lp == lp.max(), 1e-4))
@@ -417,7 +417,7 @@ def test_old_flat_keywords_warn_and_give_the_same_values_and_gradients(eager):
         linear_sparse_distillation_loss: (
             dict(options=tl.SparseDistillationOptions(0.3, kd, tl.CEOptions(-1, 0.1, validate=False))),
             dict(kd_ratio=0.3, label_smoothing=0.1, **term),
-            "options=tl.SparseDistillationOptions(kd_ratio=..., kd=SparseKDOptions(...), ce=CEOptions(...))",
+            "options=SparseDistillationOptions(kd_ratio=..., kd=SparseKDOptions(...), ce=CEOptions(...))",
         ),
     }
     for fn, (new_kw, flat_kw, new_form) in forms.items():
