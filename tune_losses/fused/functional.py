@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
@@ -193,7 +193,7 @@ def _run(
     if scale is not None and opts.reduction != "sum":
         raise ValueError(f"scale: only meaningful with reduction='sum', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
-    teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), None)
+    teacher_vocab = next((t.opts.teacher_vocab for t in terms if isinstance(t, DivergenceTerm)), None)
     placed = place(
         student.weight,
         student.bias,
@@ -210,6 +210,7 @@ def _run(
     tx = tw = tb = None
     if teacher is not None:
         tw, tb = placed.teacher_weight, placed.teacher_bias
+        assert tw is not None  # place() gives a teacher weight whenever it is given one
         tx = _flat(teacher.names, teacher.hidden, tw, tb, labels)
         # Placement left the teacher the student's rows ("drop"), or those and its padding rows.
         if tw.shape[0] < w.shape[0] or (teacher_vocab != "pad_student" and tw.shape[0] != w.shape[0]):
@@ -283,7 +284,7 @@ _no_more = no_more
 _DISTILLATION_FIELDS = ("kd_ratio", "label_smoothing") + _KD_FIELDS
 
 
-def _distillation_options(flat: Dict[str, object]) -> DistillationOptions:
+def _distillation_options(flat: Dict[str, Any]) -> DistillationOptions:
     """A DistillationOptions from the flat ``kd_ratio``, ``label_smoothing`` and KDOptions fields: the
     cross-entropy shares the divergence's ``ignore_index`` and ``validate``."""
     kd = KDOptions(**{k: v for k, v in flat.items() if k in _KD_FIELDS})
@@ -554,11 +555,12 @@ def linear_distillation_loss(
         warn_deprecated(
             f"{fn}({names}...)", "options=DistillationOptions(kd_ratio=..., kd=KDOptions(...), ce=CEOptions(...))"
         )
-        options = _distillation_options(flat)
+        opts = _distillation_options(flat)
     else:
-        options = _option(fn, "options", DistillationOptions, options, flat)
+        opts = _option(fn, "options", DistillationOptions, options, flat)
+    ce = cast(CEOptions, opts.ce)  # never None once made: DistillationOptions fills in the default
     terms = [
-        CrossEntropyTerm(options.ce, weight=1.0 - options.kd_ratio),
-        DivergenceTerm(options.kd, weight=float(options.kd_ratio)),
+        CrossEntropyTerm(ce, weight=1.0 - opts.kd_ratio),
+        DivergenceTerm(opts.kd, weight=float(opts.kd_ratio)),
     ]
-    return _fused_output(*_two_model_run(fn, terms, options.kd, locals()))
+    return _fused_output(*_two_model_run(fn, terms, opts.kd, locals()))
