@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
+from tune_losses.deprecation import no_more, options_object, take
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
@@ -254,6 +254,16 @@ def _run(
     return loss, parts, count
 
 
+def mix_terms(options, kd_term: Callable[..., Term]) -> List[Term]:
+    """The terms of ``(1 - kd_ratio) * CE + kd_ratio * KD`` from a DistillationOptions or a
+    SparseDistillationOptions and the KD term's class. CE first: at T = 1 it leaves the student's
+    (max, sum exp) for the KD term to reuse."""
+    return [
+        CrossEntropyTerm(options.ce, weight=1.0 - options.kd_ratio),
+        kd_term(options.kd, weight=float(options.kd_ratio)),
+    ]
+
+
 def _fused_output(loss, parts, count) -> FusedOutput:
     zero = torch.zeros_like(loss.detach())
     return FusedOutput(loss, parts.get("ce", zero).detach(), parts.get("kd", zero).detach(), count)
@@ -284,14 +294,6 @@ _no_more = no_more
 _DISTILLATION_FIELDS = ("kd_ratio", "label_smoothing") + _KD_FIELDS
 
 
-def _distillation_options(flat: Dict[str, Any]) -> DistillationOptions:
-    """A DistillationOptions from the flat ``kd_ratio``, ``label_smoothing`` and KDOptions fields: the
-    cross-entropy shares the divergence's ``ignore_index`` and ``validate``."""
-    kd = KDOptions(**{k: v for k, v in flat.items() if k in _KD_FIELDS})
-    ce = CEOptions(ignore_index=kd.ignore_index, label_smoothing=flat.get("label_smoothing", 0.0), validate=kd.validate)
-    return DistillationOptions(flat.get("kd_ratio", 0.5), kd, ce)
-
-
 def flat_distillation_options(flat: Dict[str, object], ignore_index: int) -> Dict[str, object]:
     """Keyword arguments of :func:`linear_distillation_loss` in the object form, from flat ones (no
     warning), for APIs that take them flat (e.g. Transformers' ``distillation_loss(**loss_options)``):
@@ -303,7 +305,7 @@ def flat_distillation_options(flat: Dict[str, object], ignore_index: int) -> Dic
         raise ValueError("ignore_index: give it as the function's own argument, not among the loss options")
     options = kw.get("options")
     if options is None:
-        kw["options"] = _distillation_options({**given, "ignore_index": ignore_index})
+        kw["options"] = DistillationOptions.from_flat(**given, ignore_index=ignore_index)
     elif given:
         raise TypeError(f"{', '.join(f'{k}=' for k in given)} and options= both given; put them in options=")
     elif isinstance(options, DistillationOptions) and options.kd.ignore_index != ignore_index:
@@ -549,18 +551,6 @@ def linear_distillation_loss(
         for logging), ``num_tokens`` (this call's valid tokens).
     """
     fn = "linear_distillation_loss"
-    flat = _take(deprecated, _DISTILLATION_FIELDS)
-    if options is None and flat:
-        names = ", ".join(f"{k}=" for k in flat)
-        warn_deprecated(
-            f"{fn}({names}...)", "options=DistillationOptions(kd_ratio=..., kd=KDOptions(...), ce=CEOptions(...))"
-        )
-        opts = _distillation_options(flat)
-    else:
-        opts = _option(fn, "options", DistillationOptions, options, flat)
-    ce = cast(CEOptions, opts.ce)  # never None once made: DistillationOptions fills in the default
-    terms = [
-        CrossEntropyTerm(ce, weight=1.0 - opts.kd_ratio),
-        DivergenceTerm(opts.kd, weight=float(opts.kd_ratio)),
-    ]
-    return _fused_output(*_two_model_run(fn, terms, opts.kd, locals()))
+    options = _option(fn, "options", DistillationOptions, options, _take(deprecated, _DISTILLATION_FIELDS))
+    terms = mix_terms(options, DivergenceTerm)
+    return _fused_output(*_two_model_run(fn, terms, options.kd, locals()))
