@@ -1,12 +1,14 @@
 """What `pip install tune-losses` promises: torch is the one dependency, extras carry lower bounds,
 and a part whose extra is missing says which extra to install.
 
-Slow (CI runs both; each builds a throwaway venv, minutes): a venv with torch alone (the CPU wheel of
-constraints.txt) and this repository installed without dependencies imports the package, runs a fused
-loss forward and backward, gets an ImportError naming the extra for each optional part, and `pip
-check` is clean; a venv with torch, then `.[hf]`, then the newest PEFT: `pip check` clean, no
-torchtune or torchao, `patch` working on a PEFT model. Both install packages (a package index or
-pip's configured local wheels); TUNE_LOSSES_INSTALL_CHECKS=0 skips them on a machine with neither.
+Slow (CI runs both; each builds a throwaway venv, minutes): a venv with the oldest torch of the
+supported range alone (PyPI's wheel) and this repository installed without dependencies imports the
+package, runs a fused loss forward and backward, gets an ImportError naming the extra for each
+optional part, and `pip check` is clean; then the same venv gets the `dev` extra (at the versions
+of constraints.txt that go with that torch) and runs the fast suite. A venv with torch, then
+`.[hf]`, then the newest PEFT: `pip check` clean, no torchtune or torchao, `patch` working on a PEFT
+model. Both install packages (a package index or pip's configured local wheels);
+TUNE_LOSSES_INSTALL_CHECKS=0 skips them on a machine with neither.
 """
 
 from __future__ import annotations
@@ -102,33 +104,74 @@ for part, extra in [("tune_losses.training", "train"), ("tune_losses.tiny", "tra
         assert f"pip install 'tune-losses[{extra}]'" in str(e), str(e)
     else:
         raise AssertionError(f"{part} imported without its extra")
-print("torch-only ok", tl.__version__)
+print("torch-only ok", tl.__version__, "torch", torch.__version__)
 """
+
+
+# The oldest torch of `dependencies` pulls the Triton release it was built with, whose interpreter
+# (the kernels' tests on CPU) reads NumPy < 2.3 only; the other pins of constraints.txt stay.
+_LOWEST_TORCH_PINS = {"torch": "2.7.1", "triton": "3.3.1", "numpy": "2.2.6"}
+
+
+def _lowest_torch_constraints(tmp_path: Path) -> Path:
+    """constraints.txt with the pins of :data:`_LOWEST_TORCH_PINS` in place of its own."""
+    lowest = next(r for r in _project()["dependencies"] if _name(r) == "torch").split(">=")[1]
+    assert _LOWEST_TORCH_PINS["torch"].startswith(lowest + "."), (lowest, _LOWEST_TORCH_PINS)
+    lines = [
+        line
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.split("==")[0].lower() not in _LOWEST_TORCH_PINS
+    ]
+    path = tmp_path / "constraints-lowest-torch.txt"
+    path.write_text("\n".join(lines + [f"{k}=={v}" for k, v in _LOWEST_TORCH_PINS.items()]) + "\n")
+    return path
+
+
+def _venv(tmp_path: Path, constraints: Path) -> tuple[str, list[str]]:
+    """A fresh venv with torch of ``constraints``: its python and its ``pip`` command."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run(pip + ["install", "-q", "-c", str(constraints), "torch"], check=True, timeout=1200)
+    return py, pip
 
 
 @pytest.mark.slow
 @fresh_venv
-def test_torch_only_environment(tmp_path):
-    """A fresh venv with torch alone: the losses import and run, `pip check` is clean (about 2-3 min:
-    torch's wheel)."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    py = str(venv / "bin" / "python")
-    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["-c", str(ROOT / "constraints.txt"), "torch"], check=True, timeout=900)
-    subprocess.run(pip + ["--no-deps", "-e", str(ROOT)], check=True, timeout=300)
-    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+def test_lowest_torch_alone_then_the_fast_suite(tmp_path):
+    """The oldest supported torch alone: the losses import and run, `pip check` is clean; then, with
+    the test dependencies added, the fast suite passes on that torch (about 10 min: PyPI's torch
+    wheel of that version is a CUDA build of several GB; the tests run on the CPU)."""
+    constraints = _lowest_torch_constraints(tmp_path)
+    py, pip = _venv(tmp_path, constraints)
+    subprocess.run(pip + ["install", "-q", "--no-deps", "-e", str(ROOT)], check=True, timeout=300)
+    check = subprocess.run(pip + ["check"], capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     out = subprocess.run(
         [py, "-W", "ignore", "-c", _TORCH_ONLY_CHECK],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        env=env,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "torch-only ok" in out.stdout
+    assert "torch-only ok" in out.stdout and "torch 2.7." in out.stdout, out.stdout
+
+    subprocess.run(pip + ["install", "-q", "-c", str(constraints), "-e", f"{ROOT}[dev]"], check=True, timeout=1200)
+    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    subprocess.run([py, "-m", "tune_losses.tiny"], cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)
+    suite = subprocess.run(
+        [py, "-m", "pytest", "-m", "not slow and not distributed", "-p", "no:cacheprovider", "-x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+        env=env,
+    )
+    assert suite.returncode == 0, suite.stdout[-6000:] + suite.stderr[-2000:]
 
 
 _HF_CHECK = r"""
@@ -156,11 +199,7 @@ print("hf ok, peft", peft.__version__)
 def test_hf_environment_with_the_newest_peft(tmp_path):
     """torch, then `.[hf]`, then `pip install -U peft`: `pip check` is clean, no torchtune or torchao
     came along, and `patch` runs on a PEFT model with the loss of the unpatched model."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    py = str(venv / "bin" / "python")
-    pip = [py, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run(pip + ["install", "-q", "-c", str(ROOT / "constraints.txt"), "torch"], check=True, timeout=900)
+    py, pip = _venv(tmp_path, ROOT / "constraints.txt")
     subprocess.run(pip + ["install", "-q", "-e", f"{ROOT}[hf]"], check=True, timeout=1200)
     subprocess.run(pip + ["install", "-q", "-U", "peft"], check=True, timeout=600)
     check = subprocess.run(pip + ["check"], capture_output=True, text=True, timeout=120)

@@ -137,8 +137,11 @@ def test_shard_sizes_follow_torch_shard0():
         chunks = torch.arange(vocab).chunk(ranks)
         expected = [len(c) for c in chunks] + [0] * (ranks - len(chunks))
         assert sizes == expected, (vocab, ranks)
-        for rank in range(ranks):  # torch's own Shard(0) arithmetic
-            size, offset = Shard.local_shard_size_and_offset(vocab, ranks, rank)
+        for rank in range(ranks):  # torch's own Shard(0) arithmetic (a private name in torch 2.7)
+            if hasattr(Shard, "local_shard_size_and_offset"):
+                size, offset = Shard.local_shard_size_and_offset(vocab, ranks, rank)
+            else:
+                size, offset = Shard._local_shard_size_on_dim(vocab, ranks, rank, return_offset=True)
             assert (size, offset if size else sum(sizes[:rank])) == (sizes[rank], sum(sizes[:rank]))
 
 

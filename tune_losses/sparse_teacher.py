@@ -106,7 +106,7 @@ def sparse_kd_chunk(
     used = (ids >= 0) & valid.unsqueeze(-1)
     local = ids - red.start
     owned = used & (local >= 0) & (local < width)
-    idx = torch.where(owned, local, 0)
+    idx = torch.where(owned, local, 0).long()  # int32 ids: torch 2.7's gather takes int64 only
 
     if consume:
         s = z.div_(t) if t != 1.0 else z

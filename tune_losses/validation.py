@@ -15,7 +15,7 @@ import torch
 from tune_losses.options import ArgumentTypeError
 
 LABEL_DTYPES = (torch.int64, torch.int32)
-"""Label dtypes accepted: those ``torch.gather`` indexes with (no silent copy of the labels)."""
+"""Label dtypes accepted (the per-chunk gather index is made int64, as torch 2.7 needs)."""
 
 
 def _describe(value) -> str:

@@ -71,10 +71,13 @@ def row_max(z: torch.Tensor, red: VocabReducer) -> torch.Tensor:
 
 
 def label_index(labels: torch.Tensor, valid: torch.Tensor, width: int, red: VocabReducer):
-    """``(index [n, 1], owned [n])``: the label's local column where this process holds it."""
+    """``(index [n, 1] int64, owned [n])``: the label's local column where this process holds it.
+
+    int32 labels give an int64 index (``n`` integers per chunk): ``gather`` / ``scatter_add_`` take
+    only int64 indices in torch 2.7."""
     local = labels - red.start
     owned = valid & (local >= 0) & (local < width)
-    return torch.where(owned, local, torch.zeros_like(local)).unsqueeze(-1), owned
+    return torch.where(owned, local, torch.zeros_like(local)).unsqueeze(-1).long(), owned
 
 
 def add_at_label(g: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:

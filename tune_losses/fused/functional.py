@@ -193,7 +193,12 @@ def _run(
     if scale is not None and opts.reduction != "sum":
         raise ValueError(f"scale: only meaningful with reduction='sum', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
-    teacher_vocab = next((t.opts.teacher_vocab for t in terms if isinstance(t, DivergenceTerm)), None)
+    # A loop, not next() over a generator: torch 2.7's dynamo warns on that inside a user's compile.
+    teacher_vocab = None
+    for t in terms:
+        if isinstance(t, DivergenceTerm):
+            teacher_vocab = t.opts.teacher_vocab
+            break
     placed = place(
         student.weight,
         student.bias,
