@@ -351,6 +351,11 @@ def test_module_for_recipes(eager):
     assert set(s.parts) == {"class_loss", "kd_loss"} and int(s.num_tokens) == int((labels != -100).sum())
     torch.testing.assert_close(s.total, loss * s.num_tokens * scale)
     torch.testing.assert_close(s.parts["kd_loss"].double(), 0.25 * kd, rtol=1e-5, atol=1e-6)
+    with pytest.raises(
+        TypeError, match=r"expected the tensors \(hidden, teacher_ids, teacher_logprobs, labels\), got 3"
+    ):
+        loss_fn(hidden, ids, labels)
+    assert loss_fn.temperature == 2.0 and loss_fn.kd_ratio == 0.4 and loss_fn.options.kd.tail == "bucket"
     with pytest.raises(ValueError, match="tail"):
         SparseDistillationLoss(tail="rest")
     with pytest.raises(ValueError, match="kd_ratio"):
