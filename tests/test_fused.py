@@ -8,17 +8,13 @@ that fp64 truth* with eager bf16 PyTorch's errors (the fused path must be no wor
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import time
 from typing import Callable, List, Optional, Sequence
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_common import DIVERGENCE_CASES, DIVERGENCE_IDS
 from reference import make_labels, object_form, ref_ce, ref_kd
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -37,27 +33,7 @@ from tune_losses.options import DistillationOptions
 
 REDUCTIONS = ("mean", "sum", "none")
 ALGORITHMS = ("grad_in_forward", "recompute")
-DIVERGENCE_CASES = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("symmetric_kl", {"sym_kd_ratio": 0.3}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.2}),
-    ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 1.0}),
-    ("tvd", {}),
-]
-DIV_IDS = [f"{d}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" if kw else d for d, kw in DIVERGENCE_CASES]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: intra-op threads only add barrier waits, which cost seconds per test
-    when the CPU cores are shared with other jobs. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # fp32 fused vs fp64 reference.
@@ -329,7 +305,7 @@ def kd_inputs(lead=(3, 7), hs=16, ht=24, vocab=90, seed=31, bias=True, ignore="s
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("temperature", [1.0, 2.5], ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_kd_divergences(divergence, extra, temperature, reduction, algorithm):
     h, w, b, th, tw, tb, labels = kd_inputs()
     teacher = [t.clone().requires_grad_() for t in (th, tw, tb)]
@@ -365,7 +341,7 @@ def test_kd_divergences(divergence, extra, temperature, reduction, algorithm):
     assert all(t.grad is None for t in teacher), "the teacher must receive no gradient"
 
 
-@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_kd_all_ignored_and_no_temperature_scaling(divergence, extra):
     h, w, b, th, tw, tb, labels = kd_inputs(ignore="all")
     for reduction in REDUCTIONS:
@@ -499,7 +475,7 @@ def test_distillation(kd_ratio, reduction, algorithm):
     torch.testing.assert_close(out.loss.detach(), (1 - kd_ratio) * out.ce + kd_ratio * out.kd, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_distillation_each_divergence(divergence, extra):
     h, w, b, th, tw, tb, labels = kd_inputs(seed=51)
     kw = dict(divergence=divergence, temperature=1.5, **extra)

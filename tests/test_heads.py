@@ -7,11 +7,6 @@ parameter of a cross-entropy on them.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import copy
 import time
 from dataclasses import dataclass
@@ -31,15 +26,7 @@ from tune_losses import (
     set_output_mode,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: intra-op threads only add barrier waits, which cost seconds per test
-    when the CPU cores are shared with other jobs. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 B, S = 2, 13

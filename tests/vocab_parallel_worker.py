@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fused_common import DIVERGENCE_CASES  # noqa: E402
 from reference import make_labels, object_form, ref_ce, ref_kd, ref_log_probs  # noqa: E402
 
 from tune_losses import linear_cross_entropy, linear_distillation_loss, linear_kd_loss, linear_log_probs  # noqa: E402
@@ -35,16 +36,6 @@ RANK = WORLD = 0
 B, S, H, V = 2, 13, 16, 257  # V odd: shards of 129 and 128 rows
 TOL_SINGLE = dict(rtol=1e-5, atol=1e-6)  # against the single-rank fused loss, both fp32
 TOL_REF = dict(rtol=2e-5, atol=2e-6)  # against the fp64 reference (as tests/test_fused.py)
-DIVERGENCES = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("symmetric_kl", {"sym_kd_ratio": 0.3}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.2}),
-    ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 1.0}),
-    ("tvd", {}),
-]
 RESULTS: List[str] = []
 
 
@@ -258,7 +249,7 @@ def suite_pg():
         )
 
     # KD: every divergence, with temperature; student and teacher sharded alike.
-    for div, extra in DIVERGENCES:
+    for div, extra in DIVERGENCE_CASES:
         for temperature in (1.0, 2.0):
             for reduction in ("mean", "none"):
                 algorithm = "grad_in_forward" if reduction == "mean" else "recompute"
@@ -435,7 +426,7 @@ def suite_pg():
                 h, w[rows], labels, bias=b[rows], chunk_size=4, parallel=VocabParallelOptions(process_group=group)
             )
         ]
-        for div, extra in DIVERGENCES:
+        for div, extra in DIVERGENCE_CASES:
             outs.append(
                 linear_kd_loss(
                     h,
