@@ -95,7 +95,9 @@ def test_trains_from_the_cache_without_a_teacher(tmp_path, monkeypatch):
 
     calls = []
     real = trl_cached.linear_sparse_kd_loss
-    monkeypatch.setattr(trl_cached, "linear_sparse_kd_loss", lambda *a, **k: calls.append(k["tail"]) or real(*a, **k))
+    monkeypatch.setattr(
+        trl_cached, "linear_sparse_kd_loss", lambda *a, **k: calls.append(k["options"].tail) or real(*a, **k)
+    )
     trainer = _trainer(tmp_path, build("llama"), _rows(build("llama", seed=7).eval()))
     assert trainer.teacher_model is None
     trainer.train()

@@ -124,14 +124,14 @@ def test_kd_terms_of_vocab_slices_add_up_to_the_divergence(divergence, extra):
     normalized over the whole vocabulary, sum to the divergence (with masked -inf entries)."""
     from reference import ref_kd
 
-    from tune_losses.divergences import VocabReducer, divergence_terms, kd_chunk
+    from tune_losses.divergences import ChunkRun, VocabReducer, divergence_terms, kd_chunk
     from tune_losses.options import KDOptions
 
     g = torch.Generator().manual_seed(0)
     zs, zt = torch.randn(6, 33, generator=g) * 3, torch.randn(6, 33, generator=g) * 3
     zs[0, 3] = zt[1, 5] = zs[2, 7] = zt[2, 7] = float("-inf")
     opts = KDOptions(divergence, temperature=2.0, **extra)
-    expected, _ = kd_chunk(zs.clone(), zt.clone(), opts, VocabReducer(33))
+    expected, _ = kd_chunk(zs.clone(), zt.clone(), opts, ChunkRun(VocabReducer(33)))
     log_q, log_p = torch.log_softmax(zs / 2, -1), torch.log_softmax(zt / 2, -1)
     total = sum(
         divergence_terms(log_p[:, sl].clone(), log_q[:, sl].clone(), opts, False)[0].sum(-1)
