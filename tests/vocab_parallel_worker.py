@@ -255,31 +255,20 @@ def suite_pg():
                 algorithm = "grad_in_forward" if reduction == "mean" else "recompute"
                 h, w, b, labels = inputs(10)
                 th, tw, tb, _ = inputs(11, hidden=12)
-                kw = dict(
-                    divergence=div,
-                    temperature=temperature,
-                    reduction=reduction,
-                    chunk_size=6,
-                    algorithm=algorithm,
-                    **extra,
-                )
+                # the loss's options (the reference's too), then how the fused loss runs
+                opts = dict(divergence=div, temperature=temperature, reduction=reduction, **extra)
+                run = dict(chunk_size=6, algorithm=algorithm)
                 case(
                     f"pg kd {div} {extra} T={temperature} {reduction}",
                     check,
-                    lambda hh, ww, bb, thh, tww, tbb, kw=object_form("kd", process_group=group, **kw), labels=labels: (
+                    lambda hh, ww, bb, thh, tww, tbb, kw=object_form("kd", process_group=group, **run, **opts), labels=labels: (
                         linear_kd_loss(hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw)
                     ),
-                    lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_kd_loss(
-                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **object_form("kd", **kw)
+                    lambda hh, ww, bb, thh, tww, tbb, kw=object_form("kd", **run, **opts), labels=labels: (
+                        linear_kd_loss(hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw)
                     ),
-                    lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: ref_kd(
-                        F.linear(hh, ww, bb),
-                        F.linear(thh, tww, tbb),
-                        labels,
-                        divergence=kw["divergence"],
-                        temperature=kw["temperature"],
-                        reduction=kw["reduction"],
-                        **extra,
+                    lambda hh, ww, bb, thh, tww, tbb, opts=opts, labels=labels: ref_kd(
+                        F.linear(hh, ww, bb), F.linear(thh, tww, tbb), labels, **opts
                     ),
                     (h, w, b, th, tw, tb),
                     sharded=(1, 2, 4, 5),
