@@ -18,15 +18,11 @@ from tune_losses import (
     DistillationOptions,
     ExecutionOptions,
     KDOptions,
-    SparseDistillationOptions,
-    SparseKDOptions,
     VocabParallelOptions,
     linear_cross_entropy,
     linear_distillation_loss,
     linear_kd_loss,
     linear_log_probs,
-    linear_sparse_distillation_loss,
-    linear_sparse_kd_loss,
 )
 from tune_losses.deprecation import PREFIX, TuneLossesDeprecationWarning
 
@@ -41,7 +37,7 @@ def _inputs(seed=0, n=13, hdim=8, vocab=31):
 
 def test_public_functions_take_about_twelve_parameters():
     fns = (linear_cross_entropy, linear_log_probs, linear_kd_loss, linear_distillation_loss)
-    for fn in fns + (linear_sparse_kd_loss, linear_sparse_distillation_loss):
+    for fn in fns + (tl.linear_sparse_kd_loss, tl.linear_sparse_distillation_loss):
         named = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
         assert len(named) <= 14, (fn.__name__, len(named))
 
@@ -128,9 +124,9 @@ def test_each_argument_is_checked_once_where_it_is_made(fn, form, option_checks)
     lp, ids = torch.log_softmax(torch.randn(*labels.shape, 31, generator=torch.Generator().manual_seed(6)), -1).topk(4)
     sparse, mix = fn.startswith("sparse"), fn.endswith("distillation")
     if sparse:
-        term, kd_cls, mix_cls = dict(temperature=2.0, tail="bucket"), SparseKDOptions, SparseDistillationOptions
+        term, kd_cls, mix_cls = dict(temperature=2.0, tail="bucket"), tl.SparseKDOptions, tl.SparseDistillationOptions
         call = functools.partial(
-            linear_sparse_distillation_loss if mix else linear_sparse_kd_loss, h, w, labels, ids, lp
+            tl.linear_sparse_distillation_loss if mix else tl.linear_sparse_kd_loss, h, w, labels, ids, lp
         )
     else:
         term, kd_cls, mix_cls = dict(divergence="jsd", temperature=2.0, beta=0.3), KDOptions, DistillationOptions
