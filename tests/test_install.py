@@ -84,6 +84,32 @@ def test_the_teacher_cache_without_safetensors_names_the_train_extra(monkeypatch
         importlib.import_module("tune_losses.distill_cache")
 
 
+def _venv_with_torch(tmp_path, constraints: Path = ROOT / "constraints.txt") -> list:
+    """A fresh venv with torch alone (the wheel ``constraints`` pins): its ``python -m pip`` command line."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run(pip + ["install", "-q", "-c", str(constraints), "torch"], check=True, timeout=1200)
+    return pip
+
+
+def _check_and_run(pip: list, script: str, tmp_path, **env: str) -> str:
+    """`pip check` is clean in the venv, and ``script`` runs there outside the repository with a bare
+    environment (plus ``env``): its output."""
+    check = subprocess.run(pip + ["check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    out = subprocess.run(
+        [pip[0], "-W", "ignore", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
 _TORCH_ONLY_CHECK = r"""
 import importlib, importlib.util
 import torch
@@ -127,16 +153,6 @@ def _lowest_torch_constraints(tmp_path: Path) -> Path:
     return path
 
 
-def _venv(tmp_path: Path, constraints: Path) -> tuple[str, list[str]]:
-    """A fresh venv with torch of ``constraints``: its python and its ``pip`` command."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    py = str(venv / "bin" / "python")
-    pip = [py, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run(pip + ["install", "-q", "-c", str(constraints), "torch"], check=True, timeout=1200)
-    return py, pip
-
-
 @pytest.mark.slow
 @fresh_venv
 def test_lowest_torch_alone_then_the_fast_suite(tmp_path):
@@ -144,24 +160,15 @@ def test_lowest_torch_alone_then_the_fast_suite(tmp_path):
     the test dependencies added, the fast suite passes on that torch (about 10 min: PyPI's torch
     wheel of that version is a CUDA build of several GB; the tests run on the CPU)."""
     constraints = _lowest_torch_constraints(tmp_path)
-    py, pip = _venv(tmp_path, constraints)
+    pip = _venv_with_torch(tmp_path, constraints)
     subprocess.run(pip + ["install", "-q", "--no-deps", "-e", str(ROOT)], check=True, timeout=300)
-    check = subprocess.run(pip + ["check"], capture_output=True, text=True, timeout=120)
-    assert check.returncode == 0, check.stdout + check.stderr
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run(
-        [py, "-W", "ignore", "-c", _TORCH_ONLY_CHECK],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "torch-only ok" in out.stdout and "torch 2.7." in out.stdout, out.stdout
+    out = _check_and_run(pip, _TORCH_ONLY_CHECK, tmp_path)
+    assert "torch-only ok" in out and "torch 2.7." in out, out
 
     subprocess.run(pip + ["install", "-q", "-c", str(constraints), "-e", f"{ROOT}[dev]"], check=True, timeout=1200)
-    env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    py = pip[0]
     subprocess.run([py, "-m", "tune_losses.tiny"], cwd=ROOT, check=True, capture_output=True, timeout=600, env=env)
     suite = subprocess.run(
         [py, "-m", "pytest", "-m", "not slow and not distributed", "-p", "no:cacheprovider", "-x"],
@@ -199,17 +206,7 @@ print("hf ok, peft", peft.__version__)
 def test_hf_environment_with_the_newest_peft(tmp_path):
     """torch, then `.[hf]`, then `pip install -U peft`: `pip check` is clean, no torchtune or torchao
     came along, and `patch` runs on a PEFT model with the loss of the unpatched model."""
-    py, pip = _venv(tmp_path, ROOT / "constraints.txt")
+    pip = _venv_with_torch(tmp_path)
     subprocess.run(pip + ["install", "-q", "-e", f"{ROOT}[hf]"], check=True, timeout=1200)
     subprocess.run(pip + ["install", "-q", "-U", "peft"], check=True, timeout=600)
-    check = subprocess.run(pip + ["check"], capture_output=True, text=True, timeout=120)
-    assert check.returncode == 0, check.stdout + check.stderr
-    out = subprocess.run(
-        [py, "-W", "ignore", "-c", _HF_CHECK],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert "hf ok" in _check_and_run(pip, _HF_CHECK, tmp_path, HF_HUB_OFFLINE="1")
