@@ -15,8 +15,8 @@ from tune_losses.kernels.triton_common import (
     ce_value,
     load_block,
     logsumexp,
-    online_max_sum,
-    row_label,
+    online_max,
+    row_start,
     softcapped,
     store_grad,
 )
@@ -43,8 +43,7 @@ def ce_kernel(
 ):
     """The cross-entropy of one token row (label smoothing eps, z-loss, softcap) and its logsumexp;
     HAS_GRAD: a second sweep writes the gradient of ``weight * loss`` over the row's logits."""
-    row, label, valid = row_label(labels_ptr, ignore_index)
-    base = z_ptr + row * stride
+    row, base, label, valid = row_start(z_ptr, stride, labels_ptr, ignore_index)
     m = float("-inf")
     s = 0.0
     sum_z = 0.0
@@ -55,7 +54,9 @@ def ce_kernel(
         z, nan_count, z_y, sum_z = ce_block(
             z, cols, inside, label, softcap, nan_count, z_y, sum_z, HAS_SMOOTH, HAS_SOFTCAP
         )
-        m, _, _, _, s = online_max_sum(m, s, z)
+        m_new, _, rescale, e = online_max(m, z)
+        s = s * rescale + tl.sum(e)
+        m = m_new
     lse = tl.where(nan_count > 0, float("nan"), logsumexp(m, s))
     loss = ce_value(lse, z_y, sum_z, V, eps, z_loss, HAS_SMOOTH, HAS_ZLOSS)
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
@@ -64,7 +65,7 @@ def ce_kernel(
         w = tl.load(weight_ptr + row).to(tl.float32)
         scale = ce_softmax_weight(w, lse, z_loss, HAS_ZLOSS)
         for off in range(0, V, BLOCK):
-            cols, inside, z = load_block(base, off, V, BLOCK)
+            cols, inside, z = load_block(base, off, V, BLOCK, 0.0)
             if HAS_SOFTCAP:
                 z = softcapped(z, softcap)
             g = ce_grad(tl.exp(z - lse) * scale, z, cols, label, w, V, eps, softcap, HAS_SMOOTH, HAS_SOFTCAP)

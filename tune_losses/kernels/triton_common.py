@@ -16,34 +16,36 @@ import triton.language as tl
 
 
 @triton.jit
-def row_label(labels_ptr, ignore_index):
-    """This program's token row (int64, for pointer offsets), its label and whether it counts."""
+def row_start(z_ptr, stride, labels_ptr, ignore_index):
+    """This program's token row (int64, for pointer offsets), the pointer to its logits, its label
+    and whether it counts."""
     row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride
     label = tl.load(labels_ptr + row)
-    return row, label, label != ignore_index
+    return row, base, label, label != ignore_index
 
 
 @triton.jit
-def load_block(base, off, V, BLOCK: tl.constexpr):
+def load_block(base, off, V, BLOCK: tl.constexpr, other=float("-inf")):
     """Columns ``off ..`` of a row: ``(cols, inside, values in fp32)``; columns past ``V`` read
-    ``-inf`` (probability 0 in every softmax sum)."""
+    ``other`` (``-inf``: probability 0 in every softmax sum)."""
     cols = off + tl.arange(0, BLOCK)
     inside = cols < V
-    x = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32)
+    x = tl.load(base + cols, mask=inside, other=other).to(tl.float32)
     return cols, inside, x
 
 
 @triton.jit
-def online_max_sum(m, s, x):
-    """One block of an online softmax: the running maximum ``m`` and ``s = sum e^(x - m)`` taken
-    over the block ``x``. Returns ``(m_new, shift, rescale, e, s_new)``: ``shift`` is ``m_new``
-    (0 while the row is all ``-inf``, so no ``-inf - -inf`` NaN), ``rescale = e^(m - shift)``
-    multiplies every running sum kept at the old maximum, ``e = e^(x - shift)``."""
+def online_max(m, x):
+    """One block ``x`` of an online softmax with running maximum ``m``: ``(m_new, shift, rescale,
+    e)``. ``shift`` is ``m_new`` (0 while the row is all ``-inf``, so no ``-inf - -inf`` NaN);
+    ``rescale = e^(m - shift)`` brings every running sum kept at the old maximum to the new one,
+    so ``s = sum e^(x - m)`` goes on as ``s * rescale + sum(e)`` with ``e = e^(x - shift)``."""
     m_new = tl.maximum(m, tl.max(x, 0))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     rescale = tl.exp(m - shift)
     e = tl.exp(x - shift)
-    return m_new, shift, rescale, e, s * rescale + tl.sum(e)
+    return m_new, shift, rescale, e
 
 
 @triton.jit

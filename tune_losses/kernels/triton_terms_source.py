@@ -20,8 +20,8 @@ from tune_losses.kernels.triton_common import (
     log_mixture,
     log_softmax_pair,
     logsumexp,
-    online_max_sum,
-    row_label,
+    online_max,
+    row_start,
     softcapped,
     store_grad,
 )
@@ -50,8 +50,7 @@ def logprob_kernel(
     """``log q[y]`` and the entropy ``H`` of ``q = softmax(z / T)`` for one token row (two sweeps with
     a gradient); FROM_LSE: the gradient sweep alone, from the logsumexp (and entropy) an earlier
     call stored."""
-    row, label, valid = row_label(labels_ptr, ignore_index)
-    base = z_ptr + row * stride
+    row, base, label, valid = row_start(z_ptr, stride, labels_ptr, ignore_index)
     if FROM_LSE:
         lse = tl.load(lse_ptr + row)
         h = 0.0
@@ -68,18 +67,20 @@ def logprob_kernel(
             x = x * inv_t
             bad += tl.sum(tl.where((x != x) | (x == float("inf")), 1.0, 0.0))
             x_y += tl.sum(tl.where(cols == label, x, 0.0))
-            m_new, shift, rescale, e, s_new = online_max_sum(m, s, x)
+            m_new, shift, rescale, e = online_max(m, x)
             if HAS_ENTROPY:
                 moved = tl.where(s > 0.0, (m - shift) * s, 0.0)
                 a = rescale * (a + moved) + tl.sum(tl.where(e > 0.0, e * (x - shift), 0.0))
-            s = s_new
+            s = s * rescale + tl.sum(e)
             m = m_new
-        lse = tl.where(bad > 0, float("nan"), logsumexp(m, s))
+        log_s = tl.log(s)
+        lse = tl.where(m == float("-inf"), 0.0, m) + log_s  # logsumexp(m, s), log s kept for H
+        lse = tl.where(bad > 0, float("nan"), lse)
         tl.store(lse_ptr + row, lse)
         tl.store(lp_ptr + row, tl.where(valid, x_y - lse, 0.0))
         h = 0.0
         if HAS_ENTROPY:
-            h = tl.where(bad > 0, float("nan"), tl.log(s) - a / s)
+            h = tl.where(bad > 0, float("nan"), log_s - a / s)
             tl.store(h_ptr + row, tl.where(valid, h, 0.0))
     if HAS_GRAD:
         # d log q[y] / dx_j = onehot_j - q_j;  dH / dx_j = -q_j (log q_j + H);  x = z / T.
@@ -144,8 +145,7 @@ def divergence_kernel(
     sum when CE_OWN_STATS: T != 1 or softcap, else the student's). Sweep 1: both sides' maximum and
     sum of exponentials online, with forward / reverse KL's online sums. JSD and TVD: sweep 2 for
     the value (and the gradient's row sum). Last sweep: the gradient over the student's logits."""
-    row, label, valid = row_label(labels_ptr, ignore_index)
-    s_base = zs_ptr + row * stride_s
+    row, s_base, label, valid = row_start(zs_ptr, stride_s, labels_ptr, ignore_index)
     t_base = zt_ptr + row * stride_t
     m_r = float("-inf")  # the cross-entropy's logits (raw, softcapped) when CE_OWN_STATS
     s_r = 0.0
@@ -173,14 +173,18 @@ def divergence_kernel(
                 zr, cols, inside, label, softcap, bad_ce, z_y, sum_z, HAS_SMOOTH, HAS_SOFTCAP
             )
             if CE_OWN_STATS:
-                m_r, _, _, _, s_r = online_max_sum(m_r, s_r, zc)
-        m_new, _, rescale, e_s, s_s = online_max_sum(m_s, s_s, s)
+                m_new, _, rescale, e_r = online_max(m_r, zc)
+                s_r = s_r * rescale + tl.sum(e_r)
+                m_r = m_new
+        m_new, _, rescale, e_s = online_max(m_s, s)
+        s_s = s_s * rescale + tl.sum(e_s)
         if ONLINE_RKL:
             e_u = tl.where(unmasked, e_s, 0.0)
             q_u = q_u * rescale + tl.sum(e_u)
             cross_r = cross_r * rescale + tl.sum(tl.where(unmasked, e_u * (s - t), 0.0))
         m_s = m_new
-        m_new, _, rescale, e_t, s_t = online_max_sum(m_t, s_t, t)
+        m_new, _, rescale, e_t = online_max(m_t, t)
+        s_t = s_t * rescale + tl.sum(e_t)
         if ONLINE_FKL:
             e_u = tl.where(unmasked, e_t, 0.0)
             p_u = p_u * rescale + tl.sum(e_u)
