@@ -330,9 +330,9 @@ def build(task: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
 
         def call(hidden, weight, labels, t_hidden=None, t_weight=None, teacher_ids=None, teacher_logprobs=None):
             if task == "sparse_kd":
-                tail = "bucket" if name == "ours_bucket" else "renormalize"
+                sparse = tune_losses.SparseKDOptions(tail="bucket" if name == "ours_bucket" else "renormalize")
                 return tune_losses.linear_sparse_kd_loss(
-                    hidden, weight, labels, teacher_ids, teacher_logprobs, tail=tail, **kw
+                    hidden, weight, labels, teacher_ids, teacher_logprobs, options=sparse, **kw
                 )
             if task in ("ce", "ce_prompt"):
                 return tune_losses.linear_cross_entropy(hidden, weight, labels, **kw)

@@ -7,21 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tune_losses.accounting import (
-    LossSum,
-    all_reduce_token_count,
-    count_step_tokens,
-    count_valid_tokens,
-    megatron_loss_func,
-    normalize,
-)
+from tune_losses import accounting
 
 # ------------------------------------------------------------------------------------- normalize
 
 
 def test_normalize_divides_by_the_count():
     total = torch.tensor(6.0, requires_grad=True)
-    out = normalize(total, torch.tensor(4))
+    out = accounting.normalize(total, torch.tensor(4))
     assert out.dtype == torch.float32 and out.dim() == 0
     assert out.item() == 1.5
     (g,) = torch.autograd.grad(out, total)
@@ -31,20 +24,20 @@ def test_normalize_divides_by_the_count():
 def test_normalize_with_no_valid_token_is_zero_not_nan():
     x = torch.randn(5, requires_grad=True)
     total = (x * 0).sum()  # a loss over no valid token: sum 0, in the graph
-    out = normalize(total, torch.tensor(0))
+    out = accounting.normalize(total, torch.tensor(0))
     assert out.item() == 0.0 and not torch.isnan(out)
     (g,) = torch.autograd.grad(out, x)
     assert (g == 0).all()
 
 
 def test_normalize_keeps_the_total_dtype():
-    assert normalize(torch.tensor(3.0, dtype=torch.float64), torch.tensor(2)).dtype == torch.float64
-    assert normalize(torch.tensor(3.0), torch.tensor(2, dtype=torch.int32)).dtype == torch.float32
+    assert accounting.normalize(torch.tensor(3.0, dtype=torch.float64), torch.tensor(2)).dtype == torch.float64
+    assert accounting.normalize(torch.tensor(3.0), torch.tensor(2, dtype=torch.int32)).dtype == torch.float32
 
 
 def test_loss_sum_mean():
-    assert float(LossSum(torch.tensor(9.0), torch.tensor(3)).mean()) == 3.0
-    assert float(LossSum(torch.tensor(0.0), torch.tensor(0)).mean()) == 0.0
+    assert float(accounting.LossSum(torch.tensor(9.0), torch.tensor(3)).mean()) == 3.0
+    assert float(accounting.LossSum(torch.tensor(0.0), torch.tensor(0)).mean()) == 0.0
 
 
 # ------------------------------------------------------------------------------------- counting
@@ -52,10 +45,10 @@ def test_loss_sum_mean():
 
 def test_count_valid_tokens():
     labels = torch.tensor([[1, -100, 3], [-100, -100, 0]])
-    n = count_valid_tokens(labels)
+    n = accounting.count_valid_tokens(labels)
     assert n.dtype == torch.int64 and n.dim() == 0 and int(n) == 3
-    assert int(count_valid_tokens(labels, ignore_index=0)) == 5
-    assert int(count_valid_tokens(torch.full((2, 4), -100))) == 0
+    assert int(accounting.count_valid_tokens(labels, ignore_index=0)) == 5
+    assert int(accounting.count_valid_tokens(torch.full((2, 4), -100))) == 0
 
 
 def test_count_step_tokens_sums_every_micro_batch():
@@ -64,21 +57,21 @@ def test_count_step_tokens_sums_every_micro_batch():
         torch.tensor([[-100, -100], [5, 6]]),  # other shapes are fine
         torch.full((3, 4), -100),  # a micro-batch with nothing valid
     ]
-    n = count_step_tokens(batches)
+    n = accounting.count_step_tokens(batches)
     assert n.dtype == torch.int64 and n.dim() == 0 and int(n) == 4
-    assert int(count_step_tokens(iter(batches))) == 4  # any iterable, e.g. a generator
-    assert int(count_step_tokens(batches, ignore_index=5)) == 3 + 3 + 12
+    assert int(accounting.count_step_tokens(iter(batches))) == 4  # any iterable, e.g. a generator
+    assert int(accounting.count_step_tokens(batches, ignore_index=5)) == 3 + 3 + 12
     assert not n.requires_grad
 
 
 def test_count_step_tokens_needs_a_micro_batch():
     with pytest.raises(ValueError, match="label_batches"):
-        count_step_tokens([])
+        accounting.count_step_tokens([])
 
 
 def test_all_reduce_token_count_without_distributed_is_an_identity_copy():
     n = torch.tensor(7)
-    out = all_reduce_token_count(n)
+    out = accounting.all_reduce_token_count(n)
     assert int(out) == 7
     out += 1  # a new tensor: the caller's count is untouched
     assert int(n) == 7
@@ -94,10 +87,10 @@ def test_step_normalization_equals_one_big_batch():
     labels[2:] = -100  # the second micro-batch has few valid tokens
     labels[3, 0] = 1
     micro = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
-    global_count = count_step_tokens(lab for _, lab in micro)
+    global_count = accounting.count_step_tokens(lab for _, lab in micro)
     for x, lab in micro:
         loss_sum = F.cross_entropy(x.reshape(-1, V), lab.reshape(-1), reduction="sum")
-        normalize(loss_sum, global_count).backward()
+        accounting.normalize(loss_sum, global_count).backward()
     stepped = logits.grad.clone()
     logits.grad = None
     F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1)).backward()
@@ -113,7 +106,7 @@ def _count_worker(rank: int, world_size: int, init_file: str, out_dir: str):
             batches = [torch.tensor([[1, -100, 2]]), torch.tensor([[3, 4, -100]])]  # 4 valid
         else:
             batches = [torch.full((1, 3), -100), torch.full((2, 2), -100)]  # none valid: still calls
-        n = count_step_tokens(batches)
+        n = accounting.count_step_tokens(batches)
         torch.save(n, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -146,7 +139,7 @@ def test_count_step_tokens_sums_over_ranks(tmp_path):
 def test_megatron_loss_func_returns_sum_count_and_metric():
     losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)
     mask = torch.tensor([[1, 0, 1], [1, 1, 0]])
-    loss_sum, num_tokens, metrics = megatron_loss_func(mask, losses)
+    loss_sum, num_tokens, metrics = accounting.megatron_loss_func(mask, losses)
     assert loss_sum.dim() == 0 and loss_sum.item() == 1 + 3 + 4 + 5
     assert num_tokens.dim() == 0 and int(num_tokens) == 4
     assert set(metrics) == {"lm loss"}
@@ -160,7 +153,7 @@ def test_megatron_loss_func_returns_sum_count_and_metric():
 def test_megatron_loss_func_masks_nan_at_masked_positions():
     losses = torch.tensor([1.0, float("nan"), 2.0, float("inf")], requires_grad=True)
     mask = torch.tensor([1.0, 0.0, 1.0, 0.0])  # float masks as Megatron passes them
-    loss_sum, num_tokens, metrics = megatron_loss_func(mask, losses)
+    loss_sum, num_tokens, metrics = accounting.megatron_loss_func(mask, losses)
     assert loss_sum.item() == 3.0 and int(num_tokens) == 2
     assert torch.isfinite(metrics["lm loss"]).all()
     (g,) = torch.autograd.grad(loss_sum, losses)
@@ -169,10 +162,10 @@ def test_megatron_loss_func_masks_nan_at_masked_positions():
 
 def test_megatron_loss_func_all_masked():
     losses = torch.full((2, 3), float("nan"), requires_grad=True)
-    loss_sum, num_tokens, metrics = megatron_loss_func(torch.zeros(2, 3), losses)
+    loss_sum, num_tokens, metrics = accounting.megatron_loss_func(torch.zeros(2, 3), losses)
     assert loss_sum.item() == 0.0 and int(num_tokens) == 0
     assert metrics["lm loss"].tolist() == [0.0, 0.0]
-    assert normalize(loss_sum, num_tokens).item() == 0.0
+    assert accounting.normalize(loss_sum, num_tokens).item() == 0.0
 
 
 def test_megatron_loss_func_sums_low_precision_losses_in_fp32():
@@ -180,7 +173,7 @@ def test_megatron_loss_func_sums_low_precision_losses_in_fp32():
     g = torch.Generator().manual_seed(1)
     losses = (torch.rand(4096, generator=g) * 10).to(torch.bfloat16).requires_grad_()
     mask = torch.ones(4096)
-    loss_sum, _, metrics = megatron_loss_func(mask, losses)
+    loss_sum, _, metrics = accounting.megatron_loss_func(mask, losses)
     exact = losses.detach().double().sum()
     assert loss_sum.dtype == torch.float32
     torch.testing.assert_close(loss_sum.double(), exact, rtol=1e-6, atol=0)
@@ -196,10 +189,10 @@ def test_megatron_loss_func_with_per_token_cross_entropy():
     labels = torch.randint(0, V, (2, 5), generator=g)
     labels[0, :2] = -100
     per_token = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none").reshape(2, 5)
-    loss_sum, num_tokens, _ = megatron_loss_func((labels != -100).long(), per_token)
+    loss_sum, num_tokens, _ = accounting.megatron_loss_func((labels != -100).long(), per_token)
     torch.testing.assert_close(loss_sum / num_tokens, F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1)))
 
 
 def test_megatron_loss_func_shape_mismatch_names_loss_mask():
     with pytest.raises(ValueError, match="loss_mask"):
-        megatron_loss_func(torch.ones(2, 4), torch.ones(2, 3))
+        accounting.megatron_loss_func(torch.ones(2, 4), torch.ones(2, 3))

@@ -25,19 +25,6 @@ except ImportError:  # pytest's rootdir-relative import (tests/ on sys.path, no 
 import torchtune.modules.loss as tt  # torchtune 0.6.1, for parity and its documented defects
 
 import tune_losses.chunked_output as co
-from tune_losses.chunked_output import (
-    CEWithChunkedOutputLoss,
-    ForwardKLLoss,
-    ForwardKLWithChunkedOutputLoss,
-    JSDLoss,
-    JSDWithChunkedOutputLoss,
-    ReverseKLLoss,
-    ReverseKLWithChunkedOutputLoss,
-    SymmetricKLLoss,
-    SymmetricKLWithChunkedOutputLoss,
-    TVDLoss,
-    TVDWithChunkedOutputLoss,
-)
 
 B, V = 2, 32
 
@@ -128,7 +115,7 @@ def test_ce_matches_reference_fp32(layout, ignore):
     labels = make_labels((B, S), V, ignore, g)
     chunks = _split(x, n, how)
 
-    loss = CEWithChunkedOutputLoss(num_output_chunks=n)(chunks, labels)
+    loss = co.CEWithChunkedOutputLoss(num_output_chunks=n)(chunks, labels)
     assert loss.dim() == 0 and loss.dtype == torch.float32
     grad = _grad_full(loss, chunks)
 
@@ -155,7 +142,7 @@ def test_ce_options_match_reference(opts, ignore):
     labels = make_labels((B, S), V, ignore, g)
     chunks = _split(x, n, "tensor_split")
 
-    loss = CEWithChunkedOutputLoss(n, **opts)(chunks, labels)
+    loss = co.CEWithChunkedOutputLoss(n, **opts)(chunks, labels)
     grad = _grad_full(loss, chunks)
     ref, ref_grad = _ref_with_grad(ref_ce, x, labels, **opts)
     _assert_close(loss, ref, 1e-5, 1e-6, f"CE value {opts}")
@@ -169,7 +156,7 @@ def test_ce_custom_ignore_index_and_flat_inputs():
     N = 11
     x = _logits((N, V), g).requires_grad_()
     labels = make_labels((N,), V, "some", g, ignore_index=-1)
-    loss = CEWithChunkedOutputLoss(1, ignore_index=-1)(x, labels)  # [N, V] with [N]
+    loss = co.CEWithChunkedOutputLoss(1, ignore_index=-1)(x, labels)  # [N, V] with [N]
     (grad,) = torch.autograd.grad(loss, x)
     ref, ref_grad = _ref_with_grad(ref_ce, x, labels, ignore_index=-1)
     _assert_close(loss, ref, 1e-5, 1e-6, "value")
@@ -196,7 +183,7 @@ def test_ce_bf16_no_worse_than_eager(how):
     labels = make_labels((B, S), Vb, "some", g)
     chunks = _split(x, n, how)
 
-    loss = CEWithChunkedOutputLoss(n)(chunks, labels)
+    loss = co.CEWithChunkedOutputLoss(n)(chunks, labels)
     assert loss.dtype == torch.float32
     grad = _grad_full(loss, chunks)
     assert grad.dtype == torch.bfloat16
@@ -217,7 +204,7 @@ def test_ce_bf16_options_no_worse_than_eager(opts):
     x = _logits((B, S, Vb), g, dtype=torch.bfloat16, scale=6.0).requires_grad_()
     labels = make_labels((B, S), Vb, "some", g)
     chunks = _split(x, n, "tensor_split")
-    loss = CEWithChunkedOutputLoss(n, **opts)(chunks, labels)
+    loss = co.CEWithChunkedOutputLoss(n, **opts)(chunks, labels)
     grad = _grad_full(loss, chunks)
 
     ref, ref_grad = _ref_with_grad(ref_ce, x, labels, **opts)
@@ -240,24 +227,27 @@ def test_ce_bf16_options_no_worse_than_eager(opts):
 # (class factory, reference kwargs)
 KD_CASES = {
     "fkl_torchtune": (
-        lambda n, **kw: ForwardKLWithChunkedOutputLoss(n, **kw),
+        lambda n, **kw: co.ForwardKLWithChunkedOutputLoss(n, **kw),
         dict(divergence="forward_kl", true_kl=False),
     ),
-    "fkl_true": (lambda n, **kw: ForwardKLWithChunkedOutputLoss(n, true_kl=True, **kw), dict(divergence="forward_kl")),
-    "rkl": (lambda n, **kw: ReverseKLWithChunkedOutputLoss(n, **kw), dict(divergence="reverse_kl")),
+    "fkl_true": (
+        lambda n, **kw: co.ForwardKLWithChunkedOutputLoss(n, true_kl=True, **kw),
+        dict(divergence="forward_kl"),
+    ),
+    "rkl": (lambda n, **kw: co.ReverseKLWithChunkedOutputLoss(n, **kw), dict(divergence="reverse_kl")),
     "sym": (
-        lambda n, **kw: SymmetricKLWithChunkedOutputLoss(n, 0.3, **kw),
+        lambda n, **kw: co.SymmetricKLWithChunkedOutputLoss(n, 0.3, **kw),
         dict(divergence="symmetric_kl", sym_kd_ratio=0.3, true_kl=False),
     ),
     "sym_true": (
-        lambda n, **kw: SymmetricKLWithChunkedOutputLoss(n, 0.7, true_kl=True, **kw),
+        lambda n, **kw: co.SymmetricKLWithChunkedOutputLoss(n, 0.7, true_kl=True, **kw),
         dict(divergence="symmetric_kl", sym_kd_ratio=0.7),
     ),
-    "jsd0": (lambda n, **kw: JSDWithChunkedOutputLoss(n, 0.0, **kw), dict(divergence="jsd", beta=0.0)),
-    "jsd.5": (lambda n, **kw: JSDWithChunkedOutputLoss(n, 0.5, **kw), dict(divergence="jsd", beta=0.5)),
-    "jsd.9": (lambda n, **kw: JSDWithChunkedOutputLoss(n, 0.9, **kw), dict(divergence="jsd", beta=0.9)),
-    "jsd1": (lambda n, **kw: JSDWithChunkedOutputLoss(n, 1.0, **kw), dict(divergence="jsd", beta=1.0)),
-    "tvd": (lambda n, **kw: TVDWithChunkedOutputLoss(n, **kw), dict(divergence="tvd")),
+    "jsd0": (lambda n, **kw: co.JSDWithChunkedOutputLoss(n, 0.0, **kw), dict(divergence="jsd", beta=0.0)),
+    "jsd.5": (lambda n, **kw: co.JSDWithChunkedOutputLoss(n, 0.5, **kw), dict(divergence="jsd", beta=0.5)),
+    "jsd.9": (lambda n, **kw: co.JSDWithChunkedOutputLoss(n, 0.9, **kw), dict(divergence="jsd", beta=0.9)),
+    "jsd1": (lambda n, **kw: co.JSDWithChunkedOutputLoss(n, 1.0, **kw), dict(divergence="jsd", beta=1.0)),
+    "tvd": (lambda n, **kw: co.TVDWithChunkedOutputLoss(n, **kw), dict(divergence="tvd")),
 }
 
 
@@ -314,20 +304,20 @@ def test_jsd_limits_and_symmetric_endpoints():
     """beta 0 / 1 are forward / reverse KL; sym_kd_ratio 1 / 0 are forward / reverse KL."""
     student, teacher, labels = _kd_inputs(13, 8)
     s, t = _split(student, 4, "tensor_split"), _split(teacher, 4, "tensor_split")
-    fkl = ForwardKLWithChunkedOutputLoss(4, true_kl=True)(s, t, labels)
-    rkl = ReverseKLWithChunkedOutputLoss(4)(s, t, labels)
-    torch.testing.assert_close(JSDWithChunkedOutputLoss(4, beta=0.0)(s, t, labels), fkl)
-    torch.testing.assert_close(JSDWithChunkedOutputLoss(4, beta=1.0)(s, t, labels), rkl)
-    torch.testing.assert_close(SymmetricKLWithChunkedOutputLoss(4, 1.0, true_kl=True)(s, t, labels), fkl)
-    torch.testing.assert_close(SymmetricKLWithChunkedOutputLoss(4, 0.0)(s, t, labels), rkl)
+    fkl = co.ForwardKLWithChunkedOutputLoss(4, true_kl=True)(s, t, labels)
+    rkl = co.ReverseKLWithChunkedOutputLoss(4)(s, t, labels)
+    torch.testing.assert_close(co.JSDWithChunkedOutputLoss(4, beta=0.0)(s, t, labels), fkl)
+    torch.testing.assert_close(co.JSDWithChunkedOutputLoss(4, beta=1.0)(s, t, labels), rkl)
+    torch.testing.assert_close(co.SymmetricKLWithChunkedOutputLoss(4, 1.0, true_kl=True)(s, t, labels), fkl)
+    torch.testing.assert_close(co.SymmetricKLWithChunkedOutputLoss(4, 0.0)(s, t, labels), rkl)
     # teacher = student: every true divergence is 0 at its minimum, with a 0 gradient
     same = [x.detach() for x in s]
     for make in (
-        lambda: ForwardKLWithChunkedOutputLoss(4, true_kl=True),
-        lambda: ReverseKLWithChunkedOutputLoss(4),
-        lambda: SymmetricKLWithChunkedOutputLoss(4, true_kl=True),
-        lambda: JSDWithChunkedOutputLoss(4),
-        lambda: TVDWithChunkedOutputLoss(4),
+        lambda: co.ForwardKLWithChunkedOutputLoss(4, true_kl=True),
+        lambda: co.ReverseKLWithChunkedOutputLoss(4),
+        lambda: co.SymmetricKLWithChunkedOutputLoss(4, true_kl=True),
+        lambda: co.JSDWithChunkedOutputLoss(4),
+        lambda: co.TVDWithChunkedOutputLoss(4),
     ):
         loss = make()(s, same, labels)
         grad = _grad_full(loss, s)
@@ -336,12 +326,15 @@ def test_jsd_limits_and_symmetric_endpoints():
 
 
 UNCHUNKED = {
-    "fkl": (lambda **kw: ForwardKLLoss(**kw), dict(divergence="forward_kl", true_kl=False)),
-    "fkl_true": (lambda **kw: ForwardKLLoss(true_kl=True, **kw), dict(divergence="forward_kl")),
-    "rkl": (lambda **kw: ReverseKLLoss(**kw), dict(divergence="reverse_kl")),
-    "sym": (lambda **kw: SymmetricKLLoss(0.4, **kw), dict(divergence="symmetric_kl", sym_kd_ratio=0.4, true_kl=False)),
-    "jsd": (lambda **kw: JSDLoss(0.3, **kw), dict(divergence="jsd", beta=0.3)),
-    "tvd": (lambda **kw: TVDLoss(**kw), dict(divergence="tvd")),
+    "fkl": (lambda **kw: co.ForwardKLLoss(**kw), dict(divergence="forward_kl", true_kl=False)),
+    "fkl_true": (lambda **kw: co.ForwardKLLoss(true_kl=True, **kw), dict(divergence="forward_kl")),
+    "rkl": (lambda **kw: co.ReverseKLLoss(**kw), dict(divergence="reverse_kl")),
+    "sym": (
+        lambda **kw: co.SymmetricKLLoss(0.4, **kw),
+        dict(divergence="symmetric_kl", sym_kd_ratio=0.4, true_kl=False),
+    ),
+    "jsd": (lambda **kw: co.JSDLoss(0.3, **kw), dict(divergence="jsd", beta=0.3)),
+    "tvd": (lambda **kw: co.TVDLoss(**kw), dict(divergence="tvd")),
 }
 
 
@@ -434,7 +427,7 @@ def test_kd_mixed_dtypes_bf16_teacher_fp32_student():
     student, teacher, labels = _kd_inputs(13, 12)
     teacher = teacher.to(torch.bfloat16)
     _check_kd(
-        ForwardKLWithChunkedOutputLoss(4, true_kl=True),
+        co.ForwardKLWithChunkedOutputLoss(4, true_kl=True),
         dict(divergence="forward_kl"),
         student,
         teacher,
@@ -466,7 +459,7 @@ def test_ce_parity_with_torchtune(ignore):
     labels = make_labels((B, S), V, ignore, g)
     ours_in = [c.clone().requires_grad_() for c in _tt_chunks(x, n)]
     theirs_in = [c.clone().requires_grad_() for c in _tt_chunks(x, n)]
-    ours = CEWithChunkedOutputLoss(n)(ours_in, labels)
+    ours = co.CEWithChunkedOutputLoss(n)(ours_in, labels)
     theirs = tt.CEWithChunkedOutputLoss(n)(theirs_in, labels)
     assert torch.isfinite(theirs)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
@@ -474,14 +467,17 @@ def test_ce_parity_with_torchtune(ignore):
 
 
 KD_PARITY = {
-    "fkl": (lambda n: ForwardKLWithChunkedOutputLoss(n), lambda n: tt.ForwardKLWithChunkedOutputLoss(n)),
-    "rkl": (lambda n: ReverseKLWithChunkedOutputLoss(n), lambda n: tt.ReverseKLWithChunkedOutputLoss(n)),
-    "sym": (lambda n: SymmetricKLWithChunkedOutputLoss(n, 0.3), lambda n: tt.SymmetricKLWithChunkedOutputLoss(n, 0.3)),
+    "fkl": (lambda n: co.ForwardKLWithChunkedOutputLoss(n), lambda n: tt.ForwardKLWithChunkedOutputLoss(n)),
+    "rkl": (lambda n: co.ReverseKLWithChunkedOutputLoss(n), lambda n: tt.ReverseKLWithChunkedOutputLoss(n)),
+    "sym": (
+        lambda n: co.SymmetricKLWithChunkedOutputLoss(n, 0.3),
+        lambda n: tt.SymmetricKLWithChunkedOutputLoss(n, 0.3),
+    ),
 }
 KD_PARITY_UNCHUNKED = {
-    "fkl": (lambda: ForwardKLLoss(), lambda: tt.ForwardKLLoss()),
-    "rkl": (lambda: ReverseKLLoss(), lambda: tt.ReverseKLLoss()),
-    "sym": (lambda: SymmetricKLLoss(0.3), lambda: tt.SymmetricKLLoss(0.3)),
+    "fkl": (lambda: co.ForwardKLLoss(), lambda: tt.ForwardKLLoss()),
+    "rkl": (lambda: co.ReverseKLLoss(), lambda: tt.ReverseKLLoss()),
+    "sym": (lambda: co.SymmetricKLLoss(0.3), lambda: tt.SymmetricKLLoss(0.3)),
 }
 
 
@@ -521,7 +517,7 @@ def test_true_kl_is_torchtune_minus_teacher_entropy_same_gradient():
     t_chunks = _tt_chunks(teacher, n)
     ours_in = [c.detach().clone().requires_grad_() for c in _tt_chunks(student, n)]
     theirs_in = [c.detach().clone().requires_grad_() for c in _tt_chunks(student, n)]
-    ours = ForwardKLWithChunkedOutputLoss(n, true_kl=True)(ours_in, t_chunks, labels)
+    ours = co.ForwardKLWithChunkedOutputLoss(n, true_kl=True)(ours_in, t_chunks, labels)
     theirs = tt.ForwardKLWithChunkedOutputLoss(n)(theirs_in, t_chunks, labels)
     valid = labels.reshape(-1) != -100
     entropy = teacher_entropy(teacher)[valid].mean()
@@ -533,17 +529,17 @@ def test_true_kl_is_torchtune_minus_teacher_entropy_same_gradient():
 # ------------------------------------------------------------------------------ all labels ignored
 
 ALL_CLASSES = {
-    "ce": lambda: CEWithChunkedOutputLoss(4),
-    "fkl": lambda: ForwardKLWithChunkedOutputLoss(4),
-    "rkl": lambda: ReverseKLWithChunkedOutputLoss(4),
-    "sym": lambda: SymmetricKLWithChunkedOutputLoss(4),
-    "jsd": lambda: JSDWithChunkedOutputLoss(4),
-    "tvd": lambda: TVDWithChunkedOutputLoss(4),
-    "fkl1": lambda: ForwardKLLoss(),
-    "rkl1": lambda: ReverseKLLoss(),
-    "sym1": lambda: SymmetricKLLoss(),
-    "jsd1": lambda: JSDLoss(),
-    "tvd1": lambda: TVDLoss(),
+    "ce": lambda: co.CEWithChunkedOutputLoss(4),
+    "fkl": lambda: co.ForwardKLWithChunkedOutputLoss(4),
+    "rkl": lambda: co.ReverseKLWithChunkedOutputLoss(4),
+    "sym": lambda: co.SymmetricKLWithChunkedOutputLoss(4),
+    "jsd": lambda: co.JSDWithChunkedOutputLoss(4),
+    "tvd": lambda: co.TVDWithChunkedOutputLoss(4),
+    "fkl1": lambda: co.ForwardKLLoss(),
+    "rkl1": lambda: co.ReverseKLLoss(),
+    "sym1": lambda: co.SymmetricKLLoss(),
+    "jsd1": lambda: co.JSDLoss(),
+    "tvd1": lambda: co.TVDLoss(),
 }
 
 
@@ -578,8 +574,8 @@ def test_torchtune_gives_nan_when_all_labels_ignored():
         loss.backward()
         assert any(torch.isnan(c.grad).any() for c in s_in)
     # ours: 0 for the same inputs
-    assert CEWithChunkedOutputLoss(4)(chunks, labels).item() == 0.0
-    assert ReverseKLWithChunkedOutputLoss(4)(chunks, _tt_chunks(teacher, 4), labels).item() == 0.0
+    assert co.CEWithChunkedOutputLoss(4)(chunks, labels).item() == 0.0
+    assert co.ReverseKLWithChunkedOutputLoss(4)(chunks, _tt_chunks(teacher, 4), labels).item() == 0.0
 
 
 def test_torchtune_mispairs_labels_when_chunks_are_tensor_split():
@@ -592,7 +588,7 @@ def test_torchtune_mispairs_labels_when_chunks_are_tensor_split():
     with pytest.raises(Exception):
         tt.CEWithChunkedOutputLoss(n)(chunks, labels)
     torch.testing.assert_close(
-        CEWithChunkedOutputLoss(n)(chunks, labels).double(), ref_ce(x, labels), rtol=1e-5, atol=1e-6
+        co.CEWithChunkedOutputLoss(n)(chunks, labels).double(), ref_ce(x, labels), rtol=1e-5, atol=1e-6
     )
 
 
@@ -605,14 +601,14 @@ def test_sum_and_count_agrees_with_forward(ignore):
     n_valid = int((labels != -100).sum())
     s, t = _split(student, 4, "tensor_split"), _split(teacher, 4, "tensor_split")
     losses = [
-        (CEWithChunkedOutputLoss(4), (s, labels), ref_ce(student.detach(), labels, reduction="sum")),
+        (co.CEWithChunkedOutputLoss(4), (s, labels), ref_ce(student.detach(), labels, reduction="sum")),
         (
-            ReverseKLWithChunkedOutputLoss(4),
+            co.ReverseKLWithChunkedOutputLoss(4),
             (s, t, labels),
             ref_kd(student.detach(), teacher, labels, divergence="reverse_kl", reduction="sum"),
         ),
         (
-            JSDLoss(0.5),
+            co.JSDLoss(0.5),
             (student, teacher, labels),
             ref_kd(student.detach(), teacher, labels, divergence="jsd", reduction="sum"),
         ),
@@ -628,7 +624,7 @@ def test_sum_and_count_agrees_with_forward(ignore):
             torch.testing.assert_close(total / count, mean, rtol=1e-6, atol=0)
         else:
             assert total.item() == 0.0 and mean.item() == 0.0
-        if not isinstance(loss_fn, CEWithChunkedOutputLoss):
+        if not isinstance(loss_fn, co.CEWithChunkedOutputLoss):
             torch.testing.assert_close(loss_fn(*args, normalize=False), total)
 
 
@@ -637,7 +633,7 @@ def test_sum_over_micro_batches_divided_by_global_count_equals_one_big_batch():
     g = _gen(21)
     x = _logits((4, 13, V), g).requires_grad_()
     labels = make_labels((4, 13), V, "some", g)
-    loss_fn = CEWithChunkedOutputLoss(4)
+    loss_fn = co.CEWithChunkedOutputLoss(4)
     parts = [loss_fn.sum_and_count(_split(x[i : i + 2], 4, "tensor_split"), labels[i : i + 2]) for i in (0, 2)]
     global_count = sum(p.num_tokens for p in parts)
     stepped = sum(p.total for p in parts) / global_count
@@ -679,7 +675,7 @@ def test_gradient_through_an_output_projection_in_eager_mode():
     labels = make_labels((B, S), V, "some", g)
     chunks = [h @ weight.t() for h in torch.tensor_split(hidden, n, dim=1)]
     assert all(c.requires_grad and c.grad_fn is not None for c in chunks)
-    loss = CEWithChunkedOutputLoss(n)(chunks, labels)
+    loss = co.CEWithChunkedOutputLoss(n)(chunks, labels)
     (gw,) = torch.autograd.grad(loss, weight)
 
     w64 = weight.detach().double().requires_grad_()
@@ -698,7 +694,7 @@ def test_checkpoint_keeps_no_fp32_chunk_for_backward(name):
     chunk_elems = B * (S // n) * Vb
     with _SavedBytes() as saved:
         if name == "ce":
-            loss = CEWithChunkedOutputLoss(n)(s_chunks, labels)
+            loss = co.CEWithChunkedOutputLoss(n)(s_chunks, labels)
         else:
             loss = ALL_CLASSES[name]()(s_chunks, t_chunks, labels)
     # what is saved: the bf16 input chunks themselves (student, and teacher for KD), plus scalars
@@ -723,7 +719,7 @@ def test_checkpoint_with_only_the_student_requiring_grad():
     s_chunks = _split(student, 4, "tensor_split")
     with torch.no_grad():
         t_chunks = [t * 1.0 for t in _split(teacher, 4, "tensor_split")]
-    loss = ReverseKLWithChunkedOutputLoss(4)(s_chunks, t_chunks, labels)
+    loss = co.ReverseKLWithChunkedOutputLoss(4)(s_chunks, t_chunks, labels)
     assert loss.requires_grad
     grad = _grad_full(loss, s_chunks)
     ref, ref_grad = _ref_with_grad(lambda x: ref_kd(x, teacher.double(), labels, divergence="reverse_kl"), student)
@@ -732,7 +728,7 @@ def test_checkpoint_with_only_the_student_requiring_grad():
     # teacher requiring grad as well: its gradient is the reference's too
     t_leaf = [t.clone().requires_grad_() for t in t_chunks]
     s_leaf = _split(student, 4, "tensor_split")
-    loss = ReverseKLWithChunkedOutputLoss(4)(s_leaf, t_leaf, labels)
+    loss = co.ReverseKLWithChunkedOutputLoss(4)(s_leaf, t_leaf, labels)
     gt = torch.cat(torch.autograd.grad(loss, t_leaf), dim=1)
     t64 = teacher.double().requires_grad_()
     (ref_gt,) = torch.autograd.grad(ref_kd(student.detach().double(), t64, labels, divergence="reverse_kl"), t64)
@@ -744,13 +740,13 @@ def test_no_grad_and_inputs_without_grad_give_plain_values():
     s = _split(student, 4, "tensor_split")
     t = _split(teacher, 4, "tensor_split")
     with torch.no_grad():
-        a = ForwardKLWithChunkedOutputLoss(4)(s, t, labels)
-        c = CEWithChunkedOutputLoss(4)(s, labels)
+        a = co.ForwardKLWithChunkedOutputLoss(4)(s, t, labels)
+        c = co.CEWithChunkedOutputLoss(4)(s, labels)
     assert a.grad_fn is None and c.grad_fn is None
-    b = ForwardKLWithChunkedOutputLoss(4)([x.detach() for x in s], t, labels)
+    b = co.ForwardKLWithChunkedOutputLoss(4)([x.detach() for x in s], t, labels)
     assert b.grad_fn is None
     torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a, ForwardKLWithChunkedOutputLoss(4)(s, t, labels).detach())
+    torch.testing.assert_close(a, co.ForwardKLWithChunkedOutputLoss(4)(s, t, labels).detach())
 
 
 # --------------------------------------------------------------------------------------- bad input
@@ -765,14 +761,14 @@ def test_ce_label_range_errors():
     g = _gen(26)
     x = _logits((B, 8, V), g)
     chunks = _split(x, 4, "tensor_split")
-    ce = CEWithChunkedOutputLoss(4)
+    ce = co.CEWithChunkedOutputLoss(4)
     for bad in (V, V + 5, -5, -1):
         labels = make_labels((B, 8), V, "some", g)
         labels[0, 3] = bad
         _raises(r"labels", ce, chunks, labels)
     # a custom ignore_index is not out of range
     labels = make_labels((B, 8), V, "some", g, ignore_index=-1)
-    CEWithChunkedOutputLoss(4, ignore_index=-1)(chunks, labels)
+    co.CEWithChunkedOutputLoss(4, ignore_index=-1)(chunks, labels)
 
 
 def test_validate_false_skips_the_range_check(monkeypatch):
@@ -781,9 +777,9 @@ def test_validate_false_skips_the_range_check(monkeypatch):
     g = _gen(27)
     x = _logits((B, 8, V), g)
     labels = make_labels((B, 8), V, "some", g)
-    CEWithChunkedOutputLoss(4, validate=False)(_split(x, 4, "tensor_split"), labels)
+    co.CEWithChunkedOutputLoss(4, validate=False)(_split(x, 4, "tensor_split"), labels)
     assert calls == []
-    CEWithChunkedOutputLoss(4)(_split(x, 4, "tensor_split"), labels)
+    co.CEWithChunkedOutputLoss(4)(_split(x, 4, "tensor_split"), labels)
     assert len(calls) == 1
 
 
@@ -792,7 +788,7 @@ def test_ce_input_errors_name_the_argument():
     x = _logits((B, 8, V), g)
     labels = make_labels((B, 8), V, "some", g)
     chunks = _split(x, 4, "tensor_split")
-    ce = CEWithChunkedOutputLoss(4)
+    ce = co.CEWithChunkedOutputLoss(4)
     _raises(r"labels.*dtype", ce, chunks, labels.float())
     _raises(r"labels.*dtype", ce, chunks, labels != -100)
     _raises(r"logits\[0\].*batch", ce, chunks, labels[:1])
@@ -809,7 +805,7 @@ def test_kd_input_errors_name_the_argument():
     student, teacher, labels = _kd_inputs(8, 29)
     s = _split(student, 4, "tensor_split")
     t = _split(teacher, 4, "tensor_split")
-    kd = ReverseKLWithChunkedOutputLoss(4)
+    kd = co.ReverseKLWithChunkedOutputLoss(4)
     _raises(r"teacher_logits.*4 chunks", kd, s, t[:3], labels)
     _raises(r"teacher_logits\[1\].*shape", kd, s, [t[0], t[1][:, :1]] + t[2:], labels)
     _raises(r"teacher_logits\[0\].*vocab|teacher_logits\[0\].*shape", kd, s, [x[..., :-1] for x in t], labels)
@@ -824,14 +820,14 @@ def test_kd_input_errors_name_the_argument():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: CEWithChunkedOutputLoss(0), "num_output_chunks"),
-        (lambda: CEWithChunkedOutputLoss(4, label_smoothing=1.5), "label_smoothing"),
-        (lambda: CEWithChunkedOutputLoss(4, z_loss=-1.0), "z_loss"),
-        (lambda: CEWithChunkedOutputLoss(4, softcap=0.0), "softcap"),
-        (lambda: ForwardKLWithChunkedOutputLoss(4, temperature=0.0), "temperature"),
-        (lambda: JSDWithChunkedOutputLoss(4, beta=1.5), "beta"),
-        (lambda: SymmetricKLWithChunkedOutputLoss(4, sym_kd_ratio=-0.1), "sym_kd_ratio"),
-        (lambda: SymmetricKLLoss(2.0), "sym_kd_ratio"),
+        (lambda: co.CEWithChunkedOutputLoss(0), "num_output_chunks"),
+        (lambda: co.CEWithChunkedOutputLoss(4, label_smoothing=1.5), "label_smoothing"),
+        (lambda: co.CEWithChunkedOutputLoss(4, z_loss=-1.0), "z_loss"),
+        (lambda: co.CEWithChunkedOutputLoss(4, softcap=0.0), "softcap"),
+        (lambda: co.ForwardKLWithChunkedOutputLoss(4, temperature=0.0), "temperature"),
+        (lambda: co.JSDWithChunkedOutputLoss(4, beta=1.5), "beta"),
+        (lambda: co.SymmetricKLWithChunkedOutputLoss(4, sym_kd_ratio=-0.1), "sym_kd_ratio"),
+        (lambda: co.SymmetricKLLoss(2.0), "sym_kd_ratio"),
     ],
 )
 def test_bad_options_raise(make, match):
@@ -843,19 +839,18 @@ def test_bad_options_raise(make, match):
 def test_chunked_output_under_torch_compile_matches_eager(name):
     """torchtune's recipes compile the loss: under torch.compile (one graph, fullgraph=True) the
     chunked-output losses give eager's values and gradients (the label check runs on device)."""
-    from tune_losses import CEWithChunkedOutputLoss, ForwardKLWithChunkedOutputLoss
 
     g = torch.Generator().manual_seed(7)
     z, zt = torch.randn(2, 9, 31, generator=g), torch.randn(2, 9, 31, generator=g)
     labels = make_labels((2, 9), 31, "some", torch.Generator().manual_seed(8))
     if name == "ce":
-        loss_fn = CEWithChunkedOutputLoss(2)
+        loss_fn = co.CEWithChunkedOutputLoss(2)
 
         def step(zz):
             return loss_fn(list(zz.tensor_split(2, 1)), labels)
 
     else:
-        loss_fn = ForwardKLWithChunkedOutputLoss(2)
+        loss_fn = co.ForwardKLWithChunkedOutputLoss(2)
 
         def step(zz):
             return loss_fn(list(zz.tensor_split(2, 1)), list(zt.tensor_split(2, 1)), labels)

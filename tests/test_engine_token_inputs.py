@@ -9,7 +9,7 @@ import pytest
 import torch
 from reference import make_labels
 
-from tune_losses.divergences import ce_chunk
+from tune_losses.divergences import ChunkRun, ce_chunk
 from tune_losses.fused import compiled
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.options import CEOptions
@@ -25,7 +25,9 @@ class TokenScaledCE(Term):
     def compute(self, chunk, weights, consume_student, consume_teacher):
         factor = chunk.inputs["factor"].to(chunk.student.dtype)
         w = None if weights is None else weights[0] * factor
-        loss, g = ce_chunk(chunk.student, chunk.labels, chunk.valid, CEOptions(), chunk.reducer, w, consume_student)
+        loss, g = ce_chunk(
+            chunk.student, chunk.labels, chunk.valid, CEOptions(), ChunkRun(chunk.reducer, w, consume_student)
+        )
         return (loss * factor,), g
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kernel_spy import spy
 from reference import make_labels, ref_ce, ref_kd
 
-from tune_losses.divergences import VocabReducer, kd_chunk
+from tune_losses.divergences import ChunkRun, VocabReducer, kd_chunk
 from tune_losses.fused.functional import linear_cross_entropy, linear_distillation_loss, linear_kd_loss
 from tune_losses.kernels import triton_ce, triton_terms
 from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
@@ -195,7 +195,7 @@ def test_distill_kernel_masked_and_non_finite(interpret):
     assert torch.isnan(kd[-1]) and torch.isnan(ce[-1])
     # Entries where either side is -inf count 0: the engine's eager math (the reference takes a
     # student -inf under teacher mass as an infinite divergence), valid rows only.
-    want, _ = kd_chunk(zs[:-1].double(), zt[:-1].double(), KDOptions(), VocabReducer(zs.shape[1]))
+    want, _ = kd_chunk(zs[:-1].double(), zt[:-1].double(), KDOptions(), ChunkRun(VocabReducer(zs.shape[1])))
     keep = labels[:-1] != -100
     torch.testing.assert_close(kd[:-1][keep].double(), want[keep], atol=1e-5, rtol=1e-5)
 

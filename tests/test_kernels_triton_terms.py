@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kernel_spy import spy
 from reference import make_labels, ref_ce, ref_kd, ref_log_probs
 
-from tune_losses.divergences import VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
+from tune_losses.divergences import ChunkRun, VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.functional import linear_distillation_loss, linear_kd_loss, linear_log_probs
 from tune_losses.kernels import triton_select, triton_terms
@@ -208,10 +208,10 @@ def check_divergence(divergence, fields, dtype, ignore, temperature, ce, n=5, v=
         assert torch.all(ce_val == 0)
     eager = None
     if dtype != torch.float32:
-        _, g_eager = kd_chunk(zs.float(), zt.float(), kd, VocabReducer(v), w_kd.float())
+        _, g_eager = kd_chunk(zs.float(), zt.float(), kd, ChunkRun(VocabReducer(v), w_kd.float()))
         if ce_opts is not None:
             valid = labels != -100
-            _, g_ce = ce_chunk(zs.float(), labels, valid, ce_opts, VocabReducer(v), w_ce.float())
+            _, g_ce = ce_chunk(zs.float(), labels, valid, ce_opts, ChunkRun(VocabReducer(v), w_ce.float()))
             g_eager = g_eager + g_ce
         eager = g_eager.to(dtype)
     grad_close(buf, want_g, eager, dtype)
@@ -287,7 +287,7 @@ def test_divergence_kernel_masked_and_non_finite(divergence, fields, interpret):
     assert val[0] == 0 and ce[0] == 0 and torch.all(buf[0] == 0)
     assert torch.isnan(val[-1]) and torch.isnan(ce[-1]) and torch.isnan(val[-2])
     keep = (torch.arange(9) < 7) & (labels != -100)
-    want, want_g = kd_chunk(zs[keep].double(), zt[keep].double(), kd, VocabReducer(37), w[keep].double())
+    want, want_g = kd_chunk(zs[keep].double(), zt[keep].double(), kd, ChunkRun(VocabReducer(37), w[keep].double()))
     torch.testing.assert_close(val[keep].double(), want, **VALUE_TOL)
     z64 = zs[keep].double()  # (the reference's CE is NaN at -inf logits: logsumexp here)
     want_ce = torch.logsumexp(z64, -1) - z64.gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)

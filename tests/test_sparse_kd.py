@@ -5,6 +5,8 @@ whole vocabulary, gathered at the teacher's ids, and autograd for the gradients.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 import weakref
 
 import pytest
@@ -14,22 +16,17 @@ from multiproc import run_ranks
 from reference import make_labels
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import tune_losses as tl
 from tune_losses import SparseDistillationLoss, linear_kd_loss, linear_sparse_distillation_loss, linear_sparse_kd_loss
 from tune_losses.fused import compiled
-from tune_losses.options import ExecutionOptions, KDOptions, VocabParallelOptions
+from tune_losses.options import ExecutionOptions, KDOptions, SparseKDOptions, VocabParallelOptions
 
 REDUCTIONS = ("mean", "sum", "none")
 TAILS = ("renormalize", "bucket")
 TOL = dict(rtol=2e-5, atol=2e-6)  # fp32 fused vs the fp64 reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny tensors (tests/conftest.py)
 
 
 @pytest.fixture
@@ -98,14 +95,16 @@ def make_case(lead, hidden, vocab, k, *, seed=0, bias=False, ignore="some", temp
 
 
 def run_both(h, w, b, labels, ids, lp, *, dtype=torch.float32, seed=5, **kw):
-    """The fused loss and the fp64 reference with their gradients (same per-token grad_output)."""
+    """The fused loss and the fp64 reference with their gradients (same per-token grad_output);
+    ``temperature`` and ``tail`` go into the loss's SparseKDOptions."""
 
     def leaves(dt):
         return [None if t is None else t.detach().to(dt).clone().requires_grad_() for t in (h, w, b)]
 
     lf, lr = leaves(dtype), leaves(torch.float64)
-    out = linear_sparse_kd_loss(lf[0], lf[1], labels, ids, lp, bias=lf[2], **kw)
-    ref_kw = {k: v for k, v in kw.items() if k in ("temperature", "tail", "reduction")}
+    term = {k: kw.pop(k) for k in ("temperature", "tail") if k in kw}
+    out = linear_sparse_kd_loss(lf[0], lf[1], labels, ids, lp, bias=lf[2], options=SparseKDOptions(**term), **kw)
+    ref_kw = {**term, **{k: v for k, v in kw.items() if k == "reduction"}}
     ref = ref_sparse_kd(F.linear(lr[0], lr[1], lr[2]), labels, ids, lp.double(), **ref_kw)
     go = None
     if out.dim():
@@ -213,7 +212,8 @@ def test_full_support_equals_dense_forward_kl(eager, temperature, tail):
     ids = torch.randperm(vocab, generator=g).expand(3, 5, vocab).contiguous()  # any order of the V ids
     lp = teacher_lp.gather(-1, ids)
     hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
-    sparse = linear_sparse_kd_loss(hs, ws, labels, ids, lp, temperature=temperature, tail=tail, chunk_size=4)
+    options = SparseKDOptions(temperature, tail)
+    sparse = linear_sparse_kd_loss(hs, ws, labels, ids, lp, chunk_size=4, options=options)
     sparse.backward()
     hd, wd = h.clone().requires_grad_(), w.clone().requires_grad_()
     dense = linear_kd_loss(hd, wd, th, tw, labels, chunk_size=4, options=KDOptions(temperature=temperature))
@@ -244,10 +244,11 @@ def test_non_finite_teacher_value_at_a_counted_token(eager):
     for tail in TAILS:
         h, w, _, labels, ids, lp, _ = make_case((9,), 8, 20, 4, seed=2, ignore="none", unused=False)
         lp[3, 1] = float("nan")
-        out = linear_sparse_kd_loss(h, w, labels, ids, lp, tail=tail, reduction="none")
+        options = SparseKDOptions(tail=tail)
+        out = linear_sparse_kd_loss(h, w, labels, ids, lp, reduction="none", options=options)
         assert out[3].isnan() and out[torch.arange(9) != 3].isfinite().all()
         lp[3, 1] = float("-inf")  # probability 0: a finite value
-        assert linear_sparse_kd_loss(h, w, labels, ids, lp, tail=tail).isfinite()
+        assert linear_sparse_kd_loss(h, w, labels, ids, lp, options=options).isfinite()
 
 
 def test_drop_ignored_tokens_and_num_tokens(eager):
@@ -287,10 +288,10 @@ def test_compiled_and_eager_chunk_math(monkeypatch, compile_mode):
 def test_distillation_is_weighted_ce_plus_sparse_kd(eager, tail, temperature, reduction):
     h, w, b, labels, ids, lp, _ = make_case((3, 7), 16, 45, 6, seed=13, bias=True, temperature=temperature)
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    options = tl.SparseDistillationOptions(0.3, SparseKDOptions(temperature, tail))
     out = linear_sparse_distillation_loss(
-        *leaves[:2], labels, ids, lp, bias=leaves[2], kd_ratio=0.3, temperature=temperature, tail=tail,
-        reduction=reduction, chunk_size=8,
-    )  # fmt: skip
+        *leaves[:2], labels, ids, lp, bias=leaves[2], reduction=reduction, chunk_size=8, options=options
+    )
     lr = [t.double().requires_grad_() for t in (h, w, b)]
     z = F.linear(*lr)
     ce = F.cross_entropy(z.reshape(-1, 45), labels.reshape(-1), reduction="none").reshape(labels.shape)
@@ -350,6 +351,11 @@ def test_module_for_recipes(eager):
     assert set(s.parts) == {"class_loss", "kd_loss"} and int(s.num_tokens) == int((labels != -100).sum())
     torch.testing.assert_close(s.total, loss * s.num_tokens * scale)
     torch.testing.assert_close(s.parts["kd_loss"].double(), 0.25 * kd, rtol=1e-5, atol=1e-6)
+    with pytest.raises(
+        TypeError, match=r"expected the tensors \(hidden, teacher_ids, teacher_logprobs, labels\), got 3"
+    ):
+        loss_fn(hidden, ids, labels)
+    assert loss_fn.temperature == 2.0 and loss_fn.kd_ratio == 0.4 and loss_fn.options.kd.tail == "bucket"
     with pytest.raises(ValueError, match="tail"):
         SparseDistillationLoss(tail="rest")
     with pytest.raises(ValueError, match="kd_ratio"):
@@ -371,106 +377,103 @@ def test_bad_inputs_name_the_argument():
         ("teacher_logprobs", dict(lp=lp[..., :3])),
         ("teacher_logprobs", dict(lp=lp.long())),
         ("teacher_logprobs", dict(lp=lp.exp() + 0.1)),  # probabilities, not log-probabilities
-        ("tail", dict(tail="top")),
-        ("temperature", dict(temperature=0.0)),
         ("reduction", dict(reduction="avg")),
-        ("ignore_index", dict(ignore_index=-100.0)),
-        ("validate", dict(validate="yes")),
         ("chunk_size", dict(chunk_size=0)),
         ("execution", dict(execution="recompute")),  # the object, not one of its fields
+        ("options", dict(options=tl.SparseDistillationOptions())),  # the distillation's object, not the KD's
     ]
     for name, change in cases:
         kw = {k: v for k, v in change.items() if k not in ("ids", "lp")}
         with pytest.raises(ValueError, match=name):
             linear_sparse_kd_loss(h, w, labels, change.get("ids", ids), change.get("lp", lp), **kw)
+    fields = [("tail", "top"), ("temperature", 0.0), ("ignore_index", -100.0), ("validate", "yes")]
+    for name, bad in fields:
+        with pytest.raises(ValueError, match=name):
+            SparseKDOptions(**{name: bad})
     with pytest.raises(ValueError, match="kd_ratio"):
-        linear_sparse_distillation_loss(h, w, labels, ids, lp, kd_ratio=1.5)
+        tl.SparseDistillationOptions(kd_ratio=1.5)
+    with pytest.raises(TypeError, match="kd: expected a SparseKDOptions, got KDOptions"):
+        tl.SparseDistillationOptions(kd=KDOptions())
+    with pytest.raises(ValueError, match="ce.ignore_index: expected -1"):
+        tl.SparseDistillationOptions(kd=SparseKDOptions(ignore_index=-1), ce=tl.CEOptions(ignore_index=-100))
+    with pytest.raises(TypeError, match="options: expected a SparseDistillationOptions"):
+        linear_sparse_distillation_loss(h, w, labels, ids, lp, options=SparseKDOptions())
     # A tiny positive log-probability (rounding) passes; validate=False skips the value checks.
     linear_sparse_kd_loss(h, w, labels, ids, lp.masked_fill(lp == lp.max(), 1e-4))
-    linear_sparse_kd_loss(h, w, labels, ids, lp.exp(), validate=False)
+    linear_sparse_kd_loss(h, w, labels, ids, lp.exp(), options=SparseKDOptions(validate=False))
 
 
 def test_old_flat_keywords_warn_and_give_the_same_values_and_gradients(eager):
-    """The flat ``algorithm``, ``drop_ignored_tokens`` and vocabulary-parallel keywords of before the
-    options objects still work: same values and gradients, a DeprecationWarning naming the new form."""
-    h, w, b, labels, ids, lp, _ = make_case((3, 5), 8, 30, 5, seed=41, bias=True)
-    flat = dict(algorithm="recompute", drop_ignored_tokens=True, vocab_parallel=False)
+    """The flat keywords of before the options objects (the term's ``temperature``, ``tail``,
+    ``ignore_index``, ``validate``, the mix's ``kd_ratio``, ``label_smoothing``, and ``algorithm``,
+    ``drop_ignored_tokens``, the vocabulary-parallel ones) still work: the same values and gradients
+    bit for bit, a DeprecationWarning naming the new form, pointing at the caller."""
+    h, w, b, labels, ids, lp, _ = make_case((3, 5), 8, 30, 5, seed=41, bias=True, temperature=2.0)
+    labels = labels.masked_fill(labels == -100, -1)
+    term = dict(temperature=2.0, tail="bucket", ignore_index=-1, validate=False)
+    run = dict(algorithm="recompute", drop_ignored_tokens=True, vocab_parallel=False)
     objects = dict(
         execution=ExecutionOptions("recompute", drop_ignored_tokens=True),
         parallel=VocabParallelOptions(vocab_parallel=False),
     )
-    for fn, extra in ((linear_sparse_kd_loss, {}), (linear_sparse_distillation_loss, dict(kd_ratio=0.3))):
+    kd = SparseKDOptions(**term)
+    forms = {
+        linear_sparse_kd_loss: (dict(options=kd), term, "options=SparseKDOptions(temperature=, tail="),
+        linear_sparse_distillation_loss: (
+            dict(options=tl.SparseDistillationOptions(0.3, kd, tl.CEOptions(-1, 0.1, validate=False))),
+            dict(kd_ratio=0.3, label_smoothing=0.1, **term),
+            "options=SparseDistillationOptions(kd_ratio=..., kd=SparseKDOptions(...), ce=CEOptions(...))",
+        ),
+    }
+    for fn, (new_kw, flat_kw, new_form) in forms.items():
         results = []
-        for form, kw in (("objects", objects), ("flat", flat)):
+        for form, kw in (("objects", {**new_kw, **objects}), ("flat", {**flat_kw, **run})):
             leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-            call = lambda kw=kw, leaves=leaves: fn(  # noqa: E731
-                leaves[0], leaves[1], labels, ids, lp, bias=leaves[2], tail="bucket", **extra, **kw
-            )
+            call = lambda kw=kw, leaves=leaves: fn(leaves[0], leaves[1], labels, ids, lp, bias=leaves[2], **kw)  # noqa: E731
             if form == "flat":
                 with pytest.warns(DeprecationWarning) as rec:
                     out = call()
                 messages = " ".join(str(r.message) for r in rec)
+                assert len(rec) == 3, messages  # one per options object
                 assert "pass execution=ExecutionOptions(algorithm=, drop_ignored_tokens=...)" in messages
                 assert "pass parallel=VocabParallelOptions(vocab_parallel=...)" in messages
+                assert f"pass {new_form}" in messages, messages
                 assert all(r.filename == __file__ for r in rec), "the warning points at the caller"
             else:
-                out = call()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # the object form warns nothing
+                    out = call()
             loss = out if torch.is_tensor(out) else out.loss
             loss.backward()
-            results.append((loss.detach(), *[t.grad for t in leaves]))
+            parts = () if torch.is_tensor(out) else (out.ce, out.kd, out.num_tokens)
+            results.append((loss.detach(), *parts, *[t.grad for t in leaves]))
         for new, old in zip(*results):
             torch.testing.assert_close(old, new, rtol=0, atol=0)
     with pytest.raises(TypeError, match="algorithm= and execution= both given"):
         linear_sparse_kd_loss(h, w, labels, ids, lp, algorithm="recompute", execution=ExecutionOptions())
+    with pytest.raises(TypeError, match="tail= and options= both given"):
+        linear_sparse_kd_loss(h, w, labels, ids, lp, tail="bucket", options=kd)
+    with pytest.raises(TypeError, match="kd_ratio= and options= both given"):
+        linear_sparse_distillation_loss(h, w, labels, ids, lp, kd_ratio=0.2, options=tl.SparseDistillationOptions())
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
         linear_sparse_kd_loss(h, w, labels, ids, lp, algoritm="recompute")
 
 
-def test_signatures_keep_the_common_arguments_flat_and_the_rest_as_objects():
-    """The flat form issue 19 fixed, plus the objects; no other keyword (the old flat ones go through
-    ``**deprecated``)."""
-    import inspect
-
-    common = ["bias", "temperature", "tail", "ignore_index", "reduction", "chunk_size", "validate"]
-    tail = ["num_tokens", "scale", "parallel", "execution", "deprecated"]
+def test_signatures_are_the_tensors_the_common_arguments_and_the_objects():
+    """The dense functions' form: tensors, ``bias``, the call's ``reduction`` / ``chunk_size`` /
+    ``num_tokens`` / ``scale``, then ``options``, ``parallel``, ``execution`` (13 parameters); the
+    old flat keywords go through ``**deprecated``."""
     tensors = ["hidden", "weight", "labels", "teacher_ids", "teacher_logprobs"]
-    for fn, extra in ((linear_sparse_kd_loss, []), (linear_sparse_distillation_loss, ["kd_ratio", "label_smoothing"])):
-        names = list(inspect.signature(fn).parameters)
-        assert names[:5] == tensors and names[-5:] == tail, names
-        assert sorted(names[5:-5]) == sorted(common + extra), names
-
-
-@pytest.mark.parametrize("fn", ["kd", "distillation"])
-def test_each_argument_is_checked_once_per_call(fn, monkeypatch):
-    """Every scalar argument is checked once per call, wherever it travels (flat, or inside the
-    options objects the call builds)."""
-    import collections
-
-    import tune_losses.fused.functional as functional
-    import tune_losses.fused.sparse as sparse
-    import tune_losses.options as options
-    import tune_losses.sparse_teacher as sparse_teacher
-
-    seen = collections.Counter()
-    names = ("check_int_option", "check_float_option", "check_bool_option", "check_choice")
-    reals = {name: getattr(options, name) for name in names}
-    for mod in (options, functional, sparse, sparse_teacher):
-        for name, real in reals.items():
-            if hasattr(mod, name):
-                spy = lambda arg, *a, real=real, **k: seen.update([arg]) or real(arg, *a, **k)  # noqa: E731
-                monkeypatch.setattr(mod, name, spy)
-    h, w, b, labels, ids, lp, _ = make_case((2, 5), 8, 20, 4, seed=42)
-    kw = dict(temperature=2.0, tail="bucket", chunk_size=4, execution=ExecutionOptions("recompute"))
-    seen.clear()  # the objects above were checked when made, before the call
-    if fn == "kd":
-        linear_sparse_kd_loss(h, w, labels, ids, lp, **kw)
-    else:
-        linear_sparse_distillation_loss(h, w, labels, ids, lp, kd_ratio=0.3, label_smoothing=0.1, **kw)
-    expected = {"temperature", "tail", "ignore_index", "validate", "chunk_size", "reduction"}
-    if fn == "distillation":
-        expected |= {"kd_ratio", "label_smoothing", "z_loss", "softcap"}  # CEOptions checks its defaults too
-    assert expected <= set(seen), expected - set(seen)
-    assert all(n == 1 for n in seen.values()), {k: n for k, n in seen.items() if n != 1}
+    rest = ["bias", "reduction", "chunk_size", "num_tokens", "scale", "options", "parallel", "execution"]
+    for fn, options in (
+        (linear_sparse_kd_loss, SparseKDOptions),
+        (linear_sparse_distillation_loss, tl.SparseDistillationOptions),
+    ):
+        params = inspect.signature(fn).parameters
+        assert list(params) == tensors + rest + ["deprecated"], list(params)
+        assert params["deprecated"].kind is inspect.Parameter.VAR_KEYWORD
+        assert params["options"].annotation == f"Optional[{options.__name__}]"
+        assert len(params) - 1 <= 13
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -525,7 +528,7 @@ def test_peak_memory_far_below_full_logits(eager, tail):
     lp = torch.log_softmax(torch.randn(n, k, generator=g), -1) - 0.1
     mode = LiveBytes()
     with mode:
-        loss = linear_sparse_kd_loss(h, w, labels, ids, lp, tail=tail)
+        loss = linear_sparse_kd_loss(h, w, labels, ids, lp, options=SparseKDOptions(tail=tail))
         loss.backward()
     logits_bytes = n * vocab * 4
     assert mode.peak < logits_bytes / 4, f"peak {mode.peak / 2**20:.0f} MiB"
@@ -551,10 +554,12 @@ def _vocab_parallel_ranks(rank: int, world: int):
             local = [h.clone().requires_grad_(), w[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()]
 
             def call(x, ww, bb, **kw):
-                common = dict(bias=bb, temperature=2.0, tail=tail, chunk_size=8, **kw)
+                kd = SparseKDOptions(temperature=2.0, tail=tail)
+                common = dict(bias=bb, chunk_size=8, **kw)
                 if composed:
-                    return linear_sparse_distillation_loss(x, ww, labels, ids, lp, kd_ratio=0.4, **common).loss
-                return linear_sparse_kd_loss(x, ww, labels, ids, lp, **common)
+                    options = tl.SparseDistillationOptions(0.4, kd)
+                    return linear_sparse_distillation_loss(x, ww, labels, ids, lp, options=options, **common).loss
+                return linear_sparse_kd_loss(x, ww, labels, ids, lp, options=kd, **common)
 
             single = call(*full)
             single.backward()
@@ -574,7 +579,7 @@ def _vocab_parallel_ranks(rank: int, world: int):
     d_w = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
     d_b = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
     hd = h.clone().requires_grad_()
-    kw = dict(temperature=2.0, tail="bucket", chunk_size=8, reduction="sum")
+    kw = dict(options=SparseKDOptions(temperature=2.0, tail="bucket"), chunk_size=8, reduction="sum")
     single = linear_sparse_kd_loss(full[0], full[1], labels, ids, lp, bias=full[2], **kw)
     single.backward()
     parallel = linear_sparse_kd_loss(hd, d_w, labels, ids, lp, bias=d_b, **kw)

@@ -67,7 +67,15 @@ from tune_losses.fused import (
 from tune_losses.fused.sparse import linear_sparse_distillation_loss, linear_sparse_kd_loss
 from tune_losses.fused.sparse_module import SparseDistillationLoss
 from tune_losses.heads import OutputProjection, configure_model_for_loss, output_projection, set_output_mode
-from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions, VocabParallelOptions
+from tune_losses.options import (
+    CEOptions,
+    DistillationOptions,
+    ExecutionOptions,
+    KDOptions,
+    SparseDistillationOptions,
+    SparseKDOptions,
+    VocabParallelOptions,
+)
 
 globals().update(_KD_LOSS_CLASSES)
 
@@ -128,6 +136,8 @@ __all__ = [
     "CEOptions",
     "KDOptions",
     "DistillationOptions",
+    "SparseKDOptions",
+    "SparseDistillationOptions",
     "ExecutionOptions",
     "VocabParallelOptions",
     "PreferenceOptions",

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from types import FrameType
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -59,8 +59,8 @@ def warn_deprecated(old: str, new: str) -> None:
 # :func:`no_more` rejects what is left. The object's own ``__post_init__`` is the only check.
 
 
-def take(legacy: Dict[str, object], names: Sequence[str]) -> Dict[str, object]:
-    """Remove and return the keywords of ``legacy`` named in ``names``."""
+def take(legacy: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
+    """Remove and return the keywords of ``legacy`` named in ``names`` (values of any type)."""
     return {k: legacy.pop(k) for k in names if k in legacy}
 
 
@@ -71,13 +71,20 @@ def no_more(fn: str, legacy: Dict[str, object]) -> None:
 
 
 def options_object(
-    fn: str, param: str, cls: type, given, flat: Dict[str, object], current: Optional[Dict[str, object]] = None
+    fn: str,
+    param: str,
+    cls: type,
+    given,
+    flat: Dict[str, object],
+    current: Optional[Dict[str, object]] = None,
 ):
     """The options object of parameter ``param`` of ``fn``: ``given`` (an instance of ``cls``, already
     checked when it was made), or one made once from the old flat keyword arguments ``flat`` (with a
     deprecation warning naming ``param=cls(...)``) and the current flat ones ``current`` (e.g.
     ``ignore_index``; None values left out). Old flat keywords together with ``param`` are an error
-    (said twice); a current one must agree with ``given``."""
+    (said twice); a current one must agree with ``given``. A class of nested objects (e.g.
+    ``DistillationOptions``) says how the flat keywords make one (its ``from_flat``) and how it is
+    written in the warning (its ``form()``)."""
     current = {k: v for k, v in (current or {}).items() if v is not None}
     if given is not None:
         if not isinstance(given, cls):
@@ -91,5 +98,6 @@ def options_object(
         return given
     if flat:
         names = ", ".join(f"{k}=" for k in flat)
-        warn_deprecated(f"{fn}({names}...)", f"{param}={cls.__name__}({names}...)")
-    return cls(**flat, **current)
+        form = cls.form() if hasattr(cls, "form") else f"{cls.__name__}({names}...)"
+        warn_deprecated(f"{fn}({names}...)", f"{param}={form}")
+    return getattr(cls, "from_flat", cls)(**flat, **current)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
@@ -263,8 +263,76 @@ class ExecutionOptions:
         check_choice("dw_accumulation", self.dw_accumulation, DW_ACCUMULATIONS)
 
 
+TAILS = ("renormalize", "bucket")
+"""How a sparse teacher's left-out mass is treated (:mod:`tune_losses.sparse_teacher`)."""
+
+
 @dataclass(frozen=True)
-class DistillationOptions:
+class SparseKDOptions:
+    """Options of the forward KL against a cached sparse teacher (k log-probabilities per token).
+
+    Attributes:
+        temperature: T > 0: the student's logits are divided by T (the cached log-probabilities are
+            already at T) and the loss is multiplied by T^2.
+        tail: ``"renormalize"`` (the teacher's entries renormalized to sum 1) or ``"bucket"`` (the
+            teacher's left-out mass against the student's mass outside the ids); see
+            :mod:`tune_losses.sparse_teacher`.
+        ignore_index: label value of tokens left out of the loss.
+        validate: check once per call (one device sync) the labels' range, the cached ids' range and
+            distinctness, and that no used log-probability is positive.
+    """
+
+    temperature: float = 1.0
+    tail: str = "renormalize"
+    ignore_index: int = IGNORE_INDEX
+    validate: bool = True
+
+    def __post_init__(self):
+        check_float_option("temperature", self.temperature, 0.0, low_open=True)
+        check_choice("tail", self.tail, TAILS)
+        check_int_option("ignore_index", self.ignore_index)
+        check_bool_option("validate", self.validate)
+
+
+class _Mix:
+    """``(1 - kd_ratio) * CE + kd_ratio * KD``: the checks and the flat form shared by
+    :class:`DistillationOptions` (a dense teacher) and :class:`SparseDistillationOptions` (a cached
+    one), which differ only in the distillation term's options (``KD_TYPE``)."""
+
+    KD_TYPE: ClassVar[Union[Type[KDOptions], Type[SparseKDOptions]]]
+    kd_ratio: float
+    kd: Union[KDOptions, SparseKDOptions]
+    ce: Optional[CEOptions]
+
+    def __post_init__(self):
+        check_float_option("kd_ratio", self.kd_ratio, 0.0, 1.0)
+        if not isinstance(self.kd, self.KD_TYPE):
+            raise ArgumentTypeError(f"kd: expected a {self.KD_TYPE.__name__}, got {_type_name(self.kd)}")
+        if self.ce is None:  # the distillation term's ignore_index and validate, no smoothing
+            object.__setattr__(self, "ce", CEOptions(ignore_index=self.kd.ignore_index, validate=self.kd.validate))
+        elif not isinstance(self.ce, CEOptions):
+            raise ArgumentTypeError(f"ce: expected a CEOptions, got {_type_name(self.ce)}")
+        elif self.ce.ignore_index != self.kd.ignore_index:
+            raise ValueError(
+                f"ce.ignore_index: expected {self.kd.ignore_index} (as kd.ignore_index), got {self.ce.ignore_index}"
+            )
+
+    @classmethod
+    def from_flat(cls, kd_ratio: float = 0.5, label_smoothing: float = 0.0, **kd_fields):
+        """The object from the flat keywords of before the options objects: ``kd_ratio``,
+        ``label_smoothing`` and ``KD_TYPE``'s fields; the cross-entropy shares the distillation
+        term's ``ignore_index`` and ``validate``."""
+        kd = cls.KD_TYPE(**kd_fields)
+        return cls(kd_ratio, kd, CEOptions(kd.ignore_index, label_smoothing, validate=kd.validate))  # type: ignore[call-arg]
+
+    @classmethod
+    def form(cls) -> str:
+        """How the object is written, for a deprecation message."""
+        return f"{cls.__name__}(kd_ratio=..., kd={cls.KD_TYPE.__name__}(...), ce=CEOptions(...))"
+
+
+@dataclass(frozen=True)
+class DistillationOptions(_Mix):
     """``(1 - kd_ratio) * CE + kd_ratio * KD``: the mix and each term's options.
 
     Attributes:
@@ -273,22 +341,28 @@ class DistillationOptions:
         ce: the cross-entropy's options; its ``ignore_index`` must be the divergence's.
     """
 
+    KD_TYPE: ClassVar[Type[KDOptions]] = KDOptions
     kd_ratio: float = 0.5
     kd: KDOptions = field(default_factory=KDOptions)
     ce: Optional[CEOptions] = None
 
-    def __post_init__(self):
-        check_float_option("kd_ratio", self.kd_ratio, 0.0, 1.0)
-        if not isinstance(self.kd, KDOptions):
-            raise ArgumentTypeError(f"kd: expected a KDOptions, got {_type_name(self.kd)}")
-        if self.ce is None:  # the divergence's ignore_index and validate, no smoothing
-            object.__setattr__(self, "ce", CEOptions(ignore_index=self.kd.ignore_index, validate=self.kd.validate))
-        elif not isinstance(self.ce, CEOptions):
-            raise ArgumentTypeError(f"ce: expected a CEOptions, got {_type_name(self.ce)}")
-        elif self.ce.ignore_index != self.kd.ignore_index:
-            raise ValueError(
-                f"ce.ignore_index: expected {self.kd.ignore_index} (as kd.ignore_index), got {self.ce.ignore_index}"
-            )
+
+@dataclass(frozen=True)
+class SparseDistillationOptions(_Mix):
+    """``(1 - kd_ratio) * CE + kd_ratio * sparse KD`` against a cached teacher.
+
+    Attributes:
+        kd_ratio: weight of the distillation term, in [0, 1].
+        kd: the sparse term's :class:`SparseKDOptions` (its ``ignore_index`` and ``validate`` hold
+            for the call).
+        ce: the cross-entropy's options (label smoothing, ...); its ``ignore_index`` must be kd's.
+            None: kd's ``ignore_index`` and ``validate``, no smoothing.
+    """
+
+    KD_TYPE: ClassVar[Type[SparseKDOptions]] = SparseKDOptions
+    kd_ratio: float = 0.5
+    kd: SparseKDOptions = field(default_factory=SparseKDOptions)
+    ce: Optional[CEOptions] = None
 
 
 def check_reduction(reduction: str) -> str:

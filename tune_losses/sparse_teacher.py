@@ -42,32 +42,13 @@ from typing import ClassVar, Optional, Tuple
 
 import torch
 
-from tune_losses.divergences import VocabReducer
-from tune_losses.options import check_choice, check_float_option
+from tune_losses.divergences import ChunkRun, VocabReducer
+from tune_losses.options import TAILS, SparseKDOptions  # noqa: F401 (TAILS: this module's name for it, kept)
 from tune_losses.terms import Chunk, Term
 
-TAILS = ("renormalize", "bucket")
 TEACHER_IDS = "teacher_ids"
 TEACHER_LOGPROBS = "teacher_logprobs"
 NEG_INF = float("-inf")
-
-
-@dataclass(frozen=True)
-class SparseKDOptions:
-    """Options of the sparse-teacher forward KL.
-
-    Attributes:
-        temperature: T > 0: the student's logits are divided by T (the cached log-probabilities are
-            already at T) and the loss is multiplied by T^2.
-        tail: ``"renormalize"`` or ``"bucket"`` (see the module docstring).
-    """
-
-    temperature: float = 1.0
-    tail: str = "renormalize"
-
-    def __post_init__(self):
-        check_float_option("temperature", self.temperature, 0.0, low_open=True)
-        check_choice("tail", self.tail, TAILS)
 
 
 def _row_max(m: torch.Tensor, red: VocabReducer) -> torch.Tensor:
@@ -96,10 +77,7 @@ def sparse_kd_chunk(
     logprobs: torch.Tensor,
     valid: torch.Tensor,
     opts: SparseKDOptions,
-    red: VocabReducer,
-    weight: Optional[torch.Tensor] = None,
-    consume: bool = False,
-    student_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    run: ChunkRun,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``T^2 KD`` of a sparse teacher against ``q = softmax(z / T)``, and its gradient w.r.t. ``z``.
 
@@ -108,14 +86,16 @@ def sparse_kd_chunk(
         ids: ``[n, k]`` integer vocabulary ids in ``[0, V)``, or -1 for an unused slot.
         logprobs: ``[n, k]`` the teacher's log-probabilities of ``ids`` at temperature T.
         valid: ``[n]`` bool mask of counted tokens.
-        weight: ``[n]`` gradient weight per token (0 at ignored tokens), or None for the value only.
-        consume: ``z`` may be overwritten.
-        student_stats: ``(max [n], sum exp(z - max) [n])`` of the raw logits over the whole
+        run: the reducer ``red``, the gradient weight per token (0 at ignored tokens; None: the value
+            only), whether ``z`` may be overwritten, and the chunk's shared student statistics:
+            ``rows["raw"] = (max [n], sum exp(z - max) [n])`` of the raw logits over the whole
             vocabulary when another term of the chunk computed them (used at T = 1 only).
 
     Returns:
         ``(loss [n] (0 at ignored tokens), grad [n, V_r] or None)``.
     """
+    red, weight, consume, rows = run
+    student_stats = None if rows is None else rows.get("raw")
     t = opts.temperature
     bucket = opts.tail == "bucket"
     width = z.shape[-1]
@@ -203,15 +183,7 @@ class SparseKDTerm(Term):
     eager_in_auto: ClassVar[bool] = True
 
     def compute(self, chunk: Chunk, weights, consume_student, consume_teacher):
-        value, g = sparse_kd_chunk(
-            chunk.student,
-            chunk.inputs[TEACHER_IDS],
-            chunk.inputs[TEACHER_LOGPROBS],
-            chunk.valid,
-            self.opts,
-            chunk.reducer,
-            None if weights is None else weights[0],
-            consume_student,
-            chunk.student_rows.get("raw"),
-        )
+        run = ChunkRun(chunk.reducer, None if weights is None else weights[0], consume_student, chunk.student_rows)
+        ids, logprobs = chunk.inputs[TEACHER_IDS], chunk.inputs[TEACHER_LOGPROBS]
+        value, g = sparse_kd_chunk(chunk.student, ids, logprobs, chunk.valid, self.opts, run)
         return (value,), g

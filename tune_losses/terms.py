@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from tune_losses.divergences import VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
+from tune_losses.divergences import ChunkRun, VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
 from tune_losses.options import CEOptions, KDOptions
 from tune_losses.vocab_alignment import align_logits, student_columns
 
@@ -97,16 +97,8 @@ class CrossEntropyTerm(Term):
     name: str = "ce"
 
     def compute(self, chunk, weights, consume_student, consume_teacher):
-        loss, g = ce_chunk(
-            chunk.student,
-            chunk.labels,
-            chunk.valid,
-            self.opts,
-            chunk.reducer,
-            None if weights is None else weights[0],
-            consume_student,
-            chunk.student_rows,
-        )
+        run = ChunkRun(chunk.reducer, None if weights is None else weights[0], consume_student, chunk.student_rows)
+        loss, g = ce_chunk(chunk.student, chunk.labels, chunk.valid, self.opts, run)
         return (loss,), g
 
 
@@ -122,17 +114,10 @@ class DivergenceTerm(Term):
     def compute(self, chunk, weights, consume_student, consume_teacher):
         # A wider teacher (padding rows) is aligned to the student here, once for every path.
         zs, zt = align_logits(chunk.student, chunk.teacher, self.opts.teacher_vocab)
-        rows = chunk.student_rows if zs is chunk.student else {}
-        value, g = kd_chunk(
-            zs,
-            zt,
-            self.opts,
-            chunk.reducer,
-            None if weights is None else weights[0],
-            consume_student or zs is not chunk.student,
-            consume_teacher,
-            student_rows=rows,
-        )
+        weight = None if weights is None else weights[0]
+        own = zs is chunk.student  # a padded student is a buffer of its own, with other row statistics
+        run = ChunkRun(chunk.reducer, weight, consume_student or not own, chunk.student_rows if own else None)
+        value, g = kd_chunk(zs, zt, self.opts, run, ChunkRun(chunk.reducer, consume=consume_teacher))
         return (torch.where(chunk.valid, value, 0.0),), student_columns(g, chunk.student.shape[-1])
 
     def teacher_gradients(self, chunk: Chunk, weight: torch.Tensor, teacher_weight: torch.Tensor):
@@ -141,7 +126,7 @@ class DivergenceTerm(Term):
         teacher = chunk.teacher
         assert teacher is not None  # needs_teacher: every chunk of this term has the teacher's logits
         zs, zt = align_logits(chunk.student, teacher, self.opts.teacher_vocab)
-        _, g, gt = kd_chunk(zs, zt, self.opts, chunk.reducer, weight, False, False, teacher_weight)
+        _, g, gt = kd_chunk(zs, zt, self.opts, ChunkRun(chunk.reducer, weight), ChunkRun(chunk.reducer, teacher_weight))
         if gt.shape[-1] != teacher.shape[-1]:  # dropped teacher columns get no gradient
             gt = torch.nn.functional.pad(gt, (0, teacher.shape[-1] - gt.shape[-1]))
         return student_columns(g, chunk.student.shape[-1]), gt

@@ -27,9 +27,17 @@ import os
 
 import pytest
 import torch
-from liger_preference_reference import alignment_loss
+from liger_preference_reference import alignment_loss, cpo_pair_loss
 
 from tune_losses import ExecutionOptions, PreferenceOptions, Reference, linear_preference_loss
+
+# Liger's preference tests' grid: (B, T, H, V) shapes of test_correctness (large, odd) and of
+# test_correctness_functional (small, odd); (scalar, dtype, atol, rtol) per dtype.
+BIG_SHAPES = [(8, 128, 1024, 4096), (3, 47, 31, 123)]
+SMALL_SHAPES = [(2, 2, 8, 8), (3, 47, 31, 123)]
+ODD = (3, 47, 31, 123)
+FP32 = (1.0, torch.float32, 1e-5, 5e-4)
+DTYPES = [(1.0, torch.bfloat16, 5e-2, 5e-1), FP32]
 
 
 def _close(ours, theirs, atol, rtol, what, exact=None):
@@ -65,27 +73,16 @@ def make_inputs(
     return x, w, b, rx, rw, rb, target
 
 
-def check_case(
-    pair_loss,
-    ours: dict,
-    inputs,
-    *,
-    atol,
-    rtol,
-    beta,
-    ignore_index=-100,
-    average_log_prob=True,
-    compute_nll_loss=True,
-    alpha=1.0,
-    nll_target=None,
-    check_aux=True,
-    algorithm="auto",
-):
+def check_case(pair_loss, ours: dict, inputs, *, atol, rtol, check_aux=True, algorithm="auto", **settings):
     """Run Liger's reference and ours on the same inputs and compare as Liger's test does.
 
     ``ours``: :class:`tune_losses.PreferenceOptions` fields (loss_type, ...) for
-    :func:`tune_losses.linear_preference_loss`.
+    :func:`tune_losses.linear_preference_loss`. ``settings``: the reference's keyword arguments
+    (:func:`liger_preference_reference.alignment_loss`: ``beta`` and optionally ``ignore_index``,
+    ``average_log_prob``, ``compute_nll_loss``, ``alpha``, ``nll_target``); ours runs with the same
+    beta, ignore_index, average_log_prob and nll_target.
     """
+    s = {"ignore_index": -100, "average_log_prob": True, "compute_nll_loss": True, "nll_target": None, **settings}
     x, w, b, rx, rw, rb, target = inputs
     leaves = []
     for t in (x, w, b):
@@ -93,14 +90,6 @@ def check_case(
     (x1, x2), (w1, w2) = leaves[0], leaves[1]
     b1, b2 = leaves[2] if leaves[2] is not None else (None, None)
 
-    ref_kwargs = dict(
-        beta=beta,
-        ignore_index=ignore_index,
-        average_log_prob=average_log_prob,
-        compute_nll_loss=compute_nll_loss,
-        alpha=alpha,
-        nll_target=nll_target,
-    )
     cache = {}
 
     def exact(i):
@@ -112,30 +101,30 @@ def check_case(
                 for t in d[:3]:
                     if t is not None:
                         t.requires_grad_()
-                loss, aux = alignment_loss(pair_loss, d[0], d[1], target, *d[2:], **ref_kwargs)
+                loss, aux = alignment_loss(pair_loss, d[0], d[1], target, *d[2:], **settings)
                 grads = torch.autograd.grad(loss, [t for t in d[:3] if t is not None])
                 cache["v"] = (loss.detach(),) + tuple(a.detach() for a in aux) + tuple(grads)
             return cache["v"][i]
 
         return run
 
-    loss1, aux1 = alignment_loss(pair_loss, x1, w1, target, b1, rx, rw, rb, **ref_kwargs)
+    loss1, aux1 = alignment_loss(pair_loss, x1, w1, target, b1, rx, rw, rb, **settings)
     out = linear_preference_loss(
         x2,
         w2,
         target,
         bias=b2,
         reference=None if rx is None else Reference(rx, rw, rb),
-        ignore_index=ignore_index,
-        nll_target=nll_target,
-        options=PreferenceOptions(beta=beta, average_log_prob=average_log_prob, **ours),
+        ignore_index=s["ignore_index"],
+        nll_target=s["nll_target"],
+        options=PreferenceOptions(beta=s["beta"], average_log_prob=s["average_log_prob"], **ours),
         execution=ExecutionOptions(algorithm=algorithm),
     )
     _close(out.loss, loss1, atol, rtol, "loss", exact(0))
     if check_aux:
         _close(out.chosen_logps, aux1[0], atol, rtol, "chosen_logps", exact(1))
         _close(out.rejected_logps, aux1[1], atol, rtol, "rejected_logps", exact(2))
-        if compute_nll_loss:
+        if s["compute_nll_loss"]:
             _close(out.nll, aux1[2], atol, rtol, "nll", exact(3))
         reward_atol = 5e-1 if x.dtype == torch.bfloat16 else atol
         _close(out.chosen_rewards, aux1[3], reward_atol, rtol, "chosen_rewards", exact(4))
@@ -175,3 +164,67 @@ def _id(v):
     if isinstance(v, torch.dtype):
         return str(v).replace("torch.", "")
     return str(v)
+
+
+def correctness_cases(fast=None, dtype=DTYPES, **axes):
+    """Liger's ``test_correctness`` grid: ``BIG_SHAPES`` x ``dtype`` x bias x ``axes``. The fast suite
+    runs the odd shape with a bias where ``fast(case)`` holds too; the large shape as
+    :func:`parametrize_cases` says."""
+    return _grid(fast, BIG_SHAPES, BIG_SHAPES[0], dtype, axes)
+
+
+def functional_cases(fast=None, dtype=DTYPES, **axes):
+    """Liger's ``test_correctness_functional`` grid: ``SMALL_SHAPES`` x ``dtype`` x bias x ``axes``
+    (fast cases as :func:`correctness_cases`)."""
+    return _grid(fast, SMALL_SHAPES, None, dtype, axes)
+
+
+def _grid(fast, shapes, large_shape, dtype, axes):
+    def is_fast(c):
+        return c["shape"] == ODD and c["bias"] and (fast is None or fast(c))
+
+    return parametrize_cases(is_fast, large_shape, shape=shapes, dtype=dtype, bias=[True, False], **axes)
+
+
+def run_case(c, pair_loss, ours: dict, *, use_ref=True, ignore=True, nll_target=False, **settings):
+    """Liger's test body for case ``c`` (``shape`` (B, T, H, V), ``dtype`` (scalar, dtype, atol, rtol),
+    ``bias`` and optionally ``ref_bias``): seed 42, :func:`make_inputs` (``use_ref``: a reference model;
+    ``ignore``: ignored target tokens), with ``nll_target`` NLL labels of their own drawn after them
+    (Liger's ORPO test), then :func:`check_case` at the case's tolerances with ``settings``."""
+    torch.manual_seed(42)
+    B, T, H, V = c["shape"]
+    scalar, dtype, atol, rtol = c["dtype"]
+    ignore_index = settings.get("ignore_index", -100)
+    inputs = make_inputs(
+        B,
+        T,
+        H,
+        V,
+        dtype,
+        scalar,
+        c["bias"],
+        c.get("ref_bias", False),
+        use_ref,
+        ignore_index=ignore_index,
+        ignore=ignore,
+    )
+    if nll_target:
+        settings["nll_target"] = torch.randint(0, V, (2 * B, T))
+    check_case(pair_loss, ours, inputs, atol=atol, rtol=rtol, **settings)
+
+
+def cpo_cases(bf16_tolerance, **ii_beta_third):
+    """Liger's CPO test grid, its SimPO test's too: :func:`correctness_cases` at bf16 ``(atol, rtol)``
+    over ``(ignore_index, beta, alpha or gamma)`` and label smoothing 0 / 0.1 (fast: smoothed)."""
+    dtypes = [(1.0, torch.bfloat16, *bf16_tolerance), FP32]
+    return correctness_cases(lambda c: c["label_smoothing"] > 0, dtypes, **ii_beta_third, label_smoothing=[0.0, 0.1])
+
+
+def run_cpo_case(c, *, beta, gamma, nll_weight, average_log_prob, **settings):
+    """A CPO / SimPO case against Liger's ``HFCPOLoss`` reference: our reference-free ``simpo`` loss with
+    margin ``gamma`` (CPO: 0), the case's label smoothing and the chosen NLL at ``nll_weight`` (Liger's
+    ``alpha``; 0: none), on summed or mean log-probs."""
+    ls = c.get("label_smoothing", 0.0)
+    ours = dict(loss_type="simpo", gamma=gamma, label_smoothing=ls, nll_weight=nll_weight)
+    reference = dict(beta=beta, average_log_prob=average_log_prob, alpha=nll_weight, compute_nll_loss=nll_weight != 0)
+    run_case(c, cpo_pair_loss(beta, ls, simpo_gamma=gamma), ours, use_ref=False, **reference, **settings)

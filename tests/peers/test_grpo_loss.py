@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,6 +53,23 @@ def assert_verbose_allclose(a, b, atol=1e-5, rtol=1e-5):
     if not isinstance(b, torch.Tensor):
         b = torch.tensor(b)
     torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+def leaf_pair(t):
+    """Two independent leaves with ``t``'s values: one for each side."""
+    return t.detach().clone().requires_grad_(True), t.detach().clone().requires_grad_(True)
+
+
+def assert_same_grads(loss1, loss2, inputs, heads, atol, rtol):
+    """Liger's backward check: both losses backpropagated, the inputs' and the policy projection's
+    gradients (weight, and bias where there is one) agree."""
+    loss1.backward()
+    loss2.backward()
+    assert_verbose_allclose(inputs[0].grad, inputs[1].grad, atol=atol, rtol=rtol)
+    for name in ("weight", "bias"):
+        p1, p2 = getattr(heads[0].lin, name), getattr(heads[1].lin, name)
+        if p1 is not None:
+            assert_verbose_allclose(p1.grad, p2.grad, atol=atol, rtol=rtol)
 
 
 set_seed()
@@ -143,8 +161,13 @@ def per_token_components(
     return per_token_loss, kl, is_clipped
 
 
-class TorchLMHeadGRPO(torch.nn.Module):
-    """Liger's full-logits reference module (re-implemented; aggregation per TRL 1.16, see above)."""
+class LMHeadGRPO(torch.nn.Module):
+    """What Liger's two GRPO heads share: a policy and a reference projection, the loss settings, and the
+    call ``head(x, selected_token_ids, attention_mask, advantages, **optional)`` (``optional``: any of
+    ``OPTIONAL_INPUTS``, each None when not given) -> ``(loss, metrics)``; subclasses compute it in
+    ``loss``."""
+
+    OPTIONAL_INPUTS = ("ref_per_token_logps", "old_per_token_logps", "ref_input", "vllm_is_ratio", "num_items_in_batch")
 
     def __init__(
         self,
@@ -172,28 +195,28 @@ class TorchLMHeadGRPO(torch.nn.Module):
         self.importance_sampling_level, self.delta = importance_sampling_level, delta
         self.use_bias_correction_kl = use_bias_correction_kl
 
-    def forward(
-        self,
-        x,
-        selected_token_ids,
-        attention_mask,
-        advantages,
-        ref_per_token_logps=None,
-        old_per_token_logps=None,
-        ref_input=None,
-        vllm_is_ratio=None,
-        num_items_in_batch=None,
-    ):
+    def forward(self, x, selected_token_ids, attention_mask, advantages, **optional):
+        unknown = set(optional) - set(self.OPTIONAL_INPUTS)
+        assert not unknown, f"not an input of Liger's GRPO heads: {sorted(unknown)}"
+        inputs = SimpleNamespace(**{k: optional.get(k) for k in self.OPTIONAL_INPUTS})
+        return self.loss(x, selected_token_ids, attention_mask, advantages, inputs)
+
+
+class TorchLMHeadGRPO(LMHeadGRPO):
+    """Liger's full-logits reference module (re-implemented; aggregation per TRL 1.16, see above)."""
+
+    def loss(self, x, selected_token_ids, attention_mask, advantages, inputs):
         logits = x @ self.lin.weight.t()
         if self.lin.bias is not None:
             logits = logits + self.lin.bias
         if self.temperature != 1.0:
             logits = logits / self.temperature
         per_token_logps = F.log_softmax(logits.float(), -1).gather(-1, selected_token_ids.unsqueeze(-1)).squeeze(-1)
+        ref_per_token_logps = inputs.ref_per_token_logps
         if ref_per_token_logps is None:
             if self.use_ref_model:
                 with torch.no_grad():
-                    ref_logits = ref_input @ self.ref_lin.weight.t()
+                    ref_logits = inputs.ref_input @ self.ref_lin.weight.t()
                     if self.ref_lin.bias is not None:
                         ref_logits = ref_logits + self.ref_lin.bias.float()
                     if self.temperature != 1.0:
@@ -203,13 +226,14 @@ class TorchLMHeadGRPO(torch.nn.Module):
                     )
             else:
                 ref_per_token_logps = per_token_logps.detach()
+        vllm_is_ratio = inputs.vllm_is_ratio
         if vllm_is_ratio is not None and vllm_is_ratio.dim() == 1:
             vllm_is_ratio = vllm_is_ratio.unsqueeze(-1)
         per_token_loss, kl, is_clipped = per_token_components(
             per_token_logps,
             attention_mask,
             advantages,
-            old_per_token_logps,
+            inputs.old_per_token_logps,
             ref_per_token_logps,
             self.epsilon_low,
             self.epsilon_high,
@@ -229,7 +253,8 @@ class TorchLMHeadGRPO(torch.nn.Module):
         elif self.loss_type == "dr_grpo":
             loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * self.max_completion_length)
         elif self.loss_type in ("dapo", "cispo", "vespo"):
-            n = mask.sum() if num_items_in_batch is None else torch.as_tensor(float(num_items_in_batch))
+            n = inputs.num_items_in_batch
+            n = mask.sum() if n is None else torch.as_tensor(float(n))
             loss = (per_token_loss * mask).sum() / n.clamp(min=1.0)
         else:  # luspo: TRL 1.16's aggregation (see the module docstring)
             loss = (per_token_loss * mask).sum(-1).mean()
@@ -246,64 +271,39 @@ class TorchLMHeadGRPO(torch.nn.Module):
 # -------------------------------------------------------------------------------- our fused side
 
 
-class OursLMHeadGRPO(torch.nn.Module):
+class OursLMHeadGRPO(LMHeadGRPO):
     """The fused side: :func:`tune_losses.linear_policy_loss` with Liger's inputs (``attention_mask``
-    becomes ``ignore_index`` labels; a reference model's log-probs come from our fused log-probs)."""
+    becomes ``ignore_index`` labels; a reference model's log-probs come from our fused log-probs);
+    ``algorithm``: our execution path."""
 
-    def __init__(
-        self,
-        H,
-        V,
-        dtype,
-        bias=False,
-        beta=0.1,
-        epsilon_low=0.2,
-        epsilon_high=0.2,
-        temperature=1.0,
-        use_ref_model=True,
-        loss_type="bnpo",
-        max_completion_length=None,
-        importance_sampling_level="token",
-        delta=None,
-        use_bias_correction_kl=False,
-        algorithm="auto",
-    ):
-        super().__init__()
-        self.lin = torch.nn.Linear(H, V, bias=bias, dtype=dtype)
-        self.ref_lin = torch.nn.Linear(H, V, bias=bias, dtype=dtype)
-        self.beta, self.temperature, self.use_ref_model = beta, temperature, use_ref_model
-        self.loss_type, self.algorithm = loss_type, algorithm
+    def __init__(self, *args, algorithm="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.algorithm = algorithm
         self.options = dict(
-            loss_type=loss_type,
-            epsilon_low=epsilon_low,
-            epsilon_high=epsilon_high,
-            max_completion_length=max_completion_length,
-            importance_sampling_level=importance_sampling_level,
-            delta=delta,
-            use_bias_correction_kl=use_bias_correction_kl,
-            temperature=temperature,
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            max_completion_length=self.max_completion_length,
+            importance_sampling_level=self.importance_sampling_level,
+            delta=self.delta,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            temperature=self.temperature,
             return_entropy=False,
         )
 
-    def forward(
-        self,
-        x,
-        selected_token_ids,
-        attention_mask,
-        advantages,
-        ref_per_token_logps=None,
-        old_per_token_logps=None,
-        ref_input=None,
-        vllm_is_ratio=None,
-        num_items_in_batch=None,
-    ):
+    def loss(self, x, selected_token_ids, attention_mask, advantages, inputs):
         labels = torch.where(attention_mask.bool(), selected_token_ids, torch.full_like(selected_token_ids, -100))
         beta = self.beta
+        ref_per_token_logps = inputs.ref_per_token_logps
         if ref_per_token_logps is None and beta != 0.0:
             if self.use_ref_model:
                 with torch.no_grad():
                     ref_per_token_logps = linear_log_probs(
-                        ref_input, self.ref_lin.weight, labels, bias=self.ref_lin.bias, temperature=self.temperature
+                        inputs.ref_input,
+                        self.ref_lin.weight,
+                        labels,
+                        bias=self.ref_lin.bias,
+                        temperature=self.temperature,
                     )
             else:
                 beta = 0.0  # the reference is the policy itself: a KL of 0 and no gradient
@@ -314,9 +314,9 @@ class OursLMHeadGRPO(torch.nn.Module):
             advantages,
             bias=self.lin.bias,
             ref_logps=ref_per_token_logps,
-            old_logps=old_per_token_logps,
-            vllm_is_ratio=vllm_is_ratio,
-            num_items_in_batch=num_items_in_batch,
+            old_logps=inputs.old_per_token_logps,
+            vllm_is_ratio=inputs.vllm_is_ratio,
+            num_items_in_batch=inputs.num_items_in_batch,
             options=PolicyOptions(beta=beta, **self.options),
             execution=ExecutionOptions(algorithm=self.algorithm),
         )
@@ -368,9 +368,7 @@ def test_correctness_large_seq_exercises_chunking(loss_type, compiled):
         H=H, V=V, dtype=dtype, beta=0.04, loss_type=loss_type, use_ref_model=False, algorithm=algorithm
     )
     torch_lm.lin.weight.data = ours.lin.weight.data = torch.randn(V, H, device=device, dtype=dtype)
-    _input = torch.randn(B, T, H, device=device, dtype=dtype)
-    input1 = _input.detach().clone().requires_grad_(True)
-    input2 = _input.detach().clone().requires_grad_(True)
+    input1, input2 = leaf_pair(torch.randn(B, T, H, device=device, dtype=dtype))
     selected_token_ids = torch.randint(0, V, (B, T), device=device)
     attention_mask = torch.ones(B, T, device=device)
     attention_mask[:, -64:] = 0
@@ -378,15 +376,16 @@ def test_correctness_large_seq_exercises_chunking(loss_type, compiled):
     loss1, _ = torch_lm(input1, selected_token_ids, attention_mask, advantages)
     loss2, _ = ours(input2, selected_token_ids, attention_mask, advantages)
     assert_verbose_allclose(loss1, loss2, atol=2e-5, rtol=1e-3)
-    loss1.backward()
-    loss2.backward()
-    assert_verbose_allclose(input1.grad, input2.grad, atol=2e-5, rtol=1e-3)
-    assert_verbose_allclose(torch_lm.lin.weight.grad, ours.lin.weight.grad, atol=2e-5, rtol=1e-3)
+    assert_same_grads(loss1, loss2, (input1, input2), (torch_lm, ours), atol=2e-5, rtol=1e-3)
 
 
 CORRECTNESS_SHAPES = [(8, 128, 1024, 4096), (3, 47, 31, 123)]
 CORRECTNESS_DTYPES = [(1.0, torch.bfloat16, 1e-1, 5e-1), (1.0, torch.float32, 2e-5, 1e-3)]
-CORRECTNESS_SETTINGS = [(0.1, 0.2, 0.2, 1.0), (0.0, 0.1, 0.1, 2.0)]
+CORRECTNESS_SETTINGS = [
+    dict(beta=0.1, epsilon_low=0.2, epsilon_high=0.2, temperature=1.0),
+    dict(beta=0.0, epsilon_low=0.1, epsilon_high=0.1, temperature=2.0),
+]
+# (use_ref_model, use_ref_per_token_logps, old_per_token_logps)
 CORRECTNESS_REFS = [(True, True, True), (True, False, False), (False, False, True)]
 LOSS_TYPES = ["bnpo", "grpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
@@ -398,51 +397,33 @@ FULL = os.environ.get("TUNE_LOSSES_PEER_FULL", "0") == "1"
 
 
 def _correctness_cases():
+    """Liger's stacked axes as ``(shape, (scalar, dtype, atol, rtol), head settings, use_ref_per_token_logps,
+    old_per_token_logps)``: the head settings are both heads' keyword arguments but for the shape."""
     cases = []
     for shape in CORRECTNESS_SHAPES:
         for i_dt, dt in enumerate(CORRECTNESS_DTYPES):
-            others = list(itertools.product((True, False), CORRECTNESS_SETTINGS, CORRECTNESS_REFS, (None, 2.0)))
+            others = list(itertools.product((True, False), range(2), CORRECTNESS_REFS, (None, 2.0)))
             for i_lt, loss_type in enumerate(LOSS_TYPES):
                 for i_lv, level in enumerate(("token", "sequence")):
                     pick = (5 * i_lt + 7 * i_lv + 11 * i_dt) % len(others)
-                    for j, (bias, setting, refs, delta) in enumerate(others):
+                    for j, (bias, i_set, refs, delta) in enumerate(others):
                         marks = []
                         if shape[0] == 8:
                             marks.append(pytest.mark.slow)
                             if j != pick and not FULL:
                                 marks.append(pytest.mark.skip(reason="large shape: TUNE_LOSSES_PEER_FULL=1 runs it"))
-                        cases.append(
-                            pytest.param(*shape, *dt, bias, *setting, *refs, loss_type, level, delta, marks=marks)
-                        )
+                        head = dict(CORRECTNESS_SETTINGS[i_set], bias=bias, use_ref_model=refs[0], delta=delta)
+                        head.update(loss_type=loss_type, importance_sampling_level=level)
+                        name = "-".join(str(v) for v in (*shape, dt[1], bias, i_set, *refs, loss_type, level, delta))
+                        cases.append(pytest.param(shape, dt, head, *refs[1:], marks=marks, id=name))
     return cases
 
 
-@pytest.mark.parametrize(
-    "B, T, H, V, scalar, dtype, atol, rtol, bias, beta, epsilon_low, epsilon_high, temperature, "
-    "use_ref_model, use_ref_per_token_logps, old_per_token_logps, loss_type, importance_sampling_level, delta",
-    _correctness_cases(),
-)
-def test_correctness(
-    B,
-    T,
-    H,
-    V,
-    scalar,
-    dtype,
-    atol,
-    rtol,
-    bias,
-    beta,
-    epsilon_low,
-    epsilon_high,
-    temperature,
-    use_ref_model,
-    use_ref_per_token_logps,
-    old_per_token_logps,
-    loss_type,
-    importance_sampling_level,
-    delta,
-):
+@pytest.mark.parametrize("shape, dt, head, use_ref_per_token_logps, old_per_token_logps", _correctness_cases())
+def test_correctness(shape, dt, head, use_ref_per_token_logps, old_per_token_logps):
+    B, T, H, V = shape
+    scalar, dtype, atol, rtol = dt
+    loss_type, delta, bias = head["loss_type"], head["delta"], head["bias"]
     if delta is not None and loss_type in ("cispo", "sapo", "vespo"):
         # TRL applies delta to the clipped types only (and ignores it for these); we refuse it (tested in
         # tests/test_alignment_policy.py), Liger skips these cases.
@@ -459,23 +440,10 @@ def test_correctness(
         pytest.skip("vespo at large V: exp(log_phi) amplifies chunked log-prob rounding (as Liger skips)")
     set_seed()
     max_completion_length = T if loss_type == "dr_grpo" else None
-    kwargs = dict(
-        H=H,
-        V=V,
-        dtype=dtype,
-        bias=bias,
-        beta=beta,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        temperature=temperature,
-        use_ref_model=use_ref_model,
-        loss_type=loss_type,
-        max_completion_length=max_completion_length,
-        importance_sampling_level=importance_sampling_level,
-        delta=delta,
+    torch_lm, ours = (
+        head_cls(H=H, V=V, dtype=dtype, max_completion_length=max_completion_length, **head)
+        for head_cls in (TorchLMHeadGRPO, OursLMHeadGRPO)
     )
-    torch_lm = TorchLMHeadGRPO(**kwargs)
-    ours = OursLMHeadGRPO(**kwargs)
     torch_lm.lin.weight.data = ours.lin.weight.data = torch.randn(V, H, device=device, dtype=dtype)
     if bias:
         torch_lm.lin.bias.data = ours.lin.bias.data = torch.randn(V, device=device, dtype=dtype)
@@ -487,14 +455,13 @@ def test_correctness(
             torch_lm.lin.bias.data + torch.randn(V, device=device, dtype=dtype) * 0.01
         )
     _input = torch.randn(B, T, H, device=device, dtype=dtype) * scalar
-    input1 = _input.detach().clone().requires_grad_(True)
-    input2 = _input.detach().clone().requires_grad_(True)
+    input1, input2 = leaf_pair(_input)
     selected_token_ids = torch.randint(0, V, (B, T), device=device)
     with torch.no_grad():
         logits = _input @ torch_lm.lin.weight.t()
         if torch_lm.lin.bias is not None:
             logits = logits + torch_lm.lin.bias
-        logits = logits / temperature
+        logits = logits / head["temperature"]
         per_token_logps = F.log_softmax(logits, dim=-1).gather(-1, selected_token_ids.unsqueeze(-1)).squeeze(-1)
     attention_mask = torch.ones(B, T, device=device)
     num_elements_to_mask = torch.randint(1, B * T // 2, (1,)).item()
@@ -504,9 +471,9 @@ def test_correctness(
     if B > 1:
         advantages[1] = advantages[1].abs()
     ref_per_token_logps = ref_input = None
-    if use_ref_model and use_ref_per_token_logps:
+    if head["use_ref_model"] and use_ref_per_token_logps:
         ref_per_token_logps = per_token_logps.detach() + torch.randn(B, T, device=device) * 0.01
-    elif use_ref_model:
+    elif head["use_ref_model"]:
         ref_input = _input.detach() + torch.randn(B, T, H, device=device, dtype=dtype) * 0.01
     old = per_token_logps.detach() + torch.randn(B, T, device=device) * 0.01 if old_per_token_logps else None
 
@@ -519,12 +486,7 @@ def test_correctness(
     assert len(aux1) == len(aux2)
     for metric1, metric2 in zip(aux1, aux2):
         assert_verbose_allclose(metric1, metric2, atol=atol, rtol=rtol)
-    loss1.backward()
-    loss2.backward()
-    assert_verbose_allclose(input1.grad, input2.grad, atol=atol, rtol=rtol)
-    assert_verbose_allclose(torch_lm.lin.weight.grad, ours.lin.weight.grad, atol=atol, rtol=rtol)
-    if bias:
-        assert_verbose_allclose(torch_lm.lin.bias.grad, ours.lin.bias.grad, atol=atol, rtol=rtol)
+    assert_same_grads(loss1, loss2, (input1, input2), (torch_lm, ours), atol, rtol)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -547,9 +509,7 @@ def test_correctness_with_bias_correction_kl(loss_type, importance_sampling_leve
     torch_lm.ref_lin.weight.data = ours.ref_lin.weight.data = (
         torch_lm.lin.weight.data + torch.randn(V, H, device=device, dtype=dtype) * 0.01
     )
-    _input = torch.randn(B, T, H, device=device, dtype=dtype)
-    input1 = _input.detach().clone().requires_grad_(True)
-    input2 = _input.detach().clone().requires_grad_(True)
+    input1, input2 = leaf_pair(torch.randn(B, T, H, device=device, dtype=dtype))
     selected_token_ids = torch.randint(0, V, (B, T), device=device)
     attention_mask = torch.ones(B, T, device=device, dtype=dtype)
     attention_mask[:, -10:] = 0
@@ -562,10 +522,7 @@ def test_correctness_with_bias_correction_kl(loss_type, importance_sampling_leve
         input2, selected_token_ids, attention_mask, advantages, old_per_token_logps=old, ref_input=input2.detach()
     )
     assert_verbose_allclose(loss1, loss2, atol=atol, rtol=rtol)
-    loss1.backward()
-    loss2.backward()
-    assert_verbose_allclose(input1.grad, input2.grad, atol=atol, rtol=rtol)
-    assert_verbose_allclose(torch_lm.lin.weight.grad, ours.lin.weight.grad, atol=atol, rtol=rtol)
+    assert_same_grads(loss1, loss2, (input1, input2), (torch_lm, ours), atol, rtol)
 
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
@@ -577,8 +534,7 @@ def test_correctness_with_vllm_is_ratio(loss_type, beta):
     atol, rtol = 1e-5, 5e-4
     _weight = torch.randn(V, H, device=device, dtype=dtype)
     _input = torch.randn(B, T, H, device=device, dtype=dtype)
-    input1 = _input.detach().clone().requires_grad_(True)
-    input2 = _input.detach().clone().requires_grad_(True)
+    input1, input2 = leaf_pair(_input)
     selected_token_ids = torch.randint(0, V, (B, T), device=device)
     attention_mask = torch.ones(B, T, device=device)
     attention_mask[:, -5:] = 0
@@ -595,14 +551,10 @@ def test_correctness_with_vllm_is_ratio(loss_type, beta):
     assert_verbose_allclose(loss1, loss2, atol=atol, rtol=rtol)
     for m1, m2 in zip(aux1, aux2):
         assert_verbose_allclose(m1, m2, atol=atol, rtol=rtol)
-    loss1.backward()
-    loss2.backward()
-    assert_verbose_allclose(input1.grad, input2.grad, atol=atol, rtol=rtol)
-    assert_verbose_allclose(torch_lm.lin.weight.grad, ours.lin.weight.grad, atol=atol, rtol=rtol)
+    assert_same_grads(loss1, loss2, (input1, input2), (torch_lm, ours), atol, rtol)
 
     # A 1-D (B,) ratio is the same as (B, 1).
-    input3 = _input.detach().clone().requires_grad_(True)
-    input4 = _input.detach().clone().requires_grad_(True)
+    input3, input4 = leaf_pair(_input)
     ours3, ours4 = OursLMHeadGRPO(**kw), OursLMHeadGRPO(**kw)
     ours3.lin.weight.data = ours4.lin.weight.data = _weight.clone()
     loss3, _ = ours3(input3, selected_token_ids, attention_mask, advantages, vllm_is_ratio=torch.full((B,), 0.42))
@@ -655,9 +607,8 @@ def test_num_items_in_batch_matches_trl_formula(loss_type):
     num_items_in_batch = float(mask.sum().item()) * 1.7
     ours = OursLMHeadGRPO(H=H, V=V, dtype=torch.float32, beta=0.0, loss_type=loss_type, use_ref_model=False)
     ours.lin.weight.data = _weight.clone()
-    input1 = _input.detach().clone().requires_grad_(True)
+    input1, input2 = leaf_pair(_input)
     loss_ours, _ = ours(input1, ids, mask, adv, num_items_in_batch=num_items_in_batch)
-    input2 = _input.detach().clone().requires_grad_(True)
     logps = F.log_softmax((input2 @ _weight.t()).float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     per_token_loss, _, _ = per_token_components(logps, mask, adv, None, None, 0.2, 0.2, 0.0, "token", loss_type)
     loss_ref = (per_token_loss * mask).sum() / num_items_in_batch
@@ -676,18 +627,15 @@ def test_functional_correctness(B, T, H, V, scalar, dtype, atol, rtol, bias):
     """Liger's functional vs. autograd-Function check, here: our grad-in-forward path vs. our
     recompute path (fused log-probs, then the formula)."""
     max_completion_length = T
-    _input = torch.randn(B, T, H, device=device, dtype=dtype) * scalar
-    input1 = _input.detach().clone().requires_grad_(True)
-    input2 = _input.detach().clone().requires_grad_(True)
+    input1, input2 = leaf_pair(torch.randn(B, T, H, device=device, dtype=dtype) * scalar)
     _weight = torch.randn(V, H, device=device, dtype=dtype) * scalar
-    weight1 = _weight.detach().clone().requires_grad_(True)
-    weight2 = _weight.detach().clone().requires_grad_(True)
+    weight1, weight2 = leaf_pair(_weight)
     selected_token_ids = torch.randint(0, V, (B, T), device=device)
     advantages = torch.rand(B, device=device, dtype=dtype)
     bias1 = bias2 = None
     if bias:
         _bias = torch.randn(V, device=device, dtype=dtype) * scalar
-        bias1, bias2 = _bias.detach().clone().requires_grad_(True), _bias.detach().clone().requires_grad_(True)
+        bias1, bias2 = leaf_pair(_bias)
     ref_input = torch.randn(B, T, H, device=device, dtype=dtype) * scalar
     ref_weight = _weight.detach() + torch.randn(V, H, device=device, dtype=dtype) * 0.01
     ref_bias = _bias.detach() + torch.randn(V, device=device, dtype=dtype) * 0.01 if bias else None
@@ -763,9 +711,7 @@ def test_sequence_level_rejects_unsupported_loss_types(loss_type):
     )
     torch_lm, ours = TorchLMHeadGRPO(**kw), OursLMHeadGRPO(**kw)
     torch_lm.lin.weight.data = ours.lin.weight.data = torch.randn(V, H)
-    _input = torch.randn(B, T, H)
-    input1 = _input.clone().requires_grad_(True)
-    input2 = _input.clone().requires_grad_(True)
+    input1, input2 = leaf_pair(torch.randn(B, T, H))
     ids = torch.randint(0, V, (B, T))
     mask = torch.ones(B, T)
     adv = torch.randn(B)

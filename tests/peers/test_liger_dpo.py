@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from liger_harness import check_case, make_inputs, parametrize_cases
+from liger_harness import correctness_cases, functional_cases, run_case
 from liger_preference_reference import dpo_pair_loss
 
 from tune_losses import LinearPreferenceLoss, PreferenceOptions, Reference, linear_preference_loss
 from tune_losses.heads import OutputProjection
 
-BIG_SHAPES = [(8, 128, 1024, 4096), (3, 47, 31, 123)]
-SMALL_SHAPES = [(2, 2, 8, 8), (3, 47, 31, 123)]
-DTYPES = [(1.0, torch.bfloat16, 5e-2, 5e-1), (1.0, torch.float32, 1e-5, 5e-4)]
-ODD = (3, 47, 31, 123)
 APO_TYPES = ["apo_zero", "apo_down", "sppo_hard", "nca_pair"]
 EXTRA_TYPES = [
     ("hinge", {}),
@@ -39,96 +35,55 @@ EXTRA_TYPES = [
     ("exo_pair", {"label_smoothing": 1e-3}),
     ("discopop", {"discopop_tau": 0.05}),
 ]
+REF_NLL = dict(ref_bias=[True, False], compute_nll_loss=[True, False])
 
 
 def _representative(c):
-    return c["shape"] == ODD and c["bias"] and not c["ref_bias"] and c["compute_nll_loss"] and c["ii_beta"][0] == -100
-
-
-def _functional_representative(c):
-    return c["shape"] == ODD and c["bias"] and not c["ref_bias"] and c["compute_nll_loss"]
-
-
-COMMON = dict(dtype=DTYPES, bias=[True, False], ref_bias=[True, False], compute_nll_loss=[True, False])
+    """The fast subset: no reference bias, the NLL on, ignore_index -100 (functional cases have no ignore_index)."""
+    return not c["ref_bias"] and c["compute_nll_loss"] and c.get("ii_beta", (-100,))[0] == -100
 
 
 def _run_correctness(c, loss_type, extra=None):
-    torch.manual_seed(42)
-    B, T, H, V = c["shape"]
-    scalar, dtype, atol, rtol = c["dtype"]
     ignore_index, beta = c["ii_beta"]
     extra = extra or {}
-    inputs = make_inputs(B, T, H, V, dtype, scalar, c["bias"], c["ref_bias"], ignore_index=ignore_index)
-    check_case(
-        dpo_pair_loss(loss_type, beta, **extra),
-        dict(loss_type=loss_type, nll_weight=1.0 if c["compute_nll_loss"] else 0.0, **extra),
-        inputs,
-        atol=atol,
-        rtol=rtol,
-        beta=beta,
-        ignore_index=ignore_index,
-        average_log_prob=True,
-        compute_nll_loss=c["compute_nll_loss"],
+    nll = c["compute_nll_loss"]
+    ours = dict(loss_type=loss_type, nll_weight=1.0 if nll else 0.0, **extra)
+    run_case(
+        c, dpo_pair_loss(loss_type, beta, **extra), ours, beta=beta, ignore_index=ignore_index, compute_nll_loss=nll
     )
 
 
 def _run_functional(c, loss_type):
-    torch.manual_seed(42)
-    B, T, H, V = c["shape"]
-    scalar, dtype, atol, rtol = c["dtype"]
-    inputs = make_inputs(B, T, H, V, dtype, scalar, c["bias"], c["ref_bias"], ignore=False)
-    check_case(
-        dpo_pair_loss(loss_type, 0.1),
-        dict(loss_type=loss_type, nll_weight=1.0 if c["compute_nll_loss"] else 0.0),
-        inputs,
-        atol=atol,
-        rtol=rtol,
-        beta=0.1,
-        average_log_prob=False,
-        compute_nll_loss=c["compute_nll_loss"],
-        check_aux=False,
-    )
+    nll = c["compute_nll_loss"]
+    ours = dict(loss_type=loss_type, nll_weight=1.0 if nll else 0.0)
+    settings = dict(beta=0.1, average_log_prob=False, compute_nll_loss=nll, check_aux=False)
+    run_case(c, dpo_pair_loss(loss_type, 0.1), ours, ignore=False, **settings)
 
 
-@pytest.mark.parametrize(
-    "c", parametrize_cases(_representative, BIG_SHAPES[0], shape=BIG_SHAPES, ii_beta=[(-100, 0.1), (42, 0.2)], **COMMON)
-)
+@pytest.mark.parametrize("c", correctness_cases(_representative, ii_beta=[(-100, 0.1), (42, 0.2)], **REF_NLL))
 def test_correctness(c):
     _run_correctness(c, "sigmoid")
 
 
-@pytest.mark.parametrize("c", parametrize_cases(_functional_representative, None, shape=SMALL_SHAPES, **COMMON))
+@pytest.mark.parametrize("c", functional_cases(_representative, **REF_NLL))
 def test_correctness_functional(c):
     _run_functional(c, "sigmoid")
 
 
 @pytest.mark.parametrize(
-    "c",
-    parametrize_cases(
-        _representative,
-        BIG_SHAPES[0],
-        shape=BIG_SHAPES,
-        ii_beta=[(-100, 0.1), (42, 0.2)],
-        loss_type=APO_TYPES,
-        **COMMON,
-    ),
+    "c", correctness_cases(_representative, ii_beta=[(-100, 0.1), (42, 0.2)], loss_type=APO_TYPES, **REF_NLL)
 )
 def test_correctness_apo_loss_types(c):
     _run_correctness(c, c["loss_type"])
 
 
-@pytest.mark.parametrize(
-    "c", parametrize_cases(_functional_representative, None, shape=SMALL_SHAPES, loss_type=APO_TYPES, **COMMON)
-)
+@pytest.mark.parametrize("c", functional_cases(_representative, loss_type=APO_TYPES, **REF_NLL))
 def test_correctness_functional_apo_loss_types(c):
     _run_functional(c, c["loss_type"])
 
 
 @pytest.mark.parametrize(
-    "c",
-    parametrize_cases(
-        _representative, BIG_SHAPES[0], shape=BIG_SHAPES, ii_beta=[(-100, 0.1), (42, 0.2)], loss=EXTRA_TYPES, **COMMON
-    ),
+    "c", correctness_cases(_representative, ii_beta=[(-100, 0.1), (42, 0.2)], loss=EXTRA_TYPES, **REF_NLL)
 )
 def test_correctness_extra_loss_types(c):
     loss_type, extra = c["loss"]

@@ -31,7 +31,7 @@ from tune_losses.alignment.log_probs import POLICY_NAMES, REFERENCE_NAMES, run_o
 from tune_losses.alignment.options import KLEstimate, KTOOptions, Reference
 from tune_losses.alignment.preference import check_count, reference_argument
 from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
-from tune_losses.options import ExecutionOptions, check_float_option
+from tune_losses.options import IGNORE_INDEX, ExecutionOptions, check_float_option
 
 
 class KTOOutput(NamedTuple):
@@ -94,7 +94,7 @@ def linear_kto_loss(
     reference: Optional[Reference] = None,
     ref_logps: Optional[torch.Tensor] = None,
     kl: Union[float, torch.Tensor, KLEstimate, None] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: Optional[int] = None,
     num_sequences=None,
     options: Optional[KTOOptions] = None,

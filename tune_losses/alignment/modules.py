@@ -9,7 +9,7 @@ full-logits losses (torchtune's ``DPOLoss``, :class:`tune_losses.DPOLoss`) by co
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from tune_losses.alignment.preference import (
     linear_preference_terms,
 )
 from tune_losses.heads import OutputProjection, set_output_mode
-from tune_losses.options import ExecutionOptions
+from tune_losses.options import IGNORE_INDEX, ExecutionOptions
 
 _NAMED = ("loss_type", "beta", "epsilon_low", "epsilon_high", "temperature", "max_completion_length", "return_entropy")
 POLICY_MODULE_OPTIONS = tuple(k for k in PolicyOptions.__dataclass_fields__ if k not in _NAMED)
@@ -69,7 +69,8 @@ class _AlignmentModule(nn.Module):
         """The reference model's per-token log-probabilities ``[B, S]`` (no-grad; 0 at ignored tokens)."""
         reference = self._reference(ref_hidden)
         with torch.no_grad():
-            return token_log_probs(*reference, labels, self._run, names=REFERENCE_NAMES, temperature=temperature)
+            out = token_log_probs(*reference, labels, self._run, names=REFERENCE_NAMES, temperature=temperature)
+        return cast(torch.Tensor, out)  # no entropy asked for: the log-probabilities alone
 
 
 class LinearPreferenceLoss(_AlignmentModule):
@@ -100,7 +101,7 @@ class LinearPreferenceLoss(_AlignmentModule):
         label_smoothing: float = 0.0,
         nll_weight: float = 0.0,
         average_log_prob: Optional[bool] = None,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         chunk_size: Optional[int] = None,
         discopop_tau: float = 0.05,
     ):
@@ -184,7 +185,7 @@ class LinearPolicyLoss(_AlignmentModule):
         epsilon_high: Optional[float] = None,
         temperature: float = 1.0,
         max_completion_length: Optional[int] = None,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         chunk_size: Optional[int] = None,
         return_entropy: bool = True,
         algorithm: str = "auto",

@@ -40,7 +40,7 @@ from tune_losses.alignment.preference import check_count
 from tune_losses.deprecation import no_more, options_object, take
 from tune_losses.fused.engine import compute_dtype
 from tune_losses.fused.valid_rows import select_valid_rows
-from tune_losses.options import ExecutionOptions, check_int_option
+from tune_losses.options import IGNORE_INDEX, ExecutionOptions, check_int_option
 from tune_losses.validation import check_label_range
 
 
@@ -171,7 +171,7 @@ def policy_loss_from_log_probs(
     vllm_is_ratio: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     options: Optional[PolicyOptions] = None,
     **deprecated,
 ) -> PolicyOutput:
@@ -231,7 +231,7 @@ def linear_policy_loss(
     ref_logps: Optional[torch.Tensor] = None,
     vllm_is_ratio: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: Optional[int] = None,
     num_items_in_batch=None,
     options: Optional[PolicyOptions] = None,
@@ -294,7 +294,7 @@ def linear_policy_loss(
         out = token_log_probs(
             hidden, weight, bias, labels, run, temperature=opts.temperature, return_entropy=opts.return_entropy
         )
-        logps, entropy = out if opts.return_entropy else (out, None)
+        logps, entropy = out if isinstance(out, tuple) else (out, None)
         return _from_log_probs(opts, logps, None if entropy is None else entropy.detach(), batch)
     _check_hidden("hidden", hidden, labels)
     w, b = pair_chunks.local_weights(weight, bias, hidden.dtype)

@@ -38,7 +38,7 @@ from tune_losses.alignment.pair_chunks import (
 from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
 from tune_losses.fused.engine import compute_dtype
 from tune_losses.fused.functional import RunOptions
-from tune_losses.options import ArgumentTypeError, ExecutionOptions, check_float_option, check_int_option
+from tune_losses.options import IGNORE_INDEX, ArgumentTypeError, ExecutionOptions, check_float_option, check_int_option
 from tune_losses.validation import LABEL_DTYPES, check_label_range
 
 
@@ -184,7 +184,7 @@ def preference_terms(
     ref_logps: Optional[Sequence[torch.Tensor]] = None,
     nll_target: Optional[torch.Tensor] = None,
     nll_token_logps: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     options: Optional[PreferenceOptions] = None,
     **deprecated,
 ) -> PreferenceTerms:
@@ -349,7 +349,7 @@ def linear_preference_loss(
     reference: Optional[Reference] = None,
     ref_logps: Optional[Sequence[torch.Tensor]] = None,
     nll_target: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: Optional[int] = None,
     num_pairs=None,
     num_chosen_tokens=None,
@@ -417,7 +417,7 @@ def linear_preference_terms(
     reference: Optional[Reference] = None,
     ref_logps: Optional[Sequence[torch.Tensor]] = None,
     nll_target: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: Optional[int] = None,
     options: Optional[PreferenceOptions] = None,
     execution: Optional[ExecutionOptions] = None,
@@ -504,8 +504,8 @@ def _pair_chunked(call: _Call, normalizers, required: bool) -> Optional[Tuple[Pr
     # types and its own labels, before any collective): gather FSDP2 weights, the policy's first as
     # the per-token path does.
     weight, bias = local_weights(weight, bias, hidden.dtype)
-    if ref_weight is not None:
-        ref_weight, ref_bias = local_weights(ref_weight, ref_bias, ref_hidden.dtype)
+    if reference is not None:
+        ref_weight, ref_bias = local_weights(ref_weight, ref_bias, reference.hidden.dtype)
     ref_seq = None
     if ref_hidden is None:
         if ref_logps is not None:

@@ -10,10 +10,10 @@ values ``[n]`` of the *whole* vocabulary with, on request, the gradient with res
   tvd. Adding one is one class in one new file (CONTRIBUTING.md); its gradient comes from autograd
   over its elementwise terms unless it writes a closed form.
 
-Gradient weights: ``weight`` arguments are per-token ``[n]`` factors (the loss weight, the
-``1 / tokens`` scale, or ``grad_output``), already 0 at ignored tokens; ``None`` means "no
-gradient", and then none is built. ``consume`` lets a function overwrite a logits buffer the caller
-no longer needs (a chunk then costs fewer ``[n, V]`` buffers).
+Most take a :class:`ChunkRun`: the reducer, a gradient ``weight`` and ``consume``. Gradient weights
+are per-token ``[n]`` factors (the loss weight, the ``1 / tokens`` scale, or ``grad_output``), already
+0 at ignored tokens; ``None`` means "no gradient", and then none is built. ``consume`` lets a function
+overwrite a logits buffer the caller no longer needs (a chunk then costs fewer ``[n, V]`` buffers).
 """
 
 # isort: off
@@ -33,12 +33,13 @@ from tune_losses.divergences.base import (
     kd_chunk,
     log_softmax_pair,
 )
-from tune_losses.divergences.common import NEG_INF, VocabReducer
+from tune_losses.divergences.common import NEG_INF, ChunkRun, VocabReducer
 from tune_losses.divergences.cross_entropy import ce_chunk
 from tune_losses.divergences.log_probs import log_prob_chunk
 
 __all__ = [
     "NEG_INF",
+    "ChunkRun",
     "VocabReducer",
     "Divergence",
     "divergence_names",

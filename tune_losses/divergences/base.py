@@ -23,7 +23,7 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
-from tune_losses.divergences.common import NEG_INF, VocabReducer, row_max, scaled
+from tune_losses.divergences.common import NEG_INF, ChunkRun, VocabReducer, row_max, scaled
 from tune_losses.options import KDOptions
 
 _REGISTRY: Dict[str, Divergence] = {}
@@ -143,34 +143,28 @@ def log_softmax_pair(zs, zt, t: float, red: VocabReducer, consume_s: bool, consu
     return ls.sub_(log_sums[0].unsqueeze(-1)), lt.sub_(log_sums[1].unsqueeze(-1))
 
 
-def kd_chunk(
-    zs: torch.Tensor,
-    zt: torch.Tensor,
-    opts: KDOptions,
-    red: VocabReducer,
-    weight: Optional[torch.Tensor] = None,
-    consume_student: bool = False,
-    consume_teacher: bool = False,
-    teacher_weight: Optional[torch.Tensor] = None,
-    student_rows: Optional[dict] = None,
-):
+def kd_chunk(zs: torch.Tensor, zt: torch.Tensor, opts: KDOptions, run: ChunkRun, teacher: Optional[ChunkRun] = None):
     """A distillation divergence of teacher ``p = softmax(zt / T)`` and student ``q = softmax(zs / T)``.
 
     Args:
         zs, zt: ``[n, V_r]`` raw student / teacher logits.
-        weight: ``[n]`` gradient weight per token, or None for the value only.
-        teacher_weight: ``[n]``: also return the gradient w.r.t. ``zt`` (a teacher that requires
-            grad, chunked-output losses only), as a third result.
-        student_rows: ``(max, sum exp)`` of the raw student logits under key ``"raw"`` when another
-            term of the chunk computed them (shared by a divergence's fused path at T = 1).
+        run: the student side: the reducer, the gradient weight per token (None: the value only),
+            whether ``zs`` may be overwritten, and in ``rows["raw"]`` the raw student logits'
+            ``(max, sum exp)`` when another term of the chunk computed them (shared by a
+            divergence's fused path at T = 1).
+        teacher: the teacher side: whether ``zt`` may be overwritten and, with a ``weight`` ``[n]``,
+            also the gradient w.r.t. ``zt`` (a teacher that requires grad, chunked-output losses
+            only) as a third result.
 
     Returns:
         ``(divergence [n] times loss_scale (no ignore mask), grad [n, V_r] w.r.t. zs or None)``.
     """
     t = opts.temperature
+    red, weight, consume_student, rows = run
+    teacher_weight, consume_teacher = (None, False) if teacher is None else (teacher.weight, teacher.consume)
     div = get_divergence(opts.divergence)
     if teacher_weight is None:
-        shared = student_rows.get("raw") if student_rows and t == 1.0 else None
+        shared = rows.get("raw") if rows and t == 1.0 else None
         fused = div.from_logits(zs, zt, opts, red, weight, consume_student, consume_teacher, shared)
         if fused is not None:
             return fused

@@ -10,6 +10,8 @@ vocabulary-parallel losses pass one that all-reduces over the tensor-parallel gr
 
 from __future__ import annotations
 
+from typing import Dict, NamedTuple, Optional, Tuple
+
 import torch
 
 NEG_INF = float("-inf")
@@ -39,6 +41,26 @@ class VocabReducer:
 
     def finish_dx(self, dx: torch.Tensor) -> None:
         """Complete a hidden-state gradient made from this process's columns (nothing to add here)."""
+
+
+class ChunkRun(NamedTuple):
+    """How a per-chunk function runs over its logits ``[n, V_r]``, besides its inputs and options.
+
+    Attributes:
+        red: reductions over the vocabulary.
+        weight: ``[n]`` gradient weight per token (0 at ignored tokens), or None for the value only
+            (then no gradient is built).
+        consume: whether the function may overwrite the logits buffer.
+        rows: the student's per-token statistics shared between the terms of one chunk
+            (:class:`tune_losses.terms.Chunk`'s ``student_rows``), or None: a function that computes
+            ``(max [n], sum exp(z - max) [n])`` of the raw logits over the whole vocabulary leaves
+            them under ``"raw"``, one that can use them reads them there.
+    """
+
+    red: VocabReducer
+    weight: Optional[torch.Tensor] = None
+    consume: bool = False
+    rows: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 def row_max(z: torch.Tensor, red: VocabReducer) -> torch.Tensor:

@@ -6,33 +6,27 @@ from typing import Optional, Tuple
 
 import torch
 
-from tune_losses.divergences.common import VocabReducer, add_at_label, label_index, row_max
+from tune_losses.divergences.common import ChunkRun, add_at_label, label_index, row_max
 from tune_losses.options import CEOptions
 
 
 def ce_chunk(
-    z: torch.Tensor,
-    labels: torch.Tensor,
-    valid: torch.Tensor,
-    opts: CEOptions,
-    red: VocabReducer,
-    weight: Optional[torch.Tensor] = None,
-    consume: bool = False,
-    student_rows: Optional[dict] = None,
+    z: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, opts: CEOptions, run: ChunkRun
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Cross-entropy ``lse(z) - z[y]`` with label smoothing, z-loss and softcap, and its gradient.
 
     Args:
         z: ``[n, V_r]`` raw logits.
         labels, valid: ``[n]`` class ids and the mask of counted tokens.
-        weight: ``[n]`` gradient weight per token, or None for the value only.
-        student_rows: a dict to leave ``(max, sum exp)`` of the raw logits in (key ``"raw"``) for
-            later terms of the same chunk (not with softcap, whose logits differ).
+        run: the reducer, the gradient weight per token (None: the value only), whether ``z`` may
+            be overwritten, and a dict to leave ``(max, sum exp)`` of the raw logits in (``rows``,
+            key ``"raw"``) for later terms of the same chunk (not with softcap, whose logits differ).
 
     Returns:
         ``(loss [n], grad [n, V_r] or None)``; the loss is 0 at ignored tokens.
     """
     s, eps, c = opts.softcap, opts.label_smoothing, opts.z_loss
+    red, weight, consume, rows = run
     if s is not None:
         z = (z if consume else z.clone()).div_(s).tanh_().mul_(s)
         consume = True
@@ -47,8 +41,8 @@ def ce_chunk(
     stats.insert(0, e.sum(-1))
     r = red.sum(torch.stack(stats))
     sumexp = r[0]
-    if student_rows is not None and s is None:
-        student_rows.setdefault("raw", (m, sumexp))
+    if rows is not None and s is None:
+        rows.setdefault("raw", (m, sumexp))
     lse = m + sumexp.log()
     loss = lse - r[1]
     if eps > 0:

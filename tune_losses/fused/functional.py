@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from tune_losses.deprecation import no_more, options_object, take, warn_deprecated
+from tune_losses.deprecation import no_more, options_object, take
 from tune_losses.fused.engine import LossPlan, run_terms
 from tune_losses.fused.placement import place
 from tune_losses.fused.valid_rows import scatter_rows, select_valid_rows
 from tune_losses.options import (
     ALGORITHMS,
-    DW_ACCUMULATIONS,
+    IGNORE_INDEX,
     CEOptions,
     DistillationOptions,
     ExecutionOptions,
@@ -72,34 +72,29 @@ class RunOptions:
 
     Attributes:
         reduction: ``mean`` (over valid tokens, or over ``num_tokens`` when given), ``sum`` or ``none``.
-        algorithm: ``auto``, ``grad_in_forward`` or ``recompute`` (see :mod:`tune_losses.fused.engine`).
         validate: check the label range (one host sync per call).
         chunk_size: tokens per chunk, or None for the default rule.
         ignore_index: label value of tokens left out.
         parallel: where the weights live (:class:`VocabParallelOptions`).
-        drop_ignored_tokens: leave ignored tokens' rows out before the chunk loop
-            (:mod:`tune_losses.fused.valid_rows`; one host sync per call).
-        dw_accumulation: how dW is accumulated over chunks (:mod:`tune_losses.fused.dw_accumulation`).
+        execution: ``algorithm`` (``auto``, ``grad_in_forward`` or ``recompute``, see
+            :mod:`tune_losses.fused.engine`), ``drop_ignored_tokens`` (leave ignored tokens' rows out
+            before the chunk loop, :mod:`tune_losses.fused.valid_rows`; one host sync per call) and
+            ``dw_accumulation`` (:mod:`tune_losses.fused.dw_accumulation`), checked when made
+            (:class:`ExecutionOptions`).
     """
 
     reduction: str = "mean"
-    algorithm: str = "auto"
     validate: bool = True
     chunk_size: Optional[int] = None
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     parallel: VocabParallelOptions = field(default_factory=VocabParallelOptions)
-    drop_ignored_tokens: bool = False
-    dw_accumulation: str = "auto"
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
 
     def __post_init__(self):
         # reduction and chunk_size are the flat arguments no other options object checks; the rest
         # come from CEOptions / KDOptions / ExecutionOptions / VocabParallelOptions, checked when made.
         check_reduction(self.reduction)
         check_int_option("chunk_size", self.chunk_size, 1, allow_none=True)
-        if self.algorithm not in ALGORITHMS:  # membership tests at the engine's door, no re-validation
-            raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.dw_accumulation not in DW_ACCUMULATIONS:
-            raise ValueError(f"dw_accumulation: expected one of {DW_ACCUMULATIONS}, got {self.dw_accumulation!r}")
 
 
 class Side(NamedTuple):
@@ -198,7 +193,7 @@ def _run(
     if scale is not None and opts.reduction != "sum":
         raise ValueError(f"scale: only meaningful with reduction='sum', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
-    teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), None)
+    teacher_vocab = next((t.opts.teacher_vocab for t in terms if isinstance(t, DivergenceTerm)), None)
     placed = place(
         student.weight,
         student.bias,
@@ -215,6 +210,7 @@ def _run(
     tx = tw = tb = None
     if teacher is not None:
         tw, tb = placed.teacher_weight, placed.teacher_bias
+        assert tw is not None  # place() gives a teacher weight whenever it is given one
         tx = _flat(teacher.names, teacher.hidden, tw, tb, labels)
         # Placement left the teacher the student's rows ("drop"), or those and its padding rows.
         if tw.shape[0] < w.shape[0] or (teacher_vocab != "pad_student" and tw.shape[0] != w.shape[0]):
@@ -232,7 +228,8 @@ def _run(
             check_inputs(vocab)
     flat_labels = labels.reshape(-1)
     count = (flat_labels != opts.ignore_index).sum()
-    plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer, opts.dw_accumulation)
+    execution = opts.execution
+    plan = LossPlan(tuple(terms), opts.ignore_index, opts.chunk_size, placed.reducer, execution.dw_accumulation)
     if scale is not None:
         scale = _as_scale(scale, x.device)
     elif opts.reduction == "mean":
@@ -240,9 +237,9 @@ def _run(
     # Without grad mode (eval, torch.no_grad) Recompute's forward computes values only; the
     # grad-in-forward path would compute dX and dW for nothing.
     per_token = opts.reduction == "none"
-    recompute = per_token or opts.algorithm == "recompute"
+    recompute = per_token or execution.algorithm == "recompute"
     keep = None
-    if opts.drop_ignored_tokens:
+    if execution.drop_ignored_tokens:
         x, tx, flat_labels, keep = select_valid_rows(x, tx, flat_labels, opts.ignore_index)
         if keep is not None and inputs:
             inputs = {k: v.index_select(0, keep) for k, v in inputs.items()}
@@ -255,6 +252,16 @@ def _run(
         loss = loss.reshape(labels.shape)
         parts = {k: v.reshape(labels.shape) for k, v in parts.items()}
     return loss, parts, count
+
+
+def mix_terms(options, kd_term: Callable[..., Term]) -> List[Term]:
+    """The terms of ``(1 - kd_ratio) * CE + kd_ratio * KD`` from a DistillationOptions or a
+    SparseDistillationOptions and the KD term's class. CE first: at T = 1 it leaves the student's
+    (max, sum exp) for the KD term to reuse."""
+    return [
+        CrossEntropyTerm(options.ce, weight=1.0 - options.kd_ratio),
+        kd_term(options.kd, weight=float(options.kd_ratio)),
+    ]
 
 
 def _fused_output(loss, parts, count) -> FusedOutput:
@@ -287,14 +294,6 @@ _no_more = no_more
 _DISTILLATION_FIELDS = ("kd_ratio", "label_smoothing") + _KD_FIELDS
 
 
-def _distillation_options(flat: Dict[str, object]) -> DistillationOptions:
-    """A DistillationOptions from the flat ``kd_ratio``, ``label_smoothing`` and KDOptions fields: the
-    cross-entropy shares the divergence's ``ignore_index`` and ``validate``."""
-    kd = KDOptions(**{k: v for k, v in flat.items() if k in _KD_FIELDS})
-    ce = CEOptions(ignore_index=kd.ignore_index, label_smoothing=flat.get("label_smoothing", 0.0), validate=kd.validate)
-    return DistillationOptions(flat.get("kd_ratio", 0.5), kd, ce)
-
-
 def flat_distillation_options(flat: Dict[str, object], ignore_index: int) -> Dict[str, object]:
     """Keyword arguments of :func:`linear_distillation_loss` in the object form, from flat ones (no
     warning), for APIs that take them flat (e.g. Transformers' ``distillation_loss(**loss_options)``):
@@ -306,7 +305,7 @@ def flat_distillation_options(flat: Dict[str, object], ignore_index: int) -> Dic
         raise ValueError("ignore_index: give it as the function's own argument, not among the loss options")
     options = kw.get("options")
     if options is None:
-        kw["options"] = _distillation_options({**given, "ignore_index": ignore_index})
+        kw["options"] = DistillationOptions.from_flat(**given, ignore_index=ignore_index)
     elif given:
         raise TypeError(f"{', '.join(f'{k}=' for k in given)} and options= both given; put them in options=")
     elif isinstance(options, DistillationOptions) and options.kd.ignore_index != ignore_index:
@@ -330,16 +329,7 @@ def _placement_and_execution(fn: str, parallel, execution, deprecated: Dict[str,
 
 
 def _run_options(reduction, chunk_size, ignore_index, validate, parallel, execution) -> RunOptions:
-    return RunOptions(
-        reduction=reduction,
-        algorithm=execution.algorithm,
-        validate=validate,
-        chunk_size=chunk_size,
-        ignore_index=ignore_index,
-        parallel=parallel,
-        drop_ignored_tokens=execution.drop_ignored_tokens,
-        dw_accumulation=execution.dw_accumulation,
-    )
+    return RunOptions(reduction, validate, chunk_size, ignore_index, parallel, execution)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -408,7 +398,7 @@ def linear_log_probs(
     *,
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     chunk_size: Optional[int] = None,
     validate: bool = True,
@@ -561,17 +551,6 @@ def linear_distillation_loss(
         for logging), ``num_tokens`` (this call's valid tokens).
     """
     fn = "linear_distillation_loss"
-    flat = _take(deprecated, _DISTILLATION_FIELDS)
-    if options is None and flat:
-        names = ", ".join(f"{k}=" for k in flat)
-        warn_deprecated(
-            f"{fn}({names}...)", "options=DistillationOptions(kd_ratio=..., kd=KDOptions(...), ce=CEOptions(...))"
-        )
-        options = _distillation_options(flat)
-    else:
-        options = _option(fn, "options", DistillationOptions, options, flat)
-    terms = [
-        CrossEntropyTerm(options.ce, weight=1.0 - options.kd_ratio),
-        DivergenceTerm(options.kd, weight=float(options.kd_ratio)),
-    ]
+    options = _option(fn, "options", DistillationOptions, options, _take(deprecated, _DISTILLATION_FIELDS))
+    terms = mix_terms(options, DivergenceTerm)
     return _fused_output(*_two_model_run(fn, terms, options.kd, locals()))

@@ -10,7 +10,7 @@ one by one), so they are the exception to "options as objects"; each builds its 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from tune_losses.chunking import chunk_policy
 from tune_losses.fused.functional import FusedOutput, linear_cross_entropy, linear_distillation_loss
 from tune_losses.heads import OutputProjection, set_output_mode
 from tune_losses.options import (
+    IGNORE_INDEX,
     CEOptions,
     DistillationOptions,
     ExecutionOptions,
@@ -72,6 +73,44 @@ class HiddenStatesLoss(nn.Module):
         return _require(self.projection, type(self).__name__)
 
 
+class DistillationLossBase(HiddenStatesLoss):
+    """Base of the ``(1 - kd_ratio) * CE + kd_ratio * KD`` modules (a dense or a cached teacher).
+
+    A subclass names what :meth:`forward` takes (``INPUTS``), holds ``options`` / ``execution`` /
+    ``chunk_size`` and maps the inputs and its projections onto its fused function
+    (:meth:`_call`); the calls, their keyword arguments and the parts' names are made here once.
+    """
+
+    INPUTS: Tuple[str, ...] = ()
+    options: Any  # DistillationOptions or SparseDistillationOptions, made in __init__
+    execution: ExecutionOptions
+    chunk_size: Optional[int] = None
+
+    def _call(self, inputs: Sequence[torch.Tensor], **kwargs) -> FusedOutput:
+        raise NotImplementedError
+
+    def fused(
+        self, *inputs: torch.Tensor, reduction: str = "mean", scale: Optional[torch.Tensor] = None
+    ) -> FusedOutput:
+        """The fused call on ``INPUTS``: ``loss`` reduced as asked (``scale`` with ``"sum"``), the
+        detached parts, the valid-token count."""
+        if len(inputs) != len(self.INPUTS):
+            names = ", ".join(self.INPUTS)
+            raise TypeError(f"{type(self).__name__}: expected the tensors ({names}), got {len(inputs)} of them")
+        kw = dict(reduction=reduction, scale=scale, chunk_size=self.chunk_size, execution=self.execution)
+        return self._call(inputs, options=self.options, **kw)
+
+    def sum_and_count(self, *inputs: torch.Tensor, scale: Optional[torch.Tensor] = None) -> LossSum:
+        """Summed total, its parts (detached sums, ``{"class_loss", "kd_loss"}``) and the valid-token
+        count; ``scale`` multiplies every sum. ``inputs``: as :meth:`forward`."""
+        out = self.fused(*inputs, reduction="sum", scale=scale)
+        return LossSum(out.loss, out.num_tokens, {"class_loss": out.ce, "kd_loss": out.kd})
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Mean total loss over valid tokens (0-dim fp32; 0 when none); ``inputs`` are ``INPUTS``."""
+        return self.fused(*inputs).loss
+
+
 class LinearCrossEntropyLoss(HiddenStatesLoss):
     """Fused linear cross-entropy as a module.
 
@@ -100,7 +139,7 @@ class LinearCrossEntropyLoss(HiddenStatesLoss):
 
     def __init__(
         self,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: Optional[float] = None,
@@ -159,7 +198,7 @@ class LinearCrossEntropyLoss(HiddenStatesLoss):
         return self.sum_and_count(hidden, labels).mean()
 
 
-class LinearDistillationLoss(HiddenStatesLoss):
+class LinearDistillationLoss(DistillationLossBase):
     """``(1 - kd_ratio) * CE + kd_ratio * KD`` from student and teacher hidden states, fused.
 
     Args:
@@ -171,8 +210,12 @@ class LinearDistillationLoss(HiddenStatesLoss):
             ``"pad_student"`` (see :func:`tune_losses.linear_kd_loss`).
         mask_ignored_tokens: drop ignored tokens' rows before the chunk loop (one host sync per call).
 
-    ``sum_and_count`` reports the parts (detached sums) as ``parts={"class_loss", "kd_loss"}`` for logging.
+    ``forward(student_hidden, teacher_hidden, labels)``: student ``[B, S, Hs]``, teacher ``[B, S, Ht]``,
+    labels ``[B, S]``; ``sum_and_count`` (same tensors, ``scale=``) reports the parts (detached sums) as
+    ``parts={"class_loss", "kd_loss"}`` for logging.
     """
+
+    INPUTS = ("student_hidden", "teacher_hidden", "labels")
 
     def __init__(
         self,
@@ -182,7 +225,7 @@ class LinearDistillationLoss(HiddenStatesLoss):
         beta: float = 0.5,
         sym_kd_ratio: float = 0.5,
         scale_by_temperature_squared: bool = True,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         label_smoothing: float = 0.0,
         chunk_size: Optional[int] = None,
         algorithm: str = "auto",
@@ -219,14 +262,8 @@ class LinearDistillationLoss(HiddenStatesLoss):
         """Take the teacher's output projection and make it return hidden states."""
         self.teacher_projection = set_output_mode(teacher, "hidden")
 
-    def fused(
-        self,
-        student_hidden: torch.Tensor,
-        teacher_hidden: torch.Tensor,
-        labels: torch.Tensor,
-        reduction: str = "mean",
-        scale: Optional[torch.Tensor] = None,
-    ) -> FusedOutput:
+    def _call(self, inputs: Sequence[torch.Tensor], **kwargs) -> FusedOutput:
+        student_hidden, teacher_hidden, labels = inputs
         s = self.output_projection()
         t = _require(self.teacher_projection, type(self).__name__ + " (teacher)")
         return linear_distillation_loss(
@@ -237,24 +274,5 @@ class LinearDistillationLoss(HiddenStatesLoss):
             labels,
             student_bias=s.bias,
             teacher_bias=t.bias,
-            reduction=reduction,
-            scale=scale,
-            chunk_size=self.chunk_size,
-            options=self.options,
-            execution=self.execution,
+            **kwargs,
         )
-
-    def sum_and_count(
-        self,
-        student_hidden: torch.Tensor,
-        teacher_hidden: torch.Tensor,
-        labels: torch.Tensor,
-        scale: Optional[torch.Tensor] = None,
-    ) -> LossSum:
-        """Summed total, its parts (detached) and the valid-token count; ``scale`` multiplies every sum."""
-        out = self.fused(student_hidden, teacher_hidden, labels, reduction="sum", scale=scale)
-        return LossSum(out.loss, out.num_tokens, {"class_loss": out.ce, "kd_loss": out.kd})
-
-    def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean total loss over valid tokens. student ``[B, S, Hs]``, teacher ``[B, S, Ht]``, labels ``[B, S]``."""
-        return self.fused(student_hidden, teacher_hidden, labels).loss

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
+from tune_losses.deprecation import options_object, take
 from tune_losses.fused.functional import (
     FusedOutput,
     Side,
@@ -21,19 +22,17 @@ from tune_losses.fused.functional import (
     _placement_and_execution,
     _run,
     _run_options,
+    mix_terms,
 )
 from tune_losses.options import (
-    IGNORE_INDEX,
     ArgumentTypeError,
-    CEOptions,
     ExecutionOptions,
+    SparseDistillationOptions,
+    SparseKDOptions,
     VocabParallelOptions,
-    check_bool_option,
-    check_float_option,
-    check_int_option,
 )
-from tune_losses.sparse_teacher import TEACHER_IDS, TEACHER_LOGPROBS, SparseKDOptions, SparseKDTerm
-from tune_losses.terms import CrossEntropyTerm, Term
+from tune_losses.sparse_teacher import TEACHER_IDS, TEACHER_LOGPROBS, SparseKDTerm
+from tune_losses.terms import Term
 from tune_losses.validation import LABEL_DTYPES, check_fused_inputs, check_tensor
 
 POSITIVE_LOGPROB_TOLERANCE = 1e-3
@@ -108,18 +107,21 @@ def check_teacher_values(inputs: Dict[str, torch.Tensor], vocab_size: int) -> No
     )
 
 
-def _sparse_run(fn: str, terms: List[Term], call: Dict[str, Any]):
+_SPARSE_KD_FIELDS = ("temperature", "tail", "ignore_index", "validate")
+"""The SparseKDOptions fields the functions took as flat keywords before ``options=``."""
+_SPARSE_DISTILLATION_FIELDS = ("kd_ratio", "label_smoothing") + _SPARSE_KD_FIELDS
+
+
+def _sparse_run(fn: str, terms: List[Term], kd: SparseKDOptions, call: Dict[str, Any]):
     """The run both entry points share: the placement and execution objects (old flat keywords
     folded in, with a DeprecationWarning), the tensors' checks, one chunk pass with the cached teacher
-    as per-token side inputs. ``call``: the public function's arguments by name (the scalar ones
-    already checked by the caller or by the options objects it made)."""
+    as per-token side inputs. ``call``: the public function's arguments by name; ``kd`` the sparse
+    term's options (its ``ignore_index`` and ``validate`` hold for the call)."""
     parallel, execution = _placement_and_execution(fn, call["parallel"], call["execution"], call["deprecated"])
     side, labels = Side(call["hidden"], call["weight"], call["bias"]), call["labels"]
     check_fused_inputs(labels, local_shard=parallel.process_group is not None, **dict(zip(side.names, side[:3])))
     inputs = _check_teacher(call[TEACHER_IDS], call[TEACHER_LOGPROBS], labels)
-    opts = _run_options(
-        call["reduction"], call["chunk_size"], call["ignore_index"], call["validate"], parallel, execution
-    )
+    opts = _run_options(call["reduction"], call["chunk_size"], kd.ignore_index, kd.validate, parallel, execution)
     check: Callable[[int], None] = lambda vocab: check_teacher_values(inputs, vocab)  # noqa: E731
     return _run(terms, side, None, labels, opts, call["num_tokens"], call["scale"], inputs, check)
 
@@ -132,14 +134,11 @@ def linear_sparse_kd_loss(
     teacher_logprobs: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    tail: str = "renormalize",
-    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
-    validate: bool = True,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
+    options: Optional[SparseKDOptions] = None,
     parallel: Optional[VocabParallelOptions] = None,
     execution: Optional[ExecutionOptions] = None,
     **deprecated,
@@ -149,37 +148,37 @@ def linear_sparse_kd_loss(
     Args:
         hidden: ``[N, H]`` or ``[B, S, H]`` student hidden states (fp32 / bf16 / fp16; fp64 in fp64).
         weight: ``[V, H]`` output projection; bias ``[V]`` or None. Gradients reach these three only.
-        labels: hidden's leading shape; tokens with ``ignore_index`` count nothing (only the mask
-            is read; labels must still be in ``[0, V)`` there, checked with ``validate``).
+        labels: hidden's leading shape; tokens with ``options.ignore_index`` count nothing (only the
+            mask is read; labels must still be in ``[0, V)`` there, checked with ``options.validate``).
         teacher_ids: ``[..., k]`` (labels' shape plus k) int64 / int32 ids in ``[0, V)``, or -1 for
             an unused slot (a token may have fewer than k entries); distinct within a token.
         teacher_logprobs: ``[..., k]`` float: the teacher's log-probabilities of those ids at
-            ``temperature`` (as a serving engine returns them); ``-inf`` is probability 0.
-        temperature: T: the student's logits are divided by T, the loss multiplied by T^2.
-        tail: ``"renormalize"`` (the teacher's entries renormalized to sum 1) or ``"bucket"`` (the
-            teacher's left-out mass against the student's mass outside the ids); see
-            :mod:`tune_losses.sparse_teacher`.
+            ``options.temperature`` (as a serving engine returns them); ``-inf`` is probability 0.
         reduction: ``"mean"`` over tokens whose label is not ``ignore_index`` (0 if none),
             ``"sum"``, or ``"none"`` (labels' shape, 0 at ignored tokens).
-        validate: check once per call (one host sync) the labels' range, the ids' range and
-            distinctness, and that no used log-probability is positive.
         chunk_size, num_tokens, scale: as :func:`tune_losses.linear_cross_entropy`.
+        options: :class:`~tune_losses.options.SparseKDOptions`: ``temperature`` (T: the student's
+            logits are divided by T, the loss multiplied by T^2), ``tail`` (``"renormalize"``: the
+            teacher's entries renormalized to sum 1, or ``"bucket"``: the teacher's left-out mass
+            against the student's mass outside the ids; see :mod:`tune_losses.sparse_teacher`),
+            ``ignore_index`` and ``validate`` (check once per call, one host sync, the labels' range,
+            the ids' range and distinctness, and that no used log-probability is positive).
         parallel: :class:`~tune_losses.options.VocabParallelOptions`, as
             :func:`tune_losses.linear_cross_entropy`. Vocabulary-parallel, ``teacher_ids`` hold global
             ids and are the same on every rank.
         execution: :class:`~tune_losses.options.ExecutionOptions` (``algorithm``,
             ``drop_ignored_tokens``, ``dw_accumulation``): same results, different work.
-        deprecated: the old flat ``algorithm``, ``drop_ignored_tokens``, ``process_group``,
-            ``vocab_parallel``, ``vocab_start``, ``vocab_size`` still work, with a DeprecationWarning
-            naming ``execution=`` / ``parallel=``.
+        deprecated: the old flat ``temperature``, ``tail``, ``ignore_index``, ``validate``,
+            ``algorithm``, ``drop_ignored_tokens``, ``process_group``, ``vocab_parallel``,
+            ``vocab_start``, ``vocab_size`` still work, with a DeprecationWarning naming ``options=`` /
+            ``execution=`` / ``parallel=``.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs), 0-dim or per token.
     """
-    check_int_option("ignore_index", ignore_index)
-    check_bool_option("validate", validate)
-    term = SparseKDTerm(SparseKDOptions(temperature=temperature, tail=tail))
-    loss, _, _ = _sparse_run("linear_sparse_kd_loss", [term], locals())
+    fn = "linear_sparse_kd_loss"
+    options = options_object(fn, "options", SparseKDOptions, options, take(deprecated, _SPARSE_KD_FIELDS))
+    loss, _, _ = _sparse_run(fn, [SparseKDTerm(options)], options, locals())
     return loss
 
 
@@ -190,33 +189,31 @@ def linear_sparse_distillation_loss(
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     *,
-    kd_ratio: float = 0.5,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    tail: str = "renormalize",
-    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
     chunk_size: Optional[int] = None,
-    validate: bool = True,
     num_tokens: Optional[Union[torch.Tensor, int]] = None,
     scale: Optional[Union[torch.Tensor, float]] = None,
+    options: Optional[SparseDistillationOptions] = None,
     parallel: Optional[VocabParallelOptions] = None,
     execution: Optional[ExecutionOptions] = None,
     **deprecated,
 ) -> FusedOutput:
     """``(1 - kd_ratio) * CE(student, labels) + kd_ratio * sparse KD(student, cached teacher)`` in one
     chunk pass (each chunk of student logits made once, serving both terms), both normalized over
-    the same valid tokens. Arguments as :func:`linear_sparse_kd_loss`; ``label_smoothing`` for the
-    cross-entropy.
+    the same valid tokens.
+
+    ``options`` is a :class:`~tune_losses.options.SparseDistillationOptions` (``kd_ratio``, ``kd``:
+    SparseKDOptions, ``ce``: CEOptions, e.g. for label smoothing); the other arguments as
+    :func:`linear_sparse_kd_loss`. The old flat keywords (``kd_ratio``, ``label_smoothing``, the
+    SparseKDOptions fields, ...) still work, with a DeprecationWarning.
 
     Returns:
         :class:`~tune_losses.fused.functional.FusedOutput`: ``loss`` (differentiable), ``ce`` and
         ``kd`` (detached, same reduction), ``num_tokens`` (this call's valid tokens).
     """
-    check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
-    ce = CEOptions(ignore_index=ignore_index, label_smoothing=label_smoothing, validate=validate)
-    sparse = SparseKDOptions(temperature=temperature, tail=tail)
-    # CE first: at T = 1 it leaves the student's (max, sum exp) for the sparse term to reuse.
-    terms = [CrossEntropyTerm(ce, weight=1.0 - kd_ratio), SparseKDTerm(sparse, weight=float(kd_ratio))]
-    return _fused_output(*_sparse_run("linear_sparse_distillation_loss", terms, locals()))
+    fn = "linear_sparse_distillation_loss"
+    flat = take(deprecated, _SPARSE_DISTILLATION_FIELDS)
+    options = options_object(fn, "options", SparseDistillationOptions, options, flat)
+    terms = mix_terms(options, SparseKDTerm)
+    return _fused_output(*_sparse_run(fn, terms, options.kd, locals()))

@@ -10,31 +10,39 @@ model is loaded.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from tune_losses.accounting import LossSum
 from tune_losses.fused.functional import FusedOutput
-from tune_losses.fused.modules import HiddenStatesLoss
+from tune_losses.fused.modules import DistillationLossBase
 from tune_losses.fused.sparse import linear_sparse_distillation_loss
-from tune_losses.options import IGNORE_INDEX, CEOptions, ExecutionOptions, check_float_option, check_int_option
-from tune_losses.sparse_teacher import SparseKDOptions
+from tune_losses.options import (
+    IGNORE_INDEX,
+    CEOptions,
+    ExecutionOptions,
+    SparseDistillationOptions,
+    SparseKDOptions,
+    check_int_option,
+)
 
 
-class SparseDistillationLoss(HiddenStatesLoss):
+class SparseDistillationLoss(DistillationLossBase):
     """``(1 - kd_ratio) * CE + kd_ratio * sparse KD`` from student hidden states and a cached teacher.
 
     Args:
         kd_ratio: weight of the distillation term, in [0, 1].
         temperature: the cache's temperature (its log-probabilities are at T): the student's logits
             are divided by T, the KD term multiplied by T^2.
-        tail: ``"renormalize"`` or ``"bucket"`` (see :func:`tune_losses.linear_sparse_kd_loss`).
+        tail: ``"renormalize"`` or ``"bucket"`` (see :class:`tune_losses.options.SparseKDOptions`).
         ignore_index, label_smoothing, chunk_size, algorithm, validate: as
             :class:`tune_losses.LinearDistillationLoss`.
         mask_ignored_tokens: drop ignored tokens' rows before the chunk loop (one host sync per call).
 
-    ``sum_and_count`` reports the parts (detached sums) as ``parts={"class_loss", "kd_loss"}``.
+    The arguments become ``options`` (:class:`~tune_losses.options.SparseDistillationOptions`) and
+    ``execution`` once, here. ``forward(hidden, teacher_ids, teacher_logprobs, labels)``: hidden
+    ``[B, S, H]``, teacher_ids / teacher_logprobs ``[B, S, k]``, labels ``[B, S]``; ``sum_and_count``
+    (same tensors, ``scale=``) reports the parts (detached sums) as ``parts={"class_loss", "kd_loss"}``.
 
     Usage::
 
@@ -42,6 +50,8 @@ class SparseDistillationLoss(HiddenStatesLoss):
         loss_fn.set_model_output(model)                       # model now returns hidden states
         loss = loss_fn(model(tokens), teacher_ids, teacher_logprobs, labels)
     """
+
+    INPUTS = ("hidden", "teacher_ids", "teacher_logprobs", "labels")
 
     def __init__(
         self,
@@ -58,52 +68,29 @@ class SparseDistillationLoss(HiddenStatesLoss):
     ):
         super().__init__()
         # The options objects are made (and checked) here, so a bad config fails when it is built.
-        check_float_option("kd_ratio", kd_ratio, 0.0, 1.0)
         check_int_option("chunk_size", chunk_size, 1, allow_none=True)
-        self.sparse = SparseKDOptions(temperature=temperature, tail=tail)
-        self.ce = CEOptions(ignore_index, label_smoothing, validate=validate)
+        kd = SparseKDOptions(temperature, tail, ignore_index, validate)
+        ce = CEOptions(ignore_index, label_smoothing, validate=validate)
+        self.options = SparseDistillationOptions(kd_ratio, kd, ce)
         self.execution = ExecutionOptions(algorithm, mask_ignored_tokens)
-        self.kd_ratio = kd_ratio
         self.chunk_size = chunk_size
 
     @property
+    def kd_ratio(self) -> float:
+        return self.options.kd_ratio
+
+    @property
+    def temperature(self) -> float:
+        """The loss's temperature: the recipe checks it against the teacher cache's."""
+        return self.options.kd.temperature
+
+    @property
     def ignore_index(self) -> int:
-        return self.ce.ignore_index
+        return self.options.kd.ignore_index
 
-    def fused(
-        self,
-        hidden: torch.Tensor,
-        teacher_ids: torch.Tensor,
-        teacher_logprobs: torch.Tensor,
-        labels: torch.Tensor,
-        reduction: str = "mean",
-        scale: Optional[torch.Tensor] = None,
-    ) -> FusedOutput:
-        p, ce = self.output_projection(), self.ce
+    def _call(self, inputs: Sequence[torch.Tensor], **kwargs) -> FusedOutput:
+        hidden, teacher_ids, teacher_logprobs, labels = inputs
+        p = self.output_projection()
         return linear_sparse_distillation_loss(
-            hidden, p.weight, labels, teacher_ids, teacher_logprobs, kd_ratio=self.kd_ratio, bias=p.bias,
-            temperature=self.sparse.temperature, tail=self.sparse.tail, ignore_index=ce.ignore_index,
-            reduction=reduction, label_smoothing=ce.label_smoothing, chunk_size=self.chunk_size,
-            validate=ce.validate, scale=scale, execution=self.execution,
-        )  # fmt: skip
-
-    def sum_and_count(
-        self,
-        hidden: torch.Tensor,
-        teacher_ids: torch.Tensor,
-        teacher_logprobs: torch.Tensor,
-        labels: torch.Tensor,
-        scale: Optional[torch.Tensor] = None,
-    ) -> LossSum:
-        """Summed total, its parts (detached) and the valid-token count; ``scale`` multiplies every sum.
-
-        hidden ``[B, S, H]``, teacher_ids / teacher_logprobs ``[B, S, k]``, labels ``[B, S]``.
-        """
-        out = self.fused(hidden, teacher_ids, teacher_logprobs, labels, reduction="sum", scale=scale)
-        return LossSum(out.loss, out.num_tokens, {"class_loss": out.ce, "kd_loss": out.kd})
-
-    def forward(
-        self, hidden: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """Mean total loss over valid tokens (0-dim fp32; 0 when none)."""
-        return self.fused(hidden, teacher_ids, teacher_logprobs, labels).loss
+            hidden, p.weight, labels, teacher_ids, teacher_logprobs, bias=p.bias, **kwargs
+        )

@@ -44,8 +44,7 @@ from tune_losses.integrations.transformers import (
     mean_squared_lse,
     unwrap_model,
 )
-from tune_losses.options import KDOptions, check_int_option
-from tune_losses.sparse_teacher import SparseKDOptions
+from tune_losses.options import KDOptions, SparseKDOptions, check_int_option
 
 __all__ = ["FusedSFTTrainer", "FusedDistillationTrainer"]
 

@@ -21,7 +21,7 @@ import torch
 
 from tune_losses.fused.sparse import linear_sparse_kd_loss
 from tune_losses.integrations.token_stats import token_stats
-from tune_losses.options import IGNORE_INDEX
+from tune_losses.options import IGNORE_INDEX, SparseKDOptions
 
 CACHED_COLUMNS = ("prompt_ids", "completion_ids", "teacher_ids", "teacher_logprobs")
 
@@ -106,11 +106,9 @@ def cached_teacher_sum(
         inputs["teacher_ids"].to(device),
         inputs["teacher_logprobs"].to(device),
         bias=bias,
-        temperature=temperature,
-        tail=tail,
-        ignore_index=IGNORE_INDEX,
         reduction="sum",
         chunk_size=chunk_size,
+        options=SparseKDOptions(temperature, tail, IGNORE_INDEX),
     )
     return loss if scale_by_temperature_squared else loss / temperature**2
 

@@ -30,6 +30,7 @@ from tune_losses.accounting import LossSum, all_reduce_token_count
 from tune_losses.alignment.formulas import counted_pairs, split_pairs
 from tune_losses.alignment.preference import PreferenceTerms
 from tune_losses.heads import configure_model_for_loss
+from tune_losses.options import IGNORE_INDEX
 from tune_losses.training import data
 from tune_losses.training.loop import LossRecipe
 from tune_losses.training.memory import peak_memory_of
@@ -207,7 +208,7 @@ def mean_metrics(sums: Dict[str, torch.Tensor], pairs: torch.Tensor, prefix: str
     return {prefix + k: v for k, v in zip(keys, values)}
 
 
-def padded_collate_preference(samples, padding_idx: int = 0, ignore_idx: int = -100) -> Dict[str, torch.Tensor]:
+def padded_collate_preference(samples, padding_idx: int = 0, ignore_idx: int = IGNORE_INDEX) -> Dict[str, torch.Tensor]:
     """torchtune's ``padded_collate_dpo`` as a dict ``{"tokens": [2B, S], "labels": [2B, S]}`` (chosen first)."""
     from torchtune.data import padded_collate_dpo
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tune_losses.accounting import LossSum
+from tune_losses.options import IGNORE_INDEX
 
 
 @runtime_checkable
@@ -69,7 +70,7 @@ class TrainingLoss:
 
     def __init__(self, loss: nn.Module):
         self.loss: Any = loss  # duck-typed: sum_and_count or forward, checked below
-        self.ignore_index: int = getattr(loss, "ignore_index", -100)
+        self.ignore_index: int = getattr(loss, "ignore_index", IGNORE_INDEX)
         self.native = isinstance(loss, SumAndCountLoss)
         self.native_scale = self.native and _takes_scale(loss.sum_and_count)
 
