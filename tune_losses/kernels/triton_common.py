@@ -49,6 +49,21 @@ def online_max(m, x):
 
 
 @triton.jit
+def unmasked_sums(u, cross, rescale, e, unmasked, x, y, DIFF: tl.constexpr):
+    """A KL part's online sums over one block, at the side's new maximum (``rescale`` and
+    ``e = e^(x - shift)`` from :func:`online_max`): ``u = sum e`` and ``cross = sum e (x - y)``
+    (DIFF; ``x`` this side's logits, ``y`` the other's) or ``sum e y`` (forward KL's cross-entropy
+    form), over the entries where neither side is ``-inf`` (``unmasked``). Returns ``(u, cross)``."""
+    e_u = tl.where(unmasked, e, 0.0)
+    u = u * rescale + tl.sum(e_u)
+    if DIFF:
+        cross = cross * rescale + tl.sum(tl.where(unmasked, e_u * (x - y), 0.0))
+    else:
+        cross = cross * rescale + tl.sum(tl.where(unmasked, e_u * y, 0.0))
+    return u, cross
+
+
+@triton.jit
 def logsumexp(m, s):
     """The logsumexp from an online softmax's maximum and sum (``-inf`` for a row of ``-inf``)."""
     return tl.where(m == float("-inf"), 0.0, m) + tl.log(s)

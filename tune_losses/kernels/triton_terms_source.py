@@ -24,6 +24,7 @@ from tune_losses.kernels.triton_common import (
     row_start,
     softcapped,
     store_grad,
+    unmasked_sums,
 )
 
 
@@ -179,19 +180,12 @@ def divergence_kernel(
         m_new, _, rescale, e_s = online_max(m_s, s)
         s_s = s_s * rescale + tl.sum(e_s)
         if ONLINE_RKL:
-            e_u = tl.where(unmasked, e_s, 0.0)
-            q_u = q_u * rescale + tl.sum(e_u)
-            cross_r = cross_r * rescale + tl.sum(tl.where(unmasked, e_u * (s - t), 0.0))
+            q_u, cross_r = unmasked_sums(q_u, cross_r, rescale, e_s, unmasked, s, t, True)
         m_s = m_new
         m_new, _, rescale, e_t = online_max(m_t, t)
         s_t = s_t * rescale + tl.sum(e_t)
         if ONLINE_FKL:
-            e_u = tl.where(unmasked, e_t, 0.0)
-            p_u = p_u * rescale + tl.sum(e_u)
-            if TRUE_KL:
-                cross_f = cross_f * rescale + tl.sum(tl.where(unmasked, e_u * (t - s), 0.0))
-            else:
-                cross_f = cross_f * rescale + tl.sum(tl.where(unmasked, e_u * s, 0.0))
+            p_u, cross_f = unmasked_sums(p_u, cross_f, rescale, e_t, unmasked, t, s, TRUE_KL)
         m_t = m_new
     lse_s = logsumexp(m_s, s_s)
     lse_t = logsumexp(m_t, s_t)
