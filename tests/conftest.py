@@ -62,3 +62,32 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def option_checks(monkeypatch):
+    """A Counter of the scalar checks (``tune_losses.options``' ``check_*`` helpers) that the options
+    objects and the fused functions make, by argument name; ``clear()`` it just before the call to
+    count. (The chunk loop's utilities check the internal sizes they are given, outside this count.)"""
+    import collections
+    import importlib
+
+    seen: collections.Counter = collections.Counter()
+    options = importlib.import_module("tune_losses.options")
+    layers = (
+        "tune_losses.options",
+        "tune_losses.fused.functional",
+        "tune_losses.fused.sparse",
+        "tune_losses.sparse_teacher",
+    )
+    for name in ("check_int_option", "check_float_option", "check_bool_option", "check_choice"):
+        real = getattr(options, name)
+
+        def spy(arg, *args, _real=real, **kwargs):
+            seen.update([arg])
+            return _real(arg, *args, **kwargs)
+
+        for module in map(importlib.import_module, layers):
+            if getattr(module, name, None) is real:
+                monkeypatch.setattr(module, name, spy)
+    return seen

@@ -31,77 +31,44 @@ import hf_families as families
 import torch
 
 V = families.V
-TINY = dict(
-    vocab_size=V,
-    unpadded_vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=128,
-    # GPT-2 / BERT / BART-style names
-    n_embd=32,
-    n_layer=2,
-    n_head=2,
-    n_inner=64,
-    n_positions=128,
-    n_ctx=128,
-    d_model=32,
-    d_ff=64,
-    num_layers=2,
-    num_heads=2,
-    ffn_dim=64,
-    decoder_layers=2,
-    decoder_attention_heads=2,
-    decoder_ffn_dim=64,
-    encoder_layers=2,
-    encoder_attention_heads=2,
-    encoder_ffn_dim=64,
-    num_decoder_layers=2,
-    embedding_size=32,
-    # mixture of experts
-    num_experts=4,
-    num_local_experts=4,
-    n_routed_experts=4,
-    moe_num_experts=4,
-    num_experts_per_tok=2,
-    moe_k=2,
-    moe_intermediate_size=32,
-    shared_expert_intermediate_size=32,
-    moe_shared_expert_intermediate_size=32,
-    n_group=1,
-    topk_group=1,
+
+
+def _named(value, *names: str) -> dict:
+    """``value`` under each of ``names``: one size, which the families call by different names."""
+    return dict.fromkeys(names, value)
+
+
+TINY = {
+    **_named(V, "vocab_size", "unpadded_vocab_size"),
+    # widths, depths, heads (with GPT-2 / BERT / BART-style names), positions
+    **_named(32, "hidden_size", "n_embd", "d_model", "embedding_size"),
+    **_named(64, "intermediate_size", "n_inner", "d_ff", "ffn_dim", "decoder_ffn_dim", "encoder_ffn_dim"),
+    **_named(2, "num_hidden_layers", "n_layer", "num_layers", "decoder_layers", "encoder_layers", "num_decoder_layers"),
+    **_named(2, "num_attention_heads", "num_key_value_heads", "n_head", "num_heads"),
+    **_named(2, "decoder_attention_heads", "encoder_attention_heads"),
+    **_named(16, "head_dim"),
+    **_named(128, "max_position_embeddings", "n_positions", "n_ctx"),
+    # mixture of experts: 4 experts, 2 per token, experts half as wide as the dense MLP
+    **_named(4, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"),
+    **_named(2, "num_experts_per_tok", "moe_k"),
+    **_named(32, "moe_intermediate_size", "shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"),
+    **_named(1, "n_group", "topk_group"),
     # multi-head latent attention (DeepSeek-style)
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=8,
-    qk_head_dim=16,
-    v_head_dim=16,
-    # state-space layers
-    state_size=8,
-    mamba_d_state=8,
-    mamba_n_heads=4,
-    mamba_d_head=16,
-    mamba_head_dim=16,
-    mamba_d_ssm=64,
-    ssm_state_size=8,
-    n_groups=1,
-    mamba_n_groups=1,
-    linear_num_key_heads=2,
-    linear_num_value_heads=2,
-    linear_key_head_dim=16,
-    linear_value_head_dim=16,
-    time_step_rank=4,
+    **_named(16, "q_lora_rank", "kv_lora_rank", "qk_head_dim", "v_head_dim"),
+    **_named(8, "qk_rope_head_dim", "qk_nope_head_dim"),
+    # state-space and linear-attention layers
+    **_named(8, "state_size", "mamba_d_state", "ssm_state_size"),
+    **_named(4, "mamba_n_heads", "time_step_rank"),
+    **_named(16, "mamba_d_head", "mamba_head_dim", "linear_key_head_dim", "linear_value_head_dim"),
+    **_named(64, "mamba_d_ssm"),
+    **_named(1, "n_groups", "mamba_n_groups"),
+    **_named(2, "linear_num_key_heads", "linear_num_value_heads"),
     # per-layer input embeddings (Gemma 3n / 4)
-    vocab_size_per_layer_input=V,
-    hidden_size_per_layer_input=8,
+    **_named(V, "vocab_size_per_layer_input"),
+    **_named(8, "hidden_size_per_layer_input"),
     # windows
-    sliding_window=16,
-    attention_window_size=16,
-)
+    **_named(16, "sliding_window", "attention_window_size"),
+}
 """Tiny sizes, set where the model's config has the attribute."""
 
 SUB_CONFIGS = ("text_config", "vision_config", "audio_config", "decoder", "encoder", "speech_config")

@@ -7,80 +7,55 @@ import torch
 V = 131  # odd vocabulary: no accidental alignment with chunk sizes
 
 
-def _common(**kw):
-    base = dict(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    base.update(kw)
-    return base
+# Every family's config at these sizes: a 2-layer model with grouped-query attention (4 heads over 2 KV heads).
+SIZES = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, max_position_embeddings=64)
+HEADS = dict(num_attention_heads=4, num_key_value_heads=2)
+SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # tokenizer()'s t0, t1 and t2
+# kind: (the transformers family, its settings). Softcaps and scales small enough to change the loss
+# noticeably on tiny random logits; Mixtral's router loss is part of its loss.
+FAMILIES = {
+    "llama": ("Llama", dict(tie_word_embeddings=False)),
+    "llama_tied": ("Llama", dict(tie_word_embeddings=True)),
+    "qwen2": ("Qwen2", dict(tie_word_embeddings=False)),
+    "gemma2": (
+        "Gemma2",
+        dict(
+            head_dim=8,
+            final_logit_softcapping=0.5,
+            attn_logit_softcapping=50.0,
+            sliding_window=8,
+            query_pre_attn_scalar=8,
+        ),
+    ),
+    "mixtral": (
+        "Mixtral",
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            output_router_logits=True,
+            router_aux_loss_coef=0.1,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "granite": (  # logits divided by logits_scaling
+        "Granite",
+        dict(logits_scaling=2.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25),
+    ),
+    "cohere": ("Cohere", dict(logit_scale=0.5)),
+}
 
 
 def build(kind: str, seed: int = 0, **overrides):
-    """A tiny fp32 model in training mode: llama, llama_tied, qwen2, gemma2, mixtral, cohere, granite."""
+    """A tiny fp32 model in training mode: one of ``FAMILIES`` (``overrides`` change its config)."""
     import transformers as tf
 
-    torch.manual_seed(seed)
-    if kind == "llama":
-        cfg = tf.LlamaConfig(**_common(tie_word_embeddings=False, **overrides))
-        cls = tf.LlamaForCausalLM
-    elif kind == "llama_tied":
-        cfg = tf.LlamaConfig(**_common(tie_word_embeddings=True, **overrides))
-        cls = tf.LlamaForCausalLM
-    elif kind == "qwen2":
-        cfg = tf.Qwen2Config(**_common(tie_word_embeddings=False, **overrides))
-        cls = tf.Qwen2ForCausalLM
-    elif kind == "gemma2":
-        # A small softcap so that it changes the loss noticeably on tiny random logits.
-        cfg = tf.Gemma2Config(
-            **_common(
-                head_dim=8,
-                final_logit_softcapping=0.5,
-                attn_logit_softcapping=50.0,
-                sliding_window=8,
-                query_pre_attn_scalar=8,
-                **overrides,
-            )
-        )
-        cls = tf.Gemma2ForCausalLM
-    elif kind == "mixtral":
-        cfg = tf.MixtralConfig(
-            **_common(
-                num_local_experts=4,
-                num_experts_per_tok=2,
-                output_router_logits=True,
-                router_aux_loss_coef=0.1,
-                tie_word_embeddings=False,
-                **overrides,
-            )
-        )
-        cls = tf.MixtralForCausalLM
-    elif kind == "granite":  # logits divided by logits_scaling
-        cfg = tf.GraniteConfig(
-            **_common(
-                logits_scaling=2.0,
-                embedding_multiplier=2.0,
-                residual_multiplier=0.5,
-                attention_multiplier=0.25,
-                **overrides,
-            )
-        )
-        cls = tf.GraniteForCausalLM
-    elif kind == "cohere":
-        cfg = tf.CohereConfig(**_common(logit_scale=0.5, **overrides))
-        cls = tf.CohereForCausalLM
-    else:
+    if kind not in FAMILIES:
         raise ValueError(kind)
+    family, settings = FAMILIES[kind]
+    torch.manual_seed(seed)
+    cfg = getattr(tf, family + "Config")(**{**SIZES, **HEADS, **SPECIAL_IDS, **settings, **overrides})
     cfg._attn_implementation = "eager"
-    model = cls(cfg).float()
+    model = getattr(tf, family + "ForCausalLM")(cfg).float()
     with torch.no_grad():  # larger logits than the default init, so the loss has structure to get wrong
         model.get_output_embeddings().weight.mul_(8.0)
     return model.train()
@@ -117,6 +92,18 @@ def assert_same_grads(a, b, atol=1e-5, rtol=1e-4):
     assert checked > 0
 
 
+def assert_fused_matches_stock(stock, fused, **inputs):
+    """A training step's forward and backward of both models on ``inputs``: the patched model's loss,
+    with no logits made, and every gradient equal stock's. Returns (stock's output, the patched one's)."""
+    ref, out = stock(**inputs), fused(**inputs)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    ref.loss.backward()
+    out.loss.backward()
+    assert_same_grads(stock, fused)
+    return ref, out
+
+
 def tokenizer():
     """A word-level tokenizer over the tiny vocabulary (``t0`` ... ``t130``), built in memory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -137,3 +124,65 @@ def token_dataset(n: int = 12, seed: int = 5, min_len: int = 6, max_len: int = 1
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
         rows.append(torch.randint(3, V, (length,), generator=g).tolist())
     return Dataset.from_dict({"input_ids": rows})
+
+
+# Trainer arguments, in groups by purpose (transformers' TrainingArguments and TRL's configs take them all).
+# A quiet CPU run: no saving, reporting or progress bar; a log line per step; data loaded in the process.
+QUIET_CPU = dict(
+    use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0
+)
+# Plain SGD at a constant rate in fp32, nothing clipped: the parameters after a step follow from the gradients alone.
+PLAIN_SGD = dict(optim="sgd", lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, bf16=False, fp16=False)
+# 3 optimizer steps of 2 micro-batches of 2 rows (accumulation, so Trainer passes num_items_in_batch), one seed.
+THREE_STEPS = dict(max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, seed=0, data_seed=0)
+
+
+def trainer_args(config_cls, out_dir, **kw):
+    """``config_cls`` for a quiet CPU run into ``out_dir``; ``kw`` adds or overrides settings."""
+    return config_cls(**{**QUIET_CPU, "output_dir": str(out_dir), **kw})
+
+
+def same_steps_args(config_cls, out_dir, **kw):
+    """``config_cls`` for the run on which a stock and a fused trainer must land on the same parameters:
+    3 steps of plain SGD (learning rate 0.5) with gradient accumulation; ``kw`` adds or overrides."""
+    return trainer_args(config_cls, out_dir, **{**PLAIN_SGD, **THREE_STEPS, "learning_rate": 0.5, **kw})
+
+
+def distillation_args(out_dir, **kw):
+    """TRL's ``DistillationConfig``: 2 quiet SGD steps (batches of 2) with completions of up to 6 tokens."""
+    from trl import DistillationConfig
+
+    settings = dict(max_steps=2, per_device_train_batch_size=2, learning_rate=0.1, optim="sgd", max_completion_length=6)
+    return trainer_args(DistillationConfig, out_dir, **{**settings, **kw})
+
+
+def loss_logs(trainer):
+    """The trainer's per-step log entries (those with a training loss)."""
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def train_with_lora(classes, args, dataset):
+    """A fresh tiny llama with a LoRA adapter on its q / v projections, trained under each trainer class
+    of ``classes`` with ``args(cls.__name__)`` on ``dataset()``: the trainers, in that order."""
+    import peft
+
+    trainers = []
+    for cls in classes:
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        trainer = cls(
+            model=build("llama"),
+            args=args(cls.__name__),
+            train_dataset=dataset(),
+            processing_class=tokenizer(),
+            peft_config=config,
+        )
+        trainer.train()
+        trainers.append(trainer)
+    return trainers
+
+
+def assert_same_params(a, b, atol=1e-5, rtol=1e-5):
+    """Every parameter of model ``b`` equals ``a``'s of the same name."""
+    theirs = dict(a.named_parameters())
+    for name, p in b.named_parameters():
+        torch.testing.assert_close(p, theirs[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")

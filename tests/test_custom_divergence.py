@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fused_common import DIVERGENCE_CASES, case_id
 from reference import DIVERGENCES, make_labels, ref_kd
 
 from tune_losses import DivergenceWithChunkedOutputLoss, linear_kd_loss
@@ -80,19 +81,11 @@ def test_chunked_output_loss_with_an_autograd_divergence_matches_fp64():
     torch.testing.assert_close(s.grad.double(), sr.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "divergence,extra",
-    [
-        ("forward_kl", {}),
-        ("forward_kl", {"true_kl": False}),
-        ("reverse_kl", {}),
-        ("symmetric_kl", {"sym_kd_ratio": 0.3}),
-        ("jsd", {"beta": 0.3}),
-        ("jsd", {"beta": 0.0}),
-        ("jsd", {"beta": 1.0}),
-        ("tvd", {}),
-    ],
-)
+# The shared matrix, and torchtune's forward-KL value (the cross-entropy) beside the true KL.
+CLOSED_FORM_CASES = DIVERGENCE_CASES + [("forward_kl", {"true_kl": False})]
+
+
+@pytest.mark.parametrize("divergence,extra", CLOSED_FORM_CASES, ids=[case_id(d, kw) for d, kw in CLOSED_FORM_CASES])
 def test_builtin_closed_forms_agree_with_autograd_over_their_values(divergence, extra):
     """A closed form is an optimization of the generic path: same terms, same a and b."""
     g = torch.Generator().manual_seed(4)

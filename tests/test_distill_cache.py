@@ -268,6 +268,7 @@ def test_loss_temperature_must_be_the_caches(tmp_path):
     pytest.importorskip("torchtune")
     from types import SimpleNamespace
 
+    from tune_losses import SparseDistillationLoss
     from tune_losses.training.offline_kd import check_temperature
 
     _write(tmp_path, CacheSpec(vocab_size=V, k=4, temperature=2.0))
@@ -276,3 +277,7 @@ def test_loss_temperature_must_be_the_caches(tmp_path):
     check_temperature(SimpleNamespace(), cache)  # a loss without one (no soft targets at a temperature)
     with pytest.raises(CacheMismatchError, match=r"loss.temperature: expected the cache's temperature 2.0 .*got 1.0"):
         check_temperature(SimpleNamespace(temperature=1.0), cache)
+    # The recipes' loss carries its temperature in its options; the check reads it there too.
+    check_temperature(SparseDistillationLoss(temperature=2.0), cache)
+    with pytest.raises(CacheMismatchError, match="loss.temperature"):
+        check_temperature(SparseDistillationLoss(), cache)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_common import DIVERGENCE_CASES, DIVERGENCE_IDS
 from reference import make_labels, object_form, ref_ce, ref_kd, ref_log_probs
 
 from tune_losses.fused import dw_accumulation as dwa
@@ -21,14 +22,6 @@ from tune_losses.terms import CrossEntropyTerm, DivergenceTerm
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 MODES = ("fp32", "chunk", "blocked", "auto")
-DIVERGENCES = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("symmetric_kl", {"sym_kd_ratio": 0.3}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.0}),
-    ("tvd", {}),
-]
 
 
 @pytest.fixture
@@ -98,7 +91,7 @@ def test_ce_modes_match_fp64(mode, ignore, opts, small_blocks):
         close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize("divergence,kw", DIVERGENCES, ids=[d + str(k) for d, k in DIVERGENCES])
+@pytest.mark.parametrize("divergence,kw", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_distillation_blocked_matches_fp64(divergence, kw, temperature, small_blocks):
     x, w, b, labels, tx, tw = make(teacher=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_common import DIVERGENCE_CASES, DIVERGENCE_IDS
 from reference import make_labels, object_form, ref_ce
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -21,18 +22,6 @@ from tune_losses import (
     linear_kd_loss,
 )
 from tune_losses.options import CEOptions, DistillationOptions, ExecutionOptions, KDOptions
-
-DIVERGENCES = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("symmetric_kl", {"sym_kd_ratio": 0.3}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 1.0}),
-    ("tvd", {}),
-]
-DIV_IDS = [d + "".join(f"-{k}{v}" for k, v in kw.items()) for d, kw in DIVERGENCES]
-
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -127,7 +116,7 @@ def _fused_losses(h, w, b, th, tw, labels, divergence, extra):
 
 @pytest.mark.parametrize("side", ["student", "teacher"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("divergence,extra", DIVERGENCES, ids=DIV_IDS)
+@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_non_finite_hidden_state_at_a_counted_token_is_never_hidden(divergence, extra, value, side):
     h, w, b, th, tw, labels = inputs(seed=5)
     row = int((labels != -100).nonzero()[2])
@@ -174,7 +163,7 @@ def test_non_finite_at_an_ignored_token_does_not_reach_the_loss():
     assert torch.isfinite(out.loss) and torch.isfinite(out.kd) and torch.isfinite(out.ce)
 
 
-@pytest.mark.parametrize("divergence,extra", DIVERGENCES, ids=DIV_IDS)
+@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_masked_vocabulary_entries_stay_finite(divergence, extra):
     h, w, b, th, tw, labels = inputs(seed=8)
     labels = torch.where((labels == 3) | (labels == 11), 0, labels)
@@ -245,7 +234,7 @@ def test_fp64_cross_entropy_gradcheck(reduction):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-@pytest.mark.parametrize("divergence,extra", DIVERGENCES, ids=DIV_IDS)
+@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_fp64_divergence_gradcheck(divergence, extra):
     h, w, b, th, tw, labels = inputs(n=7, hdim=3, vocab=6, seed=12, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]

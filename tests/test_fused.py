@@ -8,19 +8,14 @@ that fp64 truth* with eager bf16 PyTorch's errors (the fused path must be no wor
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import time
 from typing import Callable, List, Optional, Sequence
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_common import DIVERGENCE_CASES, DIVERGENCE_IDS, MEMORY_FAMILIES, largest_during, memory_probe_loss
 from reference import make_labels, object_form, ref_ce, ref_kd
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tune_losses import (
     CEOptions,
@@ -37,27 +32,7 @@ from tune_losses.options import DistillationOptions
 
 REDUCTIONS = ("mean", "sum", "none")
 ALGORITHMS = ("grad_in_forward", "recompute")
-DIVERGENCE_CASES = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("symmetric_kl", {"sym_kd_ratio": 0.3}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.2}),
-    ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 1.0}),
-    ("tvd", {}),
-]
-DIV_IDS = [f"{d}-{'-'.join(f'{k}{v}' for k, v in kw.items())}" if kw else d for d, kw in DIVERGENCE_CASES]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: intra-op threads only add barrier waits, which cost seconds per test
-    when the CPU cores are shared with other jobs. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # fp32 fused vs fp64 reference.
@@ -156,6 +131,33 @@ def ce_fused(labels, reduction="mean", **kw):
 def ce_ref(labels, reduction="mean", **kw):
     def fn(h, w, b):
         return ref_ce(F.linear(h, w, b), labels, reduction=reduction, **kw)
+
+    return fn
+
+
+def kd_fused(labels, th, tw, tb, reduction="mean", **kw):
+    """``fn(h, w, b)``: the fused KD loss against this teacher; ``kw``: flat options (``object_form``)."""
+
+    def fn(h, w, b=None):
+        return linear_kd_loss(
+            h, w, th, tw, labels, student_bias=b, teacher_bias=tb, reduction=reduction, **object_form("kd", **kw)
+        )
+
+    return fn
+
+
+def distill_fused(labels, th, tw, tb, reduction="mean", outputs: Optional[list] = None, **kw):
+    """``fn(h, w, b)``: the fused distillation loss against this teacher (each ``FusedOutput`` appended to
+    ``outputs`` when given); ``kw``: flat options (``object_form``)."""
+
+    def fn(h, w, b):
+        out = linear_distillation_loss(
+            h, w, th, tw, labels, student_bias=b, teacher_bias=tb, reduction=reduction,
+            **object_form("distillation", **kw),
+        )  # fmt: skip
+        if outputs is not None:
+            outputs.append(out)
+        return out.loss
 
     return fn
 
@@ -329,26 +331,22 @@ def kd_inputs(lead=(3, 7), hs=16, ht=24, vocab=90, seed=31, bias=True, ignore="s
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("temperature", [1.0, 2.5], ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_kd_divergences(divergence, extra, temperature, reduction, algorithm):
     h, w, b, th, tw, tb, labels = kd_inputs()
     teacher = [t.clone().requires_grad_() for t in (th, tw, tb)]
     go = grad_output_for(labels.float()) if reduction == "none" else None
 
-    def fused(hh, ww, bb):
-        return linear_kd_loss(
-            hh,
-            ww,
-            teacher[0],
-            teacher[1],
-            labels,
-            student_bias=bb,
-            teacher_bias=teacher[2],
-            reduction=reduction,
-            chunk_size=5,
-            options=KDOptions(divergence=divergence, temperature=temperature, **extra),
-            execution=ExecutionOptions(algorithm=algorithm),
-        )
+    fused = kd_fused(
+        labels,
+        *teacher,
+        reduction,
+        chunk_size=5,
+        divergence=divergence,
+        temperature=temperature,
+        algorithm=algorithm,
+        **extra,
+    )
 
     def ref(hh, ww, bb):
         return ref_kd(
@@ -365,52 +363,20 @@ def test_kd_divergences(divergence, extra, temperature, reduction, algorithm):
     assert all(t.grad is None for t in teacher), "the teacher must receive no gradient"
 
 
-@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_kd_all_ignored_and_no_temperature_scaling(divergence, extra):
     h, w, b, th, tw, tb, labels = kd_inputs(ignore="all")
     for reduction in REDUCTIONS:
         leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-        loss = linear_kd_loss(
-            leaves[0],
-            leaves[1],
-            th,
-            tw,
-            labels,
-            student_bias=leaves[2],
-            teacher_bias=tb,
-            reduction=reduction,
-            chunk_size=4,
-            options=KDOptions(divergence=divergence, **extra),
-        )
+        loss = kd_fused(labels, th, tw, tb, reduction, chunk_size=4, divergence=divergence, **extra)(*leaves)
         assert loss.grad_fn is not None and torch.isfinite(loss).all() and (loss == 0).all()
         loss.backward(torch.ones_like(loss) if reduction == "none" else None)
         assert all(torch.count_nonzero(t.grad) == 0 for t in leaves)
     # scale_by_temperature_squared=False: the plain divergence of the tempered distributions.
     h, w, b, th, tw, tb, labels = kd_inputs()
-    fused = run(
-        lambda hh, ww: linear_kd_loss(
-            hh,
-            ww,
-            th,
-            tw,
-            labels,
-            chunk_size=6,
-            options=KDOptions(divergence=divergence, temperature=2.0, scale_by_temperature_squared=False, **extra),
-        ),
-        (h, w),
-    )
-    ref = ref_run(
-        lambda hh, ww: ref_kd(
-            F.linear(hh, ww),
-            F.linear(th.double(), tw.double()),
-            labels,
-            divergence=divergence,
-            temperature=2.0,
-            scale_by_temperature_squared=False,
-            **extra,
-        ),
-        (h, w),
-    )
+    opts = dict(divergence=divergence, temperature=2.0, scale_by_temperature_squared=False, **extra)
+    fused = run(kd_fused(labels, th, tw, None, chunk_size=6, **opts), (h, w))
+    ref = ref_run(lambda hh, ww: ref_kd(F.linear(hh, ww), F.linear(th.double(), tw.double()), labels, **opts), (h, w))
     assert_matches(fused, ref)
 
 
@@ -452,27 +418,9 @@ def test_distillation(kd_ratio, reduction, algorithm):
     teacher = [t.clone().requires_grad_() for t in (th, tw, tb)]
     go = grad_output_for(labels.float()) if reduction == "none" else None
     outs: List[FusedOutput] = []
-
-    def fused(hh, ww, bb):
-        out = linear_distillation_loss(
-            hh,
-            ww,
-            teacher[0],
-            teacher[1],
-            labels,
-            student_bias=bb,
-            teacher_bias=teacher[2],
-            reduction=reduction,
-            chunk_size=4,
-            options=DistillationOptions(
-                kd_ratio,
-                KDOptions(kw["divergence"], kw["temperature"]),
-                CEOptions(label_smoothing=kw["label_smoothing"]),
-            ),
-            execution=ExecutionOptions(algorithm),
-        )
-        outs.append(out)
-        return out.loss
+    fused = distill_fused(
+        labels, *teacher, reduction, chunk_size=4, kd_ratio=kd_ratio, algorithm=algorithm, outputs=outs, **kw
+    )
 
     got = run(fused, (h, w, b), grad_output=go)
     assert_matches(got, ref_run(distill_ref(labels, kd_ratio, reduction, th, tw, tb, **kw), (h, w, b), grad_output=go))
@@ -499,7 +447,7 @@ def test_distillation(kd_ratio, reduction, algorithm):
     torch.testing.assert_close(out.loss.detach(), (1 - kd_ratio) * out.ce + kd_ratio * out.kd, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIV_IDS)
+@pytest.mark.parametrize("divergence,extra", DIVERGENCE_CASES, ids=DIVERGENCE_IDS)
 def test_distillation_each_divergence(divergence, extra):
     h, w, b, th, tw, tb, labels = kd_inputs(seed=51)
     kw = dict(divergence=divergence, temperature=1.5, **extra)
@@ -518,17 +466,9 @@ def test_distillation_each_divergence(divergence, extra):
 def test_distillation_all_ignored():
     h, w, b, th, tw, tb, labels = kd_inputs(ignore="all")
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-    out = linear_distillation_loss(
-        leaves[0],
-        leaves[1],
-        th,
-        tw,
-        labels,
-        student_bias=leaves[2],
-        teacher_bias=tb,
-        chunk_size=4,
-        options=DistillationOptions(kd=KDOptions(divergence="reverse_kl")),
-    )
+    outs: List[FusedOutput] = []
+    distill_fused(labels, th, tw, tb, chunk_size=4, divergence="reverse_kl", outputs=outs)(*leaves)
+    out = outs[0]
     assert out.loss.grad_fn is not None and out.loss.item() == 0.0 and out.ce.item() == 0.0 and out.kd.item() == 0.0
     assert out.num_tokens.item() == 0
     out.loss.backward()
@@ -547,20 +487,8 @@ def test_algorithms_agree(reduction):
             ce_fused(labels, reduction, chunk_size=5, algorithm=algorithm, label_smoothing=0.1, z_loss=1e-3), (h, w, b)
         )
         dist = run(
-            lambda hh, ww, bb: (
-                linear_distillation_loss(
-                    hh,
-                    ww,
-                    th,
-                    tw,
-                    labels,
-                    student_bias=bb,
-                    teacher_bias=tb,
-                    reduction=reduction,
-                    chunk_size=5,
-                    options=DistillationOptions(kd_ratio=0.5, kd=KDOptions(divergence="jsd")),
-                    execution=ExecutionOptions(algorithm=algorithm),
-                ).loss
+            distill_fused(
+                labels, th, tw, tb, reduction, chunk_size=5, kd_ratio=0.5, divergence="jsd", algorithm=algorithm
             ),
             (h, w, b),
         )
@@ -650,21 +578,7 @@ def test_bf16_distillation_no_worse_than_eager(reduction, algorithm):
     h, w, b, th, tw, tb = (t.bfloat16() for t in (h, w, b, th, tw, tb))
     truth = ref_run(distill_ref(labels, 0.5, reduction, th, tw, tb, temperature=2.0), (h, w, b))
     fused = run(
-        lambda hh, ww, bb: (
-            linear_distillation_loss(
-                hh,
-                ww,
-                th,
-                tw,
-                labels,
-                student_bias=bb,
-                teacher_bias=tb,
-                reduction=reduction,
-                chunk_size=16,
-                options=DistillationOptions(kd_ratio=0.5, kd=KDOptions(temperature=2.0)),
-                execution=ExecutionOptions(algorithm=algorithm),
-            ).loss
-        ),
+        distill_fused(labels, th, tw, tb, reduction, chunk_size=16, kd_ratio=0.5, temperature=2.0, algorithm=algorithm),
         (h, w, b),
     )
     valid = labels != -100
@@ -1116,69 +1030,19 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
 # ------------------------------------------------------------------------------- memory
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor any aten op produces (forward and backward, incl. in-place outs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-        self.largest_op = None
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops += 1
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.largest_op = t.numel(), func
-        return out
-
-
-def _largest_during(fn, leaves):
-    mode = _LargestAllocation()
-    with mode:
-        loss = fn(*leaves)
-        fwd_ops = mode.ops
-        loss.backward(torch.ones_like(loss) if loss.dim() else None)
-    assert mode.ops > fwd_ops, "the dispatch mode must also see the backward pass"
-    return mode.largest, mode.largest_op
-
-
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("family", ["ce", "ce-options", "ce-none", "distill-fkl", "distill-jsd"])
+@pytest.mark.parametrize("family", MEMORY_FAMILIES)
 def test_never_allocates_full_logits(family, algorithm):
     n, hdim, vocab, chunk = 512, 16, 2048, 32  # N * V = 1M elements; a chunk of logits is 64K
     h, w, b = make_inputs((n,), hdim, vocab, bias=True, seed=131)
     th, tw, _ = make_inputs((n,), hdim, vocab, seed=132)
     labels = make_labels((n,), vocab, "some", gen(133))
     leaves = [t.clone().requires_grad_() for t in (h, w, b)]
-    if family.startswith("ce"):
-        kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0) if family == "ce-options" else {}
-        reduction = "none" if family == "ce-none" else "mean"
-
-        def fn(hh, ww, bb):
-            return linear_cross_entropy(
-                hh,
-                ww,
-                labels,
-                bias=bb,
-                chunk_size=chunk,
-                reduction=reduction,
-                options=CEOptions(**kw),
-                execution=ExecutionOptions(algorithm),
-            )
-    else:
-        div = family.split("-")[1].replace("fkl", "forward_kl")
-
-        kw = dict(options=DistillationOptions(kd=KDOptions(div)), execution=ExecutionOptions(algorithm))
-
-        def fn(hh, ww, bb):
-            return linear_distillation_loss(hh, ww, th, tw, labels, student_bias=bb, chunk_size=chunk, **kw).loss
-
-    largest, op = _largest_during(fn, leaves)
+    fn = memory_probe_loss(family, labels, th, tw, chunk, algorithm=algorithm)
+    largest, op = largest_during(fn, leaves)
     assert largest < n * vocab / 2, f"{op} produced a tensor of {largest} elements (N * V = {n * vocab})"
     # The probe itself works: eager full-logits CE does allocate [N, V].
-    naive, _ = _largest_during(
+    naive, _ = largest_during(
         lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb), labels),
         [t.clone().requires_grad_() for t in (h, w, b)],
     )

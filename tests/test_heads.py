@@ -7,11 +7,6 @@ parameter of a cross-entropy on them.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import copy
 import time
 from dataclasses import dataclass
@@ -19,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_common import tiny_llama2
 from multiproc import run_ranks
 from reference import make_labels
 from torch import nn
@@ -31,15 +27,7 @@ from tune_losses import (
     set_output_mode,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: intra-op threads only add barrier waits, which cost seconds per test
-    when the CPU cores are shared with other jobs. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 B, S = 2, 13
@@ -148,6 +136,15 @@ def batch(model, seed=1):
     return tokens, labels
 
 
+def before_switching(model):
+    """A batch's tokens, the state-dict keys and the full logits of ``model`` before any output-mode
+    switch: what a round trip through the modes must give back."""
+    tokens, _ = batch(model)
+    with torch.no_grad():
+        logits = outputs(model(tokens))
+    return tokens, list(model.state_dict().keys()), logits
+
+
 def full_ce_grads(model, tokens, labels):
     """Loss and every parameter's gradient of a plain CE on the model's full fp32 logits."""
     model.zero_grad(set_to_none=True)
@@ -222,10 +219,8 @@ def test_decoder_hidden_mode_with_fused_loss(algorithm):
 
 def test_decoder_modes_round_trip_and_state_dict():
     model = tiny_decoder()
-    tokens, _ = batch(model)
-    keys = list(model.state_dict().keys())
+    tokens, keys, logits = before_switching(model)
     with torch.no_grad():
-        logits = model(tokens)
         for mode, n in (("chunks", 3), ("hidden", 0), ("chunks", 5), ("logits", 0)):
             set_output_mode(model, mode, n)
             assert list(model.state_dict().keys()) == keys, mode
@@ -325,10 +320,8 @@ def test_tied_embeddings_get_both_gradient_contributions(name):
 
 def test_hf_style_output_object_and_round_trip():
     model = HFStyleLM()
-    tokens, _ = batch(model)
-    keys = list(model.state_dict().keys())
+    tokens, keys, logits = before_switching(model)
     with torch.no_grad():
-        logits = model(tokens).logits
         set_output_mode(model, "hidden")
         out = model(tokens)
         assert isinstance(out, CausalLMOutput) and out.logits.shape == (B, S, 24)
@@ -448,19 +441,9 @@ FSDP_VOCAB, FSDP_WORLD = 255, 2  # odd vocab: uneven shards of the output / embe
 
 
 def _fsdp_build(tied):
-    from torchtune.models.llama2 import llama2
     from torchtune.modules import TiedLinear
 
-    torch.manual_seed(0)
-    model = llama2(
-        vocab_size=FSDP_VOCAB,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        embed_dim=32,
-        intermediate_dim=64,
-        max_seq_len=64,
-    )
+    model = tiny_llama2(FSDP_VOCAB)
     if tied:
         del model.output
         model.output = TiedLinear(model.tok_embeddings)

@@ -9,7 +9,7 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from hf_tiny import assert_same_grads, batch, build  # noqa: E402
+from hf_tiny import assert_fused_matches_stock, batch, build  # noqa: E402
 
 from tune_losses.integrations.transformers import patch  # noqa: E402
 
@@ -71,12 +71,7 @@ def test_a_scaling_linear_subclass_matches_stock_with_every_gradient(make, bias)
     stock = _with_head(make, bias)
     fused = patch(copy.deepcopy(stock))
     ids, labels = batch()
-    ref, out = stock(input_ids=ids, labels=labels), fused(input_ids=ids, labels=labels)
-    assert out.logits is None
-    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
-    ref.loss.backward()
-    out.loss.backward()
-    assert_same_grads(stock, fused)
+    assert_fused_matches_stock(stock, fused, input_ids=ids, labels=labels)
     for name, p in fused.lm_head.named_parameters():  # the scale trains (its gradient is not zero)
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -107,11 +102,7 @@ def test_bamba_z_loss_over_every_position_matches_stock():
     stock.z_loss_coefficient = 0.5
     fused = patch(copy.deepcopy(stock))
     ids, labels = hf_survey.batch()
-    ref, out = stock(input_ids=ids, labels=labels), fused(input_ids=ids, labels=labels)
-    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
-    ref.loss.backward()
-    out.loss.backward()
-    assert_same_grads(stock, fused)
+    assert_fused_matches_stock(stock, fused, input_ids=ids, labels=labels)
 
 
 def test_custom_loss_function_is_refused_by_function_not_name():

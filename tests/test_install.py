@@ -82,6 +82,32 @@ def test_the_teacher_cache_without_safetensors_names_the_train_extra(monkeypatch
         importlib.import_module("tune_losses.distill_cache")
 
 
+def _venv_with_torch(tmp_path) -> list:
+    """A fresh venv with torch alone (constraints.txt's wheel): its ``python -m pip`` command line."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run(pip + ["install", "-q", "-c", str(ROOT / "constraints.txt"), "torch"], check=True, timeout=900)
+    return pip
+
+
+def _check_and_run(pip: list, script: str, tmp_path, **env: str) -> str:
+    """`pip check` is clean in the venv, and ``script`` runs there outside the repository with a bare
+    environment (plus ``env``): its output."""
+    check = subprocess.run(pip + ["check"], capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    out = subprocess.run(
+        [pip[0], "-W", "ignore", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
 _TORCH_ONLY_CHECK = r"""
 import importlib, importlib.util
 import torch
@@ -111,24 +137,9 @@ print("torch-only ok", tl.__version__)
 def test_torch_only_environment(tmp_path):
     """A fresh venv with torch alone: the losses import and run, `pip check` is clean (about 2-3 min:
     torch's wheel)."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    py = str(venv / "bin" / "python")
-    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["-c", str(ROOT / "constraints.txt"), "torch"], check=True, timeout=900)
-    subprocess.run(pip + ["--no-deps", "-e", str(ROOT)], check=True, timeout=300)
-    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
-    assert check.returncode == 0, check.stdout + check.stderr
-    out = subprocess.run(
-        [py, "-W", "ignore", "-c", _TORCH_ONLY_CHECK],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "torch-only ok" in out.stdout
+    pip = _venv_with_torch(tmp_path)
+    subprocess.run(pip + ["install", "-q", "--no-deps", "-e", str(ROOT)], check=True, timeout=300)
+    assert "torch-only ok" in _check_and_run(pip, _TORCH_ONLY_CHECK, tmp_path)
 
 
 _HF_CHECK = r"""
@@ -156,21 +167,7 @@ print("hf ok, peft", peft.__version__)
 def test_hf_environment_with_the_newest_peft(tmp_path):
     """torch, then `.[hf]`, then `pip install -U peft`: `pip check` is clean, no torchtune or torchao
     came along, and `patch` runs on a PEFT model with the loss of the unpatched model."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    py = str(venv / "bin" / "python")
-    pip = [py, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run(pip + ["install", "-q", "-c", str(ROOT / "constraints.txt"), "torch"], check=True, timeout=900)
+    pip = _venv_with_torch(tmp_path)
     subprocess.run(pip + ["install", "-q", "-e", f"{ROOT}[hf]"], check=True, timeout=1200)
     subprocess.run(pip + ["install", "-q", "-U", "peft"], check=True, timeout=600)
-    check = subprocess.run(pip + ["check"], capture_output=True, text=True, timeout=120)
-    assert check.returncode == 0, check.stdout + check.stderr
-    out = subprocess.run(
-        [py, "-W", "ignore", "-c", _HF_CHECK],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert "hf ok" in _check_and_run(pip, _HF_CHECK, tmp_path, HF_HUB_OFFLINE="1")

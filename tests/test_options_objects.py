@@ -4,6 +4,7 @@ the new form, and give the same results; saying one thing twice is an error."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 
@@ -35,7 +36,8 @@ def _inputs(seed=0, n=13, hdim=8, vocab=31):
 
 
 def test_public_functions_take_about_twelve_parameters():
-    for fn in (linear_cross_entropy, linear_log_probs, linear_kd_loss, linear_distillation_loss):
+    fns = (linear_cross_entropy, linear_log_probs, linear_kd_loss, linear_distillation_loss)
+    for fn in fns + (tl.linear_sparse_kd_loss, tl.linear_sparse_distillation_loss):
         named = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
         assert len(named) <= 14, (fn.__name__, len(named))
 
@@ -107,5 +109,42 @@ def test_flat_ignore_index_of_cross_entropy_is_a_common_argument():
 
 
 def test_new_options_are_exported():
-    for name in ("CEOptions", "KDOptions", "DistillationOptions", "ExecutionOptions", "VocabParallelOptions"):
+    names = ("CEOptions", "KDOptions", "DistillationOptions", "ExecutionOptions", "VocabParallelOptions")
+    for name in names + ("SparseKDOptions", "SparseDistillationOptions"):
         assert name in tl.__all__
+
+
+@pytest.mark.parametrize("form", ["objects", "flat"])
+@pytest.mark.parametrize("fn", ["kd", "distillation", "sparse_kd", "sparse_distillation"])
+def test_each_argument_is_checked_once_where_it_is_made(fn, form, option_checks):
+    """Every scalar argument is checked once: an options object's fields when it is built (never again
+    down the call), the call's own arguments in the call, and the deprecated flat keywords by the
+    objects the call builds from them (so exactly what building those objects checks)."""
+    h, w, th, tw, labels = _inputs(5)
+    lp, ids = torch.log_softmax(torch.randn(*labels.shape, 31, generator=torch.Generator().manual_seed(6)), -1).topk(4)
+    sparse, mix = fn.startswith("sparse"), fn.endswith("distillation")
+    if sparse:
+        term, kd_cls, mix_cls = dict(temperature=2.0, tail="bucket"), tl.SparseKDOptions, tl.SparseDistillationOptions
+        call = functools.partial(
+            tl.linear_sparse_distillation_loss if mix else tl.linear_sparse_kd_loss, h, w, labels, ids, lp
+        )
+    else:
+        term, kd_cls, mix_cls = dict(divergence="jsd", temperature=2.0, beta=0.3), KDOptions, DistillationOptions
+        call = functools.partial(linear_distillation_loss if mix else linear_kd_loss, h, w, th, tw, labels)
+    flat = {**term, **(dict(kd_ratio=0.3, label_smoothing=0.1) if mix else {})}
+    execution = ExecutionOptions("recompute")
+    option_checks.clear()
+    kd = kd_cls(**term)
+    options = mix_cls(0.3, kd, CEOptions(label_smoothing=0.1)) if mix else kd
+    made = set(option_checks)  # what building the objects checks
+    option_checks.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if form == "flat" else "error")
+        kw = flat if form == "flat" else dict(options=options)
+        call(chunk_size=4, execution=execution, **kw)
+    in_call = {"chunk_size", "reduction", "vocab_start", "vocab_size"}  # the call's own; parallel's defaults
+    assert set(option_checks) == in_call | (made if form == "flat" else set()), option_checks
+    # A flat distillation builds two term objects, each checking the call's ignore_index and validate
+    # (the cross-entropy shares them): the only repeats, and only in the deprecated form.
+    twice = {"ignore_index", "validate"} if (form, mix) == ("flat", True) else set()
+    assert {k for k, n in option_checks.items() if n != 1} == twice, option_checks

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from hf_tiny import V, build, tokenizer  # noqa: E402
+from hf_tiny import V, build, distillation_args, loss_logs, tokenizer  # noqa: E402
 
 K, T = 5, 2.0
 
@@ -43,26 +43,12 @@ def _rows(teacher, n=4, seed=3):
 
 def _trainer(tmp_path, student, rows, **kw):
     from datasets import Dataset
-    from trl import DistillationConfig
 
     from tune_losses.integrations.trl import FusedDistillationTrainer
 
     tok = tokenizer()
     tok.padding_side = "left"
-    args = DistillationConfig(
-        output_dir=str(tmp_path / "cached"),
-        report_to=[],
-        use_cpu=True,
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=0.1,
-        optim="sgd",
-        max_completion_length=6,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        temperature=T,
-    )
+    args = distillation_args(tmp_path / "cached", temperature=T)
     data = Dataset.from_list(rows)
     return FusedDistillationTrainer(model=student, teacher_model=None, args=args, train_dataset=data,
                                     processing_class=tok, chunk_size=4, **kw)  # fmt: skip
@@ -115,7 +101,7 @@ def test_trains_from_the_cache_without_a_teacher(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, build("llama"), _rows(build("llama", seed=7).eval()))
     assert trainer.teacher_model is None
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in loss_logs(trainer)]
     assert calls == ["renormalize"] * 2 and len(losses) == 2 and all(0 < x < 10 for x in losses)
 
 

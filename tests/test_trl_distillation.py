@@ -9,12 +9,12 @@ import torch
 
 pytest.importorskip("trl")
 
-from hf_tiny import V, assert_same_grads, batch, build, tokenizer  # noqa: E402
+from hf_tiny import V, assert_same_grads, batch, build, distillation_args, loss_logs, tokenizer  # noqa: E402
 
 
 def _trainers(tmp_path, student, teacher):
     from datasets import Dataset
-    from trl import DistillationConfig, DistillationTrainer
+    from trl import DistillationTrainer
 
     from tune_losses.integrations.trl import FusedDistillationTrainer
 
@@ -23,19 +23,7 @@ def _trainers(tmp_path, student, teacher):
     data = Dataset.from_dict({"prompt": ["t5 t6 t7", "t9 t10"] * 2})
     out = []
     for cls, model in ((DistillationTrainer, student), (FusedDistillationTrainer, copy.deepcopy(student))):
-        args = DistillationConfig(
-            output_dir=str(tmp_path / cls.__name__),
-            report_to=[],
-            use_cpu=True,
-            max_steps=2,
-            per_device_train_batch_size=2,
-            learning_rate=0.1,
-            optim="sgd",
-            max_completion_length=6,
-            logging_steps=1,
-            save_strategy="no",
-            disable_tqdm=True,
-        )
+        args = distillation_args(tmp_path / cls.__name__)
         out.append(cls(model=model, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok))
     return out
 
@@ -82,7 +70,7 @@ def test_trains_with_the_fused_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(ours, "linear_kd_loss", lambda *a, **k: calls.append(k["options"].divergence) or real(*a, **k))
     _, fused = _trainers(tmp_path, build("llama"), build("llama", seed=7))
     fused.train()
-    losses = [h["loss"] for h in fused.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in loss_logs(fused)]
     assert calls == ["jsd"] * 2 and len(losses) == 2 and all(0 < x < 10 for x in losses)
 
 

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from hf_tiny import build, tokenizer  # noqa: E402
+from hf_tiny import assert_same_params, build, loss_logs, same_steps_args, tokenizer, train_with_lora  # noqa: E402
 
 
 def _dataset(n=8, seed=3):
@@ -28,34 +28,10 @@ def _dataset(n=8, seed=3):
     return Dataset.from_list(rows)
 
 
-def _args(tmp_path, **kw):
+def _args(out_dir, **kw):
     from trl import DPOConfig
 
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=3,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        bf16=False,
-        fp16=False,
-        max_length=32,
-        disable_tqdm=True,
-        beta=0.5,
-    )
-    base.update(kw)
-    return DPOConfig(**base)
+    return same_steps_args(DPOConfig, out_dir, **{"max_length": 32, "beta": 0.5, **kw})
 
 
 def _train(cls, model, ref, tmp_path, **kw):
@@ -63,7 +39,7 @@ def _train(cls, model, ref, tmp_path, **kw):
         model=model, ref_model=ref, args=_args(tmp_path, **kw), train_dataset=_dataset(), processing_class=tokenizer()
     )
     trainer.train()
-    return trainer, [h for h in trainer.state.log_history if "loss" in h]
+    return trainer, loss_logs(trainer)
 
 
 KEYS = (
@@ -108,8 +84,7 @@ def test_three_steps_equal_trl_dpo(loss_type, extra, tmp_path, monkeypatch):
     for a, b in zip(ref_logs, logs):
         for key in KEYS:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
-    for (n, p), q in zip(stock.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    assert_same_params(stock, fused, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -160,28 +135,17 @@ def test_unsupported_options_raise(tmp_path):
 @pytest.mark.slow
 def test_peft_lora_reference_is_the_base_model(tmp_path):
     """No reference model with a LoRA adapter: the reference is the policy with its adapter disabled."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from trl import DPOTrainer
 
     from tune_losses.integrations.trl_dpo import FusedDPOTrainer
 
-    config = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    runs = []
-    for cls in (DPOTrainer, FusedDPOTrainer):
-        trainer = cls(
-            model=build("llama"),
-            args=_args(tmp_path / cls.__name__, loss_type="bco_pair"),
-            train_dataset=_dataset(),
-            processing_class=tokenizer(),
-            peft_config=peft.LoraConfig(**config),
-        )
-        trainer.train()
-        runs.append((trainer, [h for h in trainer.state.log_history if "loss" in h]))
-    (stock, ref_logs), (fused, logs) = runs
+    stock, fused = train_with_lora(
+        (DPOTrainer, FusedDPOTrainer), lambda name: _args(tmp_path / name, loss_type="bco_pair"), _dataset
+    )
+    ref_logs, logs = loss_logs(stock), loss_logs(fused)
     for a, b in zip(ref_logs, logs):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
-    theirs = dict(stock.model.named_parameters())
-    assert any("lora_B" in n for n in theirs)
-    for n, p in fused.model.named_parameters():
-        torch.testing.assert_close(p, theirs[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    assert any("lora_B" in n for n, _ in stock.model.named_parameters())
+    assert_same_params(stock.model, fused.model, atol=1e-5, rtol=1e-4)

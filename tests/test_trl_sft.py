@@ -7,43 +7,27 @@ import torch
 
 pytest.importorskip("trl")
 
-from hf_tiny import build, token_dataset, tokenizer  # noqa: E402
+from hf_tiny import (  # noqa: E402
+    assert_same_params,
+    build,
+    loss_logs,
+    same_steps_args,
+    token_dataset,
+    tokenizer,
+    train_with_lora,
+)
 
 
-def _args(tmp_path, **kw):
+def _args(out_dir, **kw):
     from trl import SFTConfig
 
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=3,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-        bf16=False,
-        fp16=False,
-        max_length=32,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return SFTConfig(**base)
+    return same_steps_args(SFTConfig, out_dir, **{"max_length": 32, **kw})
 
 
 def _train(cls, model, tmp_path, **kw):
     trainer = cls(model=model, args=_args(tmp_path, **kw), train_dataset=token_dataset(), processing_class=tokenizer())
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    return trainer, logs
+    return trainer, loss_logs(trainer)
 
 
 @pytest.mark.parametrize("kind", ["llama", pytest.param("mixtral", marks=pytest.mark.slow)])
@@ -74,8 +58,7 @@ def test_three_steps_equal_trl_sft(kind, tmp_path, monkeypatch):
     got_eval = trainer.evaluate(eval_dataset=data)
     for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
         assert got_eval[key] == pytest.approx(ref_eval[key], rel=1e-4, abs=1e-5), key
-    for (n, p), q in zip(stock.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+    assert_same_params(stock, fused)
     for a, b in zip(ref_logs, logs):
         for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
@@ -112,27 +95,14 @@ def test_bad_ce_options_raise(tmp_path):
 
 @pytest.mark.slow
 def test_peft_lora_three_steps_equal_trl_sft(tmp_path):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from trl import SFTTrainer
 
     from tune_losses.integrations.trl import FusedSFTTrainer
 
-    config = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    trainers = []
-    for cls in (SFTTrainer, FusedSFTTrainer):
-        trainer = cls(
-            model=build("llama"),
-            args=_args(tmp_path / cls.__name__),
-            train_dataset=token_dataset(),
-            processing_class=tokenizer(),
-            peft_config=peft.LoraConfig(**config),
-        )
-        trainer.train()
-        trainers.append(trainer)
-    stock, fused = (dict(t.model.named_parameters()) for t in trainers)
-    assert any("lora_B" in n for n in fused)
-    for n, p in stock.items():
-        torch.testing.assert_close(fused[n], p, atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+    stock, fused = train_with_lora((SFTTrainer, FusedSFTTrainer), lambda name: _args(tmp_path / name), token_dataset)
+    assert any("lora_B" in n for n, _ in fused.model.named_parameters())
+    assert_same_params(stock.model, fused.model)
 
 
 @pytest.mark.slow

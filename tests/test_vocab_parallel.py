@@ -22,49 +22,22 @@ launch costs seconds of imports); each test here checks one suite's lines:
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from multiproc import run_command, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
 # Cases per suite: a suite that silently ran fewer cases fails.
 EXPECTED = {"pg": 92, "dtensor": 16, "memory": 6, "ignored": 2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(nproc: int, *suites: str) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--nnodes=1",
-        f"--master_port={_free_port()}",
-        "--master_addr=127.0.0.1",
-        str(WORKER),
-        *suites,
-    ]
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-    )
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = torchrun(WORKER, nproc, *suites, check=False)
     elapsed = time.perf_counter() - start
     log = proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok ", "FAIL "))]
@@ -201,9 +174,7 @@ def test_distributed_benchmark_smoke(tmp_path):
         "--out",
         str(tmp_path),
     ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_command(cmd, timeout=300)
     results = json.loads((tmp_path / "distributed.json").read_text())
     by = {(c["method"], c["ranks"]): c for c in results["cases"]}
     assert set(by) == {("plain", 1), ("ours", 1), ("ours", 2), ("loss_parallel", 2)}

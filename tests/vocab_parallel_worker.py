@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fused_common import DIVERGENCE_CASES, MEMORY_FAMILIES, largest_during, memory_probe_loss, tiny_llama2  # noqa: E402
 from reference import make_labels, object_form, ref_ce, ref_kd, ref_log_probs  # noqa: E402
 
 from tune_losses import linear_cross_entropy, linear_distillation_loss, linear_kd_loss, linear_log_probs  # noqa: E402
@@ -35,16 +36,6 @@ RANK = WORLD = 0
 B, S, H, V = 2, 13, 16, 257  # V odd: shards of 129 and 128 rows
 TOL_SINGLE = dict(rtol=1e-5, atol=1e-6)  # against the single-rank fused loss, both fp32
 TOL_REF = dict(rtol=2e-5, atol=2e-6)  # against the fp64 reference (as tests/test_fused.py)
-DIVERGENCES = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("symmetric_kl", {"sym_kd_ratio": 0.3}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.2}),
-    ("jsd", {"beta": 0.0}),
-    ("jsd", {"beta": 1.0}),
-    ("tvd", {}),
-]
 RESULTS: List[str] = []
 
 
@@ -258,37 +249,26 @@ def suite_pg():
         )
 
     # KD: every divergence, with temperature; student and teacher sharded alike.
-    for div, extra in DIVERGENCES:
+    for div, extra in DIVERGENCE_CASES:
         for temperature in (1.0, 2.0):
             for reduction in ("mean", "none"):
                 algorithm = "grad_in_forward" if reduction == "mean" else "recompute"
                 h, w, b, labels = inputs(10)
                 th, tw, tb, _ = inputs(11, hidden=12)
-                kw = dict(
-                    divergence=div,
-                    temperature=temperature,
-                    reduction=reduction,
-                    chunk_size=6,
-                    algorithm=algorithm,
-                    **extra,
-                )
+                # the loss's options (the reference's too), then how the fused loss runs
+                opts = dict(divergence=div, temperature=temperature, reduction=reduction, **extra)
+                run = dict(chunk_size=6, algorithm=algorithm)
                 case(
                     f"pg kd {div} {extra} T={temperature} {reduction}",
                     check,
-                    lambda hh, ww, bb, thh, tww, tbb, kw=object_form("kd", process_group=group, **kw), labels=labels: (
+                    lambda hh, ww, bb, thh, tww, tbb, kw=object_form("kd", process_group=group, **run, **opts), labels=labels: (
                         linear_kd_loss(hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw)
                     ),
-                    lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: linear_kd_loss(
-                        hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **object_form("kd", **kw)
+                    lambda hh, ww, bb, thh, tww, tbb, kw=object_form("kd", **run, **opts), labels=labels: (
+                        linear_kd_loss(hh, ww, thh, tww, labels, student_bias=bb, teacher_bias=tbb, **kw)
                     ),
-                    lambda hh, ww, bb, thh, tww, tbb, kw=kw, labels=labels: ref_kd(
-                        F.linear(hh, ww, bb),
-                        F.linear(thh, tww, tbb),
-                        labels,
-                        divergence=kw["divergence"],
-                        temperature=kw["temperature"],
-                        reduction=kw["reduction"],
-                        **extra,
+                    lambda hh, ww, bb, thh, tww, tbb, opts=opts, labels=labels: ref_kd(
+                        F.linear(hh, ww, bb), F.linear(thh, tww, tbb), labels, **opts
                     ),
                     (h, w, b, th, tw, tb),
                     sharded=(1, 2, 4, 5),
@@ -297,40 +277,19 @@ def suite_pg():
     h, w, b, labels = inputs(12)
     th, tw, tb, _ = inputs(13)
     for reduction in ("sum", "none"):
+        opts = dict(
+            divergence="jsd", temperature=1.5, beta=0.3, scale_by_temperature_squared=False, reduction=reduction
+        )
         case(
             f"pg kd jsd no T^2 scaling {reduction}",
             check,
-            lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: linear_kd_loss(
-                hh,
-                ww,
-                thh,
-                tww,
-                labels,
-                reduction=reduction,
-                chunk_size=4,
-                options=KDOptions(divergence="jsd", temperature=1.5, beta=0.3, scale_by_temperature_squared=False),
-                parallel=VocabParallelOptions(process_group=group),
+            lambda hh, ww, bb, thh, tww, tbb, kw=object_form("kd", process_group=group, chunk_size=4, **opts): (
+                linear_kd_loss(hh, ww, thh, tww, labels, **kw)
             ),
-            lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: linear_kd_loss(
-                hh,
-                ww,
-                thh,
-                tww,
-                labels,
-                reduction=reduction,
-                chunk_size=4,
-                options=KDOptions(divergence="jsd", temperature=1.5, beta=0.3, scale_by_temperature_squared=False),
+            lambda hh, ww, bb, thh, tww, tbb, kw=object_form("kd", chunk_size=4, **opts): linear_kd_loss(
+                hh, ww, thh, tww, labels, **kw
             ),
-            lambda hh, ww, bb, thh, tww, tbb, reduction=reduction: ref_kd(
-                F.linear(hh, ww),
-                F.linear(thh, tww),
-                labels,
-                divergence="jsd",
-                beta=0.3,
-                temperature=1.5,
-                scale_by_temperature_squared=False,
-                reduction=reduction,
-            ),
+            lambda hh, ww, bb, thh, tww, tbb, opts=opts: ref_kd(F.linear(hh, ww), F.linear(thh, tww), labels, **opts),
             (h, w, None, th, tw, None),
             sharded=(1, 4),
         )
@@ -435,7 +394,7 @@ def suite_pg():
                 h, w[rows], labels, bias=b[rows], chunk_size=4, parallel=VocabParallelOptions(process_group=group)
             )
         ]
-        for div, extra in DIVERGENCES:
+        for div, extra in DIVERGENCE_CASES:
             outs.append(
                 linear_kd_loss(
                     h,
@@ -547,20 +506,11 @@ def suite_dtensor():
                     chunk_size=6,
                     **object_form("ce", algorithm=algorithm, label_smoothing=0.1, z_loss=1e-3, **extra),
                 )
-            if kind == "kd":
-                return linear_kd_loss(
-                    hx,
-                    wx,
-                    h,
-                    twx,
-                    labels,
-                    student_bias=bx,
-                    teacher_bias=tbx,
-                    reduction=reduction,
-                    chunk_size=6,
-                    **object_form("kd", divergence="jsd", beta=0.3, temperature=2.0, algorithm=algorithm, **extra),
-                )
-            return linear_distillation_loss(
+            loss, opts = {
+                "kd": (linear_kd_loss, dict(divergence="jsd", beta=0.3, temperature=2.0)),
+                "distillation": (linear_distillation_loss, dict(kd_ratio=0.4, divergence="reverse_kl")),
+            }[kind]
+            out = loss(
                 hx,
                 wx,
                 h,
@@ -570,8 +520,9 @@ def suite_dtensor():
                 teacher_bias=tbx,
                 reduction=reduction,
                 chunk_size=6,
-                **object_form("distillation", kd_ratio=0.4, divergence="reverse_kl", algorithm=algorithm, **extra),
-            ).loss
+                **object_form(kind, algorithm=algorithm, **opts, **extra),
+            )
+            return out.loss if kind == "distillation" else out
 
         out = call(hh, d_w, d_b, d_tw, d_tb, vocab_parallel=vocab_parallel)
         backward(out, go)
@@ -668,16 +619,9 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-    from torchtune.models.llama2 import llama2
 
     from tune_losses import LinearCrossEntropyLoss, LinearDistillationLoss
     from tune_losses.fused import placement
-
-    def build(seed):
-        torch.manual_seed(seed)
-        return llama2(
-            vocab_size=V, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64, max_seq_len=64
-        )
 
     g = gen(70)
     tokens = torch.randint(0, V, (dp, B, S), generator=g)
@@ -703,8 +647,8 @@ def fsdp_tp_model(dp: int = 1, shard_output: bool = False):
     placement.materialize_weight = spy
     try:
         for kd in (False, True):
-            model, teacher = build(0), build(1)
-            ref_model, ref_teacher = build(0), build(1)
+            model, teacher = tiny_llama2(V, 0), tiny_llama2(V, 1)
+            ref_model, ref_teacher = tiny_llama2(V, 0), tiny_llama2(V, 1)
             for m in (model, teacher):
                 parallelize_module(m.output, mesh["tp"], ColwiseParallel())
                 for layer in m.layers:
@@ -767,21 +711,6 @@ def suite_mesh2x2():
 
 
 def suite_memory():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest, self.op, self.ops = 0, None, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.ops += 1
-            for t in torch.utils._pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                    self.largest, self.op = t.numel(), func
-            return out
-
     n, _hdim, vocab, chunk = 512, 16, 2048, 32
     rows = shard_rows(vocab)
     local_vocab = rows.stop - rows.start  # 1024
@@ -790,40 +719,15 @@ def suite_memory():
     def probe(family):
         h, w, b, labels = inputs(80, vocab=vocab, lead=(n,))
         th, tw, _, _ = inputs(81, vocab=vocab, lead=(n,))
-        hh, ww, bb = leaves(h, w[rows], b[rows])
-        mode = Largest()
-        with mode:
-            if family.startswith("ce"):
-                kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0) if family == "ce-options" else {}
-                out = linear_cross_entropy(
-                    hh,
-                    ww,
-                    labels,
-                    bias=bb,
-                    chunk_size=chunk,
-                    reduction="none" if family == "ce-none" else "mean",
-                    **object_form("ce", process_group=group, vocab_start=rows.start, vocab_size=vocab, **kw),
-                )
-            else:
-                out = linear_distillation_loss(
-                    hh,
-                    ww,
-                    th,
-                    tw[rows],
-                    labels,
-                    student_bias=bb,
-                    chunk_size=chunk,
-                    options=DistillationOptions(kd=KDOptions(divergence=family.split("-")[1])),
-                    parallel=VocabParallelOptions(process_group=group, vocab_start=rows.start, vocab_size=vocab),
-                ).loss
-            fwd = mode.ops
-            out.backward(torch.ones_like(out) if out.dim() else None)
-        assert mode.ops > fwd, "the probe must see the backward pass"
+
+        placement = dict(process_group=group, vocab_start=rows.start, vocab_size=vocab)
+        loss = memory_probe_loss(family, labels, th, tw[rows], chunk, **placement)
+        largest, op = largest_during(loss, leaves(h, w[rows], b[rows]))
         limit = chunk * local_vocab  # one chunk of this rank's logits
-        assert mode.largest <= limit, f"{mode.op} produced {mode.largest} elements > one chunk {limit}"
+        assert largest <= limit, f"{op} produced {largest} elements > one chunk {limit}"
         assert n * local_vocab > 8 * limit  # the probe would see a [N, V_r] tensor
 
-    for family in ("ce", "ce-options", "ce-none", "distill-forward_kl", "distill-jsd", "distill-tvd"):
+    for family in MEMORY_FAMILIES:
         case(f"memory {family}", probe, family)
 
 

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from tune_losses.options import check_int_option
+from tune_losses.options import IGNORE_INDEX, check_int_option
 from tune_losses.validation import check_labels_dtype, check_tensor
 
 
@@ -40,7 +40,7 @@ def normalize(total: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     return total / num_tokens.clamp(min=1).to(total.dtype)
 
 
-def count_valid_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def count_valid_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Number of labels that are not ``ignore_index``, as a 0-dim int64 tensor on labels' device."""
     check_labels_dtype(labels)
     check_int_option("ignore_index", ignore_index)
@@ -49,7 +49,7 @@ def count_valid_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.
 
 def count_step_tokens(
     label_batches: Iterable[torch.Tensor],
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     group: Optional[dist.ProcessGroup] = None,
 ) -> torch.Tensor:
     """Valid tokens of a whole optimizer step: over every micro-batch, summed over ``group``'s ranks.

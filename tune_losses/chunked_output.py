@@ -22,7 +22,14 @@ import torch
 from tune_losses.accounting import LossSum
 from tune_losses.chunking import split_like
 from tune_losses.divergences import Divergence, VocabReducer, divergence_names, get_divergence
-from tune_losses.options import ArgumentTypeError, CEOptions, KDOptions, check_bool_option, check_int_option
+from tune_losses.options import (
+    IGNORE_INDEX,
+    ArgumentTypeError,
+    CEOptions,
+    KDOptions,
+    check_bool_option,
+    check_int_option,
+)
 from tune_losses.terms import Chunk, CrossEntropyTerm, DivergenceTerm, Term
 from tune_losses.validation import (
     check_chunk_list,
@@ -151,7 +158,7 @@ class CEWithChunkedOutputLoss(_ChunkedLossBase):
     def __init__(
         self,
         num_output_chunks: int = 8,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         *,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
@@ -252,7 +259,7 @@ class DivergenceWithChunkedOutputLoss(_KDLoss):
     over chunk lists; the other keywords are :class:`~tune_losses.options.KDOptions` fields."""
 
     def __init__(
-        self, num_output_chunks: int = 8, ignore_index: int = -100, *, divergence: str = "forward_kl", **options
+        self, num_output_chunks: int = 8, ignore_index: int = IGNORE_INDEX, *, divergence: str = "forward_kl", **options
     ):
         super().__init__(num_output_chunks, KDOptions(divergence, ignore_index=ignore_index, **options))
 

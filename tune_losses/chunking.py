@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from tune_losses.options import ArgumentTypeError, check_int_option
+from tune_losses.options import IGNORE_INDEX, ArgumentTypeError, check_int_option
 from tune_losses.validation import check_tensor
 
 
@@ -73,7 +73,7 @@ def split_like(
     return list(torch.split(x, sizes, dim=dim))
 
 
-def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Labels for next-token prediction: ``labels[..., 1:]`` with an ignored last position, same shape
     (``[B, S] -> [B, S]``): position ``t`` is scored against token ``t + 1``."""
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from types import FrameType
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -59,8 +59,8 @@ def warn_deprecated(old: str, new: str) -> None:
 # :func:`no_more` rejects what is left. The object's own ``__post_init__`` is the only check.
 
 
-def take(legacy: Dict[str, object], names: Sequence[str]) -> Dict[str, object]:
-    """Remove and return the keywords of ``legacy`` named in ``names``."""
+def take(legacy: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
+    """Remove and return the keywords of ``legacy`` named in ``names`` (values of any type)."""
     return {k: legacy.pop(k) for k in names if k in legacy}
 
 

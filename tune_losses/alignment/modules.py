@@ -9,7 +9,7 @@ full-logits losses (torchtune's ``DPOLoss``, :class:`tune_losses.DPOLoss`) by co
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 from torch import nn
@@ -69,7 +69,8 @@ class _AlignmentModule(nn.Module):
         """The reference model's per-token log-probabilities ``[B, S]`` (no-grad; 0 at ignored tokens)."""
         reference = self._reference(ref_hidden)
         with torch.no_grad():
-            return token_log_probs(*reference, labels, self._run, names=REFERENCE_NAMES, temperature=temperature)
+            out = token_log_probs(*reference, labels, self._run, names=REFERENCE_NAMES, temperature=temperature)
+        return cast(torch.Tensor, out)  # no entropy asked for: the log-probabilities alone
 
 
 class LinearPreferenceLoss(_AlignmentModule):

@@ -294,7 +294,7 @@ def linear_policy_loss(
         out = token_log_probs(
             hidden, weight, bias, labels, run, temperature=opts.temperature, return_entropy=opts.return_entropy
         )
-        logps, entropy = out if opts.return_entropy else (out, None)
+        logps, entropy = out if isinstance(out, tuple) else (out, None)
         return _from_log_probs(opts, logps, None if entropy is None else entropy.detach(), batch)
     _check_hidden("hidden", hidden, labels)
     w, b = pair_chunks.local_weights(weight, bias, hidden.dtype)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, cast
 
 import torch
 
@@ -126,6 +126,11 @@ class PolicyOptions:
         check_bool_option("validate", self.validate)
 
     @property
+    def high(self) -> float:
+        """``epsilon_high`` as applied: ``epsilon_low`` when none was given (TRL's rule)."""
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+    @property
     def sequence_level(self) -> bool:
         return self.importance_sampling_level == "sequence"
 
@@ -178,22 +183,23 @@ def policy_token_terms(
     lp = torch.where(valid, logp, zero)
     lr = torch.where(valid, lp - old.to(lp.dtype), zero)
     a = adv.to(lp.dtype)
-    need_seq = opts.needs_sequences
-    if need_seq and seq is None:
-        raise ValueError(f"seq: sequence slot ids are needed for {opts}")
-    inv_len = None
-    if need_seq:
-        inv_len = torch.where(valid, 1.0 / _segment_sum(valid.to(lp.dtype), seq).clamp(min=1.0), zero)
-    log_w = _segment_sum(lr, seq) * inv_len if opts.sequence_level else lr
+    # Per token, 1 / its sequence's valid tokens where a sequence's tokens are summed (0 at invalid
+    # tokens), else the valid flag: a flag's scale in the statistics either way (see Returns).
+    inv_len = valid.to(lp.dtype)
+    if opts.needs_sequences:
+        if seq is None:
+            raise ValueError(f"seq: sequence slot ids are needed for {opts}")
+        inv_len = torch.where(valid, 1.0 / _segment_sum(inv_len, seq).clamp(min=1.0), zero)
+    seq_ids = cast(torch.Tensor, seq)  # read below only where opts.needs_sequences (checked above)
+    log_w = _segment_sum(lr, seq_ids) * inv_len if opts.sequence_level else lr
     r = torch.exp(log_w)
     stats: Dict[str, torch.Tensor] = {}
-    flag_scale = inv_len if opts.sequence_level else valid.to(lp.dtype)
 
     dl_dlp = torch.zeros_like(lp)  # derivative through logp directly
     dl_dr = torch.zeros_like(lp)  # derivative through the ratio r
     t = opts.loss_type
     if t in CLIP_LOSS_TYPES:
-        lo, hi = 1.0 - opts.epsilon_low, 1.0 + opts.epsilon_high
+        lo, hi = 1.0 - opts.epsilon_low, 1.0 + opts.high
         r2 = torch.clamp(r, lo, hi)
         r1 = r if opts.delta is None else torch.clamp(r, max=opts.delta)
         s1, s2 = r1 * a, r2 * a
@@ -202,13 +208,13 @@ def policy_token_terms(
         d2 = torch.where((r >= lo) & (r <= hi), a, zero)
         # min's derivative: the smaller side's; half of each at a tie (as autograd's minimum).
         dl_dr = -torch.where(s1 < s2, d1, torch.where(s1 > s2, d2, 0.5 * (d1 + d2)))
-        stats["clip_low"] = ((r < lo) & (a < 0)).to(lp.dtype) * flag_scale
-        stats["clip_high"] = ((r > hi) & (a > 0)).to(lp.dtype) * flag_scale
+        stats["clip_low"] = ((r < lo) & (a < 0)).to(lp.dtype) * inv_len
+        stats["clip_high"] = ((r > hi) & (a > 0)).to(lp.dtype) * inv_len
     elif t == "cispo":
-        rc = torch.clamp(r, max=opts.epsilon_high)
+        rc = torch.clamp(r, max=opts.high)
         loss = -rc * a * lp
         dl_dlp = -rc * a
-        stats["cispo_clip"] = ((r > opts.epsilon_high) & (a > 0)).to(lp.dtype) * flag_scale
+        stats["cispo_clip"] = ((r > opts.high) & (a > 0)).to(lp.dtype) * inv_len
     elif t == "sapo":
         tau = torch.where(a > 0, opts.sapo_temperature_pos, opts.sapo_temperature_neg).to(lp.dtype)
         sig = torch.sigmoid(tau * (r - 1))
@@ -218,7 +224,7 @@ def policy_token_terms(
         log_seq = torch.clamp(lr, -20.0, 20.0)
         if is_ratio is not None:  # here: per-token parts of the sequence's log-ratio (vespo_log_ratio)
             log_seq = log_seq + torch.where(valid, is_ratio.to(lp.dtype), zero)
-        log_w_seq = torch.clamp(_segment_sum(torch.where(valid, log_seq, zero), seq), _LOG_1E8, 20.0)
+        log_w_seq = torch.clamp(_segment_sum(torch.where(valid, log_seq, zero), seq_ids), _LOG_1E8, 20.0)
         k = torch.where(a >= 0, opts.vespo_k_pos, opts.vespo_k_neg).to(lp.dtype)
         lam = torch.where(a >= 0, opts.vespo_lambda_pos, opts.vespo_lambda_neg).to(lp.dtype).clamp(min=1e-4)
         phi = torch.exp(lam + k * log_w_seq - lam * torch.exp(log_w_seq)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
@@ -247,7 +253,7 @@ def policy_token_terms(
     if opts.sequence_level:
         # r is the sequence's: d r / d logp_t = r / len at each of its valid tokens, so every token's
         # gradient gathers the weighted derivative of the whole sequence.
-        grad = w * dl_dlp + r * inv_len * _segment_sum(torch.where(valid, w * dl_dr, zero), seq)
+        grad = w * dl_dlp + r * inv_len * _segment_sum(torch.where(valid, w * dl_dr, zero), seq_ids)
     else:
         grad = w * (dl_dlp + dl_dr * r)
     return loss, torch.where(valid, grad, zero), stats

@@ -504,8 +504,8 @@ def _pair_chunked(call: _Call, normalizers, required: bool) -> Optional[Tuple[Pr
     # types and its own labels, before any collective): gather FSDP2 weights, the policy's first as
     # the per-token path does.
     weight, bias = local_weights(weight, bias, hidden.dtype)
-    if ref_weight is not None:
-        ref_weight, ref_bias = local_weights(ref_weight, ref_bias, ref_hidden.dtype)
+    if reference is not None:
+        ref_weight, ref_bias = local_weights(ref_weight, ref_bias, reference.hidden.dtype)
     ref_seq = None
     if ref_hidden is None:
         if ref_logps is not None:

@@ -193,7 +193,7 @@ def _run(
     if scale is not None and opts.reduction != "sum":
         raise ValueError(f"scale: only meaningful with reduction='sum', got reduction={opts.reduction!r}")
     prefix = "" if teacher is None else "student_"
-    teacher_vocab = next((t.opts.teacher_vocab for t in terms if t.needs_teacher), None)
+    teacher_vocab = next((t.opts.teacher_vocab for t in terms if isinstance(t, DivergenceTerm)), None)
     placed = place(
         student.weight,
         student.bias,
@@ -210,6 +210,7 @@ def _run(
     tx = tw = tb = None
     if teacher is not None:
         tw, tb = placed.teacher_weight, placed.teacher_bias
+        assert tw is not None  # place() gives a teacher weight whenever it is given one
         tx = _flat(teacher.names, teacher.hidden, tw, tb, labels)
         # Placement left the teacher the student's rows ("drop"), or those and its padding rows.
         if tw.shape[0] < w.shape[0] or (teacher_vocab != "pad_student" and tw.shape[0] != w.shape[0]):
