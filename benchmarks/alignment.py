@@ -85,6 +85,11 @@ def _full_token_logps(hidden, weight, labels):
     return torch.where(mask, lp, torch.zeros_like(lp)), mask
 
 
+def _policy_side(d):
+    """The policy's ``(hidden, weight, labels)``: what every method of both cases starts from."""
+    return d["hidden"], d["weight"], d["labels"]
+
+
 def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
     """A function of the inputs returning the scalar loss (forward only; the caller runs backward)."""
     import torch.nn.functional as F
@@ -95,9 +100,7 @@ def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
         if method == "fused":
             return lambda d: (
                 tune_losses.linear_preference_loss(
-                    d["hidden"],
-                    d["weight"],
-                    d["labels"],
+                    *_policy_side(d),
                     reference=tune_losses.Reference(d["ref_hidden"], d["ref_weight"]),
                     options=tune_losses.PreferenceOptions(beta=0.1),
                 ).loss
@@ -105,7 +108,7 @@ def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
         if method == "full":
 
             def full(d):
-                lp, _ = _full_token_logps(d["hidden"], d["weight"], d["labels"])
+                lp, _ = _full_token_logps(*_policy_side(d))
                 with torch.no_grad():
                     ref, _ = _full_token_logps(d["ref_hidden"], d["ref_weight"], d["labels"])
                 seq, ref_seq = lp.sum(-1), ref.sum(-1)
@@ -123,9 +126,7 @@ def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
     if method == "fused":
         return lambda d: (
             tune_losses.linear_policy_loss(
-                d["hidden"],
-                d["weight"],
-                d["labels"],
+                *_policy_side(d),
                 d["advantages"],
                 old_logps=d["old_logps"],
                 ref_logps=d["ref_logps"],
@@ -135,7 +136,7 @@ def build(case: str, method: str) -> Callable[[Dict[str, torch.Tensor]], torch.T
     if method == "full":
 
         def full(d):
-            lp, mask = _full_token_logps(d["hidden"], d["weight"], d["labels"])
+            lp, mask = _full_token_logps(*_policy_side(d))
             adv = d["advantages"].unsqueeze(-1)
             ratio = torch.exp(lp - d["old_logps"])
             loss = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv)

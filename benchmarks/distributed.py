@@ -270,19 +270,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     es = 4 if dtype == "fp32" else 2
     out: List[Dict] = []
+    size = {"n": n, "h": h, "v": v, "dtype": dtype}
+    settings = dict(size, device=args.device, reps=reps, warmup=args.warmup, threads=args.threads)
     for task, method, r in cases(tasks, ranks):
-        job = dict(
-            task=task,
-            method=method,
-            n=n,
-            h=h,
-            v=v,
-            dtype=dtype,
-            device=args.device,
-            reps=reps,
-            warmup=args.warmup,
-            threads=args.threads,
-        )
+        job = dict(settings, task=task, method=method)
         print(f"[{time.perf_counter() - t0:6.0f} s] {task} {method} ranks={r} ...", file=sys.stderr, flush=True)
         res = run_case(job, r, args.timeout)
         case = {"task": task, "method": method, "ranks": r}
@@ -297,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
         out.append(case)
     results = {
-        "size": {"n": n, "h": h, "v": v, "dtype": dtype},
+        "size": size,
         "tasks": tasks,
         "cases": out,
         "meta": {

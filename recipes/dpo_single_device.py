@@ -9,24 +9,9 @@ config keys.
 
 import sys
 
-from omegaconf import DictConfig
-from torchtune import config
+from tune_losses.training.entry import build_recipe
 
-from tune_losses.training import run
-from tune_losses.training.dpo import DPORecipe
-
-
-class DPORecipeSingleDevice(DPORecipe):
-    """DPO recipe (single device): setup / train / save_checkpoint / cleanup from DPORecipe."""
-
-    def __init__(self, cfg: DictConfig):
-        super().__init__(cfg, distributed=False)
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    run(DPORecipeSingleDevice, cfg)
-
+DPORecipeSingleDevice, recipe_main = build_recipe("dpo", distributed=False)
 
 if __name__ == "__main__":
     sys.exit(recipe_main())

@@ -7,23 +7,9 @@ Any loss is chosen by YAML `loss._component_`; see tune_losses.training.LossReci
 
 import sys
 
-from omegaconf import DictConfig
-from torchtune import config
+from tune_losses.training.entry import build_recipe
 
-from tune_losses.training import LossRecipe, run
-
-
-class KDRecipeDistributed(LossRecipe):
-    """Knowledge distillation recipe (distributed): setup / train / save_checkpoint / cleanup from LossRecipe."""
-
-    def __init__(self, cfg: DictConfig):
-        super().__init__(cfg, task="kd", distributed=True)
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    run(KDRecipeDistributed, cfg)
-
+KDRecipeDistributed, recipe_main = build_recipe("kd", distributed=True)
 
 if __name__ == "__main__":
     sys.exit(recipe_main())

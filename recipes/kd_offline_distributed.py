@@ -8,24 +8,9 @@ The cache comes from recipes/cache_teacher.py; the loss from YAML `loss._compone
 
 import sys
 
-from omegaconf import DictConfig
-from torchtune import config
+from tune_losses.training.entry import build_recipe
 
-from tune_losses.training import run
-from tune_losses.training.offline_kd import OfflineKDRecipe
-
-
-class KDOfflineRecipeDistributed(OfflineKDRecipe):
-    """Offline KD recipe (distributed (FSDP2)): setup / train / save_checkpoint / cleanup from LossRecipe."""
-
-    def __init__(self, cfg: DictConfig):
-        super().__init__(cfg, distributed=True)
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    run(KDOfflineRecipeDistributed, cfg)
-
+KDOfflineRecipeDistributed, recipe_main = build_recipe("kd_offline", distributed=True)
 
 if __name__ == "__main__":
     sys.exit(recipe_main())

@@ -8,24 +8,9 @@ The cache comes from recipes/cache_teacher.py; the loss from YAML `loss._compone
 
 import sys
 
-from omegaconf import DictConfig
-from torchtune import config
+from tune_losses.training.entry import build_recipe
 
-from tune_losses.training import run
-from tune_losses.training.offline_kd import OfflineKDRecipe
-
-
-class KDOfflineRecipeSingleDevice(OfflineKDRecipe):
-    """Offline KD recipe (single device): setup / train / save_checkpoint / cleanup from LossRecipe."""
-
-    def __init__(self, cfg: DictConfig):
-        super().__init__(cfg, distributed=False)
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    run(KDOfflineRecipeSingleDevice, cfg)
-
+KDOfflineRecipeSingleDevice, recipe_main = build_recipe("kd_offline", distributed=False)
 
 if __name__ == "__main__":
     sys.exit(recipe_main())

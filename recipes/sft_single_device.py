@@ -7,23 +7,9 @@ Any loss is chosen by YAML `loss._component_`; see tune_losses.training.LossReci
 
 import sys
 
-from omegaconf import DictConfig
-from torchtune import config
+from tune_losses.training.entry import build_recipe
 
-from tune_losses.training import LossRecipe, run
-
-
-class SFTRecipeSingleDevice(LossRecipe):
-    """Supervised fine-tuning recipe (single device): setup / train / save_checkpoint / cleanup from LossRecipe."""
-
-    def __init__(self, cfg: DictConfig):
-        super().__init__(cfg, task="sft", distributed=False)
-
-
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    run(SFTRecipeSingleDevice, cfg)
-
+SFTRecipeSingleDevice, recipe_main = build_recipe("sft", distributed=False)
 
 if __name__ == "__main__":
     sys.exit(recipe_main())

@@ -281,31 +281,29 @@ def main() -> None:
     def estimate(run: str) -> float:
         return speed * (STARTUP_SECONDS + steps * STEP_SECONDS[run])
 
+    def run(task: str, name: str, *overrides: str, n_steps: int = steps) -> Metrics:
+        """``recipes/<task>_single_device.py`` on ``configs/tiny/<task>.yaml`` with the common overrides,
+        into ``out / name``."""
+        return tune_run(f"{task}_single_device", task, out / name, n_steps, *common, *overrides)
+
     stage(2, f"teacher SFT (4 layers, dim 256), {steps} steps", estimate("teacher_sft"))
-    teacher = tune_run("sft_single_device", "sft", out / "teacher_sft", steps, *common)
+    teacher = run("sft", "teacher_sft")
     took = done()
     speed = max(took / (STARTUP_SECONDS + steps * STEP_SECONDS["teacher_sft"]), 0.5)
     teacher_ckpt = out / "teacher_sft" / CKPT.format(last)
-
-    stage(3, f"student KD (2 layers, dim 128) from that teacher, {steps} steps", estimate("student_kd"))
-    kd = tune_run(
-        "kd_single_device",
-        "kd",
-        out / "student_kd",
-        steps,
-        *common,
+    teacher_from = [
         f"teacher_checkpointer.checkpoint_dir={teacher_ckpt.parent}",
         f"teacher_checkpointer.checkpoint_files=[{teacher_ckpt.name}]",
-    )
+    ]
+
+    stage(3, f"student KD (2 layers, dim 128) from that teacher, {steps} steps", estimate("student_kd"))
+    kd = run("kd", "student_kd", *teacher_from)
     done()
 
     stage(4, f"the same student without KD, {steps} steps", estimate("student_sft"))
-    control = tune_run(
-        "sft_single_device",
+    control = run(
         "sft",
-        out / "student_sft",
-        steps,
-        *common,
+        "student_sft",
         "model._component_=tune_losses.tiny.tiny_student",
         "checkpointer.checkpoint_dir=assets/tiny/student",
     )
@@ -330,8 +328,7 @@ def main() -> None:
             out / name,
             1,
             f"tokenizer.max_seq_len={args.max_seq_len}",
-            f"teacher_checkpointer.checkpoint_dir={teacher_ckpt.parent}",
-            f"teacher_checkpointer.checkpoint_files=[{teacher_ckpt.name}]",
+            *teacher_from,
             f"cache.mode={mode}",
             f"cache.k={k}",
         )
@@ -346,38 +343,15 @@ def main() -> None:
     )
     offline = {}
     for mode, k in variants:
-        offline[(mode, k)] = tune_run(
-            "kd_offline_single_device",
-            "kd_offline",
-            out / f"student_offline_{mode}{k}",
-            steps,
-            *common,
-            f"teacher_cache={caches[(mode, k)]}",
-        )
+        offline[(mode, k)] = run("kd_offline", f"student_offline_{mode}{k}", f"teacher_cache={caches[(mode, k)]}")
     done()
 
     stage(7, "loss peak memory, chunked-output losses (one step each)", 2 * STARTUP_SECONDS * speed)
-    one = [*common, "stop_after_steps=1"]
-    sft_chunked = tune_run(
-        "sft_single_device",
-        "sft",
-        out / "teacher_sft_chunked",
-        1,
-        *one,
-        "loss._component_=tune_losses.CEWithChunkedOutputLoss",
-        "loss.num_output_chunks=8",
-    )
-    kd_chunked = tune_run(
-        "kd_single_device",
-        "kd",
-        out / "student_kd_chunked",
-        1,
-        *one,
-        "loss._component_=tune_losses.CEWithChunkedOutputLoss",
-        "~loss.kd_ratio",
-        "~loss.divergence",
-        "~loss.temperature",
-        "loss.num_output_chunks=8",
+    chunked = ["stop_after_steps=1", "loss._component_=tune_losses.CEWithChunkedOutputLoss", "loss.num_output_chunks=8"]
+    sft_chunked = run("sft", "teacher_sft_chunked", *chunked, n_steps=1)
+    # CEWithChunkedOutputLoss takes none of the fused KD loss's keys; the KD term comes from kd_loss.
+    kd_chunked = run(
+        "kd", "student_kd_chunked", *chunked, "~loss.kd_ratio", "~loss.divergence", "~loss.temperature", n_steps=1
     )
     done()
 

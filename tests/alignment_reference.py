@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 
 import torch
 
-__all__ = ["ref_token_logps", "ref_entropy", "ref_preference", "ref_policy"]
+__all__ = ["ref_token_logps", "ref_entropy", "ref_preference", "ref_log_importance_weight", "ref_policy"]
 
 
 def _logits(hidden, weight, bias=None, temperature: float = 1.0) -> torch.Tensor:
@@ -149,6 +149,15 @@ def ref_preference(
     }
 
 
+def ref_log_importance_weight(log_ratio, mask, importance_sampling_level: str) -> torch.Tensor:
+    """TRL's log importance weight from the per-token log-ratios ``[G, S]`` (``mask``: 1.0 at valid
+    tokens): the log-ratio itself (``"token"``), or each sequence's mean over its valid tokens ``[G, 1]``
+    (``"sequence"``)."""
+    if importance_sampling_level == "token":
+        return log_ratio
+    return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+
+
 def ref_policy(
     hidden,
     weight,
@@ -191,11 +200,7 @@ def ref_policy(
         is_ratio = vllm_is_ratio.double().reshape(labels.shape[0], -1)
         is_ratio = torch.where(m, is_ratio, torch.ones_like(logp)) if is_ratio.shape[1] > 1 else is_ratio
     log_ratio = logp - old
-    if importance_sampling_level == "token":
-        log_iw = log_ratio
-    else:
-        log_iw = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    coef_1 = torch.exp(log_iw)
+    coef_1 = torch.exp(ref_log_importance_weight(log_ratio, mask, importance_sampling_level))
     metrics = {}
     if beta != 0.0:
         ref = torch.where(m, ref_logps.double(), logp.detach())

@@ -9,25 +9,19 @@ import tune_losses as tl
 H, V = 8, 11
 
 
-def _pref(**kw):
+def _inputs(*extra_shapes):
+    """hidden [4, 3, H], weight [V, H], labels [4, 3] and a randn tensor per shape in ``extra_shapes``."""
     g = torch.Generator().manual_seed(0)
-    return tl.linear_preference_loss(
-        torch.randn(4, 3, H, generator=g),
-        torch.randn(V, H, generator=g),
-        torch.randint(0, V, (4, 3), generator=g),
-        **alignment_calls.preference(**kw),
-    )
+    base = (torch.randn(4, 3, H, generator=g), torch.randn(V, H, generator=g), torch.randint(0, V, (4, 3), generator=g))
+    return base + tuple(torch.randn(shape, generator=g) for shape in extra_shapes)
+
+
+def _pref(**kw):
+    return tl.linear_preference_loss(*_inputs(), **alignment_calls.preference(**kw))
 
 
 def _policy(**kw):
-    g = torch.Generator().manual_seed(0)
-    return tl.linear_policy_loss(
-        torch.randn(4, 3, H, generator=g),
-        torch.randn(V, H, generator=g),
-        torch.randint(0, V, (4, 3), generator=g),
-        torch.randn(4, generator=g),
-        **alignment_calls.policy(**kw),
-    )
+    return tl.linear_policy_loss(*_inputs((4,)), **alignment_calls.policy(**kw))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import alignment_calls
 import pytest
 import torch
 from alignment_reference import ref_preference
+from test_alignment_losses import _pair_labels
 
 from tune_losses import LinearPreferenceLoss, linear_preference_loss
 from tune_losses.alignment.formulas import preference_pair_losses
@@ -23,17 +24,9 @@ _OPTIONS = {
 }
 
 
-def _labels(gen, b=B, empty_rejected=False):
-    """[2B, S] labels with an ignored prompt and padding of each row's own length."""
-    labels = torch.randint(0, V, (2 * b, S), generator=gen)
-    for i in range(2 * b):
-        prompt = int(torch.randint(0, 4, (1,), generator=gen))
-        length = int(torch.randint(1, S - prompt + 1, (1,), generator=gen))
-        labels[i, :prompt] = -100
-        labels[i, prompt + length :] = -100
-    if empty_rejected:
-        labels[b] = -100
-    return labels
+def _labels(gen, empty_rejected=False):
+    """[2B, S] labels (see test_alignment_losses) with prompts of up to 3 tokens."""
+    return _pair_labels(gen, B, S, V, empty_rejected=empty_rejected, max_prompt=3)
 
 
 def _case(dtype=torch.float64, seed=0, empty_rejected=False):

@@ -16,11 +16,12 @@ POLICY_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 B, S, H, V = 3, 9, 16, 37
 
 
-def _pair_labels(gen, b=B, s=S, v=V, empty_rejected=False):
-    """[2B, S] labels: per row an ignored prompt, a response of its own length, ignored padding."""
+def _pair_labels(gen, b=B, s=S, v=V, empty_rejected=False, max_prompt=2):
+    """[2B, S] labels: per row an ignored prompt (0 to ``max_prompt`` tokens), a response of its own
+    length, ignored padding."""
     labels = torch.randint(0, v, (2 * b, s), generator=gen)
     for i in range(2 * b):
-        prompt = int(torch.randint(0, 3, (1,), generator=gen))
+        prompt = int(torch.randint(0, max_prompt + 1, (1,), generator=gen))
         length = int(torch.randint(1, s - prompt + 1, (1,), generator=gen))
         labels[i, :prompt] = -100
         labels[i, prompt + length :] = -100

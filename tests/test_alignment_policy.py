@@ -141,30 +141,10 @@ def test_sequence_level_with_an_empty_sequence_and_many_chunks(loss_type, path):
     """Chunks of whole sequences (2 per chunk, a partial last chunk), a sequence with no valid token."""
     c = _case(seed=6, empty_row=True)
     c["adv"] = torch.tensor([1.0, -0.5, 0.0, -1.5], dtype=torch.float64)  # a group's zero advantage
-    out = linear_policy_loss(
-        c["hidden"],
-        c["weight"],
-        c["labels"],
-        c["adv"],
-        **alignment_calls.policy(
-            bias=c["bias"],
-            old_logps=c["old"],
-            loss_type=loss_type,
-            importance_sampling_level="sequence",
-            chunk_size=2 * S + 3,
-            algorithm=path,
-        ),
-    )
-    ref_loss, _ = ref_policy(
-        c["hidden"],
-        c["weight"],
-        c["labels"],
-        c["adv"],
-        bias=c["bias"],
-        old_logps=c["old"],
-        loss_type=loss_type,
-        importance_sampling_level="sequence",
-    )
+    args = (c["hidden"], c["weight"], c["labels"], c["adv"])
+    kw = dict(bias=c["bias"], old_logps=c["old"], loss_type=loss_type, importance_sampling_level="sequence")
+    out = linear_policy_loss(*args, **alignment_calls.policy(**kw, chunk_size=2 * S + 3, algorithm=path))
+    ref_loss, _ = ref_policy(*args, **kw)
     torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-9, atol=1e-9)
     for g, r in zip(_grads(out.loss, [c["hidden"], c["weight"]]), _grads(ref_loss, [c["hidden"], c["weight"]])):
         torch.testing.assert_close(g.double(), r, rtol=1e-9, atol=1e-9)

@@ -4,22 +4,13 @@ Slow (each run pays torchtune's import); the 2-rank one also distributed.
 """
 
 import pytest
-from test_recipes import _assert_same_first_steps, tune_run
+from test_recipes import TWO_STEPS, _assert_same_first_steps, tune_run
 
 from tune_losses.training.dpo import METRICS  # torchtune's DPO metric names
 
 pytestmark = pytest.mark.slow
 
-SHORT = [
-    "shuffle=false",
-    "max_steps_per_epoch=2",
-    "epochs=1",
-    "clip_grad_norm=1000.0",
-    "lr_scheduler.num_warmup_steps=0",
-    "tokenizer.max_seq_len=96",
-    "eval_dataset=null",
-    "optimizer.lr=1e-3",
-]
+SHORT = [*TWO_STEPS, "tokenizer.max_seq_len=96", "eval_dataset=null", "optimizer.lr=1e-3"]
 TORCHTUNE_DPO = ["loss._component_=torchtune.rlhf.loss.DPOLoss", "~loss.loss_type", "~loss.nll_weight"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_spy import spy
 from reference import make_labels, ref_ce, ref_kd
 
 from tune_losses.divergences import ChunkRun, VocabReducer, kd_chunk
@@ -99,14 +100,7 @@ def test_non_finite_and_masked_logits(interpret):
 def test_engine_uses_the_kernel(interpret, monkeypatch):
     """``TUNE_LOSSES_TRITON=1``: the fused loss runs its chunks through the kernel (bf16 buffers)."""
     monkeypatch.setenv("TUNE_LOSSES_TRITON", "1")
-    calls = []
-    real = triton_ce.ce_chunk_triton
-
-    def spy(z, *a, **k):
-        calls.append(z.dtype)
-        return real(z, *a, **k)
-
-    monkeypatch.setattr(triton_ce, "ce_chunk_triton", spy)
+    calls = spy(monkeypatch, triton_ce, "ce_chunk_triton")
     g = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(13, 8, generator=g, dtype=torch.float64)
@@ -209,14 +203,7 @@ def test_distill_kernel_masked_and_non_finite(interpret):
 @pytest.mark.parametrize("kd_ratio", [0.5, 1.0], ids=["distill", "kd-only"])
 def test_engine_uses_the_distill_kernel(kd_ratio, interpret, monkeypatch):
     monkeypatch.setenv("TUNE_LOSSES_TRITON", "1")
-    calls = []
-    real = triton_terms.divergence_chunk_triton
-
-    def spy(zs, *a, **k):
-        calls.append(zs.dtype)
-        return real(zs, *a, **k)
-
-    monkeypatch.setattr(triton_terms, "divergence_chunk_triton", spy)
+    calls = spy(monkeypatch, triton_terms, "divergence_chunk_triton")
     g = torch.Generator().manual_seed(4)
     x = torch.randn(11, 8, generator=g, dtype=torch.float64)
     w = torch.randn(29, 8, generator=g, dtype=torch.float64) / 8**0.5

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_spy import spy
 from reference import make_labels, ref_ce, ref_kd, ref_log_probs
 
 from tune_losses.divergences import ChunkRun, VocabReducer, ce_chunk, kd_chunk, log_prob_chunk
@@ -342,16 +343,20 @@ def test_selection(interpret, monkeypatch):
 # ----------------------------------------------------------------------------- through the engine
 
 
-def _spy(monkeypatch, module, name):
-    calls = []
-    real = getattr(module, name)
-
-    def spy(z, *a, **k):
-        calls.append(z.dtype)
-        return real(z, *a, **k)
-
-    monkeypatch.setattr(module, name, spy)
-    return calls
+def _same_both_ways(monkeypatch, run, kernels, calls, tol):
+    """``run()`` (a tuple of tensors) with the Triton path off, then on (``TUNE_LOSSES_TRITON``):
+    on, each ``triton_terms`` entry point named in ``kernels`` runs ``calls`` times (off, never);
+    the two results agree within ``tol``. Returns the Triton path's results and the logits dtypes
+    its kernels saw (per entry point)."""
+    results = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
+        seen = [spy(monkeypatch, triton_terms, name) for name in kernels]
+        results.append(run())
+        assert [len(s) for s in seen] == [calls if mode == "1" else 0] * len(kernels)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.double(), b.double(), **tol)
+    return results[1], seen
 
 
 def _linear_case(seed, n=11, h=8, v=29, ht=6):
@@ -369,64 +374,54 @@ def test_distillation_loss_jsd_through_the_kernel(interpret, monkeypatch):
     x, w, tx, tw, labels = _linear_case(31)
     opts = DistillationOptions(kd_ratio=0.4, kd=KDOptions(divergence="jsd", beta=0.3, temperature=2.0))
     execution = ExecutionOptions(dw_accumulation="fp32")
-    results = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
-        calls = _spy(monkeypatch, triton_terms, "divergence_chunk_triton")
+
+    def run():
         xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
         out = linear_distillation_loss(xs, ws, tx.float(), tw.float(), labels, chunk_size=4, options=opts,
                                        execution=execution)  # fmt: skip
         out.loss.backward()
-        assert len(calls) == (3 if mode == "1" else 0)
-        results[mode] = (out.loss.detach(), xs.grad, ws.grad)
-    for a, b in zip(results["0"], results["1"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        return out.loss.detach(), xs.grad, ws.grad
+
+    got, _ = _same_both_ways(monkeypatch, run, ["divergence_chunk_triton"], 3, dict(atol=1e-5, rtol=1e-5))
     x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
     z, zt = F.linear(x64, w64), F.linear(tx, tw)
     ref = 0.4 * ref_kd(z, zt, labels, divergence="jsd", beta=0.3, temperature=2.0) + 0.6 * ref_ce(z, labels)
     ref.backward()
-    torch.testing.assert_close(results["1"][0].double(), ref.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(results["1"][1].double(), x64.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(results["1"][2].double(), w64.grad, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, (ref.detach(), x64.grad, w64.grad)):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
 
 
 def test_kd_loss_alone_through_the_kernel(interpret, monkeypatch):
     """linear_kd_loss (one divergence term, bf16) with TVD at T = 2: the kernel's path matches the default one."""
     x, w, tx, tw, labels = _linear_case(37)
     opts = KDOptions(divergence="tvd", temperature=2.0)
-    results = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
-        calls = _spy(monkeypatch, triton_terms, "divergence_chunk_triton")
+
+    def run():
         xs, ws = x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
         loss = linear_kd_loss(xs, ws, tx.bfloat16(), tw.bfloat16(), labels, chunk_size=4, options=opts,
                               execution=ExecutionOptions(dw_accumulation="fp32"))  # fmt: skip
         loss.backward()
-        assert len(calls) == (3 if mode == "1" else 0)
-        results[mode] = (loss.detach(), xs.grad, ws.grad)
-    for a, b in zip(results["0"], results["1"]):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-2, rtol=1e-2)
+        return loss.detach(), xs.grad, ws.grad
+
+    _same_both_ways(monkeypatch, run, ["divergence_chunk_triton"], 3, dict(atol=1e-2, rtol=1e-2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_linear_log_probs_through_the_kernel(dtype, interpret, monkeypatch):
     """linear_log_probs with the entropy, both outputs differentiated (the recompute path)."""
     x, w, _, _, labels = _linear_case(41, n=13)
-    results = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
-        calls = _spy(monkeypatch, triton_terms, "log_prob_chunk_triton")
+
+    def run():
         xs, ws = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
         lp, ent = linear_log_probs(
             xs, ws, labels, temperature=2.0, return_entropy=True, chunk_size=4, dw_accumulation="fp32"
         )
         (lp.float() * 0.7 - 0.3 * ent.float()).sum().backward()
-        assert len(calls) == (8 if mode == "1" else 0)  # 4 chunks, forward and backward
-        assert all(c == dtype for c in calls)
-        results[mode] = (lp.detach(), ent.detach(), xs.grad, ws.grad)
+        return lp.detach(), ent.detach(), xs.grad, ws.grad
+
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for a, b in zip(results["0"], results["1"]):
-        torch.testing.assert_close(a.double(), b.double(), **tol)
+    _, (calls,) = _same_both_ways(monkeypatch, run, ["log_prob_chunk_triton"], 8, tol)  # 4 chunks, fwd and bwd
+    assert all(c == dtype for c in calls)
 
 
 @dataclass(frozen=True)
@@ -472,20 +467,17 @@ def test_a_term_of_its_own_through_the_log_prob_kernel(interpret, monkeypatch):
     g = torch.Generator().manual_seed(52)
     inputs = {"old": -torch.rand(11, generator=g) * 3, "adv": torch.randn(11, generator=g)}
     plan = LossPlan(terms=(_RatioTerm(),), chunk_size=4, dw_accumulation="fp32")
-    results = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("TUNE_LOSSES_TRITON", mode)
-        values = _spy(monkeypatch, triton_terms, "log_prob_chunk_triton")
-        grads = _spy(monkeypatch, triton_terms, "log_prob_grad_triton")
+
+    def run():
         xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
         loss, _ = run_terms(
             xs, ws, None, labels, None, None, None, plan, per_token=False, recompute=False, inputs=inputs
         )
         loss.backward()
-        assert (len(values), len(grads)) == ((3, 3) if mode == "1" else (0, 0))  # 3 chunks: values, gradient
-        results[mode] = (loss.detach(), xs.grad, ws.grad)
-    for a, b in zip(results["0"], results["1"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        return loss.detach(), xs.grad, ws.grad
+
+    kernels = ["log_prob_chunk_triton", "log_prob_grad_triton"]  # 3 chunks: values, then the gradient
+    _same_both_ways(monkeypatch, run, kernels, 3, dict(atol=1e-5, rtol=1e-5))
 
 
 # ------------------------------------------------------------------------------------------- CUDA

@@ -18,6 +18,9 @@ exact value (fp32 rounding of large sums). Measured with the strict setting: of 
 Liger's small and odd shapes, all but the 16 ``sppo_hard`` functional cases (summed log-probs: losses
 near 1e3, gradients near 200) pass Liger's tolerance as-is. ``TUNE_LOSSES_PEER_STRICT=1`` turns that off (Liger's tolerance only), to count the
 cases that pass it as-is.
+
+Liger's test files share their grids (:func:`correctness_cases`, :func:`functional_cases`,
+:func:`cpo_cases`) and their test body (:func:`run_case`; :func:`run_cpo_case` for CPO and SimPO).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from alignment_reference import ref_log_importance_weight
 
 from tune_losses import ExecutionOptions, linear_log_probs, linear_policy_loss
 from tune_losses.alignment.policy import policy_loss_from_log_probs
@@ -120,10 +121,7 @@ def per_token_components(
     attention_mask = attention_mask.to(per_token_logps.dtype)
     old = old_per_token_logps.float() if old_per_token_logps is not None else per_token_logps.detach()
     log_ratio = per_token_logps - old
-    if importance_sampling_level == "token":
-        log_iw = log_ratio
-    else:
-        log_iw = ((log_ratio * attention_mask).sum(-1) / attention_mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    log_iw = ref_log_importance_weight(log_ratio, attention_mask, importance_sampling_level)
     coef_1 = torch.exp(log_iw)
     adv = advantages.unsqueeze(1)
     zeros = torch.zeros_like(coef_1, dtype=torch.bool)
@@ -332,6 +330,12 @@ class OursLMHeadGRPO(LMHeadGRPO):
         return out.loss, metrics
 
 
+def head_pair(H, V, dtype, **settings):
+    """Liger's reference head and ours with the same settings (each draws its own initial weights; the
+    tests tie the ones they compare)."""
+    return TorchLMHeadGRPO(H, V, dtype, **settings), OursLMHeadGRPO(H, V, dtype, **settings)
+
+
 # ----------------------------------------------------------------------------------------- tests
 
 
@@ -440,10 +444,7 @@ def test_correctness(shape, dt, head, use_ref_per_token_logps, old_per_token_log
         pytest.skip("vespo at large V: exp(log_phi) amplifies chunked log-prob rounding (as Liger skips)")
     set_seed()
     max_completion_length = T if loss_type == "dr_grpo" else None
-    torch_lm, ours = (
-        head_cls(H=H, V=V, dtype=dtype, max_completion_length=max_completion_length, **head)
-        for head_cls in (TorchLMHeadGRPO, OursLMHeadGRPO)
-    )
+    torch_lm, ours = head_pair(H, V, dtype, max_completion_length=max_completion_length, **head)
     torch_lm.lin.weight.data = ours.lin.weight.data = torch.randn(V, H, device=device, dtype=dtype)
     if bias:
         torch_lm.lin.bias.data = ours.lin.bias.data = torch.randn(V, device=device, dtype=dtype)
@@ -495,16 +496,8 @@ def test_correctness(shape, dt, head, use_ref_per_token_logps, old_per_token_log
 def test_correctness_with_bias_correction_kl(loss_type, importance_sampling_level, dtype, atol, rtol):
     set_seed()
     B, T, H, V = 3, 47, 31, 123
-    kwargs = dict(
-        H=H,
-        V=V,
-        dtype=dtype,
-        beta=0.1,
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        use_bias_correction_kl=True,
-    )
-    torch_lm, ours = TorchLMHeadGRPO(**kwargs), OursLMHeadGRPO(**kwargs)
+    settings = dict(loss_type=loss_type, importance_sampling_level=importance_sampling_level)
+    torch_lm, ours = head_pair(H, V, dtype, beta=0.1, use_bias_correction_kl=True, **settings)
     torch_lm.lin.weight.data = ours.lin.weight.data = torch.randn(V, H, device=device, dtype=dtype)
     torch_lm.ref_lin.weight.data = ours.ref_lin.weight.data = (
         torch_lm.lin.weight.data + torch.randn(V, H, device=device, dtype=dtype) * 0.01
@@ -541,8 +534,8 @@ def test_correctness_with_vllm_is_ratio(loss_type, beta):
     advantages = torch.randn(B, device=device, dtype=dtype)
     advantages[0] = -advantages[0].abs()
     vllm_is_ratio = torch.rand(B, T, device=device, dtype=torch.float32) * 0.999 + 0.001
-    kw = dict(H=H, V=V, dtype=dtype, beta=beta, loss_type=loss_type, use_ref_model=False)
-    torch_lm, ours = TorchLMHeadGRPO(**kw), OursLMHeadGRPO(**kw)
+    kw = dict(beta=beta, loss_type=loss_type, use_ref_model=False)
+    torch_lm, ours = head_pair(H, V, dtype, **kw)
     torch_lm.lin.weight.data = ours.lin.weight.data = _weight.clone()
     loss1, aux1 = torch_lm(input1, selected_token_ids, attention_mask, advantages, vllm_is_ratio=vllm_is_ratio)
     loss2, aux2 = ours(input2, selected_token_ids, attention_mask, advantages, vllm_is_ratio=vllm_is_ratio)
@@ -555,7 +548,7 @@ def test_correctness_with_vllm_is_ratio(loss_type, beta):
 
     # A 1-D (B,) ratio is the same as (B, 1).
     input3, input4 = leaf_pair(_input)
-    ours3, ours4 = OursLMHeadGRPO(**kw), OursLMHeadGRPO(**kw)
+    ours3, ours4 = OursLMHeadGRPO(H, V, dtype, **kw), OursLMHeadGRPO(H, V, dtype, **kw)
     ours3.lin.weight.data = ours4.lin.weight.data = _weight.clone()
     loss3, _ = ours3(input3, selected_token_ids, attention_mask, advantages, vllm_is_ratio=torch.full((B,), 0.42))
     loss4, _ = ours4(input4, selected_token_ids, attention_mask, advantages, vllm_is_ratio=torch.full((B, 1), 0.42))
@@ -700,16 +693,8 @@ def test_sequence_level_rejects_unsupported_loss_types(loss_type):
     here they must match the reference."""
     B, T, H, V = 2, 8, 16, 32
     set_seed()
-    kw = dict(
-        H=H,
-        V=V,
-        dtype=torch.float32,
-        beta=0.0,
-        loss_type=loss_type,
-        use_ref_model=False,
-        importance_sampling_level="sequence",
-    )
-    torch_lm, ours = TorchLMHeadGRPO(**kw), OursLMHeadGRPO(**kw)
+    settings = dict(loss_type=loss_type, use_ref_model=False, importance_sampling_level="sequence")
+    torch_lm, ours = head_pair(H, V, torch.float32, beta=0.0, **settings)
     torch_lm.lin.weight.data = ours.lin.weight.data = torch.randn(V, H)
     input1, input2 = leaf_pair(torch.randn(B, T, H))
     ids = torch.randint(0, V, (B, T))

@@ -20,6 +20,7 @@ imported on first use: importing this module needs torch only.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Optional, Tuple
 
@@ -62,18 +63,40 @@ def num_warps(block: int) -> int:
     return 16 if block >= 4096 else 8 if block >= 2048 else 4
 
 
-def _kernel():
+def launch(source: str, name: str, rows: int, width: int, *args, **flags) -> None:
+    """Runs kernel ``name`` of ``tune_losses.kernels.<source>`` (one program per token row) on
+    ``args`` with the constexpr ``flags``, ``BLOCK=width`` and :func:`num_warps` for it."""
     # Triton decides at decoration whether a kernel is interpreted (TRITON_INTERPRET): one per setting.
-    return _decorated(os.environ.get("TRITON_INTERPRET", "0"))
+    kernel = _decorated(os.environ.get("TRITON_INTERPRET", "0"), source, name)
+    kernel[(rows,)](*args, **flags, BLOCK=width, num_warps=num_warps(width))
 
 
 @functools.cache
-def _decorated(interpret: str, name: str = "ce_kernel"):
+def _decorated(interpret: str, source: str, name: str):
     import triton
 
-    from tune_losses.kernels import triton_ce_source
+    return triton.jit(getattr(importlib.import_module(f"tune_losses.kernels.{source}"), name))
 
-    return triton.jit(getattr(triton_ce_source, name))
+
+def check_rows(z: torch.Tensor, name: str) -> None:
+    """``z`` must be ``[n, V]`` with contiguous rows (the kernels step along a row by 1)."""
+    if z.dim() != 2 or z.stride(1) != 1:
+        raise ValueError(
+            f"{name}: expected [n, V] with contiguous rows, got shape {tuple(z.shape)} strides {z.stride()}"
+        )
+
+
+def block_width(vocab: int, block: Optional[int], cap: int = _MAX_BLOCK) -> int:
+    """Vocabulary columns per step: ``block``, or the next power of two of ``vocab`` up to ``cap``."""
+    import triton
+
+    return block or min(cap, triton.next_power_of_2(vocab))
+
+
+def fp32_or(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    """A per-token weight as the kernels read it (fp32, contiguous); ``dummy`` (any fp32 tensor on
+    the device) stands for an absent one: its pointer is passed but never read."""
+    return dummy if t is None else t.to(torch.float32).contiguous()
 
 
 def ce_chunk_triton(
@@ -94,23 +117,21 @@ def ce_chunk_triton(
     Returns:
         ``(loss [n], lse [n])`` in fp32; ``loss`` is 0 at ignored tokens.
     """
-    import triton
-
-    if z.dim() != 2 or z.stride(1) != 1:
-        raise ValueError(f"z: expected [n, V] with contiguous rows, got shape {tuple(z.shape)} strides {z.stride()}")
+    check_rows(z, "z")
     n, vocab = z.shape
     loss = torch.empty(n, dtype=torch.float32, device=z.device)
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
     if n == 0:
         return loss, lse
-    block = block or min(_MAX_BLOCK, triton.next_power_of_2(vocab))
-    has_grad = weight is not None
-    w = loss if weight is None else weight.to(torch.float32).contiguous()  # unused without a gradient
-    _kernel()[(n,)](
+    launch(
+        "triton_ce_source",
+        "ce_kernel",
+        n,
+        block_width(vocab, block),
         z,
         z.stride(0),
         labels.contiguous(),
-        w,
+        fp32_or(weight, loss),
         loss,
         lse,
         vocab,
@@ -118,12 +139,10 @@ def ce_chunk_triton(
         float(opts.label_smoothing),
         float(opts.z_loss),
         float(opts.softcap or 1.0),
-        HAS_GRAD=has_grad,
+        HAS_GRAD=weight is not None,
         HAS_SMOOTH=opts.label_smoothing > 0,
         HAS_ZLOSS=opts.z_loss > 0,
         HAS_SOFTCAP=opts.softcap is not None,
         ROUND_BF16=z.dtype == torch.bfloat16,
-        BLOCK=block,
-        num_warps=num_warps(block),
     )
     return loss, lse

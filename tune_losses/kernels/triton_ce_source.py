@@ -2,10 +2,24 @@
 
 The function is left undecorated: :func:`tune_losses.kernels.triton_ce` applies ``triton.jit`` per
 ``TRITON_INTERPRET`` setting (Triton decides at decoration whether a kernel is interpreted, and
-the interpreter needs ``tl`` among the function's module globals).
+the interpreter needs ``tl`` among the function's module globals). The per-row pieces it shares
+with the other kernels are :mod:`tune_losses.kernels.triton_common`'s.
 """
 
 import triton.language as tl
+
+from tune_losses.kernels.triton_common import (
+    ce_block,
+    ce_grad,
+    ce_softmax_weight,
+    ce_value,
+    load_block,
+    logsumexp,
+    online_max,
+    row_start,
+    softcapped,
+    store_grad,
+)
 
 
 def ce_kernel(
@@ -27,64 +41,32 @@ def ce_kernel(
     ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = z_ptr + row * stride
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
+    """The cross-entropy of one token row (label smoothing eps, z-loss, softcap) and its logsumexp;
+    HAS_GRAD: a second sweep writes the gradient of ``weight * loss`` over the row's logits."""
+    row, base, label, valid = row_start(z_ptr, stride, labels_ptr, ignore_index)
     m = float("-inf")
     s = 0.0
     sum_z = 0.0
     nan_count = 0.0
     z_y = 0.0
     for off in range(0, V, BLOCK):
-        cols = off + tl.arange(0, BLOCK)
-        inside = cols < V
-        z = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32)
-        if HAS_SOFTCAP:
-            # s tanh(z / s), tanh from exp (NaN stays NaN, +-inf map to +-s)
-            z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
-            z = tl.where(inside, z, float("-inf"))
-        nan_count += tl.sum(tl.where(z != z, 1.0, 0.0))
-        z_y += tl.sum(tl.where(cols == label, z, 0.0))
-        if HAS_SMOOTH:
-            sum_z += tl.sum(tl.where(inside, z, 0.0))
-        m_new = tl.maximum(m, tl.max(z, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row of -inf so far: no NaN
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift))
+        cols, inside, z = load_block(base, off, V, BLOCK)
+        z, nan_count, z_y, sum_z = ce_block(
+            z, cols, inside, label, softcap, nan_count, z_y, sum_z, HAS_SMOOTH, HAS_SOFTCAP
+        )
+        m_new, _, rescale, e = online_max(m, z)
+        s = s * rescale + tl.sum(e)
         m = m_new
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    lse = shift + tl.log(s)
-    lse = tl.where(nan_count > 0, float("nan"), lse)
-    loss = lse - z_y
-    if HAS_SMOOTH:
-        loss = (1.0 - eps) * loss + eps * (lse - sum_z / V)
-    if HAS_ZLOSS:
-        loss = loss + z_loss * lse * lse
+    lse = tl.where(nan_count > 0, float("nan"), logsumexp(m, s))
+    loss = ce_value(lse, z_y, sum_z, V, eps, z_loss, HAS_SMOOTH, HAS_ZLOSS)
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     tl.store(lse_ptr + row, lse)
     if HAS_GRAD:
         w = tl.load(weight_ptr + row).to(tl.float32)
-        scale = w
-        if HAS_ZLOSS:
-            scale = w * (1.0 + 2.0 * z_loss * lse)
+        scale = ce_softmax_weight(w, lse, z_loss, HAS_ZLOSS)
         for off in range(0, V, BLOCK):
-            cols = off + tl.arange(0, BLOCK)
-            inside = cols < V
-            z = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
+            cols, inside, z = load_block(base, off, V, BLOCK, 0.0)
             if HAS_SOFTCAP:
-                z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
-            g = tl.exp(z - lse) * scale
-            g = g - tl.where(cols == label, (1.0 - eps) * w, 0.0)
-            if HAS_SMOOTH:
-                g = g - eps * w / V
-            if HAS_SOFTCAP:
-                t = z / softcap
-                g = g * (1.0 - t * t)
-            g = tl.where(valid, g, 0.0)
-            if ROUND_BF16:
-                # round to nearest even in fp32 bits, so that the cast (a truncation in Triton's
-                # interpreter) is exact: the interpreter's gradient is the GPU's to the bit
-                bits = g.to(tl.uint32, bitcast=True)
-                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-                g = tl.where(g != g, g, bits.to(tl.float32, bitcast=True))
-            tl.store(base + cols, g.to(z_ptr.dtype.element_ty), mask=inside)
+                z = softcapped(z, softcap)
+            g = ce_grad(tl.exp(z - lse) * scale, z, cols, label, w, V, eps, softcap, HAS_SMOOTH, HAS_SOFTCAP)
+            store_grad(base, cols, inside, g, valid, ROUND_BF16)

@@ -28,46 +28,16 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import List, Optional, Tuple
 
 import torch
 
-from tune_losses.kernels.triton_ce import num_warps
+from tune_losses.kernels.triton_ce import block_width, check_rows, fp32_or, launch
 from tune_losses.options import CEOptions, KDOptions
 
-_MAX_BLOCK = 4096
 # The divergence kernel's codes (JSD at beta = 0 / 1 runs as forward / reverse KL).
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "symmetric_kl": 2, "jsd": 3, "tvd": 4}
-
-
-@functools.cache
-def _decorated(interpret: str, name: str):
-    # Triton decides at decoration whether a kernel is interpreted (TRITON_INTERPRET): one per setting.
-    import triton
-
-    from tune_losses.kernels import triton_terms_source
-
-    return triton.jit(getattr(triton_terms_source, name))
-
-
-def _kernel(name: str):
-    return _decorated(os.environ.get("TRITON_INTERPRET", "0"), name)
-
-
-def _rows(z: torch.Tensor, name: str) -> None:
-    if z.dim() != 2 or z.stride(1) != 1:
-        raise ValueError(
-            f"{name}: expected [n, V] with contiguous rows, got shape {tuple(z.shape)} strides {z.stride()}"
-        )
-
-
-def _block(vocab: int, block: Optional[int], cap: int) -> int:
-    import triton
-
-    return block or min(cap, triton.next_power_of_2(vocab))
 
 
 def log_prob_chunk_triton(
@@ -98,7 +68,7 @@ def log_prob_chunk_triton(
     """
     if entropy is False and w_h is not None:
         raise ValueError("w_h: an entropy weight needs entropy=True")
-    _rows(z, "z")
+    check_rows(z, "z")
     n = z.shape[0]
     lp = torch.empty(n, dtype=torch.float32, device=z.device)
     h = torch.empty(n, dtype=torch.float32, device=z.device) if entropy else lp
@@ -130,8 +100,8 @@ def log_prob_grad_triton(
         raise ValueError("entropy: an entropy weight needs the entropy values, got None")
     if w_lp is None and w_h is None:
         raise ValueError("w_lp, w_h: expected at least one gradient weight, got None for both")
-    _rows(z, "z")
-    h = lse if entropy is None else entropy.to(torch.float32).contiguous()
+    check_rows(z, "z")
+    h = fp32_or(entropy, lse)
     lse = lse.to(torch.float32).contiguous()
     _launch(z, labels, temperature, ignore_index, entropy is not None, True, w_lp, w_h, lse, h, lse, block)
     return z
@@ -141,15 +111,16 @@ def _launch(z, labels, temperature, ignore_index, entropy, from_lse, w_lp, w_h, 
     n, vocab = z.shape
     if n == 0:
         return
-    wl = lp if w_lp is None else w_lp.to(torch.float32).contiguous()  # a dummy pointer without a weight
-    wh = lp if w_h is None else w_h.to(torch.float32).contiguous()
-    width = _block(vocab, block, _MAX_BLOCK)
-    _kernel("logprob_kernel")[(n,)](
+    launch(
+        "triton_terms_source",
+        "logprob_kernel",
+        n,
+        block_width(vocab, block),
         z,
         z.stride(0),
         labels.contiguous(),
-        wl,
-        wh,
+        fp32_or(w_lp, lp),
+        fp32_or(w_h, lp),
         lp,
         h,
         lse,
@@ -162,8 +133,6 @@ def _launch(z, labels, temperature, ignore_index, entropy, from_lse, w_lp, w_h, 
         HAS_W_LP=w_lp is not None,
         HAS_W_H=w_h is not None,
         ROUND_BF16=z.dtype == torch.bfloat16,
-        BLOCK=width,
-        num_warps=num_warps(width),
     )
 
 
@@ -193,8 +162,8 @@ def divergence_chunk_triton(
     Returns:
         ``(ce [n], kd [n])`` in fp32, 0 at ignored tokens (``ce`` zeros without ``ce``).
     """
-    _rows(zs, "zs")
-    _rows(zt, "zt")
+    check_rows(zs, "zs")
+    check_rows(zt, "zt")
     div = kd.divergence
     if div == "jsd" and kd.beta in (0.0, 1.0):
         div = "forward_kl" if kd.beta == 0.0 else "reverse_kl"  # the limits (the formula is 0 there)
@@ -207,19 +176,20 @@ def divergence_chunk_triton(
     kd_out = torch.empty(n, dtype=torch.float32, device=zs.device)
     if n == 0:
         return ce_out, kd_out
-    wk = kd_out if w_kd is None else w_kd.to(torch.float32).contiguous()  # a dummy pointer without a weight
-    wc = kd_out if w_ce is None else w_ce.to(torch.float32).contiguous()
     mixed = 0.0 < kd.beta < 1.0  # JSD's mixture weights' logs (read only then)
     c = ce or CEOptions()
-    width = _block(vocab, block, _MAX_BLOCK // 2)
-    _kernel("divergence_kernel")[(n,)](
+    launch(
+        "triton_terms_source",
+        "divergence_kernel",
+        n,
+        block_width(vocab, block, 2048),  # two logit sets per step
         zs,
         zt,
         zs.stride(0),
         zt.stride(0),
         labels.contiguous(),
-        wc,
-        wk,
+        fp32_or(w_ce, kd_out),
+        fp32_or(w_kd, kd_out),
         ce_out,
         kd_out,
         vocab,
@@ -244,7 +214,5 @@ def divergence_chunk_triton(
         HAS_GRAD=w_kd is not None,
         TRUE_KL=kd.true_kl,
         ROUND_BF16=zs.dtype == torch.bfloat16,
-        BLOCK=width,
-        num_warps=num_warps(width),
     )
     return ce_out, kd_out

@@ -1,6 +1,8 @@
 """The training loop behind the recipes, importable: ``from tune_losses.training import LossRecipe, run``.
 
-Modules, one job each: ``loop`` (the recipe class: setup / train / save_checkpoint / cleanup),
+Modules, one job each: ``entry`` (the recipes' entry points in torchtune's convention, a recipe class and
+an ``@config.parse`` main per task and placement: :func:`build_recipe`), ``loop`` (the recipe class:
+setup / train / save_checkpoint / cleanup),
 ``protocol`` (what the loop needs from a loss), ``settings`` (config keys, checked), ``data``,
 ``model``, ``distributed``, ``gradients``, ``checkpointing``, ``progress``, ``memory`` (the loss's
 peak memory) and ``metrics`` (reading logged metrics back). Names are loaded on first use, so reading
@@ -16,6 +18,7 @@ require_extra("train", "tune_losses.training", ("omegaconf", "torchtune", "torch
 _EXPORTS = {
     "LossRecipe": "loop",
     "run": "loop",
+    "build_recipe": "entry",
     "NonFiniteTrainingError": "loop",
     "DPORecipe": "dpo",
     "TrainingLoss": "protocol",
