@@ -1,6 +1,7 @@
 """The Triton chunk kernels compile for a CUDA target (sm_90) without a GPU: Triton's compiler and
 ptxas run in a subprocess with ``TRITON_INTERPRET`` unset (this process's Triton may be the
-interpreter). Catches compiled-mode errors that the interpreted tests cannot see."""
+interpreter). Catches compiled-mode errors that the interpreted tests cannot see, and a register spill
+at the launches' warp counts (the cubins' resource usage)."""
 
 from __future__ import annotations
 

@@ -58,8 +58,8 @@ def triton_wanted(device: torch.device) -> bool:
 def num_warps(block: int) -> int:
     """Warps per row program: more for wider blocks (Triton's softmax heuristic). At 4 warps the
     widest kernels need 128-166 registers per thread on sm_90 (few programs per SM for a
-    memory-bound loop); 8 / 16 warps bring that to about 80 / 50, without spills
-    (benchmarks/results/triton_registers_sm90.md)."""
+    memory-bound loop); 8 / 16 warps bring that to about 80 / 50 (one register spilled in one
+    variant: benchmarks/results/triton_registers_sm90.md; tests/triton_compile_check.py checks)."""
     return 16 if block >= 4096 else 8 if block >= 2048 else 4
 
 
