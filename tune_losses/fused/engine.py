@@ -36,6 +36,7 @@ from tune_losses.fused.chunk_ops import Operands, OutputWeight, compute_dtype, l
 from tune_losses.fused.compiled import compiled_math, run_compiled, terms_on_chunk
 from tune_losses.fused.dw_accumulation import RowStats, blocked_backward, first_pass_chunk, resolve
 from tune_losses.kernels.triton_select import triton_chunk_math
+from tune_losses.options import IGNORE_INDEX
 from tune_losses.terms import Term
 
 default_chunk_size = chunk_policy  # the name other modules import
@@ -62,7 +63,7 @@ class LossPlan:
     """
 
     terms: Tuple[Term, ...]
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     chunk_size: Optional[int] = None
     reducer: Optional[VocabReducer] = None
     dw_accumulation: str = "auto"

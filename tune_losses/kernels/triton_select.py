@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from tune_losses.kernels import triton_ce, triton_terms
-from tune_losses.options import CEOptions, KDOptions
+from tune_losses.options import IGNORE_INDEX, CEOptions, KDOptions
 from tune_losses.terms import CrossEntropyTerm, DivergenceTerm, LogProbTerm, Term
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -52,7 +52,7 @@ def triton_chunk_math(
     reducer,
     device: torch.device,
     dtype: Optional[torch.dtype] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Optional[Callable]:
     """The Triton chunk math for this term set on ``device``, or None where the engine's eager /
     compiled math must run (see the module docstring).

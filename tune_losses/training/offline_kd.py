@@ -27,6 +27,7 @@ from torchtune.data import padded_collate_sft
 
 from tune_losses.distill_cache import CacheMismatchError, TeacherCache, files_sha256, token_hash
 from tune_losses.heads import output_projection
+from tune_losses.options import IGNORE_INDEX
 from tune_losses.training import data
 from tune_losses.training.cache_teacher import refuse_packed
 from tune_losses.training.loop import LossRecipe
@@ -56,7 +57,7 @@ class CachedTeacherDataset(Dataset):
 
 
 def collate_with_teacher(
-    samples: List[Dict[str, Any]], padding_idx: int = 0, ignore_idx: int = -100
+    samples: List[Dict[str, Any]], padding_idx: int = 0, ignore_idx: int = IGNORE_INDEX
 ) -> Dict[str, torch.Tensor]:
     """SFT's padded batch plus ``teacher_ids [B, S, k]`` int64 and ``teacher_logprobs [B, S, k]`` fp32,
     row ``t`` at position ``t`` (aligned with the shifted labels), id ``-1`` / ``-inf`` elsewhere."""
