@@ -183,7 +183,7 @@ class SparseKDTerm(Term):
     eager_in_auto: ClassVar[bool] = True
 
     def compute(self, chunk: Chunk, weights, consume_student, consume_teacher):
-        run = ChunkRun(chunk.reducer, None if weights is None else weights[0], consume_student, chunk.student_rows)
+        run = chunk.student_run(weights, consume_student)
         ids, logprobs = chunk.inputs[TEACHER_IDS], chunk.inputs[TEACHER_LOGPROBS]
         value, g = sparse_kd_chunk(chunk.student, ids, logprobs, chunk.valid, self.opts, run)
         return (value,), g

@@ -51,6 +51,12 @@ class Chunk:
     inputs: Dict[str, torch.Tensor] = field(default_factory=dict)
     student_rows: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def student_run(self, weights: Optional[Sequence[Optional[torch.Tensor]]], consume: bool) -> ChunkRun:
+        """How a term's per-chunk function runs over the student logits: this chunk's reducer and
+        shared row statistics, the term's first gradient weight ``[n]`` (None: the value only) and
+        whether the logits may be overwritten."""
+        return ChunkRun(self.reducer, None if weights is None else weights[0], consume, self.student_rows)
+
 
 class Term:
     """Base of every loss term (see the module docstring).
@@ -97,8 +103,9 @@ class CrossEntropyTerm(Term):
     name: str = "ce"
 
     def compute(self, chunk, weights, consume_student, consume_teacher):
-        run = ChunkRun(chunk.reducer, None if weights is None else weights[0], consume_student, chunk.student_rows)
-        loss, g = ce_chunk(chunk.student, chunk.labels, chunk.valid, self.opts, run)
+        loss, g = ce_chunk(
+            chunk.student, chunk.labels, chunk.valid, self.opts, chunk.student_run(weights, consume_student)
+        )
         return (loss,), g
 
 
